@@ -1,0 +1,162 @@
+//! Throughput of the certification inner loop: Gaussian noise on copies of one image, forward,
+//! argmax. `bench/pytorch_forward.py` does the same in PyTorch for comparison.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, D};
+use rand::{RngExt, SeedableRng};
+
+use crate::models::Classifier;
+
+/// Number of timed windows; the report's figure is their median.
+pub const WINDOWS: usize = 5;
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BenchReport {
+    /// Median over the timed windows of images (noisy copies) classified per second.
+    pub images_per_sec_median: f64,
+    /// Images per second in each timed window, in order.
+    pub windows: Vec<f64>,
+    pub batch: usize,
+    /// Threads candle's CPU backend uses (rayon's pool; `RAYON_NUM_THREADS` sets it).
+    pub threads: usize,
+}
+
+/// Runs noise + forward + argmax on batches of `batch` noisy copies of one fixed image for about
+/// `seconds`: a warm-up of `seconds / 10`, then [`WINDOWS`] windows of `seconds / 5` each, every
+/// window at least one batch. Each window's rate counts only whole batches it ran.
+pub fn bench_forward(
+    model: &dyn Classifier,
+    batch: usize,
+    seconds: f64,
+    sigma: f32,
+    device: &Device,
+) -> candle_core::Result<BenchReport> {
+    if batch == 0 {
+        candle_core::bail!("bench batch must be at least 1");
+    }
+    if !(seconds.is_finite() && seconds > 0.0) {
+        candle_core::bail!("bench seconds must be positive, got {seconds}");
+    }
+    if !(sigma.is_finite() && sigma >= 0.0) {
+        candle_core::bail!("bench sigma must be finite and non-negative, got {sigma}");
+    }
+    // The image's content does not change the work; a fixed pseudo-random one keeps runs alike.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let pixels: Vec<f32> = (0..crate::data::IMAGE_BYTES)
+        .map(|_| rng.random::<f32>())
+        .collect();
+    let image = Tensor::from_vec(pixels, (1, 3, 32, 32), device)?;
+
+    let step = || -> candle_core::Result<()> {
+        let noise = Tensor::randn(0f32, sigma, (batch, 3, 32, 32), device)?;
+        let x = noise.broadcast_add(&image)?;
+        let preds = model.logits(&x)?.argmax(D::Minus1)?;
+        // Reading the predictions back is part of the loop (counts are kept on the host), and
+        // on an asynchronous device it makes the timing wait for the work.
+        let preds: Vec<u32> = preds.to_vec1()?;
+        if preds.len() != batch {
+            candle_core::bail!(
+                "model returned {} predictions for {batch} inputs",
+                preds.len()
+            );
+        }
+        Ok(())
+    };
+
+    let run_for = |budget: f64| -> candle_core::Result<f64> {
+        let start = Instant::now();
+        let mut batches = 0usize;
+        loop {
+            step()?;
+            batches += 1;
+            let elapsed = start.elapsed().as_secs_f64();
+            if elapsed >= budget {
+                return Ok((batches * batch) as f64 / elapsed);
+            }
+        }
+    };
+
+    run_for(seconds / 10.0)?;
+    let windows = (0..WINDOWS)
+        .map(|_| run_for(seconds / WINDOWS as f64))
+        .collect::<candle_core::Result<Vec<f64>>>()?;
+    Ok(BenchReport {
+        images_per_sec_median: median(&windows),
+        windows,
+        batch,
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{load_classifier, LinearClassifier, Normalize};
+    use candle_core::DType;
+    use candle_nn::VarBuilder;
+
+    #[test]
+    fn reports_windows_and_median() {
+        let dev = Device::Cpu;
+        let model =
+            LinearClassifier::new(10, Normalize::IDENTITY, VarBuilder::zeros(DType::F32, &dev))
+                .expect("model");
+        let r = bench_forward(&model, 8, 0.05, 0.25, &dev).expect("bench");
+        assert_eq!(r.windows.len(), WINDOWS);
+        assert_eq!(r.batch, 8);
+        assert!(r.threads >= 1);
+        assert!(r.windows.iter().all(|w| w.is_finite() && *w > 0.0));
+        assert_eq!(r.images_per_sec_median, median(&r.windows));
+        assert!(bench_forward(&model, 0, 1.0, 0.25, &dev).is_err());
+        assert!(bench_forward(&model, 8, 0.0, 0.25, &dev).is_err());
+        assert!(bench_forward(&model, 8, 1.0, -1.0, &dev).is_err());
+    }
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    /// The throughput figure for the report; run with
+    /// `CAF_BENCH_ARCH=resnet20 cargo test --release --lib bench::tests::forward_throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark: takes tens of seconds"]
+    fn forward_throughput() {
+        let arch = std::env::var("CAF_BENCH_ARCH").unwrap_or_else(|_| "resnet20".into());
+        let batch: usize = std::env::var("CAF_BENCH_BATCH")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(400);
+        let seconds: f64 = std::env::var("CAF_BENCH_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20.0);
+        let weights = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data/pretrained/akamaster")
+            .join(format!("{arch}.safetensors"));
+        let dev = Device::Cpu;
+        let model = load_classifier(
+            arch.parse().expect("arch"),
+            &weights,
+            Normalize::IMAGENET,
+            &dev,
+        )
+        .expect("load");
+        let report = bench_forward(model.as_ref(), batch, seconds, 0.25, &dev).expect("bench");
+        println!("{arch} images/s: {:.1}", report.images_per_sec_median);
+        println!("{}", serde_json::to_string(&report).expect("json"));
+    }
+}

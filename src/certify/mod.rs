@@ -1,0 +1,185 @@
+//! Cohen et al. 2019's PREDICT and CERTIFY for a smoothed classifier g(x) = argmax_c P(f(x+δ) = c),
+//! δ ~ N(0, σ²I) in [0,1] pixel space.
+//!
+//! Follows `core.py` of locuslab/smoothing step by step: selection draws (n0) and estimation
+//! draws (n) come from independent noise streams; p_A is bounded below with a one-sided
+//! Clopper–Pearson interval at level α; the radius is σ·Φ⁻¹(p_A_lower); the smoothed classifier
+//! abstains when p_A_lower ≤ 1/2. No clamping of noisy inputs, as in Cohen's code.
+
+pub mod noise;
+pub mod stats;
+
+use candle_core::{Device, Tensor};
+
+use crate::models::Classifier;
+pub use noise::{NoiseKey, NoiseStream, Phase};
+
+/// Default settings of Cohen's `certify.py`.
+pub const DEFAULT_N0: u64 = 100;
+pub const DEFAULT_N: u64 = 100_000;
+pub const DEFAULT_ALPHA: f64 = 0.001;
+pub const DEFAULT_BATCH: usize = 400;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertifyError {
+    #[error("invalid certification settings: {0}")]
+    Settings(String),
+    #[error("model returned {got} predictions for a batch of {want}")]
+    BatchMismatch { got: usize, want: usize },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// n0, n, α and the batch size of one certification.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    pub n0: u64,
+    pub n: u64,
+    pub alpha: f64,
+    pub batch: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { n0: DEFAULT_N0, n: DEFAULT_N, alpha: DEFAULT_ALPHA, batch: DEFAULT_BATCH }
+    }
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), CertifyError> {
+        if self.n0 == 0 || self.n == 0 {
+            return Err(CertifyError::Settings("n0 and n must be at least 1".into()));
+        }
+        if self.n0 >= self.n {
+            return Err(CertifyError::Settings(format!("n0 ({}) must be smaller than n ({})", self.n0, self.n)));
+        }
+        if !(self.alpha > 0.0 && self.alpha < 1.0) {
+            return Err(CertifyError::Settings(format!("alpha must be in (0, 1), got {}", self.alpha)));
+        }
+        if self.batch == 0 {
+            return Err(CertifyError::Settings("batch must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of CERTIFY on one image, with the counts needed to recompute it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Certificate {
+    /// The predicted class, or `None` when the smoothed classifier abstains.
+    pub predict: Option<u32>,
+    /// Certified ℓ2 radius in [0,1]-pixel units; 0 on abstention (as Cohen's logs write it).
+    pub radius: f64,
+    /// The class picked by the selection round (reported even when abstaining).
+    pub c_hat: u32,
+    /// Estimation-round count of `c_hat`.
+    pub n_a: u64,
+    pub n: u64,
+}
+
+/// The outcome of PREDICT on one image.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prediction {
+    pub predict: Option<u32>,
+    pub n_a: u64,
+    pub n_b: u64,
+}
+
+/// A smoothed classifier over a base classifier at noise level σ.
+pub struct Smooth<'m> {
+    model: &'m dyn Classifier,
+    sigma: f64,
+    device: Device,
+}
+
+impl<'m> Smooth<'m> {
+    pub fn new(model: &'m dyn Classifier, sigma: f64, device: Device) -> Self {
+        Self { model, sigma, device }
+    }
+
+    pub fn sigma(&self) -> f64 {
+        self.sigma
+    }
+
+    /// CERTIFY(x, n0, n, α): with probability at least 1 − α over the noise, the returned
+    /// prediction of g is robust within the returned ℓ2 radius (or g abstains).
+    /// `image` is (C, H, W) f32 in [0,1]; `key` fixes the noise (see [`noise`]).
+    pub fn certify(&self, image: &[f32], key: NoiseKey, s: &Settings) -> Result<Certificate, CertifyError> {
+        s.validate()?;
+        // Selection: guess the top class from n0 draws.
+        let counts0 = self.sample_counts(image, key, Phase::Selection, s.n0, s.batch)?;
+        let c_hat = argmax_count(&counts0);
+        // Estimation: count the guessed class in n fresh draws.
+        let counts = self.sample_counts(image, key, Phase::Estimation, s.n, s.batch)?;
+        let n_a = counts[c_hat as usize];
+        Ok(certificate_from_counts(c_hat, n_a, s.n, s.alpha, self.sigma))
+    }
+
+    /// PREDICT(x, n, α): the top class if the two-sided binomial test between the top two
+    /// counts rejects at level α, else abstain. Wrong with probability at most α.
+    pub fn predict(&self, image: &[f32], key: NoiseKey, n: u64, alpha: f64, batch: usize) -> Result<Prediction, CertifyError> {
+        let counts = self.sample_counts(image, key, Phase::Prediction, n, batch.max(1))?;
+        let mut order: Vec<usize> = (0..counts.len()).collect();
+        // Stable sort: ties go to the lower class index, like numpy's argsort on -counts.
+        order.sort_by(|&a, &b| counts[b].cmp(&counts[a]));
+        let (top, second) = (order[0], order.get(1).copied());
+        let n_a = counts[top];
+        let n_b = second.map(|c| counts[c]).unwrap_or(0);
+        let predict = if stats::binom_test_half(n_a, n_a + n_b) > alpha { None } else { Some(top as u32) };
+        Ok(Prediction { predict, n_a, n_b })
+    }
+
+    /// Class counts of the base classifier over `num` noisy copies of `image`.
+    fn sample_counts(&self, image: &[f32], key: NoiseKey, phase: Phase, num: u64, batch: usize) -> Result<Vec<u64>, CertifyError> {
+        let mut counts = vec![0u64; self.model.num_classes()];
+        let mut stream = NoiseStream::new(key, phase);
+        let mut buf = Vec::new();
+        let mut remaining = num;
+        while remaining > 0 {
+            let this = remaining.min(batch as u64) as usize;
+            stream.fill_noisy(image, this, &mut buf);
+            let x = Tensor::from_slice(&buf, (this, 3, 32, 32), &self.device)?;
+            let preds = predict_classes(self.model, &x)?;
+            if preds.len() != this {
+                return Err(CertifyError::BatchMismatch { got: preds.len(), want: this });
+            }
+            for p in preds {
+                if let Some(c) = counts.get_mut(p as usize) {
+                    *c += 1;
+                }
+            }
+            remaining -= this as u64;
+        }
+        Ok(counts)
+    }
+}
+
+/// The certificate implied by an estimation count: a pure function, so anyone can recompute a
+/// stored certificate from (c_hat, n_a, n, α, σ).
+pub fn certificate_from_counts(c_hat: u32, n_a: u64, n: u64, alpha: f64, sigma: f64) -> Certificate {
+    let p_a_lower = stats::clopper_pearson_lower(n_a, n, alpha);
+    if p_a_lower <= 0.5 {
+        Certificate { predict: None, radius: 0.0, c_hat, n_a, n }
+    } else {
+        Certificate { predict: Some(c_hat), radius: stats::radius(sigma, p_a_lower), c_hat, n_a, n }
+    }
+}
+
+/// argmax of the logits per row.
+pub fn predict_classes(model: &dyn Classifier, x: &Tensor) -> candle_core::Result<Vec<u32>> {
+    model.logits(x)?.argmax(1)?.to_vec1::<u32>()
+}
+
+/// Index of the largest count; ties go to the lowest index (numpy's argmax).
+fn argmax_count(counts: &[u64]) -> u32 {
+    let mut best = 0usize;
+    for (i, &c) in counts.iter().enumerate() {
+        if c > counts[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,132 @@
+//! The engine against closed forms: for a two-class linear base classifier the smoothed
+//! classifier is known exactly: P(f(x+δ) = 1) = Φ(m/σ) with margin m = (w·x + b)/‖w‖, and
+//! its exact certified radius is |m|.
+
+use super::*;
+use candle_core::{Device, Tensor};
+use statrs::distribution::{ContinuousCDF, Normal};
+
+/// logits = x·Wᵀ + b on flattened [0,1] pixels (the `linear` arch, built in place).
+struct TwoClassLinear {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Classifier for TwoClassLinear {
+    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.flatten_from(1)?;
+        x.matmul(&self.w.t()?)?.broadcast_add(&self.b)
+    }
+    fn num_classes(&self) -> usize {
+        2
+    }
+}
+
+/// A model whose margin at the all-0.5 image is `margin` in favour of class 1.
+fn model_with_margin(margin: f64) -> (TwoClassLinear, Vec<f32>) {
+    let d = 3072;
+    // A fixed, non-trivial direction: w_j = sin(j) + 0.1, unit-normalised.
+    let raw: Vec<f64> = (0..d).map(|j| (j as f64).sin() + 0.1).collect();
+    let norm = raw.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let w: Vec<f64> = raw.iter().map(|v| v / norm).collect();
+    let x = vec![0.5f32; d];
+    let wx: f64 = w.iter().map(|v| v * 0.5).sum();
+    let b = margin - wx;
+    let mut rows = vec![0f32; d];
+    rows.extend(w.iter().map(|&v| v as f32));
+    let w = Tensor::from_vec(rows, (2, d), &Device::Cpu).unwrap();
+    let b = Tensor::from_vec(vec![0f32, b as f32], 2, &Device::Cpu).unwrap();
+    (TwoClassLinear { w, b }, x)
+}
+
+fn phi(z: f64) -> f64 {
+    Normal::new(0.0, 1.0).unwrap().cdf(z)
+}
+
+#[test]
+fn monte_carlo_frequency_matches_the_exact_smoothed_probability() {
+    let (model, x) = model_with_margin(0.3);
+    let sigma = 0.25;
+    let smooth = Smooth::new(&model, sigma, Device::Cpu);
+    let s = Settings { n0: 100, n: 20_000, alpha: 0.001, batch: 1000 };
+    let cert = smooth.certify(&x, NoiseKey { seed: 1, sigma, idx: 0 }, &s).unwrap();
+    let p = phi(0.3 / sigma);
+    let freq = cert.n_a as f64 / cert.n as f64;
+    let se = (p * (1.0 - p) / cert.n as f64).sqrt();
+    assert_eq!(cert.c_hat, 1);
+    assert!((freq - p).abs() < 5.0 * se, "freq {freq} vs exact {p} (se {se})");
+}
+
+#[test]
+fn certified_radius_never_exceeds_the_exact_radius_and_approaches_it() {
+    let margin = 0.3;
+    let (model, x) = model_with_margin(margin);
+    let sigma = 0.25;
+    let smooth = Smooth::new(&model, sigma, Device::Cpu);
+    let mut last = 0.0;
+    for (i, n) in [1_000u64, 10_000, 100_000].into_iter().enumerate() {
+        let s = Settings { n0: 100, n, alpha: 0.001, batch: 2000 };
+        let cert = smooth.certify(&x, NoiseKey { seed: 3, sigma, idx: i as u64 }, &s).unwrap();
+        assert_eq!(cert.predict, Some(1));
+        assert!(cert.radius < margin, "n={n}: radius {} exceeds the exact {margin}", cert.radius);
+        assert!(cert.radius > last, "n={n}: radius {} did not grow from {last}", cert.radius);
+        last = cert.radius;
+    }
+    // With n = 100,000 the Clopper–Pearson slack at α = 0.001 costs about 0.01 in radius here.
+    assert!(margin - last < 0.02, "radius {last} is still far from {margin}");
+}
+
+#[test]
+fn abstains_when_the_classes_are_balanced() {
+    let (model, x) = model_with_margin(0.0);
+    let smooth = Smooth::new(&model, 0.5, Device::Cpu);
+    let s = Settings { n0: 100, n: 2_000, alpha: 0.001, batch: 500 };
+    let cert = smooth.certify(&x, NoiseKey { seed: 0, sigma: 0.5, idx: 0 }, &s).unwrap();
+    assert_eq!(cert.predict, None);
+    assert_eq!(cert.radius, 0.0);
+    let pred = smooth.predict(&x, NoiseKey { seed: 0, sigma: 0.5, idx: 0 }, 2_000, 0.001, 500).unwrap();
+    assert_eq!(pred.predict, None);
+}
+
+#[test]
+fn predict_returns_the_clear_winner() {
+    let (model, x) = model_with_margin(-0.4);
+    let smooth = Smooth::new(&model, 0.25, Device::Cpu);
+    let pred = smooth.predict(&x, NoiseKey { seed: 0, sigma: 0.25, idx: 5 }, 1_000, 0.001, 250).unwrap();
+    assert_eq!(pred.predict, Some(0));
+    assert_eq!(pred.n_a + pred.n_b, 1_000);
+}
+
+#[test]
+fn results_do_not_depend_on_the_batch_size() {
+    let (model, x) = model_with_margin(0.1);
+    let smooth = Smooth::new(&model, 0.5, Device::Cpu);
+    let key = NoiseKey { seed: 9, sigma: 0.5, idx: 17 };
+    let a = smooth.certify(&x, key, &Settings { n0: 50, n: 3_000, alpha: 0.01, batch: 3_000 }).unwrap();
+    let b = smooth.certify(&x, key, &Settings { n0: 50, n: 3_000, alpha: 0.01, batch: 7 * 37 }).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn certificate_from_counts_recomputes_cohen_radius() {
+    // 990 of 1000 at α = 0.001, σ = 0.5: 0.5 · Φ⁻¹(0.976036187155311) = 0.98900479107...
+    let c = certificate_from_counts(3, 990, 1000, 0.001, 0.5);
+    assert_eq!(c.predict, Some(3));
+    assert!((c.radius - 0.5 * 1.978_009_582_141_199).abs() < 1e-9);
+    let abstain = certificate_from_counts(3, 500, 1000, 0.001, 0.5);
+    assert_eq!(abstain.predict, None);
+    assert_eq!(abstain.radius, 0.0);
+}
+
+#[test]
+fn invalid_settings_are_rejected() {
+    for s in [
+        Settings { n0: 100, n: 100, ..Settings::default() },
+        Settings { n0: 0, ..Settings::default() },
+        Settings { alpha: 1.0, ..Settings::default() },
+        Settings { alpha: 0.0, ..Settings::default() },
+        Settings { batch: 0, ..Settings::default() },
+    ] {
+        assert!(s.validate().is_err(), "{s:?}");
+    }
+}

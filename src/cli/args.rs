@@ -1,0 +1,214 @@
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use caf::sched::DeviceSpec;
+
+/// caf: certified adversarial robustness experiments (randomized smoothing, certifying adapters).
+#[derive(Debug, Parser)]
+#[command(name = "caf", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a study: plan it, record it in the store, run every job not yet done (resumes).
+    Run(RunArgs),
+    /// Expand a study into its job DAG and print it (nothing is written).
+    Plan(PlanArgs),
+    /// Show the jobs of a study: state, progress, throughput, ETA.
+    Status(StatusArgs),
+    /// Export per-image results of a study.
+    Export(ExportArgs),
+    /// Certify a model once, outside any study (Cohen's certify.py).
+    Certify(CertifyArgs),
+    /// Clean accuracy of a model on a CIFAR-10 split.
+    Eval(EvalArgs),
+    /// Measure throughput of caf's numerical core.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbArg {
+    /// SQLite database of results.
+    #[arg(long, default_value = "runs/caf.db")]
+    pub db: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Study spec (YAML).
+    pub spec: PathBuf,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Concurrent job slots in this process.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// cpu, or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Give failed jobs a fresh set of attempts.
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// Seconds without a heartbeat after which a job's lease expires and it is re-run.
+    #[arg(long, default_value_t = 60.0)]
+    pub lease_secs: f64,
+    /// Where jobs write files (checkpoints, weights).
+    #[arg(long, default_value = "runs/artifacts")]
+    pub artifacts: PathBuf,
+    /// No progress bars or per-job lines.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    pub spec: PathBuf,
+    /// Machine-readable jobs `{id, kind, label, params, deps}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Study name (default: every study in the database).
+    pub study: Option<String>,
+    #[command(flatten)]
+    pub db: DbArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// One row per (job, image): job,idx,label,predict,radius,correct,nA,n.
+    Csv,
+    /// Cohen's certify.py log (idx label predict radius correct time, then nA n); one job.
+    CohenTsv,
+    /// Jobs with their parameters and per-image results.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Study name (default: the only study in the database).
+    pub study: Option<String>,
+    #[command(flatten)]
+    pub db: DbArg,
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: ExportFormat,
+    /// Only this job (id or unique id prefix).
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Output file (stdout by default); for cohen-tsv with several jobs, a directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DatasetArg {
+    Cifar10,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum SplitArg {
+    Train,
+    Test,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// linear | resnet20 | resnet32 | resnet44 | resnet56 | resnet110
+    #[arg(long)]
+    pub arch: String,
+    /// safetensors, PyTorch zip (torch ≥ 1.6) or legacy PyTorch pickle file.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Per-channel input mean, e.g. 0.485,0.456,0.406 (default: akamaster's for ResNets, none for linear).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    pub mean: Option<Vec<f32>>,
+    /// Per-channel input std, e.g. 0.229,0.224,0.225.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    pub std: Option<Vec<f32>>,
+    #[arg(long, value_enum, default_value = "cifar10")]
+    pub data: DatasetArg,
+    /// Folder holding `cifar-10-batches-bin`, or that folder itself.
+    #[arg(long, default_value = "../shared/data/cifar10-jpeg")]
+    pub data_root: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+#[derive(Debug, Args)]
+pub struct CertifyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Noise level σ in [0,1]-pixel units.
+    #[arg(long)]
+    pub sigma: f64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_N0)]
+    pub n0: u64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_N)]
+    pub n: u64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_ALPHA)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_BATCH)]
+    pub batch: usize,
+    /// Certify images 0, skip, 2·skip, …
+    #[arg(long, default_value_t = 1)]
+    pub skip: usize,
+    /// Stop before this image index.
+    #[arg(long)]
+    pub max: Option<usize>,
+    /// Noise seed: image i's draws depend only on (seed, σ, i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output TSV (Cohen's columns, then nA and n).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: SplitArg,
+    #[arg(long, default_value_t = 1)]
+    pub skip: usize,
+    #[arg(long)]
+    pub max: Option<usize>,
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// Noisy forward pass + argmax in eval mode: the certification inner loop.
+    Forward(BenchForwardArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchForwardArgs {
+    #[arg(long, default_value = "resnet20")]
+    pub arch: String,
+    /// Weights (default: the akamaster file of the arch under ../shared/data/pretrained).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    #[arg(long, default_value_t = 400)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = 0.25)]
+    pub sigma: f32,
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,350 @@
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use caf::data::{self, Split};
+use caf::methods::{self, common::Slice, eval::predict_indices, smooth::certify_slice};
+use caf::models::{self, Arch, Normalize};
+use caf::plan::Plan;
+use caf::sched::{self, CancelFlag, LogProgress, Progress, SchedConfig, TerminalProgress};
+use caf::spec::Spec;
+use caf::store::{SqliteStore, Store};
+
+use super::args::*;
+use super::Exit;
+
+pub fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run(a) => run(a),
+        Command::Plan(a) => plan(a),
+        Command::Status(a) => runtime()?.block_on(super::status::status(a)),
+        Command::Export(a) => runtime()?.block_on(super::export::export(a)),
+        Command::Certify(a) => certify(a),
+        Command::Eval(a) => eval(a),
+        Command::Bench(a) => bench(a),
+    }
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Loads and plans a spec; any problem with it is a usage error (exit 2, nothing written).
+fn load_plan(path: &Path) -> Result<(Spec, Plan)> {
+    let spec = Spec::load(path).map_err(|e| Exit { code: 2, message: Some(e.to_string()) })?;
+    let plan = Plan::from_spec(&spec).map_err(|e| Exit { code: 2, message: Some(e.to_string()) })?;
+    Ok((spec, plan))
+}
+
+pub async fn open_store(db: &Path) -> Result<SqliteStore> {
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(SqliteStore::open(db).await?)
+}
+
+/// Opens an existing database for reading commands; a missing file is a usage error.
+pub async fn open_existing_store(db: &Path) -> Result<SqliteStore> {
+    if !db.exists() {
+        return Err(Exit { code: 2, message: Some(format!("no database at {} (run a study first, or pass --db)", db.display())) }.into());
+    }
+    open_store(db).await
+}
+
+fn plan(a: PlanArgs) -> Result<i32> {
+    let (_, plan) = load_plan(&a.spec)?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&plan.to_json())?)?;
+        return Ok(0);
+    }
+    writeln!(out, "study {} (seed {}, spec sha256 {})", plan.study.name, plan.study.seed, &plan.study.spec_sha256[..12])?;
+    writeln!(out, "{:<16}  {:<8}  {:<34}  DEPS", "JOB", "KIND", "LABEL")?;
+    for j in &plan.jobs {
+        let deps: Vec<&str> = j.deps.iter().map(|d| d.as_str()).collect();
+        writeln!(out, "{:<16}  {:<8}  {:<34}  {}", j.id, j.kind, j.label, if deps.is_empty() { "-".into() } else { deps.join(",") })?;
+    }
+    writeln!(out, "{} jobs", plan.jobs.len())?;
+    Ok(0)
+}
+
+fn run(a: RunArgs) -> Result<i32> {
+    let (_, plan) = load_plan(&a.spec)?;
+    if a.workers == 0 {
+        bail!(Exit { code: 2, message: Some("--workers must be at least 1".into()) });
+    }
+    if !(a.lease_secs.is_finite() && a.lease_secs >= 1.0) {
+        bail!(Exit { code: 2, message: Some("--lease-secs must be at least 1".into()) });
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let store = open_store(&a.db.db).await?;
+        let study = store.register_plan(&plan).await?;
+        if a.retry_failed {
+            let n = store.retry_failed(study).await?;
+            if n > 0 {
+                eprintln!("retrying {n} failed job(s)");
+            }
+        }
+        let lease = Duration::from_secs_f64(a.lease_secs);
+        let cfg = SchedConfig {
+            workers: a.workers,
+            device: a.device,
+            lease,
+            heartbeat: lease / 4,
+            poll: Duration::from_millis(500),
+            artifacts_dir: a.artifacts.clone(),
+        };
+        let progress: Arc<dyn Progress> = if a.quiet {
+            Arc::new(sched::progress::NoProgress)
+        } else if std::io::stderr().is_terminal() {
+            Arc::new(TerminalProgress::new())
+        } else {
+            Arc::new(LogProgress::new(Duration::from_secs(10)))
+        };
+        let shutdown = CancelFlag::new();
+        spawn_signal_handler(shutdown.clone());
+        let registry = Arc::new(methods::registry());
+        let summary = sched::run_study(store.clone(), study, registry, cfg, shutdown, progress).await?;
+        let jobs = store.study_jobs(study).await?;
+        let done = jobs.iter().filter(|j| j.state == caf::store::JobState::Done).count();
+        let failed: Vec<_> = jobs.iter().filter(|j| j.state == caf::store::JobState::Failed).collect();
+        let blocked = jobs.iter().filter(|j| j.blocked).count();
+        let resume = format!("caf run {} --db {}", a.spec.display(), a.db.db.display());
+        if summary.shutdown_requested {
+            eprintln!(
+                "interrupted: {done}/{} jobs done, finished work is saved. Resume with:\n  {resume}",
+                jobs.len()
+            );
+            return Ok(130);
+        }
+        eprintln!("study {}: {done}/{} jobs done, {} failed, {blocked} blocked", plan.study.name, jobs.len(), failed.len());
+        for f in &failed {
+            eprintln!("  FAILED {} [{}]: {}", f.label, f.id, f.error.as_deref().unwrap_or("?"));
+        }
+        if !failed.is_empty() || blocked > 0 {
+            eprintln!("fix the cause, then: {resume} --retry-failed");
+            return Ok(1);
+        }
+        Ok(0)
+    })
+}
+
+/// First Ctrl-C / SIGTERM: stop at the next clean point. Second: exit at once (the image in
+/// flight is redone on resume).
+fn spawn_signal_handler(shutdown: CancelFlag) {
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("\nstopping after the image in flight (press Ctrl-C again to abort now)…");
+        shutdown.cancel();
+        wait_for_signal().await;
+        eprintln!("aborted; finished images are saved");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Mean/std from flags, defaulting to the akamaster convention for ResNets.
+fn normalize_of(m: &ModelArgs, arch: Arch) -> Result<Normalize> {
+    let default = match arch {
+        Arch::Linear => Normalize::IDENTITY,
+        _ => Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] },
+    };
+    let mut n = default;
+    if let Some(v) = &m.mean {
+        n.mean = [v[0], v[1], v[2]];
+    }
+    if let Some(v) = &m.std {
+        if v.iter().any(|s| !(*s > 0.0)) {
+            bail!(Exit { code: 2, message: Some("--std values must be > 0".into()) });
+        }
+        n.std = [v[0], v[1], v[2]];
+    }
+    Ok(n)
+}
+
+fn load_model_args(m: &ModelArgs) -> Result<(Box<dyn models::Classifier>, candle_core::Device)> {
+    let arch: Arch = m.arch.parse().map_err(|e: models::ModelError| Exit { code: 2, message: Some(e.to_string()) })?;
+    let normalize = normalize_of(m, arch)?;
+    if !m.weights.is_file() {
+        bail!(Exit { code: 2, message: Some(format!("weights file not found: {}", m.weights.display())) });
+    }
+    let device = m.device.open()?;
+    let model = models::load_classifier(arch, &m.weights, normalize, &device)?;
+    Ok((model, device))
+}
+
+fn load_data(m: &ModelArgs, split: Split) -> Result<data::ImageSet> {
+    match m.data {
+        DatasetArg::Cifar10 => Ok(data::load_cifar10(&m.data_root, split)?),
+    }
+}
+
+fn certify(a: CertifyArgs) -> Result<i32> {
+    let settings = caf::certify::Settings { n0: a.n0, n: a.n, alpha: a.alpha, batch: a.batch };
+    settings.validate().map_err(|e| Exit { code: 2, message: Some(e.to_string()) })?;
+    if !(a.sigma.is_finite() && a.sigma > 0.0) {
+        bail!(Exit { code: 2, message: Some(format!("--sigma must be > 0, got {}", a.sigma)) });
+    }
+    if a.skip == 0 {
+        bail!(Exit { code: 2, message: Some("--skip must be at least 1".into()) });
+    }
+    let (model, device) = load_model_args(&a.model)?;
+    let set = load_data(&a.model, Split::Test)?;
+    let indices = Slice { skip: a.skip, max: a.max }.indices(set.len());
+    let file = std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    writeln!(out, "idx\tlabel\tpredict\tradius\tcorrect\ttime\tnA\tn")?;
+    out.flush()?;
+    let shutdown = CancelFlag::new();
+    {
+        let s = shutdown.clone();
+        let _ = ctrlc_once(move || s.cancel());
+    }
+    let mut count = 0usize;
+    let end = certify_slice(
+        model.as_ref(),
+        &device,
+        &set,
+        &indices,
+        &Default::default(),
+        a.seed,
+        a.sigma,
+        &settings,
+        &|| shutdown.is_cancelled(),
+        &mut |r| {
+            // Flushed per row, like Cohen's certify.py, so a partial log is usable.
+            writeln!(
+                out,
+                "{}\t{}\t{}\t{:.3}\t{}\t{:.4}\t{}\t{}",
+                r.idx, r.label, r.predict, r.radius, r.correct as u8, r.seconds, r.n_a, r.n
+            )
+            .and_then(|_| out.flush())
+            .map_err(|e| caf::sched::JobError::fatal(format!("writing {}: {e}", a.out.display())))?;
+            count += 1;
+            tracing::info!(idx = r.idx, predict = r.predict, radius = r.radius, "certified");
+            Ok(())
+        },
+    )
+    .map_err(|e| anyhow::anyhow!(e.message))?;
+    eprintln!("wrote {count} rows to {}", a.out.display());
+    Ok(match end {
+        methods::smooth::SliceEnd::Finished => 0,
+        methods::smooth::SliceEnd::Interrupted => 130,
+    })
+}
+
+/// Installs a one-shot Ctrl-C callback for synchronous commands.
+fn ctrlc_once(f: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            rt.block_on(wait_for_signal());
+            eprintln!("\nstopping after the image in flight…");
+            f();
+            rt.block_on(wait_for_signal());
+            std::process::exit(130);
+        }
+    })?;
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<i32> {
+    if a.skip == 0 || a.batch == 0 {
+        bail!(Exit { code: 2, message: Some("--skip and --batch must be at least 1".into()) });
+    }
+    let (model, device) = load_model_args(&a.model)?;
+    let split = match a.split {
+        SplitArg::Train => Split::Train,
+        SplitArg::Test => Split::Test,
+    };
+    let set = load_data(&a.model, split)?;
+    let indices = Slice { skip: a.skip, max: a.max }.indices(set.len());
+    let mut correct = 0usize;
+    for chunk in indices.chunks(a.batch) {
+        let rows = predict_indices(model.as_ref(), &device, &set, chunk)?;
+        correct += rows.iter().filter(|r| r.label == r.predict).count();
+    }
+    let total = indices.len();
+    let acc = if total == 0 { 0.0 } else { correct as f64 / total as f64 };
+    println!("accuracy: {acc:.4} ({correct}/{total})");
+    Ok(0)
+}
+
+fn bench(a: BenchArgs) -> Result<i32> {
+    match a.what {
+        BenchWhat::Forward(f) => bench_forward(f),
+    }
+}
+
+fn default_weights(arch: Arch) -> Option<PathBuf> {
+    let root = Path::new("../shared/data/pretrained/akamaster");
+    match arch {
+        Arch::CifarResNet { depth: 20 } => Some(root.join("resnet20-12fca82f.th")),
+        Arch::CifarResNet { depth: 56 } => Some(root.join("resnet56-4bfd9763.th")),
+        _ => None,
+    }
+}
+
+fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
+    let arch: Arch = f.arch.parse().map_err(|e: models::ModelError| Exit { code: 2, message: Some(e.to_string()) })?;
+    let weights = match f.weights.clone().or_else(|| default_weights(arch)) {
+        Some(w) => w,
+        None => bail!(Exit { code: 2, message: Some(format!("no default weights for {arch}: pass --weights")) }),
+    };
+    if f.batch == 0 || !(f.seconds > 0.0) {
+        bail!(Exit { code: 2, message: Some("--batch and --seconds must be positive".into()) });
+    }
+    let m = ModelArgs {
+        arch: f.arch.clone(),
+        weights,
+        mean: None,
+        std: None,
+        data: DatasetArg::Cifar10,
+        data_root: PathBuf::new(),
+        device: caf::sched::DeviceSpec::Cpu,
+    };
+    let (model, device) = load_model_args(&m)?;
+    let report = BENCH_PENDING(model.as_ref(), f.batch, f.seconds, f.sigma, &device)?;
+    println!("images/s: {:.1}", report.images_per_sec_median);
+    if f.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(0)
+}
+
+#[allow(non_snake_case)]
+fn BENCH_PENDING(_: &dyn models::Classifier, _: usize, _: f64, _: f32, _: &candle_core::Device) -> Result<BenchPending> {
+    bail!("bench not wired yet")
+}
+#[derive(serde::Serialize)]
+struct BenchPending {
+    images_per_sec_median: f64,
+}

@@ -1,0 +1,119 @@
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use caf::plan::JobId;
+use caf::store::{CertRow, Store, StudyInfo};
+
+use super::args::{ExportArgs, ExportFormat};
+use super::commands::open_existing_store;
+use super::Exit;
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Exit { code: 2, message: Some(msg.into()) }.into()
+}
+
+pub async fn export(a: ExportArgs) -> Result<i32> {
+    let store = open_existing_store(&a.db.db).await?;
+    let study: StudyInfo = match &a.study {
+        Some(name) => store.study_by_name(name).await?,
+        None => {
+            let mut all = store.studies().await?;
+            match all.len() {
+                1 => all.remove(0),
+                0 => bail!(usage(format!("no studies in {}", a.db.db.display()))),
+                _ => {
+                    let names: Vec<String> = all.iter().map(|s| s.name.clone()).collect();
+                    bail!(usage(format!("several studies in the database; name one of: {}", names.join(", "))))
+                }
+            }
+        }
+    };
+    let jobs = store.study_jobs(study.id).await?;
+    let mut rows = store.study_cert_results(study.id).await?;
+    if let Some(prefix) = &a.job {
+        let matching: Vec<&JobId> = jobs.iter().map(|j| &j.id).filter(|id| id.as_str().starts_with(prefix.as_str())).collect();
+        match matching.len() {
+            1 => {
+                let id = matching[0].clone();
+                rows.retain(|(j, _)| *j == id);
+            }
+            0 => bail!(usage(format!("no job of study {} starts with `{prefix}`", study.name))),
+            _ => bail!(usage(format!("job prefix `{prefix}` is ambiguous"))),
+        }
+    }
+    let mut by_job: BTreeMap<JobId, Vec<CertRow>> = BTreeMap::new();
+    for (j, r) in rows {
+        by_job.entry(j).or_default().push(r);
+    }
+    match a.format {
+        ExportFormat::Csv => {
+            let mut buf = Vec::new();
+            writeln!(buf, "job,idx,label,predict,radius,correct,nA,n")?;
+            for (job, rs) in &by_job {
+                for r in rs {
+                    // Full precision radius: the file is for comparing runs, not for reading.
+                    writeln!(buf, "{job},{},{},{},{},{},{},{}", r.idx, r.label, r.predict, r.radius, r.correct as u8, r.n_a, r.n)?;
+                }
+            }
+            write_out(a.out.as_deref(), &buf)?;
+        }
+        ExportFormat::CohenTsv => {
+            let tsv = |rs: &[CertRow]| -> Vec<u8> {
+                let mut b = b"idx\tlabel\tpredict\tradius\tcorrect\ttime\tnA\tn\n".to_vec();
+                for r in rs {
+                    b.extend(
+                        format!("{}\t{}\t{}\t{:.3}\t{}\t{:.4}\t{}\t{}\n", r.idx, r.label, r.predict, r.radius, r.correct as u8, r.seconds, r.n_a, r.n)
+                            .as_bytes(),
+                    );
+                }
+                b
+            };
+            match (by_job.len(), a.out.as_deref()) {
+                (1, out) => {
+                    let rs = by_job.values().next().map(Vec::as_slice).unwrap_or(&[]);
+                    write_out(out, &tsv(rs))?;
+                }
+                (0, _) => bail!(usage(format!("study {} has no certification results yet", study.name))),
+                (_, Some(dir)) => {
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                    for (job, rs) in &by_job {
+                        let path = dir.join(format!("{job}.tsv"));
+                        std::fs::write(&path, tsv(rs)).with_context(|| format!("writing {}", path.display()))?;
+                    }
+                    eprintln!("wrote {} files to {}", by_job.len(), dir.display());
+                }
+                (_, None) => bail!(usage("cohen-tsv holds one job: pass --job ID, or --out DIR for one file per job")),
+            }
+        }
+        ExportFormat::Json => {
+            let v: Vec<_> = jobs
+                .iter()
+                .filter(|j| a.job.is_none() || by_job.contains_key(&j.id))
+                .map(|j| serde_json::json!({
+                    "job": j.id, "kind": j.kind, "label": j.label, "state": j.state,
+                    "results": by_job.get(&j.id).cloned().unwrap_or_default(),
+                }))
+                .collect();
+            let doc = serde_json::json!({ "study": study.name, "seed": study.seed, "spec_sha256": study.spec_sha256, "jobs": v });
+            let mut buf = serde_json::to_vec_pretty(&doc)?;
+            buf.push(b'\n');
+            write_out(a.out.as_deref(), &buf)?;
+        }
+    }
+    Ok(0)
+}
+
+fn write_out(out: Option<&Path>, bytes: &[u8]) -> Result<()> {
+    match out {
+        Some(p) => std::fs::write(p, bytes).with_context(|| format!("writing {}", p.display())),
+        None => {
+            let mut o = std::io::stdout().lock();
+            o.write_all(bytes)?;
+            o.flush()?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,95 @@
+use std::io::Write;
+
+use anyhow::Result;
+
+use caf::store::{JobState, JobStatus, Store, StudyInfo};
+
+use super::args::StatusArgs;
+use super::commands::open_existing_store;
+
+/// Images per second and seconds left, from the recorded per-image compute time.
+fn rate_eta(j: &JobStatus) -> (Option<f64>, Option<f64>) {
+    if j.progress_done == 0 || j.work_seconds <= 0.0 {
+        return (None, None);
+    }
+    let rate = j.progress_done as f64 / j.work_seconds;
+    let left = j.progress_total.saturating_sub(j.progress_done) as f64;
+    (Some(rate), (j.state != JobState::Done).then(|| left / rate))
+}
+
+fn fmt_secs(s: f64) -> String {
+    let s = s.round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+pub async fn status(a: StatusArgs) -> Result<i32> {
+    let store = open_existing_store(&a.db.db).await?;
+    let studies: Vec<StudyInfo> = match &a.study {
+        Some(name) => vec![store.study_by_name(name).await?],
+        None => store.studies().await?,
+    };
+    let mut all = Vec::new();
+    for s in &studies {
+        all.push((s.clone(), store.study_jobs(s.id).await?));
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v: Vec<_> = all
+            .iter()
+            .map(|(s, jobs)| {
+                let jobs: Vec<_> = jobs
+                    .iter()
+                    .map(|j| {
+                        let (rate, eta) = rate_eta(j);
+                        let mut v = serde_json::to_value(j).unwrap_or_default();
+                        if let Some(o) = v.as_object_mut() {
+                            o.insert("images_per_sec".into(), serde_json::json!(rate));
+                            o.insert("eta_seconds".into(), serde_json::json!(eta));
+                        }
+                        v
+                    })
+                    .collect();
+                serde_json::json!({ "study": s.name, "seed": s.seed, "spec_sha256": s.spec_sha256, "jobs": jobs })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(0);
+    }
+    if all.is_empty() {
+        writeln!(out, "no studies in {}", a.db.db.display())?;
+    }
+    for (s, jobs) in &all {
+        let done = jobs.iter().filter(|j| j.state == JobState::Done).count();
+        writeln!(out, "study {} — {done}/{} jobs done (spec sha256 {})", s.name, jobs.len(), &s.spec_sha256[..12.min(s.spec_sha256.len())])?;
+        writeln!(out, "  {:<16}  {:<7}  {:<28}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  NOTE", "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY")?;
+        for j in jobs {
+            let (rate, eta) = rate_eta(j);
+            let state = if j.blocked { "blocked" } else { j.state.as_str() };
+            let note = match (&j.error, j.state) {
+                (Some(e), JobState::Failed | JobState::Pending) => e.lines().next().unwrap_or("").to_string(),
+                _ if j.state == JobState::Running => format!("lease: {}", j.lease_owner.as_deref().unwrap_or("?")),
+                _ => String::new(),
+            };
+            writeln!(
+                out,
+                "  {:<16}  {:<7}  {:<28}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {}",
+                j.id,
+                j.kind,
+                j.label.chars().take(28).collect::<String>(),
+                state,
+                format!("{}/{}", j.progress_done, j.progress_total),
+                rate.map_or("-".into(), |r| format!("{r:.2}")),
+                eta.map_or("-".into(), fmt_secs),
+                j.attempts,
+                note
+            )?;
+        }
+    }
+    Ok(0)
+}

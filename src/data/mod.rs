@@ -1,0 +1,137 @@
+//! Datasets: CIFAR-10 in its official binary format, held in memory as raw bytes.
+//!
+//! Images stay as `u8` until a batch is requested, so the 50,000-image training set costs
+//! 150 MB instead of 600 MB, and pixel values are exactly `byte / 255` wherever they are used.
+
+mod cifar10;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+pub use cifar10::{CIFAR10_CLASSES, CIFAR10_DIR, META_FILE, RECORD_BYTES, TEST_FILE, TRAIN_FILES};
+
+/// Bytes of one CIFAR image: 3 planes of 32×32, channel-major (C, H, W).
+pub const IMAGE_BYTES: usize = 3 * 32 * 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl DataError {
+    pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        DataError::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Test,
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Split::Train => write!(f, "train"),
+            Split::Test => write!(f, "test"),
+        }
+    }
+}
+
+/// A set of 32×32 RGB images with labels, kept as raw bytes (pixels / 255 = [0,1] values).
+#[derive(Clone, Debug)]
+pub struct ImageSet {
+    pixels: Vec<u8>,
+    labels: Vec<u8>,
+    classes: Vec<String>,
+}
+
+impl ImageSet {
+    /// # Panics
+    /// If `pixels` does not hold exactly `labels.len()` images of [`IMAGE_BYTES`] bytes: every
+    /// accessor relies on that, and callers build both vectors together.
+    pub fn new(pixels: Vec<u8>, labels: Vec<u8>, classes: Vec<String>) -> Self {
+        assert_eq!(
+            pixels.len(),
+            labels.len() * IMAGE_BYTES,
+            "ImageSet::new: {} pixel bytes for {} labels",
+            pixels.len(),
+            labels.len()
+        );
+        Self {
+            pixels,
+            labels,
+            classes,
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+    pub fn label(&self, i: usize) -> u8 {
+        self.labels[i]
+    }
+    /// All labels, in record order.
+    pub fn labels(&self) -> &[u8] {
+        &self.labels
+    }
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+    /// Raw bytes of image `i`, (C, H, W) order.
+    pub fn image_u8(&self, i: usize) -> &[u8] {
+        &self.pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
+    }
+    /// Image `i` as f32 in [0,1], (C, H, W) order.
+    pub fn image_f32(&self, i: usize) -> Vec<f32> {
+        self.image_u8(i).iter().map(|&b| b as f32 / 255.0).collect()
+    }
+    /// Images `idx` as a [B, 3, 32, 32] f32 tensor in [0,1].
+    pub fn batch_tensor(&self, idx: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+        let mut buf = Vec::with_capacity(idx.len() * IMAGE_BYTES);
+        for &i in idx {
+            buf.extend(self.image_u8(i).iter().map(|&b| b as f32 / 255.0));
+        }
+        Tensor::from_vec(buf, (idx.len(), 3, 32, 32), device)
+    }
+}
+
+/// Accepts the folder holding `cifar-10-batches-bin` or that folder itself; returns the latter.
+///
+/// A folder counts as the batch folder when it holds `test_batch.bin` or `data_batch_1.bin`, so
+/// test-only copies (such as the 100-image exact subset) resolve too.
+pub fn resolve_cifar10_root(root: &Path) -> Result<PathBuf, DataError> {
+    cifar10::resolve_root(root)
+}
+
+/// Loads a CIFAR-10 split from the official binary format.
+///
+/// `Train` is `data_batch_1.bin` … `data_batch_5.bin` concatenated in that order; `Test` is
+/// `test_batch.bin`, which may hold fewer than 10,000 records. Class names come from
+/// `batches.meta.txt` when present, else the standard ten.
+pub fn load_cifar10(root: &Path, split: Split) -> Result<ImageSet, DataError> {
+    cifar10::load(root, split)
+}

@@ -1,0 +1,181 @@
+//! Pieces shared by the methods: references to models and data inside job params, the test-set
+//! slice, and typed access to grid-cell parameters with located errors.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{self, ImageSet, Split};
+use crate::models::{self, Arch, Classifier, Normalize};
+use crate::plan::PlanContext;
+use crate::sched::JobError;
+use crate::spec::{Cell, Param, SpecError};
+
+/// A base model inside job params: the path to run with, the content hash that identifies it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub arch: String,
+    pub weights: PathBuf,
+    pub weights_sha256: String,
+    pub normalize: Normalize,
+}
+
+impl ModelRef {
+    /// Loads the model, refusing weights whose contents changed since the job was planned (the
+    /// job id would then no longer describe what ran).
+    pub fn load(&self, device: &candle_core::Device) -> Result<Box<dyn Classifier>, JobError> {
+        let arch: Arch = self.arch.parse().map_err(JobError::fatal)?;
+        check_hash(&self.weights, &self.weights_sha256)?;
+        models::load_classifier(arch, &self.weights, self.normalize, device).map_err(JobError::fatal)
+    }
+}
+
+/// A dataset split inside job params.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataRef {
+    pub dataset: String,
+    pub root: PathBuf,
+    pub split: Split,
+    /// SHA-256 of the split's file(s), so a changed dataset gives new job ids.
+    pub sha256: String,
+}
+
+impl DataRef {
+    pub fn load(&self) -> Result<ImageSet, JobError> {
+        let set = data::load_cifar10(&self.root, self.split).map_err(JobError::fatal)?;
+        Ok(set)
+    }
+}
+
+/// Cohen's `--skip`/`--max`: images 0, skip, 2·skip, … below `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    pub skip: usize,
+    pub max: Option<usize>,
+}
+
+impl Slice {
+    pub fn indices(&self, len: usize) -> Vec<usize> {
+        let end = self.max.map_or(len, |m| m.min(len));
+        (0..end).step_by(self.skip.max(1)).collect()
+    }
+}
+
+fn check_hash(path: &std::path::Path, want: &str) -> Result<(), JobError> {
+    let got = crate::util::sha256_file(path).map_err(|e| JobError::fatal(format!("{}: {e}", path.display())))?;
+    if got != want {
+        return Err(JobError::fatal(format!(
+            "{} changed since this job was planned (sha256 {got}, planned {want}); run `caf run` again to re-plan",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The `method` of a cell (the spec guarantees it is present and a string).
+pub fn method_of(cell: &Cell, ctx: &PlanContext<'_>) -> Result<String, SpecError> {
+    match cell.params.get("method") {
+        Some(Param { value: serde_json::Value::String(s), .. }) => Ok(s.clone()),
+        Some(p) => Err(ctx.error_at(p.span, "expected a string for method")),
+        None => Err(SpecError::whole_file(&ctx.spec.path, "a grid cell has no `method`")),
+    }
+}
+
+/// Rejects cell parameters a method does not use, pointing at the first one.
+pub fn check_known(cell: &Cell, ctx: &PlanContext<'_>, method: &str, allowed: &[&str]) -> Result<(), SpecError> {
+    let allowed: BTreeSet<&str> = allowed.iter().copied().chain(["method"]).collect();
+    for (k, p) in &cell.params {
+        if !allowed.contains(k.as_str()) {
+            let list: Vec<&str> = allowed.iter().copied().collect();
+            return Err(ctx.error_at(
+                p.span,
+                format!("parameter `{k}` is not used by method `{method}` (expected one of: {})", list.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The backbone a cell names, as a [`ModelRef`].
+pub fn backbone_ref(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<(String, ModelRef), SpecError> {
+    let p = cell
+        .params
+        .get("backbone")
+        .ok_or_else(|| SpecError::whole_file(&ctx.spec.path, "a grid cell has no `backbone` parameter"))?;
+    let name = p.value.as_str().ok_or_else(|| ctx.error_at(p.span, "expected a backbone name (string)"))?;
+    let Some(b) = ctx.spec.backbones.get(name) else {
+        let names: Vec<&str> = ctx.spec.backbones.keys().map(String::as_str).collect();
+        return Err(ctx.error_at(p.span, format!("unknown backbone `{name}` (defined: {})", names.join(", "))));
+    };
+    let (arch, weights, normalize) = (b.arch.to_string(), b.weights.clone(), b.normalize);
+    let weights_sha256 = ctx.file_sha256(&weights)?;
+    Ok((name.to_string(), ModelRef { arch, weights, weights_sha256, normalize }))
+}
+
+/// The spec's test split as a [`DataRef`].
+pub fn test_data_ref(ctx: &mut PlanContext<'_>) -> Result<DataRef, SpecError> {
+    let root = data::resolve_cifar10_root(&ctx.spec.data.root)
+        .map_err(|e| SpecError::at(&ctx.spec.path, ctx.spec.data.span, e.to_string()))?;
+    let file = root.join("test_batch.bin");
+    let sha256 = ctx.file_sha256(&file)?;
+    Ok(DataRef { dataset: "cifar10".into(), root, split: Split::Test, sha256 })
+}
+
+/// A finite number parameter, with a located error.
+pub fn number(cell: &Cell, ctx: &PlanContext<'_>, key: &str) -> Result<Option<(f64, Param)>, SpecError> {
+    match cell.params.get(key) {
+        None => Ok(None),
+        Some(p) => match p.value.as_f64() {
+            Some(v) if v.is_finite() => Ok(Some((v, p.clone()))),
+            _ => Err(ctx.error_at(p.span, format!("expected a number for {key}, found {}", p.value))),
+        },
+    }
+}
+
+/// A non-negative integer parameter, with a located error.
+pub fn integer(cell: &Cell, ctx: &PlanContext<'_>, key: &str) -> Result<Option<(u64, Param)>, SpecError> {
+    match cell.params.get(key) {
+        None => Ok(None),
+        Some(p) => match p.value.as_u64() {
+            Some(v) => Ok(Some((v, p.clone()))),
+            None => Err(ctx.error_at(p.span, format!("expected a non-negative integer for {key}, found {}", p.value))),
+        },
+    }
+}
+
+/// Removes the keys that do not determine a job's result (paths, display names) from params.
+pub fn identity_of(params: &serde_json::Value, drop: &[&str]) -> serde_json::Value {
+    fn strip(v: &serde_json::Value, drop: &[&str]) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => serde_json::Value::Object(
+                m.iter().filter(|(k, _)| !drop.contains(&k.as_str())).map(|(k, v)| (k.clone(), strip(v, drop))).collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    strip(params, drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slice_follows_cohen_skip_and_max() {
+        assert_eq!(Slice { skip: 1, max: None }.indices(4), vec![0, 1, 2, 3]);
+        assert_eq!(Slice { skip: 20, max: None }.indices(100), vec![0, 20, 40, 60, 80]);
+        assert_eq!(Slice { skip: 3, max: Some(7) }.indices(100), vec![0, 3, 6]);
+        assert_eq!(Slice { skip: 3, max: Some(1000) }.indices(7), vec![0, 3, 6]);
+        assert!(Slice { skip: 2, max: Some(0) }.indices(10).is_empty());
+    }
+
+    #[test]
+    fn identity_drops_paths_recursively() {
+        let p = serde_json::json!({"model": {"weights": "/a", "weights_sha256": "x"}, "backbone": "r", "sigma": 0.5});
+        assert_eq!(
+            identity_of(&p, &["weights", "backbone"]),
+            serde_json::json!({"model": {"weights_sha256": "x"}, "sigma": 0.5})
+        );
+    }
+}

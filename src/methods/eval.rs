@@ -1,0 +1,109 @@
+//! Method `clean` and job kind `eval`: the base model's clean accuracy on the certified slice.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{self, DataRef, ModelRef, Slice};
+use crate::certify::predict_classes;
+use crate::data::ImageSet;
+use crate::models::Classifier;
+use crate::plan::{Job, JobBuilder, PlanContext};
+use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
+use crate::spec::{Cell, SpecError};
+use crate::store::EvalRow;
+
+pub const KIND: &str = "eval";
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalParams {
+    pub backbone: String,
+    pub model: ModelRef,
+    pub data: DataRef,
+    pub slice: Slice,
+    pub batch: usize,
+}
+
+pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
+    common::check_known(cell, ctx, "clean", &["backbone", "batch", "skip", "max"])?;
+    let (backbone, model) = common::backbone_ref(cell, ctx)?;
+    let data = common::test_data_ref(ctx)?;
+    let c = &ctx.spec.certify;
+    let mut slice = Slice { skip: c.skip, max: c.max };
+    let mut batch = c.batch;
+    if let Some((v, p)) = common::integer(cell, ctx, "skip")? {
+        if v == 0 {
+            return Err(ctx.error_at(p.span, "expected skip ≥ 1"));
+        }
+        slice.skip = v as usize;
+    }
+    if let Some((v, _)) = common::integer(cell, ctx, "max")? {
+        slice.max = Some(v as usize);
+    }
+    if let Some((v, p)) = common::integer(cell, ctx, "batch")? {
+        if v == 0 {
+            return Err(ctx.error_at(p.span, "expected batch ≥ 1"));
+        }
+        batch = v as usize;
+    }
+    Ok(vec![job(&backbone, model, data, slice, batch)])
+}
+
+pub fn job(backbone: &str, model: ModelRef, data: DataRef, slice: Slice, batch: usize) -> Job {
+    let params = EvalParams { backbone: backbone.to_string(), model, data, slice, batch };
+    let value = serde_json::to_value(&params).unwrap_or_default();
+    JobBuilder {
+        kind: KIND,
+        version: VERSION,
+        label: format!("clean {backbone}"),
+        // Batch size cannot change an argmax beyond float noise; leave it out so eval jobs are
+        // shared between cells that certify with different batches.
+        identity: common::identity_of(&value, &["weights", "root", "backbone", "batch"]),
+        params: value,
+        deps: vec![],
+    }
+    .build()
+}
+
+/// Predicts `indices` in batches; returns rows in index order.
+pub fn predict_indices(model: &dyn Classifier, device: &candle_core::Device, data: &ImageSet, indices: &[usize]) -> candle_core::Result<Vec<EvalRow>> {
+    let x = data.batch_tensor(indices, device)?;
+    let preds = predict_classes(model, &x)?;
+    Ok(indices
+        .iter()
+        .zip(preds)
+        .map(|(&i, p)| EvalRow { idx: i as u64, label: data.label(i) as u32, predict: p })
+        .collect())
+}
+
+pub struct EvalHandler;
+
+impl JobHandler for EvalHandler {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
+        let p: EvalParams =
+            serde_json::from_value(ctx.params.clone()).map_err(|e| JobError::fatal(format!("bad eval params: {e}")))?;
+        let device = ctx.device.open().map_err(JobError::fatal)?;
+        let model = p.model.load(&device)?;
+        let data = p.data.load()?;
+        let indices = p.slice.indices(data.len());
+        let done: BTreeSet<u64> = ctx.sink.eval_done()?.into_iter().collect();
+        let todo: Vec<usize> = indices.iter().copied().filter(|i| !done.contains(&(*i as u64))).collect();
+        let total = indices.len() as u64;
+        let mut finished = total - todo.len() as u64;
+        for chunk in todo.chunks(p.batch.max(1)) {
+            if ctx.cancelled() {
+                return Ok(JobOutput::Interrupted);
+            }
+            let rows = predict_indices(model.as_ref(), &device, &data, chunk).map_err(|e| JobError::retryable(e))?;
+            ctx.sink.record_eval(&rows)?;
+            finished += rows.len() as u64;
+            ctx.sink.progress(finished, total)?;
+        }
+        Ok(JobOutput::Done(serde_json::json!({ "images": total })))
+    }
+}

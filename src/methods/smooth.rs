@@ -1,0 +1,218 @@
+//! Method `smooth`: certify a given model as it is (Cohen et al.'s randomized smoothing; on a
+//! clean model, the baseline certifying adapters must beat). Job kind `certify`.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{self, DataRef, ModelRef, Slice};
+use crate::certify::{NoiseKey, Settings, Smooth};
+use crate::data::ImageSet;
+use crate::models::Classifier;
+use crate::plan::{Job, JobBuilder, PlanContext};
+use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
+use crate::spec::{Cell, SpecError};
+use crate::store::CertRow;
+
+pub const KIND: &str = "certify";
+/// Bump when a change to the certification code changes its results.
+pub const VERSION: u32 = 1;
+
+/// Parameters of a `certify` job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertifyParams {
+    pub backbone: String,
+    pub model: ModelRef,
+    pub data: DataRef,
+    pub sigma: f64,
+    pub seed: u64,
+    pub n0: u64,
+    pub n: u64,
+    pub alpha: f64,
+    pub batch: usize,
+    pub slice: Slice,
+}
+
+const CELL_KEYS: &[&str] = &["backbone", "sigma", "n0", "n", "alpha", "batch", "skip", "max"];
+
+/// The certification settings of a cell: the spec's `certify` block, overridden per cell.
+pub fn cell_settings(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(Settings, Slice), SpecError> {
+    let c = &ctx.spec.certify;
+    let mut s = Settings { n0: c.n0, n: c.n, alpha: c.alpha, batch: c.batch };
+    let mut slice = Slice { skip: c.skip, max: c.max };
+    if let Some((v, _)) = common::integer(cell, ctx, "n0")? {
+        s.n0 = v;
+    }
+    if let Some((v, _)) = common::integer(cell, ctx, "n")? {
+        s.n = v;
+    }
+    if let Some((v, p)) = common::number(cell, ctx, "alpha")? {
+        if !(v > 0.0 && v < 1.0) {
+            return Err(ctx.error_at(p.span, format!("expected alpha in (0, 1), found {v}")));
+        }
+        s.alpha = v;
+    }
+    if let Some((v, p)) = common::integer(cell, ctx, "batch")? {
+        if v == 0 {
+            return Err(ctx.error_at(p.span, "expected batch ≥ 1"));
+        }
+        s.batch = v as usize;
+    }
+    if let Some((v, p)) = common::integer(cell, ctx, "skip")? {
+        if v == 0 {
+            return Err(ctx.error_at(p.span, "expected skip ≥ 1"));
+        }
+        slice.skip = v as usize;
+    }
+    if let Some((v, _)) = common::integer(cell, ctx, "max")? {
+        slice.max = Some(v as usize);
+    }
+    if s.n0 == 0 || s.n0 >= s.n {
+        let span = cell.params.get("n0").or(cell.params.get("n")).map(|p| p.span).unwrap_or_default();
+        return Err(ctx.error_at(span, format!("expected 1 ≤ n0 < n, found n0 = {} and n = {}", s.n0, s.n)));
+    }
+    Ok((s, slice))
+}
+
+pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
+    common::check_known(cell, ctx, "smooth", CELL_KEYS)?;
+    let (backbone, model) = common::backbone_ref(cell, ctx)?;
+    let data = common::test_data_ref(ctx)?;
+    let sigma = match common::number(cell, ctx, "sigma")? {
+        Some((v, _)) => v,
+        None => return Err(SpecError::whole_file(&ctx.spec.path, "method `smooth` needs a `sigma` parameter")),
+    };
+    let (s, slice) = cell_settings(cell, ctx)?;
+    let params = CertifyParams {
+        backbone: backbone.clone(),
+        model: model.clone(),
+        data: data.clone(),
+        sigma,
+        seed: ctx.spec.seed,
+        n0: s.n0,
+        n: s.n,
+        alpha: s.alpha,
+        batch: s.batch,
+        slice,
+    };
+    let eval = super::eval::job(&backbone, model, data, slice, s.batch);
+    Ok(vec![eval, job(params)])
+}
+
+/// A `certify` job for the given parameters.
+pub fn job(params: CertifyParams) -> Job {
+    let label = format!("smooth {} σ={}", params.backbone, params.sigma);
+    let value = serde_json::to_value(&params).unwrap_or_default();
+    JobBuilder {
+        kind: KIND,
+        version: VERSION,
+        label,
+        identity: common::identity_of(&value, &["weights", "root", "backbone"]),
+        params: value,
+        deps: vec![],
+    }
+    .build()
+}
+
+/// How a run over a slice ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SliceEnd {
+    Finished,
+    Interrupted,
+}
+
+/// Certifies every image of `indices` that `done` does not contain, in order, handing each row
+/// to `emit` as soon as it exists (so a crash loses at most the image in flight).
+pub fn certify_slice(
+    model: &dyn Classifier,
+    device: &candle_core::Device,
+    data: &ImageSet,
+    indices: &[usize],
+    done: &BTreeSet<u64>,
+    seed: u64,
+    sigma: f64,
+    settings: &Settings,
+    cancelled: &dyn Fn() -> bool,
+    emit: &mut dyn FnMut(CertRow) -> Result<(), JobError>,
+) -> Result<SliceEnd, JobError> {
+    settings.validate().map_err(JobError::fatal)?;
+    let smooth = Smooth::new(model, sigma, device.clone());
+    for &idx in indices {
+        if done.contains(&(idx as u64)) {
+            continue;
+        }
+        if cancelled() {
+            return Ok(SliceEnd::Interrupted);
+        }
+        let start = Instant::now();
+        let image = data.image_f32(idx);
+        let label = data.label(idx) as u32;
+        let cert = smooth
+            .certify(&image, NoiseKey { seed, sigma, idx: idx as u64 }, settings)
+            .map_err(|e| JobError::retryable(format!("image {idx}: {e}")))?;
+        let predict = cert.predict.map_or(-1, i64::from);
+        emit(CertRow {
+            idx: idx as u64,
+            label,
+            predict,
+            radius: cert.radius,
+            correct: predict == label as i64,
+            c_hat: cert.c_hat,
+            n_a: cert.n_a,
+            n: cert.n,
+            n0: settings.n0,
+            alpha: settings.alpha,
+            sigma,
+            seconds: start.elapsed().as_secs_f64(),
+        })?;
+    }
+    Ok(SliceEnd::Finished)
+}
+
+/// Runs `certify` jobs.
+pub struct CertifyHandler;
+
+impl JobHandler for CertifyHandler {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
+        let p: CertifyParams = serde_json::from_value(ctx.params.clone())
+            .map_err(|e| JobError::fatal(format!("bad certify params: {e}")))?;
+        let device = ctx.device.open().map_err(JobError::fatal)?;
+        let model = p.model.load(&device)?;
+        let data = p.data.load()?;
+        let indices = p.slice.indices(data.len());
+        let total = indices.len() as u64;
+        let done: BTreeSet<u64> = ctx.sink.cert_done()?.into_iter().collect();
+        let mut finished = indices.iter().filter(|i| done.contains(&(**i as u64))).count() as u64;
+        ctx.sink.progress(finished, total)?;
+        if finished > 0 {
+            ctx.sink.event("info", &format!("resuming: {finished}/{total} images already certified"))?;
+        }
+        let settings = Settings { n0: p.n0, n: p.n, alpha: p.alpha, batch: p.batch };
+        let end = certify_slice(
+            model.as_ref(),
+            &device,
+            &data,
+            &indices,
+            &done,
+            p.seed,
+            p.sigma,
+            &settings,
+            &|| ctx.cancelled(),
+            &mut |row| {
+                ctx.sink.record_cert(&row)?;
+                finished += 1;
+                ctx.sink.progress(finished, total)?;
+                Ok(())
+            },
+        )?;
+        match end {
+            SliceEnd::Interrupted => Ok(JobOutput::Interrupted),
+            SliceEnd::Finished => Ok(JobOutput::Done(serde_json::json!({ "images": total }))),
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Models: the classifiers caf certifies, and reading their weights.
+//!
+//! Every classifier takes [B, 3, 32, 32] f32 inputs in [0,1] pixel space and normalises them
+//! itself, so Gaussian noise is always added in pixel space, as randomized smoothing assumes.
+//!
+//! - [`CifarResNet`]: He et al.'s CIFAR ResNet-20/32/44/56/110 (akamaster's form), with
+//!   [`CifarResNet::features`] / [`CifarResNet::head`] to split off the final linear layer.
+//! - [`LinearClassifier`]: logits = W·x + b.
+//! - [`load_state_dict`]: safetensors, PyTorch zip or legacy PyTorch pickle checkpoints.
+
+mod linear;
+mod pickle;
+mod resnet;
+mod weights;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+pub use linear::LinearClassifier;
+pub use resnet::{BasicBlock, CifarResNet, FEATURE_DIM};
+pub use weights::{detect_format, load_state_dict, WeightFormat};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {message}")]
+    Weights { path: PathBuf, message: String },
+    #[error("unknown architecture `{0}` (expected linear or resnet20/32/44/56/110)")]
+    UnknownArch(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn weights(path: &Path, message: impl Into<String>) -> Self {
+        ModelError::Weights {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The architectures caf can build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// logits = W·x + b on raw [0,1] pixels flattened in (C, H, W) order.
+    Linear,
+    /// He et al. 2016 CIFAR ResNet with `depth` = 6n + 2 (20, 32, 44, 56, 110).
+    CifarResNet { depth: usize },
+}
+
+impl std::str::FromStr for Arch {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "linear" => Ok(Arch::Linear),
+            "resnet20" => Ok(Arch::CifarResNet { depth: 20 }),
+            "resnet32" => Ok(Arch::CifarResNet { depth: 32 }),
+            "resnet44" => Ok(Arch::CifarResNet { depth: 44 }),
+            "resnet56" => Ok(Arch::CifarResNet { depth: 56 }),
+            "resnet110" => Ok(Arch::CifarResNet { depth: 110 }),
+            other => Err(ModelError::UnknownArch(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Arch::Linear => write!(f, "linear"),
+            Arch::CifarResNet { depth } => write!(f, "resnet{depth}"),
+        }
+    }
+}
+
+/// Per-channel input normalisation applied inside the model, so noise is added in [0,1] pixel space.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Normalize {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalize {
+    pub const IDENTITY: Normalize = Normalize {
+        mean: [0.0; 3],
+        std: [1.0; 3],
+    };
+    /// The ImageNet statistics the akamaster CIFAR ResNets were trained with.
+    pub const IMAGENET: Normalize = Normalize {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+}
+
+/// A classifier on [B, 3, 32, 32] f32 inputs in [0,1] pixel space.
+pub trait Classifier: Send + Sync {
+    /// Logits [B, classes].
+    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    fn num_classes(&self) -> usize;
+}
+
+/// Builds `arch` and loads `weights` (safetensors, PyTorch zip, or legacy PyTorch pickle).
+///
+/// The number of classes is read from the weights. Names must match the architecture exactly
+/// (apart from BatchNorm's `num_batches_tracked`, which is ignored); otherwise the error lists
+/// the missing, unexpected and mis-shaped tensors.
+pub fn load_classifier(
+    arch: Arch,
+    weights: &Path,
+    normalize: Normalize,
+    device: &Device,
+) -> Result<Box<dyn Classifier>, ModelError> {
+    Ok(match arch {
+        Arch::Linear => Box::new(load_linear(weights, normalize, device)?),
+        Arch::CifarResNet { depth } => {
+            Box::new(load_cifar_resnet(depth, weights, normalize, device)?)
+        }
+    })
+}
+
+/// [`load_classifier`] for a ResNet, keeping the concrete type (for `features` / `head`).
+pub fn load_cifar_resnet(
+    depth: usize,
+    weights: &Path,
+    normalize: Normalize,
+    device: &Device,
+) -> Result<CifarResNet, ModelError> {
+    let arch = Arch::CifarResNet { depth };
+    let vb = checked_var_builder(arch, weights, device)?;
+    let classes = classes_in(arch, &vb.1).unwrap_or(0);
+    Ok(CifarResNet::new(depth, classes, normalize, vb.0)?)
+}
+
+/// [`load_classifier`] for the linear arch, keeping the concrete type.
+pub fn load_linear(
+    weights: &Path,
+    normalize: Normalize,
+    device: &Device,
+) -> Result<LinearClassifier, ModelError> {
+    let vb = checked_var_builder(Arch::Linear, weights, device)?;
+    let classes = classes_in(Arch::Linear, &vb.1).unwrap_or(0);
+    Ok(LinearClassifier::new(classes, normalize, vb.0)?)
+}
+
+/// The tensor whose first dimension is the number of classes.
+fn class_tensor(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Linear => "weight",
+        Arch::CifarResNet { .. } => "linear.weight",
+    }
+}
+
+fn classes_in(arch: Arch, shapes: &HashMap<String, Vec<usize>>) -> Option<usize> {
+    shapes
+        .get(class_tensor(arch))
+        .and_then(|d| d.first().copied())
+        .filter(|&c| c > 0)
+}
+
+fn is_ignored(name: &str) -> bool {
+    name == "num_batches_tracked" || name.ends_with(".num_batches_tracked")
+}
+
+/// Reads `weights`, checks them against `arch`, and returns a VarBuilder over them (as f32)
+/// together with the shapes that were read.
+fn checked_var_builder(
+    arch: Arch,
+    weights: &Path,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, HashMap<String, Vec<usize>>), ModelError> {
+    let mut tensors = load_state_dict(weights, device)?;
+    tensors.retain(|name, _| !is_ignored(name));
+    let shapes: HashMap<String, Vec<usize>> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
+    let classes = match classes_in(arch, &shapes) {
+        Some(c) => c,
+        None => {
+            let found = match shapes.get(class_tensor(arch)) {
+                Some(dims) => format!("has shape {dims:?}"),
+                None => "is missing".to_string(),
+            };
+            return Err(ModelError::weights(
+                weights,
+                format!(
+                    "cannot read the number of classes for {arch}: `{}` {found}{}",
+                    class_tensor(arch),
+                    describe_names(&shapes)
+                ),
+            ));
+        }
+    };
+    let expected = expected_tensors(arch, classes)?;
+    if let Some(problems) = compare_names(&expected, &shapes) {
+        return Err(ModelError::weights(
+            weights,
+            format!("weights do not fit {arch} with {classes} classes: {problems}"),
+        ));
+    }
+    let mut f32_tensors = HashMap::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = match t.dtype() {
+            DType::F32 => t,
+            DType::F64 | DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
+            other => {
+                return Err(ModelError::weights(
+                    weights,
+                    format!("tensor `{name}` has dtype {other:?}; expected floating point"),
+                ))
+            }
+        };
+        f32_tensors.insert(name, t);
+    }
+    Ok((
+        VarBuilder::from_tensors(f32_tensors, DType::F32, device),
+        shapes,
+    ))
+}
+
+/// A hint at what the file holds, for the error when the class tensor is absent.
+fn describe_names(shapes: &HashMap<String, Vec<usize>>) -> String {
+    let mut names: Vec<&String> = shapes.keys().collect();
+    names.sort();
+    let shown: Vec<&str> = names.iter().take(8).map(|s| s.as_str()).collect();
+    let more = names.len().saturating_sub(shown.len());
+    format!(
+        " (the file holds {} tensors: {}{})",
+        names.len(),
+        shown.join(", "),
+        if more > 0 {
+            format!(", … and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// The names and shapes of every tensor `arch` reads, in construction order.
+///
+/// Found by building the model over a recording VarBuilder, so it cannot drift from the
+/// constructors.
+pub fn expected_tensors(
+    arch: Arch,
+    num_classes: usize,
+) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
+    let recorder = Recorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    match arch {
+        Arch::Linear => {
+            LinearClassifier::new(num_classes, Normalize::IDENTITY, vb)?;
+        }
+        Arch::CifarResNet { depth } => {
+            CifarResNet::new(depth, num_classes, Normalize::IDENTITY, vb)?;
+        }
+    }
+    let seen = recorder
+        .0
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    Ok(seen)
+}
+
+type NamedShapes = Vec<(String, Vec<usize>)>;
+
+/// Hands out zeros and remembers what was asked for.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<NamedShapes>>);
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.0.lock() {
+            Ok(mut seen) => seen.push((name.to_string(), s.dims().to_vec())),
+            Err(_) => candle_core::bail!("shape recorder poisoned"),
+        }
+        Tensor::zeros(s, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape recorder needs a shape for `{name}`")
+    }
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// Lists missing, unexpected and mis-shaped tensors; `None` when names and shapes all match.
+pub fn compare_names(
+    expected: &[(String, Vec<usize>)],
+    actual: &HashMap<String, Vec<usize>>,
+) -> Option<String> {
+    let expected_map: BTreeMap<&str, &Vec<usize>> =
+        expected.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut missing = Vec::new();
+    let mut misshaped = Vec::new();
+    for (name, want) in &expected_map {
+        match actual.get(*name) {
+            None => missing.push(format!("{name} {want:?}")),
+            Some(got) if got != *want => {
+                misshaped.push(format!("{name} expected {want:?}, found {got:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut unexpected: Vec<String> = actual
+        .iter()
+        .filter(|(k, _)| !expected_map.contains_key(k.as_str()) && !is_ignored(k))
+        .map(|(k, v)| format!("{k} {v:?}"))
+        .collect();
+    unexpected.sort();
+    let mut parts = Vec::new();
+    for (label, list) in [
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        const SHOW: usize = 12;
+        let more = list.len().saturating_sub(SHOW);
+        let mut shown = list
+            .iter()
+            .take(SHOW)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if more > 0 {
+            shown.push_str(&format!(", … and {more} more"));
+        }
+        parts.push(format!("{} {label}: {shown}", list.len()));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,270 @@
+//! He et al. (2016)'s CIFAR ResNet, in akamaster/pytorch_resnet_cifar10's exact form.
+//!
+//! conv3x3(3→16)+BN+ReLU; three stages of n BasicBlocks (widths 16/32/64; the first block of
+//! stages 2 and 3 has stride 2); global average pooling; linear(64→classes). depth = 6n + 2.
+//! Shortcuts are "option A": where the shape changes, `x[:, :, ::2, ::2]` zero-padded with
+//! planes/4 channels on each side, so the network has no projection parameters.
+//!
+//! Parameter names follow the PyTorch module tree (`conv1.weight`, `bn1.running_mean`,
+//! `layer2.0.conv1.weight`, `linear.bias`, …), so one constructor serves loading a checkpoint
+//! (VarBuilder over a tensor map) and training (VarBuilder over a VarMap).
+
+use candle_core::{DType, Module, ModuleT, Result, Tensor};
+use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use super::{Classifier, Normalize};
+
+/// PyTorch's BatchNorm2d defaults, which akamaster's checkpoints were trained with.
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// Width of the penultimate features φ(x).
+pub const FEATURE_DIM: usize = 64;
+
+/// Input normalisation as the model's first op, so callers work in [0,1] pixel space.
+#[derive(Clone, Debug)]
+pub(crate) struct InputNorm {
+    /// `None` for the identity, which then costs nothing.
+    mean_std: Option<(Tensor, Tensor)>,
+}
+
+impl InputNorm {
+    pub(crate) fn new(n: Normalize, device: &candle_core::Device) -> Result<Self> {
+        if n == Normalize::IDENTITY {
+            return Ok(Self { mean_std: None });
+        }
+        if n.std.iter().any(|&s| !(s.is_finite() && s > 0.0))
+            || n.mean.iter().any(|m| !m.is_finite())
+        {
+            candle_core::bail!("normalisation needs finite means and positive stds, got {n:?}");
+        }
+        let mean = Tensor::new(&n.mean, device)?.reshape((1, 3, 1, 1))?;
+        let std = Tensor::new(&n.std, device)?.reshape((1, 3, 1, 1))?;
+        Ok(Self {
+            mean_std: Some((mean, std)),
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.mean_std {
+            // Subtract-then-divide, as torchvision does, to agree with PyTorch to the last bit.
+            Some((mean, std)) => x.broadcast_sub(mean)?.broadcast_div(std),
+            None => Ok(x.clone()),
+        }
+    }
+}
+
+/// Checks the input is [B, 3, H, W] f32 before anything else sees it.
+pub(crate) fn check_input(x: &Tensor) -> Result<()> {
+    match x.dims() {
+        [_, 3, h, w] if *h > 0 && *w > 0 && x.dtype() == DType::F32 => Ok(()),
+        dims => candle_core::bail!(
+            "classifier input must be an f32 [B, 3, H, W] tensor, got {:?} {dims:?}",
+            x.dtype()
+        ),
+    }
+}
+
+/// A bias-free 3×3 convolution followed by BatchNorm.
+#[derive(Clone, Debug)]
+struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+    stride: usize,
+}
+
+impl ConvBn {
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        stride: usize,
+        vb: &VarBuilder,
+        conv: &str,
+        bn: &str,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride,
+            ..Default::default()
+        };
+        let conv = candle_nn::conv2d_no_bias(c_in, c_out, 3, cfg, vb.pp(conv))?;
+        let bn_cfg = BatchNormConfig {
+            eps: BN_EPS,
+            remove_mean: true,
+            affine: true,
+            momentum: BN_MOMENTUM,
+        };
+        let bn = candle_nn::batch_norm(c_out, bn_cfg, vb.pp(bn))?;
+        Ok(Self { conv, bn, stride })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            return self.bn.forward_t(&self.conv.forward(x)?, true);
+        }
+        // Eval: fold BatchNorm into the convolution (w·s, β − μ·s with s = γ/√(σ²+ε)), which
+        // saves three full passes over the activations. It is recomputed each call (a few
+        // thousand weights) so it always reflects the current parameters during training.
+        let (gamma, beta) = match self.bn.weight_and_bias() {
+            Some((g, b)) => (g.clone(), b.clone()),
+            None => candle_core::bail!("ConvBn is built with an affine BatchNorm"),
+        };
+        let mean = self.bn.running_mean().detach();
+        let var = self.bn.running_var().detach();
+        let scale = (gamma / (var + self.bn.eps())?.sqrt()?)?;
+        let shift = (beta - (mean * &scale)?)?;
+        let c = scale.dim(0)?;
+        let w = self
+            .conv
+            .weight()
+            .broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
+        let y = x.conv2d(&w, 1, self.stride, 1, 1)?;
+        y.broadcast_add(&shift.reshape((1, c, 1, 1))?)
+    }
+}
+
+/// `x[:, :, ::2, ::2]` followed by zero-padding `pad` channels on each side.
+fn shortcut_a(x: &Tensor, pad: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    // Pad odd sizes by one so the pairs line up; the padding is never selected.
+    let x = if h % 2 == 1 {
+        x.pad_with_zeros(2, 0, 1)?
+    } else {
+        x.clone()
+    };
+    let x = if w % 2 == 1 {
+        x.pad_with_zeros(3, 0, 1)?
+    } else {
+        x
+    };
+    let (h2, w2) = (h.div_ceil(2), w.div_ceil(2));
+    let sub = x
+        .reshape((b, c, h2, 2, w2, 2))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((b, c, h2, w2))?;
+    sub.pad_with_zeros(1, pad, pad)
+}
+
+#[derive(Clone, Debug)]
+pub struct BasicBlock {
+    a: ConvBn,
+    b: ConvBn,
+    /// Channels to zero-pad on each side where the shortcut changes shape (option A).
+    shortcut_pad: Option<usize>,
+}
+
+impl BasicBlock {
+    pub fn new(in_planes: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let a = ConvBn::new(in_planes, planes, stride, &vb, "conv1", "bn1")?;
+        let b = ConvBn::new(planes, planes, 1, &vb, "conv2", "bn2")?;
+        let shortcut_pad = (stride != 1 || in_planes != planes).then_some(planes / 4);
+        Ok(Self { a, b, shortcut_pad })
+    }
+}
+
+impl ModuleT for BasicBlock {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let out = self.a.forward_t(x, train)?.relu()?;
+        let out = self.b.forward_t(&out, train)?;
+        let short = match self.shortcut_pad {
+            Some(pad) => shortcut_a(x, pad)?,
+            None => x.clone(),
+        };
+        (out + short)?.relu()
+    }
+}
+
+/// The CIFAR ResNet with its input normalisation; input [B, 3, 32, 32] in [0,1].
+#[derive(Clone, Debug)]
+pub struct CifarResNet {
+    norm: InputNorm,
+    stem: ConvBn,
+    blocks: Vec<BasicBlock>,
+    linear: Linear,
+    depth: usize,
+    num_classes: usize,
+}
+
+impl CifarResNet {
+    /// Builds the network with parameters from `vb` (PyTorch names, see the module docs).
+    pub fn new(
+        depth: usize,
+        num_classes: usize,
+        normalize: Normalize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if depth < 8 || (depth - 2) % 6 != 0 {
+            candle_core::bail!("CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}");
+        }
+        if num_classes == 0 {
+            candle_core::bail!("a classifier needs at least one class");
+        }
+        let n = (depth - 2) / 6;
+        let norm = InputNorm::new(normalize, vb.device())?;
+        let stem = ConvBn::new(3, 16, 1, &vb, "conv1", "bn1")?;
+        let mut blocks = Vec::with_capacity(3 * n);
+        let mut in_planes = 16;
+        for (stage, planes) in [16usize, 32, 64].into_iter().enumerate() {
+            let layer = vb.pp(format!("layer{}", stage + 1));
+            for i in 0..n {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                blocks.push(BasicBlock::new(
+                    in_planes,
+                    planes,
+                    stride,
+                    layer.pp(i.to_string()),
+                )?);
+                in_planes = planes;
+            }
+        }
+        let linear = candle_nn::linear(FEATURE_DIM, num_classes, vb.pp("linear"))?;
+        Ok(Self {
+            norm,
+            stem,
+            blocks,
+            linear,
+            depth,
+            num_classes,
+        })
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Penultimate features φ(x): [B, 64] after global average pooling.
+    pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        check_input(x)?;
+        let mut h = self.stem.forward_t(&self.norm.forward(x)?, train)?.relu()?;
+        for block in &self.blocks {
+            h = block.forward_t(&h, train)?;
+        }
+        h.flatten_from(2)?.mean(2)
+    }
+
+    /// φ(x) in eval mode.
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        self.features_t(x, false)
+    }
+
+    /// The final linear layer: logits [B, classes] from features [B, 64].
+    pub fn head(&self, features: &Tensor) -> Result<Tensor> {
+        self.linear.forward(features)
+    }
+}
+
+impl ModuleT for CifarResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.head(&self.features_t(x, train)?)
+    }
+}
+
+impl Classifier for CifarResNet {
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, false)
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+}

@@ -1,0 +1,622 @@
+//! Model and weight-reader tests on the shared akamaster checkpoints, the PyTorch fixtures
+//! written by `bench/make_fixture.py` / `bench/make_weight_fixtures.py`, and hand-built files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, ModuleT, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::*;
+use crate::data::{load_cifar10, Split};
+
+fn manifest(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn akamaster(file: &str) -> PathBuf {
+    manifest("../shared/data/pretrained/akamaster").join(file)
+}
+
+fn fixture(file: &str) -> PathBuf {
+    manifest("tests/fixtures").join(file)
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("tensor to vec")
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("read fixture");
+    serde_json::from_str(&text).expect("parse fixture")
+}
+
+fn assert_same_state_dicts(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) {
+    let mut ka: Vec<&String> = a.keys().collect();
+    let mut kb: Vec<&String> = b.keys().collect();
+    ka.sort();
+    kb.sort();
+    assert_eq!(ka, kb);
+    for (k, ta) in a {
+        let tb = &b[k];
+        assert_eq!(ta.dims(), tb.dims(), "{k}");
+        assert_eq!(ta.dtype(), tb.dtype(), "{k}");
+        assert_eq!(flat(ta), flat(tb), "{k}");
+    }
+}
+
+#[test]
+fn legacy_th_and_safetensors_are_identical() {
+    for (th, st, n) in [
+        ("resnet20-12fca82f.th", "resnet20.safetensors", 20),
+        ("resnet56-4bfd9763.th", "resnet56.safetensors", 56),
+    ] {
+        let dev = Device::Cpu;
+        let a = load_state_dict(&akamaster(th), &dev).expect("legacy");
+        let b = load_state_dict(&akamaster(st), &dev).expect("safetensors");
+        assert_same_state_dicts(&a, &b);
+        // Every tensor the architecture reads, and nothing else.
+        let expected = expected_tensors(Arch::CifarResNet { depth: n }, 10).expect("names");
+        let shapes = a
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .collect();
+        assert_eq!(compare_names(&expected, &shapes), None, "{th}");
+    }
+}
+
+#[test]
+fn detects_formats_by_magic() {
+    let read = |p: PathBuf| std::fs::read(p).expect("read");
+    assert_eq!(
+        detect_format(&read(akamaster("resnet20-12fca82f.th"))),
+        Some(WeightFormat::TorchLegacy)
+    );
+    assert_eq!(
+        detect_format(&read(akamaster("resnet20.safetensors"))),
+        Some(WeightFormat::Safetensors)
+    );
+    assert_eq!(
+        detect_format(&read(fixture("torch_formats_zip.pt"))),
+        Some(WeightFormat::TorchZip)
+    );
+    // A 128-byte safetensors header starts with 0x80 0x00, like a pickle PROTO opcode would.
+    let mut st = 128u64.to_le_bytes().to_vec();
+    st.push(b'{');
+    st.extend([b' '; 127]);
+    assert_eq!(detect_format(&st), Some(WeightFormat::Safetensors));
+    assert_eq!(detect_format(b"hello world"), None);
+    assert_eq!(detect_format(b""), None);
+}
+
+/// The zip and legacy fixtures: views (transposed, row, strided), f64, f16, a long
+/// `num_batches_tracked`, `module.` prefix and a `{'state_dict': …}` wrapper.
+#[test]
+fn torch_zip_and_legacy_formats_with_views_and_dtypes() {
+    let expected = read_json(&fixture("torch_formats_expected.json"));
+    let expected = expected.as_object().expect("object");
+    for file in ["torch_formats_zip.pt", "torch_formats_legacy.pt"] {
+        let sd = load_state_dict(&fixture(file), &Device::Cpu).expect(file);
+        assert_eq!(sd.len(), expected.len(), "{file}");
+        for (name, want) in expected {
+            let t = sd
+                .get(name)
+                .unwrap_or_else(|| panic!("{file}: {name} missing"));
+            let shape: Vec<usize> = want["shape"]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|v| v.as_u64().expect("dim") as usize)
+                .collect();
+            assert_eq!(t.dims(), shape.as_slice(), "{file} {name}");
+            let dtype = match want["dtype"].as_str().expect("dtype") {
+                "float32" => DType::F32,
+                "float64" => DType::F64,
+                "float16" => DType::F16,
+                "int64" => DType::I64,
+                other => panic!("unexpected dtype {other}"),
+            };
+            assert_eq!(t.dtype(), dtype, "{file} {name}");
+            let values: Vec<f64> = want["values"]
+                .as_array()
+                .expect("values")
+                .iter()
+                .map(|v| v.as_f64().expect("value"))
+                .collect();
+            let got: Vec<f64> = flat(&t.to_dtype(DType::F64).expect("f64"))
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let got = if dtype == DType::F64 {
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f64>())
+                    .expect("f64 values")
+            } else {
+                got
+            };
+            assert_eq!(got, values, "{file} {name}");
+        }
+    }
+}
+
+// ---- A tiny pickle writer, to build legacy checkpoints the real files do not cover. ----
+
+fn p_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'X');
+    out.extend((s.len() as u32).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+fn p_int(out: &mut Vec<u8>, i: u32) {
+    out.push(b'J');
+    out.extend(i.to_le_bytes());
+}
+
+fn p_global(out: &mut Vec<u8>, module: &str, name: &str) {
+    out.extend(format!("c{module}\n{name}\n").as_bytes());
+}
+
+fn p_ints_tuple(out: &mut Vec<u8>, xs: &[u32]) {
+    out.push(b'(');
+    for &x in xs {
+        p_int(out, x);
+    }
+    out.push(b't');
+}
+
+/// A legacy checkpoint `{'w': tensor}` whose storage is the view `view` of a root storage
+/// holding 0.0, 1.0, …, 9.0, as torch < 0.4 wrote storage views.
+fn legacy_file(view: Option<(u32, u32)>, offset: u32, size: &[u32], stride: &[u32]) -> Vec<u8> {
+    let mut f = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.".to_vec();
+    f.extend(b"\x80\x02M\xe9\x03.");
+    f.extend(b"\x80\x02}.");
+    f.extend(b"\x80\x02}");
+    p_str(&mut f, "w");
+    p_global(&mut f, "torch._utils", "_rebuild_tensor");
+    f.push(b'(');
+    // Persistent id: ('storage', FloatStorage, 'root', 'cpu', 10, view_metadata).
+    f.push(b'(');
+    p_str(&mut f, "storage");
+    p_global(&mut f, "torch", "FloatStorage");
+    p_str(&mut f, "root");
+    p_str(&mut f, "cpu");
+    p_int(&mut f, 10);
+    match view {
+        None => f.push(b'N'),
+        Some((o, n)) => {
+            f.push(b'(');
+            p_str(&mut f, "view");
+            p_int(&mut f, o);
+            p_int(&mut f, n);
+            f.push(b't');
+        }
+    }
+    f.push(b't');
+    f.push(b'Q');
+    p_int(&mut f, offset);
+    p_ints_tuple(&mut f, size);
+    p_ints_tuple(&mut f, stride);
+    f.push(b't');
+    f.extend(b"Rs.");
+    f.extend(b"\x80\x02]");
+    p_str(&mut f, "root");
+    f.extend(b"a.");
+    f.extend(10u64.to_le_bytes());
+    for i in 0..10 {
+        f.extend((i as f32).to_le_bytes());
+    }
+    f
+}
+
+fn load_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>, ModelError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.th");
+    std::fs::write(&path, bytes).expect("write");
+    load_state_dict(&path, &Device::Cpu)
+}
+
+#[test]
+fn legacy_storage_views_and_strides() {
+    // view = root[2..8] = 2..7; offset 1, size (2,2), stride (1,2) → [[3,5],[4,6]].
+    let sd = load_bytes(&legacy_file(Some((2, 6)), 1, &[2, 2], &[1, 2])).expect("view");
+    assert_eq!(flat(&sd["w"]), vec![3.0, 5.0, 4.0, 6.0]);
+    let sd = load_bytes(&legacy_file(None, 4, &[3], &[2])).expect("strided");
+    assert_eq!(flat(&sd["w"]), vec![4.0, 6.0, 8.0]);
+}
+
+#[test]
+fn legacy_out_of_range_views_are_errors() {
+    for (view, offset, size, stride) in [
+        (None, 8, vec![3], vec![1]),
+        (None, 0, vec![4], vec![4]),
+        (Some((5, 6)), 0, vec![1], vec![1]),
+        (Some((2, 3)), 0, vec![4], vec![1]),
+        (None, 0, vec![2, 2], vec![1]),
+        (None, 0, vec![1 << 30, 1 << 30], vec![0, 0]),
+    ] {
+        let e = load_bytes(&legacy_file(view, offset, &size, &stride))
+            .expect_err("out-of-range view must fail")
+            .to_string();
+        assert!(e.contains("w.th"), "{e}");
+    }
+}
+
+#[test]
+fn truncated_and_garbage_files_are_errors_not_panics() {
+    let real = std::fs::read(akamaster("resnet20-12fca82f.th")).expect("read");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cut.th");
+    let n = real.len();
+    for cut in [
+        0,
+        1,
+        2,
+        5,
+        15,
+        16,
+        30,
+        100,
+        200,
+        500,
+        1000,
+        5000,
+        n / 2,
+        n - 100,
+        n - 1,
+    ] {
+        std::fs::write(&path, &real[..cut]).expect("write");
+        let e = load_state_dict(&path, &Device::Cpu).expect_err("truncated file must fail");
+        let msg = e.to_string();
+        assert!(msg.contains("cut.th"), "{msg}");
+        // The same cuts must fail (not panic) through the model loader too.
+        assert!(load_classifier(
+            Arch::CifarResNet { depth: 20 },
+            &path,
+            Normalize::IMAGENET,
+            &Device::Cpu
+        )
+        .is_err());
+    }
+    for (name, bytes) in [
+        ("garbage.bin", b"this is not a checkpoint at all".to_vec()),
+        ("pickleish.th", b"\x80\x02garbage".to_vec()),
+        ("zipish.pt", b"PK\x03\x04 definitely not a zip".to_vec()),
+        (
+            "st.safetensors",
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}".to_vec(),
+        ),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).expect("write");
+        let msg = load_state_dict(&p, &Device::Cpu)
+            .expect_err(name)
+            .to_string();
+        assert!(msg.contains(name), "{msg}");
+    }
+}
+
+#[test]
+fn corrupted_pickle_bytes_never_panic() {
+    let real = std::fs::read(akamaster("resnet20-12fca82f.th")).expect("read");
+    // The pickle part is the first ~16 KB; the rest is raw floats.
+    let region = real.len().min(16 * 1024);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..400 {
+        let mut bytes = real.clone();
+        for _ in 0..1 + i % 3 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let at = (rng as usize) % region;
+            bytes[at] = (rng >> 32) as u8;
+        }
+        // Ok or Err are both acceptable; a panic fails the test.
+        let _ = load_bytes(&bytes);
+    }
+}
+
+#[test]
+fn unrecognised_format_error_is_clear() {
+    let e = load_bytes(b"hello, weights")
+        .expect_err("garbage")
+        .to_string();
+    assert!(e.contains("unrecognised weights format"), "{e}");
+    let e = load_bytes(b"").expect_err("empty").to_string();
+    assert!(e.contains("empty"), "{e}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = load_state_dict(&dir.path().join("absent.th"), &Device::Cpu)
+        .expect_err("missing")
+        .to_string();
+    assert!(e.contains("absent.th") && e.contains("cannot read"), "{e}");
+}
+
+#[test]
+fn name_mismatches_list_missing_unexpected_and_misshaped() {
+    let dev = Device::Cpu;
+    let mut sd = load_state_dict(&akamaster("resnet20.safetensors"), &dev).expect("load");
+    sd.remove("layer1.0.conv1.weight");
+    let extra = Tensor::zeros(3, DType::F32, &dev).expect("zeros");
+    sd.insert("layer9.extra".into(), extra);
+    sd.insert(
+        "layer1.0.bn1.num_batches_tracked".into(),
+        Tensor::new(5i64, &dev).expect("t"),
+    );
+    let bad = Tensor::zeros((16, 3, 5, 5), DType::F32, &dev).expect("zeros");
+    sd.insert("conv1.weight".into(), bad);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.safetensors");
+    candle_core::safetensors::save(&sd, &path).expect("save");
+    let e = match load_classifier(
+        Arch::CifarResNet { depth: 20 },
+        &path,
+        Normalize::IMAGENET,
+        &dev,
+    ) {
+        Ok(_) => panic!("mismatched weights must fail"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("bad.safetensors"), "{e}");
+    assert!(
+        e.contains("1 missing: layer1.0.conv1.weight [16, 16, 3, 3]"),
+        "{e}"
+    );
+    assert!(e.contains("1 unexpected: layer9.extra [3]"), "{e}");
+    assert!(
+        e.contains("conv1.weight expected [16, 3, 3, 3], found [16, 3, 5, 5]"),
+        "{e}"
+    );
+    assert!(!e.contains("num_batches_tracked"), "{e}");
+
+    // A ResNet-56 file is not a ResNet-20.
+    let e = match load_classifier(
+        Arch::CifarResNet { depth: 20 },
+        &akamaster("resnet56.safetensors"),
+        Normalize::IMAGENET,
+        &dev,
+    ) {
+        Ok(_) => panic!("resnet56 weights must not load as resnet20"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("unexpected") && e.contains("layer1.3.conv1.weight"),
+        "{e}"
+    );
+
+    // Linear weights for a ResNet: the class tensor is missing.
+    let e = match load_classifier(
+        Arch::Linear,
+        &akamaster("resnet20.safetensors"),
+        Normalize::IDENTITY,
+        &dev,
+    ) {
+        Ok(_) => panic!("resnet weights must not load as linear"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("`weight` is missing"), "{e}");
+}
+
+#[test]
+fn module_prefix_and_other_dtypes_load_into_a_model() {
+    let dev = Device::Cpu;
+    let sd = load_state_dict(&akamaster("resnet20.safetensors"), &dev).expect("load");
+    let prefixed: HashMap<String, Tensor> = sd
+        .iter()
+        .map(|(k, t)| (format!("module.{k}"), t.to_dtype(DType::F64).expect("f64")))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("prefixed.safetensors");
+    candle_core::safetensors::save(&prefixed, &path).expect("save");
+    let back = load_state_dict(&path, &dev).expect("load");
+    assert!(back.contains_key("conv1.weight"));
+    let model = load_cifar_resnet(20, &path, Normalize::IMAGENET, &dev).expect("model");
+    assert_eq!(model.num_classes(), 10);
+}
+
+fn exact100() -> crate::data::ImageSet {
+    load_cifar10(&manifest("../shared/data/cifar10-exact100"), Split::Test).expect("exact100")
+}
+
+/// caf's logits on the first images and its predictions on all 100 must match PyTorch's.
+fn check_against_pytorch(arch: &str, weights: &str, want_correct: usize) {
+    let fx = read_json(&fixture(&format!("pytorch_logits_{arch}.json")));
+    let dev = Device::Cpu;
+    let model = load_classifier(
+        arch.parse().expect("arch"),
+        &akamaster(weights),
+        Normalize::IMAGENET,
+        &dev,
+    )
+    .expect("load");
+    assert_eq!(model.num_classes(), 10);
+    let data = exact100();
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let x = data.batch_tensor(&idx, &dev).expect("batch");
+    let logits = model.logits(&x).expect("forward");
+    assert_eq!(logits.dims(), &[100, 10]);
+
+    let want = fx["logits"].as_array().expect("logits");
+    let got = logits
+        .narrow(0, 0, want.len())
+        .expect("narrow")
+        .to_vec2::<f32>()
+        .expect("vec");
+    let mut worst = 0f64;
+    for (i, row) in want.iter().enumerate() {
+        for (j, v) in row.as_array().expect("row").iter().enumerate() {
+            worst = worst.max((v.as_f64().expect("f64") - got[i][j] as f64).abs());
+        }
+    }
+    assert!(
+        worst < 1e-4,
+        "{arch}: max |caf - pytorch| logit difference {worst}"
+    );
+
+    let preds: Vec<u32> = logits
+        .argmax(D::Minus1)
+        .expect("argmax")
+        .to_vec1()
+        .expect("vec");
+    let want_preds: Vec<u32> = fx["predictions"]
+        .as_array()
+        .expect("predictions")
+        .iter()
+        .map(|v| v.as_u64().expect("u64") as u32)
+        .collect();
+    assert_eq!(preds, want_preds, "{arch}: predictions differ from PyTorch");
+    let correct = preds
+        .iter()
+        .zip(data.labels())
+        .filter(|(p, l)| **p == u32::from(**l))
+        .count();
+    assert_eq!(correct, want_correct, "{arch}");
+    assert_eq!(fx["correct"].as_u64(), Some(want_correct as u64));
+}
+
+#[test]
+fn resnet20_matches_pytorch_and_gets_94_of_100() {
+    check_against_pytorch("resnet20", "resnet20-12fca82f.th", 94);
+}
+
+#[test]
+fn resnet56_matches_pytorch_and_gets_96_of_100() {
+    check_against_pytorch("resnet56", "resnet56.safetensors", 96);
+}
+
+#[test]
+fn features_then_head_equals_logits_and_train_mode_runs() {
+    let dev = Device::Cpu;
+    let model = load_cifar_resnet(
+        20,
+        &akamaster("resnet20.safetensors"),
+        Normalize::IMAGENET,
+        &dev,
+    )
+    .expect("load");
+    let data = exact100();
+    let x = data.batch_tensor(&[0, 1, 2, 3], &dev).expect("batch");
+    let phi = model.features(&x).expect("features");
+    assert_eq!(phi.dims(), &[4, FEATURE_DIM]);
+    let a = flat(&model.head(&phi).expect("head"));
+    let b = flat(&model.logits(&x).expect("logits"));
+    assert_eq!(a, b);
+    // Train mode uses batch statistics: different logits, same shape.
+    let t = model.forward_t(&x, true).expect("train forward");
+    assert_eq!(t.dims(), &[4, 10]);
+    assert_ne!(flat(&t), b);
+}
+
+#[test]
+fn builds_from_varmap_with_pytorch_names() {
+    let dev = Device::Cpu;
+    for depth in [20, 32, 44, 56, 110] {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let model = CifarResNet::new(depth, 10, Normalize::IMAGENET, vb).expect("build");
+        let names: std::collections::BTreeSet<String> = varmap
+            .data()
+            .lock()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect();
+        let expected = expected_tensors(Arch::CifarResNet { depth }, 10).expect("names");
+        assert_eq!(names.len(), expected.len(), "depth {depth}");
+        assert!(expected.iter().all(|(k, _)| names.contains(k)));
+        assert!(names.contains("layer3.0.bn2.running_var"));
+        // 6n + 2 layers: 1 stem conv + 6n block convs + the linear layer.
+        let convs = names
+            .iter()
+            .filter(|k| k.contains("conv") && k.ends_with("weight"))
+            .count();
+        assert_eq!(convs + 1, depth, "depth {depth}");
+        if depth == 20 {
+            let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &dev).expect("zeros");
+            assert_eq!(model.logits(&x).expect("forward").dims(), &[2, 10]);
+        }
+    }
+    assert!(CifarResNet::new(
+        21,
+        10,
+        Normalize::IDENTITY,
+        VarBuilder::zeros(DType::F32, &dev)
+    )
+    .is_err());
+}
+
+#[test]
+fn rejects_bad_inputs() {
+    let dev = Device::Cpu;
+    let model = CifarResNet::new(
+        20,
+        10,
+        Normalize::IMAGENET,
+        VarBuilder::zeros(DType::F32, &dev),
+    )
+    .expect("build");
+    let x = Tensor::zeros((2, 1, 32, 32), DType::F32, &dev).expect("zeros");
+    assert!(model.logits(&x).is_err());
+    let x = Tensor::zeros((2, 3, 32, 32), DType::F64, &dev).expect("zeros");
+    assert!(model.logits(&x).is_err());
+}
+
+#[test]
+fn linear_classifier_computes_wx_plus_b() {
+    let dev = Device::Cpu;
+    let classes = 3;
+    let w: Vec<f32> = (0..classes * 3072)
+        .map(|i| ((i % 97) as f32 - 48.0) / 1000.0)
+        .collect();
+    let weight = Tensor::from_vec(w.clone(), (classes, 3072), &dev).expect("w");
+    let bias = Tensor::new(&[0.5f32, -1.0, 2.0], &dev).expect("b");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("linear.safetensors");
+    let sd: HashMap<String, Tensor> =
+        [("weight".to_string(), weight), ("bias".to_string(), bias)].into();
+    candle_core::safetensors::save(&sd, &path).expect("save");
+    let model = load_classifier(Arch::Linear, &path, Normalize::IDENTITY, &dev).expect("load");
+    assert_eq!(model.num_classes(), 3);
+    let data = exact100();
+    let x = data.batch_tensor(&[0, 1], &dev).expect("batch");
+    let got = model
+        .logits(&x)
+        .expect("logits")
+        .to_vec2::<f32>()
+        .expect("vec");
+    for (i, row) in got.iter().enumerate() {
+        let px = data.image_f32(i);
+        for (c, &g) in row.iter().enumerate() {
+            let want: f64 = px
+                .iter()
+                .zip(&w[c * 3072..(c + 1) * 3072])
+                .map(|(&p, &wv)| p as f64 * wv as f64)
+                .sum::<f64>()
+                + [0.5, -1.0, 2.0][c];
+            assert!(
+                (g as f64 - want).abs() < 1e-4,
+                "image {i} class {c}: {g} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn arch_names_round_trip() {
+    for name in [
+        "linear",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+    ] {
+        let arch: Arch = name.parse().expect("arch");
+        assert_eq!(arch.to_string(), name);
+    }
+    assert!(matches!(
+        "resnet18".parse::<Arch>(),
+        Err(ModelError::UnknownArch(_))
+    ));
+}

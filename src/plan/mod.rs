@@ -1,0 +1,249 @@
+//! Spec → DAG of pure, content-addressed jobs.
+//!
+//! A job's id hashes its kind, the kind's implementation version, the parameters that determine
+//! its result (file *contents* by hash, not paths) and the ids of its inputs. Two grid cells that
+//! need the same upstream work therefore share one job, and editing a spec re-uses every job
+//! whose inputs did not change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{Cell, Spec, SpecError};
+use crate::util::{canonical_json, sha256_bytes};
+
+/// A job's content hash (16 hex digits).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    pub fn new(id: impl Into<String>) -> Self {
+        JobId(id.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One unit of work: what to run (`kind` + `params`) and what it needs first (`deps`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Job {
+    pub id: JobId,
+    pub kind: String,
+    /// A short human-readable name, e.g. `smooth resnet20 σ=0.25`.
+    pub label: String,
+    /// Everything the runner needs, including paths.
+    pub params: serde_json::Value,
+    pub deps: Vec<JobId>,
+}
+
+/// Builds a job, deriving its id from `identity` (the result-determining subset of params).
+pub struct JobBuilder {
+    pub kind: &'static str,
+    /// Bumped when a kind's implementation changes its results, so old results are not reused.
+    pub version: u32,
+    pub label: String,
+    pub params: serde_json::Value,
+    pub identity: serde_json::Value,
+    pub deps: Vec<JobId>,
+}
+
+impl JobBuilder {
+    pub fn build(mut self) -> Job {
+        self.deps.sort();
+        self.deps.dedup();
+        let key = serde_json::json!({
+            "kind": self.kind,
+            "version": self.version,
+            "identity": self.identity,
+            "deps": self.deps,
+        });
+        let id = JobId(sha256_bytes(canonical_json(&key).as_bytes())[..16].to_string());
+        Job { id, kind: self.kind.to_string(), label: self.label, params: self.params, deps: self.deps }
+    }
+}
+
+/// What the store keeps about a study besides its jobs.
+#[derive(Clone, Debug, Serialize)]
+pub struct StudyMeta {
+    pub name: String,
+    pub seed: u64,
+    pub spec_path: PathBuf,
+    pub spec_text: String,
+    pub spec_sha256: String,
+}
+
+/// A study's jobs in dependency order (every job after its deps).
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub study: StudyMeta,
+    pub jobs: Vec<Job>,
+}
+
+/// How a method turns one grid cell into jobs; implemented per method in [`crate::methods`].
+pub trait CellPlanner {
+    fn plan_cell(&self, cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError>;
+}
+
+/// Shared state while planning: the spec, and file hashes computed once per plan.
+pub struct PlanContext<'a> {
+    pub spec: &'a Spec,
+    hashes: HashMap<PathBuf, String>,
+}
+
+impl<'a> PlanContext<'a> {
+    pub fn new(spec: &'a Spec) -> Self {
+        Self { spec, hashes: HashMap::new() }
+    }
+
+    /// SHA-256 of a file's contents, cached for the duration of the plan.
+    pub fn file_sha256(&mut self, path: &Path) -> Result<String, SpecError> {
+        if let Some(h) = self.hashes.get(path) {
+            return Ok(h.clone());
+        }
+        let h = crate::util::sha256_file(path)
+            .map_err(|e| SpecError::whole_file(&self.spec.path, format!("cannot read {}: {e}", path.display())))?;
+        self.hashes.insert(path.to_path_buf(), h.clone());
+        Ok(h)
+    }
+
+    /// An error pointing at a cell parameter.
+    pub fn error_at(&self, span: crate::spec::Span, message: impl Into<String>) -> SpecError {
+        SpecError::at(&self.spec.path, span, message)
+    }
+}
+
+impl Plan {
+    /// Expands every grid cell through its method's planner and deduplicates shared jobs.
+    pub fn from_spec(spec: &Spec) -> Result<Plan, SpecError> {
+        let mut ctx = PlanContext::new(spec);
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut seen: BTreeMap<JobId, usize> = BTreeMap::new();
+        for cell in &spec.cells {
+            for job in crate::methods::plan_cell(cell, &mut ctx)? {
+                if !seen.contains_key(&job.id) {
+                    seen.insert(job.id.clone(), jobs.len());
+                    jobs.push(job);
+                }
+            }
+        }
+        let jobs = topo_sort(jobs).map_err(|m| SpecError::whole_file(&spec.path, m))?;
+        Ok(Plan {
+            study: StudyMeta {
+                name: spec.name.clone(),
+                seed: spec.seed,
+                spec_path: spec.path.clone(),
+                spec_text: spec.text.clone(),
+                spec_sha256: spec.sha256.clone(),
+            },
+            jobs,
+        })
+    }
+
+    /// Jobs as `{id, kind, label, params, deps}` JSON, for scripts.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "study": self.study.name,
+            "seed": self.study.seed,
+            "spec_sha256": self.study.spec_sha256,
+            "jobs": self.jobs,
+        })
+    }
+}
+
+/// Orders jobs so that every job follows its deps, keeping the planned order otherwise.
+fn topo_sort(jobs: Vec<Job>) -> Result<Vec<Job>, String> {
+    let index: HashMap<JobId, usize> = jobs.iter().enumerate().map(|(i, j)| (j.id.clone(), i)).collect();
+    for j in &jobs {
+        if let Some(d) = j.deps.iter().find(|d| !index.contains_key(*d)) {
+            return Err(format!("internal planning error: job {} depends on unknown job {d}", j.id));
+        }
+    }
+    // 0 = unvisited, 1 = on the stack, 2 = emitted.
+    let mut state = vec![0u8; jobs.len()];
+    let mut order = Vec::with_capacity(jobs.len());
+    for start in 0..jobs.len() {
+        let mut stack = vec![(start, 0usize)];
+        while let Some((i, next_dep)) = stack.pop() {
+            if next_dep == 0 {
+                if state[i] == 2 {
+                    continue;
+                }
+                state[i] = 1;
+            }
+            if let Some(d) = jobs[i].deps.get(next_dep) {
+                stack.push((i, next_dep + 1));
+                let di = index[d];
+                match state[di] {
+                    0 => stack.push((di, 0)),
+                    1 => return Err(format!("dependency cycle through job {}", jobs[di].id)),
+                    _ => {}
+                }
+            } else if state[i] != 2 {
+                state[i] = 2;
+                order.push(i);
+            }
+        }
+    }
+    let mut slots: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+    Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, deps: &[&Job]) -> Job {
+        JobBuilder {
+            kind: "test",
+            version: 1,
+            label: name.into(),
+            params: serde_json::json!({ "name": name, "path": "/somewhere" }),
+            identity: serde_json::json!({ "name": name }),
+            deps: deps.iter().map(|j| j.id.clone()).collect(),
+        }
+        .build()
+    }
+
+    #[test]
+    fn ids_depend_on_identity_and_deps_only() {
+        let a = job("a", &[]);
+        let a2 = JobBuilder {
+            kind: "test",
+            version: 1,
+            label: "other label".into(),
+            params: serde_json::json!({ "name": "a", "path": "/elsewhere" }),
+            identity: serde_json::json!({ "name": "a" }),
+            deps: vec![],
+        }
+        .build();
+        assert_eq!(a.id, a2.id);
+        let b = job("b", &[&a]);
+        let b_without_dep = job("b", &[]);
+        assert_ne!(b.id, b_without_dep.id);
+        assert_eq!(a.id.as_str().len(), 16);
+    }
+
+    #[test]
+    fn topological_order_puts_deps_first_and_detects_cycles() {
+        let a = job("a", &[]);
+        let b = job("b", &[&a]);
+        let c = job("c", &[&b, &a]);
+        let sorted = topo_sort(vec![c.clone(), b.clone(), a.clone()]).unwrap();
+        let pos = |id: &JobId| sorted.iter().position(|j| &j.id == id).unwrap();
+        assert!(pos(&a.id) < pos(&b.id) && pos(&b.id) < pos(&c.id));
+        let mut x = job("x", &[]);
+        let y = job("y", &[&x]);
+        x.deps.push(y.id.clone());
+        assert!(topo_sort(vec![x, y]).unwrap_err().contains("cycle"));
+    }
+}

@@ -1,0 +1,506 @@
+//! The scheduler: claims runnable jobs of one study under leases, runs them on worker slots,
+//! renews leases while they run, and records every outcome.
+//!
+//! It knows jobs only as `(kind, params JSON, attempt, lease)`; what a kind does lives in a
+//! [`JobHandler`] registered in a [`Registry`], so new job kinds never touch this module.
+//! Handlers are synchronous (candle work is CPU-bound) and run on tokio's blocking pool; they
+//! talk to the store through a blocking [`JobSink`] and poll [`JobContext::cancelled`] between
+//! units of work (one image, one batch) to stop cleanly.
+
+pub mod progress;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tracing::{info, warn, Instrument};
+
+use crate::plan::JobId;
+use crate::store::{Artifact, CertRow, Claimed, EvalRow, FailOutcome, Store, StoreError, StudyId, WorkerId};
+pub use progress::{LogProgress, Progress, TerminalProgress};
+
+/// Where jobs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "cpu" {
+            return Ok(DeviceSpec::Cpu);
+        }
+        let ordinal = s.strip_prefix("cuda:").or(if s == "cuda" { Some("0") } else { None });
+        match ordinal.map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+            _ => Err(format!("unknown device `{s}` (expected cpu or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The candle device; fails with a clear message when caf was built without `--features cuda`.
+    pub fn open(self) -> Result<candle_core::Device, candle_core::Error> {
+        match self {
+            DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n),
+        }
+    }
+}
+
+/// A cooperative stop signal shared by the scheduler and a running job.
+#[derive(Clone, Default, Debug)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A handler's failure. `retryable` failures go back to the queue with backoff (until the job
+/// runs out of attempts); others fail the job at once (bad parameters, missing files).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct JobError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl JobError {
+    pub fn fatal(message: impl std::fmt::Display) -> Self {
+        Self { message: message.to_string(), retryable: false }
+    }
+    pub fn retryable(message: impl std::fmt::Display) -> Self {
+        Self { message: message.to_string(), retryable: true }
+    }
+}
+
+impl From<StoreError> for JobError {
+    fn from(e: StoreError) -> Self {
+        JobError::retryable(format!("store: {e}"))
+    }
+}
+
+/// How a handler ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobOutput {
+    /// Finished; the JSON summary is stored with the job.
+    Done(serde_json::Value),
+    /// Stopped at a clean point because [`JobContext::cancelled`] turned true; the work so far
+    /// is recorded and the next run continues from it.
+    Interrupted,
+}
+
+/// The blocking view of the store a running job gets.
+pub trait JobSink: Send + Sync {
+    fn record_cert(&self, row: &CertRow) -> Result<(), StoreError>;
+    fn cert_done(&self) -> Result<Vec<u64>, StoreError>;
+    fn record_eval(&self, rows: &[EvalRow]) -> Result<(), StoreError>;
+    fn eval_done(&self) -> Result<Vec<u64>, StoreError>;
+    fn progress(&self, done: u64, total: u64) -> Result<(), StoreError>;
+    fn artifact(&self, artifact: &Artifact) -> Result<(), StoreError>;
+    fn event(&self, level: &str, message: &str) -> Result<(), StoreError>;
+}
+
+/// Everything a handler may use while it runs one job.
+pub struct JobContext {
+    pub id: JobId,
+    pub kind: String,
+    pub label: String,
+    pub params: serde_json::Value,
+    pub attempt: u32,
+    pub device: DeviceSpec,
+    /// A directory for this job's files (created on demand by the handler).
+    pub artifacts_dir: PathBuf,
+    pub sink: Arc<dyn JobSink>,
+    cancel: CancelFlag,
+}
+
+impl JobContext {
+    /// True once the run is shutting down or the lease was lost: stop at the next clean point.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// A context for running a handler outside the scheduler (one-off CLI commands, tests).
+    pub fn standalone(id: JobId, kind: &str, params: serde_json::Value, device: DeviceSpec, artifacts_dir: PathBuf, sink: Arc<dyn JobSink>, cancel: CancelFlag) -> Self {
+        Self { id, kind: kind.to_string(), label: kind.to_string(), params, attempt: 1, device, artifacts_dir, sink, cancel }
+    }
+}
+
+/// What one job kind does.
+pub trait JobHandler: Send + Sync + 'static {
+    fn kind(&self) -> &'static str;
+    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError>;
+}
+
+/// Job kind → handler.
+#[derive(Default, Clone)]
+pub struct Registry {
+    handlers: BTreeMap<&'static str, Arc<dyn JobHandler>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn register(&mut self, handler: Arc<dyn JobHandler>) {
+        self.handlers.insert(handler.kind(), handler);
+    }
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.handlers.keys().copied().collect()
+    }
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn JobHandler>> {
+        self.handlers.get(kind).cloned()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SchedConfig {
+    /// Concurrent job slots in this process.
+    pub workers: usize,
+    pub device: DeviceSpec,
+    /// A lease not renewed for this long is taken back and the job re-run.
+    pub lease: Duration,
+    /// How often a running job renews its lease.
+    pub heartbeat: Duration,
+    /// How long to wait before looking for work again when nothing is claimable.
+    pub poll: Duration,
+    pub artifacts_dir: PathBuf,
+}
+
+impl Default for SchedConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            device: DeviceSpec::Cpu,
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(10),
+            poll: Duration::from_millis(500),
+            artifacts_dir: PathBuf::from("runs/artifacts"),
+        }
+    }
+}
+
+/// What a `run` did, for the exit status and the closing message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    pub completed: usize,
+    pub failed: usize,
+    pub retried: usize,
+    /// Jobs handed back because of a shutdown request.
+    pub interrupted: usize,
+    pub shutdown_requested: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A unique name for this process's leases.
+pub fn worker_id() -> WorkerId {
+    let host = hostname();
+    let nonce: u32 = rand::random();
+    WorkerId(format!("{host}:{}:{nonce:08x}", std::process::id()))
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Runs the study's jobs until none is left to run here, or until `shutdown` is set.
+pub async fn run_study<S: Store>(
+    store: S,
+    study: StudyId,
+    registry: Arc<Registry>,
+    cfg: SchedConfig,
+    shutdown: CancelFlag,
+    progress: Arc<dyn Progress>,
+) -> Result<RunSummary, SchedError> {
+    let worker = worker_id();
+    store.register_worker(&worker, &hostname(), std::process::id()).await?;
+    store.log_event(None, Some(&worker), "info", "worker started").await?;
+    let kinds = registry.kinds();
+    let mut summary = RunSummary::default();
+    let mut running: JoinSet<(JobId, String, Result<Outcome, StoreError>)> = JoinSet::new();
+    loop {
+        for a in store.reap_expired().await? {
+            let what = match a.outcome {
+                FailOutcome::WillRetry => "will re-run",
+                FailOutcome::Failed => "out of attempts, failed",
+            };
+            warn!(job = %a.id, "{}; {what}", a.reason);
+            store.log_event(Some(&a.id), Some(&worker), "warn", &format!("{}; {what}", a.reason)).await?;
+        }
+        while !shutdown.is_cancelled() && running.len() < cfg.workers.max(1) {
+            let Some(job) = store.claim(study, &worker, &kinds, cfg.lease).await? else { break };
+            let Some(handler) = registry.get(&job.kind) else {
+                // claim() only returns registered kinds; this guards against a racing registry change.
+                store.fail(&job.id, &worker, &format!("no handler for job kind `{}`", job.kind), None, 0.0).await?;
+                continue;
+            };
+            progress.job_started(&job.id, &job.label);
+            let (id, label) = (job.id.clone(), job.label.clone());
+            let fut = run_one(store.clone(), worker.clone(), job, handler, cfg.clone(), shutdown.clone(), progress.clone());
+            running.spawn(async move { (id, label, fut.await) });
+        }
+        if running.is_empty() {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let (others_running, pending) = store.outstanding(study).await?;
+            if others_running == 0 && pending == 0 {
+                break;
+            }
+            // Work remains but none is claimable now: other processes hold it, a dependency is
+            // still running elsewhere, or a retry is backing off.
+            tokio::time::sleep(cfg.poll).await;
+            continue;
+        }
+        tokio::select! {
+            joined = running.join_next() => {
+                if let Some(joined) = joined {
+                    let (id, label, outcome) = match joined {
+                        Ok(v) => v,
+                        Err(e) => { warn!("a job task ended abnormally: {e}"); continue; }
+                    };
+                    let outcome = outcome?;
+                    progress.job_finished(&id, &label, &outcome.describe());
+                    match outcome {
+                        Outcome::Completed => summary.completed += 1,
+                        Outcome::Failed(_) => summary.failed += 1,
+                        Outcome::Retrying(_) => summary.retried += 1,
+                        Outcome::Released | Outcome::LeaseLost => summary.interrupted += 1,
+                    }
+                }
+            }
+            _ = tokio::time::sleep(cfg.poll) => {}
+        }
+    }
+    summary.shutdown_requested = shutdown.is_cancelled();
+    store.log_event(None, Some(&worker), "info", "worker stopped").await?;
+    Ok(summary)
+}
+
+/// The end of one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Completed,
+    Retrying(String),
+    Failed(String),
+    /// Handed back on shutdown without counting the attempt.
+    Released,
+    /// Another worker took the job over; nothing recorded by us.
+    LeaseLost,
+}
+
+impl Outcome {
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Completed => "done".into(),
+            Outcome::Retrying(e) => format!("failed, will retry: {e}"),
+            Outcome::Failed(e) => format!("FAILED: {e}"),
+            Outcome::Released => "interrupted (progress saved)".into(),
+            Outcome::LeaseLost => "lease lost to another worker".into(),
+        }
+    }
+}
+
+async fn run_one<S: Store>(
+    store: S,
+    worker: WorkerId,
+    job: Claimed,
+    handler: Arc<dyn JobHandler>,
+    cfg: SchedConfig,
+    shutdown: CancelFlag,
+    progress: Arc<dyn Progress>,
+) -> Result<Outcome, StoreError> {
+    let span = tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt);
+    async move {
+        info!(label = %job.label, "started");
+        store.log_event(Some(&job.id), Some(&worker), "info", &format!("attempt {} started", job.attempt)).await?;
+        let started = Instant::now();
+        let cancel = CancelFlag::new();
+        let lease_lost = CancelFlag::new();
+        let sink = Arc::new(StoreSink {
+            store: store.clone(),
+            job: job.id.clone(),
+            worker: worker.clone(),
+            handle: tokio::runtime::Handle::current(),
+            progress: progress.clone(),
+        });
+        let ctx = JobContext {
+            id: job.id.clone(),
+            kind: job.kind.clone(),
+            label: job.label.clone(),
+            params: job.params.clone(),
+            attempt: job.attempt,
+            device: cfg.device,
+            artifacts_dir: cfg.artifacts_dir.join(job.id.as_str()),
+            sink,
+            cancel: cancel.clone(),
+        };
+        let keeper = tokio::spawn(keep_lease(
+            store.clone(),
+            job.id.clone(),
+            worker.clone(),
+            cfg.clone(),
+            shutdown.clone(),
+            cancel.clone(),
+            lease_lost.clone(),
+        ));
+        let span = tracing::Span::current();
+        let result = tokio::task::spawn_blocking(move || {
+            let _g = span.enter();
+            handler.run(&ctx)
+        })
+        .await;
+        keeper.abort();
+        let seconds = started.elapsed().as_secs_f64();
+        if lease_lost.is_cancelled() {
+            warn!("lease lost; another worker owns this job now");
+            return Ok(Outcome::LeaseLost);
+        }
+        let outcome = match result {
+            Ok(Ok(JobOutput::Done(summary))) => {
+                if store.complete(&job.id, &worker, &summary, seconds).await? {
+                    info!(seconds, "done");
+                    Outcome::Completed
+                } else {
+                    Outcome::LeaseLost
+                }
+            }
+            Ok(Ok(JobOutput::Interrupted)) => {
+                store.release(&job.id, &worker, seconds).await?;
+                info!("interrupted; progress is saved");
+                Outcome::Released
+            }
+            Ok(Err(e)) => record_failure(&store, &job, &worker, &e.message, e.retryable, seconds).await?,
+            Err(join) => {
+                let msg = if join.is_panic() { format!("the job panicked: {}", panic_message(join)) } else { "the job was aborted".into() };
+                record_failure(&store, &job, &worker, &msg, true, seconds).await?
+            }
+        };
+        store.log_event(Some(&job.id), Some(&worker), "info", &outcome.describe()).await?;
+        Ok(outcome)
+    }
+    .instrument(span)
+    .await
+}
+
+fn panic_message(join: tokio::task::JoinError) -> String {
+    match join.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "non-string panic".into()),
+        Err(_) => "unknown".into(),
+    }
+}
+
+async fn record_failure<S: Store>(store: &S, job: &Claimed, worker: &WorkerId, msg: &str, retryable: bool, seconds: f64) -> Result<Outcome, StoreError> {
+    let retry_after = retryable.then(|| crate::store::sqlite::retry_backoff(job.attempt));
+    let msg = format!("attempt {}/{}: {msg}", job.attempt, job.max_attempts);
+    Ok(match store.fail(&job.id, worker, &msg, retry_after, seconds).await? {
+        FailOutcome::WillRetry => {
+            warn!("{msg}; will retry");
+            Outcome::Retrying(msg)
+        }
+        FailOutcome::Failed => {
+            warn!("{msg}; giving up");
+            Outcome::Failed(msg)
+        }
+    })
+}
+
+/// Renews the lease until the job ends; forwards a shutdown request to the job; stops the job
+/// if the lease is lost (another worker will, or already did, take it over).
+async fn keep_lease<S: Store>(store: S, job: JobId, worker: WorkerId, cfg: SchedConfig, shutdown: CancelFlag, cancel: CancelFlag, lease_lost: CancelFlag) {
+    let tick = Duration::from_millis(100);
+    let mut last = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        if shutdown.is_cancelled() {
+            cancel.cancel();
+        }
+        if last.elapsed() >= cfg.heartbeat {
+            last = Instant::now();
+            match store.heartbeat(&job, &worker, cfg.lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    lease_lost.cancel();
+                    cancel.cancel();
+                    return;
+                }
+                // A busy database is transient: keep trying until the lease would run out.
+                Err(e) => warn!("heartbeat failed: {e}"),
+            }
+        }
+    }
+}
+
+/// [`JobSink`] over a [`Store`], bridging the handler's blocking thread to the async store.
+struct StoreSink<S: Store> {
+    store: S,
+    job: JobId,
+    worker: WorkerId,
+    handle: tokio::runtime::Handle,
+    progress: Arc<dyn Progress>,
+}
+
+impl<S: Store> JobSink for StoreSink<S> {
+    fn record_cert(&self, row: &CertRow) -> Result<(), StoreError> {
+        self.handle.block_on(self.store.record_cert(&self.job, row))
+    }
+    fn cert_done(&self) -> Result<Vec<u64>, StoreError> {
+        self.handle.block_on(self.store.cert_done(&self.job))
+    }
+    fn record_eval(&self, rows: &[EvalRow]) -> Result<(), StoreError> {
+        self.handle.block_on(self.store.record_eval(&self.job, rows))
+    }
+    fn eval_done(&self) -> Result<Vec<u64>, StoreError> {
+        self.handle.block_on(self.store.eval_done(&self.job))
+    }
+    fn progress(&self, done: u64, total: u64) -> Result<(), StoreError> {
+        self.progress.job_progress(&self.job, done, total);
+        self.handle.block_on(self.store.set_progress(&self.job, done, total))
+    }
+    fn artifact(&self, artifact: &Artifact) -> Result<(), StoreError> {
+        self.handle.block_on(self.store.record_artifact(&self.job, artifact))
+    }
+    fn event(&self, level: &str, message: &str) -> Result<(), StoreError> {
+        self.handle.block_on(self.store.log_event(Some(&self.job), Some(&self.worker), level, message))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! The scheduler over a real SQLite file with test job kinds.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Mutex;
+
+use super::*;
+use crate::plan::{Job, JobBuilder, Plan, StudyMeta};
+use crate::store::{JobState, SqliteStore};
+
+/// Counts executions per job; fails jobs named `fail*`, panics on `panic*`, sleeps on `slow*`.
+#[derive(Default)]
+struct Probe {
+    runs: Mutex<HashMap<String, usize>>,
+    active: AtomicUsize,
+}
+
+impl JobHandler for Arc<Probe> {
+    fn kind(&self) -> &'static str {
+        "probe"
+    }
+    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
+        let name = ctx.params["name"].as_str().unwrap_or_default().to_string();
+        *self.runs.lock().unwrap().entry(name.clone()).or_default() += 1;
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let _guard = Decrement(&self.active);
+        if name.starts_with("fail") {
+            return Err(JobError::retryable(format!("{name} always fails")));
+        }
+        if name.starts_with("fatal") {
+            return Err(JobError::fatal("bad parameters"));
+        }
+        if name.starts_with("panic") {
+            panic!("deliberate panic in {name}");
+        }
+        if name.starts_with("slow") {
+            for _ in 0..50 {
+                if ctx.cancelled() {
+                    return Ok(JobOutput::Interrupted);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        ctx.sink.event("info", "ran")?;
+        Ok(JobOutput::Done(serde_json::json!({ "name": name })))
+    }
+}
+
+struct Decrement<'a>(&'a AtomicUsize);
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn job(name: &str, deps: &[&Job]) -> Job {
+    JobBuilder {
+        kind: "probe",
+        version: 1,
+        label: name.into(),
+        params: serde_json::json!({ "name": name }),
+        identity: serde_json::json!({ "name": name }),
+        deps: deps.iter().map(|j| j.id.clone()).collect(),
+    }
+    .build()
+}
+
+fn plan(jobs: Vec<Job>) -> Plan {
+    Plan {
+        study: StudyMeta { name: "s".into(), seed: 0, spec_path: "s.yaml".into(), spec_text: "".into(), spec_sha256: "rev1".into() },
+        jobs,
+    }
+}
+
+fn cfg(workers: usize) -> SchedConfig {
+    SchedConfig {
+        workers,
+        lease: Duration::from_secs(5),
+        heartbeat: Duration::from_millis(200),
+        poll: Duration::from_millis(20),
+        artifacts_dir: std::env::temp_dir(),
+        ..SchedConfig::default()
+    }
+}
+
+fn registry(probe: &Arc<Probe>) -> Arc<Registry> {
+    let mut r = Registry::new();
+    r.register(Arc::new(probe.clone()));
+    Arc::new(r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_does_not_stop_unrelated_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
+    let bad = job("fatal", &[]);
+    let after_bad = job("after-bad", &[&bad]);
+    let panicky = job("panic", &[]);
+    let good: Vec<Job> = (0..5).map(|i| job(&format!("ok{i}"), &[])).collect();
+    let mut jobs = vec![bad.clone(), after_bad.clone(), panicky.clone()];
+    jobs.extend(good.iter().cloned());
+    let study = store.register_plan(&plan(jobs)).await.unwrap();
+    sqlx::query("UPDATE jobs SET max_attempts = 2").execute(&store.pool_for_tests()).await.unwrap();
+    let probe = Arc::new(Probe::default());
+    let summary = run_study(store.clone(), study, registry(&probe), cfg(2), CancelFlag::new(), Arc::new(progress::NoProgress)).await.unwrap();
+    assert_eq!(summary.completed, 5);
+    let runs = probe.runs.lock().unwrap().clone();
+    assert_eq!(runs["fatal"], 1, "a fatal error is not retried");
+    assert_eq!(runs["panic"], 2, "a panic is retried until attempts run out");
+    assert!(!runs.contains_key("after-bad"), "a job whose dependency failed never runs");
+    let states: HashMap<String, (JobState, bool)> =
+        store.study_jobs(study).await.unwrap().into_iter().map(|j| (j.label, (j.state, j.blocked))).collect();
+    assert_eq!(states["fatal"], (JobState::Failed, false));
+    assert_eq!(states["panic"].0, JobState::Failed);
+    assert_eq!(states["after-bad"], (JobState::Pending, true));
+    for i in 0..5 {
+        assert_eq!(states[&format!("ok{i}")].0, JobState::Done);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schedulers_on_one_database_run_every_job_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let s1 = SqliteStore::open(&path).await.unwrap();
+    let s2 = SqliteStore::open(&path).await.unwrap();
+    let roots: Vec<Job> = (0..12).map(|i| job(&format!("slow-root{i}"), &[])).collect();
+    let mut jobs = roots.clone();
+    jobs.extend((0..12).map(|i| job(&format!("child{i}"), &[&roots[i]])));
+    let study = s1.register_plan(&plan(jobs)).await.unwrap();
+    let probe = Arc::new(Probe::default());
+    let reg = registry(&probe);
+    let (a, b) = tokio::join!(
+        run_study(s1.clone(), study, reg.clone(), cfg(2), CancelFlag::new(), Arc::new(progress::NoProgress)),
+        run_study(s2.clone(), study, reg.clone(), cfg(2), CancelFlag::new(), Arc::new(progress::NoProgress)),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.completed + b.completed, 24);
+    assert!(a.completed > 0 && b.completed > 0, "both processes did work: {a:?} {b:?}");
+    let runs = probe.runs.lock().unwrap();
+    assert_eq!(runs.len(), 24);
+    assert!(runs.values().all(|&n| n == 1), "{runs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
+    let study = store.register_plan(&plan(vec![job("slow-a", &[]), job("slow-b", &[])])).await.unwrap();
+    let probe = Arc::new(Probe::default());
+    let shutdown = CancelFlag::new();
+    let stopper = {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.cancel();
+        })
+    };
+    let summary = run_study(store.clone(), study, registry(&probe), cfg(2), shutdown, Arc::new(progress::NoProgress)).await.unwrap();
+    stopper.await.unwrap();
+    assert!(summary.shutdown_requested);
+    assert_eq!(summary.interrupted, 2);
+    for j in store.study_jobs(study).await.unwrap() {
+        assert_eq!(j.state, JobState::Pending);
+        assert_eq!(j.attempts, 0);
+    }
+    // A second run finishes them.
+    let summary = run_study(store.clone(), study, registry(&probe), cfg(2), CancelFlag::new(), Arc::new(progress::NoProgress)).await.unwrap();
+    assert_eq!(summary.completed, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_runner_is_detected_and_its_job_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
+    let a = job("a", &[]);
+    let study = store.register_plan(&plan(vec![a.clone()])).await.unwrap();
+    // A runner claims the job and dies without a heartbeat.
+    let claimed = store.claim(study, &WorkerId("ghost".into()), &["probe"], Duration::from_millis(50)).await.unwrap();
+    assert!(claimed.is_some());
+    let probe = Arc::new(Probe::default());
+    let summary = run_study(store.clone(), study, registry(&probe), cfg(1), CancelFlag::new(), Arc::new(progress::NoProgress)).await.unwrap();
+    assert_eq!(summary.completed, 1);
+    let j = &store.study_jobs(study).await.unwrap()[0];
+    assert_eq!(j.state, JobState::Done);
+    assert_eq!(j.attempts, 2);
+}
+
+#[test]
+fn device_specs_parse() {
+    assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+    assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+    assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+    assert!("gpu".parse::<DeviceSpec>().is_err());
+    assert!("cuda:x".parse::<DeviceSpec>().is_err());
+}

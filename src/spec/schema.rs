@@ -1,0 +1,299 @@
+//! The fixed-schema sections of a spec: name, seed, data, backbones, certify, report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::read::{as_int, as_map, as_number, as_seq, as_str, check_name, fields, Cx, Fields};
+use super::yaml::{abbreviate, Node};
+use super::{
+    grid, Arch, Backbone, CertifySettings, DataSpec, Dataset, Normalize, ReportSettings, Spec,
+    SpecError,
+};
+
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "seed",
+    "data",
+    "backbones",
+    "certify",
+    "grid",
+    "report",
+];
+const ARCHS: &[&str] = &[
+    "linear",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+];
+
+pub fn build(
+    path: &Path,
+    text: &str,
+    bytes: &[u8],
+    root: &Node,
+    base_dir: &Path,
+) -> Result<Spec, SpecError> {
+    let cx = Cx { path };
+    let top = fields(cx, root, "", TOP_KEYS)?;
+    let name = check_name(cx, top.required(cx, "name")?, "name")?;
+    let seed = as_int(cx, top.required(cx, "seed")?, "seed", 0, u64::MAX)?;
+    let data = data(cx, &top, base_dir)?;
+    let backbones = backbones(cx, top.required(cx, "backbones")?, base_dir)?;
+    let certify = match top.get("certify") {
+        Some(node) => certify(cx, node)?,
+        None => CertifySettings::default(),
+    };
+    let report = match top.get("report") {
+        Some(node) => report(cx, node)?,
+        None => ReportSettings::default(),
+    };
+    let grid_node = top.required(cx, "grid")?;
+    let grid_at = top.key_span("grid").unwrap_or(grid_node.span);
+    let cells = grid::expand(cx, grid_node, grid_at, &backbones)?;
+    Ok(Spec {
+        path: path.to_path_buf(),
+        text: text.to_string(),
+        sha256: crate::util::sha256_bytes(bytes),
+        name,
+        seed,
+        data,
+        backbones,
+        certify,
+        report,
+        cells,
+    })
+}
+
+fn data(cx: Cx, top: &Fields, base_dir: &Path) -> Result<DataSpec, SpecError> {
+    let node = top.required(cx, "data")?;
+    let f = fields(cx, node, "data", &["dataset", "root"])?;
+    let dataset_node = f.required(cx, "dataset")?;
+    let dataset = match as_str(cx, dataset_node, "data.dataset")? {
+        "cifar10" => Dataset::Cifar10,
+        other => {
+            return Err(cx.err(
+                dataset_node.span,
+                format!(
+                    "unknown dataset `{}`; expected one of: cifar10",
+                    abbreviate(other)
+                ),
+            ));
+        }
+    };
+    let root_node = f.required(cx, "root")?;
+    let root = resolve(cx, root_node, "data.root", base_dir)?;
+    match std::fs::metadata(&root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(cx.err(
+                root_node.span,
+                format!("data root is not a directory: {}", root.display()),
+            ))
+        }
+        Err(_) => {
+            return Err(cx.err(
+                root_node.span,
+                format!("data root not found: {}", root.display()),
+            ))
+        }
+    }
+    Ok(DataSpec {
+        dataset,
+        root,
+        span: node.span,
+    })
+}
+
+fn backbones(
+    cx: Cx,
+    node: &Node,
+    base_dir: &Path,
+) -> Result<BTreeMap<String, Backbone>, SpecError> {
+    let entries = as_map(cx, node, "backbones")?;
+    if entries.is_empty() {
+        return Err(cx.err(
+            node.span,
+            "backbones is empty; define at least one backbone",
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for (key, value) in entries {
+        let name = check_name(cx, key, "a backbone name")?;
+        let field = format!("backbones.{name}");
+        let f = fields(cx, value, &field, &["arch", "weights", "normalize"])?;
+
+        let arch_node = f.required(cx, "arch")?;
+        let arch_name = as_str(cx, arch_node, &f.name("arch"))?;
+        let arch: Arch = arch_name.parse().map_err(|_| {
+            cx.err(
+                arch_node.span,
+                format!(
+                    "unknown arch `{}`; expected one of: {}",
+                    abbreviate(arch_name),
+                    ARCHS.join(", ")
+                ),
+            )
+        })?;
+
+        let weights_node = f.required(cx, "weights")?;
+        let weights = resolve(cx, weights_node, &f.name("weights"), base_dir)?;
+        match std::fs::metadata(&weights) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(cx.err(
+                    weights_node.span,
+                    format!("weights path is not a file: {}", weights.display()),
+                ));
+            }
+            Err(_) => {
+                return Err(cx.err(
+                    weights_node.span,
+                    format!("weights file not found: {}", weights.display()),
+                ));
+            }
+        }
+
+        let normalize = match f.get("normalize") {
+            None => Normalize::IDENTITY,
+            Some(n) => {
+                let nf = fields(cx, n, &f.name("normalize"), &["mean", "std"])?;
+                let mean = triple(cx, nf.required(cx, "mean")?, &nf.name("mean"), false)?;
+                let std = triple(cx, nf.required(cx, "std")?, &nf.name("std"), true)?;
+                Normalize { mean, std }
+            }
+        };
+        out.insert(
+            name,
+            Backbone {
+                arch,
+                weights,
+                normalize,
+                span: value.span,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Exactly three finite numbers (per RGB channel), each > 0 when `positive`.
+fn triple(cx: Cx, node: &Node, field: &str, positive: bool) -> Result<[f32; 3], SpecError> {
+    let items = as_seq(cx, node, "a list of 3 numbers (one per RGB channel)", field)?;
+    if items.len() != 3 {
+        return Err(cx.err(
+            node.span,
+            format!(
+                "expected exactly 3 numbers (one per RGB channel) for {field}, found {}",
+                items.len()
+            ),
+        ));
+    }
+    let mut out = [0f32; 3];
+    let what = if positive { "a number > 0" } else { "a number" };
+    for (slot, item) in out.iter_mut().zip(items) {
+        // Checked after the cast: values must survive the f32 the model uses (1e-50 would become 0).
+        match as_number(item)
+            .map(|x| x as f32)
+            .filter(|&x| x.is_finite() && (!positive || x > 0.0))
+        {
+            Some(x) => *slot = x,
+            None => return Err(cx.expected(item, what, field)),
+        }
+    }
+    Ok(out)
+}
+
+fn certify(cx: Cx, node: &Node) -> Result<CertifySettings, SpecError> {
+    let f = fields(
+        cx,
+        node,
+        "certify",
+        &["n0", "n", "alpha", "batch", "skip", "max"],
+    )?;
+    let mut s = CertifySettings::default();
+    let int = |key: &str, max: u64| -> Result<Option<u64>, SpecError> {
+        f.get(key)
+            .map(|n| as_int(cx, n, &f.name(key), 1, max))
+            .transpose()
+    };
+    let usize_max = u64::try_from(usize::MAX).unwrap_or(u64::MAX);
+    if let Some(v) = int("n0", u64::MAX)? {
+        s.n0 = v;
+    }
+    if let Some(v) = int("n", u64::MAX)? {
+        s.n = v;
+    }
+    if let Some(v) = int("batch", usize_max)? {
+        s.batch = usize::try_from(v).unwrap_or(usize::MAX);
+    }
+    if let Some(v) = int("skip", usize_max)? {
+        s.skip = usize::try_from(v).unwrap_or(usize::MAX);
+    }
+    if let Some(v) = int("max", usize_max)? {
+        s.max = Some(usize::try_from(v).unwrap_or(usize::MAX));
+    }
+    if let Some(n) = f.get("alpha") {
+        match as_number(n).filter(|&a| a > 0.0 && a < 1.0) {
+            Some(a) => s.alpha = a,
+            None => {
+                return Err(cx.expected(n, "a number strictly between 0 and 1", "certify.alpha"))
+            }
+        }
+    }
+    if s.n0 >= s.n {
+        // Point at whichever of the two the user wrote, preferring n0.
+        let at = f
+            .get("n0")
+            .or_else(|| f.get("n"))
+            .map_or(f.span(), |n| n.span);
+        return Err(cx.err(
+            at,
+            format!(
+                "certify.n0 ({}) must be less than certify.n ({}): n0 samples only select the class, n samples bound its probability",
+                s.n0, s.n
+            ),
+        ));
+    }
+    Ok(s)
+}
+
+fn report(cx: Cx, node: &Node) -> Result<ReportSettings, SpecError> {
+    let f = fields(cx, node, "report", &["radii"])?;
+    let Some(radii_node) = f.get("radii") else {
+        return Ok(ReportSettings::default());
+    };
+    let items = as_seq(cx, radii_node, "a list of radii", "report.radii")?;
+    if items.is_empty() {
+        return Err(cx.err(
+            radii_node.span,
+            "report.radii is empty; list at least one radius",
+        ));
+    }
+    let mut radii: Vec<f64> = Vec::with_capacity(items.len());
+    for item in items {
+        let r = as_number(item)
+            .filter(|&r| r >= 0.0)
+            .ok_or_else(|| cx.expected(item, "a number ≥ 0", "report.radii"))?;
+        if let Some(&prev) = radii.last() {
+            if r <= prev {
+                return Err(cx.err(
+                    item.span,
+                    format!("report.radii must be sorted in strictly ascending order, but {r} follows {prev}"),
+                ));
+            }
+        }
+        radii.push(r);
+    }
+    Ok(ReportSettings { radii })
+}
+
+/// A path from the spec, joined onto `base_dir` when relative (never canonicalised, so the error
+/// shows what was actually looked up).
+fn resolve(cx: Cx, node: &Node, field: &str, base_dir: &Path) -> Result<PathBuf, SpecError> {
+    let s = node
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| cx.expected(node, "a path", field))?;
+    Ok(base_dir.join(s))
+}

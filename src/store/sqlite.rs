@@ -1,0 +1,586 @@
+//! The SQLite backend: WAL journal, a busy timeout so several `caf run` processes can share one
+//! file, migrations applied at open. Claims are one compare-and-set `UPDATE … RETURNING`, which
+//! SQLite executes atomically under its single-writer lock.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, QueryBuilder, Row};
+
+use super::*;
+use crate::util::now_unix;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Backoff before retrying a failed attempt: 2^(attempt−1) seconds, capped at one minute.
+pub fn retry_backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+}
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(60))
+            .foreign_keys(true);
+        Self::connect(opts, &path.display().to_string()).await
+    }
+
+    /// A private in-memory database (tests).
+    pub async fn in_memory() -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")
+            .map_err(|source| StoreError::Open { path: ":memory:".into(), source })?
+            .foreign_keys(true);
+        Self::connect(opts, ":memory:").await
+    }
+
+    async fn connect(opts: SqliteConnectOptions, shown: &str) -> Result<Self, StoreError> {
+        let memory = shown == ":memory:";
+        let pool = SqlitePoolOptions::new()
+            // An in-memory database exists once per connection: keep exactly one.
+            .max_connections(if memory { 1 } else { 4 })
+            .min_connections(if memory { 1 } else { 0 })
+            .idle_timeout(if memory { None } else { Some(Duration::from_secs(600)) })
+            .max_lifetime(if memory { None } else { Some(Duration::from_secs(1800)) })
+            .connect_with(opts)
+            .await
+            .map_err(|source| StoreError::Open { path: shown.to_string(), source })?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    async fn current_revision(&self, study: StudyId) -> Result<String, StoreError> {
+        sqlx::query_scalar::<_, String>("SELECT spec_sha256 FROM studies WHERE id = ?")
+            .bind(study.0)
+            .fetch_one(&self.pool)
+            .await
+            .ctx("reading the study's spec revision")
+    }
+}
+
+fn job_status_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobStatus, StoreError> {
+    let get_err = |e: sqlx::Error| StoreError::Query { context: "reading a job row", source: e };
+    let state: String = row.try_get("status").map_err(get_err)?;
+    let result: Option<String> = row.try_get("result").map_err(get_err)?;
+    let result = match result {
+        Some(text) => Some(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("job result JSON: {e}")))?),
+        None => None,
+    };
+    Ok(JobStatus {
+        id: JobId::new(row.try_get::<String, _>("id").map_err(get_err)?),
+        kind: row.try_get("kind").map_err(get_err)?,
+        label: row.try_get("label").map_err(get_err)?,
+        state: JobState::parse(&state)?,
+        blocked: row.try_get::<i64, _>("blocked").map_err(get_err)? != 0,
+        attempts: row.try_get::<i64, _>("attempts").map_err(get_err)? as u32,
+        max_attempts: row.try_get::<i64, _>("max_attempts").map_err(get_err)? as u32,
+        progress_done: row.try_get::<i64, _>("progress_done").map_err(get_err)? as u64,
+        progress_total: row.try_get::<i64, _>("progress_total").map_err(get_err)? as u64,
+        run_seconds: row.try_get("run_seconds").map_err(get_err)?,
+        work_seconds: row.try_get("work_seconds").map_err(get_err)?,
+        started_at: row.try_get("started_at").map_err(get_err)?,
+        finished_at: row.try_get("finished_at").map_err(get_err)?,
+        lease_owner: row.try_get("lease_owner").map_err(get_err)?,
+        error: row.try_get("error").map_err(get_err)?,
+        result,
+    })
+}
+
+fn study_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StudyInfo, StoreError> {
+    let get_err = |e: sqlx::Error| StoreError::Query { context: "reading a study row", source: e };
+    Ok(StudyInfo {
+        id: StudyId(row.try_get("id").map_err(get_err)?),
+        name: row.try_get("name").map_err(get_err)?,
+        seed: row.try_get::<i64, _>("seed").map_err(get_err)? as u64,
+        spec_path: row.try_get("spec_path").map_err(get_err)?,
+        spec_sha256: row.try_get("spec_sha256").map_err(get_err)?,
+        spec_text: row.try_get("spec_text").map_err(get_err)?,
+    })
+}
+
+/// A pending job is blocked when one of its deps failed or is itself blocked. The DAGs are
+/// shallow, so a recursive CTE over the failed jobs is cheap.
+const BLOCKED_CTE: &str = "WITH RECURSIVE dead(id) AS (
+        SELECT id FROM jobs WHERE status = 'failed'
+        UNION
+        SELECT d.job_id FROM job_deps d JOIN dead ON d.dep_id = dead.id
+    )";
+
+impl Store for SqliteStore {
+    async fn register_plan(&self, plan: &Plan) -> Result<StudyId, StoreError> {
+        let now = now_unix();
+        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        let s = &plan.study;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO studies (name, spec_path, spec_text, spec_sha256, seed, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET spec_path = excluded.spec_path, spec_text = excluded.spec_text,
+                 spec_sha256 = excluded.spec_sha256, seed = excluded.seed, updated_at = excluded.updated_at
+             RETURNING id",
+        )
+        .bind(&s.name)
+        .bind(s.spec_path.display().to_string())
+        .bind(&s.spec_text)
+        .bind(&s.spec_sha256)
+        .bind(s.seed as i64)
+        .bind(now)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .ctx("recording the study")?;
+        sqlx::query(
+            "INSERT INTO study_revisions (study_id, spec_sha256, spec_text, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (study_id, spec_sha256) DO NOTHING",
+        )
+        .bind(id)
+        .bind(&s.spec_sha256)
+        .bind(&s.spec_text)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .ctx("recording the spec revision")?;
+        for (seq, job) in plan.jobs.iter().enumerate() {
+            // Params may carry paths that moved; the id (content) is what decides reuse.
+            sqlx::query(
+                "INSERT INTO jobs (id, kind, label, params, created_at) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT (id) DO UPDATE SET label = excluded.label, params = excluded.params",
+            )
+            .bind(job.id.as_str())
+            .bind(&job.kind)
+            .bind(&job.label)
+            .bind(job.params.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .ctx("recording a job")?;
+            for dep in &job.deps {
+                sqlx::query("INSERT INTO job_deps (job_id, dep_id) VALUES (?, ?) ON CONFLICT DO NOTHING")
+                    .bind(job.id.as_str())
+                    .bind(dep.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .ctx("recording a job dependency")?;
+            }
+            sqlx::query(
+                "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq) VALUES (?, ?, ?, ?)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(id)
+            .bind(job.id.as_str())
+            .bind(&s.spec_sha256)
+            .bind(seq as i64)
+            .execute(&mut *tx)
+            .await
+            .ctx("linking a job to the study")?;
+        }
+        tx.commit().await.ctx("committing the plan")?;
+        Ok(StudyId(id))
+    }
+
+    async fn retry_failed(&self, study: StudyId) -> Result<u64, StoreError> {
+        let rev = self.current_revision(study).await?;
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'pending', attempts = 0, not_before = 0, error = NULL
+             WHERE status = 'failed' AND id IN (SELECT job_id FROM study_jobs WHERE study_id = ? AND spec_sha256 = ?)",
+        )
+        .bind(study.0)
+        .bind(rev)
+        .execute(&self.pool)
+        .await
+        .ctx("resetting failed jobs")?;
+        Ok(r.rows_affected())
+    }
+
+    async fn register_worker(&self, worker: &WorkerId, host: &str, pid: u32) -> Result<(), StoreError> {
+        let now = now_unix();
+        sqlx::query(
+            "INSERT INTO workers (id, host, pid, started_at, last_seen) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen",
+        )
+        .bind(&worker.0)
+        .bind(host)
+        .bind(pid as i64)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .ctx("registering the worker")?;
+        Ok(())
+    }
+
+    async fn claim(&self, study: StudyId, worker: &WorkerId, kinds: &[&str], lease: Duration) -> Result<Option<Claimed>, StoreError> {
+        if kinds.is_empty() {
+            return Ok(None);
+        }
+        let rev = self.current_revision(study).await?;
+        let now = now_unix();
+        let mut q = QueryBuilder::new("UPDATE jobs SET status = 'running', lease_owner = ");
+        q.push_bind(&worker.0)
+            .push(", lease_expires = ")
+            .push_bind(now + lease.as_secs_f64())
+            .push(", attempts = attempts + 1, started_at = COALESCE(started_at, ")
+            .push_bind(now)
+            .push(") WHERE status = 'pending' AND id = (SELECT j.id FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id WHERE sj.study_id = ")
+            .push_bind(study.0)
+            .push(" AND sj.spec_sha256 = ")
+            .push_bind(rev)
+            .push(" AND j.status = 'pending' AND j.attempts < j.max_attempts AND j.not_before <= ")
+            .push_bind(now)
+            .push(" AND j.kind IN (");
+        let mut sep = q.separated(", ");
+        for k in kinds {
+            sep.push_bind(*k);
+        }
+        q.push(
+            ") AND NOT EXISTS (SELECT 1 FROM job_deps d JOIN jobs p ON p.id = d.dep_id
+                 WHERE d.job_id = j.id AND p.status <> 'done')
+             ORDER BY sj.seq LIMIT 1)
+             RETURNING id, kind, label, params, attempts, max_attempts",
+        );
+        let row = q.build().fetch_optional(&self.pool).await.ctx("claiming a job")?;
+        let Some(row) = row else { return Ok(None) };
+        let get_err = |e: sqlx::Error| StoreError::Query { context: "reading a claimed job", source: e };
+        let params: String = row.try_get("params").map_err(get_err)?;
+        Ok(Some(Claimed {
+            id: JobId::new(row.try_get::<String, _>("id").map_err(get_err)?),
+            kind: row.try_get("kind").map_err(get_err)?,
+            label: row.try_get("label").map_err(get_err)?,
+            params: serde_json::from_str(&params).map_err(|e| StoreError::Corrupt(format!("job params JSON: {e}")))?,
+            attempt: row.try_get::<i64, _>("attempts").map_err(get_err)? as u32,
+            max_attempts: row.try_get::<i64, _>("max_attempts").map_err(get_err)? as u32,
+        }))
+    }
+
+    async fn heartbeat(&self, job: &JobId, worker: &WorkerId, lease: Duration) -> Result<bool, StoreError> {
+        let now = now_unix();
+        let r = sqlx::query(
+            "UPDATE jobs SET lease_expires = ? WHERE id = ? AND status = 'running' AND lease_owner = ?",
+        )
+        .bind(now + lease.as_secs_f64())
+        .bind(job.as_str())
+        .bind(&worker.0)
+        .execute(&self.pool)
+        .await
+        .ctx("extending a lease")?;
+        sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
+            .bind(now)
+            .bind(&worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("updating the worker heartbeat")?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn complete(&self, job: &JobId, worker: &WorkerId, result: &serde_json::Value, seconds: f64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'done', result = ?, error = NULL, finished_at = ?, lease_owner = NULL,
+                 lease_expires = NULL, run_seconds = run_seconds + ?
+             WHERE id = ? AND status = 'running' AND lease_owner = ?",
+        )
+        .bind(result.to_string())
+        .bind(now_unix())
+        .bind(seconds)
+        .bind(job.as_str())
+        .bind(&worker.0)
+        .execute(&self.pool)
+        .await
+        .ctx("completing a job")?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn fail(&self, job: &JobId, worker: &WorkerId, error: &str, retry_after: Option<Duration>, seconds: f64) -> Result<FailOutcome, StoreError> {
+        let now = now_unix();
+        let retry = retry_after.map(|d| now + d.as_secs_f64());
+        let row = sqlx::query(
+            "UPDATE jobs SET
+                 status = CASE WHEN ? IS NOT NULL AND attempts < max_attempts THEN 'pending' ELSE 'failed' END,
+                 not_before = COALESCE(?, not_before), error = ?, lease_owner = NULL, lease_expires = NULL,
+                 finished_at = ?, run_seconds = run_seconds + ?
+             WHERE id = ? AND status = 'running' AND lease_owner = ?
+             RETURNING status",
+        )
+        .bind(retry)
+        .bind(retry)
+        .bind(error)
+        .bind(now)
+        .bind(seconds)
+        .bind(job.as_str())
+        .bind(&worker.0)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("recording a job failure")?;
+        match row.map(|r| r.try_get::<String, _>("status")) {
+            Some(Ok(s)) if s == "pending" => Ok(FailOutcome::WillRetry),
+            Some(Ok(_)) | None => Ok(FailOutcome::Failed),
+            Some(Err(source)) => Err(StoreError::Query { context: "reading a failure outcome", source }),
+        }
+    }
+
+    async fn release(&self, job: &JobId, worker: &WorkerId, seconds: f64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET status = 'pending', attempts = MAX(attempts - 1, 0), lease_owner = NULL,
+                 lease_expires = NULL, run_seconds = run_seconds + ?
+             WHERE id = ? AND status = 'running' AND lease_owner = ?",
+        )
+        .bind(seconds)
+        .bind(job.as_str())
+        .bind(&worker.0)
+        .execute(&self.pool)
+        .await
+        .ctx("releasing a lease")?;
+        Ok(())
+    }
+
+    async fn reap_expired(&self) -> Result<Vec<Abandoned>, StoreError> {
+        let now = now_unix();
+        let rows = sqlx::query(
+            "UPDATE jobs SET
+                 status = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'failed' END,
+                 error = 'abandoned: runner ' || COALESCE(lease_owner, '?') || ' stopped renewing its lease',
+                 lease_owner = NULL, lease_expires = NULL
+             WHERE status = 'running' AND lease_expires < ?
+             RETURNING id, status, error",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reaping expired leases")?;
+        let mut out = Vec::new();
+        for r in rows {
+            let get_err = |e: sqlx::Error| StoreError::Query { context: "reading a reaped job", source: e };
+            let status: String = r.try_get("status").map_err(get_err)?;
+            let error: String = r.try_get("error").map_err(get_err)?;
+            out.push(Abandoned {
+                id: JobId::new(r.try_get::<String, _>("id").map_err(get_err)?),
+                reason: error,
+                outcome: if status == "pending" { FailOutcome::WillRetry } else { FailOutcome::Failed },
+            });
+        }
+        Ok(out)
+    }
+
+    async fn outstanding(&self, study: StudyId) -> Result<(u64, u64), StoreError> {
+        let rev = self.current_revision(study).await?;
+        let sql = format!(
+            "{BLOCKED_CTE}
+             SELECT
+                 COALESCE(SUM(CASE WHEN j.status = 'running' THEN 1 ELSE 0 END), 0) AS running,
+                 COALESCE(SUM(CASE WHEN j.status = 'pending' AND j.attempts < j.max_attempts
+                      AND j.id NOT IN (SELECT id FROM dead) THEN 1 ELSE 0 END), 0) AS pending
+             FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
+             WHERE sj.study_id = ? AND sj.spec_sha256 = ?"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(study.0)
+            .bind(rev)
+            .fetch_one(&self.pool)
+            .await
+            .ctx("counting outstanding jobs")?;
+        let running: i64 = row.try_get("running").ctx("counting running jobs")?;
+        let pending: i64 = row.try_get("pending").ctx("counting pending jobs")?;
+        Ok((running as u64, pending as u64))
+    }
+
+    async fn set_progress(&self, job: &JobId, done: u64, total: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?")
+            .bind(done as i64)
+            .bind(total as i64)
+            .bind(job.as_str())
+            .execute(&self.pool)
+            .await
+            .ctx("recording progress")?;
+        Ok(())
+    }
+
+    async fn record_cert(&self, job: &JobId, r: &CertRow) -> Result<(), StoreError> {
+        // A result is final once written; a re-run of an in-flight image computes the same row.
+        sqlx::query(
+            "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, idx) DO NOTHING",
+        )
+        .bind(job.as_str())
+        .bind(r.idx as i64)
+        .bind(r.label as i64)
+        .bind(r.predict)
+        .bind(r.radius)
+        .bind(r.correct as i64)
+        .bind(r.c_hat as i64)
+        .bind(r.n_a as i64)
+        .bind(r.n as i64)
+        .bind(r.n0 as i64)
+        .bind(r.alpha)
+        .bind(r.sigma)
+        .bind(r.seconds)
+        .execute(&self.pool)
+        .await
+        .ctx("recording a certification result")?;
+        Ok(())
+    }
+
+    async fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
+        let v: Vec<i64> = sqlx::query_scalar("SELECT idx FROM cert_results WHERE job_id = ? ORDER BY idx")
+            .bind(job.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .ctx("reading finished images")?;
+        Ok(v.into_iter().map(|i| i as u64).collect())
+    }
+
+    async fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO eval_results (job_id, idx, label, predict, correct) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT (job_id, idx) DO NOTHING",
+            )
+            .bind(job.as_str())
+            .bind(r.idx as i64)
+            .bind(r.label as i64)
+            .bind(r.predict as i64)
+            .bind((r.label == r.predict) as i64)
+            .execute(&mut *tx)
+            .await
+            .ctx("recording an evaluation result")?;
+        }
+        tx.commit().await.ctx("committing evaluation results")?;
+        Ok(())
+    }
+
+    async fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
+        let v: Vec<i64> = sqlx::query_scalar("SELECT idx FROM eval_results WHERE job_id = ? ORDER BY idx")
+            .bind(job.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .ctx("reading evaluated images")?;
+        Ok(v.into_iter().map(|i| i as u64).collect())
+    }
+
+    async fn record_artifact(&self, job: &JobId, a: &Artifact) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO artifacts (job_id, name, path, sha256, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (job_id, name) DO UPDATE SET path = excluded.path, sha256 = excluded.sha256,
+                 bytes = excluded.bytes, created_at = excluded.created_at",
+        )
+        .bind(job.as_str())
+        .bind(&a.name)
+        .bind(&a.path)
+        .bind(&a.sha256)
+        .bind(a.bytes as i64)
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await
+        .ctx("recording an artifact")?;
+        Ok(())
+    }
+
+    async fn log_event(&self, job: Option<&JobId>, worker: Option<&WorkerId>, level: &str, message: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO events (at, job_id, worker, level, message) VALUES (?, ?, ?, ?, ?)")
+            .bind(now_unix())
+            .bind(job.map(|j| j.as_str().to_string()))
+            .bind(worker.map(|w| w.0.clone()))
+            .bind(level)
+            .bind(message)
+            .execute(&self.pool)
+            .await
+            .ctx("logging an event")?;
+        Ok(())
+    }
+
+    async fn studies(&self) -> Result<Vec<StudyInfo>, StoreError> {
+        let rows = sqlx::query("SELECT id, name, seed, spec_path, spec_sha256, spec_text FROM studies ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .ctx("listing studies")?;
+        rows.iter().map(study_from_row).collect()
+    }
+
+    async fn study_by_name(&self, name: &str) -> Result<StudyInfo, StoreError> {
+        let row = sqlx::query("SELECT id, name, seed, spec_path, spec_sha256, spec_text FROM studies WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .ctx("looking up a study")?;
+        match row {
+            Some(r) => study_from_row(&r),
+            None => Err(StoreError::NotFound(format!("study `{name}`"))),
+        }
+    }
+
+    async fn study_jobs(&self, study: StudyId) -> Result<Vec<JobStatus>, StoreError> {
+        let rev = self.current_revision(study).await?;
+        let sql = format!(
+            "{BLOCKED_CTE}
+             SELECT j.id, j.kind, j.label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
+                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result,
+                    CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END AS blocked,
+                    (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
+             FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
+             WHERE sj.study_id = ? AND sj.spec_sha256 = ? ORDER BY sj.seq"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(study.0)
+            .bind(rev)
+            .fetch_all(&self.pool)
+            .await
+            .ctx("listing the study's jobs")?;
+        rows.iter().map(job_status_from_row).collect()
+    }
+
+    async fn study_cert_results(&self, study: StudyId) -> Result<Vec<(JobId, CertRow)>, StoreError> {
+        let rev = self.current_revision(study).await?;
+        let rows = sqlx::query(
+            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds
+             FROM cert_results c JOIN study_jobs sj ON sj.job_id = c.job_id
+             WHERE sj.study_id = ? AND sj.spec_sha256 = ? ORDER BY c.job_id, c.idx",
+        )
+        .bind(study.0)
+        .bind(rev)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading certification results")?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let g = |e: sqlx::Error| StoreError::Query { context: "reading a certification row", source: e };
+            out.push((
+                JobId::new(r.try_get::<String, _>("job_id").map_err(g)?),
+                CertRow {
+                    idx: r.try_get::<i64, _>("idx").map_err(g)? as u64,
+                    label: r.try_get::<i64, _>("label").map_err(g)? as u32,
+                    predict: r.try_get("predict").map_err(g)?,
+                    radius: r.try_get("radius").map_err(g)?,
+                    correct: r.try_get::<i64, _>("correct").map_err(g)? != 0,
+                    c_hat: r.try_get::<i64, _>("c_hat").map_err(g)? as u32,
+                    n_a: r.try_get::<i64, _>("n_a").map_err(g)? as u64,
+                    n: r.try_get::<i64, _>("n").map_err(g)? as u64,
+                    n0: r.try_get::<i64, _>("n0").map_err(g)? as u64,
+                    alpha: r.try_get("alpha").map_err(g)?,
+                    sigma: r.try_get("sigma").map_err(g)?,
+                    seconds: r.try_get("seconds").map_err(g)?,
+                },
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+impl SqliteStore {
+    /// Direct SQL access for tests that need to set up unusual states.
+    pub(crate) fn pool_for_tests(&self) -> SqlitePool {
+        self.pool.clone()
+    }
+}

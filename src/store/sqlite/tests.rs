@@ -1,0 +1,202 @@
+//! The SQLite store's lease protocol on real database files.
+
+use std::time::Duration;
+
+use super::*;
+use crate::plan::{Job, JobBuilder, Plan, StudyMeta};
+
+fn job(name: &str, deps: &[&Job]) -> Job {
+    JobBuilder {
+        kind: "test",
+        version: 1,
+        label: name.into(),
+        params: serde_json::json!({ "name": name }),
+        identity: serde_json::json!({ "name": name }),
+        deps: deps.iter().map(|j| j.id.clone()).collect(),
+    }
+    .build()
+}
+
+fn plan(name: &str, jobs: Vec<Job>) -> Plan {
+    Plan {
+        study: StudyMeta {
+            name: name.into(),
+            seed: 0,
+            spec_path: "spec.yaml".into(),
+            spec_text: format!("name: {name}"),
+            spec_sha256: crate::util::sha256_bytes(format!("{name}{}", jobs.len()).as_bytes()),
+        },
+        jobs,
+    }
+}
+
+fn w(name: &str) -> WorkerId {
+    WorkerId(name.into())
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn claims_follow_dependencies_and_plan_order() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let a = job("a", &[]);
+    let b = job("b", &[&a]);
+    let c = job("c", &[]);
+    let study = s.register_plan(&plan("p", vec![a.clone(), b.clone(), c.clone()])).await.unwrap();
+    let first = s.claim(study, &w("w1"), &["test"], LEASE).await.unwrap().unwrap();
+    assert_eq!(first.id, a.id);
+    // b waits for a, so c is next.
+    let second = s.claim(study, &w("w1"), &["test"], LEASE).await.unwrap().unwrap();
+    assert_eq!(second.id, c.id);
+    assert!(s.claim(study, &w("w1"), &["test"], LEASE).await.unwrap().is_none());
+    assert!(s.complete(&a.id, &w("w1"), &serde_json::json!({}), 1.0).await.unwrap());
+    let third = s.claim(study, &w("w1"), &["test"], LEASE).await.unwrap().unwrap();
+    assert_eq!(third.id, b.id);
+    assert_eq!(third.attempt, 1);
+}
+
+#[tokio::test]
+async fn only_registered_kinds_are_claimed() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let study = s.register_plan(&plan("p", vec![job("a", &[])])).await.unwrap();
+    assert!(s.claim(study, &w("w"), &["other"], LEASE).await.unwrap().is_none());
+    assert!(s.claim(study, &w("w"), &[], LEASE).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn registering_the_same_plan_twice_keeps_results_and_state() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let a = job("a", &[]);
+    let p = plan("p", vec![a.clone()]);
+    let study = s.register_plan(&p).await.unwrap();
+    let _ = s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
+    s.complete(&a.id, &w("w"), &serde_json::json!({"x": 1}), 2.0).await.unwrap();
+    let again = s.register_plan(&p).await.unwrap();
+    assert_eq!(study, again);
+    let jobs = s.study_jobs(study).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].state, JobState::Done);
+    assert_eq!(jobs[0].result, Some(serde_json::json!({"x": 1})));
+}
+
+#[tokio::test]
+async fn only_the_lease_owner_can_complete_or_heartbeat() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let a = job("a", &[]);
+    let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
+    s.claim(study, &w("owner"), &["test"], LEASE).await.unwrap().unwrap();
+    assert!(!s.heartbeat(&a.id, &w("intruder"), LEASE).await.unwrap());
+    assert!(!s.complete(&a.id, &w("intruder"), &serde_json::json!({}), 0.0).await.unwrap());
+    assert!(s.heartbeat(&a.id, &w("owner"), LEASE).await.unwrap());
+    assert!(s.complete(&a.id, &w("owner"), &serde_json::json!({}), 0.0).await.unwrap());
+}
+
+#[tokio::test]
+async fn expired_leases_are_reaped_and_rerun_until_attempts_run_out() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let a = job("a", &[]);
+    let b = job("b", &[&a]);
+    let study = s.register_plan(&plan("p", vec![a.clone(), b.clone()])).await.unwrap();
+    for attempt in 1..=3u32 {
+        let c = s.claim(study, &w("dead"), &["test"], Duration::from_millis(1)).await.unwrap().unwrap();
+        assert_eq!(c.attempt, attempt);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let reaped = s.reap_expired().await.unwrap();
+        assert_eq!(reaped.len(), 1);
+        assert!(reaped[0].reason.contains("dead"));
+        let want = if attempt < 3 { FailOutcome::WillRetry } else { FailOutcome::Failed };
+        assert_eq!(reaped[0].outcome, want);
+    }
+    let jobs = s.study_jobs(study).await.unwrap();
+    assert_eq!(jobs[0].state, JobState::Failed);
+    assert!(jobs[1].blocked, "a dependent of a failed job is blocked");
+    assert_eq!(s.outstanding(study).await.unwrap(), (0, 0));
+    // --retry-failed gives the job fresh attempts, which unblocks its dependent.
+    assert_eq!(s.retry_failed(study).await.unwrap(), 1);
+    assert_eq!(s.outstanding(study).await.unwrap(), (0, 2));
+}
+
+#[tokio::test]
+async fn failures_back_off_then_fail_for_good() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let a = job("a", &[]);
+    let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
+    s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
+    let o = s.fail(&a.id, &w("w"), "boom", Some(Duration::from_secs(3600)), 0.5).await.unwrap();
+    assert_eq!(o, FailOutcome::WillRetry);
+    // Backing off: not claimable, but still outstanding.
+    assert!(s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().is_none());
+    assert_eq!(s.outstanding(study).await.unwrap(), (0, 1));
+    let s2 = s.clone();
+    sqlx::query("UPDATE jobs SET not_before = 0").execute(&s2.pool_for_tests()).await.unwrap();
+    s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
+    let o = s.fail(&a.id, &w("w"), "not retryable", None, 0.5).await.unwrap();
+    assert_eq!(o, FailOutcome::Failed);
+    let j = &s.study_jobs(study).await.unwrap()[0];
+    assert_eq!(j.state, JobState::Failed);
+    assert_eq!(j.error.as_deref(), Some("not retryable"));
+    assert!((j.run_seconds - 1.0).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn release_returns_the_job_without_counting_the_attempt() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let a = job("a", &[]);
+    let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
+    s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
+    s.release(&a.id, &w("w"), 1.0).await.unwrap();
+    let c = s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
+    assert_eq!(c.attempt, 1);
+}
+
+#[tokio::test]
+async fn results_are_written_once_per_image() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let a = job("a", &[]);
+    let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
+    let row = |idx: u64, radius: f64| CertRow {
+        idx,
+        label: 3,
+        predict: 3,
+        radius,
+        correct: true,
+        c_hat: 3,
+        n_a: 990,
+        n: 1000,
+        n0: 100,
+        alpha: 0.001,
+        sigma: 0.5,
+        seconds: 0.1,
+    };
+    s.record_cert(&a.id, &row(5, 0.7)).await.unwrap();
+    s.record_cert(&a.id, &row(0, 0.2)).await.unwrap();
+    s.record_cert(&a.id, &row(5, 9.9)).await.unwrap();
+    assert_eq!(s.cert_done(&a.id).await.unwrap(), vec![0, 5]);
+    let rows = s.study_cert_results(study).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1].1, row(5, 0.7));
+}
+
+#[tokio::test]
+async fn two_stores_on_one_file_never_claim_the_same_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("caf.db");
+    let s1 = SqliteStore::open(&path).await.unwrap();
+    let s2 = SqliteStore::open(&path).await.unwrap();
+    let jobs: Vec<Job> = (0..40).map(|i| job(&format!("j{i}"), &[])).collect();
+    let study = s1.register_plan(&plan("p", jobs)).await.unwrap();
+    let grab = |s: SqliteStore, name: &'static str| async move {
+        let mut got = Vec::new();
+        while let Some(c) = s.claim(study, &w(name), &["test"], LEASE).await.unwrap() {
+            got.push(c.id);
+        }
+        got
+    };
+    let (a, b) = tokio::join!(tokio::spawn(grab(s1, "one")), tokio::spawn(grab(s2, "two")));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut all: Vec<_> = a.iter().chain(b.iter()).cloned().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(a.len() + b.len(), 40);
+    assert_eq!(all.len(), 40);
+}
