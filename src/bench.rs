@@ -18,7 +18,8 @@ pub struct BenchReport {
     /// Images per second in each timed window, in order.
     pub windows: Vec<f64>,
     pub batch: usize,
-    /// Threads candle's CPU backend uses (rayon's pool; `RAYON_NUM_THREADS` sets it).
+    /// Threads in rayon's global pool, which candle and the fused ResNet path run on
+    /// (`RAYON_NUM_THREADS` sets it).
     pub threads: usize,
 }
 
@@ -85,7 +86,7 @@ pub fn bench_forward(
         images_per_sec_median: median(&windows),
         windows,
         batch,
-        threads: candle_core::utils::get_num_threads(),
+        threads: rayon::current_num_threads(),
     })
 }
 
@@ -130,8 +131,10 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 
-    /// The throughput figure for the report; run with
-    /// `CAF_BENCH_ARCH=resnet20 cargo test --release --lib bench::tests::forward_throughput -- --ignored --nocapture`.
+    /// The throughput figure for reports (compare `bench/pytorch_forward.py`); run with
+    /// `CAF_BENCH_ARCH=resnet20 CAF_BENCH_BATCH=400 CAF_BENCH_SECONDS=20 \
+    ///  cargo test --lib bench::tests::forward_throughput -- --ignored --nocapture`.
+    /// The test profile already compiles candle, gemm and rayon with opt-level 3.
     #[test]
     #[ignore = "benchmark: takes tens of seconds"]
     fn forward_throughput() {

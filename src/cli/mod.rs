@@ -33,6 +33,10 @@ pub fn main() -> i32 {
     match commands::dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
+            // A closed pipe (`caf plan --json | head`) is the reader's choice, not an error.
+            if err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return 0;
+            }
             if let Some(exit) = err.downcast_ref::<Exit>() {
                 if let Some(m) = &exit.message {
                     eprintln!("error: {m}");
@@ -57,6 +61,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

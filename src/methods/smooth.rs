@@ -190,7 +190,9 @@ impl JobHandler for CertifyHandler {
         let mut finished = indices.iter().filter(|i| done.contains(&(**i as u64))).count() as u64;
         ctx.sink.progress(finished, total)?;
         if finished > 0 {
-            ctx.sink.event("info", &format!("resuming: {finished}/{total} images already certified"))?;
+            let msg = format!("resuming: {finished}/{total} images already certified");
+            tracing::info!("{msg}");
+            ctx.sink.event("info", &msg)?;
         }
         let settings = Settings { n0: p.n0, n: p.n, alpha: p.alpha, batch: p.batch };
         let end = certify_slice(

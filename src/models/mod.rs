@@ -5,9 +5,13 @@
 //!
 //! - [`CifarResNet`]: He et al.'s CIFAR ResNet-20/32/44/56/110 (akamaster's form), with
 //!   [`CifarResNet::features`] / [`CifarResNet::head`] to split off the final linear layer.
-//! - [`LinearClassifier`]: logits = W·x + b.
+//!   Eval mode on the CPU runs a fused inference path (BatchNorm folded, im2col + GEMM per
+//!   image) unless autograd needs the graph; see [`CifarResNet::features_t`].
+//! - [`LinearClassifier`]: logits = W·x + b (raw pixels with [`Normalize::IDENTITY`]).
 //! - [`load_state_dict`]: safetensors, PyTorch zip or legacy PyTorch pickle checkpoints.
+//! - [`load_classifier`]: both together, with names and shapes checked against the arch.
 
+mod fast;
 mod linear;
 mod pickle;
 mod resnet;

@@ -12,6 +12,7 @@
 use candle_core::{DType, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
+use super::fast::{FoldedBlock, FoldedConv, FoldedResNet};
 use super::{Classifier, Normalize};
 
 /// PyTorch's BatchNorm2d defaults, which akamaster's checkpoints were trained with.
@@ -24,23 +25,28 @@ pub const FEATURE_DIM: usize = 64;
 /// Input normalisation as the model's first op, so callers work in [0,1] pixel space.
 #[derive(Clone, Debug)]
 pub(crate) struct InputNorm {
+    normalize: Normalize,
     /// `None` for the identity, which then costs nothing.
     mean_std: Option<(Tensor, Tensor)>,
 }
 
 impl InputNorm {
     pub(crate) fn new(n: Normalize, device: &candle_core::Device) -> Result<Self> {
-        if n == Normalize::IDENTITY {
-            return Ok(Self { mean_std: None });
-        }
         if n.std.iter().any(|&s| !(s.is_finite() && s > 0.0))
             || n.mean.iter().any(|m| !m.is_finite())
         {
             candle_core::bail!("normalisation needs finite means and positive stds, got {n:?}");
         }
+        if n == Normalize::IDENTITY {
+            return Ok(Self {
+                normalize: n,
+                mean_std: None,
+            });
+        }
         let mean = Tensor::new(&n.mean, device)?.reshape((1, 3, 1, 1))?;
         let std = Tensor::new(&n.std, device)?.reshape((1, 3, 1, 1))?;
         Ok(Self {
+            normalize: n,
             mean_std: Some((mean, std)),
         })
     }
@@ -102,13 +108,17 @@ impl ConvBn {
         if train {
             return self.bn.forward_t(&self.conv.forward(x)?, true);
         }
-        // Eval: fold BatchNorm into the convolution (w·s, β − μ·s with s = γ/√(σ²+ε)), which
-        // saves three full passes over the activations. It is recomputed each call (a few
-        // thousand weights) so it always reflects the current parameters during training.
-        let (gamma, beta) = match self.bn.weight_and_bias() {
-            Some((g, b)) => (g.clone(), b.clone()),
-            None => candle_core::bail!("ConvBn is built with an affine BatchNorm"),
-        };
+        let (w, shift) = self.folded()?;
+        let y = x.conv2d(&w, 1, self.stride, 1, 1)?;
+        y.broadcast_add(&shift.reshape((1, shift.dim(0)?, 1, 1))?)
+    }
+
+    /// Eval mode folds BatchNorm into the convolution: weight w·s and bias β − μ·s with
+    /// s = γ/√(σ²+ε), saving three passes over the activations. It is recomputed on each call
+    /// (a few thousand weights), so it always reflects the current parameters, and gradients
+    /// still reach γ, β and w through it.
+    fn folded(&self) -> Result<(Tensor, Tensor)> {
+        let (gamma, beta) = self.affine()?;
         let mean = self.bn.running_mean().detach();
         let var = self.bn.running_var().detach();
         let scale = (gamma / (var + self.bn.eps())?.sqrt()?)?;
@@ -118,8 +128,51 @@ impl ConvBn {
             .conv
             .weight()
             .broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
-        let y = x.conv2d(&w, 1, self.stride, 1, 1)?;
-        y.broadcast_add(&shift.reshape((1, c, 1, 1))?)
+        Ok((w, shift))
+    }
+
+    fn affine(&self) -> Result<(&Tensor, &Tensor)> {
+        match self.bn.weight_and_bias() {
+            Some(gb) => Ok(gb),
+            None => candle_core::bail!("ConvBn is built with an affine BatchNorm"),
+        }
+    }
+
+    /// Whether autograd tracks any trained parameter (running statistics never are).
+    fn tracks_grad(&self) -> bool {
+        let affine = self.bn.weight_and_bias();
+        self.conv.weight().track_op() || affine.is_some_and(|(g, b)| g.track_op() || b.track_op())
+    }
+
+    fn detached(&self) -> Result<Self> {
+        let (gamma, beta) = self.affine()?;
+        let conv = Conv2d::new(self.conv.weight().detach(), None, *self.conv.config());
+        let bn = BatchNorm::new(
+            gamma.dim(0)?,
+            self.bn.running_mean().detach(),
+            self.bn.running_var().detach(),
+            gamma.detach(),
+            beta.detach(),
+            self.bn.eps(),
+        )?;
+        Ok(Self {
+            conv,
+            bn,
+            stride: self.stride,
+        })
+    }
+
+    fn to_fast(&self) -> Result<FoldedConv> {
+        let (w, shift) = self.folded()?;
+        let (w, shift) = (w.detach(), shift.detach());
+        let (c_out, c_in, _, _) = w.dims4()?;
+        Ok(FoldedConv {
+            weight: w.flatten_all()?.to_vec1()?,
+            bias: shift.to_vec1()?,
+            c_in,
+            c_out,
+            stride: self.stride,
+        })
     }
 }
 
@@ -234,7 +287,83 @@ impl CifarResNet {
     }
 
     /// Penultimate features φ(x): [B, 64] after global average pooling.
+    ///
+    /// Eval mode on the CPU runs the fused inference path (see `fast.rs`) when nothing needs
+    /// gradients: neither the input nor the parameters are tracked by autograd (weights loaded
+    /// from a file are not; a VarMap's are, see [`CifarResNet::detached`]). Everything else
+    /// runs candle's differentiable ops.
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        check_input(x)?;
+        if !train && x.device().is_cpu() && !x.track_op() && !self.tracks_grad() {
+            return self.features_fast(x);
+        }
+        self.features_candle(x, train)
+    }
+
+    /// Whether autograd tracks any trained parameter of the network.
+    pub fn tracks_grad(&self) -> bool {
+        self.stem.tracks_grad()
+            || self
+                .blocks
+                .iter()
+                .any(|b| b.a.tracks_grad() || b.b.tracks_grad())
+            || self.linear.weight().track_op()
+            || self.linear.bias().is_some_and(Tensor::track_op)
+    }
+
+    /// A copy whose parameters are detached from autograd (sharing their storage), e.g. to
+    /// certify a network trained in this process through the fused CPU path.
+    pub fn detached(&self) -> Result<Self> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(BasicBlock {
+                    a: b.a.detached()?,
+                    b: b.b.detached()?,
+                    shortcut_pad: b.shortcut_pad,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            norm: self.norm.clone(),
+            stem: self.stem.detached()?,
+            blocks,
+            linear: Linear::new(
+                self.linear.weight().detach(),
+                self.linear.bias().map(Tensor::detach),
+            ),
+            depth: self.depth,
+            num_classes: self.num_classes,
+        })
+    }
+
+    fn features_fast(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let net = FoldedResNet {
+            normalize: self.norm.normalize,
+            stem: self.stem.to_fast()?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|blk| {
+                    Ok(FoldedBlock {
+                        a: blk.a.to_fast()?,
+                        b: blk.b.to_fast()?,
+                        shortcut_pad: blk.shortcut_pad,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            feature_dim: FEATURE_DIM,
+        };
+        let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let feats = net.features(&input, b, h, w);
+        Tensor::from_vec(feats, (b, FEATURE_DIM), x.device())
+    }
+
+    /// φ(x) through candle's ops only: the path for training and non-CPU devices, and the
+    /// reference the fused path is tested against.
+    pub(crate) fn features_candle(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         check_input(x)?;
         let mut h = self.stem.forward_t(&self.norm.forward(x)?, train)?.relu()?;
         for block in &self.blocks {

@@ -299,12 +299,21 @@ fn truncated_and_garbage_files_are_errors_not_panics() {
 }
 
 #[test]
-fn corrupted_pickle_bytes_never_panic() {
-    let real = std::fs::read(akamaster("resnet20-12fca82f.th")).expect("read");
-    // The pickle part is the first ~16 KB; the rest is raw floats.
+fn corrupted_headers_never_panic() {
+    // The legacy pickle part and the safetensors JSON header are both in the first ~16 KB; the
+    // rest is raw floats, where any byte value is valid.
+    for (file, rounds) in [("resnet20-12fca82f.th", 400), ("resnet20.safetensors", 150)] {
+        corrupt_and_load(&akamaster(file), rounds);
+    }
+    // The zip fixture is small enough to corrupt anywhere.
+    corrupt_and_load(&fixture("torch_formats_zip.pt"), 300);
+}
+
+fn corrupt_and_load(path: &Path, rounds: usize) {
+    let real = std::fs::read(path).expect("read");
     let region = real.len().min(16 * 1024);
     let mut rng = 0x2545_f491_4f6c_dd1du64;
-    for i in 0..400 {
+    for i in 0..rounds {
         let mut bytes = real.clone();
         for _ in 0..1 + i % 3 {
             rng ^= rng << 13;
@@ -449,6 +458,7 @@ fn check_against_pytorch(arch: &str, weights: &str, want_correct: usize) {
             worst = worst.max((v.as_f64().expect("f64") - got[i][j] as f64).abs());
         }
     }
+    eprintln!("{arch}: max |caf - pytorch| logit difference {worst:e}");
     assert!(
         worst < 1e-4,
         "{arch}: max |caf - pytorch| logit difference {worst}"
@@ -502,6 +512,14 @@ fn features_then_head_equals_logits_and_train_mode_runs() {
     let a = flat(&model.head(&phi).expect("head"));
     let b = flat(&model.logits(&x).expect("logits"));
     assert_eq!(a, b);
+    // An input tracked by autograd takes candle's path, and gradients reach it.
+    let xv = candle_core::Var::from_tensor(&x).expect("var");
+    let l = model.logits(xv.as_tensor()).expect("tracked logits");
+    let d = max_abs_diff(&l, &model.logits(&x).expect("logits"));
+    assert!(d < 1e-4, "{d}");
+    let grads = l.sum_all().and_then(|s| s.backward()).expect("backward");
+    let g = grads.get(xv.as_tensor()).expect("input gradient");
+    assert_eq!(g.dims(), x.dims());
     // Train mode uses batch statistics: different logits, same shape.
     let t = model.forward_t(&x, true).expect("train forward");
     assert_eq!(t.dims(), &[4, 10]);
@@ -619,4 +637,62 @@ fn arch_names_round_trip() {
         "resnet18".parse::<Arch>(),
         Err(ModelError::UnknownArch(_))
     ));
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    flat(a)
+        .iter()
+        .zip(flat(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn fused_cpu_path_matches_candle_ops() {
+    let dev = Device::Cpu;
+    let model = load_cifar_resnet(
+        56,
+        &akamaster("resnet56.safetensors"),
+        Normalize::IMAGENET,
+        &dev,
+    )
+    .expect("load");
+    let x = exact100()
+        .batch_tensor(&[0, 1, 2, 3, 4, 5], &dev)
+        .expect("batch");
+    let fast = model.features(&x).expect("fused");
+    let reference = model.features_candle(&x, false).expect("candle");
+    let d = max_abs_diff(&fast, &reference);
+    assert!(d < 1e-4, "fused vs candle features differ by {d}");
+
+    // Random weights with non-trivial BatchNorm statistics, and sizes that are not 32×32
+    // (odd sizes exercise the stride-2 and shortcut edges).
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let model = CifarResNet::new(20, 7, Normalize::IMAGENET, vb).expect("build");
+    for (name, var) in varmap.data().lock().expect("lock").iter() {
+        let shape = var.as_tensor().shape().clone();
+        let v = if name.ends_with("running_var") || name.ends_with("bn1.weight") {
+            Tensor::rand(0.5f32, 1.5, shape, &dev)
+        } else {
+            Tensor::randn(0f32, 0.2, shape, &dev)
+        };
+        var.set(&v.expect("rand")).expect("set");
+    }
+    // VarMap parameters are tracked by autograd, so the model itself must take candle's path.
+    assert!(model.tracks_grad());
+    let frozen = model.detached().expect("detach");
+    assert!(!frozen.tracks_grad());
+    for (h, w) in [(32, 32), (17, 23), (5, 4)] {
+        let x = Tensor::rand(0f32, 1.0, (3, 3, h, w), &dev).expect("input");
+        let fast = frozen.logits(&x).expect("fused");
+        let reference = model.logits(&x).expect("candle");
+        let d = max_abs_diff(&fast, &reference);
+        let scale = flat(&reference).iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        assert!(
+            d / scale < 1e-5,
+            "{h}x{w}: fused vs candle logits differ by {d} (scale {scale})"
+        );
+    }
 }

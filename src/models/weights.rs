@@ -74,18 +74,8 @@ pub fn load_state_dict(
 ) -> Result<HashMap<String, Tensor>, ModelError> {
     let bytes = std::fs::read(path)
         .map_err(|e| ModelError::weights(path, format!("cannot read weights file: {e}")))?;
-    let format =
-        detect_format(&bytes).ok_or_else(|| {
-            let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-            ModelError::weights(
-                path,
-                format!(
-                "unrecognised weights format (first bytes: {}); expected safetensors, a PyTorch \
-                 zip checkpoint (torch >= 1.6) or a legacy PyTorch pickle checkpoint",
-                if head.is_empty() { "none, the file is empty".into() } else { head.join(" ") }
-            ),
-            )
-        })?;
+    let format = detect_format(&bytes)
+        .ok_or_else(|| ModelError::weights(path, unrecognised_format(&bytes)))?;
     let tensors = match format {
         WeightFormat::Safetensors => candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| e.to_string())
@@ -101,6 +91,19 @@ pub fn load_state_dict(
         ));
     }
     Ok(strip_common_prefix(tensors, "module."))
+}
+
+fn unrecognised_format(bytes: &[u8]) -> String {
+    let head = if bytes.is_empty() {
+        "none, the file is empty".to_string()
+    } else {
+        let hex: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        hex.join(" ")
+    };
+    format!(
+        "unrecognised weights format (first bytes: {head}); expected safetensors, a PyTorch zip \
+         checkpoint (torch >= 1.6) or a legacy PyTorch pickle checkpoint"
+    )
 }
 
 fn strip_common_prefix(tensors: Vec<(String, Tensor)>, prefix: &str) -> HashMap<String, Tensor> {

@@ -87,7 +87,7 @@ impl Progress for LogProgress {
         if last.elapsed() >= self.every || done == total {
             *last = Instant::now();
             let secs = started.elapsed().as_secs_f64();
-            tracing::info!(job = %id, "{done}/{total} ({:.1} s elapsed)", secs);
+            tracing::info!("{done}/{total} ({secs:.1} s elapsed)");
         }
     }
     fn job_finished(&self, id: &JobId, label: &str, outcome: &str) {

@@ -14,15 +14,20 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::Value as Json;
 
-use super::read::{as_map, as_number, as_seq, did_you_mean, fields, Cx, Fields};
+use super::read::{as_map, as_number, as_seq, did_you_mean, fields, join_names, Cx, Fields};
 use super::yaml::{abbreviate, Kind, Node, Scalar, Value};
 use super::{Backbone, Cell, Param, Span, SpecError, MAX_CELLS};
 
 /// Most rule-entry comparisons exclusion may cost (cells × total key/value pairs in `exclude`);
 /// keeps a hostile spec from turning filtering into minutes of work.
-const MAX_EXCLUDE_WORK: usize = 20_000_000;
+const MAX_EXCLUDE_WORK: usize = 5_000_000;
 /// Most `include` rules and `exclude` rules each.
 const MAX_RULES: usize = 10_000;
+/// Most memory (estimated) the expanded cells may take. A large parameter value (a long list, a
+/// long string) is copied into every cell, so the cell count alone does not bound memory.
+const MAX_GRID_BYTES: usize = 128 << 20;
+/// Estimated bytes per parameter or JSON value, string contents excluded.
+const VALUE_BYTES: usize = 64;
 
 /// One axis of a product: each row is the set of parameters one step of the axis assigns
 /// (one pair for a plain axis, one pair per list for a zip group).
@@ -51,6 +56,10 @@ struct Rule {
 struct GridCx<'a> {
     cx: Cx<'a>,
     backbones: &'a BTreeMap<String, Backbone>,
+    /// Estimated bytes of the cells built so far, against [`MAX_GRID_BYTES`].
+    spent: std::cell::Cell<usize>,
+    /// Where whole-grid errors point: the `grid:` key.
+    at: Span,
 }
 
 /// Expands the grid at `node`; `at` (the `grid:` key) locates errors about the grid as a whole.
@@ -60,7 +69,12 @@ pub fn expand(
     at: Span,
     backbones: &BTreeMap<String, Backbone>,
 ) -> Result<Vec<Cell>, SpecError> {
-    let g = GridCx { cx, backbones };
+    let g = GridCx {
+        cx,
+        backbones,
+        spent: std::cell::Cell::new(0),
+        at,
+    };
     let grid = fields(
         cx,
         node,
@@ -91,38 +105,26 @@ pub fn expand(
         }
     }
 
-    let known_list: Vec<&str> = known.iter().map(String::as_str).collect();
-    let exclude = g.rules(grid.get("exclude"), "grid.exclude", &known_list)?;
-    let include = g.rules(grid.get("include"), "grid.include", &known_list)?;
+    let exclude = g.rules(grid.get("exclude"), "grid.exclude", &known)?;
+    let include = g.rules(grid.get("include"), "grid.include", &known)?;
 
     // A `methods` entry nothing uses is almost always a typo in the key or in the method list.
-    let mut used: HashSet<String> = HashSet::new();
-    for (name, p) in top
+    let used: BTreeSet<&str> = top
         .params
         .iter()
         .chain(top.axes.iter().flat_map(|a| a.rows.iter().flatten()))
-    {
-        if let (true, Some(m)) = (name == "method", p.value.as_str()) {
-            used.insert(m.to_string());
-        }
-    }
-    for rule in &include {
-        for (name, p) in &rule.pairs {
-            if let (true, Some(m)) = (name == "method", p.value.as_str()) {
-                used.insert(m.to_string());
-            }
-        }
-    }
+        .chain(include.iter().flat_map(|r| r.pairs.iter()))
+        .filter(|(name, _)| name == "method")
+        .filter_map(|(_, p)| p.value.as_str())
+        .collect();
     for (method, span, _) in &methods {
-        if !used.contains(method) {
-            let mut listed: Vec<&str> = used.iter().map(String::as_str).collect();
-            listed.sort_unstable();
+        if !used.contains(method.as_str()) {
             return Err(cx.err(
                 *span,
                 format!(
                     "no cell has method `{method}` (methods in the grid: {}){}",
-                    listed.join(", "),
-                    did_you_mean(method, listed.iter().copied())
+                    join_names(used.iter().copied()),
+                    did_you_mean(method, used.iter().copied())
                 ),
             ));
         }
@@ -151,7 +153,20 @@ pub fn expand(
                 .collect()
         })
         .collect();
-    cells.retain(|cell| !exclude.iter().any(|rule| matches(cell, rule)));
+    if !exclude.is_empty() {
+        // Each cell's values are canonicalised once, so the rule loop only compares strings.
+        let named: BTreeSet<&str> = exclude.iter().flatten().map(|(k, _)| *k).collect();
+        cells.retain(|cell| {
+            let values: HashMap<&str, String> = named
+                .iter()
+                .filter_map(|&k| cell.params.get(k).map(|p| (k, canonical(&p.value))))
+                .collect();
+            !exclude.iter().any(|rule| {
+                rule.iter()
+                    .all(|(name, want)| values.get(name).is_some_and(|v| v == want))
+            })
+        });
+    }
 
     for rule in &include {
         cells.push(g.include_cell(&top, &extras, rule)?);
@@ -238,7 +253,8 @@ impl GridCx<'_> {
                         return Err(cx.err(
                             node.span,
                             format!(
-                                "zip lists must have equal lengths: `{name}` has {} value{} but `{long_name}` has {long_len}",
+                                "zip lists must have equal lengths: `{name}` has {} value{} but \
+                                 `{long_name}` has {long_len}",
                                 values.len(),
                                 if values.len() == 1 { "" } else { "s" }
                             ),
@@ -258,18 +274,6 @@ impl GridCx<'_> {
 
         names.sort_by_key(|(_, span, _)| *span);
         for (name, span, place) in names {
-            if let Some(first) = top.and_then(|t| t.get(&name)) {
-                if name == "method" {
-                    return Err(cx.err(span, format!("`method` cannot be set inside {place}: it selects the method entry itself")));
-                }
-                return Err(cx.err(
-                    span,
-                    format!(
-                        "`{name}` is already defined in {} (line {}, column {}); a method's extras cannot redefine a top-level parameter",
-                        first.place, first.span.line, first.span.col
-                    ),
-                ));
-            }
             if top.is_some() && name == "method" {
                 return Err(cx.err(
                     span,
@@ -278,11 +282,22 @@ impl GridCx<'_> {
                     ),
                 ));
             }
+            if let Some(first) = top.and_then(|t| t.get(&name)) {
+                return Err(cx.err(
+                    span,
+                    format!(
+                        "`{name}` is already defined in {} (line {}, column {}); a method's extras \
+                         cannot redefine a top-level parameter",
+                        first.place, first.span.line, first.span.col
+                    ),
+                ));
+            }
             if let Some(first) = defs.get(&name) {
                 return Err(cx.err(
                     span,
                     format!(
-                        "`{name}` is already defined in {} (line {}, column {}); a parameter may appear only once among params, axes and zip",
+                        "`{name}` is already defined in {} (line {}, column {}); a parameter may \
+                         appear only once among params, axes and zip",
                         first.place, first.span.line, first.span.col
                     ),
                 ));
@@ -300,7 +315,8 @@ impl GridCx<'_> {
                 return Err(cx.err(
                     node.span,
                     format!(
-                        "expected a list of values for axis `{name}`, found {} (a fixed value belongs in params)",
+                        "expected a list of values for axis `{name}`, found {} (a fixed value \
+                         belongs in params)",
                         node.describe()
                     ),
                 ));
@@ -347,7 +363,8 @@ impl GridCx<'_> {
             return Err(self.cx.err(
                 key.span,
                 format!(
-                    "invalid parameter name `{}` in {field}: expected a letter or `_` followed by letters, digits, `_`, `.` or `-` (at most 64 characters)",
+                    "invalid parameter name `{}` in {field}: expected a letter or `_` followed by \
+                     letters, digits, `_`, `.` or `-` (at most 64 characters)",
                     abbreviate(name)
                 ),
             ));
@@ -376,7 +393,8 @@ impl GridCx<'_> {
     fn param(&self, name: &str, node: &Node) -> Result<Param, SpecError> {
         let cx = self.cx;
         let value = match name {
-            // Stored as a float even when written `1`, so `sigma: 1` and `sigma: 1.0` name the same job.
+            // Stored as a float even when written `1`, so `sigma: 1` and `sigma: 1.0` name the
+            // same job.
             "sigma" => match as_number(node).filter(|s| *s > 0.0) {
                 Some(s) => Json::from(s),
                 None => return Err(cx.expected(node, "a number > 0", "sigma")),
@@ -393,7 +411,7 @@ impl GridCx<'_> {
                         format!(
                             "unknown backbone `{}`; backbones defined: {}{}",
                             abbreviate(backbone),
-                            names.join(", "),
+                            join_names(names.iter().copied()),
                             did_you_mean(backbone, names.iter().copied())
                         ),
                     ));
@@ -460,7 +478,7 @@ impl GridCx<'_> {
         &self,
         node: Option<&Node>,
         field: &str,
-        known: &[&str],
+        known: &BTreeSet<String>,
     ) -> Result<Vec<Rule>, SpecError> {
         let cx = self.cx;
         let Some(node) = node else {
@@ -490,14 +508,14 @@ impl GridCx<'_> {
             let mut pairs = Vec::with_capacity(entries.len());
             for (key, value) in entries {
                 let name = key.as_str().unwrap_or_default();
-                if !known.contains(&name) {
+                if !known.contains(name) {
                     return Err(cx.err(
                         key.span,
                         format!(
                             "unknown parameter `{}` in {field}; parameters in the grid: {}{}",
                             abbreviate(name),
-                            known.join(", "),
-                            did_you_mean(name, known.iter().copied())
+                            join_names(known.iter().map(String::as_str)),
+                            did_you_mean(name, known.iter().map(String::as_str))
                         ),
                     ));
                 }
@@ -521,7 +539,10 @@ impl GridCx<'_> {
         let too_many = || {
             self.cx.err(
                 grid_span,
-                format!("the grid expands to more than {MAX_CELLS} cells before exclusion; split the study"),
+                format!(
+                    "the grid expands to more than {MAX_CELLS} cells before exclusion; \
+                     split the study"
+                ),
             )
         };
         let mut cells = Vec::new();
@@ -534,6 +555,7 @@ impl GridCx<'_> {
             return Err(too_many());
         }
         for_each_combo(&top.axes, &base, &mut |cell| {
+            self.charge(&cell)?;
             let extra = cell
                 .params
                 .get("method")
@@ -552,6 +574,7 @@ impl GridCx<'_> {
                         with_params.params.insert(name.clone(), p.clone());
                     }
                     for_each_combo(&level.axes, &with_params, &mut |c| {
+                        self.charge(&c)?;
                         cells.push(c);
                         Ok(())
                     })?;
@@ -596,7 +619,48 @@ impl GridCx<'_> {
         for (name, p) in &rule.pairs {
             cell.params.insert(name.clone(), p.clone());
         }
+        self.charge(&cell)?;
         Ok(cell)
+    }
+
+    /// Charges a built cell against [`MAX_GRID_BYTES`]. Only one cell is ever built past the
+    /// budget, and a single cell is bounded by the YAML node budget.
+    fn charge(&self, cell: &Cell) -> Result<(), SpecError> {
+        let size: usize = cell
+            .params
+            .iter()
+            .map(|(name, p)| name.len().saturating_add(json_bytes(&p.value)))
+            .fold(0, usize::saturating_add);
+        let spent = self.spent.get().saturating_add(size);
+        self.spent.set(spent);
+        if spent > MAX_GRID_BYTES {
+            return Err(self.cx.err(
+                self.at,
+                format!(
+                    "the expanded grid would take more than {} MiB: large parameter values are \
+                     copied into every cell; use fewer cells or smaller values",
+                    MAX_GRID_BYTES >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Estimated memory of a value. Recursion is bounded by the YAML layer's depth limit.
+fn json_bytes(value: &Json) -> usize {
+    let own = VALUE_BYTES;
+    match value {
+        Json::String(s) => own.saturating_add(s.len()),
+        Json::Array(items) => items
+            .iter()
+            .map(json_bytes)
+            .fold(own, usize::saturating_add),
+        Json::Object(map) => map
+            .iter()
+            .map(|(k, v)| k.len().saturating_add(json_bytes(v)))
+            .fold(own, usize::saturating_add),
+        _ => own,
     }
 }
 
@@ -637,14 +701,6 @@ fn for_each_combo(
             index[digit] = 0;
         }
     }
-}
-
-fn matches(cell: &Cell, rule: &[(&str, String)]) -> bool {
-    rule.iter().all(|(name, want)| {
-        cell.params
-            .get(*name)
-            .is_some_and(|p| canonical(&p.value) == *want)
-    })
 }
 
 fn cell_key(cell: &Cell) -> String {

@@ -2,8 +2,9 @@
 //!
 //! The public types here are the interface the rest of caf codes against. The syntax is documented
 //! in `experiments/README-spec.md`. Layers:
-//! * [`yaml`](self) (private): bytes → located node tree, with hard limits on size, depth, node count
-//!   and alias expansion, because specs are untrusted input;
+//! * `yaml`: bytes → located node tree, with hard limits on size, depth, node count and alias
+//!   expansion, because specs are untrusted input (limits re-exported below);
+//! * `read`: typed, located accessors ("expected … for …, found …");
 //! * `schema`: the fixed-schema sections (name, seed, data, backbones, certify, report);
 //! * `grid`: params/axes/zip/methods/exclude/include → [`Cell`]s in a documented, stable order.
 //!
@@ -153,9 +154,11 @@ pub struct Cell {
 /// A parsed, validated study.
 #[derive(Clone, Debug)]
 pub struct Spec {
-    /// The spec file as resolved against the working directory.
+    /// The spec file as resolved against the working directory (`base_dir` for [`Spec::parse`]).
     pub path: PathBuf,
+    /// The file's text, byte for byte.
     pub text: String,
+    /// Hex SHA-256 of the file's bytes.
     pub sha256: String,
     pub name: String,
     pub seed: u64,

@@ -206,14 +206,28 @@ pub fn check_name(cx: Cx, node: &Node, field: &str) -> Result<String, SpecError>
     Ok(name.to_string())
 }
 
+/// Names joined with ", ", at most 20 of them: a hostile spec can define thousands.
+pub fn join_names<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    const SHOWN: usize = 20;
+    let mut names = names.into_iter();
+    let mut out: Vec<String> = names.by_ref().take(SHOWN).map(abbreviate).collect();
+    let rest = names.count();
+    if rest > 0 {
+        out.push(format!("… and {rest} more"));
+    }
+    out.join(", ")
+}
+
 /// `; did you mean `x`?` for the closest candidate within a small edit distance, else "".
 pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
     // Long inputs would make the quadratic distance costly and are never typos of short keys.
     if name.len() > 64 {
         return String::new();
     }
+    // Bounded so an error about one of thousands of names stays cheap.
     let best = candidates
         .into_iter()
+        .take(1000)
         .filter(|c| c.len() <= 64)
         .map(|c| (edit_distance(name, c), c))
         .filter(|(d, c)| *d > 0 && *d <= (c.len() / 3).max(1))

@@ -250,7 +250,8 @@ fn certify(cx: Cx, node: &Node) -> Result<CertifySettings, SpecError> {
         return Err(cx.err(
             at,
             format!(
-                "certify.n0 ({}) must be less than certify.n ({}): n0 samples only select the class, n samples bound its probability",
+                "certify.n0 ({}) must be less than certify.n ({}): n0 samples only select the \
+                 class, n samples bound its probability",
                 s.n0, s.n
             ),
         ));
@@ -279,7 +280,10 @@ fn report(cx: Cx, node: &Node) -> Result<ReportSettings, SpecError> {
             if r <= prev {
                 return Err(cx.err(
                     item.span,
-                    format!("report.radii must be sorted in strictly ascending order, but {r} follows {prev}"),
+                    format!(
+                        "report.radii must be sorted in strictly ascending order, but {r} \
+                         follows {prev}"
+                    ),
                 ));
             }
         }

@@ -975,6 +975,77 @@ fn cell_count_is_bounded_before_expanding() {
 }
 
 #[test]
+fn exclusion_work_is_bounded() {
+    let values = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+    let rules = |n: usize| {
+        (0..n)
+            .map(|i| format!("    - {{a: {i}, b: -1}}\n"))
+            .collect::<String>()
+    };
+    let text = |n_rules: usize| {
+        grid(&format!(
+            "  params: {{method: smooth}}\n  axes:\n    a: [{}]\n    b: [{}]\n  exclude:\n{}",
+            values(1000),
+            values(20),
+            rules(n_rules)
+        ))
+    };
+    // At the limit: 20,000 cells × 125 two-entry rules whose first entries match some cells.
+    let started = Instant::now();
+    assert_eq!(ok(&text(125)).cells.len(), MAX_CELLS);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = fail(&text(126));
+    assert!(e.message.contains("too much filtering work"), "{e}");
+}
+
+#[test]
+fn large_values_copied_into_many_cells_are_bounded() {
+    let big_list = format!("[{}0]", "0, ".repeat(40_000));
+    let big_string = format!("\"{}\"", "x".repeat(600_000));
+    for value in [big_list, big_string] {
+        let text = grid(&format!(
+            "  params: {{method: smooth, blob: {value}}}\n  axes:\n    a: [{}]\n",
+            (0..1000)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let started = Instant::now();
+        let e = fail(&text);
+        assert!(e.message.contains("would take more than 128 MiB"), "{e}");
+        assert_eq!(e.span, Some(Span { line: 10, col: 1 }));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn thousands_of_names_keep_errors_short_and_fast() {
+    let axes: String = (0..20_000).map(|i| format!("    p{i}: [0]\n")).collect();
+    let text = grid(&format!(
+        "  params: {{method: smooth}}\n  axes:\n{axes}  exclude:\n{}",
+        "    - {p1: 0, p2: 0, p3: 1}\n".repeat(5_000) + "    - {q: 0}\n"
+    ));
+    let started = Instant::now();
+    let e = fail(&text);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        e.message
+            .starts_with("unknown parameter `q` in grid.exclude"),
+        "{e}"
+    );
+    assert!(e.message.ends_with("… and 19981 more"), "{e}");
+    assert!(e.message.len() < 400);
+}
+
+#[test]
 fn a_grid_of_exactly_the_limit_is_accepted() {
     let values = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
     let spec = ok(&grid(&format!(
@@ -1085,6 +1156,8 @@ fn mutated_specs_never_panic_or_hang() {
     assert!(started.elapsed() < Duration::from_secs(60));
 }
 
+/// Prints every corpus error, for reviewing message wording:
+/// `cargo test --lib spec::tests::dump_corpus_messages -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn dump_corpus_messages() {

@@ -1,0 +1,223 @@
+//! Inference-only CPU forward pass for [`CifarResNet`](super::CifarResNet).
+//!
+//! Certification classifies ~10⁵ noisy copies per image, so eval-mode throughput is what caf's
+//! run time is made of. candle 0.11's CPU conv2d runs the 3×3 convolutions of this network
+//! about 4× slower than a plain GEMM of the same size, so eval mode on the CPU uses this path:
+//! rayon over images, and for each image the whole network in one thread (activations of one
+//! image stay in cache), each convolution as im2col + one GEMM with BatchNorm folded into the
+//! weights and bias, residual add and ReLU fused around it.
+//!
+//! The weights are folded afresh on every call (a few thousand values per layer), so the path
+//! always reflects the current parameters; training uses candle's differentiable ops instead.
+
+use rayon::prelude::*;
+
+use super::Normalize;
+
+/// One 3×3, padding-1 convolution with BatchNorm folded in.
+#[derive(Clone, Debug)]
+pub(crate) struct FoldedConv {
+    /// [c_out, c_in·9], row-major, PyTorch's (c, ky, kx) order within a row.
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub stride: usize,
+}
+
+impl FoldedConv {
+    fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1)
+    }
+
+    /// `out += conv(x)` for one image; `x` is [c_in, h, w], `out` is [c_out, ho, wo].
+    fn accumulate(&self, x: &[f32], h: usize, w: usize, cols: &mut Vec<f32>, out: &mut [f32]) {
+        let (ho, wo) = self.out_size(h, w);
+        let n = ho * wo;
+        let k = self.c_in * 9;
+        cols.clear();
+        cols.resize(k * n, 0.0);
+        let s = self.stride;
+        for c in 0..self.c_in {
+            let plane = &x[c * h * w..(c + 1) * h * w];
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let row = &mut cols[((c * 9) + ky * 3 + kx) * n..][..n];
+                    for oy in 0..ho {
+                        let dst = &mut row[oy * wo..(oy + 1) * wo];
+                        // Input row oy·s + ky − 1; rows outside the image are padding (zeros).
+                        let Some(iy) = (oy * s + ky).checked_sub(1).filter(|&iy| iy < h) else {
+                            continue;
+                        };
+                        let src = &plane[iy * w..(iy + 1) * w];
+                        if s == 1 {
+                            // Column ox reads input column ox + kx − 1.
+                            match kx {
+                                0 => dst[1..].copy_from_slice(&src[..w - 1]),
+                                1 => dst.copy_from_slice(src),
+                                _ => dst[..w - 1].copy_from_slice(&src[1..]),
+                            }
+                        } else {
+                            for (ox, d) in dst.iter_mut().enumerate() {
+                                if let Some(ix) = (ox * s + kx).checked_sub(1).filter(|&ix| ix < w)
+                                {
+                                    *d = src[ix];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        gemm_accumulate(self.c_out, n, k, &self.weight, cols, out);
+    }
+}
+
+/// `c[m×n] += a[m×k] · b[k×n]`, all row-major and dense.
+fn gemm_accumulate(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "gemm operand sizes"
+    );
+    // SAFETY: the assert bounds every element gemm reads or writes: a is m rows of stride k,
+    // b is k rows of stride n, c is m rows of stride n, all with column stride 1. The slices
+    // are distinct borrows, so c does not alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            // Parallelism is across images, one per rayon task.
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct FoldedBlock {
+    pub a: FoldedConv,
+    pub b: FoldedConv,
+    /// Option-A shortcut padding; `None` for the identity shortcut.
+    pub shortcut_pad: Option<usize>,
+}
+
+/// The whole network, folded, ready to run image by image.
+#[derive(Clone, Debug)]
+pub(crate) struct FoldedResNet {
+    pub normalize: Normalize,
+    pub stem: FoldedConv,
+    pub blocks: Vec<FoldedBlock>,
+    pub feature_dim: usize,
+}
+
+#[derive(Default)]
+struct Scratch {
+    cur: Vec<f32>,
+    tmp: Vec<f32>,
+    next: Vec<f32>,
+    cols: Vec<f32>,
+}
+
+fn fill_bias(out: &mut [f32], bias: &[f32], plane: usize) {
+    for (o, &b) in out.chunks_exact_mut(plane).zip(bias) {
+        o.fill(b);
+    }
+}
+
+fn relu(xs: &mut [f32]) {
+    for v in xs {
+        *v = v.max(0.0);
+    }
+}
+
+impl FoldedResNet {
+    /// Features [B·feature_dim] for `input` = B images of [3, h, w].
+    pub(crate) fn features(&self, input: &[f32], batch: usize, h: usize, w: usize) -> Vec<f32> {
+        let mut feats = vec![0f32; batch * self.feature_dim];
+        let image = 3 * h * w;
+        feats
+            .par_chunks_mut(self.feature_dim)
+            .zip(input.par_chunks(image))
+            .for_each_init(Scratch::default, |s, (f, x)| {
+                self.forward_image(x, h, w, f, s)
+            });
+        feats
+    }
+
+    fn forward_image(&self, x: &[f32], h: usize, w: usize, feats: &mut [f32], s: &mut Scratch) {
+        let plane = h * w;
+        s.cur.clear();
+        for (c, xs) in x.chunks_exact(plane).enumerate() {
+            let (m, sd) = (self.normalize.mean[c], self.normalize.std[c]);
+            // The same (x − mean) / std as PyTorch, so the first layer sees identical inputs.
+            s.cur.extend(xs.iter().map(|&v| (v - m) / sd));
+        }
+
+        let (mut h, mut w) = (h, w);
+        let conv = &self.stem;
+        s.next.clear();
+        s.next.resize(conv.c_out * plane, 0.0);
+        fill_bias(&mut s.next, &conv.bias, plane);
+        conv.accumulate(&s.cur, h, w, &mut s.cols, &mut s.next);
+        relu(&mut s.next);
+        std::mem::swap(&mut s.cur, &mut s.next);
+
+        for block in &self.blocks {
+            let (ho, wo) = block.a.out_size(h, w);
+            let out_plane = ho * wo;
+            // tmp = relu(bn1(conv1(x)))
+            s.tmp.clear();
+            s.tmp.resize(block.a.c_out * out_plane, 0.0);
+            fill_bias(&mut s.tmp, &block.a.bias, out_plane);
+            block.a.accumulate(&s.cur, h, w, &mut s.cols, &mut s.tmp);
+            relu(&mut s.tmp);
+            // next = relu(shortcut(x) + bn2(conv2(tmp)))
+            s.next.clear();
+            match block.shortcut_pad {
+                None => s.next.extend_from_slice(&s.cur),
+                Some(pad) => {
+                    s.next.resize(block.b.c_out * out_plane, 0.0);
+                    let c_in = block.a.c_in;
+                    for c in 0..c_in {
+                        let src = &s.cur[c * h * w..(c + 1) * h * w];
+                        let dst = &mut s.next[(pad + c) * out_plane..(pad + c + 1) * out_plane];
+                        for oy in 0..ho {
+                            for ox in 0..wo {
+                                dst[oy * wo + ox] = src[(2 * oy) * w + 2 * ox];
+                            }
+                        }
+                    }
+                }
+            }
+            for (o, &b) in s.next.chunks_exact_mut(out_plane).zip(&block.b.bias) {
+                for v in o {
+                    *v += b;
+                }
+            }
+            block.b.accumulate(&s.tmp, ho, wo, &mut s.cols, &mut s.next);
+            relu(&mut s.next);
+            std::mem::swap(&mut s.cur, &mut s.next);
+            (h, w) = (ho, wo);
+        }
+
+        let plane = h * w;
+        for (f, xs) in feats.iter_mut().zip(s.cur.chunks_exact(plane)) {
+            *f = xs.iter().sum::<f32>() / plane as f32;
+        }
+    }
+}

@@ -1,0 +1,5 @@
+mod util;
+
+mod certify_cli;
+mod resume;
+mod spec_cli;

@@ -1,0 +1,76 @@
+//! Spec errors at the command line, and planning.
+
+use super::util::*;
+
+#[test]
+fn an_invalid_spec_exits_2_with_a_location_and_writes_nothing() {
+    let dir = Dir::new();
+    let spec = resnet_spec("bad", "0.25, -0.5", 10, 100, 50);
+    let path = dir.write("bad.yaml", &spec);
+    let out = dir.run(&["run", "bad.yaml", "--db", "x.db"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    let line = spec.lines().position(|l| l.contains("-0.5")).unwrap() + 1;
+    assert!(err.contains(&format!("{}:{line}:", path.display())), "{err}");
+    assert!(err.contains("sigma"), "{err}");
+    assert!(!dir.join("x.db").exists(), "the store was touched");
+}
+
+#[test]
+fn an_invalid_spec_leaves_an_existing_store_unchanged() {
+    let dir = Dir::new();
+    dir.write("good.yaml", &resnet_spec("good", "0.25", 10, 100, 50));
+    ok(&dir.run(&["run", "good.yaml", "--db", "x.db"]));
+    let before = ok(&dir.run(&["export", "--db", "x.db"]));
+    dir.write("bad.yaml", &resnet_spec("good", "0.25", 100, 100, 50));
+    let out = dir.run(&["run", "bad.yaml", "--db", "x.db"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("n0"), "{}", text(&out.stderr));
+    assert_eq!(ok(&dir.run(&["export", "--db", "x.db"])), before);
+    let st = ok(&dir.run(&["status", "--db", "x.db"]));
+    assert!(st.contains("2/2 jobs done"), "{st}");
+}
+
+#[test]
+fn missing_and_hostile_spec_files_are_usage_errors() {
+    let dir = Dir::new();
+    let out = dir.run(&["plan", "nope.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("nope.yaml"));
+    dir.write("garbage.yaml", "\u{1}\u{2}[[[[{{{{");
+    let out = dir.run(&["plan", "garbage.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+fn plan_ids(dir: &Dir, spec: &str) -> Vec<(String, String, String)> {
+    let v: serde_json::Value = serde_json::from_str(&ok(&dir.run(&["plan", spec, "--json"]))).unwrap();
+    v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["id"].as_str().unwrap().to_string(), j["kind"].as_str().unwrap().to_string(), j["label"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn plan_shares_upstream_jobs_and_reuses_unchanged_ones_after_an_edit() {
+    let dir = Dir::new();
+    dir.write("a.yaml", &resnet_spec("s", "0.25, 0.5", 10, 100, 50));
+    dir.write("b.yaml", &resnet_spec("s", "0.25, 1.0", 10, 100, 50));
+    let a = plan_ids(&dir, "a.yaml");
+    let b = plan_ids(&dir, "b.yaml");
+    // One clean-accuracy job shared by both σ cells, one certify job per σ.
+    assert_eq!(a.iter().filter(|j| j.1 == "eval").count(), 1);
+    assert_eq!(a.iter().filter(|j| j.1 == "certify").count(), 2);
+    let shared: Vec<_> = a.iter().filter(|j| b.contains(j)).collect();
+    assert_eq!(shared.len(), 2, "eval and σ=0.25 are reused: {a:?} {b:?}");
+    assert!(shared.iter().any(|j| j.2.contains("0.25")));
+    let v: serde_json::Value = serde_json::from_str(&ok(&dir.run(&["plan", "a.yaml", "--json"]))).unwrap();
+    for j in v["jobs"].as_array().unwrap() {
+        for key in ["id", "kind", "params", "deps"] {
+            assert!(j.get(key).is_some(), "job lacks {key}: {j}");
+        }
+    }
+    let table = ok(&dir.run(&["plan", "a.yaml"]));
+    assert!(table.contains("3 jobs"), "{table}");
+}
