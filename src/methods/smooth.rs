@@ -97,7 +97,14 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         slice,
     };
     let eval = super::eval::job(&backbone, model, data, slice, s.batch);
-    Ok(vec![eval, job(params)])
+    let mut cert = job(params);
+    // Name per-cell overrides so jobs that differ only in them can be told apart.
+    for key in ["n0", "n", "alpha", "batch", "skip", "max"] {
+        if let Some(p) = cell.params.get(key) {
+            cert.label.push_str(&format!(" {key}={}", p.value));
+        }
+    }
+    Ok(vec![eval, cert])
 }
 
 /// A `certify` job for the given parameters.

@@ -74,3 +74,22 @@ fn plan_shares_upstream_jobs_and_reuses_unchanged_ones_after_an_edit() {
     let table = ok(&dir.run(&["plan", "a.yaml"]));
     assert!(table.contains("3 jobs"), "{table}");
 }
+
+#[test]
+fn the_readme_grid_example_loads_and_plans() {
+    // Relative paths in the example resolve against the project root, like every example.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caf"))
+        .args(["plan", "experiments/grid-example.yaml", "--json"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let labels: Vec<&str> = v["jobs"].as_array().unwrap().iter().map(|j| j["label"].as_str().unwrap()).collect();
+    // σ ∈ {0.12, 0.25, 0.5} × (n0, n) ∈ {(50, 500), (100, 1000)}, minus (0.12, 1000), plus σ = 1.0;
+    // one clean-accuracy job shared by every cell.
+    assert_eq!(labels.len(), 7, "{labels:?}");
+    assert_eq!(labels.iter().filter(|l| l.starts_with("clean")).count(), 1);
+    assert!(labels.contains(&"smooth resnet20 σ=0.25 n0=100 n=1000"), "{labels:?}");
+    assert!(labels.contains(&"smooth resnet20 σ=1"), "{labels:?}");
+}
