@@ -61,8 +61,12 @@ mod tests {
 
     #[test]
     fn canonical_json_sorts_keys_recursively() {
-        let a: serde_json::Value = serde_json::from_str(r#"{"b":1,"a":{"d":2,"c":[{"z":1,"y":2}]}}"#).unwrap();
-        assert_eq!(canonical_json(&a), r#"{"a":{"c":[{"y":2,"z":1}],"d":2},"b":1}"#);
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b":1,"a":{"d":2,"c":[{"z":1,"y":2}]}}"#).unwrap();
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":{"c":[{"y":2,"z":1}],"d":2},"b":1}"#
+        );
     }
 
     #[test]

@@ -41,7 +41,12 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { n0: DEFAULT_N0, n: DEFAULT_N, alpha: DEFAULT_ALPHA, batch: DEFAULT_BATCH }
+        Self {
+            n0: DEFAULT_N0,
+            n: DEFAULT_N,
+            alpha: DEFAULT_ALPHA,
+            batch: DEFAULT_BATCH,
+        }
     }
 }
 
@@ -51,10 +56,16 @@ impl Settings {
             return Err(CertifyError::Settings("n0 and n must be at least 1".into()));
         }
         if self.n0 >= self.n {
-            return Err(CertifyError::Settings(format!("n0 ({}) must be smaller than n ({})", self.n0, self.n)));
+            return Err(CertifyError::Settings(format!(
+                "n0 ({}) must be smaller than n ({})",
+                self.n0, self.n
+            )));
         }
         if !(self.alpha > 0.0 && self.alpha < 1.0) {
-            return Err(CertifyError::Settings(format!("alpha must be in (0, 1), got {}", self.alpha)));
+            return Err(CertifyError::Settings(format!(
+                "alpha must be in (0, 1), got {}",
+                self.alpha
+            )));
         }
         if self.batch == 0 {
             return Err(CertifyError::Settings("batch must be at least 1".into()));
@@ -94,7 +105,11 @@ pub struct Smooth<'m> {
 
 impl<'m> Smooth<'m> {
     pub fn new(model: &'m dyn Classifier, sigma: f64, device: Device) -> Self {
-        Self { model, sigma, device }
+        Self {
+            model,
+            sigma,
+            device,
+        }
     }
 
     pub fn sigma(&self) -> f64 {
@@ -104,7 +119,12 @@ impl<'m> Smooth<'m> {
     /// CERTIFY(x, n0, n, α): with probability at least 1 − α over the noise, the returned
     /// prediction of g is robust within the returned ℓ2 radius (or g abstains).
     /// `image` is (C, H, W) f32 in [0,1]; `key` fixes the noise (see [`noise`]).
-    pub fn certify(&self, image: &[f32], key: NoiseKey, s: &Settings) -> Result<Certificate, CertifyError> {
+    pub fn certify(
+        &self,
+        image: &[f32],
+        key: NoiseKey,
+        s: &Settings,
+    ) -> Result<Certificate, CertifyError> {
         s.validate()?;
         // Selection: guess the top class from n0 draws.
         let counts0 = self.sample_counts(image, key, Phase::Selection, s.n0, s.batch)?;
@@ -112,12 +132,21 @@ impl<'m> Smooth<'m> {
         // Estimation: count the guessed class in n fresh draws.
         let counts = self.sample_counts(image, key, Phase::Estimation, s.n, s.batch)?;
         let n_a = counts[c_hat as usize];
-        Ok(certificate_from_counts(c_hat, n_a, s.n, s.alpha, self.sigma))
+        Ok(certificate_from_counts(
+            c_hat, n_a, s.n, s.alpha, self.sigma,
+        ))
     }
 
     /// PREDICT(x, n, α): the top class if the two-sided binomial test between the top two
     /// counts rejects at level α, else abstain. Wrong with probability at most α.
-    pub fn predict(&self, image: &[f32], key: NoiseKey, n: u64, alpha: f64, batch: usize) -> Result<Prediction, CertifyError> {
+    pub fn predict(
+        &self,
+        image: &[f32],
+        key: NoiseKey,
+        n: u64,
+        alpha: f64,
+        batch: usize,
+    ) -> Result<Prediction, CertifyError> {
         let counts = self.sample_counts(image, key, Phase::Prediction, n, batch.max(1))?;
         let mut order: Vec<usize> = (0..counts.len()).collect();
         // Stable sort: ties go to the lower class index, like numpy's argsort on -counts.
@@ -125,12 +154,23 @@ impl<'m> Smooth<'m> {
         let (top, second) = (order[0], order.get(1).copied());
         let n_a = counts[top];
         let n_b = second.map(|c| counts[c]).unwrap_or(0);
-        let predict = if stats::binom_test_half(n_a, n_a + n_b) > alpha { None } else { Some(top as u32) };
+        let predict = if stats::binom_test_half(n_a, n_a + n_b) > alpha {
+            None
+        } else {
+            Some(top as u32)
+        };
         Ok(Prediction { predict, n_a, n_b })
     }
 
     /// Class counts of the base classifier over `num` noisy copies of `image`.
-    fn sample_counts(&self, image: &[f32], key: NoiseKey, phase: Phase, num: u64, batch: usize) -> Result<Vec<u64>, CertifyError> {
+    fn sample_counts(
+        &self,
+        image: &[f32],
+        key: NoiseKey,
+        phase: Phase,
+        num: u64,
+        batch: usize,
+    ) -> Result<Vec<u64>, CertifyError> {
         let mut counts = vec![0u64; self.model.num_classes()];
         let mut stream = NoiseStream::new(key, phase);
         let mut buf = Vec::new();
@@ -141,7 +181,10 @@ impl<'m> Smooth<'m> {
             let x = Tensor::from_slice(&buf, (this, 3, 32, 32), &self.device)?;
             let preds = predict_classes(self.model, &x)?;
             if preds.len() != this {
-                return Err(CertifyError::BatchMismatch { got: preds.len(), want: this });
+                return Err(CertifyError::BatchMismatch {
+                    got: preds.len(),
+                    want: this,
+                });
             }
             for p in preds {
                 if let Some(c) = counts.get_mut(p as usize) {
@@ -156,12 +199,30 @@ impl<'m> Smooth<'m> {
 
 /// The certificate implied by an estimation count: a pure function, so anyone can recompute a
 /// stored certificate from (c_hat, n_a, n, α, σ).
-pub fn certificate_from_counts(c_hat: u32, n_a: u64, n: u64, alpha: f64, sigma: f64) -> Certificate {
+pub fn certificate_from_counts(
+    c_hat: u32,
+    n_a: u64,
+    n: u64,
+    alpha: f64,
+    sigma: f64,
+) -> Certificate {
     let p_a_lower = stats::clopper_pearson_lower(n_a, n, alpha);
     if p_a_lower <= 0.5 {
-        Certificate { predict: None, radius: 0.0, c_hat, n_a, n }
+        Certificate {
+            predict: None,
+            radius: 0.0,
+            c_hat,
+            n_a,
+            n,
+        }
     } else {
-        Certificate { predict: Some(c_hat), radius: stats::radius(sigma, p_a_lower), c_hat, n_a, n }
+        Certificate {
+            predict: Some(c_hat),
+            radius: stats::radius(sigma, p_a_lower),
+            c_hat,
+            n_a,
+            n,
+        }
     }
 }
 

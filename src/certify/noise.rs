@@ -56,7 +56,10 @@ impl NoiseStream {
         seed.copy_from_slice(&digest[..32]);
         let mut rng = ChaCha12Rng::from_seed(seed);
         rng.set_stream(phase.stream());
-        Self { rng, sigma: key.sigma as f32 }
+        Self {
+            rng,
+            sigma: key.sigma as f32,
+        }
     }
 
     /// Writes `copies` noisy copies of `image` (values in [0,1]) into `out`: out[k] = image + σ·z.
@@ -79,7 +82,11 @@ mod tests {
     use super::*;
 
     fn key() -> NoiseKey {
-        NoiseKey { seed: 7, sigma: 0.25, idx: 42 }
+        NoiseKey {
+            seed: 7,
+            sigma: 0.25,
+            idx: 42,
+        }
     }
 
     #[test]
@@ -109,7 +116,16 @@ mod tests {
         assert_ne!(base, draw(key(), Phase::Estimation));
         assert_ne!(base, draw(NoiseKey { idx: 43, ..key() }, Phase::Selection));
         assert_ne!(base, draw(NoiseKey { seed: 8, ..key() }, Phase::Selection));
-        assert_ne!(base, draw(NoiseKey { sigma: 0.5, ..key() }, Phase::Selection));
+        assert_ne!(
+            base,
+            draw(
+                NoiseKey {
+                    sigma: 0.5,
+                    ..key()
+                },
+                Phase::Selection
+            )
+        );
         assert_eq!(base, draw(key(), Phase::Selection));
     }
 
@@ -117,7 +133,14 @@ mod tests {
     fn noise_has_the_requested_standard_deviation() {
         let image = vec![0.0f32; 3072];
         let mut v = Vec::new();
-        NoiseStream::new(NoiseKey { sigma: 0.5, ..key() }, Phase::Estimation).fill_noisy(&image, 20, &mut v);
+        NoiseStream::new(
+            NoiseKey {
+                sigma: 0.5,
+                ..key()
+            },
+            Phase::Estimation,
+        )
+        .fill_noisy(&image, 20, &mut v);
         let n = v.len() as f64;
         let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
         let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;

@@ -48,13 +48,31 @@ fn monte_carlo_frequency_matches_the_exact_smoothed_probability() {
     let (model, x) = model_with_margin(0.3);
     let sigma = 0.25;
     let smooth = Smooth::new(&model, sigma, Device::Cpu);
-    let s = Settings { n0: 100, n: 20_000, alpha: 0.001, batch: 1000 };
-    let cert = smooth.certify(&x, NoiseKey { seed: 1, sigma, idx: 0 }, &s).unwrap();
+    let s = Settings {
+        n0: 100,
+        n: 20_000,
+        alpha: 0.001,
+        batch: 1000,
+    };
+    let cert = smooth
+        .certify(
+            &x,
+            NoiseKey {
+                seed: 1,
+                sigma,
+                idx: 0,
+            },
+            &s,
+        )
+        .unwrap();
     let p = phi(0.3 / sigma);
     let freq = cert.n_a as f64 / cert.n as f64;
     let se = (p * (1.0 - p) / cert.n as f64).sqrt();
     assert_eq!(cert.c_hat, 1);
-    assert!((freq - p).abs() < 5.0 * se, "freq {freq} vs exact {p} (se {se})");
+    assert!(
+        (freq - p).abs() < 5.0 * se,
+        "freq {freq} vs exact {p} (se {se})"
+    );
 }
 
 #[test]
@@ -65,26 +83,79 @@ fn certified_radius_never_exceeds_the_exact_radius_and_approaches_it() {
     let smooth = Smooth::new(&model, sigma, Device::Cpu);
     let mut last = 0.0;
     for (i, n) in [1_000u64, 10_000, 100_000].into_iter().enumerate() {
-        let s = Settings { n0: 100, n, alpha: 0.001, batch: 2000 };
-        let cert = smooth.certify(&x, NoiseKey { seed: 3, sigma, idx: i as u64 }, &s).unwrap();
+        let s = Settings {
+            n0: 100,
+            n,
+            alpha: 0.001,
+            batch: 2000,
+        };
+        let cert = smooth
+            .certify(
+                &x,
+                NoiseKey {
+                    seed: 3,
+                    sigma,
+                    idx: i as u64,
+                },
+                &s,
+            )
+            .unwrap();
         assert_eq!(cert.predict, Some(1));
-        assert!(cert.radius < margin, "n={n}: radius {} exceeds the exact {margin}", cert.radius);
-        assert!(cert.radius > last, "n={n}: radius {} did not grow from {last}", cert.radius);
+        assert!(
+            cert.radius < margin,
+            "n={n}: radius {} exceeds the exact {margin}",
+            cert.radius
+        );
+        assert!(
+            cert.radius > last,
+            "n={n}: radius {} did not grow from {last}",
+            cert.radius
+        );
         last = cert.radius;
     }
     // With n = 100,000 the Clopper–Pearson slack at α = 0.001 costs about 0.01 in radius here.
-    assert!(margin - last < 0.02, "radius {last} is still far from {margin}");
+    assert!(
+        margin - last < 0.02,
+        "radius {last} is still far from {margin}"
+    );
 }
 
 #[test]
 fn abstains_when_the_classes_are_balanced() {
     let (model, x) = model_with_margin(0.0);
     let smooth = Smooth::new(&model, 0.5, Device::Cpu);
-    let s = Settings { n0: 100, n: 2_000, alpha: 0.001, batch: 500 };
-    let cert = smooth.certify(&x, NoiseKey { seed: 0, sigma: 0.5, idx: 0 }, &s).unwrap();
+    let s = Settings {
+        n0: 100,
+        n: 2_000,
+        alpha: 0.001,
+        batch: 500,
+    };
+    let cert = smooth
+        .certify(
+            &x,
+            NoiseKey {
+                seed: 0,
+                sigma: 0.5,
+                idx: 0,
+            },
+            &s,
+        )
+        .unwrap();
     assert_eq!(cert.predict, None);
     assert_eq!(cert.radius, 0.0);
-    let pred = smooth.predict(&x, NoiseKey { seed: 0, sigma: 0.5, idx: 0 }, 2_000, 0.001, 500).unwrap();
+    let pred = smooth
+        .predict(
+            &x,
+            NoiseKey {
+                seed: 0,
+                sigma: 0.5,
+                idx: 0,
+            },
+            2_000,
+            0.001,
+            500,
+        )
+        .unwrap();
     assert_eq!(pred.predict, None);
 }
 
@@ -92,7 +163,19 @@ fn abstains_when_the_classes_are_balanced() {
 fn predict_returns_the_clear_winner() {
     let (model, x) = model_with_margin(-0.4);
     let smooth = Smooth::new(&model, 0.25, Device::Cpu);
-    let pred = smooth.predict(&x, NoiseKey { seed: 0, sigma: 0.25, idx: 5 }, 1_000, 0.001, 250).unwrap();
+    let pred = smooth
+        .predict(
+            &x,
+            NoiseKey {
+                seed: 0,
+                sigma: 0.25,
+                idx: 5,
+            },
+            1_000,
+            0.001,
+            250,
+        )
+        .unwrap();
     assert_eq!(pred.predict, Some(0));
     assert_eq!(pred.n_a + pred.n_b, 1_000);
 }
@@ -101,9 +184,35 @@ fn predict_returns_the_clear_winner() {
 fn results_do_not_depend_on_the_batch_size() {
     let (model, x) = model_with_margin(0.1);
     let smooth = Smooth::new(&model, 0.5, Device::Cpu);
-    let key = NoiseKey { seed: 9, sigma: 0.5, idx: 17 };
-    let a = smooth.certify(&x, key, &Settings { n0: 50, n: 3_000, alpha: 0.01, batch: 3_000 }).unwrap();
-    let b = smooth.certify(&x, key, &Settings { n0: 50, n: 3_000, alpha: 0.01, batch: 7 * 37 }).unwrap();
+    let key = NoiseKey {
+        seed: 9,
+        sigma: 0.5,
+        idx: 17,
+    };
+    let a = smooth
+        .certify(
+            &x,
+            key,
+            &Settings {
+                n0: 50,
+                n: 3_000,
+                alpha: 0.01,
+                batch: 3_000,
+            },
+        )
+        .unwrap();
+    let b = smooth
+        .certify(
+            &x,
+            key,
+            &Settings {
+                n0: 50,
+                n: 3_000,
+                alpha: 0.01,
+                batch: 7 * 37,
+            },
+        )
+        .unwrap();
     assert_eq!(a, b);
 }
 
@@ -121,11 +230,27 @@ fn certificate_from_counts_recomputes_cohen_radius() {
 #[test]
 fn invalid_settings_are_rejected() {
     for s in [
-        Settings { n0: 100, n: 100, ..Settings::default() },
-        Settings { n0: 0, ..Settings::default() },
-        Settings { alpha: 1.0, ..Settings::default() },
-        Settings { alpha: 0.0, ..Settings::default() },
-        Settings { batch: 0, ..Settings::default() },
+        Settings {
+            n0: 100,
+            n: 100,
+            ..Settings::default()
+        },
+        Settings {
+            n0: 0,
+            ..Settings::default()
+        },
+        Settings {
+            alpha: 1.0,
+            ..Settings::default()
+        },
+        Settings {
+            alpha: 0.0,
+            ..Settings::default()
+        },
+        Settings {
+            batch: 0,
+            ..Settings::default()
+        },
     ] {
         assert!(s.validate().is_err(), "{s:?}");
     }

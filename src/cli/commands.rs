@@ -6,7 +6,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use caf::data::{self, Split};
-use caf::methods::{self, common::Slice, eval::predict_indices, smooth::certify_slice};
+use caf::methods::{
+    self,
+    common::Slice,
+    eval::predict_indices,
+    smooth::{certify_slice, SliceRun},
+};
 use caf::models::{self, Arch, Normalize};
 use caf::plan::Plan;
 use caf::sched::{self, CancelFlag, LogProgress, Progress, SchedConfig, TerminalProgress};
@@ -38,8 +43,14 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Loads and plans a spec; any problem with it is a usage error (exit 2, nothing written).
 fn load_plan(path: &Path) -> Result<(Spec, Plan)> {
-    let spec = Spec::load(path).map_err(|e| Exit { code: 2, message: Some(e.to_string()) })?;
-    let plan = Plan::from_spec(&spec).map_err(|e| Exit { code: 2, message: Some(e.to_string()) })?;
+    let spec = Spec::load(path).map_err(|e| Exit {
+        code: 2,
+        message: Some(e.to_string()),
+    })?;
+    let plan = Plan::from_spec(&spec).map_err(|e| Exit {
+        code: 2,
+        message: Some(e.to_string()),
+    })?;
     Ok((spec, plan))
 }
 
@@ -53,7 +64,14 @@ pub async fn open_store(db: &Path) -> Result<SqliteStore> {
 /// Opens an existing database for reading commands; a missing file is a usage error.
 pub async fn open_existing_store(db: &Path) -> Result<SqliteStore> {
     if !db.exists() {
-        return Err(Exit { code: 2, message: Some(format!("no database at {} (run a study first, or pass --db)", db.display())) }.into());
+        return Err(Exit {
+            code: 2,
+            message: Some(format!(
+                "no database at {} (run a study first, or pass --db)",
+                db.display()
+            )),
+        }
+        .into());
     }
     open_store(db).await
 }
@@ -65,11 +83,28 @@ fn plan(a: PlanArgs) -> Result<i32> {
         writeln!(out, "{}", serde_json::to_string_pretty(&plan.to_json())?)?;
         return Ok(0);
     }
-    writeln!(out, "study {} (seed {}, spec sha256 {})", plan.study.name, plan.study.seed, &plan.study.spec_sha256[..12])?;
+    writeln!(
+        out,
+        "study {} (seed {}, spec sha256 {})",
+        plan.study.name,
+        plan.study.seed,
+        &plan.study.spec_sha256[..12]
+    )?;
     writeln!(out, "{:<16}  {:<8}  {:<34}  DEPS", "JOB", "KIND", "LABEL")?;
     for j in &plan.jobs {
         let deps: Vec<&str> = j.deps.iter().map(|d| d.as_str()).collect();
-        writeln!(out, "{:<16}  {:<8}  {:<34}  {}", j.id, j.kind, j.label, if deps.is_empty() { "-".into() } else { deps.join(",") })?;
+        writeln!(
+            out,
+            "{:<16}  {:<8}  {:<34}  {}",
+            j.id,
+            j.kind,
+            j.label,
+            if deps.is_empty() {
+                "-".into()
+            } else {
+                deps.join(",")
+            }
+        )?;
     }
     writeln!(out, "{} jobs", plan.jobs.len())?;
     Ok(0)
@@ -78,10 +113,16 @@ fn plan(a: PlanArgs) -> Result<i32> {
 fn run(a: RunArgs) -> Result<i32> {
     let (_, plan) = load_plan(&a.spec)?;
     if a.workers == 0 {
-        bail!(Exit { code: 2, message: Some("--workers must be at least 1".into()) });
+        bail!(Exit {
+            code: 2,
+            message: Some("--workers must be at least 1".into())
+        });
     }
     if !(a.lease_secs.is_finite() && a.lease_secs >= 1.0) {
-        bail!(Exit { code: 2, message: Some("--lease-secs must be at least 1".into()) });
+        bail!(Exit {
+            code: 2,
+            message: Some("--lease-secs must be at least 1".into())
+        });
     }
     let rt = runtime()?;
     rt.block_on(async move {
@@ -176,15 +217,21 @@ async fn wait_for_signal() {
 fn normalize_of(m: &ModelArgs, arch: Arch) -> Result<Normalize> {
     let default = match arch {
         Arch::Linear => Normalize::IDENTITY,
-        _ => Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] },
+        _ => Normalize {
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        },
     };
     let mut n = default;
     if let Some(v) = &m.mean {
         n.mean = [v[0], v[1], v[2]];
     }
     if let Some(v) = &m.std {
-        if v.iter().any(|s| !(*s > 0.0)) {
-            bail!(Exit { code: 2, message: Some("--std values must be > 0".into()) });
+        if v.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            bail!(Exit {
+                code: 2,
+                message: Some("--std values must be > 0".into())
+            });
         }
         n.std = [v[0], v[1], v[2]];
     }
@@ -192,10 +239,16 @@ fn normalize_of(m: &ModelArgs, arch: Arch) -> Result<Normalize> {
 }
 
 fn load_model_args(m: &ModelArgs) -> Result<(Box<dyn models::Classifier>, candle_core::Device)> {
-    let arch: Arch = m.arch.parse().map_err(|e: models::ModelError| Exit { code: 2, message: Some(e.to_string()) })?;
+    let arch: Arch = m.arch.parse().map_err(|e: models::ModelError| Exit {
+        code: 2,
+        message: Some(e.to_string()),
+    })?;
     let normalize = normalize_of(m, arch)?;
     if !m.weights.is_file() {
-        bail!(Exit { code: 2, message: Some(format!("weights file not found: {}", m.weights.display())) });
+        bail!(Exit {
+            code: 2,
+            message: Some(format!("weights file not found: {}", m.weights.display()))
+        });
     }
     let device = m.device.open()?;
     let model = models::load_classifier(arch, &m.weights, normalize, &device)?;
@@ -209,18 +262,37 @@ fn load_data(m: &ModelArgs, split: Split) -> Result<data::ImageSet> {
 }
 
 fn certify(a: CertifyArgs) -> Result<i32> {
-    let settings = caf::certify::Settings { n0: a.n0, n: a.n, alpha: a.alpha, batch: a.batch };
-    settings.validate().map_err(|e| Exit { code: 2, message: Some(e.to_string()) })?;
+    let settings = caf::certify::Settings {
+        n0: a.n0,
+        n: a.n,
+        alpha: a.alpha,
+        batch: a.batch,
+    };
+    settings.validate().map_err(|e| Exit {
+        code: 2,
+        message: Some(e.to_string()),
+    })?;
     if !(a.sigma.is_finite() && a.sigma > 0.0) {
-        bail!(Exit { code: 2, message: Some(format!("--sigma must be > 0, got {}", a.sigma)) });
+        bail!(Exit {
+            code: 2,
+            message: Some(format!("--sigma must be > 0, got {}", a.sigma))
+        });
     }
     if a.skip == 0 {
-        bail!(Exit { code: 2, message: Some("--skip must be at least 1".into()) });
+        bail!(Exit {
+            code: 2,
+            message: Some("--skip must be at least 1".into())
+        });
     }
     let (model, device) = load_model_args(&a.model)?;
     let set = load_data(&a.model, Split::Test)?;
-    let indices = Slice { skip: a.skip, max: a.max }.indices(set.len());
-    let file = std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let indices = Slice {
+        skip: a.skip,
+        max: a.max,
+    }
+    .indices(set.len());
+    let file =
+        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut out = std::io::BufWriter::new(file);
     writeln!(out, "idx\tlabel\tpredict\tradius\tcorrect\ttime\tnA\tn")?;
     out.flush()?;
@@ -230,15 +302,19 @@ fn certify(a: CertifyArgs) -> Result<i32> {
         let _ = ctrlc_once(move || s.cancel());
     }
     let mut count = 0usize;
+    let done = Default::default();
+    let run = SliceRun {
+        data: &set,
+        indices: &indices,
+        done: &done,
+        seed: a.seed,
+        sigma: a.sigma,
+        settings,
+    };
     let end = certify_slice(
         model.as_ref(),
         &device,
-        &set,
-        &indices,
-        &Default::default(),
-        a.seed,
-        a.sigma,
-        &settings,
+        &run,
         &|| shutdown.is_cancelled(),
         &mut |r| {
             // Flushed per row, like Cohen's certify.py, so a partial log is usable.
@@ -248,9 +324,16 @@ fn certify(a: CertifyArgs) -> Result<i32> {
                 r.idx, r.label, r.predict, r.radius, r.correct as u8, r.seconds, r.n_a, r.n
             )
             .and_then(|_| out.flush())
-            .map_err(|e| caf::sched::JobError::fatal(format!("writing {}: {e}", a.out.display())))?;
+            .map_err(|e| {
+                caf::sched::JobError::fatal(format!("writing {}: {e}", a.out.display()))
+            })?;
             count += 1;
-            tracing::info!(idx = r.idx, predict = r.predict, radius = r.radius, "certified");
+            tracing::info!(
+                idx = r.idx,
+                predict = r.predict,
+                radius = r.radius,
+                "certified"
+            );
             Ok(())
         },
     )
@@ -264,21 +347,29 @@ fn certify(a: CertifyArgs) -> Result<i32> {
 
 /// Installs a one-shot Ctrl-C callback for synchronous commands.
 fn ctrlc_once(f: impl FnOnce() + Send + 'static) -> Result<()> {
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            rt.block_on(wait_for_signal());
-            eprintln!("\nstopping after the image in flight…");
-            f();
-            rt.block_on(wait_for_signal());
-            std::process::exit(130);
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(wait_for_signal());
+                eprintln!("\nstopping after the image in flight…");
+                f();
+                rt.block_on(wait_for_signal());
+                std::process::exit(130);
+            }
+        })?;
     Ok(())
 }
 
 fn eval(a: EvalArgs) -> Result<i32> {
     if a.skip == 0 || a.batch == 0 {
-        bail!(Exit { code: 2, message: Some("--skip and --batch must be at least 1".into()) });
+        bail!(Exit {
+            code: 2,
+            message: Some("--skip and --batch must be at least 1".into())
+        });
     }
     let (model, device) = load_model_args(&a.model)?;
     let split = match a.split {
@@ -286,14 +377,22 @@ fn eval(a: EvalArgs) -> Result<i32> {
         SplitArg::Test => Split::Test,
     };
     let set = load_data(&a.model, split)?;
-    let indices = Slice { skip: a.skip, max: a.max }.indices(set.len());
+    let indices = Slice {
+        skip: a.skip,
+        max: a.max,
+    }
+    .indices(set.len());
     let mut correct = 0usize;
     for chunk in indices.chunks(a.batch) {
         let rows = predict_indices(model.as_ref(), &device, &set, chunk)?;
         correct += rows.iter().filter(|r| r.label == r.predict).count();
     }
     let total = indices.len();
-    let acc = if total == 0 { 0.0 } else { correct as f64 / total as f64 };
+    let acc = if total == 0 {
+        0.0
+    } else {
+        correct as f64 / total as f64
+    };
     println!("accuracy: {acc:.4} ({correct}/{total})");
     Ok(0)
 }
@@ -314,13 +413,22 @@ fn default_weights(arch: Arch) -> Option<PathBuf> {
 }
 
 fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
-    let arch: Arch = f.arch.parse().map_err(|e: models::ModelError| Exit { code: 2, message: Some(e.to_string()) })?;
+    let arch: Arch = f.arch.parse().map_err(|e: models::ModelError| Exit {
+        code: 2,
+        message: Some(e.to_string()),
+    })?;
     let weights = match f.weights.clone().or_else(|| default_weights(arch)) {
         Some(w) => w,
-        None => bail!(Exit { code: 2, message: Some(format!("no default weights for {arch}: pass --weights")) }),
+        None => bail!(Exit {
+            code: 2,
+            message: Some(format!("no default weights for {arch}: pass --weights"))
+        }),
     };
-    if f.batch == 0 || !(f.seconds > 0.0) {
-        bail!(Exit { code: 2, message: Some("--batch and --seconds must be positive".into()) });
+    if f.batch == 0 || !f.seconds.is_finite() || f.seconds <= 0.0 {
+        bail!(Exit {
+            code: 2,
+            message: Some("--batch and --seconds must be positive".into())
+        });
     }
     let m = ModelArgs {
         arch: f.arch.clone(),
@@ -332,19 +440,10 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         device: caf::sched::DeviceSpec::Cpu,
     };
     let (model, device) = load_model_args(&m)?;
-    let report = BENCH_PENDING(model.as_ref(), f.batch, f.seconds, f.sigma, &device)?;
+    let report = caf::bench::bench_forward(model.as_ref(), f.batch, f.seconds, f.sigma, &device)?;
     println!("images/s: {:.1}", report.images_per_sec_median);
     if f.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(0)
-}
-
-#[allow(non_snake_case)]
-fn BENCH_PENDING(_: &dyn models::Classifier, _: usize, _: f64, _: f32, _: &candle_core::Device) -> Result<BenchPending> {
-    bail!("bench not wired yet")
-}
-#[derive(serde::Serialize)]
-struct BenchPending {
-    images_per_sec_median: f64,
 }

@@ -12,7 +12,11 @@ use super::commands::open_existing_store;
 use super::Exit;
 
 fn usage(msg: impl Into<String>) -> anyhow::Error {
-    Exit { code: 2, message: Some(msg.into()) }.into()
+    Exit {
+        code: 2,
+        message: Some(msg.into()),
+    }
+    .into()
 }
 
 pub async fn export(a: ExportArgs) -> Result<i32> {
@@ -26,7 +30,10 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
                 0 => bail!(usage(format!("no studies in {}", a.db.db.display()))),
                 _ => {
                     let names: Vec<String> = all.iter().map(|s| s.name.clone()).collect();
-                    bail!(usage(format!("several studies in the database; name one of: {}", names.join(", "))))
+                    bail!(usage(format!(
+                        "several studies in the database; name one of: {}",
+                        names.join(", ")
+                    )))
                 }
             }
         }
@@ -34,13 +41,20 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
     let jobs = store.study_jobs(study.id).await?;
     let mut rows = store.study_cert_results(study.id).await?;
     if let Some(prefix) = &a.job {
-        let matching: Vec<&JobId> = jobs.iter().map(|j| &j.id).filter(|id| id.as_str().starts_with(prefix.as_str())).collect();
+        let matching: Vec<&JobId> = jobs
+            .iter()
+            .map(|j| &j.id)
+            .filter(|id| id.as_str().starts_with(prefix.as_str()))
+            .collect();
         match matching.len() {
             1 => {
                 let id = matching[0].clone();
                 rows.retain(|(j, _)| *j == id);
             }
-            0 => bail!(usage(format!("no job of study {} starts with `{prefix}`", study.name))),
+            0 => bail!(usage(format!(
+                "no job of study {} starts with `{prefix}`",
+                study.name
+            ))),
             _ => bail!(usage(format!("job prefix `{prefix}` is ambiguous"))),
         }
     }
@@ -55,7 +69,11 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
             for (job, rs) in &by_job {
                 for r in rs {
                     // Full precision radius: the file is for comparing runs, not for reading.
-                    writeln!(buf, "{job},{},{},{},{},{},{},{}", r.idx, r.label, r.predict, r.radius, r.correct as u8, r.n_a, r.n)?;
+                    writeln!(
+                        buf,
+                        "{job},{},{},{},{},{},{},{}",
+                        r.idx, r.label, r.predict, r.radius, r.correct as u8, r.n_a, r.n
+                    )?;
                 }
             }
             write_out(a.out.as_deref(), &buf)?;
@@ -65,8 +83,18 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
                 let mut b = b"idx\tlabel\tpredict\tradius\tcorrect\ttime\tnA\tn\n".to_vec();
                 for r in rs {
                     b.extend(
-                        format!("{}\t{}\t{}\t{:.3}\t{}\t{:.4}\t{}\t{}\n", r.idx, r.label, r.predict, r.radius, r.correct as u8, r.seconds, r.n_a, r.n)
-                            .as_bytes(),
+                        format!(
+                            "{}\t{}\t{}\t{:.3}\t{}\t{:.4}\t{}\t{}\n",
+                            r.idx,
+                            r.label,
+                            r.predict,
+                            r.radius,
+                            r.correct as u8,
+                            r.seconds,
+                            r.n_a,
+                            r.n
+                        )
+                        .as_bytes(),
                     );
                 }
                 b
@@ -76,26 +104,35 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
                     let rs = by_job.values().next().map(Vec::as_slice).unwrap_or(&[]);
                     write_out(out, &tsv(rs))?;
                 }
-                (0, _) => bail!(usage(format!("study {} has no certification results yet", study.name))),
+                (0, _) => bail!(usage(format!(
+                    "study {} has no certification results yet",
+                    study.name
+                ))),
                 (_, Some(dir)) => {
-                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
                     for (job, rs) in &by_job {
                         let path = dir.join(format!("{job}.tsv"));
-                        std::fs::write(&path, tsv(rs)).with_context(|| format!("writing {}", path.display()))?;
+                        std::fs::write(&path, tsv(rs))
+                            .with_context(|| format!("writing {}", path.display()))?;
                     }
                     eprintln!("wrote {} files to {}", by_job.len(), dir.display());
                 }
-                (_, None) => bail!(usage("cohen-tsv holds one job: pass --job ID, or --out DIR for one file per job")),
+                (_, None) => bail!(usage(
+                    "cohen-tsv holds one job: pass --job ID, or --out DIR for one file per job"
+                )),
             }
         }
         ExportFormat::Json => {
             let v: Vec<_> = jobs
                 .iter()
                 .filter(|j| a.job.is_none() || by_job.contains_key(&j.id))
-                .map(|j| serde_json::json!({
-                    "job": j.id, "kind": j.kind, "label": j.label, "state": j.state,
-                    "results": by_job.get(&j.id).cloned().unwrap_or_default(),
-                }))
+                .map(|j| {
+                    serde_json::json!({
+                        "job": j.id, "kind": j.kind, "label": j.label, "state": j.state,
+                        "results": by_job.get(&j.id).cloned().unwrap_or_default(),
+                    })
+                })
                 .collect();
             let doc = serde_json::json!({ "study": study.name, "seed": study.seed, "spec_sha256": study.spec_sha256, "jobs": v });
             let mut buf = serde_json::to_vec_pretty(&doc)?;

@@ -34,7 +34,10 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(err) => {
             // A closed pipe (`caf plan --json | head`) is the reader's choice, not an error.
-            if err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)) {
+            if err.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
                 return 0;
             }
             if let Some(exit) = err.downcast_ref::<Exit>() {
@@ -56,7 +59,11 @@ pub fn main() -> i32 {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     // On a terminal the progress bars carry progress, so only warnings are logged by default.
-    let default = if std::io::stderr().is_terminal() { "warn" } else { "info" };
+    let default = if std::io::stderr().is_terminal() {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -66,14 +66,32 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
     }
     for (s, jobs) in &all {
         let done = jobs.iter().filter(|j| j.state == JobState::Done).count();
-        writeln!(out, "study {} — {done}/{} jobs done (spec sha256 {})", s.name, jobs.len(), &s.spec_sha256[..12.min(s.spec_sha256.len())])?;
-        writeln!(out, "  {:<16}  {:<7}  {:<28}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  NOTE", "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY")?;
+        writeln!(
+            out,
+            "study {} — {done}/{} jobs done (spec sha256 {})",
+            s.name,
+            jobs.len(),
+            &s.spec_sha256[..12.min(s.spec_sha256.len())]
+        )?;
+        writeln!(
+            out,
+            "  {:<16}  {:<7}  {:<28}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  NOTE",
+            "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY"
+        )?;
         for j in jobs {
             let (rate, eta) = rate_eta(j);
-            let state = if j.blocked { "blocked" } else { j.state.as_str() };
+            let state = if j.blocked {
+                "blocked"
+            } else {
+                j.state.as_str()
+            };
             let note = match (&j.error, j.state) {
-                (Some(e), JobState::Failed | JobState::Pending) => e.lines().next().unwrap_or("").to_string(),
-                _ if j.state == JobState::Running => format!("lease: {}", j.lease_owner.as_deref().unwrap_or("?")),
+                (Some(e), JobState::Failed | JobState::Pending) => {
+                    e.lines().next().unwrap_or("").to_string()
+                }
+                _ if j.state == JobState::Running => {
+                    format!("lease: {}", j.lease_owner.as_deref().unwrap_or("?"))
+                }
                 _ => String::new(),
             };
             writeln!(

@@ -27,7 +27,8 @@ impl ModelRef {
     pub fn load(&self, device: &candle_core::Device) -> Result<Box<dyn Classifier>, JobError> {
         let arch: Arch = self.arch.parse().map_err(JobError::fatal)?;
         check_hash(&self.weights, &self.weights_sha256)?;
-        models::load_classifier(arch, &self.weights, self.normalize, device).map_err(JobError::fatal)
+        models::load_classifier(arch, &self.weights, self.normalize, device)
+            .map_err(JobError::fatal)
     }
 }
 
@@ -63,7 +64,8 @@ impl Slice {
 }
 
 fn check_hash(path: &std::path::Path, want: &str) -> Result<(), JobError> {
-    let got = crate::util::sha256_file(path).map_err(|e| JobError::fatal(format!("{}: {e}", path.display())))?;
+    let got = crate::util::sha256_file(path)
+        .map_err(|e| JobError::fatal(format!("{}: {e}", path.display())))?;
     if got != want {
         return Err(JobError::fatal(format!(
             "{} changed since this job was planned (sha256 {got}, planned {want}); run `caf run` again to re-plan",
@@ -76,21 +78,35 @@ fn check_hash(path: &std::path::Path, want: &str) -> Result<(), JobError> {
 /// The `method` of a cell (the spec guarantees it is present and a string).
 pub fn method_of(cell: &Cell, ctx: &PlanContext<'_>) -> Result<String, SpecError> {
     match cell.params.get("method") {
-        Some(Param { value: serde_json::Value::String(s), .. }) => Ok(s.clone()),
+        Some(Param {
+            value: serde_json::Value::String(s),
+            ..
+        }) => Ok(s.clone()),
         Some(p) => Err(ctx.error_at(p.span, "expected a string for method")),
-        None => Err(SpecError::whole_file(&ctx.spec.path, "a grid cell has no `method`")),
+        None => Err(SpecError::whole_file(
+            &ctx.spec.path,
+            "a grid cell has no `method`",
+        )),
     }
 }
 
 /// Rejects cell parameters a method does not use, pointing at the first one.
-pub fn check_known(cell: &Cell, ctx: &PlanContext<'_>, method: &str, allowed: &[&str]) -> Result<(), SpecError> {
+pub fn check_known(
+    cell: &Cell,
+    ctx: &PlanContext<'_>,
+    method: &str,
+    allowed: &[&str],
+) -> Result<(), SpecError> {
     let allowed: BTreeSet<&str> = allowed.iter().copied().chain(["method"]).collect();
     for (k, p) in &cell.params {
         if !allowed.contains(k.as_str()) {
             let list: Vec<&str> = allowed.iter().copied().collect();
             return Err(ctx.error_at(
                 p.span,
-                format!("parameter `{k}` is not used by method `{method}` (expected one of: {})", list.join(", ")),
+                format!(
+                    "parameter `{k}` is not used by method `{method}` (expected one of: {})",
+                    list.join(", ")
+                ),
             ));
         }
     }
@@ -98,19 +114,35 @@ pub fn check_known(cell: &Cell, ctx: &PlanContext<'_>, method: &str, allowed: &[
 }
 
 /// The backbone a cell names, as a [`ModelRef`].
-pub fn backbone_ref(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<(String, ModelRef), SpecError> {
-    let p = cell
-        .params
-        .get("backbone")
-        .ok_or_else(|| SpecError::whole_file(&ctx.spec.path, "a grid cell has no `backbone` parameter"))?;
-    let name = p.value.as_str().ok_or_else(|| ctx.error_at(p.span, "expected a backbone name (string)"))?;
+pub fn backbone_ref(
+    cell: &Cell,
+    ctx: &mut PlanContext<'_>,
+) -> Result<(String, ModelRef), SpecError> {
+    let p = cell.params.get("backbone").ok_or_else(|| {
+        SpecError::whole_file(&ctx.spec.path, "a grid cell has no `backbone` parameter")
+    })?;
+    let name = p
+        .value
+        .as_str()
+        .ok_or_else(|| ctx.error_at(p.span, "expected a backbone name (string)"))?;
     let Some(b) = ctx.spec.backbones.get(name) else {
         let names: Vec<&str> = ctx.spec.backbones.keys().map(String::as_str).collect();
-        return Err(ctx.error_at(p.span, format!("unknown backbone `{name}` (defined: {})", names.join(", "))));
+        return Err(ctx.error_at(
+            p.span,
+            format!("unknown backbone `{name}` (defined: {})", names.join(", ")),
+        ));
     };
     let (arch, weights, normalize) = (b.arch.to_string(), b.weights.clone(), b.normalize);
     let weights_sha256 = ctx.file_sha256(&weights)?;
-    Ok((name.to_string(), ModelRef { arch, weights, weights_sha256, normalize }))
+    Ok((
+        name.to_string(),
+        ModelRef {
+            arch,
+            weights,
+            weights_sha256,
+            normalize,
+        },
+    ))
 }
 
 /// The spec's test split as a [`DataRef`].
@@ -119,27 +151,49 @@ pub fn test_data_ref(ctx: &mut PlanContext<'_>) -> Result<DataRef, SpecError> {
         .map_err(|e| SpecError::at(&ctx.spec.path, ctx.spec.data.span, e.to_string()))?;
     let file = root.join("test_batch.bin");
     let sha256 = ctx.file_sha256(&file)?;
-    Ok(DataRef { dataset: "cifar10".into(), root, split: Split::Test, sha256 })
+    Ok(DataRef {
+        dataset: "cifar10".into(),
+        root,
+        split: Split::Test,
+        sha256,
+    })
 }
 
 /// A finite number parameter, with a located error.
-pub fn number(cell: &Cell, ctx: &PlanContext<'_>, key: &str) -> Result<Option<(f64, Param)>, SpecError> {
+pub fn number(
+    cell: &Cell,
+    ctx: &PlanContext<'_>,
+    key: &str,
+) -> Result<Option<(f64, Param)>, SpecError> {
     match cell.params.get(key) {
         None => Ok(None),
         Some(p) => match p.value.as_f64() {
             Some(v) if v.is_finite() => Ok(Some((v, p.clone()))),
-            _ => Err(ctx.error_at(p.span, format!("expected a number for {key}, found {}", p.value))),
+            _ => Err(ctx.error_at(
+                p.span,
+                format!("expected a number for {key}, found {}", p.value),
+            )),
         },
     }
 }
 
 /// A non-negative integer parameter, with a located error.
-pub fn integer(cell: &Cell, ctx: &PlanContext<'_>, key: &str) -> Result<Option<(u64, Param)>, SpecError> {
+pub fn integer(
+    cell: &Cell,
+    ctx: &PlanContext<'_>,
+    key: &str,
+) -> Result<Option<(u64, Param)>, SpecError> {
     match cell.params.get(key) {
         None => Ok(None),
         Some(p) => match p.value.as_u64() {
             Some(v) => Ok(Some((v, p.clone()))),
-            None => Err(ctx.error_at(p.span, format!("expected a non-negative integer for {key}, found {}", p.value))),
+            None => Err(ctx.error_at(
+                p.span,
+                format!(
+                    "expected a non-negative integer for {key}, found {}",
+                    p.value
+                ),
+            )),
         },
     }
 }
@@ -149,7 +203,10 @@ pub fn identity_of(params: &serde_json::Value, drop: &[&str]) -> serde_json::Val
     fn strip(v: &serde_json::Value, drop: &[&str]) -> serde_json::Value {
         match v {
             serde_json::Value::Object(m) => serde_json::Value::Object(
-                m.iter().filter(|(k, _)| !drop.contains(&k.as_str())).map(|(k, v)| (k.clone(), strip(v, drop))).collect(),
+                m.iter()
+                    .filter(|(k, _)| !drop.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), strip(v, drop)))
+                    .collect(),
             ),
             other => other.clone(),
         }
@@ -164,10 +221,36 @@ mod tests {
     #[test]
     fn slice_follows_cohen_skip_and_max() {
         assert_eq!(Slice { skip: 1, max: None }.indices(4), vec![0, 1, 2, 3]);
-        assert_eq!(Slice { skip: 20, max: None }.indices(100), vec![0, 20, 40, 60, 80]);
-        assert_eq!(Slice { skip: 3, max: Some(7) }.indices(100), vec![0, 3, 6]);
-        assert_eq!(Slice { skip: 3, max: Some(1000) }.indices(7), vec![0, 3, 6]);
-        assert!(Slice { skip: 2, max: Some(0) }.indices(10).is_empty());
+        assert_eq!(
+            Slice {
+                skip: 20,
+                max: None
+            }
+            .indices(100),
+            vec![0, 20, 40, 60, 80]
+        );
+        assert_eq!(
+            Slice {
+                skip: 3,
+                max: Some(7)
+            }
+            .indices(100),
+            vec![0, 3, 6]
+        );
+        assert_eq!(
+            Slice {
+                skip: 3,
+                max: Some(1000)
+            }
+            .indices(7),
+            vec![0, 3, 6]
+        );
+        assert!(Slice {
+            skip: 2,
+            max: Some(0)
+        }
+        .indices(10)
+        .is_empty());
     }
 
     #[test]

@@ -30,7 +30,10 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     let (backbone, model) = common::backbone_ref(cell, ctx)?;
     let data = common::test_data_ref(ctx)?;
     let c = &ctx.spec.certify;
-    let mut slice = Slice { skip: c.skip, max: c.max };
+    let mut slice = Slice {
+        skip: c.skip,
+        max: c.max,
+    };
     let mut batch = c.batch;
     if let Some((v, p)) = common::integer(cell, ctx, "skip")? {
         if v == 0 {
@@ -51,7 +54,13 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
 }
 
 pub fn job(backbone: &str, model: ModelRef, data: DataRef, slice: Slice, batch: usize) -> Job {
-    let params = EvalParams { backbone: backbone.to_string(), model, data, slice, batch };
+    let params = EvalParams {
+        backbone: backbone.to_string(),
+        model,
+        data,
+        slice,
+        batch,
+    };
     let value = serde_json::to_value(&params).unwrap_or_default();
     JobBuilder {
         kind: KIND,
@@ -67,13 +76,22 @@ pub fn job(backbone: &str, model: ModelRef, data: DataRef, slice: Slice, batch: 
 }
 
 /// Predicts `indices` in batches; returns rows in index order.
-pub fn predict_indices(model: &dyn Classifier, device: &candle_core::Device, data: &ImageSet, indices: &[usize]) -> candle_core::Result<Vec<EvalRow>> {
+pub fn predict_indices(
+    model: &dyn Classifier,
+    device: &candle_core::Device,
+    data: &ImageSet,
+    indices: &[usize],
+) -> candle_core::Result<Vec<EvalRow>> {
     let x = data.batch_tensor(indices, device)?;
     let preds = predict_classes(model, &x)?;
     Ok(indices
         .iter()
         .zip(preds)
-        .map(|(&i, p)| EvalRow { idx: i as u64, label: data.label(i) as u32, predict: p })
+        .map(|(&i, p)| EvalRow {
+            idx: i as u64,
+            label: data.label(i) as u32,
+            predict: p,
+        })
         .collect())
 }
 
@@ -85,21 +103,26 @@ impl JobHandler for EvalHandler {
     }
 
     fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        let p: EvalParams =
-            serde_json::from_value(ctx.params.clone()).map_err(|e| JobError::fatal(format!("bad eval params: {e}")))?;
+        let p: EvalParams = serde_json::from_value(ctx.params.clone())
+            .map_err(|e| JobError::fatal(format!("bad eval params: {e}")))?;
         let device = ctx.device.open().map_err(JobError::fatal)?;
         let model = p.model.load(&device)?;
         let data = p.data.load()?;
         let indices = p.slice.indices(data.len());
         let done: BTreeSet<u64> = ctx.sink.eval_done()?.into_iter().collect();
-        let todo: Vec<usize> = indices.iter().copied().filter(|i| !done.contains(&(*i as u64))).collect();
+        let todo: Vec<usize> = indices
+            .iter()
+            .copied()
+            .filter(|i| !done.contains(&(*i as u64)))
+            .collect();
         let total = indices.len() as u64;
         let mut finished = total - todo.len() as u64;
         for chunk in todo.chunks(p.batch.max(1)) {
             if ctx.cancelled() {
                 return Ok(JobOutput::Interrupted);
             }
-            let rows = predict_indices(model.as_ref(), &device, &data, chunk).map_err(|e| JobError::retryable(e))?;
+            let rows = predict_indices(model.as_ref(), &device, &data, chunk)
+                .map_err(JobError::retryable)?;
             ctx.sink.record_eval(&rows)?;
             finished += rows.len() as u64;
             ctx.sink.progress(finished, total)?;

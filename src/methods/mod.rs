@@ -26,8 +26,18 @@ pub fn plan_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, Spe
         "smooth" => smooth::plan(cell, ctx),
         "clean" => eval::plan(cell, ctx),
         other => {
-            let span = cell.params.get("method").map(|p| p.span).unwrap_or_default();
-            Err(ctx.error_at(span, format!("unknown method `{other}` (expected one of: {})", METHODS.join(", "))))
+            let span = cell
+                .params
+                .get("method")
+                .map(|p| p.span)
+                .unwrap_or_default();
+            Err(ctx.error_at(
+                span,
+                format!(
+                    "unknown method `{other}` (expected one of: {})",
+                    METHODS.join(", ")
+                ),
+            ))
         }
     }
 }

@@ -34,13 +34,23 @@ pub struct CertifyParams {
     pub slice: Slice,
 }
 
-const CELL_KEYS: &[&str] = &["backbone", "sigma", "n0", "n", "alpha", "batch", "skip", "max"];
+const CELL_KEYS: &[&str] = &[
+    "backbone", "sigma", "n0", "n", "alpha", "batch", "skip", "max",
+];
 
 /// The certification settings of a cell: the spec's `certify` block, overridden per cell.
 pub fn cell_settings(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(Settings, Slice), SpecError> {
     let c = &ctx.spec.certify;
-    let mut s = Settings { n0: c.n0, n: c.n, alpha: c.alpha, batch: c.batch };
-    let mut slice = Slice { skip: c.skip, max: c.max };
+    let mut s = Settings {
+        n0: c.n0,
+        n: c.n,
+        alpha: c.alpha,
+        batch: c.batch,
+    };
+    let mut slice = Slice {
+        skip: c.skip,
+        max: c.max,
+    };
     if let Some((v, _)) = common::integer(cell, ctx, "n0")? {
         s.n0 = v;
     }
@@ -69,8 +79,16 @@ pub fn cell_settings(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(Settings, Sl
         slice.max = Some(v as usize);
     }
     if s.n0 == 0 || s.n0 >= s.n {
-        let span = cell.params.get("n0").or(cell.params.get("n")).map(|p| p.span).unwrap_or_default();
-        return Err(ctx.error_at(span, format!("expected 1 ≤ n0 < n, found n0 = {} and n = {}", s.n0, s.n)));
+        let span = cell
+            .params
+            .get("n0")
+            .or(cell.params.get("n"))
+            .map(|p| p.span)
+            .unwrap_or_default();
+        return Err(ctx.error_at(
+            span,
+            format!("expected 1 ≤ n0 < n, found n0 = {} and n = {}", s.n0, s.n),
+        ));
     }
     Ok((s, slice))
 }
@@ -81,7 +99,12 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     let data = common::test_data_ref(ctx)?;
     let sigma = match common::number(cell, ctx, "sigma")? {
         Some((v, _)) => v,
-        None => return Err(SpecError::whole_file(&ctx.spec.path, "method `smooth` needs a `sigma` parameter")),
+        None => {
+            return Err(SpecError::whole_file(
+                &ctx.spec.path,
+                "method `smooth` needs a `sigma` parameter",
+            ))
+        }
     };
     let (s, slice) = cell_settings(cell, ctx)?;
     let params = CertifyParams {
@@ -129,20 +152,33 @@ pub enum SliceEnd {
     Interrupted,
 }
 
-/// Certifies every image of `indices` that `done` does not contain, in order, handing each row
-/// to `emit` as soon as it exists (so a crash loses at most the image in flight).
+/// What to certify: images `indices` of `data` that `done` does not contain.
+pub struct SliceRun<'a> {
+    pub data: &'a ImageSet,
+    pub indices: &'a [usize],
+    pub done: &'a BTreeSet<u64>,
+    pub seed: u64,
+    pub sigma: f64,
+    pub settings: Settings,
+}
+
+/// Certifies the slice in index order, handing each row to `emit` as soon as it exists (so a
+/// crash loses at most the image in flight).
 pub fn certify_slice(
     model: &dyn Classifier,
     device: &candle_core::Device,
-    data: &ImageSet,
-    indices: &[usize],
-    done: &BTreeSet<u64>,
-    seed: u64,
-    sigma: f64,
-    settings: &Settings,
+    run: &SliceRun<'_>,
     cancelled: &dyn Fn() -> bool,
     emit: &mut dyn FnMut(CertRow) -> Result<(), JobError>,
 ) -> Result<SliceEnd, JobError> {
+    let SliceRun {
+        data,
+        indices,
+        done,
+        seed,
+        sigma,
+        ref settings,
+    } = *run;
     settings.validate().map_err(JobError::fatal)?;
     let smooth = Smooth::new(model, sigma, device.clone());
     for &idx in indices {
@@ -156,7 +192,15 @@ pub fn certify_slice(
         let image = data.image_f32(idx);
         let label = data.label(idx) as u32;
         let cert = smooth
-            .certify(&image, NoiseKey { seed, sigma, idx: idx as u64 }, settings)
+            .certify(
+                &image,
+                NoiseKey {
+                    seed,
+                    sigma,
+                    idx: idx as u64,
+                },
+                settings,
+            )
             .map_err(|e| JobError::retryable(format!("image {idx}: {e}")))?;
         let predict = cert.predict.map_or(-1, i64::from);
         emit(CertRow {
@@ -194,23 +238,34 @@ impl JobHandler for CertifyHandler {
         let indices = p.slice.indices(data.len());
         let total = indices.len() as u64;
         let done: BTreeSet<u64> = ctx.sink.cert_done()?.into_iter().collect();
-        let mut finished = indices.iter().filter(|i| done.contains(&(**i as u64))).count() as u64;
+        let mut finished = indices
+            .iter()
+            .filter(|i| done.contains(&(**i as u64)))
+            .count() as u64;
         ctx.sink.progress(finished, total)?;
         if finished > 0 {
             let msg = format!("resuming: {finished}/{total} images already certified");
             tracing::info!("{msg}");
             ctx.sink.event("info", &msg)?;
         }
-        let settings = Settings { n0: p.n0, n: p.n, alpha: p.alpha, batch: p.batch };
+        let settings = Settings {
+            n0: p.n0,
+            n: p.n,
+            alpha: p.alpha,
+            batch: p.batch,
+        };
+        let run = SliceRun {
+            data: &data,
+            indices: &indices,
+            done: &done,
+            seed: p.seed,
+            sigma: p.sigma,
+            settings,
+        };
         let end = certify_slice(
             model.as_ref(),
             &device,
-            &data,
-            &indices,
-            &done,
-            p.seed,
-            p.sigma,
-            &settings,
+            &run,
             &|| ctx.cancelled(),
             &mut |row| {
                 ctx.sink.record_cert(&row)?;

@@ -340,7 +340,14 @@ impl CifarResNet {
 
     fn features_fast(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
-        let net = FoldedResNet {
+        let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let feats = self.folded()?.features(&input, b, h, w);
+        Tensor::from_vec(feats, (b, FEATURE_DIM), x.device())
+    }
+
+    /// The network with BatchNorm folded, for the fused CPU path.
+    pub(crate) fn folded(&self) -> Result<FoldedResNet> {
+        Ok(FoldedResNet {
             normalize: self.norm.normalize,
             stem: self.stem.to_fast()?,
             blocks: self
@@ -355,10 +362,7 @@ impl CifarResNet {
                 })
                 .collect::<Result<_>>()?,
             feature_dim: FEATURE_DIM,
-        };
-        let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let feats = net.features(&input, b, h, w);
-        Tensor::from_vec(feats, (b, FEATURE_DIM), x.device())
+        })
     }
 
     /// φ(x) through candle's ops only: the path for training and non-CPU devices, and the

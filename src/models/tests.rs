@@ -684,6 +684,24 @@ fn fused_cpu_path_matches_candle_ops() {
     assert!(model.tracks_grad());
     let frozen = model.detached().expect("detach");
     assert!(!frozen.tracks_grad());
+    // Any grouping of images into GEMMs gives the same features.
+    let net = frozen.folded().expect("fold");
+    let x = Tensor::rand(0f32, 1.0, (5, 3, 16, 16), &dev).expect("input");
+    let input: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+    let single = net.features_in_groups(&input, 5, (16, 16), 1);
+    for group in [2, 3, 8] {
+        let grouped = net.features_in_groups(&input, 5, (16, 16), group);
+        let d = single
+            .iter()
+            .zip(&grouped)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = single.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        assert!(
+            d / scale < 1e-5,
+            "group {group}: features differ by {d} (scale {scale})"
+        );
+    }
     for (h, w) in [(32, 32), (17, 23), (5, 4)] {
         let x = Tensor::rand(0f32, 1.0, (3, 3, h, w), &dev).expect("input");
         let fast = frozen.logits(&x).expect("fused");

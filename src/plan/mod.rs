@@ -68,7 +68,13 @@ impl JobBuilder {
             "deps": self.deps,
         });
         let id = JobId(sha256_bytes(canonical_json(&key).as_bytes())[..16].to_string());
-        Job { id, kind: self.kind.to_string(), label: self.label, params: self.params, deps: self.deps }
+        Job {
+            id,
+            kind: self.kind.to_string(),
+            label: self.label,
+            params: self.params,
+            deps: self.deps,
+        }
     }
 }
 
@@ -102,7 +108,10 @@ pub struct PlanContext<'a> {
 
 impl<'a> PlanContext<'a> {
     pub fn new(spec: &'a Spec) -> Self {
-        Self { spec, hashes: HashMap::new() }
+        Self {
+            spec,
+            hashes: HashMap::new(),
+        }
     }
 
     /// SHA-256 of a file's contents, cached for the duration of the plan.
@@ -110,8 +119,12 @@ impl<'a> PlanContext<'a> {
         if let Some(h) = self.hashes.get(path) {
             return Ok(h.clone());
         }
-        let h = crate::util::sha256_file(path)
-            .map_err(|e| SpecError::whole_file(&self.spec.path, format!("cannot read {}: {e}", path.display())))?;
+        let h = crate::util::sha256_file(path).map_err(|e| {
+            SpecError::whole_file(
+                &self.spec.path,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
         self.hashes.insert(path.to_path_buf(), h.clone());
         Ok(h)
     }
@@ -162,10 +175,17 @@ impl Plan {
 
 /// Orders jobs so that every job follows its deps, keeping the planned order otherwise.
 fn topo_sort(jobs: Vec<Job>) -> Result<Vec<Job>, String> {
-    let index: HashMap<JobId, usize> = jobs.iter().enumerate().map(|(i, j)| (j.id.clone(), i)).collect();
+    let index: HashMap<JobId, usize> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (j.id.clone(), i))
+        .collect();
     for j in &jobs {
         if let Some(d) = j.deps.iter().find(|d| !index.contains_key(*d)) {
-            return Err(format!("internal planning error: job {} depends on unknown job {d}", j.id));
+            return Err(format!(
+                "internal planning error: job {} depends on unknown job {d}",
+                j.id
+            ));
         }
     }
     // 0 = unvisited, 1 = on the stack, 2 = emitted.

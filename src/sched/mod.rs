@@ -19,7 +19,9 @@ use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
 
 use crate::plan::JobId;
-use crate::store::{Artifact, CertRow, Claimed, EvalRow, FailOutcome, Store, StoreError, StudyId, WorkerId};
+use crate::store::{
+    Artifact, CertRow, Claimed, EvalRow, FailOutcome, Store, StoreError, StudyId, WorkerId,
+};
 pub use progress::{LogProgress, Progress, TerminalProgress};
 
 /// Where jobs run.
@@ -35,7 +37,9 @@ impl std::str::FromStr for DeviceSpec {
         if s == "cpu" {
             return Ok(DeviceSpec::Cpu);
         }
-        let ordinal = s.strip_prefix("cuda:").or(if s == "cuda" { Some("0") } else { None });
+        let ordinal = s
+            .strip_prefix("cuda:")
+            .or(if s == "cuda" { Some("0") } else { None });
         match ordinal.map(str::parse::<usize>) {
             Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
             _ => Err(format!("unknown device `{s}` (expected cpu or cuda:N)")),
@@ -89,10 +93,16 @@ pub struct JobError {
 
 impl JobError {
     pub fn fatal(message: impl std::fmt::Display) -> Self {
-        Self { message: message.to_string(), retryable: false }
+        Self {
+            message: message.to_string(),
+            retryable: false,
+        }
     }
     pub fn retryable(message: impl std::fmt::Display) -> Self {
-        Self { message: message.to_string(), retryable: true }
+        Self {
+            message: message.to_string(),
+            retryable: true,
+        }
     }
 }
 
@@ -144,8 +154,26 @@ impl JobContext {
     }
 
     /// A context for running a handler outside the scheduler (one-off CLI commands, tests).
-    pub fn standalone(id: JobId, kind: &str, params: serde_json::Value, device: DeviceSpec, artifacts_dir: PathBuf, sink: Arc<dyn JobSink>, cancel: CancelFlag) -> Self {
-        Self { id, kind: kind.to_string(), label: kind.to_string(), params, attempt: 1, device, artifacts_dir, sink, cancel }
+    pub fn standalone(
+        id: JobId,
+        kind: &str,
+        params: serde_json::Value,
+        device: DeviceSpec,
+        artifacts_dir: PathBuf,
+        sink: Arc<dyn JobSink>,
+        cancel: CancelFlag,
+    ) -> Self {
+        Self {
+            id,
+            kind: kind.to_string(),
+            label: kind.to_string(),
+            params,
+            attempt: 1,
+            device,
+            artifacts_dir,
+            sink,
+            cancel,
+        }
     }
 }
 
@@ -246,8 +274,12 @@ pub async fn run_study<S: Store>(
     progress: Arc<dyn Progress>,
 ) -> Result<RunSummary, SchedError> {
     let worker = worker_id();
-    store.register_worker(&worker, &hostname(), std::process::id()).await?;
-    store.log_event(None, Some(&worker), "info", "worker started").await?;
+    store
+        .register_worker(&worker, &hostname(), std::process::id())
+        .await?;
+    store
+        .log_event(None, Some(&worker), "info", "worker started")
+        .await?;
     let kinds = registry.kinds();
     let mut summary = RunSummary::default();
     let mut running: JoinSet<(JobId, String, Result<Outcome, StoreError>)> = JoinSet::new();
@@ -258,18 +290,43 @@ pub async fn run_study<S: Store>(
                 FailOutcome::Failed => "out of attempts, failed",
             };
             warn!(job = %a.id, "{}; {what}", a.reason);
-            store.log_event(Some(&a.id), Some(&worker), "warn", &format!("{}; {what}", a.reason)).await?;
+            store
+                .log_event(
+                    Some(&a.id),
+                    Some(&worker),
+                    "warn",
+                    &format!("{}; {what}", a.reason),
+                )
+                .await?;
         }
         while !shutdown.is_cancelled() && running.len() < cfg.workers.max(1) {
-            let Some(job) = store.claim(study, &worker, &kinds, cfg.lease).await? else { break };
+            let Some(job) = store.claim(study, &worker, &kinds, cfg.lease).await? else {
+                break;
+            };
             let Some(handler) = registry.get(&job.kind) else {
                 // claim() only returns registered kinds; this guards against a racing registry change.
-                store.fail(&job.id, &worker, &format!("no handler for job kind `{}`", job.kind), None, 0.0).await?;
+                store
+                    .fail(
+                        &job.id,
+                        &worker,
+                        &format!("no handler for job kind `{}`", job.kind),
+                        None,
+                        0.0,
+                    )
+                    .await?;
                 continue;
             };
             progress.job_started(&job.id, &job.label);
             let (id, label) = (job.id.clone(), job.label.clone());
-            let fut = run_one(store.clone(), worker.clone(), job, handler, cfg.clone(), shutdown.clone(), progress.clone());
+            let fut = run_one(
+                store.clone(),
+                worker.clone(),
+                job,
+                handler,
+                cfg.clone(),
+                shutdown.clone(),
+                progress.clone(),
+            );
             running.spawn(async move { (id, label, fut.await) });
         }
         if running.is_empty() {
@@ -306,7 +363,9 @@ pub async fn run_study<S: Store>(
         }
     }
     summary.shutdown_requested = shutdown.is_cancelled();
-    store.log_event(None, Some(&worker), "info", "worker stopped").await?;
+    store
+        .log_event(None, Some(&worker), "info", "worker stopped")
+        .await?;
     Ok(summary)
 }
 
@@ -346,7 +405,14 @@ async fn run_one<S: Store>(
     let span = tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt);
     async move {
         info!(label = %job.label, "started");
-        store.log_event(Some(&job.id), Some(&worker), "info", &format!("attempt {} started", job.attempt)).await?;
+        store
+            .log_event(
+                Some(&job.id),
+                Some(&worker),
+                "info",
+                &format!("attempt {} started", job.attempt),
+            )
+            .await?;
         let started = Instant::now();
         let cancel = CancelFlag::new();
         let lease_lost = CancelFlag::new();
@@ -403,13 +469,21 @@ async fn run_one<S: Store>(
                 info!("interrupted; progress is saved");
                 Outcome::Released
             }
-            Ok(Err(e)) => record_failure(&store, &job, &worker, &e.message, e.retryable, seconds).await?,
+            Ok(Err(e)) => {
+                record_failure(&store, &job, &worker, &e.message, e.retryable, seconds).await?
+            }
             Err(join) => {
-                let msg = if join.is_panic() { format!("the job panicked: {}", panic_message(join)) } else { "the job was aborted".into() };
+                let msg = if join.is_panic() {
+                    format!("the job panicked: {}", panic_message(join))
+                } else {
+                    "the job was aborted".into()
+                };
                 record_failure(&store, &job, &worker, &msg, true, seconds).await?
             }
         };
-        store.log_event(Some(&job.id), Some(&worker), "info", &outcome.describe()).await?;
+        store
+            .log_event(Some(&job.id), Some(&worker), "info", &outcome.describe())
+            .await?;
         Ok(outcome)
     }
     .instrument(span)
@@ -427,24 +501,44 @@ fn panic_message(join: tokio::task::JoinError) -> String {
     }
 }
 
-async fn record_failure<S: Store>(store: &S, job: &Claimed, worker: &WorkerId, msg: &str, retryable: bool, seconds: f64) -> Result<Outcome, StoreError> {
+async fn record_failure<S: Store>(
+    store: &S,
+    job: &Claimed,
+    worker: &WorkerId,
+    msg: &str,
+    retryable: bool,
+    seconds: f64,
+) -> Result<Outcome, StoreError> {
     let retry_after = retryable.then(|| crate::store::sqlite::retry_backoff(job.attempt));
     let msg = format!("attempt {}/{}: {msg}", job.attempt, job.max_attempts);
-    Ok(match store.fail(&job.id, worker, &msg, retry_after, seconds).await? {
-        FailOutcome::WillRetry => {
-            warn!("{msg}; will retry");
-            Outcome::Retrying(msg)
-        }
-        FailOutcome::Failed => {
-            warn!("{msg}; giving up");
-            Outcome::Failed(msg)
-        }
-    })
+    Ok(
+        match store
+            .fail(&job.id, worker, &msg, retry_after, seconds)
+            .await?
+        {
+            FailOutcome::WillRetry => {
+                warn!("{msg}; will retry");
+                Outcome::Retrying(msg)
+            }
+            FailOutcome::Failed => {
+                warn!("{msg}; giving up");
+                Outcome::Failed(msg)
+            }
+        },
+    )
 }
 
 /// Renews the lease until the job ends; forwards a shutdown request to the job; stops the job
 /// if the lease is lost (another worker will, or already did, take it over).
-async fn keep_lease<S: Store>(store: S, job: JobId, worker: WorkerId, cfg: SchedConfig, shutdown: CancelFlag, cancel: CancelFlag, lease_lost: CancelFlag) {
+async fn keep_lease<S: Store>(
+    store: S,
+    job: JobId,
+    worker: WorkerId,
+    cfg: SchedConfig,
+    shutdown: CancelFlag,
+    cancel: CancelFlag,
+    lease_lost: CancelFlag,
+) {
     let tick = Duration::from_millis(100);
     let mut last = Instant::now();
     loop {
@@ -485,20 +579,28 @@ impl<S: Store> JobSink for StoreSink<S> {
         self.handle.block_on(self.store.cert_done(&self.job))
     }
     fn record_eval(&self, rows: &[EvalRow]) -> Result<(), StoreError> {
-        self.handle.block_on(self.store.record_eval(&self.job, rows))
+        self.handle
+            .block_on(self.store.record_eval(&self.job, rows))
     }
     fn eval_done(&self) -> Result<Vec<u64>, StoreError> {
         self.handle.block_on(self.store.eval_done(&self.job))
     }
     fn progress(&self, done: u64, total: u64) -> Result<(), StoreError> {
         self.progress.job_progress(&self.job, done, total);
-        self.handle.block_on(self.store.set_progress(&self.job, done, total))
+        self.handle
+            .block_on(self.store.set_progress(&self.job, done, total))
     }
     fn artifact(&self, artifact: &Artifact) -> Result<(), StoreError> {
-        self.handle.block_on(self.store.record_artifact(&self.job, artifact))
+        self.handle
+            .block_on(self.store.record_artifact(&self.job, artifact))
     }
     fn event(&self, level: &str, message: &str) -> Result<(), StoreError> {
-        self.handle.block_on(self.store.log_event(Some(&self.job), Some(&self.worker), level, message))
+        self.handle.block_on(self.store.log_event(
+            Some(&self.job),
+            Some(&self.worker),
+            level,
+            message,
+        ))
     }
 }
 

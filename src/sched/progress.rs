@@ -22,7 +22,10 @@ pub struct TerminalProgress {
 
 impl Default for TerminalProgress {
     fn default() -> Self {
-        Self { multi: MultiProgress::new(), bars: Mutex::new(HashMap::new()) }
+        Self {
+            multi: MultiProgress::new(),
+            bars: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -35,9 +38,10 @@ impl TerminalProgress {
 impl Progress for TerminalProgress {
     fn job_started(&self, id: &JobId, label: &str) {
         let bar = self.multi.add(ProgressBar::new(0));
-        let style = ProgressStyle::with_template("{prefix:>32} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+        let style =
+            ProgressStyle::with_template("{prefix:>32} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
         bar.set_style(style);
         bar.set_prefix(label.chars().take(32).collect::<String>());
         if let Ok(mut bars) = self.bars.lock() {
@@ -70,7 +74,10 @@ pub struct LogProgress {
 
 impl LogProgress {
     pub fn new(every: Duration) -> Self {
-        Self { every, state: Mutex::new(HashMap::new()) }
+        Self {
+            every,
+            state: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -83,7 +90,9 @@ impl Progress for LogProgress {
     }
     fn job_progress(&self, id: &JobId, done: u64, total: u64) {
         let Ok(mut s) = self.state.lock() else { return };
-        let Some((started, last)) = s.get_mut(id) else { return };
+        let Some((started, last)) = s.get_mut(id) else {
+            return;
+        };
         if last.elapsed() >= self.every || done == total {
             *last = Instant::now();
             let secs = started.elapsed().as_secs_f64();

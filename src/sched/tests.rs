@@ -67,7 +67,13 @@ fn job(name: &str, deps: &[&Job]) -> Job {
 
 fn plan(jobs: Vec<Job>) -> Plan {
     Plan {
-        study: StudyMeta { name: "s".into(), seed: 0, spec_path: "s.yaml".into(), spec_text: "".into(), spec_sha256: "rev1".into() },
+        study: StudyMeta {
+            name: "s".into(),
+            seed: 0,
+            spec_path: "s.yaml".into(),
+            spec_text: "".into(),
+            spec_sha256: "rev1".into(),
+        },
         jobs,
     }
 }
@@ -100,16 +106,39 @@ async fn a_failing_job_does_not_stop_unrelated_jobs() {
     let mut jobs = vec![bad.clone(), after_bad.clone(), panicky.clone()];
     jobs.extend(good.iter().cloned());
     let study = store.register_plan(&plan(jobs)).await.unwrap();
-    sqlx::query("UPDATE jobs SET max_attempts = 2").execute(&store.pool_for_tests()).await.unwrap();
+    sqlx::query("UPDATE jobs SET max_attempts = 2")
+        .execute(&store.pool_for_tests())
+        .await
+        .unwrap();
     let probe = Arc::new(Probe::default());
-    let summary = run_study(store.clone(), study, registry(&probe), cfg(2), CancelFlag::new(), Arc::new(progress::NoProgress)).await.unwrap();
+    let summary = run_study(
+        store.clone(),
+        study,
+        registry(&probe),
+        cfg(2),
+        CancelFlag::new(),
+        Arc::new(progress::NoProgress),
+    )
+    .await
+    .unwrap();
     assert_eq!(summary.completed, 5);
     let runs = probe.runs.lock().unwrap().clone();
     assert_eq!(runs["fatal"], 1, "a fatal error is not retried");
-    assert_eq!(runs["panic"], 2, "a panic is retried until attempts run out");
-    assert!(!runs.contains_key("after-bad"), "a job whose dependency failed never runs");
-    let states: HashMap<String, (JobState, bool)> =
-        store.study_jobs(study).await.unwrap().into_iter().map(|j| (j.label, (j.state, j.blocked))).collect();
+    assert_eq!(
+        runs["panic"], 2,
+        "a panic is retried until attempts run out"
+    );
+    assert!(
+        !runs.contains_key("after-bad"),
+        "a job whose dependency failed never runs"
+    );
+    let states: HashMap<String, (JobState, bool)> = store
+        .study_jobs(study)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.label, (j.state, j.blocked)))
+        .collect();
     assert_eq!(states["fatal"], (JobState::Failed, false));
     assert_eq!(states["panic"].0, JobState::Failed);
     assert_eq!(states["after-bad"], (JobState::Pending, true));
@@ -124,19 +153,38 @@ async fn two_schedulers_on_one_database_run_every_job_exactly_once() {
     let path = dir.path().join("db");
     let s1 = SqliteStore::open(&path).await.unwrap();
     let s2 = SqliteStore::open(&path).await.unwrap();
-    let roots: Vec<Job> = (0..12).map(|i| job(&format!("slow-root{i}"), &[])).collect();
+    let roots: Vec<Job> = (0..12)
+        .map(|i| job(&format!("slow-root{i}"), &[]))
+        .collect();
     let mut jobs = roots.clone();
     jobs.extend((0..12).map(|i| job(&format!("child{i}"), &[&roots[i]])));
     let study = s1.register_plan(&plan(jobs)).await.unwrap();
     let probe = Arc::new(Probe::default());
     let reg = registry(&probe);
     let (a, b) = tokio::join!(
-        run_study(s1.clone(), study, reg.clone(), cfg(2), CancelFlag::new(), Arc::new(progress::NoProgress)),
-        run_study(s2.clone(), study, reg.clone(), cfg(2), CancelFlag::new(), Arc::new(progress::NoProgress)),
+        run_study(
+            s1.clone(),
+            study,
+            reg.clone(),
+            cfg(2),
+            CancelFlag::new(),
+            Arc::new(progress::NoProgress)
+        ),
+        run_study(
+            s2.clone(),
+            study,
+            reg.clone(),
+            cfg(2),
+            CancelFlag::new(),
+            Arc::new(progress::NoProgress)
+        ),
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.completed + b.completed, 24);
-    assert!(a.completed > 0 && b.completed > 0, "both processes did work: {a:?} {b:?}");
+    assert!(
+        a.completed > 0 && b.completed > 0,
+        "both processes did work: {a:?} {b:?}"
+    );
     let runs = probe.runs.lock().unwrap();
     assert_eq!(runs.len(), 24);
     assert!(runs.values().all(|&n| n == 1), "{runs:?}");
@@ -146,7 +194,10 @@ async fn two_schedulers_on_one_database_run_every_job_exactly_once() {
 async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
-    let study = store.register_plan(&plan(vec![job("slow-a", &[]), job("slow-b", &[])])).await.unwrap();
+    let study = store
+        .register_plan(&plan(vec![job("slow-a", &[]), job("slow-b", &[])]))
+        .await
+        .unwrap();
     let probe = Arc::new(Probe::default());
     let shutdown = CancelFlag::new();
     let stopper = {
@@ -156,7 +207,16 @@ async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
             s.cancel();
         })
     };
-    let summary = run_study(store.clone(), study, registry(&probe), cfg(2), shutdown, Arc::new(progress::NoProgress)).await.unwrap();
+    let summary = run_study(
+        store.clone(),
+        study,
+        registry(&probe),
+        cfg(2),
+        shutdown,
+        Arc::new(progress::NoProgress),
+    )
+    .await
+    .unwrap();
     stopper.await.unwrap();
     assert!(summary.shutdown_requested);
     assert_eq!(summary.interrupted, 2);
@@ -165,7 +225,16 @@ async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
         assert_eq!(j.attempts, 0);
     }
     // A second run finishes them.
-    let summary = run_study(store.clone(), study, registry(&probe), cfg(2), CancelFlag::new(), Arc::new(progress::NoProgress)).await.unwrap();
+    let summary = run_study(
+        store.clone(),
+        study,
+        registry(&probe),
+        cfg(2),
+        CancelFlag::new(),
+        Arc::new(progress::NoProgress),
+    )
+    .await
+    .unwrap();
     assert_eq!(summary.completed, 2);
 }
 
@@ -176,10 +245,27 @@ async fn a_dead_runner_is_detected_and_its_job_rerun() {
     let a = job("a", &[]);
     let study = store.register_plan(&plan(vec![a.clone()])).await.unwrap();
     // A runner claims the job and dies without a heartbeat.
-    let claimed = store.claim(study, &WorkerId("ghost".into()), &["probe"], Duration::from_millis(50)).await.unwrap();
+    let claimed = store
+        .claim(
+            study,
+            &WorkerId("ghost".into()),
+            &["probe"],
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
     assert!(claimed.is_some());
     let probe = Arc::new(Probe::default());
-    let summary = run_study(store.clone(), study, registry(&probe), cfg(1), CancelFlag::new(), Arc::new(progress::NoProgress)).await.unwrap();
+    let summary = run_study(
+        store.clone(),
+        study,
+        registry(&probe),
+        cfg(1),
+        CancelFlag::new(),
+        Arc::new(progress::NoProgress),
+    )
+    .await
+    .unwrap();
     assert_eq!(summary.completed, 1);
     let j = &store.study_jobs(study).await.unwrap()[0];
     assert_eq!(j.state, JobState::Done);

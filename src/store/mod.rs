@@ -195,32 +195,104 @@ pub struct Artifact {
 /// Everything the scheduler, the CLI and reports need from a backend.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Records the study's current spec revision and upserts its jobs (existing results are kept).
-    fn register_plan(&self, plan: &Plan) -> impl Future<Output = Result<StudyId, StoreError>> + Send;
+    fn register_plan(
+        &self,
+        plan: &Plan,
+    ) -> impl Future<Output = Result<StudyId, StoreError>> + Send;
     /// Resets failed jobs of the study to pending with fresh attempts.
     fn retry_failed(&self, study: StudyId) -> impl Future<Output = Result<u64, StoreError>> + Send;
-    fn register_worker(&self, worker: &WorkerId, host: &str, pid: u32) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn register_worker(
+        &self,
+        worker: &WorkerId,
+        host: &str,
+        pid: u32,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Atomically leases one runnable job of `kinds` (pending, backoff over, every dep done).
-    fn claim(&self, study: StudyId, worker: &WorkerId, kinds: &[&str], lease: Duration) -> impl Future<Output = Result<Option<Claimed>, StoreError>> + Send;
+    fn claim(
+        &self,
+        study: StudyId,
+        worker: &WorkerId,
+        kinds: &[&str],
+        lease: Duration,
+    ) -> impl Future<Output = Result<Option<Claimed>, StoreError>> + Send;
     /// Extends a lease; `false` means the lease is lost and the worker must stop the job.
-    fn heartbeat(&self, job: &JobId, worker: &WorkerId, lease: Duration) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    fn complete(&self, job: &JobId, worker: &WorkerId, result: &serde_json::Value, seconds: f64) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    fn fail(&self, job: &JobId, worker: &WorkerId, error: &str, retry_after: Option<Duration>, seconds: f64) -> impl Future<Output = Result<FailOutcome, StoreError>> + Send;
+    fn heartbeat(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn complete(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        result: &serde_json::Value,
+        seconds: f64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn fail(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        error: &str,
+        retry_after: Option<Duration>,
+        seconds: f64,
+    ) -> impl Future<Output = Result<FailOutcome, StoreError>> + Send;
     /// Gives a lease back without counting the attempt (clean shutdown).
-    fn release(&self, job: &JobId, worker: &WorkerId, seconds: f64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn release(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        seconds: f64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Returns expired leases to pending (or fails them when out of attempts).
     fn reap_expired(&self) -> impl Future<Output = Result<Vec<Abandoned>, StoreError>> + Send;
     /// Counts of the study's jobs that are running, or pending and still able to run.
-    fn outstanding(&self, study: StudyId) -> impl Future<Output = Result<(u64, u64), StoreError>> + Send;
-    fn set_progress(&self, job: &JobId, done: u64, total: u64) -> impl Future<Output = Result<(), StoreError>> + Send;
-    fn record_cert(&self, job: &JobId, row: &CertRow) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn outstanding(
+        &self,
+        study: StudyId,
+    ) -> impl Future<Output = Result<(u64, u64), StoreError>> + Send;
+    fn set_progress(
+        &self,
+        job: &JobId,
+        done: u64,
+        total: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn record_cert(
+        &self,
+        job: &JobId,
+        row: &CertRow,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn cert_done(&self, job: &JobId) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
-    fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn record_eval(
+        &self,
+        job: &JobId,
+        rows: &[EvalRow],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn eval_done(&self, job: &JobId) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
-    fn record_artifact(&self, job: &JobId, artifact: &Artifact) -> impl Future<Output = Result<(), StoreError>> + Send;
-    fn log_event(&self, job: Option<&JobId>, worker: Option<&WorkerId>, level: &str, message: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn record_artifact(
+        &self,
+        job: &JobId,
+        artifact: &Artifact,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn log_event(
+        &self,
+        job: Option<&JobId>,
+        worker: Option<&WorkerId>,
+        level: &str,
+        message: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn studies(&self) -> impl Future<Output = Result<Vec<StudyInfo>, StoreError>> + Send;
-    fn study_by_name(&self, name: &str) -> impl Future<Output = Result<StudyInfo, StoreError>> + Send;
-    fn study_jobs(&self, study: StudyId) -> impl Future<Output = Result<Vec<JobStatus>, StoreError>> + Send;
+    fn study_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<StudyInfo, StoreError>> + Send;
+    fn study_jobs(
+        &self,
+        study: StudyId,
+    ) -> impl Future<Output = Result<Vec<JobStatus>, StoreError>> + Send;
     /// Per-image certification results of the study's jobs, sorted by job id then idx.
-    fn study_cert_results(&self, study: StudyId) -> impl Future<Output = Result<Vec<(JobId, CertRow)>, StoreError>> + Send;
+    fn study_cert_results(
+        &self,
+        study: StudyId,
+    ) -> impl Future<Output = Result<Vec<(JobId, CertRow)>, StoreError>> + Send;
 }

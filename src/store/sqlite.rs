@@ -6,7 +6,9 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{AssertSqlSafe, QueryBuilder, Row};
 
 use super::*;
@@ -40,7 +42,10 @@ impl SqliteStore {
     /// A private in-memory database (tests).
     pub async fn in_memory() -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::from_str("sqlite::memory:")
-            .map_err(|source| StoreError::Open { path: ":memory:".into(), source })?
+            .map_err(|source| StoreError::Open {
+                path: ":memory:".into(),
+                source,
+            })?
             .foreign_keys(true);
         Self::connect(opts, ":memory:").await
     }
@@ -51,11 +56,22 @@ impl SqliteStore {
             // An in-memory database exists once per connection: keep exactly one.
             .max_connections(if memory { 1 } else { 4 })
             .min_connections(if memory { 1 } else { 0 })
-            .idle_timeout(if memory { None } else { Some(Duration::from_secs(600)) })
-            .max_lifetime(if memory { None } else { Some(Duration::from_secs(1800)) })
+            .idle_timeout(if memory {
+                None
+            } else {
+                Some(Duration::from_secs(600))
+            })
+            .max_lifetime(if memory {
+                None
+            } else {
+                Some(Duration::from_secs(1800))
+            })
             .connect_with(opts)
             .await
-            .map_err(|source| StoreError::Open { path: shown.to_string(), source })?;
+            .map_err(|source| StoreError::Open {
+                path: shown.to_string(),
+                source,
+            })?;
         MIGRATOR.run(&pool).await?;
         Ok(Self { pool })
     }
@@ -70,11 +86,17 @@ impl SqliteStore {
 }
 
 fn job_status_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobStatus, StoreError> {
-    let get_err = |e: sqlx::Error| StoreError::Query { context: "reading a job row", source: e };
+    let get_err = |e: sqlx::Error| StoreError::Query {
+        context: "reading a job row",
+        source: e,
+    };
     let state: String = row.try_get("status").map_err(get_err)?;
     let result: Option<String> = row.try_get("result").map_err(get_err)?;
     let result = match result {
-        Some(text) => Some(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("job result JSON: {e}")))?),
+        Some(text) => Some(
+            serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("job result JSON: {e}")))?,
+        ),
         None => None,
     };
     Ok(JobStatus {
@@ -98,7 +120,10 @@ fn job_status_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobStatus, Store
 }
 
 fn study_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StudyInfo, StoreError> {
-    let get_err = |e: sqlx::Error| StoreError::Query { context: "reading a study row", source: e };
+    let get_err = |e: sqlx::Error| StoreError::Query {
+        context: "reading a study row",
+        source: e,
+    };
     Ok(StudyInfo {
         id: StudyId(row.try_get("id").map_err(get_err)?),
         name: row.try_get("name").map_err(get_err)?,
@@ -165,12 +190,14 @@ impl Store for SqliteStore {
             .await
             .ctx("recording a job")?;
             for dep in &job.deps {
-                sqlx::query("INSERT INTO job_deps (job_id, dep_id) VALUES (?, ?) ON CONFLICT DO NOTHING")
-                    .bind(job.id.as_str())
-                    .bind(dep.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .ctx("recording a job dependency")?;
+                sqlx::query(
+                    "INSERT INTO job_deps (job_id, dep_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                )
+                .bind(job.id.as_str())
+                .bind(dep.as_str())
+                .execute(&mut *tx)
+                .await
+                .ctx("recording a job dependency")?;
             }
             sqlx::query(
                 "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq) VALUES (?, ?, ?, ?)
@@ -202,7 +229,12 @@ impl Store for SqliteStore {
         Ok(r.rows_affected())
     }
 
-    async fn register_worker(&self, worker: &WorkerId, host: &str, pid: u32) -> Result<(), StoreError> {
+    async fn register_worker(
+        &self,
+        worker: &WorkerId,
+        host: &str,
+        pid: u32,
+    ) -> Result<(), StoreError> {
         let now = now_unix();
         sqlx::query(
             "INSERT INTO workers (id, host, pid, started_at, last_seen) VALUES (?, ?, ?, ?, ?)
@@ -219,7 +251,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn claim(&self, study: StudyId, worker: &WorkerId, kinds: &[&str], lease: Duration) -> Result<Option<Claimed>, StoreError> {
+    async fn claim(
+        &self,
+        study: StudyId,
+        worker: &WorkerId,
+        kinds: &[&str],
+        lease: Duration,
+    ) -> Result<Option<Claimed>, StoreError> {
         if kinds.is_empty() {
             return Ok(None);
         }
@@ -248,21 +286,34 @@ impl Store for SqliteStore {
              ORDER BY sj.seq LIMIT 1)
              RETURNING id, kind, label, params, attempts, max_attempts",
         );
-        let row = q.build().fetch_optional(&self.pool).await.ctx("claiming a job")?;
+        let row = q
+            .build()
+            .fetch_optional(&self.pool)
+            .await
+            .ctx("claiming a job")?;
         let Some(row) = row else { return Ok(None) };
-        let get_err = |e: sqlx::Error| StoreError::Query { context: "reading a claimed job", source: e };
+        let get_err = |e: sqlx::Error| StoreError::Query {
+            context: "reading a claimed job",
+            source: e,
+        };
         let params: String = row.try_get("params").map_err(get_err)?;
         Ok(Some(Claimed {
             id: JobId::new(row.try_get::<String, _>("id").map_err(get_err)?),
             kind: row.try_get("kind").map_err(get_err)?,
             label: row.try_get("label").map_err(get_err)?,
-            params: serde_json::from_str(&params).map_err(|e| StoreError::Corrupt(format!("job params JSON: {e}")))?,
+            params: serde_json::from_str(&params)
+                .map_err(|e| StoreError::Corrupt(format!("job params JSON: {e}")))?,
             attempt: row.try_get::<i64, _>("attempts").map_err(get_err)? as u32,
             max_attempts: row.try_get::<i64, _>("max_attempts").map_err(get_err)? as u32,
         }))
     }
 
-    async fn heartbeat(&self, job: &JobId, worker: &WorkerId, lease: Duration) -> Result<bool, StoreError> {
+    async fn heartbeat(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
         let now = now_unix();
         let r = sqlx::query(
             "UPDATE jobs SET lease_expires = ? WHERE id = ? AND status = 'running' AND lease_owner = ?",
@@ -282,7 +333,13 @@ impl Store for SqliteStore {
         Ok(r.rows_affected() == 1)
     }
 
-    async fn complete(&self, job: &JobId, worker: &WorkerId, result: &serde_json::Value, seconds: f64) -> Result<bool, StoreError> {
+    async fn complete(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        result: &serde_json::Value,
+        seconds: f64,
+    ) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE jobs SET status = 'done', result = ?, error = NULL, finished_at = ?, lease_owner = NULL,
                  lease_expires = NULL, run_seconds = run_seconds + ?
@@ -299,7 +356,14 @@ impl Store for SqliteStore {
         Ok(r.rows_affected() == 1)
     }
 
-    async fn fail(&self, job: &JobId, worker: &WorkerId, error: &str, retry_after: Option<Duration>, seconds: f64) -> Result<FailOutcome, StoreError> {
+    async fn fail(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        error: &str,
+        retry_after: Option<Duration>,
+        seconds: f64,
+    ) -> Result<FailOutcome, StoreError> {
         let now = now_unix();
         let retry = retry_after.map(|d| now + d.as_secs_f64());
         let row = sqlx::query(
@@ -323,11 +387,19 @@ impl Store for SqliteStore {
         match row.map(|r| r.try_get::<String, _>("status")) {
             Some(Ok(s)) if s == "pending" => Ok(FailOutcome::WillRetry),
             Some(Ok(_)) | None => Ok(FailOutcome::Failed),
-            Some(Err(source)) => Err(StoreError::Query { context: "reading a failure outcome", source }),
+            Some(Err(source)) => Err(StoreError::Query {
+                context: "reading a failure outcome",
+                source,
+            }),
         }
     }
 
-    async fn release(&self, job: &JobId, worker: &WorkerId, seconds: f64) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        seconds: f64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE jobs SET status = 'pending', attempts = MAX(attempts - 1, 0), lease_owner = NULL,
                  lease_expires = NULL, run_seconds = run_seconds + ?
@@ -358,13 +430,20 @@ impl Store for SqliteStore {
         .ctx("reaping expired leases")?;
         let mut out = Vec::new();
         for r in rows {
-            let get_err = |e: sqlx::Error| StoreError::Query { context: "reading a reaped job", source: e };
+            let get_err = |e: sqlx::Error| StoreError::Query {
+                context: "reading a reaped job",
+                source: e,
+            };
             let status: String = r.try_get("status").map_err(get_err)?;
             let error: String = r.try_get("error").map_err(get_err)?;
             out.push(Abandoned {
                 id: JobId::new(r.try_get::<String, _>("id").map_err(get_err)?),
                 reason: error,
-                outcome: if status == "pending" { FailOutcome::WillRetry } else { FailOutcome::Failed },
+                outcome: if status == "pending" {
+                    FailOutcome::WillRetry
+                } else {
+                    FailOutcome::Failed
+                },
             });
         }
         Ok(out)
@@ -429,11 +508,12 @@ impl Store for SqliteStore {
     }
 
     async fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
-        let v: Vec<i64> = sqlx::query_scalar("SELECT idx FROM cert_results WHERE job_id = ? ORDER BY idx")
-            .bind(job.as_str())
-            .fetch_all(&self.pool)
-            .await
-            .ctx("reading finished images")?;
+        let v: Vec<i64> =
+            sqlx::query_scalar("SELECT idx FROM cert_results WHERE job_id = ? ORDER BY idx")
+                .bind(job.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .ctx("reading finished images")?;
         Ok(v.into_iter().map(|i| i as u64).collect())
     }
 
@@ -458,11 +538,12 @@ impl Store for SqliteStore {
     }
 
     async fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
-        let v: Vec<i64> = sqlx::query_scalar("SELECT idx FROM eval_results WHERE job_id = ? ORDER BY idx")
-            .bind(job.as_str())
-            .fetch_all(&self.pool)
-            .await
-            .ctx("reading evaluated images")?;
+        let v: Vec<i64> =
+            sqlx::query_scalar("SELECT idx FROM eval_results WHERE job_id = ? ORDER BY idx")
+                .bind(job.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .ctx("reading evaluated images")?;
         Ok(v.into_iter().map(|i| i as u64).collect())
     }
 
@@ -484,33 +565,45 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn log_event(&self, job: Option<&JobId>, worker: Option<&WorkerId>, level: &str, message: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO events (at, job_id, worker, level, message) VALUES (?, ?, ?, ?, ?)")
-            .bind(now_unix())
-            .bind(job.map(|j| j.as_str().to_string()))
-            .bind(worker.map(|w| w.0.clone()))
-            .bind(level)
-            .bind(message)
-            .execute(&self.pool)
-            .await
-            .ctx("logging an event")?;
+    async fn log_event(
+        &self,
+        job: Option<&JobId>,
+        worker: Option<&WorkerId>,
+        level: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO events (at, job_id, worker, level, message) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(now_unix())
+        .bind(job.map(|j| j.as_str().to_string()))
+        .bind(worker.map(|w| w.0.clone()))
+        .bind(level)
+        .bind(message)
+        .execute(&self.pool)
+        .await
+        .ctx("logging an event")?;
         Ok(())
     }
 
     async fn studies(&self) -> Result<Vec<StudyInfo>, StoreError> {
-        let rows = sqlx::query("SELECT id, name, seed, spec_path, spec_sha256, spec_text FROM studies ORDER BY id")
-            .fetch_all(&self.pool)
-            .await
-            .ctx("listing studies")?;
+        let rows = sqlx::query(
+            "SELECT id, name, seed, spec_path, spec_sha256, spec_text FROM studies ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing studies")?;
         rows.iter().map(study_from_row).collect()
     }
 
     async fn study_by_name(&self, name: &str) -> Result<StudyInfo, StoreError> {
-        let row = sqlx::query("SELECT id, name, seed, spec_path, spec_sha256, spec_text FROM studies WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .ctx("looking up a study")?;
+        let row = sqlx::query(
+            "SELECT id, name, seed, spec_path, spec_sha256, spec_text FROM studies WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("looking up a study")?;
         match row {
             Some(r) => study_from_row(&r),
             None => Err(StoreError::NotFound(format!("study `{name}`"))),
@@ -537,7 +630,10 @@ impl Store for SqliteStore {
         rows.iter().map(job_status_from_row).collect()
     }
 
-    async fn study_cert_results(&self, study: StudyId) -> Result<Vec<(JobId, CertRow)>, StoreError> {
+    async fn study_cert_results(
+        &self,
+        study: StudyId,
+    ) -> Result<Vec<(JobId, CertRow)>, StoreError> {
         let rev = self.current_revision(study).await?;
         let rows = sqlx::query(
             "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds
@@ -551,7 +647,10 @@ impl Store for SqliteStore {
         .ctx("reading certification results")?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let g = |e: sqlx::Error| StoreError::Query { context: "reading a certification row", source: e };
+            let g = |e: sqlx::Error| StoreError::Query {
+                context: "reading a certification row",
+                source: e,
+            };
             out.push((
                 JobId::new(r.try_get::<String, _>("job_id").map_err(g)?),
                 CertRow {

@@ -39,8 +39,15 @@ fn kill_9_then_resume_gives_bitwise_identical_results() {
         .filter_map(|l| l.split("resuming: ").nth(1))
         .filter_map(|s| s.split('/').next()?.parse::<u64>().ok())
         .sum();
-    assert!(resumed_from + 1 >= before_kill, "resumed from {resumed_from} but {before_kill} were done:\n{log}");
-    assert_eq!(export_csv(&dir, "killed.db"), want, "resumed results differ from an uninterrupted run");
+    assert!(
+        resumed_from + 1 >= before_kill,
+        "resumed from {resumed_from} but {before_kill} were done:\n{log}"
+    );
+    assert_eq!(
+        export_csv(&dir, "killed.db"),
+        want,
+        "resumed results differ from an uninterrupted run"
+    );
 }
 
 #[test]
@@ -49,20 +56,35 @@ fn ctrl_c_stops_cleanly_and_the_next_run_finishes() {
     dir.write("s.yaml", &resnet_spec("ctrlc", "0.25", 20, 200, 4));
     let child = dir.spawn(&["run", "s.yaml", "--db", "c.db"]);
     let pid = child.id().to_string();
-    assert!(wait_until(Duration::from_secs(300), || images_done(&dir, "c.db") >= 2));
-    let status = std::process::Command::new("kill").args(["-INT", &pid]).status().expect("kill -INT");
+    assert!(wait_until(Duration::from_secs(300), || images_done(
+        &dir, "c.db"
+    ) >= 2));
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill -INT");
     assert!(status.success());
     let out = child.wait_with_output().expect("wait");
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("Resume with:") && err.contains("caf run s.yaml --db c.db"), "{err}");
+    assert!(
+        err.contains("Resume with:") && err.contains("caf run s.yaml --db c.db"),
+        "{err}"
+    );
     // Nothing was left leased: the job is pending again and its attempt was not counted.
-    let st: serde_json::Value = serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "c.db"]))).unwrap();
-    let certify = st[0]["jobs"].as_array().unwrap().iter().find(|j| j["kind"] == "certify").unwrap().clone();
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "c.db"]))).unwrap();
+    let certify = st[0]["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "certify")
+        .unwrap()
+        .clone();
     assert_eq!(certify["state"], "pending", "{certify}");
     assert_eq!(certify["attempts"], 0);
     let done = certify["progress_done"].as_u64().unwrap();
-    assert!(done >= 2 && done < 25);
+    assert!((2..25).contains(&done), "{done}");
     ok(&dir.run(&["run", "s.yaml", "--db", "c.db"]));
     assert_eq!(images_done(&dir, "c.db"), 25);
 }
@@ -70,13 +92,17 @@ fn ctrl_c_stops_cleanly_and_the_next_run_finishes() {
 #[test]
 fn two_processes_on_one_database_run_every_job_exactly_once() {
     let dir = Dir::new();
-    dir.write("s.yaml", &resnet_spec("pair", "0.12, 0.25, 0.5, 1.0", 10, 100, 25));
+    dir.write(
+        "s.yaml",
+        &resnet_spec("pair", "0.12, 0.25, 0.5, 1.0", 10, 100, 25),
+    );
     let a = dir.spawn(&["run", "s.yaml", "--db", "p.db"]);
     let b = dir.spawn(&["run", "s.yaml", "--db", "p.db"]);
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     ok(&a);
     ok(&b);
-    let st: serde_json::Value = serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "p.db"]))).unwrap();
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "p.db"]))).unwrap();
     let jobs = st[0]["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 5);
     for j in jobs {

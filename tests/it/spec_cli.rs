@@ -11,7 +11,10 @@ fn an_invalid_spec_exits_2_with_a_location_and_writes_nothing() {
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     let line = spec.lines().position(|l| l.contains("-0.5")).unwrap() + 1;
-    assert!(err.contains(&format!("{}:{line}:", path.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}:{line}:", path.display())),
+        "{err}"
+    );
     assert!(err.contains("sigma"), "{err}");
     assert!(!dir.join("x.db").exists(), "the store was touched");
 }
@@ -43,12 +46,19 @@ fn missing_and_hostile_spec_files_are_usage_errors() {
 }
 
 fn plan_ids(dir: &Dir, spec: &str) -> Vec<(String, String, String)> {
-    let v: serde_json::Value = serde_json::from_str(&ok(&dir.run(&["plan", spec, "--json"]))).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["plan", spec, "--json"]))).unwrap();
     v["jobs"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|j| (j["id"].as_str().unwrap().to_string(), j["kind"].as_str().unwrap().to_string(), j["label"].as_str().unwrap().to_string()))
+        .map(|j| {
+            (
+                j["id"].as_str().unwrap().to_string(),
+                j["kind"].as_str().unwrap().to_string(),
+                j["label"].as_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }
 
@@ -65,7 +75,8 @@ fn plan_shares_upstream_jobs_and_reuses_unchanged_ones_after_an_edit() {
     let shared: Vec<_> = a.iter().filter(|j| b.contains(j)).collect();
     assert_eq!(shared.len(), 2, "eval and σ=0.25 are reused: {a:?} {b:?}");
     assert!(shared.iter().any(|j| j.2.contains("0.25")));
-    let v: serde_json::Value = serde_json::from_str(&ok(&dir.run(&["plan", "a.yaml", "--json"]))).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["plan", "a.yaml", "--json"]))).unwrap();
     for j in v["jobs"].as_array().unwrap() {
         for key in ["id", "kind", "params", "deps"] {
             assert!(j.get(key).is_some(), "job lacks {key}: {j}");
@@ -85,11 +96,19 @@ fn the_readme_grid_example_loads_and_plans() {
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
-    let labels: Vec<&str> = v["jobs"].as_array().unwrap().iter().map(|j| j["label"].as_str().unwrap()).collect();
+    let labels: Vec<&str> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["label"].as_str().unwrap())
+        .collect();
     // σ ∈ {0.12, 0.25, 0.5} × (n0, n) ∈ {(50, 500), (100, 1000)}, minus (0.12, 1000), plus σ = 1.0;
     // one clean-accuracy job shared by every cell.
     assert_eq!(labels.len(), 7, "{labels:?}");
     assert_eq!(labels.iter().filter(|l| l.starts_with("clean")).count(), 1);
-    assert!(labels.contains(&"smooth resnet20 σ=0.25 n0=100 n=1000"), "{labels:?}");
+    assert!(
+        labels.contains(&"smooth resnet20 σ=0.25 n0=100 n=1000"),
+        "{labels:?}"
+    );
     assert!(labels.contains(&"smooth resnet20 σ=1"), "{labels:?}");
 }

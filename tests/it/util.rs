@@ -20,7 +20,9 @@ pub struct Dir {
 
 impl Dir {
     pub fn new() -> Self {
-        Self { tmp: tempfile::tempdir().expect("tempdir") }
+        Self {
+            tmp: tempfile::tempdir().expect("tempdir"),
+        }
     }
     pub fn path(&self) -> &Path {
         self.tmp.path()
@@ -36,14 +38,21 @@ impl Dir {
     /// `caf ARGS` with this directory as the working directory.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_caf"));
-        c.args(args).current_dir(self.path()).env("RUST_LOG", "info").env_remove("CAF_DB");
+        c.args(args)
+            .current_dir(self.path())
+            .env("RUST_LOG", "info")
+            .env_remove("CAF_DB");
         c
     }
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().expect("run caf")
     }
     pub fn spawn(&self, args: &[&str]) -> Child {
-        self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn caf")
+        self.cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn caf")
     }
 }
 

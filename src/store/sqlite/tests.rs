@@ -42,15 +42,37 @@ async fn claims_follow_dependencies_and_plan_order() {
     let a = job("a", &[]);
     let b = job("b", &[&a]);
     let c = job("c", &[]);
-    let study = s.register_plan(&plan("p", vec![a.clone(), b.clone(), c.clone()])).await.unwrap();
-    let first = s.claim(study, &w("w1"), &["test"], LEASE).await.unwrap().unwrap();
+    let study = s
+        .register_plan(&plan("p", vec![a.clone(), b.clone(), c.clone()]))
+        .await
+        .unwrap();
+    let first = s
+        .claim(study, &w("w1"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.id, a.id);
     // b waits for a, so c is next.
-    let second = s.claim(study, &w("w1"), &["test"], LEASE).await.unwrap().unwrap();
+    let second = s
+        .claim(study, &w("w1"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(second.id, c.id);
-    assert!(s.claim(study, &w("w1"), &["test"], LEASE).await.unwrap().is_none());
-    assert!(s.complete(&a.id, &w("w1"), &serde_json::json!({}), 1.0).await.unwrap());
-    let third = s.claim(study, &w("w1"), &["test"], LEASE).await.unwrap().unwrap();
+    assert!(s
+        .claim(study, &w("w1"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .complete(&a.id, &w("w1"), &serde_json::json!({}), 1.0)
+        .await
+        .unwrap());
+    let third = s
+        .claim(study, &w("w1"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(third.id, b.id);
     assert_eq!(third.attempt, 1);
 }
@@ -58,8 +80,15 @@ async fn claims_follow_dependencies_and_plan_order() {
 #[tokio::test]
 async fn only_registered_kinds_are_claimed() {
     let s = SqliteStore::in_memory().await.unwrap();
-    let study = s.register_plan(&plan("p", vec![job("a", &[])])).await.unwrap();
-    assert!(s.claim(study, &w("w"), &["other"], LEASE).await.unwrap().is_none());
+    let study = s
+        .register_plan(&plan("p", vec![job("a", &[])]))
+        .await
+        .unwrap();
+    assert!(s
+        .claim(study, &w("w"), &["other"], LEASE)
+        .await
+        .unwrap()
+        .is_none());
     assert!(s.claim(study, &w("w"), &[], LEASE).await.unwrap().is_none());
 }
 
@@ -69,8 +98,14 @@ async fn registering_the_same_plan_twice_keeps_results_and_state() {
     let a = job("a", &[]);
     let p = plan("p", vec![a.clone()]);
     let study = s.register_plan(&p).await.unwrap();
-    let _ = s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
-    s.complete(&a.id, &w("w"), &serde_json::json!({"x": 1}), 2.0).await.unwrap();
+    let _ = s
+        .claim(study, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    s.complete(&a.id, &w("w"), &serde_json::json!({"x": 1}), 2.0)
+        .await
+        .unwrap();
     let again = s.register_plan(&p).await.unwrap();
     assert_eq!(study, again);
     let jobs = s.study_jobs(study).await.unwrap();
@@ -84,11 +119,20 @@ async fn only_the_lease_owner_can_complete_or_heartbeat() {
     let s = SqliteStore::in_memory().await.unwrap();
     let a = job("a", &[]);
     let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
-    s.claim(study, &w("owner"), &["test"], LEASE).await.unwrap().unwrap();
+    s.claim(study, &w("owner"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!s.heartbeat(&a.id, &w("intruder"), LEASE).await.unwrap());
-    assert!(!s.complete(&a.id, &w("intruder"), &serde_json::json!({}), 0.0).await.unwrap());
+    assert!(!s
+        .complete(&a.id, &w("intruder"), &serde_json::json!({}), 0.0)
+        .await
+        .unwrap());
     assert!(s.heartbeat(&a.id, &w("owner"), LEASE).await.unwrap());
-    assert!(s.complete(&a.id, &w("owner"), &serde_json::json!({}), 0.0).await.unwrap());
+    assert!(s
+        .complete(&a.id, &w("owner"), &serde_json::json!({}), 0.0)
+        .await
+        .unwrap());
 }
 
 #[tokio::test]
@@ -96,15 +140,26 @@ async fn expired_leases_are_reaped_and_rerun_until_attempts_run_out() {
     let s = SqliteStore::in_memory().await.unwrap();
     let a = job("a", &[]);
     let b = job("b", &[&a]);
-    let study = s.register_plan(&plan("p", vec![a.clone(), b.clone()])).await.unwrap();
+    let study = s
+        .register_plan(&plan("p", vec![a.clone(), b.clone()]))
+        .await
+        .unwrap();
     for attempt in 1..=3u32 {
-        let c = s.claim(study, &w("dead"), &["test"], Duration::from_millis(1)).await.unwrap().unwrap();
+        let c = s
+            .claim(study, &w("dead"), &["test"], Duration::from_millis(1))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(c.attempt, attempt);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let reaped = s.reap_expired().await.unwrap();
         assert_eq!(reaped.len(), 1);
         assert!(reaped[0].reason.contains("dead"));
-        let want = if attempt < 3 { FailOutcome::WillRetry } else { FailOutcome::Failed };
+        let want = if attempt < 3 {
+            FailOutcome::WillRetry
+        } else {
+            FailOutcome::Failed
+        };
         assert_eq!(reaped[0].outcome, want);
     }
     let jobs = s.study_jobs(study).await.unwrap();
@@ -121,16 +176,35 @@ async fn failures_back_off_then_fail_for_good() {
     let s = SqliteStore::in_memory().await.unwrap();
     let a = job("a", &[]);
     let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
-    s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
-    let o = s.fail(&a.id, &w("w"), "boom", Some(Duration::from_secs(3600)), 0.5).await.unwrap();
+    s.claim(study, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let o = s
+        .fail(&a.id, &w("w"), "boom", Some(Duration::from_secs(3600)), 0.5)
+        .await
+        .unwrap();
     assert_eq!(o, FailOutcome::WillRetry);
     // Backing off: not claimable, but still outstanding.
-    assert!(s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().is_none());
+    assert!(s
+        .claim(study, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(s.outstanding(study).await.unwrap(), (0, 1));
     let s2 = s.clone();
-    sqlx::query("UPDATE jobs SET not_before = 0").execute(&s2.pool_for_tests()).await.unwrap();
-    s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
-    let o = s.fail(&a.id, &w("w"), "not retryable", None, 0.5).await.unwrap();
+    sqlx::query("UPDATE jobs SET not_before = 0")
+        .execute(&s2.pool_for_tests())
+        .await
+        .unwrap();
+    s.claim(study, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let o = s
+        .fail(&a.id, &w("w"), "not retryable", None, 0.5)
+        .await
+        .unwrap();
     assert_eq!(o, FailOutcome::Failed);
     let j = &s.study_jobs(study).await.unwrap()[0];
     assert_eq!(j.state, JobState::Failed);
@@ -143,9 +217,16 @@ async fn release_returns_the_job_without_counting_the_attempt() {
     let s = SqliteStore::in_memory().await.unwrap();
     let a = job("a", &[]);
     let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
-    s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
+    s.claim(study, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     s.release(&a.id, &w("w"), 1.0).await.unwrap();
-    let c = s.claim(study, &w("w"), &["test"], LEASE).await.unwrap().unwrap();
+    let c = s
+        .claim(study, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(c.attempt, 1);
 }
 
