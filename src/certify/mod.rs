@@ -96,20 +96,57 @@ pub struct Prediction {
     pub n_b: u64,
 }
 
-/// A smoothed classifier over a base classifier at noise level σ.
+/// Several base classifiers evaluated on the same inputs: fused certification computes a shared
+/// backbone once per noise batch and certifies every member on the same draws.
+pub trait ClassifierSet: Send + Sync {
+    fn members(&self) -> usize;
+    fn num_classes(&self) -> usize;
+    /// One logits tensor [B, classes] per member.
+    fn logits_all(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>>;
+}
+
+/// A single classifier as a set of one.
+struct One<'m>(&'m dyn Classifier);
+
+impl ClassifierSet for One<'_> {
+    fn members(&self) -> usize {
+        1
+    }
+    fn num_classes(&self) -> usize {
+        self.0.num_classes()
+    }
+    fn logits_all(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        Ok(vec![self.0.logits(x)?])
+    }
+}
+
+/// A smoothed classifier (or a set of them sharing inputs) at noise level σ.
 pub struct Smooth<'m> {
-    model: &'m dyn Classifier,
+    set: Box<dyn ClassifierSet + 'm>,
     sigma: f64,
     device: Device,
 }
 
 impl<'m> Smooth<'m> {
     pub fn new(model: &'m dyn Classifier, sigma: f64, device: Device) -> Self {
-        Self {
-            model,
-            sigma,
-            device,
+        Self { set: Box::new(One(model)), sigma, device }
+    }
+
+    /// Smooths every member of `set`; all of them see exactly the same noise draws.
+    pub fn fused(set: &'m dyn ClassifierSet, sigma: f64, device: Device) -> Self {
+        struct Borrowed<'a>(&'a dyn ClassifierSet);
+        impl ClassifierSet for Borrowed<'_> {
+            fn members(&self) -> usize {
+                self.0.members()
+            }
+            fn num_classes(&self) -> usize {
+                self.0.num_classes()
+            }
+            fn logits_all(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+                self.0.logits_all(x)
+            }
         }
+        Self { set: Box::new(Borrowed(set)), sigma, device }
     }
 
     pub fn sigma(&self) -> f64 {
@@ -119,26 +156,32 @@ impl<'m> Smooth<'m> {
     /// CERTIFY(x, n0, n, α): with probability at least 1 − α over the noise, the returned
     /// prediction of g is robust within the returned ℓ2 radius (or g abstains).
     /// `image` is (C, H, W) f32 in [0,1]; `key` fixes the noise (see [`noise`]).
-    pub fn certify(
-        &self,
-        image: &[f32],
-        key: NoiseKey,
-        s: &Settings,
-    ) -> Result<Certificate, CertifyError> {
-        s.validate()?;
-        // Selection: guess the top class from n0 draws.
-        let counts0 = self.sample_counts(image, key, Phase::Selection, s.n0, s.batch)?;
-        let c_hat = argmax_count(&counts0);
-        // Estimation: count the guessed class in n fresh draws.
-        let counts = self.sample_counts(image, key, Phase::Estimation, s.n, s.batch)?;
-        let n_a = counts[c_hat as usize];
-        Ok(certificate_from_counts(
-            c_hat, n_a, s.n, s.alpha, self.sigma,
-        ))
+    pub fn certify(&self, image: &[f32], key: NoiseKey, s: &Settings) -> Result<Certificate, CertifyError> {
+        let mut all = self.certify_all(image, key, s)?;
+        Ok(all.swap_remove(0))
     }
 
-    /// PREDICT(x, n, α): the top class if the two-sided binomial test between the top two
-    /// counts rejects at level α, else abstain. Wrong with probability at most α.
+    /// CERTIFY for every member of the set, on shared noise (one certificate per member, each
+    /// identical to what certifying that member alone with the same key gives).
+    pub fn certify_all(&self, image: &[f32], key: NoiseKey, s: &Settings) -> Result<Vec<Certificate>, CertifyError> {
+        s.validate()?;
+        // Selection: each member guesses its top class from n0 draws.
+        let counts0 = self.sample_counts(image, key, Phase::Selection, s.n0, s.batch)?;
+        // Estimation: count each member's guess in n fresh draws.
+        let counts = self.sample_counts(image, key, Phase::Estimation, s.n, s.batch)?;
+        Ok(counts0
+            .iter()
+            .zip(&counts)
+            .map(|(c0, c)| {
+                let c_hat = argmax_count(c0);
+                certificate_from_counts(c_hat, c[c_hat as usize], s.n, s.alpha, self.sigma)
+            })
+            .collect())
+    }
+
+    /// PREDICT(x, n, α) for the first member: the top class if the two-sided binomial test
+    /// between the top two counts rejects at level α, else abstain. Wrong with probability at
+    /// most α.
     pub fn predict(
         &self,
         image: &[f32],
@@ -147,22 +190,19 @@ impl<'m> Smooth<'m> {
         alpha: f64,
         batch: usize,
     ) -> Result<Prediction, CertifyError> {
-        let counts = self.sample_counts(image, key, Phase::Prediction, n, batch.max(1))?;
+        let all = self.sample_counts(image, key, Phase::Prediction, n, batch.max(1))?;
+        let counts = &all[0];
         let mut order: Vec<usize> = (0..counts.len()).collect();
         // Stable sort: ties go to the lower class index, like numpy's argsort on -counts.
         order.sort_by(|&a, &b| counts[b].cmp(&counts[a]));
         let (top, second) = (order[0], order.get(1).copied());
         let n_a = counts[top];
         let n_b = second.map(|c| counts[c]).unwrap_or(0);
-        let predict = if stats::binom_test_half(n_a, n_a + n_b) > alpha {
-            None
-        } else {
-            Some(top as u32)
-        };
+        let predict = if stats::binom_test_half(n_a, n_a + n_b) > alpha { None } else { Some(top as u32) };
         Ok(Prediction { predict, n_a, n_b })
     }
 
-    /// Class counts of the base classifier over `num` noisy copies of `image`.
+    /// Class counts of every member over `num` noisy copies of `image`.
     fn sample_counts(
         &self,
         image: &[f32],
@@ -170,8 +210,8 @@ impl<'m> Smooth<'m> {
         phase: Phase,
         num: u64,
         batch: usize,
-    ) -> Result<Vec<u64>, CertifyError> {
-        let mut counts = vec![0u64; self.model.num_classes()];
+    ) -> Result<Vec<Vec<u64>>, CertifyError> {
+        let mut counts = vec![vec![0u64; self.set.num_classes()]; self.set.members()];
         let mut stream = NoiseStream::new(key, phase);
         let mut buf = Vec::new();
         let mut remaining = num;
@@ -179,16 +219,19 @@ impl<'m> Smooth<'m> {
             let this = remaining.min(batch as u64) as usize;
             stream.fill_noisy(image, this, &mut buf);
             let x = Tensor::from_slice(&buf, (this, 3, 32, 32), &self.device)?;
-            let preds = predict_classes(self.model, &x)?;
-            if preds.len() != this {
-                return Err(CertifyError::BatchMismatch {
-                    got: preds.len(),
-                    want: this,
-                });
+            let logits = self.set.logits_all(&x)?;
+            if logits.len() != counts.len() {
+                return Err(CertifyError::BatchMismatch { got: logits.len(), want: counts.len() });
             }
-            for p in preds {
-                if let Some(c) = counts.get_mut(p as usize) {
-                    *c += 1;
+            for (member, l) in counts.iter_mut().zip(logits) {
+                let preds = l.argmax(1)?.to_vec1::<u32>()?;
+                if preds.len() != this {
+                    return Err(CertifyError::BatchMismatch { got: preds.len(), want: this });
+                }
+                for p in preds {
+                    if let Some(c) = member.get_mut(p as usize) {
+                        *c += 1;
+                    }
                 }
             }
             remaining -= this as u64;

@@ -126,6 +126,13 @@ pub enum JobOutput {
 pub trait JobSink: Send + Sync {
     fn record_cert(&self, row: &CertRow) -> Result<(), StoreError>;
     fn cert_done(&self) -> Result<Vec<u64>, StoreError>;
+    /// Results written on behalf of another job (fused certification stores each member's rows
+    /// under the member's own id).
+    fn record_cert_for(&self, job: &JobId, row: &CertRow) -> Result<(), StoreError>;
+    fn cert_done_for(&self, job: &JobId) -> Result<Vec<u64>, StoreError>;
+    /// An artifact of a job this one depends on (e.g. trained weights).
+    fn dep_artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError>;
+    fn record_epoch(&self, epoch: u64, metrics: &serde_json::Value) -> Result<(), StoreError>;
     fn record_eval(&self, rows: &[EvalRow]) -> Result<(), StoreError>;
     fn eval_done(&self) -> Result<Vec<u64>, StoreError>;
     fn progress(&self, done: u64, total: u64) -> Result<(), StoreError>;
@@ -577,6 +584,18 @@ impl<S: Store> JobSink for StoreSink<S> {
     }
     fn cert_done(&self) -> Result<Vec<u64>, StoreError> {
         self.handle.block_on(self.store.cert_done(&self.job))
+    }
+    fn record_cert_for(&self, job: &JobId, row: &CertRow) -> Result<(), StoreError> {
+        self.handle.block_on(self.store.record_cert(job, row))
+    }
+    fn cert_done_for(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
+        self.handle.block_on(self.store.cert_done(job))
+    }
+    fn dep_artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError> {
+        self.handle.block_on(self.store.artifact(job, name))
+    }
+    fn record_epoch(&self, epoch: u64, metrics: &serde_json::Value) -> Result<(), StoreError> {
+        self.handle.block_on(self.store.record_epoch(&self.job, epoch, metrics))
     }
     fn record_eval(&self, rows: &[EvalRow]) -> Result<(), StoreError> {
         self.handle

@@ -274,6 +274,24 @@ pub trait Store: Clone + Send + Sync + 'static {
         job: &JobId,
         artifact: &Artifact,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The artifact `name` of `job`, if recorded.
+    fn artifact(
+        &self,
+        job: &JobId,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Artifact>, StoreError>> + Send;
+    /// Records (or replaces, on a resumed run) one epoch's metrics of a training job.
+    fn record_epoch(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        metrics: &serde_json::Value,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// A training job's per-epoch metrics in epoch order.
+    fn epochs(
+        &self,
+        job: &JobId,
+    ) -> impl Future<Output = Result<Vec<serde_json::Value>, StoreError>> + Send;
     fn log_event(
         &self,
         job: Option<&JobId>,

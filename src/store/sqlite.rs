@@ -565,6 +565,49 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError> {
+        let row = sqlx::query("SELECT name, path, sha256, bytes FROM artifacts WHERE job_id = ? AND name = ?")
+            .bind(job.as_str())
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .ctx("looking up an artifact")?;
+        let Some(r) = row else { return Ok(None) };
+        let g = |e: sqlx::Error| StoreError::Query { context: "reading an artifact row", source: e };
+        Ok(Some(Artifact {
+            name: r.try_get("name").map_err(g)?,
+            path: r.try_get("path").map_err(g)?,
+            sha256: r.try_get("sha256").map_err(g)?,
+            bytes: r.try_get::<i64, _>("bytes").map_err(g)? as u64,
+        }))
+    }
+
+    async fn record_epoch(&self, job: &JobId, epoch: u64, metrics: &serde_json::Value) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO train_metrics (job_id, epoch, metrics, at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (job_id, epoch) DO UPDATE SET metrics = excluded.metrics, at = excluded.at",
+        )
+        .bind(job.as_str())
+        .bind(epoch as i64)
+        .bind(metrics.to_string())
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await
+        .ctx("recording epoch metrics")?;
+        Ok(())
+    }
+
+    async fn epochs(&self, job: &JobId) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT metrics FROM train_metrics WHERE job_id = ? ORDER BY epoch")
+            .bind(job.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .ctx("reading epoch metrics")?;
+        rows.iter()
+            .map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("epoch metrics JSON: {e}"))))
+            .collect()
+    }
+
     async fn log_event(
         &self,
         job: Option<&JobId>,
