@@ -129,7 +129,11 @@ pub struct Smooth<'m> {
 
 impl<'m> Smooth<'m> {
     pub fn new(model: &'m dyn Classifier, sigma: f64, device: Device) -> Self {
-        Self { set: Box::new(One(model)), sigma, device }
+        Self {
+            set: Box::new(One(model)),
+            sigma,
+            device,
+        }
     }
 
     /// Smooths every member of `set`; all of them see exactly the same noise draws.
@@ -146,7 +150,11 @@ impl<'m> Smooth<'m> {
                 self.0.logits_all(x)
             }
         }
-        Self { set: Box::new(Borrowed(set)), sigma, device }
+        Self {
+            set: Box::new(Borrowed(set)),
+            sigma,
+            device,
+        }
     }
 
     pub fn sigma(&self) -> f64 {
@@ -156,14 +164,24 @@ impl<'m> Smooth<'m> {
     /// CERTIFY(x, n0, n, α): with probability at least 1 − α over the noise, the returned
     /// prediction of g is robust within the returned ℓ2 radius (or g abstains).
     /// `image` is (C, H, W) f32 in [0,1]; `key` fixes the noise (see [`noise`]).
-    pub fn certify(&self, image: &[f32], key: NoiseKey, s: &Settings) -> Result<Certificate, CertifyError> {
+    pub fn certify(
+        &self,
+        image: &[f32],
+        key: NoiseKey,
+        s: &Settings,
+    ) -> Result<Certificate, CertifyError> {
         let mut all = self.certify_all(image, key, s)?;
         Ok(all.swap_remove(0))
     }
 
     /// CERTIFY for every member of the set, on shared noise (one certificate per member, each
     /// identical to what certifying that member alone with the same key gives).
-    pub fn certify_all(&self, image: &[f32], key: NoiseKey, s: &Settings) -> Result<Vec<Certificate>, CertifyError> {
+    pub fn certify_all(
+        &self,
+        image: &[f32],
+        key: NoiseKey,
+        s: &Settings,
+    ) -> Result<Vec<Certificate>, CertifyError> {
         s.validate()?;
         // Selection: each member guesses its top class from n0 draws.
         let counts0 = self.sample_counts(image, key, Phase::Selection, s.n0, s.batch)?;
@@ -198,7 +216,11 @@ impl<'m> Smooth<'m> {
         let (top, second) = (order[0], order.get(1).copied());
         let n_a = counts[top];
         let n_b = second.map(|c| counts[c]).unwrap_or(0);
-        let predict = if stats::binom_test_half(n_a, n_a + n_b) > alpha { None } else { Some(top as u32) };
+        let predict = if stats::binom_test_half(n_a, n_a + n_b) > alpha {
+            None
+        } else {
+            Some(top as u32)
+        };
         Ok(Prediction { predict, n_a, n_b })
     }
 
@@ -221,12 +243,18 @@ impl<'m> Smooth<'m> {
             let x = Tensor::from_slice(&buf, (this, 3, 32, 32), &self.device)?;
             let logits = self.set.logits_all(&x)?;
             if logits.len() != counts.len() {
-                return Err(CertifyError::BatchMismatch { got: logits.len(), want: counts.len() });
+                return Err(CertifyError::BatchMismatch {
+                    got: logits.len(),
+                    want: counts.len(),
+                });
             }
             for (member, l) in counts.iter_mut().zip(logits) {
                 let preds = l.argmax(1)?.to_vec1::<u32>()?;
                 if preds.len() != this {
-                    return Err(CertifyError::BatchMismatch { got: preds.len(), want: this });
+                    return Err(CertifyError::BatchMismatch {
+                        got: preds.len(),
+                        want: this,
+                    });
                 }
                 for p in preds {
                     if let Some(c) = member.get_mut(p as usize) {

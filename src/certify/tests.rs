@@ -275,12 +275,27 @@ impl ClassifierSet for Pair<'_> {
 fn fused_certification_equals_separate_runs() {
     let (a, x) = model_with_margin(0.2);
     let (b, _) = model_with_margin(-0.1);
-    let s = Settings { n0: 50, n: 2_000, alpha: 0.001, batch: 500 };
-    let key = NoiseKey { seed: 4, sigma: 0.25, idx: 8 };
+    let s = Settings {
+        n0: 50,
+        n: 2_000,
+        alpha: 0.001,
+        batch: 500,
+    };
+    let key = NoiseKey {
+        seed: 4,
+        sigma: 0.25,
+        idx: 8,
+    };
     let pair = Pair(&a, &b);
-    let fused = Smooth::fused(&pair, 0.25, Device::Cpu).certify_all(&x, key, &s).unwrap();
-    let alone_a = Smooth::new(&a, 0.25, Device::Cpu).certify(&x, key, &s).unwrap();
-    let alone_b = Smooth::new(&b, 0.25, Device::Cpu).certify(&x, key, &s).unwrap();
+    let fused = Smooth::fused(&pair, 0.25, Device::Cpu)
+        .certify_all(&x, key, &s)
+        .unwrap();
+    let alone_a = Smooth::new(&a, 0.25, Device::Cpu)
+        .certify(&x, key, &s)
+        .unwrap();
+    let alone_b = Smooth::new(&b, 0.25, Device::Cpu)
+        .certify(&x, key, &s)
+        .unwrap();
     assert_eq!(fused, vec![alone_a, alone_b]);
     assert_eq!(fused[0].predict, Some(1));
     assert_eq!(fused[1].predict, Some(0));

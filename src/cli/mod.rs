@@ -29,7 +29,8 @@ impl std::error::Error for Exit {}
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    init_tracing();
+    let quiet = matches!(&cli.command, args::Command::Run(r) if r.quiet);
+    init_tracing(quiet);
     match commands::dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -56,10 +57,10 @@ pub fn main() -> i32 {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(quiet: bool) {
     use tracing_subscriber::EnvFilter;
     // On a terminal the progress bars carry progress, so only warnings are logged by default.
-    let default = if std::io::stderr().is_terminal() {
+    let default = if quiet || std::io::stderr().is_terminal() {
         "warn"
     } else {
         "info"

@@ -35,8 +35,15 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         None => store.studies().await?,
     };
     let mut all = Vec::new();
+    let mut weights = std::collections::HashMap::new();
     for s in &studies {
-        all.push((s.clone(), store.study_jobs(s.id).await?));
+        let jobs = store.study_jobs(s.id).await?;
+        for j in &jobs {
+            if let Some(a) = store.artifact(&j.id, caf::methods::source::WEIGHTS).await? {
+                weights.insert(j.id.clone(), a);
+            }
+        }
+        all.push((s.clone(), jobs));
     }
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -51,6 +58,9 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                         if let Some(o) = v.as_object_mut() {
                             o.insert("images_per_sec".into(), serde_json::json!(rate));
                             o.insert("eta_seconds".into(), serde_json::json!(eta));
+                            if let Some(a) = weights.get(&j.id) {
+                                o.insert("weights".into(), serde_json::json!(a));
+                            }
                         }
                         v
                     })
@@ -75,7 +85,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         )?;
         writeln!(
             out,
-            "  {:<16}  {:<7}  {:<28}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  NOTE",
+            "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  NOTE",
             "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY"
         )?;
         for j in jobs {
@@ -96,10 +106,10 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
             };
             writeln!(
                 out,
-                "  {:<16}  {:<7}  {:<28}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {}",
+                "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {}",
                 j.id,
                 j.kind,
-                j.label.chars().take(28).collect::<String>(),
+                j.label.chars().take(30).collect::<String>(),
                 state,
                 format!("{}/{}", j.progress_done, j.progress_total),
                 rate.map_or("-".into(), |r| format!("{r:.2}")),

@@ -3,6 +3,7 @@
 //! Images stay as `u8` until a batch is requested, so the 50,000-image training set costs
 //! 150 MB instead of 600 MB, and pixel values are exactly `byte / 255` wherever they are used.
 
+pub mod augment;
 mod cifar10;
 
 use std::path::{Path, PathBuf};

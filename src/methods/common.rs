@@ -26,9 +26,14 @@ impl ModelRef {
     /// job id would then no longer describe what ran).
     pub fn load(&self, device: &candle_core::Device) -> Result<Box<dyn Classifier>, JobError> {
         let arch: Arch = self.arch.parse().map_err(JobError::fatal)?;
-        check_hash(&self.weights, &self.weights_sha256)?;
+        self.check()?;
         models::load_classifier(arch, &self.weights, self.normalize, device)
             .map_err(JobError::fatal)
+    }
+
+    /// Refuses a weights file whose contents changed since planning.
+    pub fn check(&self) -> Result<(), JobError> {
+        check_hash(&self.weights, &self.weights_sha256)
     }
 }
 
@@ -157,6 +162,63 @@ pub fn test_data_ref(ctx: &mut PlanContext<'_>) -> Result<DataRef, SpecError> {
         split: Split::Test,
         sha256,
     })
+}
+
+/// The spec's training split as a [`DataRef`] (all five batches are hashed).
+pub fn train_data_ref(ctx: &mut PlanContext<'_>) -> Result<DataRef, SpecError> {
+    let root = data::resolve_cifar10_root(&ctx.spec.data.root)
+        .map_err(|e| SpecError::at(&ctx.spec.path, ctx.spec.data.span, e.to_string()))?;
+    let mut hashes = Vec::new();
+    for f in data::TRAIN_FILES {
+        let file = root.join(f);
+        if !file.is_file() {
+            return Err(SpecError::at(
+                &ctx.spec.path,
+                ctx.spec.data.span,
+                format!("training needs {}, which does not exist", file.display()),
+            ));
+        }
+        hashes.push(ctx.file_sha256(&file)?);
+    }
+    let sha256 = crate::util::sha256_bytes(hashes.join(",").as_bytes());
+    Ok(DataRef {
+        dataset: "cifar10".into(),
+        root,
+        split: Split::Train,
+        sha256,
+    })
+}
+
+/// A string parameter, with a located error.
+pub fn string(
+    cell: &Cell,
+    ctx: &PlanContext<'_>,
+    key: &str,
+) -> Result<Option<(String, Param)>, SpecError> {
+    match cell.params.get(key) {
+        None => Ok(None),
+        Some(p) => match p.value.as_str() {
+            Some(v) => Ok(Some((v.to_string(), p.clone()))),
+            None => Err(ctx.error_at(
+                p.span,
+                format!("expected a string for {key}, found {}", p.value),
+            )),
+        },
+    }
+}
+
+/// A boolean parameter, with a located error.
+pub fn boolean(cell: &Cell, ctx: &PlanContext<'_>, key: &str) -> Result<Option<bool>, SpecError> {
+    match cell.params.get(key) {
+        None => Ok(None),
+        Some(p) => match p.value.as_bool() {
+            Some(v) => Ok(Some(v)),
+            None => Err(ctx.error_at(
+                p.span,
+                format!("expected true or false for {key}, found {}", p.value),
+            )),
+        },
+    }
 }
 
 /// A finite number parameter, with a located error.

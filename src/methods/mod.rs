@@ -2,13 +2,22 @@
 //! (handlers). Adding a method means adding a module here and a line to [`plan_cell`] and
 //! [`registry`]; the scheduler and the store stay untouched.
 //!
-//! Job kinds so far: `certify` (Cohen's CERTIFY of a given model at σ over a slice of the test
-//! set) and `eval` (clean accuracy of the base model on the same slice).
-//! Methods so far: `smooth` (certify the backbone as it is) and `clean` (only its clean accuracy).
+//! Job kinds: `certify` (Cohen's CERTIFY of a model at σ over a slice of the test set), `eval`
+//! (clean accuracy of a base model on the same slice), `train-rs` and `train-caf` (training under
+//! noise, resumable from checkpoints).
+//! Methods: `smooth` (certify the backbone as it is), `clean` (only its clean accuracy), `rs`
+//! (Gaussian-augmentation training), `caf` (certifying adapters on a frozen backbone, clean or
+//! rs-trained) and `caf-ensemble` (one adapter per σ, certified across all σ).
 
+pub mod caf;
 pub mod common;
 pub mod eval;
+pub mod fused;
+pub mod rs;
 pub mod smooth;
+pub mod source;
+pub mod train;
+pub mod training;
 
 use std::sync::Arc;
 
@@ -17,7 +26,7 @@ use crate::sched::Registry;
 use crate::spec::{Cell, SpecError};
 
 /// Method names a grid cell may use.
-pub const METHODS: &[&str] = &["smooth", "clean"];
+pub const METHODS: &[&str] = &["smooth", "clean", "rs", "caf", "caf-ensemble"];
 
 /// Expands one grid cell into its jobs (shared upstream jobs are deduplicated by the planner).
 pub fn plan_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
@@ -25,6 +34,9 @@ pub fn plan_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, Spe
     match method.as_str() {
         "smooth" => smooth::plan(cell, ctx),
         "clean" => eval::plan(cell, ctx),
+        "rs" => rs::plan(cell, ctx),
+        "caf" => caf::plan(cell, ctx),
+        "caf-ensemble" => caf::plan_ensemble(cell, ctx),
         other => {
             let span = cell
                 .params
@@ -42,10 +54,18 @@ pub fn plan_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, Spe
     }
 }
 
+/// Plan-wide rewrites after every cell is expanded: fuse certifications that share a backbone.
+pub fn finalize(jobs: &mut Vec<Job>) {
+    fused::fuse(jobs);
+}
+
 /// Every job kind this build of caf can run.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(Arc::new(smooth::CertifyHandler));
     r.register(Arc::new(eval::EvalHandler));
+    r.register(Arc::new(rs::TrainRsHandler));
+    r.register(Arc::new(caf::TrainCafHandler));
+    r.register(Arc::new(fused::FusedHandler));
     r
 }

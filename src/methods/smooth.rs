@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{self, DataRef, ModelRef, Slice};
+use super::common::{self, DataRef, Slice};
+use super::source::ModelSource;
 use crate::certify::{NoiseKey, Settings, Smooth};
 use crate::data::ImageSet;
 use crate::models::Classifier;
@@ -17,13 +18,13 @@ use crate::store::CertRow;
 
 pub const KIND: &str = "certify";
 /// Bump when a change to the certification code changes its results.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Parameters of a `certify` job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CertifyParams {
     pub backbone: String,
-    pub model: ModelRef,
+    pub model: ModelSource,
     pub data: DataRef,
     pub sigma: f64,
     pub seed: u64,
@@ -34,9 +35,8 @@ pub struct CertifyParams {
     pub slice: Slice,
 }
 
-const CELL_KEYS: &[&str] = &[
-    "backbone", "sigma", "n0", "n", "alpha", "batch", "skip", "max",
-];
+/// Per-cell overrides of the spec's `certify` block, accepted by every certifying method.
+pub const CERTIFY_KEYS: &[&str] = &["n0", "n", "alpha", "batch", "skip", "max"];
 
 /// The certification settings of a cell: the spec's `certify` block, overridden per cell.
 pub fn cell_settings(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(Settings, Slice), SpecError> {
@@ -93,24 +93,32 @@ pub fn cell_settings(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(Settings, Sl
     Ok((s, slice))
 }
 
-pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
-    common::check_known(cell, ctx, "smooth", CELL_KEYS)?;
-    let (backbone, model) = common::backbone_ref(cell, ctx)?;
+/// The cell's σ (required by every certifying method).
+pub fn cell_sigma(cell: &Cell, ctx: &PlanContext<'_>, method: &str) -> Result<f64, SpecError> {
+    match common::number(cell, ctx, "sigma")? {
+        Some((v, _)) => Ok(v),
+        None => Err(SpecError::whole_file(
+            &ctx.spec.path,
+            format!("method `{method}` needs a `sigma` parameter"),
+        )),
+    }
+}
+
+/// A `certify` job of `model` at `sigma` with the cell's certification settings.
+pub fn certify_job(
+    cell: &Cell,
+    ctx: &mut PlanContext<'_>,
+    model: ModelSource,
+    label: String,
+    sigma: f64,
+) -> Result<Job, SpecError> {
+    let (backbone, _) = common::backbone_ref(cell, ctx)?;
     let data = common::test_data_ref(ctx)?;
-    let sigma = match common::number(cell, ctx, "sigma")? {
-        Some((v, _)) => v,
-        None => {
-            return Err(SpecError::whole_file(
-                &ctx.spec.path,
-                "method `smooth` needs a `sigma` parameter",
-            ))
-        }
-    };
     let (s, slice) = cell_settings(cell, ctx)?;
     let params = CertifyParams {
-        backbone: backbone.clone(),
-        model: model.clone(),
-        data: data.clone(),
+        backbone,
+        model,
+        data,
         sigma,
         seed: ctx.spec.seed,
         n0: s.n0,
@@ -119,20 +127,38 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         batch: s.batch,
         slice,
     };
-    let eval = super::eval::job(&backbone, model, data, slice, s.batch);
-    let mut cert = job(params);
+    let mut cert = job(params, label);
     // Name per-cell overrides so jobs that differ only in them can be told apart.
-    for key in ["n0", "n", "alpha", "batch", "skip", "max"] {
-        if let Some(p) = cell.params.get(key) {
+    for key in CERTIFY_KEYS {
+        if let Some(p) = cell.params.get(*key) {
             cert.label.push_str(&format!(" {key}={}", p.value));
         }
     }
+    Ok(cert)
+}
+
+pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
+    let mut allowed = vec!["backbone", "sigma"];
+    allowed.extend(CERTIFY_KEYS);
+    common::check_known(cell, ctx, "smooth", &allowed)?;
+    let (backbone, model) = common::backbone_ref(cell, ctx)?;
+    let data = common::test_data_ref(ctx)?;
+    let sigma = cell_sigma(cell, ctx, "smooth")?;
+    let (s, slice) = cell_settings(cell, ctx)?;
+    let eval = super::eval::job(&backbone, model.clone(), data, slice, s.batch);
+    let cert = certify_job(
+        cell,
+        ctx,
+        ModelSource::Pretrained { model },
+        format!("smooth {backbone} σ={sigma}"),
+        sigma,
+    )?;
     Ok(vec![eval, cert])
 }
 
 /// A `certify` job for the given parameters.
-pub fn job(params: CertifyParams) -> Job {
-    let label = format!("smooth {} σ={}", params.backbone, params.sigma);
+pub fn job(params: CertifyParams, label: String) -> Job {
+    let deps = params.model.deps();
     let value = serde_json::to_value(&params).unwrap_or_default();
     JobBuilder {
         kind: KIND,
@@ -140,7 +166,7 @@ pub fn job(params: CertifyParams) -> Job {
         label,
         identity: common::identity_of(&value, &["weights", "root", "backbone"]),
         params: value,
-        deps: vec![],
+        deps,
     }
     .build()
 }
@@ -233,7 +259,7 @@ impl JobHandler for CertifyHandler {
         let p: CertifyParams = serde_json::from_value(ctx.params.clone())
             .map_err(|e| JobError::fatal(format!("bad certify params: {e}")))?;
         let device = ctx.device.open().map_err(JobError::fatal)?;
-        let model = p.model.load(&device)?;
+        let model = p.model.load(ctx.sink.as_ref(), &device)?;
         let data = p.data.load()?;
         let indices = p.slice.indices(data.len());
         let total = indices.len() as u64;

@@ -8,10 +8,16 @@
 //!   Eval mode on the CPU runs a fused inference path (BatchNorm folded, im2col + GEMM per
 //!   image) unless autograd needs the graph; see [`CifarResNet::features_t`].
 //! - [`LinearClassifier`]: logits = W·x + b (raw pixels with [`Normalize::IDENTITY`]).
+//! - [`adapter`] / [`caf`]: certifying adapters a(·) and CAF models h(φ(x) + a(x)) on a frozen
+//!   ResNet backbone, with fused multi-adapter inference ([`FusedCaf`]); also
+//!   [`build_trainable_resnet`] for training whole networks.
 //! - [`load_state_dict`]: safetensors, PyTorch zip or legacy PyTorch pickle checkpoints.
 //! - [`load_classifier`]: both together, with names and shapes checked against the arch.
 
+pub mod adapter;
+pub mod caf;
 mod fast;
+pub mod init;
 mod linear;
 mod pickle;
 mod resnet;
@@ -25,6 +31,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+pub use adapter::{Adapter, AdapterArch, AdapterCost};
+pub use caf::{build_caf, build_trainable_resnet, load_caf, CafModel, FusedCaf};
 pub use linear::LinearClassifier;
 pub use resnet::{BasicBlock, CifarResNet, FEATURE_DIM};
 pub use weights::{detect_format, load_state_dict, WeightFormat};
@@ -35,6 +43,10 @@ pub enum ModelError {
     Weights { path: PathBuf, message: String },
     #[error("unknown architecture `{0}` (expected linear or resnet20/32/44/56/110)")]
     UnknownArch(String),
+    /// A model description or tensor set that does not fit (no file involved): an adapter
+    /// spec, an initial state dict; `context` says what was being built.
+    #[error("{context}: {message}")]
+    Invalid { context: String, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -165,7 +177,7 @@ fn classes_in(arch: Arch, shapes: &HashMap<String, Vec<usize>>) -> Option<usize>
         .filter(|&c| c > 0)
 }
 
-fn is_ignored(name: &str) -> bool {
+pub(crate) fn is_ignored(name: &str) -> bool {
     name == "num_batches_tracked" || name.ends_with(".num_batches_tracked")
 }
 
@@ -271,6 +283,25 @@ pub fn expected_tensors(
 }
 
 type NamedShapes = Vec<(String, Vec<usize>)>;
+
+/// The names and shapes of every tensor `build` reads from the VarBuilder it is given, in the
+/// order it reads them (the same recording trick as [`expected_tensors`], for other models).
+pub(crate) fn record_tensors(
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+) -> Result<NamedShapes, ModelError> {
+    let recorder = Recorder::default();
+    build(VarBuilder::from_backend(
+        Box::new(recorder.clone()),
+        DType::F32,
+        Device::Cpu,
+    ))?;
+    let seen = recorder
+        .0
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    Ok(seen)
+}
 
 /// Hands out zeros and remembers what was asked for.
 #[derive(Clone, Default)]

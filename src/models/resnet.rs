@@ -286,6 +286,12 @@ impl CifarResNet {
         self.depth
     }
 
+    /// The input normalisation the network applies first (an adapter reading the same
+    /// pixels normalises them the same way).
+    pub fn normalize(&self) -> Normalize {
+        self.norm.normalize
+    }
+
     /// Penultimate features φ(x): [B, 64] after global average pooling.
     ///
     /// Eval mode on the CPU runs the fused inference path (see `fast.rs`) when nothing needs

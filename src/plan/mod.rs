@@ -149,6 +149,7 @@ impl Plan {
                 }
             }
         }
+        crate::methods::finalize(&mut jobs);
         let jobs = topo_sort(jobs).map_err(|m| SpecError::whole_file(&spec.path, m))?;
         Ok(Plan {
             study: StudyMeta {

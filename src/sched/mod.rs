@@ -595,7 +595,8 @@ impl<S: Store> JobSink for StoreSink<S> {
         self.handle.block_on(self.store.artifact(job, name))
     }
     fn record_epoch(&self, epoch: u64, metrics: &serde_json::Value) -> Result<(), StoreError> {
-        self.handle.block_on(self.store.record_epoch(&self.job, epoch, metrics))
+        self.handle
+            .block_on(self.store.record_epoch(&self.job, epoch, metrics))
     }
     fn record_eval(&self, rows: &[EvalRow]) -> Result<(), StoreError> {
         self.handle

@@ -566,14 +566,19 @@ impl Store for SqliteStore {
     }
 
     async fn artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError> {
-        let row = sqlx::query("SELECT name, path, sha256, bytes FROM artifacts WHERE job_id = ? AND name = ?")
-            .bind(job.as_str())
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .ctx("looking up an artifact")?;
+        let row = sqlx::query(
+            "SELECT name, path, sha256, bytes FROM artifacts WHERE job_id = ? AND name = ?",
+        )
+        .bind(job.as_str())
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("looking up an artifact")?;
         let Some(r) = row else { return Ok(None) };
-        let g = |e: sqlx::Error| StoreError::Query { context: "reading an artifact row", source: e };
+        let g = |e: sqlx::Error| StoreError::Query {
+            context: "reading an artifact row",
+            source: e,
+        };
         Ok(Some(Artifact {
             name: r.try_get("name").map_err(g)?,
             path: r.try_get("path").map_err(g)?,
@@ -582,7 +587,12 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn record_epoch(&self, job: &JobId, epoch: u64, metrics: &serde_json::Value) -> Result<(), StoreError> {
+    async fn record_epoch(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        metrics: &serde_json::Value,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO train_metrics (job_id, epoch, metrics, at) VALUES (?, ?, ?, ?)
              ON CONFLICT (job_id, epoch) DO UPDATE SET metrics = excluded.metrics, at = excluded.at",
@@ -598,13 +608,17 @@ impl Store for SqliteStore {
     }
 
     async fn epochs(&self, job: &JobId) -> Result<Vec<serde_json::Value>, StoreError> {
-        let rows: Vec<String> = sqlx::query_scalar("SELECT metrics FROM train_metrics WHERE job_id = ? ORDER BY epoch")
-            .bind(job.as_str())
-            .fetch_all(&self.pool)
-            .await
-            .ctx("reading epoch metrics")?;
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT metrics FROM train_metrics WHERE job_id = ? ORDER BY epoch")
+                .bind(job.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .ctx("reading epoch metrics")?;
         rows.iter()
-            .map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("epoch metrics JSON: {e}"))))
+            .map(|t| {
+                serde_json::from_str(t)
+                    .map_err(|e| StoreError::Corrupt(format!("epoch metrics JSON: {e}")))
+            })
             .collect()
     }
 

@@ -1,0 +1,270 @@
+//! Fused certification: certify jobs that share a frozen backbone, σ, seed and certification
+//! settings (a sensitivity sweep of adapters, or smoothing the backbone next to its adapters) are
+//! run by one `certify-fused` job: one backbone pass per noise batch, the same noise draws for
+//! every member (a paired comparison). Each member's rows are stored under the member's own job
+//! id, and equal what a separate run gives, because the noise is keyed by (seed, σ, image) and
+//! the logits of every member are computed by the same ops as when it runs alone.
+//!
+//! The member jobs keep their ids (fusion is a way of running them, not a different result);
+//! they depend on the fused job only for ordering, and find their images already certified.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::common::{self, DataRef, Slice};
+use super::smooth::{self, CertifyParams};
+use super::source::ModelSource;
+use crate::certify::{ClassifierSet, NoiseKey, Settings, Smooth};
+use crate::models::{CafModel, CifarResNet};
+use crate::plan::{Job, JobBuilder, JobId};
+use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
+use crate::store::CertRow;
+
+pub const KIND: &str = "certify-fused";
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FusedMember {
+    /// The `certify` job whose results this member writes.
+    pub job: JobId,
+    pub model: ModelSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FusedParams {
+    pub backbone: ModelSource,
+    pub members: Vec<FusedMember>,
+    pub data: DataRef,
+    pub sigma: f64,
+    pub seed: u64,
+    pub n0: u64,
+    pub n: u64,
+    pub alpha: f64,
+    pub batch: usize,
+    pub slice: Slice,
+}
+
+/// The frozen backbone a certify job's model is built on, if it can share one.
+fn shared_backbone(model: &ModelSource) -> Option<ModelSource> {
+    match model {
+        ModelSource::Pretrained { model } if model.arch.starts_with("resnet") => {
+            Some(ModelSource::Pretrained {
+                model: model.clone(),
+            })
+        }
+        ModelSource::Rs { .. } => Some(model.clone()),
+        ModelSource::Caf { backbone, .. } => Some((**backbone).clone()),
+        ModelSource::Pretrained { .. } => None,
+    }
+}
+
+/// Adds a `certify-fused` job for every group of ≥ 2 certify jobs that can share a backbone,
+/// and makes the members wait for it.
+pub fn fuse(jobs: &mut Vec<Job>) {
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if j.kind != smooth::KIND {
+            continue;
+        }
+        let Ok(p) = serde_json::from_value::<CertifyParams>(j.params.clone()) else {
+            continue;
+        };
+        let Some(backbone) = shared_backbone(&p.model) else {
+            continue;
+        };
+        let key = serde_json::json!({
+            "backbone": backbone, "data": p.data.sha256, "sigma": p.sigma, "seed": p.seed,
+            "n0": p.n0, "n": p.n, "alpha": p.alpha, "batch": p.batch, "slice": p.slice,
+        });
+        groups
+            .entry(crate::util::canonical_json(&key))
+            .or_default()
+            .push(i);
+    }
+    for members in groups.into_values().filter(|m| m.len() >= 2) {
+        let params: Vec<CertifyParams> = members
+            .iter()
+            .filter_map(|&i| serde_json::from_value(jobs[i].params.clone()).ok())
+            .collect();
+        let Some(first) = params.first() else {
+            continue;
+        };
+        let Some(backbone) = shared_backbone(&first.model) else {
+            continue;
+        };
+        let fused = FusedParams {
+            backbone,
+            members: members
+                .iter()
+                .zip(&params)
+                .map(|(&i, p)| FusedMember {
+                    job: jobs[i].id.clone(),
+                    model: p.model.clone(),
+                })
+                .collect(),
+            data: first.data.clone(),
+            sigma: first.sigma,
+            seed: first.seed,
+            n0: first.n0,
+            n: first.n,
+            alpha: first.alpha,
+            batch: first.batch,
+            slice: first.slice,
+        };
+        let deps: Vec<JobId> = params
+            .iter()
+            .flat_map(|p| p.model.deps())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let value = serde_json::to_value(&fused).unwrap_or_default();
+        let job = JobBuilder {
+            kind: KIND,
+            version: VERSION,
+            label: format!("certify-fused {} models σ={}", members.len(), fused.sigma),
+            identity: common::identity_of(&value, &["weights", "root"]),
+            params: value,
+            deps,
+        }
+        .build();
+        for &i in &members {
+            // Ordering only: the member's id (its content) is unchanged.
+            jobs[i].deps.push(job.id.clone());
+        }
+        jobs.push(job);
+    }
+}
+
+/// The members as one [`ClassifierSet`] over a single backbone pass.
+struct Members {
+    backbone: CifarResNet,
+    members: Vec<Member>,
+}
+
+enum Member {
+    /// The backbone's own head: smoothing the backbone as it is.
+    Plain,
+    // Boxed: a CafModel is large and most sets hold several.
+    Caf(Box<CafModel>),
+}
+
+impl ClassifierSet for Members {
+    fn members(&self) -> usize {
+        self.members.len()
+    }
+    fn num_classes(&self) -> usize {
+        crate::models::Classifier::num_classes(&self.backbone)
+    }
+    fn logits_all(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let phi = self.backbone.features_t(x, false)?.detach();
+        self.members
+            .iter()
+            .map(|m| match m {
+                Member::Plain => self.backbone.head(&phi),
+                Member::Caf(c) => c.logits_from_features(&phi, x),
+            })
+            .collect()
+    }
+}
+
+pub struct FusedHandler;
+
+impl JobHandler for FusedHandler {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
+        let p: FusedParams = serde_json::from_value(ctx.params.clone())
+            .map_err(|e| JobError::fatal(format!("bad certify-fused params: {e}")))?;
+        let device: Device = ctx.device.open().map_err(JobError::fatal)?;
+        let sink = ctx.sink.as_ref();
+        let backbone = p
+            .backbone
+            .load_resnet(sink, &device)?
+            .detached()
+            .map_err(JobError::fatal)?;
+        let mut members = Vec::new();
+        for m in &p.members {
+            members.push(match &m.model {
+                ModelSource::Caf { .. } => Member::Caf(Box::new(m.model.load_caf(sink, &device)?)),
+                _ => Member::Plain,
+            });
+        }
+        let set = Members { backbone, members };
+        let data = p.data.load()?;
+        let indices = p.slice.indices(data.len());
+        let done: Vec<BTreeSet<u64>> = p
+            .members
+            .iter()
+            .map(|m| sink.cert_done_for(&m.job).map(|v| v.into_iter().collect()))
+            .collect::<Result<_, _>>()?;
+        let settings = Settings {
+            n0: p.n0,
+            n: p.n,
+            alpha: p.alpha,
+            batch: p.batch,
+        };
+        let smooth = Smooth::fused(&set, p.sigma, device.clone());
+        let total = indices.len() as u64;
+        let mut finished = indices
+            .iter()
+            .filter(|&&i| done.iter().all(|d| d.contains(&(i as u64))))
+            .count() as u64;
+        sink.progress(finished, total)?;
+        for &idx in &indices {
+            if done.iter().all(|d| d.contains(&(idx as u64))) {
+                continue;
+            }
+            if ctx.cancelled() {
+                return Ok(JobOutput::Interrupted);
+            }
+            let start = std::time::Instant::now();
+            let image = data.image_f32(idx);
+            let label = data.label(idx) as u32;
+            let certs = smooth
+                .certify_all(
+                    &image,
+                    NoiseKey {
+                        seed: p.seed,
+                        sigma: p.sigma,
+                        idx: idx as u64,
+                    },
+                    &settings,
+                )
+                .map_err(|e| JobError::retryable(format!("image {idx}: {e}")))?;
+            // The members shared the work: each row records an equal share of the time.
+            let seconds = start.elapsed().as_secs_f64() / certs.len().max(1) as f64;
+            for ((m, cert), d) in p.members.iter().zip(certs).zip(&done) {
+                if d.contains(&(idx as u64)) {
+                    continue;
+                }
+                let predict = cert.predict.map_or(-1, i64::from);
+                sink.record_cert_for(
+                    &m.job,
+                    &CertRow {
+                        idx: idx as u64,
+                        label,
+                        predict,
+                        radius: cert.radius,
+                        correct: predict == label as i64,
+                        c_hat: cert.c_hat,
+                        n_a: cert.n_a,
+                        n: cert.n,
+                        n0: settings.n0,
+                        alpha: settings.alpha,
+                        sigma: p.sigma,
+                        seconds,
+                    },
+                )?;
+            }
+            finished += 1;
+            sink.progress(finished, total)?;
+        }
+        Ok(JobOutput::Done(
+            serde_json::json!({ "images": total, "members": p.members.len() }),
+        ))
+    }
+}

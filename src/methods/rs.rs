@@ -1,0 +1,170 @@
+//! Method `rs` (Cohen et al. 2019): train a whole CIFAR ResNet under Gaussian noise at σ, from
+//! scratch or fine-tuning the backbone's pretrained weights, then certify it at σ.
+//! Job kinds `train-rs` and `certify`.
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{self, DataRef, ModelRef};
+use super::smooth;
+use super::source::{ModelSource, NUM_CLASSES};
+use super::train::{OptimizerConfig, Schedule, TrainConfig};
+use super::training;
+use crate::models::{self, Arch, Normalize};
+use crate::plan::{Job, JobBuilder, PlanContext};
+use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
+use crate::spec::{Cell, SpecError};
+
+pub const KIND: &str = "train-rs";
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainRsParams {
+    pub backbone: String,
+    pub arch: String,
+    pub normalize: Normalize,
+    /// Start from these weights (fine-tuning); `None` = from scratch.
+    pub init: Option<ModelRef>,
+    pub data: DataRef,
+    pub train: TrainConfig,
+}
+
+/// CPU-sized default: fine-tune for 10 epochs with SGD and a cosine schedule.
+pub fn default_config() -> TrainConfig {
+    TrainConfig {
+        epochs: 10,
+        batch: 128,
+        optimizer: OptimizerConfig::Sgd {
+            lr: 0.01,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-4,
+        },
+        schedule: Schedule::Cosine { min_lr: 0.0 },
+        ..TrainConfig::default()
+    }
+}
+
+/// Cell keys of an `rs` training under `prefix` (`""` for method rs, `rs_` for a CAF base).
+pub fn keys(prefix: &str) -> Vec<String> {
+    let mut k = training::train_keys(prefix);
+    k.push(format!("{prefix}init"));
+    k
+}
+
+/// The `train-rs` job of a cell and the model it produces.
+pub fn plan_training(
+    cell: &Cell,
+    ctx: &mut PlanContext<'_>,
+    prefix: &str,
+    sigma: f64,
+) -> Result<(Job, ModelSource), SpecError> {
+    let (backbone, model) = common::backbone_ref(cell, ctx)?;
+    let depth = match model.arch.parse::<Arch>() {
+        Ok(Arch::CifarResNet { depth }) => depth,
+        _ => {
+            let span = cell
+                .params
+                .get("backbone")
+                .map(|p| p.span)
+                .unwrap_or_default();
+            return Err(ctx.error_at(
+                span,
+                format!(
+                    "rs training needs a CIFAR ResNet backbone, `{backbone}` is {}",
+                    model.arch
+                ),
+            ));
+        }
+    };
+    let init = match common::string(cell, ctx, &format!("{prefix}init"))? {
+        None => Some(model.clone()),
+        Some((v, _)) if v == "pretrained" => Some(model.clone()),
+        Some((v, _)) if v == "scratch" => None,
+        Some((v, p)) => {
+            return Err(ctx.error_at(
+                p.span,
+                format!("expected pretrained or scratch, found `{v}`"),
+            ))
+        }
+    };
+    let mut train = training::train_config(cell, ctx, prefix, default_config())?;
+    train.sigma = sigma;
+    let data = common::train_data_ref(ctx)?;
+    let params = TrainRsParams {
+        backbone: backbone.clone(),
+        arch: format!("resnet{depth}"),
+        normalize: model.normalize,
+        init,
+        data,
+        train,
+    };
+    let value = serde_json::to_value(&params).unwrap_or_default();
+    let job = JobBuilder {
+        kind: KIND,
+        version: VERSION,
+        label: format!("train-rs {backbone} σ={sigma}"),
+        identity: common::identity_of(
+            &value,
+            &["weights", "root", "backbone", "checkpoint_every_steps"],
+        ),
+        params: value,
+        deps: vec![],
+    }
+    .build();
+    let source = ModelSource::Rs {
+        job: job.id.clone(),
+        arch: params.arch,
+        normalize: model.normalize,
+    };
+    Ok((job, source))
+}
+
+pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
+    let mut allowed: Vec<String> = keys("");
+    allowed.extend(["backbone", "sigma"].map(String::from));
+    allowed.extend(smooth::CERTIFY_KEYS.iter().map(|s| s.to_string()));
+    let allowed_ref: Vec<&str> = allowed.iter().map(String::as_str).collect();
+    common::check_known(cell, ctx, "rs", &allowed_ref)?;
+    let sigma = smooth::cell_sigma(cell, ctx, "rs")?;
+    let (train_job, source) = plan_training(cell, ctx, "", sigma)?;
+    let (backbone, _) = common::backbone_ref(cell, ctx)?;
+    let cert = smooth::certify_job(cell, ctx, source, format!("rs {backbone} σ={sigma}"), sigma)?;
+    Ok(vec![train_job, cert])
+}
+
+pub struct TrainRsHandler;
+
+impl JobHandler for TrainRsHandler {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
+        let p: TrainRsParams = serde_json::from_value(ctx.params.clone())
+            .map_err(|e| JobError::fatal(format!("bad train-rs params: {e}")))?;
+        let device = ctx.device.open().map_err(JobError::fatal)?;
+        let depth = match p.arch.parse::<Arch>() {
+            Ok(Arch::CifarResNet { depth }) => depth,
+            _ => return Err(JobError::fatal(format!("{} is not a CIFAR ResNet", p.arch))),
+        };
+        let init = match &p.init {
+            Some(m) => {
+                m.check()?;
+                Some(models::load_state_dict(&m.weights, &device).map_err(JobError::fatal)?)
+            }
+            None => None,
+        };
+        let varmap = candle_nn::VarMap::new();
+        let (model, trainable) = models::build_trainable_resnet(
+            depth,
+            NUM_CLASSES,
+            p.normalize,
+            &varmap,
+            &device,
+            init.as_ref(),
+        )
+        .map_err(JobError::fatal)?;
+        let data = p.data.load()?;
+        training::run_training(ctx, &model, &varmap, trainable, &data, &p.train, &device)
+    }
+}

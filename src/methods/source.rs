@@ -1,0 +1,143 @@
+//! Where a job's model comes from: a file as it is, a network trained by an `rs` job, or a frozen
+//! backbone plus a certifying adapter trained by a `caf` job. Trained weights are found through
+//! the store's artifact records and checked against their recorded SHA-256.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use super::common::ModelRef;
+use crate::models::adapter::AdapterArch;
+use crate::models::caf::{load_caf, CafModel};
+use crate::models::{self, Arch, CifarResNet, Classifier, Normalize};
+use crate::plan::JobId;
+use crate::sched::{JobError, JobSink};
+
+/// Name of the artifact every training job records for its selected weights.
+pub const WEIGHTS: &str = "weights";
+
+/// CIFAR-10 has ten classes; the only dataset so far.
+pub const NUM_CLASSES: usize = 10;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSource {
+    /// A weights file, used as it is.
+    Pretrained { model: ModelRef },
+    /// A CIFAR ResNet trained by a `train-rs` job.
+    Rs {
+        job: JobId,
+        arch: String,
+        normalize: Normalize,
+    },
+    /// A frozen backbone with an adapter + head trained by a `train-caf` job.
+    Caf {
+        backbone: Box<ModelSource>,
+        job: JobId,
+        adapter: AdapterArch,
+    },
+}
+
+impl ModelSource {
+    /// Training jobs this model needs first.
+    pub fn deps(&self) -> Vec<JobId> {
+        match self {
+            ModelSource::Pretrained { .. } => vec![],
+            ModelSource::Rs { job, .. } => vec![job.clone()],
+            ModelSource::Caf { backbone, job, .. } => {
+                let mut d = backbone.deps();
+                d.push(job.clone());
+                d
+            }
+        }
+    }
+
+    /// The model as a classifier (frozen, eval mode).
+    pub fn load(
+        &self,
+        sink: &dyn JobSink,
+        device: &Device,
+    ) -> Result<Box<dyn Classifier>, JobError> {
+        match self {
+            ModelSource::Pretrained { model } => model.load(device),
+            ModelSource::Rs { .. } => Ok(Box::new(self.load_resnet(sink, device)?)),
+            ModelSource::Caf { .. } => Ok(Box::new(self.load_caf(sink, device)?)),
+        }
+    }
+
+    /// The model as a CIFAR ResNet (a backbone role).
+    pub fn load_resnet(
+        &self,
+        sink: &dyn JobSink,
+        device: &Device,
+    ) -> Result<CifarResNet, JobError> {
+        match self {
+            ModelSource::Pretrained { model } => {
+                let depth = resnet_depth(&model.arch)?;
+                model.check()?;
+                models::load_cifar_resnet(depth, &model.weights, model.normalize, device)
+                    .map_err(JobError::fatal)
+            }
+            ModelSource::Rs {
+                job,
+                arch,
+                normalize,
+            } => {
+                let depth = resnet_depth(arch)?;
+                let path = trained_weights(sink, job)?;
+                models::load_cifar_resnet(depth, &path, *normalize, device).map_err(JobError::fatal)
+            }
+            ModelSource::Caf { .. } => {
+                Err(JobError::fatal("a CAF model cannot serve as a backbone"))
+            }
+        }
+    }
+
+    /// The model as a CAF model (backbone + adapter + head).
+    pub fn load_caf(&self, sink: &dyn JobSink, device: &Device) -> Result<CafModel, JobError> {
+        match self {
+            ModelSource::Caf {
+                backbone,
+                job,
+                adapter,
+            } => {
+                let phi = backbone
+                    .load_resnet(sink, device)?
+                    .detached()
+                    .map_err(JobError::fatal)?;
+                let path = trained_weights(sink, job)?;
+                load_caf(phi, adapter, NUM_CLASSES, &path, device).map_err(JobError::fatal)
+            }
+            _ => Err(JobError::fatal("not a CAF model")),
+        }
+    }
+}
+
+fn resnet_depth(arch: &str) -> Result<usize, JobError> {
+    match arch.parse::<Arch>() {
+        Ok(Arch::CifarResNet { depth }) => Ok(depth),
+        Ok(other) => Err(JobError::fatal(format!(
+            "{other} cannot be used here: a CIFAR ResNet is needed"
+        ))),
+        Err(e) => Err(JobError::fatal(e)),
+    }
+}
+
+/// The recorded weights of a finished training job, checked against their SHA-256.
+pub fn trained_weights(sink: &dyn JobSink, job: &JobId) -> Result<PathBuf, JobError> {
+    let a = sink
+        .dep_artifact(job, WEIGHTS)?
+        .ok_or_else(|| JobError::fatal(format!("training job {job} recorded no weights")))?;
+    let path = PathBuf::from(&a.path);
+    let got = crate::util::sha256_file(&path)
+        .map_err(|e| JobError::fatal(format!("{}: {e}", path.display())))?;
+    if got != a.sha256 {
+        return Err(JobError::fatal(format!(
+            "{} does not match the weights job {job} recorded (sha256 {got}, recorded {})",
+            path.display(),
+            a.sha256
+        )));
+    }
+    Ok(path)
+}
