@@ -179,6 +179,11 @@ pub fn run_training(
     device: &Device,
 ) -> Result<JobOutput, JobError> {
     let dir = ctx.artifacts_dir.join("train");
+    if dir.join(train::CHECKPOINT_JSON).exists() {
+        let msg = format!("resuming training from the checkpoint in {}", dir.display());
+        tracing::info!("{msg}");
+        ctx.sink.event("info", &msg)?;
+    }
     let mut hooks = StoreHooks {
         ctx,
         epochs: cfg.epochs as u64,

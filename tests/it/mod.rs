@@ -3,3 +3,4 @@ mod util;
 mod certify_cli;
 mod resume;
 mod spec_cli;
+mod train;

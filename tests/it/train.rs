@@ -1,0 +1,125 @@
+//! Training job kinds end to end on real data: smoke versions of the CAF studies, and a training
+//! job killed with kill -9 that resumes from its checkpoint to the same weights.
+
+use std::time::Duration;
+
+use super::util::*;
+
+const SMOKE_TRAIN: &str = "epochs: 1, max_train: 256, val_size: 128, train_batch: 64, adapter: \"cnn:8:2\"";
+
+fn spec(name: &str, grid: &str) -> String {
+    format!(
+        "name: {name}
+seed: 5
+data:
+  dataset: cifar10
+  root: {data}
+backbones:
+  r20:
+    arch: resnet20
+    weights: {weights}
+    normalize: {{mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}}
+certify: {{n0: 10, n: 100, batch: 110, skip: 2000}}
+grid:
+{grid}",
+        data = shared_data().join("cifar10-jpeg").display(),
+        weights = resnet20_weights().display(),
+    )
+}
+
+fn status(dir: &Dir, db: &str) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", db]))).unwrap();
+    v[0]["jobs"].as_array().unwrap().clone()
+}
+
+#[test]
+fn caf_smoke_studies_run_end_to_end_and_fused_equals_separate() {
+    let dir = Dir::new();
+    let before = caf::util::sha256_file(&resnet20_weights()).unwrap();
+    dir.write(
+        "all.yaml",
+        &spec(
+            "smoke-all",
+            &format!(
+                "  params: {{backbone: r20}}
+  axes:
+    method: [smooth, caf, caf-ensemble]
+  methods:
+    smooth: {{params: {{sigma: 0.25}}}}
+    caf:
+      params: {{sigma: 0.25, {SMOKE_TRAIN}, rs_epochs: 1, rs_max_train: 64, rs_val_size: 64, rs_train_batch: 32}}
+      axes: {{base: [clean, rs]}}
+    caf-ensemble:
+      params: {{sigmas: [0.25, 0.5], {SMOKE_TRAIN}}}
+"
+            ),
+        ),
+    );
+    ok(&dir.run(&["run", "all.yaml", "--db", "a.db", "--artifacts", "art"]));
+    let jobs = status(&dir, "a.db");
+    let kinds = |k: &str| jobs.iter().filter(|j| j["kind"] == k).count();
+    // train-caf: clean σ=0.25 (shared by caf and the ensemble), rs-based σ=0.25, clean σ=0.5.
+    assert_eq!(kinds("train-caf"), 3, "{jobs:#?}");
+    assert_eq!(kinds("train-rs"), 1);
+    // smooth, caf clean, caf rs, and the 2×2 ensemble matrix whose (0.25, 0.25) cell is the caf job.
+    assert_eq!(kinds("certify"), 6);
+    assert!(kinds("certify-fused") >= 1, "adapters sharing a backbone and σ are certified together");
+    for j in &jobs {
+        assert_eq!(j["state"], "done", "{j}");
+        if j["kind"].as_str().unwrap().starts_with("train") {
+            let w = &j["weights"];
+            let path = std::path::Path::new(w["path"].as_str().unwrap());
+            assert_eq!(caf::util::sha256_file(path).unwrap(), w["sha256"].as_str().unwrap(), "artifact hash of {j}");
+        }
+        if j["kind"] == "certify" {
+            assert_eq!(j["progress_done"], 5, "{j}");
+        }
+    }
+    assert_eq!(caf::util::sha256_file(&resnet20_weights()).unwrap(), before, "the backbone file changed");
+    let all = ok(&dir.run(&["export", "--db", "a.db"]));
+    assert_eq!(all.lines().count(), 1 + 6 * 5);
+
+    // The caf cell alone, unfused, in a fresh database: same job id, same rows.
+    dir.write(
+        "one.yaml",
+        &spec("smoke-one", &format!("  params: {{backbone: r20, method: caf, sigma: 0.25, {SMOKE_TRAIN}}}\n")),
+    );
+    ok(&dir.run(&["run", "one.yaml", "--db", "b.db", "--artifacts", "art-b"]));
+    let alone = ok(&dir.run(&["export", "--db", "b.db"]));
+    let mut lines = alone.lines();
+    lines.next();
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 5);
+    for r in rows {
+        assert!(all.lines().any(|l| l == r), "fused run lacks {r}");
+    }
+}
+
+#[test]
+fn a_training_job_killed_with_kill_9_resumes_to_the_same_weights() {
+    let dir = Dir::new();
+    let grid = "  params: {backbone: r20, method: caf, sigma: 0.5, epochs: 2, max_train: 1024, val_size: 128, train_batch: 64, checkpoint_every: 3, adapter: \"cnn:8:2\"}\n";
+    dir.write("t.yaml", &spec("smoke-kill", grid));
+    ok(&dir.run(&["run", "t.yaml", "--db", "ref.db", "--artifacts", "ref"]));
+    let weights = |db: &str| {
+        status(&dir, db)
+            .into_iter()
+            .find(|j| j["kind"] == "train-caf")
+            .map(|j| j["weights"]["sha256"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    let want = weights("ref.db");
+    assert_eq!(want.len(), 64);
+
+    let mut child = dir.spawn(&["run", "t.yaml", "--db", "k.db", "--artifacts", "k"]);
+    let checkpointed = wait_until(Duration::from_secs(300), || {
+        std::fs::read_dir(dir.join("k")).into_iter().flatten().flatten().any(|e| e.path().join("train/checkpoint.json").exists())
+    });
+    assert!(checkpointed, "no checkpoint was written");
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+    let resumed = dir.run(&["run", "t.yaml", "--db", "k.db", "--artifacts", "k"]);
+    ok(&resumed);
+    assert!(text(&resumed.stderr).contains("resuming training from the checkpoint"), "{}", text(&resumed.stderr));
+    assert_eq!(weights("k.db"), want, "resumed training ended with other weights");
+}
