@@ -47,7 +47,11 @@ pub fn main() -> i32 {
                 }
                 return exit.code;
             }
-            if err.downcast_ref::<caf::spec::SpecError>().is_some() {
+            // Bad input files (spec, weights, dataset) are usage errors, like bad flags.
+            if err.downcast_ref::<caf::spec::SpecError>().is_some()
+                || err.downcast_ref::<caf::data::DataError>().is_some()
+                || err.downcast_ref::<caf::models::ModelError>().is_some()
+            {
                 eprintln!("error: {err:#}");
                 return 2;
             }

@@ -141,3 +141,68 @@ fn certified_radii_of_a_linear_model_never_exceed_the_exact_radius() {
         "too few certified images to test anything:\n{tsv}"
     );
 }
+
+#[test]
+fn damaged_data_and_weights_files_are_named_in_a_usage_error() {
+    let dir = Dir::new();
+    std::fs::create_dir_all(dir.join("data/cifar-10-batches-bin")).unwrap();
+    let good =
+        std::fs::read(shared_data().join("cifar10-exact100/cifar-10-batches-bin/test_batch.bin"))
+            .unwrap();
+    std::fs::write(
+        dir.join("data/cifar-10-batches-bin/test_batch.bin"),
+        &good[..5000],
+    )
+    .unwrap();
+    let w = resnet20_weights();
+    let out = dir.run(&[
+        "eval",
+        "--arch",
+        "resnet20",
+        "--weights",
+        w.to_str().unwrap(),
+        "--data-root",
+        "data",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("test_batch.bin") && err.contains("1927 extra bytes"),
+        "{err}"
+    );
+
+    dir.write("garbage.th", "definitely not a checkpoint");
+    let root = shared_data().join("cifar10-exact100");
+    let out = dir.run(&[
+        "eval",
+        "--arch",
+        "resnet20",
+        "--weights",
+        "garbage.th",
+        "--data-root",
+        root.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("garbage.th"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Weights of another depth: the error lists what does not fit.
+    let out = dir.run(&[
+        "eval",
+        "--arch",
+        "resnet56",
+        "--weights",
+        w.to_str().unwrap(),
+        "--data-root",
+        root.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("missing: layer1.3"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::util::*;
 
-const SMOKE_TRAIN: &str = "epochs: 1, max_train: 256, val_size: 128, train_batch: 64, adapter: \"cnn:8:2\"";
+const SMOKE_TRAIN: &str =
+    "epochs: 1, max_train: 256, val_size: 128, train_batch: 64, adapter: \"cnn:8:2\"";
 
 fn spec(name: &str, grid: &str) -> String {
     format!(
@@ -28,7 +29,8 @@ grid:
 }
 
 fn status(dir: &Dir, db: &str) -> Vec<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", db]))).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", db]))).unwrap();
     v[0]["jobs"].as_array().unwrap().clone()
 }
 
@@ -63,26 +65,40 @@ fn caf_smoke_studies_run_end_to_end_and_fused_equals_separate() {
     assert_eq!(kinds("train-rs"), 1);
     // smooth, caf clean, caf rs, and the 2×2 ensemble matrix whose (0.25, 0.25) cell is the caf job.
     assert_eq!(kinds("certify"), 6);
-    assert!(kinds("certify-fused") >= 1, "adapters sharing a backbone and σ are certified together");
+    assert!(
+        kinds("certify-fused") >= 1,
+        "adapters sharing a backbone and σ are certified together"
+    );
     for j in &jobs {
         assert_eq!(j["state"], "done", "{j}");
         if j["kind"].as_str().unwrap().starts_with("train") {
             let w = &j["weights"];
             let path = std::path::Path::new(w["path"].as_str().unwrap());
-            assert_eq!(caf::util::sha256_file(path).unwrap(), w["sha256"].as_str().unwrap(), "artifact hash of {j}");
+            assert_eq!(
+                caf::util::sha256_file(path).unwrap(),
+                w["sha256"].as_str().unwrap(),
+                "artifact hash of {j}"
+            );
         }
         if j["kind"] == "certify" {
             assert_eq!(j["progress_done"], 5, "{j}");
         }
     }
-    assert_eq!(caf::util::sha256_file(&resnet20_weights()).unwrap(), before, "the backbone file changed");
+    assert_eq!(
+        caf::util::sha256_file(&resnet20_weights()).unwrap(),
+        before,
+        "the backbone file changed"
+    );
     let all = ok(&dir.run(&["export", "--db", "a.db"]));
     assert_eq!(all.lines().count(), 1 + 6 * 5);
 
     // The caf cell alone, unfused, in a fresh database: same job id, same rows.
     dir.write(
         "one.yaml",
-        &spec("smoke-one", &format!("  params: {{backbone: r20, method: caf, sigma: 0.25, {SMOKE_TRAIN}}}\n")),
+        &spec(
+            "smoke-one",
+            &format!("  params: {{backbone: r20, method: caf, sigma: 0.25, {SMOKE_TRAIN}}}\n"),
+        ),
     );
     ok(&dir.run(&["run", "one.yaml", "--db", "b.db", "--artifacts", "art-b"]));
     let alone = ok(&dir.run(&["export", "--db", "b.db"]));
@@ -105,7 +121,12 @@ fn a_training_job_killed_with_kill_9_resumes_to_the_same_weights() {
         status(&dir, db)
             .into_iter()
             .find(|j| j["kind"] == "train-caf")
-            .map(|j| j["weights"]["sha256"].as_str().unwrap_or_default().to_string())
+            .map(|j| {
+                j["weights"]["sha256"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
             .unwrap_or_default()
     };
     let want = weights("ref.db");
@@ -113,13 +134,25 @@ fn a_training_job_killed_with_kill_9_resumes_to_the_same_weights() {
 
     let mut child = dir.spawn(&["run", "t.yaml", "--db", "k.db", "--artifacts", "k"]);
     let checkpointed = wait_until(Duration::from_secs(300), || {
-        std::fs::read_dir(dir.join("k")).into_iter().flatten().flatten().any(|e| e.path().join("train/checkpoint.json").exists())
+        std::fs::read_dir(dir.join("k"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("train/checkpoint.json").exists())
     });
     assert!(checkpointed, "no checkpoint was written");
     child.kill().expect("kill -9");
     child.wait().unwrap();
     let resumed = dir.run(&["run", "t.yaml", "--db", "k.db", "--artifacts", "k"]);
     ok(&resumed);
-    assert!(text(&resumed.stderr).contains("resuming training from the checkpoint"), "{}", text(&resumed.stderr));
-    assert_eq!(weights("k.db"), want, "resumed training ended with other weights");
+    assert!(
+        text(&resumed.stderr).contains("resuming training from the checkpoint"),
+        "{}",
+        text(&resumed.stderr)
+    );
+    assert_eq!(
+        weights("k.db"),
+        want,
+        "resumed training ended with other weights"
+    );
 }
