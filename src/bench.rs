@@ -65,7 +65,17 @@ pub fn bench_forward(
         Ok(())
     };
 
-    let run_for = |budget: f64| -> candle_core::Result<f64> {
+    measure(step, batch, seconds)
+}
+
+/// Warm-up of `seconds / 10`, then [`WINDOWS`] windows of `seconds / WINDOWS`, each at least one
+/// call of `step` (which processes `batch` images); the median window is the figure.
+fn measure(
+    mut step: impl FnMut() -> candle_core::Result<()>,
+    batch: usize,
+    seconds: f64,
+) -> candle_core::Result<BenchReport> {
+    let mut run_for = |budget: f64| -> candle_core::Result<f64> {
         let start = Instant::now();
         let mut batches = 0usize;
         loop {
@@ -88,6 +98,49 @@ pub fn bench_forward(
         batch,
         threads: rayon::current_num_threads(),
     })
+}
+
+/// Throughput of one training step as the training loop runs it: a batch of noisy images
+/// (σ), forward in train mode, cross-entropy on logits, backward, optimizer update of
+/// `trainable` only. Images and labels are fixed pseudo-random data: their content does not
+/// change the work.
+pub fn bench_train_step(
+    model: &dyn candle_nn::ModuleT,
+    trainable: Vec<candle_core::Var>,
+    optimizer: crate::methods::train::OptimizerConfig,
+    batch: usize,
+    seconds: f64,
+    sigma: f32,
+    device: &Device,
+) -> candle_core::Result<BenchReport> {
+    if batch < 2 {
+        candle_core::bail!("train-step batch must be at least 2 (BatchNorm)");
+    }
+    if !(seconds.is_finite() && seconds > 0.0) {
+        candle_core::bail!("bench seconds must be positive, got {seconds}");
+    }
+    let lr = optimizer.lr();
+    let mut opt = crate::methods::train::Optimizer::new(optimizer, trainable)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let n = batch * crate::data::IMAGE_BYTES;
+    let pixels: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+    let images = Tensor::from_vec(pixels, (batch, 3, 32, 32), device)?;
+    let labels: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
+    let labels = Tensor::from_vec(labels, batch, device)?;
+    let step = || -> candle_core::Result<()> {
+        let noise = Tensor::randn(
+            0f32,
+            sigma.max(f32::MIN_POSITIVE),
+            (batch, 3, 32, 32),
+            device,
+        )?;
+        let x = (&images + noise)?;
+        let logits = model.forward_t(&x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, lr)
+    };
+    measure(step, batch, seconds)
 }
 
 fn median(xs: &[f64]) -> f64 {

@@ -194,6 +194,38 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Noisy forward pass + argmax in eval mode: the certification inner loop.
     Forward(BenchForwardArgs),
+    /// One training step (noisy batch, forward, cross-entropy, backward, optimizer update).
+    TrainStep(BenchTrainArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum BenchMethod {
+    /// Adapter + head trained on a frozen backbone (Adam).
+    Caf,
+    /// The whole network trained (SGD).
+    Rs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[arg(long, value_enum)]
+    pub method: BenchMethod,
+    #[arg(long, default_value = "resnet20")]
+    pub arch: String,
+    /// Backbone weights (default: the akamaster file of the arch under ../shared/data/pretrained).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Adapter for `--method caf` (`default`, `resnet18:W`, `cnn:W:D`, …).
+    #[arg(long, default_value = "default")]
+    pub adapter: String,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 20.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = 0.25)]
+    pub sigma: f32,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -400,6 +400,7 @@ fn eval(a: EvalArgs) -> Result<i32> {
 fn bench(a: BenchArgs) -> Result<i32> {
     match a.what {
         BenchWhat::Forward(f) => bench_forward(f),
+        BenchWhat::TrainStep(t) => bench_train_step(t),
     }
 }
 
@@ -443,6 +444,81 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
     let report = caf::bench::bench_forward(model.as_ref(), f.batch, f.seconds, f.sigma, &device)?;
     println!("images/s: {:.1}", report.images_per_sec_median);
     if f.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(0)
+}
+
+fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
+    use caf::methods::train::OptimizerConfig;
+    let usage = |m: String| Exit {
+        code: 2,
+        message: Some(m),
+    };
+    let arch: Arch = t
+        .arch
+        .parse()
+        .map_err(|e: models::ModelError| usage(e.to_string()))?;
+    let Arch::CifarResNet { depth } = arch else {
+        bail!(usage(format!(
+            "train-step needs a CIFAR ResNet, not {arch}"
+        )));
+    };
+    let weights = match t.weights.clone().or_else(|| default_weights(arch)) {
+        Some(w) => w,
+        None => bail!(usage(format!(
+            "no default weights for {arch}: pass --weights"
+        ))),
+    };
+    if !t.seconds.is_finite() || t.seconds <= 0.0 {
+        bail!(usage("--seconds must be positive".into()));
+    }
+    let device = candle_core::Device::Cpu;
+    let normalize = Normalize {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+    let varmap = candle_nn::VarMap::new();
+    let report = match t.method {
+        BenchMethod::Caf => {
+            let adapter: models::AdapterArch = t
+                .adapter
+                .parse()
+                .map_err(|e: models::ModelError| usage(e.to_string()))?;
+            let phi = models::load_cifar_resnet(depth, &weights, normalize, &device)?.detached()?;
+            let (model, vars) =
+                models::caf::build_caf_seeded(phi, &adapter, 10, &varmap, &device, 0)?;
+            caf::bench::bench_train_step(
+                &model,
+                vars,
+                OptimizerConfig::adam(1e-3),
+                t.batch,
+                t.seconds,
+                t.sigma,
+                &device,
+            )?
+        }
+        BenchMethod::Rs => {
+            let init = models::load_state_dict(&weights, &device)?;
+            let (model, vars) = models::build_trainable_resnet(
+                depth,
+                10,
+                normalize,
+                &varmap,
+                &device,
+                Some(&init),
+            )?;
+            let sgd = OptimizerConfig::Sgd {
+                lr: 0.01,
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 1e-4,
+            };
+            caf::bench::bench_train_step(&model, vars, sgd, t.batch, t.seconds, t.sigma, &device)?
+        }
+    };
+    println!("images/s: {:.1}", report.images_per_sec_median);
+    if t.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(0)
