@@ -50,7 +50,27 @@ impl SqliteStore {
         Self::connect(opts, ":memory:").await
     }
 
+    /// Opens and migrates, retrying while another process is creating or migrating the same
+    /// file: SQLite answers "database is locked" to a journal-mode switch or a schema change
+    /// that races another one, without waiting on the busy timeout, and sqlx takes no lock
+    /// around SQLite migrations. A retry then finds the schema in place.
     async fn connect(opts: SqliteConnectOptions, shown: &str) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut wait = Duration::from_millis(20);
+        loop {
+            match Self::connect_once(opts.clone(), shown).await {
+                Ok(store) => return Ok(store),
+                Err(e) if std::time::Instant::now() < deadline && is_contention(&e) => {
+                    tracing::debug!("opening {shown} raced another process ({e}); retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn connect_once(opts: SqliteConnectOptions, shown: &str) -> Result<Self, StoreError> {
         let memory = shown == ":memory:";
         let pool = SqlitePoolOptions::new()
             // An in-memory database exists once per connection: keep exactly one.
@@ -83,6 +103,17 @@ impl SqliteStore {
             .await
             .ctx("reading the study's spec revision")
     }
+}
+
+/// Errors that mean another process holds the file or is applying the same migration.
+fn is_contention(e: &StoreError) -> bool {
+    let text = match e {
+        StoreError::Open { source, .. } => source.to_string(),
+        StoreError::Migrate(m) => m.to_string(),
+        _ => return false,
+    };
+    let text = text.to_lowercase();
+    text.contains("locked") || text.contains("busy") || text.contains("already exists")
 }
 
 fn job_status_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobStatus, StoreError> {

@@ -281,3 +281,32 @@ async fn two_stores_on_one_file_never_claim_the_same_job() {
     assert_eq!(a.len() + b.len(), 40);
     assert_eq!(all.len(), 40);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_processes_can_create_the_same_database_at_once() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh.db");
+        let opens: Vec<_> = (0..6)
+            .map(|_| {
+                let p = path.clone();
+                tokio::spawn(async move { SqliteStore::open(&p).await.map(|_| ()) })
+            })
+            .collect();
+        for o in opens {
+            o.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        let s = SqliteStore::open(&path).await.unwrap();
+        let study = s
+            .register_plan(&plan("p", vec![job("a", &[])]))
+            .await
+            .unwrap();
+        assert!(s
+            .claim(study, &w("w"), &["test"], LEASE)
+            .await
+            .unwrap()
+            .is_some());
+    }
+}
