@@ -344,6 +344,14 @@ impl Run<'_> {
         if let Some(e) = best_epoch {
             meta.insert("caf.train.best_epoch".into(), e.to_string());
         }
+        // safetensors writes metadata in HashMap order, which differs between processes; one
+        // key holding sorted JSON keeps the file's bytes (and so its SHA-256, which the store
+        // records and later jobs check) a function of the weights alone.
+        let sorted: std::collections::BTreeMap<String, String> = meta.into_iter().collect();
+        let meta = HashMap::from([(
+            "caf.train".to_string(),
+            serde_json::to_string(&sorted).unwrap_or_default(),
+        )]);
         let bytes = checkpoint::to_safetensors(&selected, meta)?;
         let weights = self.dir.join(FINAL_WEIGHTS);
         checkpoint::write_atomic(&weights, &bytes)?;
