@@ -20,7 +20,6 @@ use crate::certify::{ClassifierSet, NoiseKey, Settings, Smooth};
 use crate::models::{CafModel, CifarResNet};
 use crate::plan::{Job, JobBuilder, JobId};
 use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
-use crate::store::CertRow;
 
 pub const KIND: &str = "certify-fused";
 pub const VERSION: u32 = 1;
@@ -241,23 +240,9 @@ impl JobHandler for FusedHandler {
                 if d.contains(&(idx as u64)) {
                     continue;
                 }
-                let predict = cert.predict.map_or(-1, i64::from);
                 sink.record_cert_for(
                     &m.job,
-                    &CertRow {
-                        idx: idx as u64,
-                        label,
-                        predict,
-                        radius: cert.radius,
-                        correct: predict == label as i64,
-                        c_hat: cert.c_hat,
-                        n_a: cert.n_a,
-                        n: cert.n,
-                        n0: settings.n0,
-                        alpha: settings.alpha,
-                        sigma: p.sigma,
-                        seconds,
-                    },
+                    &smooth::cert_row(idx, label, &cert, &settings, p.sigma, seconds),
                 )?;
             }
             finished += 1;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{self, DataRef, Slice};
 use super::source::ModelSource;
-use crate::certify::{NoiseKey, Settings, Smooth};
+use crate::certify::{Certificate, NoiseKey, Settings, Smooth};
 use crate::data::ImageSet;
 use crate::models::Classifier;
 use crate::plan::{Job, JobBuilder, PlanContext};
@@ -228,23 +228,42 @@ pub fn certify_slice(
                 settings,
             )
             .map_err(|e| JobError::retryable(format!("image {idx}: {e}")))?;
-        let predict = cert.predict.map_or(-1, i64::from);
-        emit(CertRow {
-            idx: idx as u64,
+        emit(cert_row(
+            idx,
             label,
-            predict,
-            radius: cert.radius,
-            correct: predict == label as i64,
-            c_hat: cert.c_hat,
-            n_a: cert.n_a,
-            n: cert.n,
-            n0: settings.n0,
-            alpha: settings.alpha,
+            &cert,
+            settings,
             sigma,
-            seconds: start.elapsed().as_secs_f64(),
-        })?;
+            start.elapsed().as_secs_f64(),
+        ))?;
     }
     Ok(SliceEnd::Finished)
+}
+
+/// The stored row of one certificate: Cohen's columns plus what recomputing it needs.
+pub fn cert_row(
+    idx: usize,
+    label: u32,
+    cert: &Certificate,
+    settings: &Settings,
+    sigma: f64,
+    seconds: f64,
+) -> CertRow {
+    let predict = cert.predict.map_or(-1, i64::from);
+    CertRow {
+        idx: idx as u64,
+        label,
+        predict,
+        radius: cert.radius,
+        correct: predict == label as i64,
+        c_hat: cert.c_hat,
+        n_a: cert.n_a,
+        n: cert.n,
+        n0: settings.n0,
+        alpha: settings.alpha,
+        sigma,
+        seconds,
+    }
 }
 
 /// Runs `certify` jobs.
