@@ -58,6 +58,8 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 use rayon::prelude::*;
 
+use super::fast::gemm_accumulate;
+
 use super::resnet::{check_input, InputNorm};
 use super::{ModelError, Normalize};
 
@@ -827,41 +829,6 @@ impl FastConv {
             }
         }
         gemm_accumulate(self.c_out, n, kdim, &self.weight, cols, out);
-    }
-}
-
-/// `c[m×n] += a[m×k] · b[k×n]`, all row-major and dense.
-fn gemm_accumulate(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "gemm operand sizes"
-    );
-    // SAFETY: the assert bounds every element gemm reads or writes: a is m rows of stride k,
-    // b is k rows of stride n, c is m rows of stride n, all with column stride 1. The slices
-    // are distinct borrows, so c does not alias a or b.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            // Parallelism is across images, one per rayon task.
-            gemm::Parallelism::None,
-        )
     }
 }
 

@@ -85,8 +85,8 @@ impl FoldedConv {
     }
 }
 
-/// `c[m×n] += a[m×k] · b[k×n]`, all row-major and dense.
-fn gemm_accumulate(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+/// `c[m×n] += a[m×k] · b[k×n]`, all row-major and dense (shared with the adapters' eval path).
+pub(crate) fn gemm_accumulate(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
     assert!(
         a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
         "gemm operand sizes"
