@@ -436,12 +436,13 @@ impl ConvBn {
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            return self.bn.forward_t(&self.conv.forward(x)?, true);
+            let y = super::conv::conv2d(x, self.conv.weight(), self.k / 2, self.stride)?;
+            return self.bn.forward_t(&y, true);
         }
         // Folding BN saves three passes over the activations; gradients still reach the
         // weights through it.
         let (w, shift) = self.folded()?;
-        let y = x.conv2d(&w, self.k / 2, self.stride, 1, 1)?;
+        let y = super::conv::conv2d(x, &w, self.k / 2, self.stride)?;
         y.broadcast_add(&shift.reshape((1, shift.dim(0)?, 1, 1))?)
     }
 

@@ -16,6 +16,7 @@
 
 pub mod adapter;
 pub mod caf;
+pub mod conv;
 mod fast;
 pub mod init;
 mod linear;

@@ -106,10 +106,11 @@ impl ConvBn {
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            return self.bn.forward_t(&self.conv.forward(x)?, true);
+            let y = super::conv::conv2d(x, self.conv.weight(), 1, self.stride)?;
+            return self.bn.forward_t(&y, true);
         }
         let (w, shift) = self.folded()?;
-        let y = x.conv2d(&w, 1, self.stride, 1, 1)?;
+        let y = super::conv::conv2d(x, &w, 1, self.stride)?;
         y.broadcast_add(&shift.reshape((1, shift.dim(0)?, 1, 1))?)
     }
 

@@ -1,0 +1,520 @@
+//! A differentiable CPU convolution for training: im2col + GEMM forward, and a backward pass
+//! that is two more GEMMs (weight and input gradients), registered with candle's autograd as a
+//! [`CustomOp2`].
+//!
+//! Why: candle 0.11's CPU `conv2d` backward computes the input gradient with a naive
+//! `conv_transpose2d` and the weight gradient with a convolution over the batch dimension;
+//! profiling the CAF training step showed those two loops taking over half of the step. Here
+//! each image's convolution is one GEMM over its im2col matrix, images run in parallel (rayon),
+//! and the weight gradient is summed over fixed chunks of the batch in a fixed order, so the
+//! result does not depend on how rayon schedules the work (bitwise-reproducible training with
+//! the same thread count, which the resume test relies on).
+//!
+//! Frozen operands cost nothing in the backward pass: the weight gradient is computed only when
+//! the weight is tracked by autograd, the input gradient only when the input is (a network's
+//! first layer reads data, so it never needs one; a frozen classifier behind a denoiser needs
+//! only input gradients).
+//!
+//! Other devices and dtypes fall back to candle's own `conv2d`.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Images per partial weight gradient. Fixed (not derived from the thread count) so the
+/// summation order, hence the rounding, is the same on every run.
+const WGRAD_CHUNK: usize = 8;
+
+/// `conv2d(x, w)` with square kernel, zero padding `pad` and stride `stride`, no bias;
+/// x is [N, C_in, H, W], w is [C_out, C_in, K, K].
+pub fn conv2d(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> Result<Tensor> {
+    let cpu_f32 = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32;
+    if !cpu_f32 || w.dtype() != DType::F32 {
+        return x.conv2d(w, pad, stride, 1, 1);
+    }
+    let (_, c_in, h, wd) = x.dims4()?;
+    let (_, wc_in, k, k2) = w.dims4()?;
+    if wc_in != c_in || k != k2 || stride == 0 {
+        candle_core::bail!(
+            "conv2d: input {:?} and weight {:?} (stride {stride}) do not match",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let geom = Geom {
+        c_in,
+        h,
+        w: wd,
+        k,
+        pad,
+        stride,
+    };
+    if h + 2 * pad < k || wd + 2 * pad < k {
+        candle_core::bail!("conv2d: kernel {k} larger than the padded input {h}×{wd}");
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dOp { geom })
+}
+
+/// The shape of one convolution, enough to map between an image and its im2col matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geom {
+    c_in: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    pad: usize,
+    stride: usize,
+}
+
+impl Geom {
+    fn out_hw(&self) -> (usize, usize) {
+        (
+            (self.h + 2 * self.pad - self.k) / self.stride + 1,
+            (self.w + 2 * self.pad - self.k) / self.stride + 1,
+        )
+    }
+
+    fn plane_out(&self) -> usize {
+        let (ho, wo) = self.out_hw();
+        ho * wo
+    }
+
+    /// Rows of the im2col matrix (its columns are the output pixels).
+    fn rows(&self) -> usize {
+        self.c_in * self.k * self.k
+    }
+
+    fn image_len(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    /// Visits, for every im2col row r (channel c, kernel offset) and output row oy whose input
+    /// row iy lies inside the image, the output columns ox0..ox1 that read inside the image:
+    /// `f(r, oy, c, ox0..ox1, iy, ix0)` means col[r][oy][ox] = x[c][iy][ix0 + (ox−ox0)·s];
+    /// every other im2col entry is padding (zero).
+    fn for_each_span(
+        &self,
+        mut f: impl FnMut(usize, usize, usize, std::ops::Range<usize>, usize, usize),
+    ) {
+        let (ho, wo) = self.out_hw();
+        let (s, p) = (self.stride, self.pad);
+        for c in 0..self.c_in {
+            for ky in 0..self.k {
+                for kx in 0..self.k {
+                    let r = (c * self.k + ky) * self.k + kx;
+                    // Output columns ox with 0 ≤ ox·s + kx − p < w.
+                    let ox0 = p.saturating_sub(kx).div_ceil(s);
+                    let ox1 = ((self.w + p).saturating_sub(kx)).div_ceil(s).min(wo);
+                    if ox0 >= ox1 {
+                        continue;
+                    }
+                    let ix0 = ox0 * s + kx - p;
+                    for oy in 0..ho {
+                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < self.h)
+                        else {
+                            continue;
+                        };
+                        f(r, oy, c, ox0..ox1, iy, ix0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// col[rows × plane_out] ← the patches of one image x[c_in × h × w].
+    fn im2col(&self, x: &[f32], col: &mut [f32]) {
+        let (_, wo) = self.out_hw();
+        let plane = self.plane_out();
+        let s = self.stride;
+        col.fill(0.0);
+        self.for_each_span(|r, oy, c, ox, iy, ix0| {
+            let src = &x[(c * self.h + iy) * self.w..][..self.w];
+            let dst = &mut col[r * plane + oy * wo..][..wo];
+            if s == 1 {
+                dst[ox.clone()].copy_from_slice(&src[ix0..ix0 + ox.len()]);
+            } else {
+                for (j, d) in dst[ox].iter_mut().enumerate() {
+                    *d = src[ix0 + j * s];
+                }
+            }
+        });
+    }
+
+    /// x[c_in × h × w] += the patches col[rows × plane_out] scattered back (im2col's adjoint).
+    fn col2im(&self, col: &[f32], x: &mut [f32]) {
+        let (_, wo) = self.out_hw();
+        let plane = self.plane_out();
+        let s = self.stride;
+        self.for_each_span(|r, oy, c, ox, iy, ix0| {
+            let dst = &mut x[(c * self.h + iy) * self.w..][..self.w];
+            let src = &col[r * plane + oy * wo..][..wo];
+            if s == 1 {
+                for (d, v) in dst[ix0..ix0 + ox.len()].iter_mut().zip(&src[ox]) {
+                    *d += v;
+                }
+            } else {
+                for (j, v) in src[ox].iter().enumerate() {
+                    dst[ix0 + j * s] += v;
+                }
+            }
+        });
+    }
+}
+
+/// A row-major or transposed view of a dense matrix for [`gemm`]: `(data, row stride, col
+/// stride)`.
+type View<'a> = (&'a [f32], usize, usize);
+
+/// `c[m×n] (+)= a[m×k] · b[k×n]` with arbitrary strides on a and b (so transposes are free);
+/// c is dense row-major. `accumulate` keeps c's contents.
+fn gemm(m: usize, n: usize, k: usize, a: View, b: View, c: &mut [f32], accumulate: bool) {
+    let fits = |(data, rs, cs): View, rows: usize, cols: usize| {
+        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < data.len()
+    };
+    assert!(
+        fits(a, m, k) && fits(b, k, n) && c.len() >= m * n,
+        "gemm operand sizes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the assert bounds every element read: a's (i, l) at i·rs + l·cs for i < m,
+    // l < k, b's likewise, and c is m dense rows of n. c is a distinct &mut borrow, so it
+    // aliases neither a nor b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            // Parallelism is across images.
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("conv2d: {what} must be f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("conv2d: {what} must be contiguous"),
+    }
+}
+
+/// y = conv(x, w).
+struct Conv2dOp {
+    geom: Geom,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "caf-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom;
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let n_img = l1.dims()[0];
+        let c_out = l2.dims()[0];
+        let (ho, wo) = g.out_hw();
+        let plane = g.plane_out();
+        let mut y = vec![0f32; n_img * c_out * plane];
+        y.par_chunks_mut(c_out * plane)
+            .zip(x.par_chunks(g.image_len()))
+            .for_each_init(
+                || vec![0f32; g.rows() * plane],
+                |col, (yi, xi)| {
+                    g.im2col(xi, col);
+                    gemm(
+                        c_out,
+                        plane,
+                        g.rows(),
+                        (w, g.rows(), 1),
+                        (col, plane, 1),
+                        yi,
+                        false,
+                    );
+                },
+            );
+        Ok((CpuStorage::F32(y), Shape::from((n_img, c_out, ho, wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gy = grad_y.contiguous()?;
+        let gx = if x.track_op() {
+            Some(gy.apply_op2_no_bwd(w, &InputGradOp { geom: self.geom })?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&gy, &WeightGradOp { geom: self.geom })?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+/// ∂L/∂x from (∂L/∂y, w): per image, colᵍ = wᵀ·gy then col2im.
+struct InputGradOp {
+    geom: Geom,
+}
+
+impl CustomOp2 for InputGradOp {
+    fn name(&self) -> &'static str {
+        "caf-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom;
+        let gy = f32_slice(s1, l1, "output gradient")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let n_img = l1.dims()[0];
+        let c_out = l2.dims()[0];
+        let plane = g.plane_out();
+        let rows = g.rows();
+        let mut gx = vec![0f32; n_img * g.image_len()];
+        gx.par_chunks_mut(g.image_len())
+            .zip(gy.par_chunks(c_out * plane))
+            .for_each_init(
+                || vec![0f32; rows * plane],
+                |col, (gxi, gyi)| {
+                    // wᵀ is [rows × c_out]: element (r, o) at w[o·rows + r].
+                    gemm(
+                        rows,
+                        plane,
+                        c_out,
+                        (w, 1, rows),
+                        (gyi, plane, 1),
+                        col,
+                        false,
+                    );
+                    g.col2im(col, gxi);
+                },
+            );
+        Ok((CpuStorage::F32(gx), Shape::from((n_img, g.c_in, g.h, g.w))))
+    }
+}
+
+/// ∂L/∂w from (x, ∂L/∂y): Σ over images of gy·colᵀ, summed in fixed chunks.
+struct WeightGradOp {
+    geom: Geom,
+}
+
+impl CustomOp2 for WeightGradOp {
+    fn name(&self) -> &'static str {
+        "caf-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom;
+        let x = f32_slice(s1, l1, "input")?;
+        let gy = f32_slice(s2, l2, "output gradient")?;
+        let c_out = l2.dims()[1];
+        let plane = g.plane_out();
+        let rows = g.rows();
+        let img = g.image_len();
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(img * WGRAD_CHUNK)
+            .zip(gy.par_chunks(c_out * plane * WGRAD_CHUNK))
+            .map(|(xc, gyc)| {
+                let mut col = vec![0f32; rows * plane];
+                let mut gw = vec![0f32; c_out * rows];
+                for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
+                    g.im2col(xi, &mut col);
+                    // colᵀ is [plane × rows]: element (p, r) at col[r·plane + p].
+                    gemm(
+                        c_out,
+                        rows,
+                        plane,
+                        (gyi, plane, 1),
+                        (&col, 1, plane),
+                        &mut gw,
+                        true,
+                    );
+                }
+                gw
+            })
+            .collect();
+        let mut gw = vec![0f32; c_out * rows];
+        for part in &partials {
+            for (a, b) in gw.iter_mut().zip(part) {
+                *a += b;
+            }
+        }
+        Ok((CpuStorage::F32(gw), Shape::from((c_out, g.c_in, g.k, g.k))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn randn(seed: u64, shape: &[usize]) -> Tensor {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("shape matches the data")
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("same shapes")
+    }
+
+    /// Forward values and both gradients of L = Σ r ⊙ conv(x, w) against candle's conv2d and
+    /// its autograd, for every kernel/stride/padding combination caf's networks use and a few
+    /// they do not (odd sizes, padding wider than needed, kernel without padding).
+    #[test]
+    fn forward_and_gradients_match_candles_conv2d() {
+        let cases = [
+            // (n, c_in, h, w, c_out, k, pad, stride)
+            (3, 3, 8, 8, 4, 3, 1, 1),
+            (2, 4, 9, 7, 5, 3, 1, 2),
+            (2, 4, 8, 8, 6, 1, 0, 2),
+            (1, 2, 5, 6, 3, 1, 0, 1),
+            (2, 3, 7, 7, 2, 3, 0, 1),
+            // Sizes where candle's own backward (the reference) has no output padding to lose.
+            (2, 2, 5, 8, 3, 3, 2, 3),
+            (17, 5, 6, 6, 7, 3, 1, 1),
+        ];
+        for (i, &(n, c_in, h, wd, c_out, k, pad, stride)) in cases.iter().enumerate() {
+            let seed = 10 * i as u64;
+            let x = Var::from_tensor(&randn(seed, &[n, c_in, h, wd])).expect("var");
+            let w = Var::from_tensor(&randn(seed + 1, &[c_out, c_in, k, k])).expect("var");
+            let ours = conv2d(x.as_tensor(), w.as_tensor(), pad, stride).expect("ours");
+            let theirs = x
+                .as_tensor()
+                .conv2d(w.as_tensor(), pad, stride, 1, 1)
+                .expect("candle");
+            assert_eq!(ours.dims(), theirs.dims(), "case {i}");
+            assert!(max_abs_diff(&ours, &theirs) < 1e-4, "forward, case {i}");
+
+            let r = randn(seed + 2, ours.dims());
+            let g_ours = (&ours * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|l| l.backward());
+            let g_theirs = (&theirs * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|l| l.backward());
+            let (g_ours, g_theirs) = (g_ours.expect("backward"), g_theirs.expect("backward"));
+            for (name, v) in [("input", &x), ("weight", &w)] {
+                let a = g_ours.get(v.as_tensor()).expect("gradient");
+                let b = g_theirs.get(v.as_tensor()).expect("gradient");
+                let d = max_abs_diff(a, b);
+                assert!(d < 1e-4, "{name} gradient, case {i}: max |Δ| = {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_operands_get_no_gradient() {
+        // A constant weight (a frozen network) and a data input: only the tracked side gets a
+        // gradient, and the frozen weight is never written.
+        let x = Var::from_tensor(&randn(1, &[2, 3, 6, 6])).expect("var");
+        let w = randn(2, &[4, 3, 3, 3]);
+        let before = w
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("vec");
+        let y = conv2d(x.as_tensor(), &w, 1, 1).expect("conv");
+        let grads = y.sum_all().and_then(|l| l.backward()).expect("backward");
+        assert!(grads.get(x.as_tensor()).is_some());
+        assert!(grads.get(&w).is_none());
+        let after = w
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("vec");
+        assert_eq!(before, after);
+
+        let xd = randn(3, &[2, 3, 6, 6]);
+        let wv = Var::from_tensor(&randn(4, &[4, 3, 3, 3])).expect("var");
+        let y = conv2d(&xd, wv.as_tensor(), 1, 2).expect("conv");
+        let grads = y.sum_all().and_then(|l| l.backward()).expect("backward");
+        assert!(grads.get(wv.as_tensor()).is_some());
+        assert!(grads.get(&xd).is_none());
+    }
+
+    #[test]
+    fn weight_gradient_is_the_same_whatever_the_thread_count() {
+        let x = randn(5, &[37, 4, 8, 8]);
+        let w = Var::from_tensor(&randn(6, &[6, 4, 3, 3])).expect("var");
+        let grad = |threads: usize| -> Vec<f32> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            pool.install(|| {
+                let y = conv2d(&x, w.as_tensor(), 1, 1).expect("conv");
+                let g = y.sqr().and_then(|t| t.sum_all()).and_then(|l| l.backward());
+                let g = g.expect("backward");
+                let gw = g.get(w.as_tensor()).expect("gradient");
+                gw.flatten_all().and_then(|t| t.to_vec1()).expect("vec")
+            })
+        };
+        let one = grad(1);
+        assert_eq!(one, grad(3));
+        assert_eq!(one, grad(8));
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let x = randn(1, &[1, 3, 4, 4]);
+        assert!(conv2d(&x, &randn(2, &[2, 4, 3, 3]), 1, 1).is_err());
+        assert!(conv2d(&x, &randn(2, &[2, 3, 7, 7]), 0, 1).is_err());
+        assert!(conv2d(&x, &randn(2, &[2, 3, 3, 3]), 1, 0).is_err());
+    }
+}
