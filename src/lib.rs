@@ -14,6 +14,7 @@ pub mod data;
 pub mod methods;
 pub mod models;
 pub mod plan;
+pub mod report;
 pub mod sched;
 pub mod spec;
 pub mod store;

@@ -22,6 +22,11 @@ pub enum Command {
     Status(StatusArgs),
     /// Export per-image results of a study.
     Export(ExportArgs),
+    /// Write a study's report: curves, tables, comparisons, sensitivity, ensemble, training
+    /// curves, as PNG/SVG, Markdown/CSV/LaTeX and one self-contained index.html.
+    Report(ReportArgs),
+    /// Import external per-image results (e.g. a published certification log) into a study.
+    Import(ImportArgs),
     /// Certify a model once, outside any study (Cohen's certify.py).
     Certify(CertifyArgs),
     /// Clean accuracy of a model on a CIFAR-10 split.
@@ -89,6 +94,57 @@ pub enum ExportFormat {
     CohenTsv,
     /// Jobs with their parameters and per-image results.
     Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Study name (default: the only study in the database).
+    pub study: Option<String>,
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Output directory (created; files in it are replaced).
+    #[arg(long, default_value = "reports/latest")]
+    pub out: PathBuf,
+    /// Radii of the tables, comma-separated (default: the spec's `report.radii`).
+    #[arg(long, value_delimiter = ',')]
+    pub radii: Option<Vec<f64>>,
+    /// Method every other method is compared against (default: denoised if present, else
+    /// smooth).
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// Overlay two studies instead: each `STUDY` (in --db) or `PATH.db` (its only study) or
+    /// `PATH.db:STUDY`. The first is drawn solid, the second dashed.
+    #[arg(long, num_args = 2, value_names = ["A", "B"], conflicts_with = "study")]
+    pub compare: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ImportFormat {
+    /// Cohen et al.'s certify.py output: `idx label predict radius correct time`, tab-separated,
+    /// optionally with caf's extra `nA n` columns.
+    CohenTsv,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The file to import.
+    pub file: PathBuf,
+    #[arg(long, value_enum, default_value = "cohen-tsv")]
+    pub format: ImportFormat,
+    /// Method name the results stand for (e.g. `cohen2019-resnet110`).
+    #[arg(long)]
+    pub method: String,
+    /// σ the results were certified at (pixel units, images in [0,1]).
+    #[arg(long)]
+    pub sigma: f64,
+    /// Free text kept with the job (source, paper, commit).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Study to add the results to (created if missing).
+    #[arg(long, default_value = "imported")]
+    pub study: String,
+    #[command(flatten)]
+    pub db: DbArg,
 }
 
 #[derive(Debug, Args)]

@@ -27,6 +27,8 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Plan(a) => plan(a),
         Command::Status(a) => runtime()?.block_on(super::status::status(a)),
         Command::Export(a) => runtime()?.block_on(super::export::export(a)),
+        Command::Report(a) => runtime()?.block_on(super::report::report(a)),
+        Command::Import(a) => runtime()?.block_on(super::report::import(a)),
         Command::Certify(a) => certify(a),
         Command::Eval(a) => eval(a),
         Command::Bench(a) => bench(a),

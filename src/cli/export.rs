@@ -19,15 +19,19 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
-pub async fn export(a: ExportArgs) -> Result<i32> {
-    let store = open_existing_store(&a.db.db).await?;
-    let study: StudyInfo = match &a.study {
+/// The named study, or the only one in the database.
+pub(super) async fn pick_study(
+    store: &impl Store,
+    name: Option<&str>,
+    db: &Path,
+) -> Result<StudyInfo> {
+    Ok(match name {
         Some(name) => store.study_by_name(name).await?,
         None => {
             let mut all = store.studies().await?;
             match all.len() {
                 1 => all.remove(0),
-                0 => bail!(usage(format!("no studies in {}", a.db.db.display()))),
+                0 => bail!(usage(format!("no studies in {}", db.display()))),
                 _ => {
                     let names: Vec<String> = all.iter().map(|s| s.name.clone()).collect();
                     bail!(usage(format!(
@@ -37,7 +41,12 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
                 }
             }
         }
-    };
+    })
+}
+
+pub async fn export(a: ExportArgs) -> Result<i32> {
+    let store = open_existing_store(&a.db.db).await?;
+    let study = pick_study(&store, a.study.as_deref(), &a.db.db).await?;
     let jobs = store.study_jobs(study.id).await?;
     let mut rows = store.study_cert_results(study.id).await?;
     if let Some(prefix) = &a.job {

@@ -4,6 +4,7 @@
 mod args;
 mod commands;
 mod export;
+mod report;
 mod status;
 
 use std::io::IsTerminal;

@@ -93,6 +93,73 @@ pub struct StudyMeta {
 pub struct Plan {
     pub study: StudyMeta,
     pub jobs: Vec<Job>,
+    /// Which grid cell each result-producing job answers, for reports. A job is shared by every
+    /// cell (and study) that needs it, and its label is whatever the last plan called it, so
+    /// only this mapping says which method and hyperparameters a result stands for.
+    pub cells: Vec<CellRecord>,
+}
+
+/// One grid cell and the jobs whose results belong to it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CellRecord {
+    /// Position in the expanded grid.
+    pub cell: usize,
+    pub method: String,
+    /// The cell's parameters as the spec gave them (`method` included).
+    pub values: BTreeMap<String, serde_json::Value>,
+    pub outputs: Vec<CellOutput>,
+}
+
+/// A certification (or clean-accuracy) job of a cell.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CellOutput {
+    pub job: JobId,
+    pub kind: String,
+    /// The σ the job certifies at (`None` for clean accuracy).
+    pub sigma: Option<f64>,
+    /// The σ the certified model was trained at, when it was trained under noise (an ensemble
+    /// member certified at another σ has `trained_sigma != sigma`).
+    pub trained_sigma: Option<f64>,
+}
+
+/// Job kinds whose results a report shows.
+const RESULT_KINDS: &[&str] = &["certify", "eval"];
+
+impl CellRecord {
+    fn new(index: usize, cell: &Cell, method: String, jobs: &[Job]) -> Self {
+        let by_id: HashMap<&JobId, &Job> = jobs.iter().map(|j| (&j.id, j)).collect();
+        let outputs = jobs
+            .iter()
+            .filter(|j| RESULT_KINDS.contains(&j.kind.as_str()))
+            .map(|j| {
+                // The trained model is the certify job's `model.job` dependency, whose own
+                // params say the σ it was trained at.
+                let trained_sigma = j
+                    .params
+                    .pointer("/model/job")
+                    .and_then(|v| v.as_str())
+                    .and_then(|id| by_id.get(&JobId::new(id)))
+                    .and_then(|t| t.params.pointer("/train/sigma"))
+                    .and_then(|v| v.as_f64());
+                CellOutput {
+                    job: j.id.clone(),
+                    kind: j.kind.clone(),
+                    sigma: j.params.get("sigma").and_then(|v| v.as_f64()),
+                    trained_sigma,
+                }
+            })
+            .collect();
+        CellRecord {
+            cell: index,
+            method,
+            values: cell
+                .params
+                .iter()
+                .map(|(k, p)| (k.clone(), p.value.clone()))
+                .collect(),
+            outputs,
+        }
+    }
 }
 
 /// How a method turns one grid cell into jobs; implemented per method in [`crate::methods`].
@@ -141,8 +208,12 @@ impl Plan {
         let mut ctx = PlanContext::new(spec);
         let mut jobs: Vec<Job> = Vec::new();
         let mut seen: BTreeMap<JobId, usize> = BTreeMap::new();
-        for cell in &spec.cells {
-            for job in crate::methods::plan_cell(cell, &mut ctx)? {
+        let mut cells = Vec::with_capacity(spec.cells.len());
+        for (index, cell) in spec.cells.iter().enumerate() {
+            let planned = crate::methods::plan_cell(cell, &mut ctx)?;
+            let method = crate::methods::common::method_of(cell, &ctx)?;
+            cells.push(CellRecord::new(index, cell, method, &planned));
+            for job in planned {
                 if !seen.contains_key(&job.id) {
                     seen.insert(job.id.clone(), jobs.len());
                     jobs.push(job);
@@ -160,6 +231,7 @@ impl Plan {
                 spec_sha256: spec.sha256.clone(),
             },
             jobs,
+            cells,
         })
     }
 
@@ -170,6 +242,7 @@ impl Plan {
             "seed": self.study.seed,
             "spec_sha256": self.study.spec_sha256,
             "jobs": self.jobs,
+            "cells": self.cells,
         })
     }
 }

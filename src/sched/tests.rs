@@ -75,6 +75,7 @@ fn plan(jobs: Vec<Job>) -> Plan {
             spec_sha256: "rev1".into(),
         },
         jobs,
+        cells: Vec::new(),
     }
 }
 

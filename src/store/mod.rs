@@ -183,6 +183,20 @@ pub struct StudyInfo {
     pub spec_text: String,
 }
 
+/// One result job of one grid cell (see [`crate::plan::CellRecord`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct CellRow {
+    pub cell: usize,
+    pub job: JobId,
+    pub method: String,
+    pub kind: String,
+    pub sigma: Option<f64>,
+    pub trained_sigma: Option<f64>,
+    pub values: std::collections::BTreeMap<String, serde_json::Value>,
+    pub label: String,
+    pub state: JobState,
+}
+
 /// A stored artifact (a file a job produced), by content hash.
 #[derive(Clone, Debug, Serialize)]
 pub struct Artifact {
@@ -308,6 +322,22 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         study: StudyId,
     ) -> impl Future<Output = Result<Vec<JobStatus>, StoreError>> + Send;
+    /// Adds externally produced per-image results (a published certification log) to study
+    /// `study` (created if missing) as one finished job with its own cell, in a new revision
+    /// of the study that keeps everything else. Importing the same job again changes nothing.
+    fn import_results(
+        &self,
+        study: &str,
+        job: &crate::plan::Job,
+        cell: &crate::plan::CellRecord,
+        rows: &[CertRow],
+    ) -> impl Future<Output = Result<StudyId, StoreError>> + Send;
+    /// The grid cells of the study's current revision with their result jobs (empty for a
+    /// study last planned by a caf older than this table).
+    fn study_cells(
+        &self,
+        study: StudyId,
+    ) -> impl Future<Output = Result<Vec<CellRow>, StoreError>> + Send;
     /// Per-image certification results of the study's jobs, sorted by job id then idx.
     fn study_cert_results(
         &self,

@@ -12,6 +12,7 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, QueryBuilder, Row};
 
 use super::*;
+use crate::plan::{CellRecord, Job};
 use crate::util::now_unix;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -105,6 +106,46 @@ impl SqliteStore {
     }
 }
 
+/// Copies the jobs and cells of kind `import` from revision `prev` to `rev`, after the plan's
+/// own `n_jobs` jobs and `n_cells` cells.
+async fn carry_imports(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    study: i64,
+    prev: &str,
+    rev: &str,
+    n_jobs: usize,
+    n_cells: usize,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq)
+         SELECT sj.study_id, sj.job_id, ?, ? + sj.seq FROM study_jobs sj JOIN jobs j ON j.id = sj.job_id
+         WHERE sj.study_id = ? AND sj.spec_sha256 = ? AND j.kind = 'import'
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(rev)
+    .bind(n_jobs as i64)
+    .bind(study)
+    .bind(prev)
+    .execute(&mut **tx)
+    .await
+    .ctx("carrying imported jobs to the new revision")?;
+    sqlx::query(
+        "INSERT INTO study_cells (study_id, spec_sha256, cell, job_id, method, kind, sigma, trained_sigma, params)
+         SELECT study_id, ?, ? + cell, job_id, method, kind, sigma, trained_sigma, params FROM study_cells
+         WHERE study_id = ? AND spec_sha256 = ?
+           AND job_id IN (SELECT id FROM jobs WHERE kind = 'import')
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(rev)
+    .bind(n_cells as i64)
+    .bind(study)
+    .bind(prev)
+    .execute(&mut **tx)
+    .await
+    .ctx("carrying imported cells to the new revision")?;
+    Ok(())
+}
+
 /// Errors that mean another process holds the file or is applying the same migration.
 fn is_contention(e: &StoreError) -> bool {
     let text = match e {
@@ -178,6 +219,12 @@ impl Store for SqliteStore {
         let now = now_unix();
         let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
         let s = &plan.study;
+        let previous: Option<String> =
+            sqlx::query_scalar("SELECT spec_sha256 FROM studies WHERE name = ?")
+                .bind(&s.name)
+                .fetch_optional(&mut *tx)
+                .await
+                .ctx("reading the study's previous revision")?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO studies (name, spec_path, spec_text, spec_sha256, seed, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -241,6 +288,40 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .ctx("linking a job to the study")?;
+        }
+        for cell in &plan.cells {
+            let values = serde_json::to_string(&cell.values)
+                .map_err(|e| StoreError::Corrupt(format!("cell parameters as JSON: {e}")))?;
+            for out in &cell.outputs {
+                sqlx::query(
+                    "INSERT INTO study_cells (study_id, spec_sha256, cell, job_id, method, kind, sigma, trained_sigma, params)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                )
+                .bind(id)
+                .bind(&s.spec_sha256)
+                .bind(cell.cell as i64)
+                .bind(out.job.as_str())
+                .bind(&cell.method)
+                .bind(&out.kind)
+                .bind(out.sigma)
+                .bind(out.trained_sigma)
+                .bind(&values)
+                .execute(&mut *tx)
+                .await
+                .ctx("recording a grid cell")?;
+            }
+        }
+        if let Some(prev) = previous.filter(|p| *p != s.spec_sha256) {
+            // Imported results (`caf import`) are not in any spec: keep them in the study.
+            carry_imports(
+                &mut tx,
+                id,
+                &prev,
+                &s.spec_sha256,
+                plan.jobs.len(),
+                plan.cells.len(),
+            )
+            .await?;
         }
         tx.commit().await.ctx("committing the plan")?;
         Ok(StudyId(id))
@@ -716,6 +797,205 @@ impl Store for SqliteStore {
             .await
             .ctx("listing the study's jobs")?;
         rows.iter().map(job_status_from_row).collect()
+    }
+
+    async fn import_results(
+        &self,
+        study: &str,
+        job: &Job,
+        cell: &CellRecord,
+        rows: &[CertRow],
+    ) -> Result<StudyId, StoreError> {
+        let now = now_unix();
+        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        let existing: Option<(i64, String, String)> =
+            sqlx::query_as("SELECT id, spec_sha256, spec_text FROM studies WHERE name = ?")
+                .bind(study)
+                .fetch_optional(&mut *tx)
+                .await
+                .ctx("looking up the study")?;
+        let (id, prev, text) = match existing {
+            Some(e) => e,
+            None => {
+                let rev = crate::util::sha256_bytes(format!("import:{study}").as_bytes());
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO studies (name, spec_path, spec_text, spec_sha256, seed, created_at, updated_at)
+                     VALUES (?, '(imported)', '', ?, 0, ?, ?) RETURNING id",
+                )
+                .bind(study)
+                .bind(&rev)
+                .bind(now)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .ctx("creating the study")?;
+                (id, rev, String::new())
+            }
+        };
+        let already: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM study_jobs WHERE study_id = ? AND spec_sha256 = ? AND job_id = ?",
+        )
+        .bind(id)
+        .bind(&prev)
+        .bind(job.id.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .ctx("checking for an earlier import")?;
+        if already > 0 {
+            tx.commit().await.ctx("committing")?;
+            return Ok(StudyId(id));
+        }
+        let rev = crate::util::sha256_bytes(format!("{prev}+{}", job.id).as_bytes());
+        let text = format!("{text}# caf import: {}\n", job.label);
+        sqlx::query(
+            "UPDATE studies SET spec_sha256 = ?, spec_text = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&rev)
+        .bind(&text)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .ctx("recording the new revision")?;
+        sqlx::query(
+            "INSERT INTO study_revisions (study_id, spec_sha256, spec_text, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(&rev)
+        .bind(&text)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .ctx("recording the new revision")?;
+        for table in ["study_jobs", "study_cells"] {
+            let cols = if table == "study_jobs" {
+                "job_id, seq"
+            } else {
+                "cell, job_id, method, kind, sigma, trained_sigma, params"
+            };
+            let sql = format!(
+                "INSERT INTO {table} (study_id, spec_sha256, {cols})
+                 SELECT study_id, ?, {cols} FROM {table} WHERE study_id = ? AND spec_sha256 = ?"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(&rev)
+                .bind(id)
+                .bind(&prev)
+                .execute(&mut *tx)
+                .await
+                .ctx("carrying the study's jobs to the new revision")?;
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, label, params, status, progress_done, progress_total, result,
+                               created_at, started_at, finished_at)
+             VALUES (?, ?, ?, ?, 'done', ?, ?, '{}', ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(job.id.as_str())
+        .bind(&job.kind)
+        .bind(&job.label)
+        .bind(job.params.to_string())
+        .bind(rows.len() as i64)
+        .bind(rows.len() as i64)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .ctx("recording the imported job")?;
+        sqlx::query(
+            "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq)
+             VALUES (?, ?, ?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM study_jobs WHERE study_id = ? AND spec_sha256 = ?))",
+        )
+        .bind(id)
+        .bind(job.id.as_str())
+        .bind(&rev)
+        .bind(id)
+        .bind(&rev)
+        .execute(&mut *tx)
+        .await
+        .ctx("linking the imported job")?;
+        let values = serde_json::to_string(&cell.values)
+            .map_err(|e| StoreError::Corrupt(format!("cell parameters as JSON: {e}")))?;
+        for out in &cell.outputs {
+            sqlx::query(
+                "INSERT INTO study_cells (study_id, spec_sha256, cell, job_id, method, kind, sigma, trained_sigma, params)
+                 VALUES (?, ?, (SELECT COALESCE(MAX(cell), -1) + 1 FROM study_cells WHERE study_id = ? AND spec_sha256 = ?),
+                         ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(&rev)
+            .bind(id)
+            .bind(&rev)
+            .bind(out.job.as_str())
+            .bind(&cell.method)
+            .bind(&out.kind)
+            .bind(out.sigma)
+            .bind(out.trained_sigma)
+            .bind(&values)
+            .execute(&mut *tx)
+            .await
+            .ctx("recording the imported cell")?;
+        }
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, idx) DO NOTHING",
+            )
+            .bind(job.id.as_str())
+            .bind(r.idx as i64)
+            .bind(r.label as i64)
+            .bind(r.predict)
+            .bind(r.radius)
+            .bind(r.correct as i64)
+            .bind(r.c_hat as i64)
+            .bind(r.n_a as i64)
+            .bind(r.n as i64)
+            .bind(r.n0 as i64)
+            .bind(r.alpha)
+            .bind(r.sigma)
+            .bind(r.seconds)
+            .execute(&mut *tx)
+            .await
+            .ctx("recording an imported row")?;
+        }
+        tx.commit().await.ctx("committing the import")?;
+        Ok(StudyId(id))
+    }
+
+    async fn study_cells(&self, study: StudyId) -> Result<Vec<CellRow>, StoreError> {
+        let rev = self.current_revision(study).await?;
+        let rows = sqlx::query(
+            "SELECT c.cell, c.job_id, c.method, c.kind, c.sigma, c.trained_sigma, c.params, j.label, j.status
+             FROM study_cells c JOIN jobs j ON j.id = c.job_id
+             WHERE c.study_id = ? AND c.spec_sha256 = ? ORDER BY c.cell, c.job_id",
+        )
+        .bind(study.0)
+        .bind(rev)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading the study's grid cells")?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let g = |e: sqlx::Error| StoreError::Query {
+                context: "reading a grid cell",
+                source: e,
+            };
+            let params: String = r.try_get("params").map_err(g)?;
+            out.push(CellRow {
+                cell: r.try_get::<i64, _>("cell").map_err(g)? as usize,
+                job: JobId::new(r.try_get::<String, _>("job_id").map_err(g)?),
+                method: r.try_get("method").map_err(g)?,
+                kind: r.try_get("kind").map_err(g)?,
+                sigma: r.try_get("sigma").map_err(g)?,
+                trained_sigma: r.try_get("trained_sigma").map_err(g)?,
+                values: serde_json::from_str(&params)
+                    .map_err(|e| StoreError::Corrupt(format!("cell parameters JSON: {e}")))?,
+                label: r.try_get("label").map_err(g)?,
+                state: JobState::parse(&r.try_get::<String, _>("status").map_err(g)?)?,
+            });
+        }
+        Ok(out)
     }
 
     async fn study_cert_results(

@@ -1,6 +1,7 @@
 mod util;
 
 mod certify_cli;
+mod report_cli;
 mod resume;
 mod spec_cli;
 mod train;

@@ -92,6 +92,50 @@ fn caf_smoke_studies_run_end_to_end_and_fused_equals_separate() {
     let all = ok(&dir.run(&["export", "--db", "a.db"]));
     assert_eq!(all.lines().count(), 1 + 6 * 5);
 
+    // The report of the real study: every section, and tables that agree with the export.
+    ok(&dir.run(&["report", "--db", "a.db", "--out", "rep"]));
+    let html = std::fs::read_to_string(dir.join("rep/index.html")).unwrap();
+    for id in [
+        "curves",
+        "tables",
+        "compare",
+        "ensemble",
+        "training",
+        "reproducibility",
+    ] {
+        assert!(
+            html.contains(&format!("<section id=\"{id}\">")),
+            "section {id}"
+        );
+    }
+    let json: serde_json::Value = serde_json::from_str(&ok(
+        &dir.run(&["export", "--db", "a.db", "--format", "json"])
+    ))
+    .unwrap();
+    let acr_csv = std::fs::read_to_string(dir.join("rep/tables/acr.csv")).unwrap();
+    let exported = json["jobs"].as_array().expect("jobs");
+    let mut checked = 0;
+    for line in acr_csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let job = exported
+            .iter()
+            .find(|j| j["job"] == f[0])
+            .expect("job exported");
+        let rows: Vec<&serde_json::Value> =
+            job["results"].as_array().expect("results").iter().collect();
+        assert_eq!(rows.len().to_string(), f[4], "{line}");
+        let acr = rows
+            .iter()
+            .filter(|r| r["correct"] == true)
+            .map(|r| r["radius"].as_f64().unwrap())
+            .sum::<f64>()
+            / rows.len() as f64;
+        assert!((acr - f[3].parse::<f64>().unwrap()).abs() < 1e-12, "{line}");
+        checked += 1;
+    }
+    // smooth, caf clean, caf rs, and the ensemble's 2 × 2 matrix.
+    assert_eq!(checked, 7, "{acr_csv}");
+
     // The caf cell alone, unfused, in a fresh database: same job id, same rows.
     dir.write(
         "one.yaml",

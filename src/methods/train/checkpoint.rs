@@ -16,7 +16,6 @@
 //! fsynced, so each name always holds either the old or the new complete file.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -132,27 +131,9 @@ fn corrupt(path: &Path, message: impl Into<String>) -> TrainError {
     }
 }
 
-/// Writes `bytes` to `path` so that `path` always holds a complete file, old or new.
+/// [`crate::util::write_atomic`] with the training error type.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        // Data must be on disk before the rename makes it visible, or a crash could leave the
-        // new name pointing at an empty file.
-        f.sync_all().map_err(io_err(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(dir) = path.parent() {
-        // Persist the rename itself. Not every platform can open a directory for syncing;
-        // there the rename is as durable as the OS makes it.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::util::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 /// Serializes named tensors (moved to the host) with string metadata.

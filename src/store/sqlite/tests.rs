@@ -27,6 +27,7 @@ fn plan(name: &str, jobs: Vec<Job>) -> Plan {
             spec_sha256: crate::util::sha256_bytes(format!("{name}{}", jobs.len()).as_bytes()),
         },
         jobs,
+        cells: Vec::new(),
     }
 }
 
@@ -309,4 +310,93 @@ async fn many_processes_can_create_the_same_database_at_once() {
             .unwrap()
             .is_some());
     }
+}
+
+fn cert_row(idx: u64) -> CertRow {
+    CertRow {
+        idx,
+        label: 1,
+        predict: 1,
+        radius: 0.5,
+        correct: true,
+        c_hat: 1,
+        n_a: 0,
+        n: 0,
+        n0: 0,
+        alpha: 0.0,
+        sigma: 0.5,
+        seconds: 0.0,
+    }
+}
+
+fn cell(index: usize, method: &str, job: &Job, sigma: f64, kind: &str) -> crate::plan::CellRecord {
+    crate::plan::CellRecord {
+        cell: index,
+        method: method.into(),
+        values: [("method".to_string(), serde_json::json!(method))]
+            .into_iter()
+            .collect(),
+        outputs: vec![crate::plan::CellOutput {
+            job: job.id.clone(),
+            kind: kind.into(),
+            sigma: Some(sigma),
+            trained_sigma: Some(sigma),
+        }],
+    }
+}
+
+#[tokio::test]
+async fn cells_are_recorded_and_imports_survive_a_new_spec_revision() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let a = job("a", &[]);
+    let mut p = plan("p", vec![a.clone()]);
+    p.cells = vec![cell(0, "caf", &a, 0.25, "certify")];
+    let study = s.register_plan(&p).await.unwrap();
+    let cells = s.study_cells(study).await.unwrap();
+    assert_eq!(cells.len(), 1);
+    assert_eq!(
+        (
+            cells[0].method.as_str(),
+            cells[0].sigma,
+            cells[0].job.clone()
+        ),
+        ("caf", Some(0.25), a.id.clone())
+    );
+
+    // An imported log joins the study as its own finished job and cell.
+    let imp = JobBuilder {
+        kind: "import",
+        version: 1,
+        label: "published".into(),
+        params: serde_json::json!({}),
+        identity: serde_json::json!({ "sha256": "x" }),
+        deps: Vec::new(),
+    }
+    .build();
+    let rows = [cert_row(0), cert_row(20)];
+    let imp_cell = cell(0, "published", &imp, 0.5, "certify");
+    s.import_results("p", &imp, &imp_cell, &rows).await.unwrap();
+    // Importing it again changes nothing.
+    s.import_results("p", &imp, &imp_cell, &rows).await.unwrap();
+    let methods =
+        |cells: &[CellRow]| -> Vec<String> { cells.iter().map(|c| c.method.clone()).collect() };
+    assert_eq!(
+        methods(&s.study_cells(study).await.unwrap()),
+        ["caf", "published"]
+    );
+    let jobs = s.study_jobs(study).await.unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[1].state, JobState::Done);
+    assert_eq!(s.study_cert_results(study).await.unwrap().len(), 2);
+
+    // Re-planning from an edited spec keeps the import in the study.
+    let mut p2 = plan("p", vec![a.clone()]);
+    p2.study.spec_sha256 = "rev2".into();
+    p2.cells = vec![cell(0, "caf", &a, 0.25, "certify")];
+    s.register_plan(&p2).await.unwrap();
+    assert_eq!(
+        methods(&s.study_cells(study).await.unwrap()),
+        ["caf", "published"]
+    );
+    assert_eq!(s.study_jobs(study).await.unwrap().len(), 2);
 }

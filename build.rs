@@ -1,0 +1,21 @@
+//! Records the git revision the binary was built from, for the reproducibility block of
+//! reports. Builds outside a git checkout (a crate tarball) report "unknown".
+
+use std::process::Command;
+
+fn main() {
+    let rev = Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    if let Some(rev) = rev {
+        println!("cargo:rustc-env=CAF_GIT_REVISION={rev}");
+    }
+    // Rebuild the stamp when HEAD or the index moves (commits, checkouts, staging).
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/index");
+}

@@ -1,0 +1,299 @@
+//! Reports from hand-built results with known answers.
+
+use std::collections::BTreeMap;
+
+use super::data::{CertJob, StudyData, TrainJob};
+use super::*;
+use crate::plan::JobId;
+use crate::store::{CertRow, JobState, JobStatus, StudyId, StudyInfo};
+
+fn row(idx: u64, label: u32, predict: i64, radius: f64) -> CertRow {
+    CertRow {
+        idx,
+        label,
+        predict,
+        radius,
+        correct: predict == i64::from(label),
+        c_hat: predict.max(0) as u32,
+        n_a: 90,
+        n: 100,
+        n0: 10,
+        alpha: 0.001,
+        sigma: 0.5,
+        seconds: 0.1,
+    }
+}
+
+fn status(id: &str, kind: &str, state: JobState) -> JobStatus {
+    JobStatus {
+        id: JobId::new(id),
+        kind: kind.into(),
+        label: format!("{kind} <{id}>"),
+        state,
+        blocked: false,
+        attempts: 1,
+        max_attempts: 3,
+        progress_done: 4,
+        progress_total: 4,
+        run_seconds: 2.0,
+        work_seconds: 1.0,
+        started_at: None,
+        finished_at: None,
+        lease_owner: None,
+        error: None,
+        result: None,
+    }
+}
+
+fn cert(id: &str, method: &str, sigma: f64, values: &[(&str, f64)], rows: Vec<CertRow>) -> CertJob {
+    let mut v: BTreeMap<String, serde_json::Value> = values
+        .iter()
+        .map(|(k, x)| (k.to_string(), serde_json::json!(x)))
+        .collect();
+    v.insert("method".into(), serde_json::json!(method));
+    CertJob {
+        job: JobId::new(id),
+        cell: 0,
+        method: method.into(),
+        sigma,
+        trained_sigma: None,
+        values: v,
+        state: JobState::Done,
+        planned: rows.len() as u64,
+        rows,
+        run_seconds: 1.5,
+    }
+}
+
+/// Study "known <&>": at σ = 0.5, `smooth` certifies images 0 and 1 (radii 0.3, 0.1) of four,
+/// image 2 is wrong with a large radius and image 3 abstains; `caf` certifies 0, 1, 2 (radii
+/// 0.6, 0.2, 1.1) and abstains on 3.
+fn known() -> StudyData {
+    let smooth = vec![
+        row(0, 1, 1, 0.3),
+        row(1, 2, 2, 0.1),
+        row(2, 3, 5, 2.0),
+        row(3, 4, -1, 0.0),
+    ];
+    let caf = vec![
+        row(0, 1, 1, 0.6),
+        row(1, 2, 2, 0.2),
+        row(2, 3, 3, 1.1),
+        row(3, 4, -1, 0.0),
+    ];
+    StudyData {
+        study: StudyInfo {
+            id: StudyId(1),
+            name: "known <&>".into(),
+            seed: 0,
+            spec_path: "known.yaml".into(),
+            spec_sha256: "ab".repeat(32),
+            spec_text: "name: known\n# <script>alert(1)</script>\n".into(),
+        },
+        jobs: vec![
+            status("aaaa", "certify", JobState::Done),
+            status("bbbb", "certify", JobState::Done),
+            status("tttt", "train-caf", JobState::Done),
+        ],
+        cert: vec![
+            cert("aaaa", "smooth", 0.5, &[], smooth),
+            cert("bbbb", "caf", 0.5, &[], caf),
+        ],
+        train: vec![TrainJob {
+            job: JobId::new("tttt"),
+            label: "train-caf σ=0.5".into(),
+            state: JobState::Done,
+            epochs: vec![
+                serde_json::json!({"epoch": 0, "loss": 2.0, "val_acc": 0.3, "images_per_sec": 100.0}),
+                serde_json::json!({"epoch": 1, "loss": 1.5, "val_acc": 0.4, "images_per_sec": 110.0}),
+            ],
+            run_seconds: 60.0,
+        }],
+        swept: Vec::new(),
+    }
+}
+
+fn opts() -> Options {
+    Options {
+        radii: vec![0.0, 0.25, 0.5, 1.0],
+        baseline: None,
+        provenance: vec![("git revision".into(), "test".into())],
+    }
+}
+
+#[test]
+fn machine_readable_tables_hold_the_exact_numbers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = write(&known(), &opts(), dir.path()).expect("report");
+    let acc = std::fs::read_to_string(dir.path().join("tables/certified_accuracy.csv"))
+        .expect("certified_accuracy.csv");
+    let lines: Vec<&str> = acc.lines().collect();
+    assert_eq!(
+        lines[0],
+        "job,method,sigma,radius,certified_accuracy,n_images"
+    );
+    // smooth: the wrong prediction with radius 2.0 and the abstention never count.
+    assert!(lines.contains(&"aaaa,smooth,0.5,0,0.5,4"), "{acc}");
+    assert!(lines.contains(&"aaaa,smooth,0.5,0.25,0.25,4"), "{acc}");
+    assert!(lines.contains(&"aaaa,smooth,0.5,0.5,0,4"), "{acc}");
+    assert!(lines.contains(&"aaaa,smooth,0.5,1,0,4"), "{acc}");
+    assert!(lines.contains(&"bbbb,caf,0.5,0,0.75,4"), "{acc}");
+    assert!(lines.contains(&"bbbb,caf,0.5,0.5,0.5,4"), "{acc}");
+    assert!(lines.contains(&"bbbb,caf,0.5,1,0.25,4"), "{acc}");
+    assert_eq!(lines.len(), 1 + 2 * 4);
+    let acr = std::fs::read_to_string(dir.path().join("tables/acr.csv")).expect("acr.csv");
+    let rows: Vec<Vec<&str>> = acr
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let get = |job: &str| -> f64 {
+        let r = rows.iter().find(|r| r[0] == job).expect("job row");
+        r[3].parse().expect("number")
+    };
+    assert!((get("aaaa") - 0.4 / 4.0).abs() < 1e-12, "{acr}");
+    assert!((get("bbbb") - 1.9 / 4.0).abs() < 1e-12, "{acr}");
+
+    let md = std::fs::read_to_string(&w.markdown).expect("report.md");
+    // The summary table marks caf best at every radius and in ACR.
+    assert!(
+        md.contains(
+            "| caf | 4 | 100 | **0.750** | **0.500** | **0.500** | **0.250** | **0.475** |"
+        ),
+        "{md}"
+    );
+    assert!(md.contains("| smooth | 4 | 100 | 0.500 | 0.250 | 0.000 | 0.000 | 0.100 |"));
+}
+
+#[test]
+fn the_paired_comparison_table_has_the_known_differences() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&known(), &opts(), dir.path()).expect("report");
+    let csv = std::fs::read_to_string(dir.path().join("tables/compare-1.csv")).expect("csv");
+    // caf − smooth at r = 0: 0.75 − 0.5 over the same four images; one image only caf certifies.
+    let line = csv
+        .lines()
+        .find(|l| l.starts_with("caf,0.5,0,4,"))
+        .unwrap_or_else(|| panic!("{csv}"));
+    let f: Vec<&str> = line.split(',').collect();
+    assert_eq!(&f[3..7], &["4", "0.75", "0.5", "0.25"], "{line}");
+    assert_eq!((f[9], f[10]), ("1", "0"), "{line}");
+    // McNemar with one discordant pair: p = 1.
+    assert_eq!(f[11], "1.0000", "{line}");
+}
+
+#[test]
+fn html_is_self_contained_and_escapes_study_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = write(&known(), &opts(), dir.path()).expect("report");
+    let html = std::fs::read_to_string(&w.index).expect("index.html");
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.contains("caf report: known &lt;&amp;&gt;"));
+    assert!(!html.contains("<script"), "study text must be escaped");
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    for id in ["curves", "tables", "compare", "training", "reproducibility"] {
+        assert!(html.contains(&format!("<section id=\"{id}\">")), "{id}");
+        assert!(html.contains(&format!("href=\"#{id}\"")), "{id}");
+    }
+    assert!(html.matches("<svg").count() >= 4, "figures are inlined");
+    // Nothing is fetched: no external URLs in src/href attributes.
+    assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
+    for f in ["curves-sigma-0.5", "compare-sigma-0.5", "training-loss"] {
+        let png = std::fs::read(dir.path().join(format!("figures/{f}.png"))).expect("png");
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{f}");
+        assert!(dir.path().join(format!("figures/{f}.svg")).exists());
+    }
+}
+
+#[test]
+fn partial_results_are_marked() {
+    let mut s = known();
+    s.jobs[1].state = JobState::Running;
+    s.cert[1].state = JobState::Running;
+    s.cert[1].planned = 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = write(&s, &opts(), dir.path()).expect("report");
+    let html = std::fs::read_to_string(&w.index).expect("index.html");
+    assert!(html.contains("class=\"status partial\""));
+    assert!(html.contains("PARTIAL"));
+    assert!(html.contains("caf (partial)"));
+}
+
+#[test]
+fn sensitivity_spread_is_max_minus_min() {
+    let mk = |id: &str, w: f64, lr: f64, radii: [f64; 2]| {
+        cert(
+            id,
+            "caf",
+            0.5,
+            &[("width", w), ("lr", lr)],
+            vec![row(0, 1, 1, radii[0]), row(1, 1, 1, radii[1])],
+        )
+    };
+    let mut s = known();
+    s.cert = vec![
+        mk("c1", 0.5, 0.1, [0.6, 0.1]),
+        mk("c2", 0.5, 0.01, [0.6, 0.6]),
+        mk("c3", 1.0, 0.1, [0.1, 0.1]),
+        mk("c4", 1.0, 0.01, [0.3, 0.0]),
+    ];
+    s.swept = vec!["lr".into(), "width".into()];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = write(&s, &opts(), dir.path()).expect("report");
+    let md = std::fs::read_to_string(&w.markdown).expect("md");
+    // At r = 0.25: c1 0.5, c2 1.0, c3 0, c4 0.5 → spread 1.0.
+    assert!(md.contains("| 0.25 | 0.000 | 1.000 | 1.000 |"), "{md}");
+    // ACR: c1 0.35, c2 0.6, c3 0.1, c4 0.15 → spread 0.5.
+    assert!(md.contains("| ACR | 0.100 | 0.600 | 0.500 |"), "{md}");
+    assert!(dir
+        .path()
+        .join("figures/sensitivity-lr-sigma-0.5.svg")
+        .exists());
+    assert!(dir
+        .path()
+        .join("figures/heatmap-lr-width-sigma-0.5.png")
+        .exists());
+}
+
+#[test]
+fn ensemble_matrix_uses_trained_and_certified_sigma() {
+    let mut s = known();
+    let mut jobs = Vec::new();
+    for (i, t) in [0.25, 0.5].iter().enumerate() {
+        for (k, at) in [0.25, 0.5].iter().enumerate() {
+            let r = if t == at { 0.4 } else { 0.1 };
+            let mut c = cert(
+                &format!("e{i}{k}"),
+                "caf-ensemble",
+                *at,
+                &[],
+                vec![row(0, 1, 1, r)],
+            );
+            c.trained_sigma = Some(*t);
+            jobs.push(c);
+        }
+    }
+    s.cert = jobs;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = write(&s, &opts(), dir.path()).expect("report");
+    let md = std::fs::read_to_string(&w.markdown).expect("md");
+    assert!(
+        md.contains("| 0.25 | 0.5 | 1.000 | 0.000 | 0.000 | 0.000 | 0.100 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| 0.5 | 0.5 | 1.000 | **1.000** | 0.000 | 0.000 | **0.400** |"),
+        "{md}"
+    );
+    assert!(dir.path().join("figures/ensemble-matrix.svg").exists());
+}
+
+#[test]
+fn envelope_is_the_pointwise_maximum() {
+    let a = vec![(0.0, 0.8), (0.5, 0.2), (1.0, 0.0)];
+    let b = vec![(0.0, 0.5), (0.9, 0.1), (2.0, 0.0)];
+    assert_eq!(
+        upper_envelope(&[a, b]),
+        vec![(0.0, 0.8), (0.5, 0.5), (0.9, 0.2), (1.0, 0.1), (2.0, 0.0)]
+    );
+}
