@@ -100,6 +100,85 @@ fn measure(
     })
 }
 
+/// Size of the square SGEMM that measures the machine's practical f32 peak.
+const PEAK_GEMM: usize = 1024;
+
+/// The machine's practical f32 matrix-multiply peak in GFLOP/s: median over [`WINDOWS`]
+/// windows of `C = A·B` with 1024×1024 operands through the `gemm` crate (the kernel caf's fast
+/// paths use) on all of rayon's threads. The yardstick: a network is compared with the
+/// best dense f32 arithmetic this CPU sustains, not with a datasheet figure.
+pub fn sgemm_peak_gflops(seconds: f64) -> f64 {
+    let n = PEAK_GEMM;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.25).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.5).collect();
+    let mut c = vec![0f32; n * n];
+    let threads = rayon::current_num_threads();
+    let mut one = || {
+        // SAFETY: a, b and c are dense n×n row-major buffers of exactly n² elements; c is a
+        // distinct mutable borrow.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            )
+        }
+    };
+    one();
+    let flops = 2.0 * (n as f64).powi(3);
+    let mut windows: Vec<f64> = (0..WINDOWS)
+        .map(|_| {
+            let start = Instant::now();
+            let mut runs = 0u32;
+            while runs == 0 || start.elapsed().as_secs_f64() < seconds / WINDOWS as f64 {
+                one();
+                runs += 1;
+            }
+            f64::from(runs) * flops / start.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    windows.sort_by(f64::total_cmp);
+    windows[WINDOWS / 2]
+}
+
+/// Achieved GFLOP/s of a workload and its share of [`sgemm_peak_gflops`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PeakShare {
+    /// FLOPs counted per image (2 × multiply-adds; see the caller for what is counted).
+    pub flops_per_image: f64,
+    pub gflops: f64,
+    pub sgemm_peak_gflops: f64,
+    pub percent_of_peak: f64,
+}
+
+impl PeakShare {
+    pub fn new(images_per_sec: f64, flops_per_image: f64, peak: f64) -> Self {
+        let gflops = images_per_sec * flops_per_image / 1e9;
+        PeakShare {
+            flops_per_image,
+            gflops,
+            sgemm_peak_gflops: peak,
+            percent_of_peak: 100.0 * gflops / peak,
+        }
+    }
+}
+
 /// Throughput of one training step as the training loop runs it: a batch of noisy images
 /// (σ), forward in train mode, cross-entropy on logits, backward, optimizer update of
 /// `trainable` only. Images and labels are fixed pseudo-random data: their content does not

@@ -415,6 +415,21 @@ fn default_weights(arch: Arch) -> Option<PathBuf> {
     }
 }
 
+/// Measures the SGEMM peak (a fifth of the bench's duration, at least a second) and prints
+/// the workload's share of it.
+fn peak_share(images_per_sec: f64, flops_per_image: f64, seconds: f64) -> caf::bench::PeakShare {
+    let peak = caf::bench::sgemm_peak_gflops((seconds / 5.0).max(1.0));
+    let share = caf::bench::PeakShare::new(images_per_sec, flops_per_image, peak);
+    println!(
+        "GFLOP/s: {:.1} ({:.1} MFLOP/image), {:.0}% of the measured sgemm peak of {:.1} GFLOP/s",
+        share.gflops,
+        flops_per_image / 1e6,
+        share.percent_of_peak,
+        peak
+    );
+    share
+}
+
 fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
     let arch: Arch = f.arch.parse().map_err(|e: models::ModelError| Exit {
         code: 2,
@@ -445,8 +460,21 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
     let (model, device) = load_model_args(&m)?;
     let report = caf::bench::bench_forward(model.as_ref(), f.batch, f.seconds, f.sigma, &device)?;
     println!("images/s: {:.1}", report.images_per_sec_median);
+    // Forward FLOPs of the network (convolutions + linear layer).
+    let flops = match arch {
+        Arch::CifarResNet { depth } => {
+            Some(models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image as f64)
+        }
+        _ => None,
+    };
+    let share = flops.map(|fl| peak_share(report.images_per_sec_median, fl, f.seconds));
     if f.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "throughput": report, "peak": share })
+            )?
+        );
     }
     Ok(0)
 }
@@ -520,8 +548,30 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
         }
     };
     println!("images/s: {:.1}", report.images_per_sec_median);
+    // Training FLOPs per image: the usual forward + 2 × forward for the backward pass of what
+    // is trained; CAF's frozen backbone runs forward only (no backward through it).
+    let backbone = models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image as f64;
+    let flops = match t.method {
+        BenchMethod::Caf => {
+            let adapter: models::AdapterArch = t
+                .adapter
+                .parse()
+                .map_err(|e: models::ModelError| usage(e.to_string()))?;
+            // Every CIFAR ResNet ends in 64 features.
+            let feat = 64;
+            let a = models::adapter::cost(&adapter, feat)?.flops_per_image as f64;
+            backbone + 3.0 * (a + 2.0 * (feat * 10) as f64)
+        }
+        BenchMethod::Rs => 3.0 * backbone,
+    };
+    let share = peak_share(report.images_per_sec_median, flops, t.seconds);
     if t.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "throughput": report, "peak": share })
+            )?
+        );
     }
     Ok(0)
 }
