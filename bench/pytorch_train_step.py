@@ -5,7 +5,10 @@ mode, cross-entropy on logits, backward, optimizer update:
   --method rs : the whole akamaster ResNet is trained (SGD lr 0.01, momentum 0.9, wd 1e-4);
   --method caf: the ResNet's features phi are frozen (eval mode, no grad) and a CIFAR ResNet-18
                 adapter at 1/8 width (caf's CPU default: stem and stages 8/8/16/32/64, linear to
-                64) plus a new 64->10 head are trained with Adam (lr 1e-3).
+                64) plus a new 64->10 head are trained with Adam (lr 1e-3);
+  --method denoised: a DnCNN (5 x 16, caf's CPU default; residual: x - net(x)) in front of the
+                frozen ResNet (eval mode, weights without grad), stability loss: cross-entropy
+                between f(D(x + noise)) and f's prediction on the clean batch; Adam (lr 1e-3).
 Warm-up of seconds/10, then 5 windows of seconds/5; prints `images/s: X` (median window).
 
 Usage (from the repository root):
@@ -66,6 +69,19 @@ class Adapter(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+class DnCNN(nn.Module):
+    def __init__(self, depth=5, width=16):
+        super().__init__()
+        layers = [nn.Conv2d(3, width, 3, 1, 1), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [nn.Conv2d(width, 3, 3, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x - self.net(x)
+
+
 def features(backbone, x):
     x = (x - backbone.mean) / backbone.std
     out = F.relu(backbone.bn1(backbone.conv1(x)))
@@ -75,7 +91,7 @@ def features(backbone, x):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", choices=["caf", "rs"], required=True)
+    ap.add_argument("--method", choices=["caf", "rs", "denoised"], required=True)
     ap.add_argument("--arch", choices=sorted(WEIGHTS), default="resnet20")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seconds", type=float, default=20.0)
@@ -97,6 +113,15 @@ def main():
 
         def logits(x):
             return model(x)
+    elif args.method == "denoised":
+        backbone.eval()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        denoiser = DnCNN().train()
+        opt = torch.optim.Adam(denoiser.parameters(), lr=1e-3)
+
+        def logits(x):
+            return backbone(denoiser(x))
     else:
         backbone.eval()
         for p in backbone.parameters():
@@ -111,7 +136,12 @@ def main():
 
     def step():
         x = images + torch.randn_like(images) * args.sigma
-        loss = F.cross_entropy(logits(x), labels)
+        y = labels
+        if args.method == "denoised":
+            # The stability target is recomputed per batch, as in training (caf does the same).
+            with torch.no_grad():
+                y = backbone(images).argmax(1)
+        loss = F.cross_entropy(logits(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -184,7 +184,7 @@ impl PeakShare {
 /// `trainable` only. Images and labels are fixed pseudo-random data: their content does not
 /// change the work.
 pub fn bench_train_step(
-    model: &dyn candle_nn::ModuleT,
+    objective: &dyn crate::methods::train::Objective,
     trainable: Vec<candle_core::Var>,
     optimizer: crate::methods::train::OptimizerConfig,
     batch: usize,
@@ -205,6 +205,7 @@ pub fn bench_train_step(
     let pixels: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
     let images = Tensor::from_vec(pixels, (batch, 3, 32, 32), device)?;
     let labels: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
+    let label_vec = labels.clone();
     let labels = Tensor::from_vec(labels, batch, device)?;
     let step = || -> candle_core::Result<()> {
         let noise = Tensor::randn(
@@ -213,9 +214,13 @@ pub fn bench_train_step(
             (batch, 3, 32, 32),
             device,
         )?;
-        let x = (&images + noise)?;
-        let logits = model.forward_t(&x, true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let batch = crate::methods::train::batches::Batch {
+            x: (&images + noise)?,
+            y: labels.clone(),
+            labels: label_vec.clone(),
+            clean: images.clone(),
+        };
+        let (loss, _) = objective.loss(&batch, true)?;
         let grads = loss.backward()?;
         opt.step(&grads, lr)
     };

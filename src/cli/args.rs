@@ -260,6 +260,8 @@ pub enum BenchMethod {
     Caf,
     /// The whole network trained (SGD).
     Rs,
+    /// A DnCNN denoiser in front of the frozen backbone, stability objective (Adam).
+    Denoised,
 }
 
 #[derive(Debug, Args)]
@@ -274,6 +276,10 @@ pub struct BenchTrainArgs {
     /// Adapter for `--method caf` (`default`, `resnet18:W`, `cnn:W:D`, …).
     #[arg(long, default_value = "default")]
     pub adapter: String,
+    /// Denoiser for `--method denoised` (`dncnn` = 5 × 16, `dncnn-paper` = 17 × 64,
+    /// `dncnn:DEPTH:WIDTH`).
+    #[arg(long, default_value = "dncnn")]
+    pub denoiser: String,
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
     #[arg(long, default_value_t = 20.0)]

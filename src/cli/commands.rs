@@ -480,7 +480,7 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
 }
 
 fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
-    use caf::methods::train::OptimizerConfig;
+    use caf::methods::train::{Classification, OptimizerConfig};
     let usage = |m: String| Exit {
         code: 2,
         message: Some(m),
@@ -519,7 +519,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
             let (model, vars) =
                 models::caf::build_caf_seeded(phi, &adapter, 10, &varmap, &device, 0)?;
             caf::bench::bench_train_step(
-                &model,
+                &Classification { model: &model },
                 vars,
                 OptimizerConfig::adam(1e-3),
                 t.batch,
@@ -544,7 +544,38 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 nesterov: false,
                 weight_decay: 1e-4,
             };
-            caf::bench::bench_train_step(&model, vars, sgd, t.batch, t.seconds, t.sigma, &device)?
+            caf::bench::bench_train_step(
+                &Classification { model: &model },
+                vars,
+                sgd,
+                t.batch,
+                t.seconds,
+                t.sigma,
+                &device,
+            )?
+        }
+        BenchMethod::Denoised => {
+            let arch: models::dncnn::DnCnnArch = t
+                .denoiser
+                .parse()
+                .map_err(|e: models::ModelError| usage(e.to_string()))?;
+            let classifier =
+                models::load_cifar_resnet(depth, &weights, normalize, &device)?.detached()?;
+            let (denoiser, vars) = models::dncnn::build_seeded(arch, &varmap, &device, 0)?;
+            let objective = caf::methods::denoised::DenoiserLoss {
+                denoiser: &denoiser,
+                classifier: &classifier,
+                objective: caf::methods::denoised::DenoiserObjective::Stability,
+            };
+            caf::bench::bench_train_step(
+                &objective,
+                vars,
+                OptimizerConfig::adam(1e-3),
+                t.batch,
+                t.seconds,
+                t.sigma,
+                &device,
+            )?
         }
     };
     println!("images/s: {:.1}", report.images_per_sec_median);
@@ -563,6 +594,15 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
             backbone + 3.0 * (a + 2.0 * (feat * 10) as f64)
         }
         BenchMethod::Rs => 3.0 * backbone,
+        // Classifier forward on the clean batch (the stability target), forward + input
+        // backward (≈ 2×) through it on the denoised batch, denoiser forward + backward.
+        BenchMethod::Denoised => {
+            let arch: models::dncnn::DnCnnArch = t
+                .denoiser
+                .parse()
+                .map_err(|e: models::ModelError| usage(e.to_string()))?;
+            3.0 * backbone + 3.0 * arch.cost().1 as f64
+        }
     };
     let share = peak_share(report.images_per_sec_median, flops, t.seconds);
     if t.json {

@@ -55,7 +55,8 @@ fn shared_backbone(model: &ModelSource) -> Option<ModelSource> {
         }
         ModelSource::Rs { .. } => Some(model.clone()),
         ModelSource::Caf { backbone, .. } => Some((**backbone).clone()),
-        ModelSource::Pretrained { .. } => None,
+        // The denoiser runs before the classifier, so there is no backbone pass to share.
+        ModelSource::Pretrained { .. } | ModelSource::Denoised { .. } => None,
     }
 }
 

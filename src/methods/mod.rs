@@ -7,10 +7,12 @@
 //! noise, resumable from checkpoints).
 //! Methods: `smooth` (certify the backbone as it is), `clean` (only its clean accuracy), `rs`
 //! (Gaussian-augmentation training), `caf` (certifying adapters on a frozen backbone, clean or
-//! rs-trained) and `caf-ensemble` (one adapter per σ, certified across all σ).
+//! rs-trained), `caf-ensemble` (one adapter per σ, certified across all σ) and `denoised`
+//! (denoised smoothing: a DnCNN trained in front of the frozen classifier).
 
 pub mod caf;
 pub mod common;
+pub mod denoised;
 pub mod eval;
 pub mod fused;
 pub mod rs;
@@ -26,7 +28,7 @@ use crate::sched::Registry;
 use crate::spec::{Cell, SpecError};
 
 /// Method names a grid cell may use.
-pub const METHODS: &[&str] = &["smooth", "clean", "rs", "caf", "caf-ensemble"];
+pub const METHODS: &[&str] = &["smooth", "clean", "rs", "caf", "caf-ensemble", "denoised"];
 
 /// Expands one grid cell into its jobs (shared upstream jobs are deduplicated by the planner).
 pub fn plan_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
@@ -37,6 +39,7 @@ pub fn plan_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, Spe
         "rs" => rs::plan(cell, ctx),
         "caf" => caf::plan(cell, ctx),
         "caf-ensemble" => caf::plan_ensemble(cell, ctx),
+        "denoised" => denoised::plan(cell, ctx),
         other => {
             let span = cell
                 .params
@@ -66,6 +69,7 @@ pub fn registry() -> Registry {
     r.register(Arc::new(eval::EvalHandler));
     r.register(Arc::new(rs::TrainRsHandler));
     r.register(Arc::new(caf::TrainCafHandler));
+    r.register(Arc::new(denoised::TrainDenoisedHandler));
     r.register(Arc::new(fused::FusedHandler));
     r
 }

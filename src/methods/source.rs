@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::common::ModelRef;
 use crate::models::adapter::AdapterArch;
 use crate::models::caf::{load_caf, CafModel};
+use crate::models::dncnn::{self, Denoised, DnCnnArch};
 use crate::models::{self, Arch, CifarResNet, Classifier, Normalize};
 use crate::plan::JobId;
 use crate::sched::{JobError, JobSink};
@@ -37,6 +38,12 @@ pub enum ModelSource {
         job: JobId,
         adapter: AdapterArch,
     },
+    /// A frozen classifier behind a denoiser trained by a `train-denoised` job.
+    Denoised {
+        classifier: Box<ModelSource>,
+        job: JobId,
+        denoiser: DnCnnArch,
+    },
 }
 
 impl ModelSource {
@@ -45,7 +52,12 @@ impl ModelSource {
         match self {
             ModelSource::Pretrained { .. } => vec![],
             ModelSource::Rs { job, .. } => vec![job.clone()],
-            ModelSource::Caf { backbone, job, .. } => {
+            ModelSource::Caf { backbone, job, .. }
+            | ModelSource::Denoised {
+                classifier: backbone,
+                job,
+                ..
+            } => {
                 let mut d = backbone.deps();
                 d.push(job.clone());
                 d
@@ -63,6 +75,17 @@ impl ModelSource {
             ModelSource::Pretrained { model } => model.load(device),
             ModelSource::Rs { .. } => Ok(Box::new(self.load_resnet(sink, device)?)),
             ModelSource::Caf { .. } => Ok(Box::new(self.load_caf(sink, device)?)),
+            ModelSource::Denoised {
+                classifier,
+                job,
+                denoiser,
+            } => {
+                let path = trained_weights(sink, job)?;
+                Ok(Box::new(Denoised {
+                    denoiser: dncnn::load(*denoiser, &path, device).map_err(JobError::fatal)?,
+                    classifier: classifier.load(sink, device)?,
+                }))
+            }
         }
     }
 
@@ -88,9 +111,9 @@ impl ModelSource {
                 let path = trained_weights(sink, job)?;
                 models::load_cifar_resnet(depth, &path, *normalize, device).map_err(JobError::fatal)
             }
-            ModelSource::Caf { .. } => {
-                Err(JobError::fatal("a CAF model cannot serve as a backbone"))
-            }
+            ModelSource::Caf { .. } | ModelSource::Denoised { .. } => Err(JobError::fatal(
+                "only a CIFAR ResNet (pretrained or rs-trained) can serve as a backbone",
+            )),
         }
     }
 

@@ -178,6 +178,20 @@ pub fn run_training(
     cfg: &TrainConfig,
     device: &Device,
 ) -> Result<JobOutput, JobError> {
+    let objective = train::Classification { model };
+    run_objective(ctx, &objective, varmap, trainable, data, cfg, device)
+}
+
+/// [`run_training`] with any training objective.
+pub fn run_objective(
+    ctx: &JobContext,
+    objective: &dyn train::Objective,
+    varmap: &VarMap,
+    trainable: Vec<Var>,
+    data: &ImageSet,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<JobOutput, JobError> {
     let dir = ctx.artifacts_dir.join("train");
     if dir.join(train::CHECKPOINT_JSON).exists() {
         let msg = format!("resuming training from the checkpoint in {}", dir.display());
@@ -188,8 +202,8 @@ pub fn run_training(
         ctx,
         epochs: cfg.epochs as u64,
     };
-    let end = train::train(
-        model, varmap, trainable, data, cfg, &dir, device, &mut hooks,
+    let end = train::train_objective(
+        objective, varmap, trainable, data, cfg, &dir, device, &mut hooks,
     )
     .map_err(train_error)?;
     match end {

@@ -17,6 +17,7 @@
 pub mod adapter;
 pub mod caf;
 pub mod conv;
+pub mod dncnn;
 mod fast;
 pub mod init;
 mod linear;

@@ -579,7 +579,7 @@ fn comparison_section(study: &StudyData, opts: &Options) -> Result<Option<Sectio
          images, intervals are wide: a gap inside its interval is not evidence of a difference.",
         stats::BOOTSTRAP_RESAMPLES
     ));
-    let mut header: Vec<String> = vec!["method".into()];
+    let mut header: Vec<String> = vec!["baseline".into(), "method".into()];
     header.extend(study.swept.iter().cloned());
     header.extend(
         [
@@ -599,23 +599,31 @@ fn comparison_section(study: &StudyData, opts: &Options) -> Result<Option<Sectio
     );
     let mut rows = Vec::new();
     for sigma in study.sigmas() {
-        let Some(base) = diagonal(study).find(|c| c.sigma == sigma && c.method == baseline) else {
+        let bases: Vec<&CertJob> = diagonal(study)
+            .filter(|c| c.sigma == sigma && c.method == baseline)
+            .collect();
+        let Some(&base) = bases.first() else {
             continue;
         };
         let others: Vec<&CertJob> = diagonal(study)
             .filter(|c| c.sigma == sigma && c.method != baseline)
             .collect();
-        for other in &others {
-            for &r in &opts.radii {
-                let Some(d) = stats::paired(&other.rows, &base.rows, r, BOOTSTRAP_SEED) else {
-                    continue;
-                };
-                rows.push(diff_row(other, &study.swept, sigma, r, &d));
+        // Every method against every baseline configuration (e.g. each denoiser objective).
+        for b in &bases {
+            for other in &others {
+                for &r in &opts.radii {
+                    let Some(d) = stats::paired(&other.rows, &b.rows, r, BOOTSTRAP_SEED) else {
+                        continue;
+                    };
+                    let mut row = diff_row(other, &study.swept, sigma, r, &d);
+                    row.insert(0, Cell::text(b.name(&study.swept)));
+                    rows.push(row);
+                }
             }
         }
         if !others.is_empty() {
             let mut series = vec![Series {
-                name: job_name(base, &[]),
+                name: job_name(base, &study.swept),
                 color: plot::method_color(&baseline),
                 points: stats::curve(&base.rows),
                 dashed: true,

@@ -173,9 +173,9 @@ fn the_paired_comparison_table_has_the_known_differences() {
     // caf − smooth at r = 0: 0.75 − 0.5 over the same four images; one image only caf certifies.
     let line = csv
         .lines()
-        .find(|l| l.starts_with("caf,0.5,0,4,"))
+        .find(|l| l.starts_with("smooth,caf,0.5,0,4,"))
         .unwrap_or_else(|| panic!("{csv}"));
-    let f: Vec<&str> = line.split(',').collect();
+    let f: Vec<&str> = line.split(',').skip(1).collect();
     assert_eq!(&f[3..7], &["4", "0.75", "0.5", "0.25"], "{line}");
     assert_eq!((f[9], f[10]), ("1", "0"), "{line}");
     // McNemar with one discordant pair: p = 1.

@@ -200,3 +200,65 @@ fn a_training_job_killed_with_kill_9_resumes_to_the_same_weights() {
         "resumed training ended with other weights"
     );
 }
+
+#[test]
+fn denoised_smoke_study_chains_mse_then_stability_and_reports_caf_vs_denoised() {
+    let dir = Dir::new();
+    let before = caf::util::sha256_file(&resnet20_weights()).unwrap();
+    dir.write(
+        "d.yaml",
+        &spec(
+            "smoke-denoised",
+            &format!(
+                "  params: {{backbone: r20, sigma: 0.25, epochs: 1, max_train: 256, val_size: 128, train_batch: 64}}
+  axes:
+    method: [denoised, caf]
+  methods:
+    denoised:
+      axes: {{objective: [mse, stability, mse-then-stability]}}
+    caf:
+      params: {{adapter: \"cnn:8:2\"}}
+"
+            ),
+        ),
+    );
+    let plan = ok(&dir.run(&["plan", "d.yaml", "--json"]));
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    let jobs = plan["jobs"].as_array().unwrap();
+    let denoiser_jobs: Vec<&serde_json::Value> = jobs
+        .iter()
+        .filter(|j| j["kind"] == "train-denoised")
+        .collect();
+    // mse, stability, and stability started from the (shared) mse job.
+    assert_eq!(denoiser_jobs.len(), 3, "{plan}");
+    let mse = denoiser_jobs
+        .iter()
+        .find(|j| j["params"]["objective"] == "mse")
+        .unwrap();
+    assert!(denoiser_jobs
+        .iter()
+        .any(|j| j["params"]["init"] == mse["id"]
+            && j["deps"].as_array().unwrap().contains(&mse["id"])));
+
+    ok(&dir.run(&["run", "d.yaml", "--db", "d.db", "--artifacts", "art"]));
+    for j in status(&dir, "d.db") {
+        assert_eq!(j["state"], "done", "{j}");
+    }
+    assert_eq!(
+        caf::util::sha256_file(&resnet20_weights()).unwrap(),
+        before,
+        "the frozen classifier's file changed"
+    );
+    ok(&dir.run(&["report", "--db", "d.db", "--out", "rep"]));
+    let html = std::fs::read_to_string(dir.join("rep/index.html")).unwrap();
+    assert!(
+        html.contains("Paired comparison against denoised"),
+        "baseline is denoised"
+    );
+    let csv = std::fs::read_to_string(dir.join("rep/tables/compare-1.csv")).unwrap();
+    // caf against each of the three denoisers.
+    for objective in ["mse", "stability", "mse-then-stability"] {
+        let base = format!("denoised objective={objective},caf,");
+        assert!(csv.lines().any(|l| l.starts_with(&base)), "{base} in {csv}");
+    }
+}

@@ -98,6 +98,9 @@ pub struct Batch {
     pub x: Tensor,
     pub y: Tensor,
     pub labels: Vec<u32>,
+    /// The same images before the noise (augmented identically): the targets of objectives that
+    /// compare with the clean image (a denoiser's reconstruction, its stability loss).
+    pub clean: Tensor,
 }
 
 /// How training images are turned into model inputs.
@@ -117,10 +120,18 @@ pub fn train_batch(
     device: &Device,
 ) -> candle_core::Result<Batch> {
     let mut buf = vec![0f32; indices.len() * IMAGE_BYTES];
+    let mut clean = vec![0f32; indices.len() * IMAGE_BYTES];
+    let no_noise = SampleSpec { sigma: 0.0, ..spec };
     buf.par_chunks_mut(IMAGE_BYTES)
+        .zip(clean.par_chunks_mut(IMAGE_BYTES))
         .zip(indices.par_iter())
-        .for_each(|(out, &i)| sample_into(data.image_u8(i), i, spec, out));
-    finish(data, indices, buf, device)
+        .for_each(|((out, cl), &i)| {
+            sample_into(data.image_u8(i), i, spec, out);
+            // The crop and flip are drawn before the noise from the same keyed stream, so
+            // this is exactly the noisy image's clean version.
+            sample_into(data.image_u8(i), i, no_noise, cl);
+        });
+    finish(data, indices, buf, clean, device)
 }
 
 /// One training input: image `idx` (raw bytes) augmented and noised into `out`.
@@ -157,18 +168,21 @@ pub fn val_batch(
     device: &Device,
 ) -> candle_core::Result<Batch> {
     let mut buf = vec![0f32; indices.len() * IMAGE_BYTES];
+    let mut clean = vec![0f32; indices.len() * IMAGE_BYTES];
     buf.par_chunks_mut(IMAGE_BYTES)
+        .zip(clean.par_chunks_mut(IMAGE_BYTES))
         .zip(indices.par_iter())
-        .for_each(|(out, &i)| {
+        .for_each(|((out, cl), &i)| {
             for (o, &b) in out.iter_mut().zip(data.image_u8(i)) {
                 *o = b as f32 / 255.0;
             }
+            cl.copy_from_slice(out);
             if sigma > 0.0 {
                 let mut rng = keyed_rng(b"caf-train-val-v1", &[seed, i as u64]);
                 add_noise(&mut rng, sigma, out);
             }
         });
-    finish(data, indices, buf, device)
+    finish(data, indices, buf, clean, device)
 }
 
 fn add_noise<R: Rng + ?Sized>(rng: &mut R, sigma: f32, out: &mut [f32]) {
@@ -182,13 +196,20 @@ fn finish(
     data: &ImageSet,
     indices: &[usize],
     buf: Vec<f32>,
+    clean: Vec<f32>,
     device: &Device,
 ) -> candle_core::Result<Batch> {
     let b = indices.len();
     let labels: Vec<u32> = indices.iter().map(|&i| u32::from(data.label(i))).collect();
     let x = Tensor::from_vec(buf, (b, 3, 32, 32), device)?;
+    let clean = Tensor::from_vec(clean, (b, 3, 32, 32), device)?;
     let y = Tensor::from_slice(&labels, b, device)?;
-    Ok(Batch { x, y, labels })
+    Ok(Batch {
+        x,
+        y,
+        labels,
+        clean,
+    })
 }
 
 #[cfg(test)]

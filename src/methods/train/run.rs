@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, ModuleT, Tensor, Var, D};
 use candle_nn::VarMap;
 
-use super::batches::{self, SampleSpec, SplitPlan};
+use super::batches::{self, Batch, SampleSpec, SplitPlan};
 use super::checkpoint::{
     self, Best, CheckpointState, DataFingerprint, EpochProgress, Loaded, FINAL_WEIGHTS,
 };
@@ -37,6 +37,42 @@ use crate::data::ImageSet;
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     model: &dyn ModuleT,
+    varmap: &VarMap,
+    trainable: Vec<Var>,
+    data: &ImageSet,
+    cfg: &TrainConfig,
+    dir: &Path,
+    device: &Device,
+    hooks: &mut dyn TrainHooks,
+) -> Result<TrainEnd, TrainError> {
+    let objective = Classification { model };
+    train_objective(&objective, varmap, trainable, data, cfg, dir, device, hooks)
+}
+
+/// What a training run minimises: a loss for a batch, and the logits whose argmax against
+/// the labels gives the reported (noisy) accuracy.
+pub trait Objective {
+    /// `train` selects train-mode BatchNorm in the trained parts.
+    fn loss(&self, batch: &Batch, train: bool) -> candle_core::Result<(Tensor, Tensor)>;
+}
+
+/// Cross-entropy of the model's logits on the noisy images (RS, CAF).
+pub struct Classification<'a> {
+    pub model: &'a dyn ModuleT,
+}
+
+impl Objective for Classification<'_> {
+    fn loss(&self, batch: &Batch, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
+        let logits = self.model.forward_t(&batch.x, train)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &batch.y)?;
+        Ok((loss, logits))
+    }
+}
+
+/// [`train`] with any [`Objective`] (a denoiser's reconstruction or stability loss).
+#[allow(clippy::too_many_arguments)]
+pub fn train_objective(
+    model: &dyn Objective,
     varmap: &VarMap,
     trainable: Vec<Var>,
     data: &ImageSet,
@@ -108,10 +144,7 @@ pub fn train(
             let lr = schedule.lr(run.state.global_step);
             let idx = &order[batches::step_range(n_train, cfg.batch, step)];
             let batch = batches::train_batch(data, idx, spec, device).ctx("building a batch")?;
-            let logits = model
-                .forward_t(&batch.x, true)
-                .ctx("training forward pass")?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &batch.y).ctx("training loss")?;
+            let (loss, logits) = model.loss(&batch, true).ctx("training loss")?;
             let loss_value = scalar_f32(&loss).ctx("reading the loss")?;
             if !loss_value.is_finite() {
                 return Err(TrainError::Diverged {
@@ -506,7 +539,7 @@ enum Validation {
 
 /// Noisy validation in eval mode, with the same noise for each image in every epoch.
 fn validate(
-    model: &dyn ModuleT,
+    model: &dyn Objective,
     data: &ImageSet,
     plan: &SplitPlan,
     cfg: &TrainConfig,
@@ -525,11 +558,8 @@ fn validate(
         }
         let batch = batches::val_batch(data, chunk, cfg.seed, cfg.sigma as f32, device)
             .ctx("building a validation batch")?;
-        let logits = model
-            .forward_t(&batch.x, false)
-            .ctx("validation forward pass")?
-            .detach();
-        let loss = candle_nn::loss::cross_entropy(&logits, &batch.y).ctx("validation loss")?;
+        let (loss, logits) = model.loss(&batch, false).ctx("validation loss")?;
+        let (loss, logits) = (loss.detach(), logits.detach());
         loss_sum += f64::from(scalar_f32(&loss).ctx("reading the loss")?) * chunk.len() as f64;
         correct += count_correct(&logits, &batch.y).ctx("validation accuracy")?;
     }
