@@ -209,17 +209,15 @@ fn denoised_smoke_study_chains_mse_then_stability_and_reports_caf_vs_denoised() 
         "d.yaml",
         &spec(
             "smoke-denoised",
-            &format!(
-                "  params: {{backbone: r20, sigma: 0.25, epochs: 1, max_train: 256, val_size: 128, train_batch: 64}}
+            "  params: {backbone: r20, sigma: 0.25, epochs: 1, max_train: 256, val_size: 128, train_batch: 64}
   axes:
     method: [denoised, caf]
   methods:
     denoised:
-      axes: {{objective: [mse, stability, mse-then-stability]}}
+      axes: {objective: [mse, stability, mse-then-stability]}
     caf:
-      params: {{adapter: \"cnn:8:2\"}}
-"
-            ),
+      params: {adapter: \"cnn:8:2\"}
+",
         ),
     );
     let plan = ok(&dir.run(&["plan", "d.yaml", "--json"]));
