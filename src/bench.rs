@@ -220,7 +220,12 @@ pub fn bench_train_step(
             labels: label_vec.clone(),
             clean: images.clone(),
         };
-        let (loss, _) = objective.loss(&batch, true)?;
+        let at = crate::methods::train::StepKey {
+            seed: 0,
+            epoch: 0,
+            step: 0,
+        };
+        let (loss, _) = objective.loss(&batch, true, at)?;
         let grads = loss.backward()?;
         opt.step(&grads, lr)
     };

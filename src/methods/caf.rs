@@ -55,6 +55,7 @@ fn allowed_keys(extra: &[&str]) -> Vec<String> {
     k.extend(ADAPTER_KEYS.iter().map(|s| s.to_string()));
     k.extend(training::train_keys(""));
     k.extend(rs::keys("rs_"));
+    k.extend(rs::SMOOTHADV_KEYS.iter().map(|s| format!("rs_{s}")));
     k.extend(smooth::CERTIFY_KEYS.iter().map(|s| s.to_string()));
     k
 }
@@ -121,22 +122,30 @@ fn plan_training(
         None => ModelSource::Pretrained { model },
         Some((b, _)) if b == "clean" => ModelSource::Pretrained { model },
         Some((b, _)) if b == "rs" => {
-            let (job, source) = rs::plan_training(cell, ctx, "rs_", sigma)?;
+            let (job, source) = rs::plan_training(cell, ctx, "rs_", sigma, None)?;
+            jobs.push(job);
+            source
+        }
+        Some((b, _)) if b == "smoothadv" => {
+            let attack = rs::smoothadv_config(cell, ctx, "rs_")?;
+            let (job, source) = rs::plan_training(cell, ctx, "rs_", sigma, Some(attack))?;
             jobs.push(job);
             source
         }
         Some((b, p)) => {
-            return Err(ctx.error_at(p.span, format!("unknown base `{b}` (expected clean or rs)")))
+            return Err(ctx.error_at(
+                p.span,
+                format!("unknown base `{b}` (expected clean, rs or smoothadv)"),
+            ))
         }
     };
     let adapter = adapter_arch(cell, ctx)?;
     let mut train = training::train_config(cell, ctx, "", default_config())?;
     train.sigma = sigma;
     let data = common::train_data_ref(ctx)?;
-    let base = if matches!(backbone, ModelSource::Rs { .. }) {
-        "rs "
-    } else {
-        ""
+    let base = match common::string(cell, ctx, "base")? {
+        Some((b, _)) if b != "clean" => format!("{b} "),
+        _ => String::new(),
     };
     let params = TrainCafParams {
         backbone_name: backbone_name.clone(),

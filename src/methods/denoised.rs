@@ -19,7 +19,7 @@ use super::common::{self, DataRef};
 use super::smooth;
 use super::source::{trained_weights, ModelSource};
 use super::train::batches::Batch;
-use super::train::{Objective, OptimizerConfig, Schedule, TrainConfig};
+use super::train::{Objective, OptimizerConfig, Schedule, StepKey, TrainConfig};
 use super::training;
 use crate::models::dncnn::{self, DnCnnArch};
 use crate::models::CifarResNet;
@@ -170,7 +170,12 @@ pub struct DenoiserLoss<'a> {
 }
 
 impl Objective for DenoiserLoss<'_> {
-    fn loss(&self, batch: &Batch, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
+    fn loss(
+        &self,
+        batch: &Batch,
+        train: bool,
+        _: StepKey,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let out = self.denoiser.forward_t(&batch.x, train)?;
         match self.objective {
             DenoiserObjective::Mse => {
@@ -287,7 +292,12 @@ mod tests {
                 classifier: &classifier,
                 objective,
             };
-            let (l, _) = loss.loss(&batch(), true).expect("loss");
+            let at = StepKey {
+                seed: 0,
+                epoch: 0,
+                step: 0,
+            };
+            let (l, _) = loss.loss(&batch(), true, at).expect("loss");
             let grads = l.backward().expect("backward");
             for v in &vars {
                 let g = grads

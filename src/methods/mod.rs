@@ -7,7 +7,7 @@
 //! noise, resumable from checkpoints).
 //! Methods: `smooth` (certify the backbone as it is), `clean` (only its clean accuracy), `rs`
 //! (Gaussian-augmentation training), `caf` (certifying adapters on a frozen backbone, clean or
-//! rs-trained), `caf-ensemble` (one adapter per σ, certified across all σ) and `denoised`
+//! rs- or smoothadv-trained), `smoothadv` (SmoothAdv adversarial training), `caf-ensemble` (one adapter per σ, certified across all σ) and `denoised`
 //! (denoised smoothing: a DnCNN trained in front of the frozen classifier).
 
 pub mod caf;
@@ -17,6 +17,7 @@ pub mod eval;
 pub mod fused;
 pub mod rs;
 pub mod smooth;
+pub mod smoothadv;
 pub mod source;
 pub mod train;
 pub mod training;
@@ -28,7 +29,15 @@ use crate::sched::Registry;
 use crate::spec::{Cell, SpecError};
 
 /// Method names a grid cell may use.
-pub const METHODS: &[&str] = &["smooth", "clean", "rs", "caf", "caf-ensemble", "denoised"];
+pub const METHODS: &[&str] = &[
+    "smooth",
+    "clean",
+    "rs",
+    "smoothadv",
+    "caf",
+    "caf-ensemble",
+    "denoised",
+];
 
 /// Expands one grid cell into its jobs (shared upstream jobs are deduplicated by the planner).
 pub fn plan_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
@@ -37,6 +46,7 @@ pub fn plan_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, Spe
         "smooth" => smooth::plan(cell, ctx),
         "clean" => eval::plan(cell, ctx),
         "rs" => rs::plan(cell, ctx),
+        "smoothadv" => rs::plan_smoothadv(cell, ctx),
         "caf" => caf::plan(cell, ctx),
         "caf-ensemble" => caf::plan_ensemble(cell, ctx),
         "denoised" => denoised::plan(cell, ctx),

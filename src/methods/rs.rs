@@ -1,11 +1,14 @@
 //! Method `rs` (Cohen et al. 2019): train a whole CIFAR ResNet under Gaussian noise at σ, from
-//! scratch or fine-tuning the backbone's pretrained weights, then certify it at σ.
+//! scratch or fine-tuning the backbone's pretrained weights, then certify it at σ. Method
+//! `smoothadv` (Salman et al. 2019) is the same job kind with adversarial training
+//! ([`super::smoothadv`]).
 //! Job kinds `train-rs` and `certify`.
 
 use serde::{Deserialize, Serialize};
 
 use super::common::{self, DataRef, ModelRef};
 use super::smooth;
+use super::smoothadv::{SmoothAdvConfig, SmoothAdvLoss};
 use super::source::{ModelSource, NUM_CLASSES};
 use super::train::{OptimizerConfig, Schedule, TrainConfig};
 use super::training;
@@ -26,6 +29,44 @@ pub struct TrainRsParams {
     pub init: Option<ModelRef>,
     pub data: DataRef,
     pub train: TrainConfig,
+    /// SmoothAdv's adversarial training instead of plain Gaussian augmentation. Absent from
+    /// plain `rs` jobs' parameters, so their ids are what they were before SmoothAdv existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smoothadv: Option<SmoothAdvConfig>,
+}
+
+/// Cell keys of SmoothAdv's attack (with the same prefix as the training keys).
+pub const SMOOTHADV_KEYS: &[&str] = &["epsilon", "pgd_steps", "noise_draws", "eps_warmup_epochs"];
+
+/// The attack a cell configures under `prefix`, defaults from [`SmoothAdvConfig::default`].
+pub fn smoothadv_config(
+    cell: &Cell,
+    ctx: &PlanContext<'_>,
+    prefix: &str,
+) -> Result<SmoothAdvConfig, SpecError> {
+    let key = |k: &str| format!("{prefix}{k}");
+    let mut c = SmoothAdvConfig::default();
+    if let Some((v, _)) = common::number(cell, ctx, &key("epsilon"))? {
+        c.epsilon = v;
+    }
+    if let Some((v, _)) = common::integer(cell, ctx, &key("pgd_steps"))? {
+        c.steps = v as usize;
+    }
+    if let Some((v, _)) = common::integer(cell, ctx, &key("noise_draws"))? {
+        c.noise_draws = v as usize;
+    }
+    if let Some((v, _)) = common::integer(cell, ctx, &key("eps_warmup_epochs"))? {
+        c.warmup_epochs = v as usize;
+    }
+    c.validate().map_err(|m| {
+        let span = SMOOTHADV_KEYS
+            .iter()
+            .find_map(|k| cell.params.get(&key(k)))
+            .map(|p| p.span)
+            .unwrap_or_default();
+        ctx.error_at(span, m)
+    })?;
+    Ok(c)
 }
 
 /// CPU-sized default: fine-tune for 10 epochs with SGD and a cosine schedule.
@@ -57,6 +98,7 @@ pub fn plan_training(
     ctx: &mut PlanContext<'_>,
     prefix: &str,
     sigma: f64,
+    smoothadv: Option<SmoothAdvConfig>,
 ) -> Result<(Job, ModelSource), SpecError> {
     let (backbone, model) = common::backbone_ref(cell, ctx)?;
     let depth = match model.arch.parse::<Arch>() {
@@ -97,12 +139,20 @@ pub fn plan_training(
         init,
         data,
         train,
+        smoothadv,
     };
     let value = serde_json::to_value(&params).unwrap_or_default();
+    let label = match &params.smoothadv {
+        None => format!("train-rs {backbone} σ={sigma}"),
+        Some(a) => format!(
+            "train-smoothadv {backbone} σ={sigma} ε={} T={} m={}",
+            a.epsilon, a.steps, a.noise_draws
+        ),
+    };
     let job = JobBuilder {
         kind: KIND,
         version: VERSION,
-        label: format!("train-rs {backbone} σ={sigma}"),
+        label,
         identity: common::identity_of(
             &value,
             &["weights", "root", "backbone", "checkpoint_every_steps"],
@@ -126,9 +176,25 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     let allowed_ref: Vec<&str> = allowed.iter().map(String::as_str).collect();
     common::check_known(cell, ctx, "rs", &allowed_ref)?;
     let sigma = smooth::cell_sigma(cell, ctx, "rs")?;
-    let (train_job, source) = plan_training(cell, ctx, "", sigma)?;
+    let (train_job, source) = plan_training(cell, ctx, "", sigma, None)?;
     let (backbone, _) = common::backbone_ref(cell, ctx)?;
     let cert = smooth::certify_job(cell, ctx, source, format!("rs {backbone} σ={sigma}"), sigma)?;
+    Ok(vec![train_job, cert])
+}
+
+/// Method `smoothadv` (Salman et al. 2019): like `rs`, with SmoothAdv's adversarial training.
+pub fn plan_smoothadv(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
+    let mut allowed: Vec<String> = keys("");
+    allowed.extend(["backbone", "sigma"].map(String::from));
+    allowed.extend(SMOOTHADV_KEYS.iter().map(|s| s.to_string()));
+    allowed.extend(smooth::CERTIFY_KEYS.iter().map(|s| s.to_string()));
+    let allowed_ref: Vec<&str> = allowed.iter().map(String::as_str).collect();
+    common::check_known(cell, ctx, "smoothadv", &allowed_ref)?;
+    let sigma = smooth::cell_sigma(cell, ctx, "smoothadv")?;
+    let attack = smoothadv_config(cell, ctx, "")?;
+    let (train_job, source) = plan_training(cell, ctx, "", sigma, Some(attack))?;
+    let label = train_job.label.replacen("train-smoothadv", "smoothadv", 1);
+    let cert = smooth::certify_job(cell, ctx, source, label, sigma)?;
     Ok(vec![train_job, cert])
 }
 
@@ -165,6 +231,20 @@ impl JobHandler for TrainRsHandler {
         )
         .map_err(JobError::fatal)?;
         let data = p.data.load()?;
-        training::run_training(ctx, &model, &varmap, trainable, &data, &p.train, &device)
+        match &p.smoothadv {
+            None => {
+                training::run_training(ctx, &model, &varmap, trainable, &data, &p.train, &device)
+            }
+            Some(cfg) => {
+                let objective = SmoothAdvLoss {
+                    model: &model,
+                    cfg,
+                    sigma: p.train.sigma as f32,
+                };
+                training::run_objective(
+                    ctx, &objective, &varmap, trainable, &data, &p.train, &device,
+                )
+            }
+        }
     }
 }

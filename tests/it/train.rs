@@ -260,3 +260,46 @@ fn denoised_smoke_study_chains_mse_then_stability_and_reports_caf_vs_denoised() 
         assert!(csv.lines().any(|l| l.starts_with(&base)), "{base} in {csv}");
     }
 }
+
+#[test]
+fn smoothadv_smoke_study_shares_its_network_with_caf_enhance() {
+    let dir = Dir::new();
+    dir.write(
+        "s.yaml",
+        &spec(
+            "smoke-smoothadv",
+            &format!(
+                "  params: {{backbone: r20, sigma: 0.5}}
+  axes:
+    method: [smoothadv, caf]
+  methods:
+    smoothadv:
+      params: {{epochs: 1, max_train: 64, val_size: 64, train_batch: 32, pgd_steps: 2, epsilon: 0.25, noise_draws: 2}}
+    caf:
+      params: {{base: smoothadv, rs_epochs: 1, rs_max_train: 64, rs_val_size: 64, rs_train_batch: 32, rs_pgd_steps: 2, rs_epsilon: 0.25, rs_noise_draws: 2, {SMOKE_TRAIN}}}
+"
+            ),
+        ),
+    );
+    let plan: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["plan", "s.yaml", "--json"]))).unwrap();
+    let jobs = plan["jobs"].as_array().unwrap();
+    let sa: Vec<&serde_json::Value> = jobs.iter().filter(|j| j["kind"] == "train-rs").collect();
+    assert_eq!(
+        sa.len(),
+        1,
+        "the caf cell reuses the smoothadv network: {plan}"
+    );
+    assert_eq!(sa[0]["params"]["smoothadv"]["steps"], 2);
+    let caf_train = jobs.iter().find(|j| j["kind"] == "train-caf").unwrap();
+    assert!(caf_train["deps"].as_array().unwrap().contains(&sa[0]["id"]));
+
+    ok(&dir.run(&["run", "s.yaml", "--db", "s.db", "--artifacts", "art"]));
+    let st = status(&dir, "s.db");
+    assert!(st.iter().all(|j| j["state"] == "done"), "{st:?}");
+    let sa_job = st.iter().find(|j| j["kind"] == "train-rs").unwrap();
+    assert!(sa_job["label"]
+        .as_str()
+        .unwrap()
+        .starts_with("train-smoothadv"));
+}

@@ -52,7 +52,8 @@ impl SplitPlan {
     }
 }
 
-fn keyed_rng(domain: &[u8], words: &[u64]) -> ChaCha12Rng {
+/// A ChaCha12 stream keyed by SHA-256 of a domain tag and words (seed, epoch, index…).
+pub fn keyed_rng(domain: &[u8], words: &[u64]) -> ChaCha12Rng {
     let mut h = Sha256::new();
     h.update(domain);
     for w in words {

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 pub use checkpoint::{CHECKPOINT_JSON, CHECKPOINT_TENSORS, FINAL_WEIGHTS};
 pub use config::{OptimizerConfig, Schedule, Select, TrainConfig};
 pub use optim::Optimizer;
-pub use run::{train, train_objective, Classification, Objective};
+pub use run::{train, train_objective, Classification, Objective, StepKey};
 pub use schedule::LrSchedule;
 
 /// What one completed epoch looked like. Epochs are counted from 0.

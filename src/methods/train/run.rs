@@ -52,8 +52,24 @@ pub fn train(
 /// What a training run minimises: a loss for a batch, and the logits whose argmax against
 /// the labels gives the reported (noisy) accuracy.
 pub trait Objective {
-    /// `train` selects train-mode BatchNorm in the trained parts.
-    fn loss(&self, batch: &Batch, train: bool) -> candle_core::Result<(Tensor, Tensor)>;
+    /// `train` selects train-mode BatchNorm in the trained parts (and, for adversarial
+    /// objectives, the attack: validation measures plain noisy accuracy). `at` keys any extra
+    /// randomness the objective draws, so training stays reproducible and resumable.
+    fn loss(
+        &self,
+        batch: &Batch,
+        train: bool,
+        at: StepKey,
+    ) -> candle_core::Result<(Tensor, Tensor)>;
+}
+
+/// Where in the run a loss is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepKey {
+    pub seed: u64,
+    pub epoch: usize,
+    /// Optimizer step since the start of the run.
+    pub step: u64,
 }
 
 /// Cross-entropy of the model's logits on the noisy images (RS, CAF).
@@ -62,7 +78,12 @@ pub struct Classification<'a> {
 }
 
 impl Objective for Classification<'_> {
-    fn loss(&self, batch: &Batch, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
+    fn loss(
+        &self,
+        batch: &Batch,
+        train: bool,
+        _: StepKey,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let logits = self.model.forward_t(&batch.x, train)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &batch.y)?;
         Ok((loss, logits))
@@ -144,7 +165,12 @@ pub fn train_objective(
             let lr = schedule.lr(run.state.global_step);
             let idx = &order[batches::step_range(n_train, cfg.batch, step)];
             let batch = batches::train_batch(data, idx, spec, device).ctx("building a batch")?;
-            let (loss, logits) = model.loss(&batch, true).ctx("training loss")?;
+            let at = StepKey {
+                seed: cfg.seed,
+                epoch,
+                step: run.state.global_step,
+            };
+            let (loss, logits) = model.loss(&batch, true, at).ctx("training loss")?;
             let loss_value = scalar_f32(&loss).ctx("reading the loss")?;
             if !loss_value.is_finite() {
                 return Err(TrainError::Diverged {
@@ -558,7 +584,12 @@ fn validate(
         }
         let batch = batches::val_batch(data, chunk, cfg.seed, cfg.sigma as f32, device)
             .ctx("building a validation batch")?;
-        let (loss, logits) = model.loss(&batch, false).ctx("validation loss")?;
+        let at = StepKey {
+            seed: cfg.seed,
+            epoch: 0,
+            step: 0,
+        };
+        let (loss, logits) = model.loss(&batch, false, at).ctx("validation loss")?;
         let (loss, logits) = (loss.detach(), logits.detach());
         loss_sum += f64::from(scalar_f32(&loss).ctx("reading the loss")?) * chunk.len() as f64;
         correct += count_correct(&logits, &batch.y).ctx("validation accuracy")?;
