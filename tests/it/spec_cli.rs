@@ -112,3 +112,34 @@ fn the_readme_grid_example_loads_and_plans() {
     );
     assert!(labels.contains(&"smooth resnet20 σ=1"), "{labels:?}");
 }
+
+#[test]
+fn every_shipped_experiment_plans() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for entry in std::fs::read_dir(root.join("experiments")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_caf"))
+                .args(["plan", "--json"])
+                .arg(&path)
+                .current_dir(root)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                text(&out.stderr)
+            );
+            let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert!(
+                !plan["jobs"].as_array().unwrap().is_empty(),
+                "{}",
+                path.display()
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 7, "found {n} experiments");
+}
