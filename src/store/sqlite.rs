@@ -253,6 +253,21 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .ctx("recording the spec revision")?;
+        // The plan is the revision's whole job list: a caf whose job kinds changed version
+        // plans other ids for the same spec text, and the old ones must not linger in it (their
+        // results stay in `jobs`). Imported jobs are not planned and are kept.
+        for table in ["study_jobs", "study_cells"] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE study_id = ? AND spec_sha256 = ?
+                   AND job_id NOT IN (SELECT id FROM jobs WHERE kind = 'import')"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(id)
+                .bind(&s.spec_sha256)
+                .execute(&mut *tx)
+                .await
+                .ctx("clearing the revision's previous plan")?;
+        }
         for (seq, job) in plan.jobs.iter().enumerate() {
             // Params may carry paths that moved; the id (content) is what decides reuse.
             sqlx::query(
