@@ -109,6 +109,35 @@ fn plan(a: PlanArgs) -> Result<i32> {
         )?;
     }
     writeln!(out, "{} jobs", plan.jobs.len())?;
+    let budgets: Vec<(&caf::plan::Job, caf::methods::budget::Budget)> = plan
+        .jobs
+        .iter()
+        .filter_map(|j| caf::methods::budget::of(j).map(|b| (j, b)))
+        .collect();
+    if !budgets.is_empty() {
+        writeln!(
+            out,
+            "\ntraining compute (FLOPs = 2 × multiply-adds; see `caf::methods::budget`)"
+        )?;
+        writeln!(
+            out,
+            "{:<16}  {:>12}  {:>14}  {:>16}  {:>12}  {:>8}  LABEL",
+            "JOB", "TRAINED PAR.", "MFLOP/IMG FWD", "MFLOP/TRAIN IMG", "IMAGES", "TFLOP"
+        )?;
+        for (j, b) in budgets {
+            writeln!(
+                out,
+                "{:<16}  {:>12}  {:>14.1}  {:>16.1}  {:>12}  {:>8.1}  {}",
+                j.id,
+                b.trained_params,
+                b.trained_flops as f64 / 1e6,
+                b.flops_per_train_image / 1e6,
+                b.images,
+                b.tflops,
+                j.label
+            )?;
+        }
+    }
     Ok(0)
 }
 

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::budget;
 use super::common::{self, DataRef};
 use super::rs;
 use super::smooth;
@@ -52,6 +53,7 @@ const ADAPTER_KEYS: &[&str] = &["base", "adapter", "adapter_width", "adapter_dep
 fn allowed_keys(extra: &[&str]) -> Vec<String> {
     let mut k: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     k.push("backbone".into());
+    k.push("budget_tflops".into());
     k.extend(ADAPTER_KEYS.iter().map(|s| s.to_string()));
     k.extend(training::train_keys(""));
     k.extend(rs::keys("rs_"));
@@ -147,14 +149,18 @@ fn plan_training(
         Some((b, _)) if b != "clean" => format!("{b} "),
         _ => String::new(),
     };
-    let params = TrainCafParams {
+    let mut params = TrainCafParams {
         backbone_name: backbone_name.clone(),
         backbone,
         adapter,
         data,
         train,
     };
-    let value = serde_json::to_value(&params).unwrap_or_default();
+    let mut value = serde_json::to_value(&params).unwrap_or_default();
+    if let Some(e) = budget::budget_epochs(cell, ctx, "", KIND, &value, &params.train)? {
+        params.train.epochs = e;
+        value = serde_json::to_value(&params).unwrap_or_default();
+    }
     let mut label = format!("train-caf {base}{backbone_name} {adapter} σ={sigma}");
     // Name the training settings the cell sets, so sweeps over them can be told apart.
     for key in [

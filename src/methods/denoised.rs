@@ -62,9 +62,15 @@ pub fn default_config() -> TrainConfig {
 }
 
 fn allowed_keys() -> Vec<String> {
-    let mut k: Vec<String> = ["backbone", "sigma", "denoiser", "objective"]
-        .map(String::from)
-        .to_vec();
+    let mut k: Vec<String> = [
+        "backbone",
+        "sigma",
+        "denoiser",
+        "objective",
+        "budget_tflops",
+    ]
+    .map(String::from)
+    .to_vec();
     k.extend(training::train_keys(""));
     k.extend(smooth::CERTIFY_KEYS.iter().map(|s| s.to_string()));
     k
@@ -135,7 +141,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     let data = common::train_data_ref(ctx)?;
     let mut jobs: Vec<Job> = Vec::new();
     for &objective in objectives {
-        let params = TrainDenoisedParams {
+        let mut params = TrainDenoisedParams {
             backbone_name: backbone_name.clone(),
             classifier: classifier.clone(),
             denoiser,
@@ -144,6 +150,10 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
             data: data.clone(),
             train: train.clone(),
         };
+        let value = serde_json::to_value(&params).unwrap_or_default();
+        if let Some(e) = super::budget::budget_epochs(cell, ctx, "", KIND, &value, &params.train)? {
+            params.train.epochs = e;
+        }
         jobs.push(train_job(&params, sigma));
     }
     let Some(last) = jobs.last() else {

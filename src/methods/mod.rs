@@ -10,6 +10,7 @@
 //! rs- or smoothadv-trained), `smoothadv` (SmoothAdv adversarial training), `caf-ensemble` (one adapter per σ, certified across all σ) and `denoised`
 //! (denoised smoothing: a DnCNN trained in front of the frozen classifier).
 
+pub mod budget;
 pub mod caf;
 pub mod common;
 pub mod denoised;

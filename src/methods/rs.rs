@@ -89,6 +89,7 @@ pub fn default_config() -> TrainConfig {
 pub fn keys(prefix: &str) -> Vec<String> {
     let mut k = training::train_keys(prefix);
     k.push(format!("{prefix}init"));
+    k.push(format!("{prefix}budget_tflops"));
     k
 }
 
@@ -141,7 +142,12 @@ pub fn plan_training(
         train,
         smoothadv,
     };
-    let value = serde_json::to_value(&params).unwrap_or_default();
+    let mut params = params;
+    let mut value = serde_json::to_value(&params).unwrap_or_default();
+    if let Some(e) = super::budget::budget_epochs(cell, ctx, prefix, KIND, &value, &params.train)? {
+        params.train.epochs = e;
+        value = serde_json::to_value(&params).unwrap_or_default();
+    }
     let label = match &params.smoothadv {
         None => format!("train-rs {backbone} σ={sigma}"),
         Some(a) => format!(

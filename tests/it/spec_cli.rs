@@ -143,3 +143,57 @@ fn every_shipped_experiment_plans() {
     }
     assert!(n >= 7, "found {n} experiments");
 }
+
+/// `budget_tflops` gives each method the epochs that spend the same compute, and `caf plan`
+/// shows the compute of every training job.
+#[test]
+fn a_compute_budget_sets_epochs_per_method() {
+    let dir = Dir::new();
+    let base =
+        resnet_spec("budget", "0.25", 10, 100, 100).replace("cifar10-exact100", "cifar10-jpeg");
+    let grid_at = base.find("grid:").unwrap();
+    let spec = format!(
+        "{}grid:
+  params: {{backbone: r20, sigma: 0.25, budget_tflops: 24.2}}
+  axes:
+    method: [caf, denoised]
+  methods:
+    denoised:
+      axes: {{objective: [mse, stability]}}
+",
+        &base[..grid_at]
+    );
+    dir.write("b.yaml", &spec);
+    let plan: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["plan", "b.yaml", "--json"]))).unwrap();
+    let epochs = |kind: &str, objective: Option<&str>| -> u64 {
+        plan["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["kind"] == kind && objective.is_none_or(|o| j["params"]["objective"] == o))
+            .unwrap()["params"]["train"]["epochs"]
+            .as_u64()
+            .unwrap()
+    };
+    // 24.2 TFLOPs: the CAF adapter step costs 134.4 MFLOPs per image (4 epochs of 45,000
+    // images), the mse denoiser 128.9 (4 epochs), the stability denoiser 291.1 (2 epochs).
+    assert_eq!(epochs("train-caf", None), 4);
+    assert_eq!(epochs("train-denoised", Some("mse")), 4);
+    assert_eq!(epochs("train-denoised", Some("stability")), 2);
+    let table = ok(&dir.run(&["plan", "b.yaml"]));
+    assert!(table.contains("training compute"), "{table}");
+    assert!(table.contains("134.4"), "{table}");
+
+    dir.write(
+        "both.yaml",
+        &spec.replace("budget_tflops: 24.2", "budget_tflops: 24.2, epochs: 3"),
+    );
+    let out = dir.run(&["plan", "both.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("not both"),
+        "{}",
+        text(&out.stderr)
+    );
+}
