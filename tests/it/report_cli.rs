@@ -247,3 +247,39 @@ fn the_html_report_renders_in_headless_chromium() {
         std::fs::copy(&shot, keep).expect("keep screenshot");
     }
 }
+
+#[test]
+fn compare_overlays_two_databases_with_paired_differences() {
+    let dir = Dir::new();
+    for db in ["a.db", "b.db"] {
+        for (s, sigma) in [("0.25", "0.25"), ("0.50", "0.5")] {
+            ok(&dir.run(&[
+                "import",
+                cohen_file(s).to_str().expect("utf-8"),
+                "--method",
+                "cohen",
+                "--sigma",
+                sigma,
+                "--study",
+                "logs",
+                "--db",
+                db,
+            ]));
+        }
+    }
+    ok(&dir.run(&["report", "--compare", "a.db", "b.db:logs", "--out", "cmp"]));
+    let csv = std::fs::read_to_string(dir.join("cmp/tables/compare-studies-1.csv")).expect("csv");
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2 * 5, "{csv}");
+    for r in rows {
+        let f: Vec<&str> = r.split(',').collect();
+        // The same logs on both sides: equal accuracies, Δ = 0, p = 1.
+        assert_eq!(f[4], f[5], "{r}");
+        assert_eq!((f[6], f[9]), ("0", "1.0000"), "{r}");
+    }
+    assert!(dir
+        .join("cmp/figures/compare-studies-sigma-0.25.svg")
+        .exists());
+    let bad = dir.run(&["report", "--compare", "a.db", "nope.db", "--out", "x"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
