@@ -4,6 +4,7 @@ mod cli;
 
 fn main() {
     tune_allocator();
+    single_threaded_candle_elementwise();
     std::process::exit(cli::main());
 }
 
@@ -28,5 +29,21 @@ fn tune_allocator() {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
         }
+    }
+}
+
+/// Run candle's element-wise CPU kernels on the calling thread unless the user says otherwise.
+///
+/// Why: candle 0.11 parallelises element-wise ops (BatchNorm's arithmetic, ReLU, additions) on
+/// its own spinning barrier pool, next to rayon's pool that caf's convolutions and GEMMs use.
+/// On a 2-core machine the two pools' threads spin against each other: `perf` showed over a
+/// third of a CAF training step in candle's `BarrierGuard::drop` waiting for a descheduled
+/// worker. Measured with `caf bench train-step --method caf` while another job ran on the
+/// machine: 66 → 205 images/s with `CANDLE_NUM_THREADS=1` (see README, Performance).
+fn single_threaded_candle_elementwise() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called first thing in main, before any other thread exists, so nothing can
+        // read the environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
 }

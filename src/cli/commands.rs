@@ -424,7 +424,7 @@ fn eval(a: EvalArgs) -> Result<i32> {
     } else {
         correct as f64 / total as f64
     };
-    println!("accuracy: {acc:.4} ({correct}/{total})");
+    outln!("accuracy: {acc:.4} ({correct}/{total})");
     Ok(0)
 }
 
@@ -446,17 +446,21 @@ fn default_weights(arch: Arch) -> Option<PathBuf> {
 
 /// Measures the SGEMM peak (a fifth of the bench's duration, at least a second) and prints
 /// the workload's share of it.
-fn peak_share(images_per_sec: f64, flops_per_image: f64, seconds: f64) -> caf::bench::PeakShare {
+fn peak_share(
+    images_per_sec: f64,
+    flops_per_image: f64,
+    seconds: f64,
+) -> Result<caf::bench::PeakShare> {
     let peak = caf::bench::sgemm_peak_gflops((seconds / 5.0).max(1.0));
     let share = caf::bench::PeakShare::new(images_per_sec, flops_per_image, peak);
-    println!(
+    outln!(
         "GFLOP/s: {:.1} ({:.1} MFLOP/image), {:.0}% of the measured sgemm peak of {:.1} GFLOP/s",
         share.gflops,
         flops_per_image / 1e6,
         share.percent_of_peak,
         peak
     );
-    share
+    Ok(share)
 }
 
 fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
@@ -488,7 +492,7 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
     };
     let (model, device) = load_model_args(&m)?;
     let report = caf::bench::bench_forward(model.as_ref(), f.batch, f.seconds, f.sigma, &device)?;
-    println!("images/s: {:.1}", report.images_per_sec_median);
+    outln!("images/s: {:.1}", report.images_per_sec_median);
     // Forward FLOPs of the network (convolutions + linear layer).
     let flops = match arch {
         Arch::CifarResNet { depth } => {
@@ -496,9 +500,11 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         }
         _ => None,
     };
-    let share = flops.map(|fl| peak_share(report.images_per_sec_median, fl, f.seconds));
+    let share = flops
+        .map(|fl| peak_share(report.images_per_sec_median, fl, f.seconds))
+        .transpose()?;
     if f.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({ "throughput": report, "peak": share })
@@ -607,7 +613,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
             )?
         }
     };
-    println!("images/s: {:.1}", report.images_per_sec_median);
+    outln!("images/s: {:.1}", report.images_per_sec_median);
     // Training FLOPs per image: the usual forward + 2 × forward for the backward pass of what
     // is trained; CAF's frozen backbone runs forward only (no backward through it).
     let backbone = models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image as f64;
@@ -633,9 +639,9 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
             3.0 * backbone + 3.0 * arch.cost().1 as f64
         }
     };
-    let share = peak_share(report.images_per_sec_median, flops, t.seconds);
+    let share = peak_share(report.images_per_sec_median, flops, t.seconds)?;
     if t.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({ "throughput": report, "peak": share })

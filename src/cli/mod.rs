@@ -1,6 +1,15 @@
 //! Command-line interface. Exit codes: 0 success, 1 some jobs failed, 2 bad input (spec, flags,
 //! files), 130 interrupted (resume with the same command).
 
+/// `println!` that returns the write error instead of panicking: `caf … | head` closes the pipe
+/// on purpose, and `main` treats a broken pipe as success.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 mod args;
 mod commands;
 mod export;

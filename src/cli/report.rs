@@ -53,9 +53,9 @@ pub async fn report(a: ReportArgs) -> Result<i32> {
             report::write(&data, &opts, &a.out)?
         }
     };
-    println!("report: {}", written.index.display());
-    println!("markdown: {}", written.markdown.display());
-    println!("{} files under {}", written.files, a.out.display());
+    outln!("report: {}", written.index.display());
+    outln!("markdown: {}", written.markdown.display());
+    outln!("{} files under {}", written.files, a.out.display());
     Ok(0)
 }
 
@@ -183,7 +183,7 @@ pub async fn import(a: ImportArgs) -> Result<i32> {
         .import_results(&a.study, &job, &cell, &rows)
         .await
         .context("recording the import")?;
-    println!(
+    outln!(
         "imported {} rows of {} as job {} ({}) into study {}{}",
         rows.len(),
         a.file.display(),
