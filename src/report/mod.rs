@@ -987,7 +987,7 @@ fn training_section(study: &StudyData) -> Result<Option<Section>, ReportError> {
     );
     let metric = |e: &serde_json::Value, k: &str| e.get(k).and_then(|v| v.as_f64());
     for (key, ylabel, stem) in [
-        ("loss", "training loss (cross-entropy)", "training-loss"),
+        ("train_loss", "training loss", "training-loss"),
         ("val_acc", "noisy validation accuracy", "training-val-acc"),
     ] {
         let series: Vec<Series> = jobs
@@ -1038,7 +1038,7 @@ fn training_section(study: &StudyData) -> Result<Option<Section>, ReportError> {
                 Cell::text(t.job.to_string()),
                 Cell::text(t.label.clone()),
                 Cell::text(t.epochs.len().to_string()),
-                last.and_then(|e| metric(e, "loss"))
+                last.and_then(|e| metric(e, "train_loss"))
                     .map_or(Cell::missing(), |v| Cell::num(v, 3)),
                 Cell::num(best, 3),
                 last.and_then(|e| metric(e, "images_per_sec"))

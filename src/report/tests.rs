@@ -103,10 +103,23 @@ fn known() -> StudyData {
             job: JobId::new("tttt"),
             label: "train-caf σ=0.5".into(),
             state: JobState::Done,
-            epochs: vec![
-                serde_json::json!({"epoch": 0, "loss": 2.0, "val_acc": 0.3, "images_per_sec": 100.0}),
-                serde_json::json!({"epoch": 1, "loss": 1.5, "val_acc": 0.4, "images_per_sec": 110.0}),
-            ],
+            // As the trainer records them.
+            epochs: [(0, 2.0, 0.3), (1, 1.5, 0.4)]
+                .map(|(epoch, train_loss, val_acc)| {
+                    serde_json::to_value(crate::methods::train::EpochMetrics {
+                        epoch,
+                        steps: 10,
+                        lr: 1e-3,
+                        train_loss,
+                        train_acc: 0.2,
+                        val_loss: Some(2.0),
+                        val_acc: Some(val_acc),
+                        images_per_sec: 100.0,
+                        seconds: 12.8,
+                    })
+                    .expect("json")
+                })
+                .to_vec(),
             run_seconds: 60.0,
         }],
         swept: Vec::new(),
@@ -163,6 +176,8 @@ fn machine_readable_tables_hold_the_exact_numbers() {
         "{md}"
     );
     assert!(md.contains("| smooth | 4 | 100 | 0.500 | 0.250 | 0.000 | 0.000 | 0.100 |"));
+    // The training table reads the trainer's own metric names.
+    assert!(md.contains("| tttt | train-caf σ=0.5 | 2 | 1.500 | 0.400 | 100 | 1.0 |"), "{md}");
 }
 
 #[test]
