@@ -251,18 +251,9 @@ mod tests {
 
     use super::*;
     use crate::methods::train::{Optimizer, OptimizerConfig};
-    use crate::models::Normalize;
 
     fn classifier() -> CifarResNet {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data/pretrained/akamaster/resnet20-12fca82f.th");
-        let norm = Normalize {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        };
-        crate::models::load_cifar_resnet(20, &path, norm, &Device::Cpu)
-            .and_then(|m| m.detached().map_err(crate::models::ModelError::from))
-            .expect("pretrained ResNet-20 from ../shared/data")
+        crate::models::test_resnet20()
     }
 
     fn batch() -> Batch {

@@ -193,18 +193,9 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
-    use crate::models::Normalize;
 
     fn resnet() -> CifarResNet {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data/pretrained/akamaster/resnet20-12fca82f.th");
-        let norm = Normalize {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        };
-        crate::models::load_cifar_resnet(20, &path, norm, &Device::Cpu)
-            .and_then(|m| m.detached().map_err(crate::models::ModelError::from))
-            .expect("pretrained ResNet-20 from ../shared/data")
+        crate::models::test_resnet20()
     }
 
     fn soft_loss(f: &CifarResNet, x: &Tensor, y: &Tensor, noise: &Tensor, m: usize) -> f32 {

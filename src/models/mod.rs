@@ -383,3 +383,17 @@ pub fn compare_names(
 
 #[cfg(test)]
 mod tests;
+
+/// The pretrained akamaster ResNet-20 from `../shared/data`, detached (tests of frozen use).
+#[cfg(test)]
+pub(crate) fn test_resnet20() -> CifarResNet {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/pretrained/akamaster/resnet20-12fca82f.th");
+    let norm = Normalize {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+    load_cifar_resnet(20, &path, norm, &Device::Cpu)
+        .and_then(|m| m.detached().map_err(ModelError::from))
+        .expect("pretrained ResNet-20 from ../shared/data")
+}

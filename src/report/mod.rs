@@ -189,16 +189,7 @@ pub fn write_compare(
         if series.is_empty() {
             continue;
         }
-        let p = LinePlot {
-            title: format!("{na} vs {nb}, σ = {}", fmt_sigma(sigma)),
-            x_label: RADIUS_LABEL.into(),
-            y_label: "certified accuracy".into(),
-            series,
-            step: true,
-            x_range: None,
-            y_range: Some((0.0, 1.0)),
-            x_categories: None,
-        };
+        let p = accuracy_plot(format!("{na} vs {nb}, σ = {}", fmt_sigma(sigma)), series);
         sec.figures.push(Fig {
             stem: format!("compare-studies-sigma-{}", fmt_sigma(sigma)),
             caption: format!("σ = {}: {na} solid, {nb} dashed.", fmt_sigma(sigma)),
@@ -385,16 +376,10 @@ fn curves_section(study: &StudyData) -> Result<Section, ReportError> {
                 error_bars: None,
             });
         }
-        let p = LinePlot {
-            title: format!("{}: σ = {}", study.study.name, fmt_sigma(sigma)),
-            x_label: RADIUS_LABEL.into(),
-            y_label: "certified accuracy".into(),
+        let p = accuracy_plot(
+            format!("{}: σ = {}", study.study.name, fmt_sigma(sigma)),
             series,
-            step: true,
-            x_range: None,
-            y_range: Some((0.0, 1.0)),
-            x_categories: None,
-        };
+        );
         sec.figures.push(Fig {
             stem: format!("curves-sigma-{}", fmt_sigma(sigma)),
             caption: format!("Certified accuracy at σ = {}.", fmt_sigma(sigma)),
@@ -412,16 +397,10 @@ fn curves_section(study: &StudyData) -> Result<Section, ReportError> {
                 error_bars: None,
             })
             .collect();
-        let p = LinePlot {
-            title: format!("{}: best over σ per method", study.study.name),
-            x_label: RADIUS_LABEL.into(),
-            y_label: "certified accuracy".into(),
+        let p = accuracy_plot(
+            format!("{}: best over σ per method", study.study.name),
             series,
-            step: true,
-            x_range: None,
-            y_range: Some((0.0, 1.0)),
-            x_categories: None,
-        };
+        );
         sec.figures.push(Fig {
             stem: "curves-envelope".into(),
             caption: "Envelope: for each method, the maximum over its jobs (all σ) at each radius."
@@ -430,6 +409,20 @@ fn curves_section(study: &StudyData) -> Result<Section, ReportError> {
         });
     }
     Ok(sec)
+}
+
+/// A certified-accuracy-vs-radius step plot.
+fn accuracy_plot(title: String, series: Vec<Series>) -> LinePlot {
+    LinePlot {
+        title,
+        x_label: RADIUS_LABEL.into(),
+        y_label: "certified accuracy".into(),
+        series,
+        step: true,
+        x_range: None,
+        y_range: Some((0.0, 1.0)),
+        x_categories: None,
+    }
 }
 
 fn count_per_method<'a>(jobs: &[&'a CertJob]) -> BTreeMap<&'a str, usize> {
@@ -643,16 +636,7 @@ fn comparison_section(study: &StudyData, opts: &Options) -> Result<Option<Sectio
                     error_bars: None,
                 });
             }
-            let p = LinePlot {
-                title: format!("vs {baseline}, σ = {}", fmt_sigma(sigma)),
-                x_label: RADIUS_LABEL.into(),
-                y_label: "certified accuracy".into(),
-                series,
-                step: true,
-                x_range: None,
-                y_range: Some((0.0, 1.0)),
-                x_categories: None,
-            };
+            let p = accuracy_plot(format!("vs {baseline}, σ = {}", fmt_sigma(sigma)), series);
             sec.figures.push(Fig {
                 stem: format!("compare-sigma-{}", fmt_sigma(sigma)),
                 caption: format!("Each method against {baseline} (dashed) at σ = {}.", sigma),

@@ -177,7 +177,10 @@ fn machine_readable_tables_hold_the_exact_numbers() {
     );
     assert!(md.contains("| smooth | 4 | 100 | 0.500 | 0.250 | 0.000 | 0.000 | 0.100 |"));
     // The training table reads the trainer's own metric names.
-    assert!(md.contains("| tttt | train-caf σ=0.5 | 2 | 1.500 | 0.400 | 100 | 1.0 |"), "{md}");
+    assert!(
+        md.contains("| tttt | train-caf σ=0.5 | 2 | 1.500 | 0.400 | 100 | 1.0 |"),
+        "{md}"
+    );
 }
 
 #[test]

@@ -106,6 +106,34 @@ impl SqliteStore {
     }
 }
 
+/// Inserts one certification row unless the (job, image) pair already has one.
+async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
+    executor: E,
+    job: &JobId,
+    r: &CertRow,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, idx) DO NOTHING",
+    )
+    .bind(job.as_str())
+    .bind(r.idx as i64)
+    .bind(r.label as i64)
+    .bind(r.predict)
+    .bind(r.radius)
+    .bind(r.correct as i64)
+    .bind(r.c_hat as i64)
+    .bind(r.n_a as i64)
+    .bind(r.n as i64)
+    .bind(r.n0 as i64)
+    .bind(r.alpha)
+    .bind(r.sigma)
+    .bind(r.seconds)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 /// Copies the jobs and cells of kind `import` from revision `prev` to `rev`, after the plan's
 /// own `n_jobs` jobs and `n_cells` cells.
 async fn carry_imports(
@@ -611,26 +639,9 @@ impl Store for SqliteStore {
 
     async fn record_cert(&self, job: &JobId, r: &CertRow) -> Result<(), StoreError> {
         // A result is final once written; a re-run of an in-flight image computes the same row.
-        sqlx::query(
-            "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, idx) DO NOTHING",
-        )
-        .bind(job.as_str())
-        .bind(r.idx as i64)
-        .bind(r.label as i64)
-        .bind(r.predict)
-        .bind(r.radius)
-        .bind(r.correct as i64)
-        .bind(r.c_hat as i64)
-        .bind(r.n_a as i64)
-        .bind(r.n as i64)
-        .bind(r.n0 as i64)
-        .bind(r.alpha)
-        .bind(r.sigma)
-        .bind(r.seconds)
-        .execute(&self.pool)
-        .await
-        .ctx("recording a certification result")?;
+        insert_cert(&self.pool, job, r)
+            .await
+            .ctx("recording a certification result")?;
         Ok(())
     }
 
@@ -953,26 +964,9 @@ impl Store for SqliteStore {
             .ctx("recording the imported cell")?;
         }
         for r in rows {
-            sqlx::query(
-                "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, idx) DO NOTHING",
-            )
-            .bind(job.id.as_str())
-            .bind(r.idx as i64)
-            .bind(r.label as i64)
-            .bind(r.predict)
-            .bind(r.radius)
-            .bind(r.correct as i64)
-            .bind(r.c_hat as i64)
-            .bind(r.n_a as i64)
-            .bind(r.n as i64)
-            .bind(r.n0 as i64)
-            .bind(r.alpha)
-            .bind(r.sigma)
-            .bind(r.seconds)
-            .execute(&mut *tx)
-            .await
-            .ctx("recording an imported row")?;
+            insert_cert(&mut *tx, &job.id, r)
+                .await
+                .ctx("recording an imported row")?;
         }
         tx.commit().await.ctx("committing the import")?;
         Ok(StudyId(id))
