@@ -26,7 +26,23 @@ pub(super) async fn pick_study(
     db: &Path,
 ) -> Result<StudyInfo> {
     Ok(match name {
-        Some(name) => store.study_by_name(name).await?,
+        Some(name) => match store.study_by_name(name).await {
+            Ok(s) => s,
+            Err(caf::store::StoreError::NotFound(_)) => {
+                let names: Vec<String> =
+                    store.studies().await?.into_iter().map(|s| s.name).collect();
+                bail!(usage(format!(
+                    "no study `{name}` in {} (studies: {})",
+                    db.display(),
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        },
         None => {
             let mut all = store.studies().await?;
             match all.len() {

@@ -30,9 +30,10 @@ const BOOTSTRAP_SEED: u64 = 0x5eed;
 
 #[derive(thiserror::Error, Debug)]
 pub enum ReportError {
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Io {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error(transparent)]
