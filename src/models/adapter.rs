@@ -437,7 +437,7 @@ impl ConvBn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             let y = super::conv::conv2d(x, self.conv.weight(), self.k / 2, self.stride)?;
-            return self.bn.forward_t(&y, true);
+            return super::bn::forward_train(&self.bn, &y);
         }
         // Folding BN saves three passes over the activations; gradients still reach the
         // weights through it.

@@ -191,7 +191,11 @@ impl ModuleT for DnCnn {
                 h = h.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
             }
             if let Some(bn) = &l.bn {
-                h = bn.forward_t(&h, train)?;
+                h = if train {
+                    super::bn::forward_train(bn, &h)?
+                } else {
+                    bn.forward_t(&h, false)?
+                };
             }
             if i != last {
                 h = h.relu()?;

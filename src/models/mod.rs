@@ -15,6 +15,7 @@
 //! - [`load_classifier`]: both together, with names and shapes checked against the arch.
 
 pub mod adapter;
+pub mod bn;
 pub mod caf;
 pub mod conv;
 pub mod dncnn;

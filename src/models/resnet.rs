@@ -107,7 +107,7 @@ impl ConvBn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             let y = super::conv::conv2d(x, self.conv.weight(), 1, self.stride)?;
-            return self.bn.forward_t(&y, true);
+            return super::bn::forward_train(&self.bn, &y);
         }
         let (w, shift) = self.folded()?;
         let y = super::conv::conv2d(x, &w, 1, self.stride)?;

@@ -150,7 +150,11 @@ fn bad_import_files_are_located_usage_errors_and_record_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let out = dir.run(&["report", "nosuch", "--db", "e.db", "--out", "rep"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("no study `nosuch`"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no study `nosuch`"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = dir.run(&["report", "--db", "missing.db"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no database"));

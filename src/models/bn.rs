@@ -1,0 +1,350 @@
+//! Train-mode BatchNorm as one CPU pass for the statistics, one for the output and two for the
+//! backward pass, registered with candle's autograd as a [`CustomOp3`] over (x, γ, β).
+//!
+//! Why: candle_nn's `BatchNorm::forward_train` builds the result from about nine tensor ops
+//! (transpose, contiguous copy, mean, subtract, square, mean, divide, multiply, add) and its
+//! backward from more, each a full pass over the activations; in a CAF training step the
+//! adapters' twenty BatchNorms made that a large share of the time. Semantics are candle_nn's
+//! (and PyTorch's): normalise with the batch mean and biased variance, update the running mean
+//! with the batch mean and the running variance with the unbiased batch variance, both with
+//! `momentum`. Statistics are summed per channel in a fixed order (image, then pixel) in f64, so
+//! results do not depend on the thread count.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var};
+use candle_nn::BatchNorm;
+use rayon::prelude::*;
+
+/// `bn.forward_t(x, true)` with the fused kernels on the CPU (f32, affine BatchNorm); candle_nn's
+/// own implementation elsewhere.
+pub fn forward_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
+    let Some((gamma, beta)) = bn.weight_and_bias() else {
+        return candle_nn::ModuleT::forward_t(bn, x, true);
+    };
+    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || x.rank() != 4 {
+        return candle_nn::ModuleT::forward_t(bn, x, true);
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let m = n * h * w;
+    if c != gamma.dim(0)? || m < 2 {
+        candle_core::bail!(
+            "batch norm: input {:?} does not fit {} channels",
+            x.dims(),
+            gamma.dim(0)?
+        );
+    }
+    let x = x.contiguous()?;
+    let (mean, var) = {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+            candle_core::bail!("batch norm: expected f32 CPU storage");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("batch norm: expected a contiguous input");
+        };
+        stats(&data[a..b], n, c, h * w)
+    };
+    // Running statistics, exactly as candle_nn updates them.
+    let mom = bn.momentum();
+    let unbias = m as f64 / (m as f64 - 1.0);
+    let rm = Var::from_tensor(bn.running_mean())?;
+    let rv = Var::from_tensor(bn.running_var())?;
+    let old_m: Vec<f32> = rm.as_tensor().to_vec1()?;
+    let old_v: Vec<f32> = rv.as_tensor().to_vec1()?;
+    let new_m: Vec<f32> = old_m
+        .iter()
+        .zip(&mean)
+        .map(|(&r, &b)| (f64::from(r) * (1.0 - mom) + b * mom) as f32)
+        .collect();
+    let new_v: Vec<f32> = old_v
+        .iter()
+        .zip(&var)
+        .map(|(&r, &b)| (f64::from(r) * (1.0 - mom) + b * mom * unbias) as f32)
+        .collect();
+    rm.set(&Tensor::from_vec(new_m, c, x.device())?)?;
+    rv.set(&Tensor::from_vec(new_v, c, x.device())?)?;
+    let eps = bn.eps();
+    let op = BnTrain {
+        mean: mean.iter().map(|&v| v as f32).collect(),
+        invstd: var
+            .iter()
+            .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
+            .collect(),
+        n,
+        c,
+        hw: h * w,
+    };
+    x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
+}
+
+/// Per-channel mean and biased variance of an NCHW buffer, in f64.
+fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
+    let m = (n * hw) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s, mut s2) = (0f64, 0f64);
+            for img in 0..n {
+                for &v in &x[(img * c + ch) * hw..][..hw] {
+                    let v = f64::from(v);
+                    s += v;
+                    s2 += v * v;
+                }
+            }
+            let mean = s / m;
+            (mean, (s2 / m - mean * mean).max(0.0))
+        })
+        .unzip()
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("batch norm: {what} must be f32");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("batch norm: {what} must be contiguous"),
+    }
+}
+
+/// y = (x − μ)·invstd·γ + β with the batch statistics fixed in the op.
+struct BnTrain {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    n: usize,
+    c: usize,
+    hw: usize,
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "caf-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "input")?;
+        let gamma = f32s(s2, l2, "γ")?;
+        let beta = f32s(s3, l3, "β")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(self.hw)
+            .zip(x.par_chunks(self.hw))
+            .enumerate()
+            .for_each(|(i, (yo, xi))| {
+                let ch = i % self.c;
+                let a = self.invstd[ch] * gamma[ch];
+                let b = beta[ch] - self.mean[ch] * a;
+                for (o, &v) in yo.iter_mut().zip(xi) {
+                    *o = v * a + b;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let grads = x.apply_op3_no_bwd(
+            gamma,
+            &dy,
+            &BnBackward {
+                mean: self.mean.clone(),
+                invstd: self.invstd.clone(),
+                n: self.n,
+                c: self.c,
+                hw: self.hw,
+            },
+        )?;
+        let len = self.n * self.c * self.hw;
+        let dx = grads.narrow(0, 0, len)?.reshape(x.shape())?;
+        let dgamma = grads.narrow(0, len, self.c)?;
+        let dbeta = grads.narrow(0, len + self.c, self.c)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// (x, γ, dy) → [dx (flattened) | dγ | dβ] in one buffer (a custom op has one output).
+struct BnBackward {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    n: usize,
+    c: usize,
+    hw: usize,
+}
+
+impl CustomOp3 for BnBackward {
+    fn name(&self) -> &'static str {
+        "caf-batch-norm-train-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "input")?;
+        let gamma = f32s(s2, l2, "γ")?;
+        let dy = f32s(s3, l3, "output gradient")?;
+        let (n, c, hw) = (self.n, self.c, self.hw);
+        // Σ dy and Σ dy·x̂ per channel, in a fixed order.
+        let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                let (mut sb, mut sg) = (0f64, 0f64);
+                for img in 0..n {
+                    let off = (img * c + ch) * hw;
+                    for (&g, &v) in dy[off..off + hw].iter().zip(&x[off..off + hw]) {
+                        sb += f64::from(g);
+                        sg += f64::from(g) * f64::from((v - mu) * is);
+                    }
+                }
+                (sb, sg)
+            })
+            .unzip();
+        let m = (n * hw) as f32;
+        let mut out = vec![0f32; n * c * hw + 2 * c];
+        let (dx, tail) = out.split_at_mut(n * c * hw);
+        dx.par_chunks_mut(hw).enumerate().for_each(|(i, dxo)| {
+            let ch = i % c;
+            let off = i * hw;
+            let (mu, is) = (self.mean[ch], self.invstd[ch]);
+            let k = gamma[ch] * is / m;
+            let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
+            for ((o, &g), &v) in dxo
+                .iter_mut()
+                .zip(&dy[off..off + hw])
+                .zip(&x[off..off + hw])
+            {
+                *o = k * (m * g - db - (v - mu) * is * dg);
+            }
+        });
+        for ch in 0..c {
+            tail[ch] = dgamma[ch] as f32;
+            tail[c + ch] = dbeta[ch] as f32;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n * c * hw + 2 * c)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::ModuleT;
+    use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
+
+    use super::*;
+
+    fn bn(varmap: &VarMap, c: usize) -> BatchNorm {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+        let cfg = BatchNormConfig {
+            eps: 1e-5,
+            remove_mean: true,
+            affine: true,
+            momentum: 0.1,
+        };
+        candle_nn::batch_norm(c, cfg, vb).expect("batch norm")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("same shapes")
+    }
+
+    #[test]
+    fn matches_candle_nn_in_values_running_statistics_and_gradients() {
+        let (n, c, h, w) = (5, 3, 4, 6);
+        let x0 = (Tensor::randn(0f32, 1f32, (n, c, h, w), &Device::Cpu).expect("x") * 3.0)
+            .and_then(|t| t + 1.5)
+            .expect("x");
+        let r = Tensor::randn(0f32, 1f32, (n, c, h, w), &Device::Cpu).expect("r");
+        let run = |fused: bool| {
+            let varmap = VarMap::new();
+            let layer = bn(&varmap, c);
+            // Non-trivial γ, β and running statistics.
+            let (g, b) = layer.weight_and_bias().expect("affine");
+            Var::from_tensor(g)
+                .and_then(|v| v.set(&Tensor::new(&[0.5f32, 2.0, -1.0], &Device::Cpu)?))
+                .expect("γ");
+            Var::from_tensor(b)
+                .and_then(|v| v.set(&Tensor::new(&[0.1f32, -0.3, 0.7], &Device::Cpu)?))
+                .expect("β");
+            let x = Var::from_tensor(&x0).expect("x var");
+            let y = if fused {
+                forward_train(&layer, x.as_tensor()).expect("fused")
+            } else {
+                layer.forward_t(x.as_tensor(), true).expect("candle")
+            };
+            let grads = (&y * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward");
+            let gx = grads.get(x.as_tensor()).expect("dx").clone();
+            let gg = grads.get(g).expect("dγ").clone();
+            let gb = grads.get(b).expect("dβ").clone();
+            (
+                y,
+                gx,
+                gg,
+                gb,
+                layer.running_mean().clone(),
+                layer.running_var().clone(),
+            )
+        };
+        let a = run(true);
+        let b = run(false);
+        assert!(max_diff(&a.0, &b.0) < 1e-4, "output");
+        assert!(max_diff(&a.1, &b.1) < 1e-4, "dx {}", max_diff(&a.1, &b.1));
+        assert!(max_diff(&a.2, &b.2) < 1e-3, "dγ {}", max_diff(&a.2, &b.2));
+        assert!(max_diff(&a.3, &b.3) < 1e-3, "dβ");
+        assert!(max_diff(&a.4, &b.4) < 1e-5, "running mean");
+        assert!(max_diff(&a.5, &b.5) < 1e-4, "running var");
+    }
+
+    #[test]
+    fn the_result_does_not_depend_on_the_thread_count() {
+        let x = Tensor::randn(0f32, 1f32, (9, 4, 5, 5), &Device::Cpu).expect("x");
+        let out = |threads: usize| -> Vec<f32> {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool")
+                .install(|| {
+                    let varmap = VarMap::new();
+                    let layer = bn(&varmap, 4);
+                    let xv = Var::from_tensor(&x).expect("var");
+                    let y = forward_train(&layer, xv.as_tensor()).expect("bn");
+                    let g = y
+                        .sqr()
+                        .and_then(|t| t.sum_all())
+                        .and_then(|l| l.backward())
+                        .expect("bwd");
+                    let mut v: Vec<f32> = g
+                        .get(xv.as_tensor())
+                        .expect("dx")
+                        .flatten_all()
+                        .and_then(|t| t.to_vec1())
+                        .expect("vec");
+                    v.extend(layer.running_var().to_vec1::<f32>().expect("rv"));
+                    v
+                })
+        };
+        assert_eq!(out(1), out(3));
+    }
+}
