@@ -245,7 +245,14 @@ const BLOCKED_CTE: &str = "WITH RECURSIVE dead(id) AS (
 impl Store for SqliteStore {
     async fn register_plan(&self, plan: &Plan) -> Result<StudyId, StoreError> {
         let now = now_unix();
-        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        // IMMEDIATE: this transaction reads before it writes, and a deferred one could not
+        // upgrade to a writer after another process committed (SQLITE_BUSY_SNAPSHOT, which the
+        // busy timeout does not retry); two `caf run`s registering one plan hit exactly that.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("starting a transaction")?;
         let s = &plan.study;
         let previous: Option<String> =
             sqlx::query_scalar("SELECT spec_sha256 FROM studies WHERE name = ?")
@@ -833,7 +840,12 @@ impl Store for SqliteStore {
         rows: &[CertRow],
     ) -> Result<StudyId, StoreError> {
         let now = now_unix();
-        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        // IMMEDIATE for the same reason as in `register_plan`: it reads before it writes.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("starting a transaction")?;
         let existing: Option<(i64, String, String)> =
             sqlx::query_as("SELECT id, spec_sha256, spec_text FROM studies WHERE name = ?")
                 .bind(study)

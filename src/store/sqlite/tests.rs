@@ -400,3 +400,33 @@ async fn cells_are_recorded_and_imports_survive_a_new_spec_revision() {
     );
     assert_eq!(s.study_jobs(study).await.unwrap().len(), 2);
 }
+
+/// Several processes registering one plan at the same moment (every `caf run` of a shared
+/// study does): each registration reads the previous revision before writing, which a
+/// deferred SQLite transaction cannot always upgrade to a write (SQLITE_BUSY_SNAPSHOT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_of_one_plan_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    SqliteStore::open(&path).await.unwrap();
+    let jobs: Vec<Job> = (0..20).map(|i| job(&format!("j{i}"), &[])).collect();
+    for round in 0..10 {
+        let tasks: Vec<_> = (0..6)
+            .map(|k| {
+                let p = path.clone();
+                let mut pl = plan("shared", jobs.clone());
+                // Alternate revisions so the carry-over path runs too.
+                pl.study.spec_sha256 = format!("rev{}", (round + k) % 2);
+                tokio::spawn(async move {
+                    let s = SqliteStore::open(&p).await?;
+                    s.register_plan(&pl).await.map(|_| ())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+}
