@@ -515,6 +515,8 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
 }
 
 fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
+    use caf::methods::budget;
+    use caf::methods::denoised::DenoiserObjective;
     use caf::methods::train::{Classification, OptimizerConfig};
     let usage = |m: String| Exit {
         code: 2,
@@ -544,7 +546,9 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
         std: [0.229, 0.224, 0.225],
     };
     let varmap = candle_nn::VarMap::new();
-    let report = match t.method {
+    let backbone_flops = models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image;
+    // Each arm returns the throughput and the training FLOPs per image (`methods::budget`).
+    let (report, flops) = match t.method {
         BenchMethod::Caf => {
             let adapter: models::AdapterArch = t
                 .adapter
@@ -553,7 +557,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
             let phi = models::load_cifar_resnet(depth, &weights, normalize, &device)?.detached()?;
             let (model, vars) =
                 models::caf::build_caf_seeded(phi, &adapter, 10, &varmap, &device, 0)?;
-            caf::bench::bench_train_step(
+            let report = caf::bench::bench_train_step(
                 &Classification { model: &model },
                 vars,
                 OptimizerConfig::adam(1e-3),
@@ -561,7 +565,10 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 t.seconds,
                 t.sigma,
                 &device,
-            )?
+            )?;
+            let flops = budget::caf_train_flops(backbone_flops, &adapter)
+                .ok_or_else(|| usage(format!("no FLOP count for adapter {adapter}")))?;
+            (report, flops.0)
         }
         BenchMethod::Rs => {
             let init = models::load_state_dict(&weights, &device)?;
@@ -579,7 +586,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 nesterov: false,
                 weight_decay: 1e-4,
             };
-            caf::bench::bench_train_step(
+            let report = caf::bench::bench_train_step(
                 &Classification { model: &model },
                 vars,
                 sgd,
@@ -587,7 +594,10 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 t.seconds,
                 t.sigma,
                 &device,
-            )?
+            )?;
+            let flops = budget::rs_train_flops(depth, None)
+                .ok_or_else(|| usage(format!("no FLOP count for resnet{depth}")))?;
+            (report, flops.0)
         }
         BenchMethod::Denoised => {
             let arch: models::dncnn::DnCnnArch = t
@@ -597,48 +607,26 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
             let classifier =
                 models::load_cifar_resnet(depth, &weights, normalize, &device)?.detached()?;
             let (denoiser, vars) = models::dncnn::build_seeded(arch, &varmap, &device, 0)?;
-            let objective = caf::methods::denoised::DenoiserLoss {
+            let objective = DenoiserObjective::Stability;
+            let loss = caf::methods::denoised::DenoiserLoss {
                 denoiser: &denoiser,
                 classifier: &classifier,
-                objective: caf::methods::denoised::DenoiserObjective::Stability,
+                objective,
             };
-            caf::bench::bench_train_step(
-                &objective,
+            let report = caf::bench::bench_train_step(
+                &loss,
                 vars,
                 OptimizerConfig::adam(1e-3),
                 t.batch,
                 t.seconds,
                 t.sigma,
                 &device,
-            )?
+            )?;
+            let flops = budget::denoised_train_flops(backbone_flops, arch, objective);
+            (report, flops.0)
         }
     };
     outln!("images/s: {:.1}", report.images_per_sec_median);
-    // Training FLOPs per image: the usual forward + 2 × forward for the backward pass of what
-    // is trained; CAF's frozen backbone runs forward only (no backward through it).
-    let backbone = models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image as f64;
-    let flops = match t.method {
-        BenchMethod::Caf => {
-            let adapter: models::AdapterArch = t
-                .adapter
-                .parse()
-                .map_err(|e: models::ModelError| usage(e.to_string()))?;
-            // Every CIFAR ResNet ends in 64 features.
-            let feat = 64;
-            let a = models::adapter::cost(&adapter, feat)?.flops_per_image as f64;
-            backbone + 3.0 * (a + 2.0 * (feat * 10) as f64)
-        }
-        BenchMethod::Rs => 3.0 * backbone,
-        // Classifier forward on the clean batch (the stability target), forward + input
-        // backward (≈ 2×) through it on the denoised batch, denoiser forward + backward.
-        BenchMethod::Denoised => {
-            let arch: models::dncnn::DnCnnArch = t
-                .denoiser
-                .parse()
-                .map_err(|e: models::ModelError| usage(e.to_string()))?;
-            3.0 * backbone + 3.0 * arch.cost().1 as f64
-        }
-    };
     let share = peak_share(report.images_per_sec_median, flops, t.seconds)?;
     if t.json {
         outln!(

@@ -12,9 +12,11 @@ use serde::Serialize;
 use super::caf::TrainCafParams;
 use super::denoised::{DenoiserObjective, TrainDenoisedParams};
 use super::rs::TrainRsParams;
+use super::smoothadv::SmoothAdvConfig;
 use super::source::{ModelSource, NUM_CLASSES};
 use super::train::TrainConfig;
-use crate::models::adapter::{cifar_resnet_cost, cost};
+use crate::models::adapter::{cifar_resnet_cost, cost, AdapterArch};
+use crate::models::dncnn::DnCnnArch;
 use crate::models::Arch;
 use crate::plan::{Job, PlanContext};
 use crate::spec::{Cell, SpecError};
@@ -64,47 +66,73 @@ fn resnet_flops(source: &ModelSource) -> Option<(u64, u64)> {
     }
 }
 
+/// Training FLOPs per image of CAF: the frozen backbone forward, the adapter and head forward
+/// and backward. Every CIFAR ResNet ends in 64 features.
+pub fn caf_train_flops(backbone_flops: u64, adapter: &AdapterArch) -> Option<(f64, u64, u64)> {
+    let a = cost(adapter, 64).ok()?;
+    let head = 2 * 64 * NUM_CLASSES as u64;
+    let trained = a.flops_per_image + head;
+    let params = a.params + 64 * NUM_CLASSES as u64 + NUM_CLASSES as u64;
+    Some((
+        backbone_flops as f64 + 3.0 * trained as f64,
+        params,
+        trained,
+    ))
+}
+
+/// Training FLOPs per image of a denoiser in front of a frozen classifier.
+pub fn denoised_train_flops(
+    classifier_flops: u64,
+    denoiser: DnCnnArch,
+    objective: DenoiserObjective,
+) -> (f64, u64, u64) {
+    let (dparams, dflops) = denoiser.cost();
+    let frozen = match objective {
+        // f on the denoised batch for the accuracy log only.
+        DenoiserObjective::Mse => classifier_flops as f64,
+        // f on the clean batch (target), f forward + input backward on the denoised one.
+        DenoiserObjective::Stability => 3.0 * classifier_flops as f64,
+    };
+    (frozen + 3.0 * dflops as f64, dparams, dflops)
+}
+
+/// Training FLOPs per image of a whole CIFAR ResNet, with or without SmoothAdv's attack.
+pub fn rs_train_flops(
+    depth: usize,
+    smoothadv: Option<&SmoothAdvConfig>,
+) -> Option<(f64, u64, u64)> {
+    let c = cifar_resnet_cost(depth, NUM_CLASSES).ok()?;
+    let f = c.flops_per_image as f64;
+    let per = match smoothadv {
+        None => 3.0 * f,
+        // m noisy copies trained, and T attack steps of forward + input backward on them.
+        Some(a) => {
+            let m = a.noise_draws as f64;
+            3.0 * f * m + 2.0 * f * m * a.steps as f64
+        }
+    };
+    Some((per, c.params, c.flops_per_image))
+}
+
 /// Training FLOPs per image and trained (params, forward FLOPs) of a training job's params.
 pub fn per_image(kind: &str, params: &serde_json::Value) -> Option<(f64, u64, u64)> {
     match kind {
         super::caf::KIND => {
             let p: TrainCafParams = serde_json::from_value(params.clone()).ok()?;
             let (_, backbone) = resnet_flops(&p.backbone)?;
-            let a = cost(&p.adapter, 64).ok()?;
-            let head = 2 * 64 * NUM_CLASSES as u64;
-            let trained = a.flops_per_image + head;
-            let params = a.params + 64 * NUM_CLASSES as u64 + NUM_CLASSES as u64;
-            Some((backbone as f64 + 3.0 * trained as f64, params, trained))
+            caf_train_flops(backbone, &p.adapter)
         }
         super::denoised::KIND => {
             let p: TrainDenoisedParams = serde_json::from_value(params.clone()).ok()?;
             let (_, classifier) = resnet_flops(&p.classifier)?;
-            let (dparams, dflops) = p.denoiser.cost();
-            let frozen = match p.objective {
-                // f on the denoised batch for the accuracy log only.
-                DenoiserObjective::Mse => classifier as f64,
-                // f on the clean batch (target), f forward + input backward on the denoised one.
-                DenoiserObjective::Stability => 3.0 * classifier as f64,
-            };
-            Some((frozen + 3.0 * dflops as f64, dparams, dflops))
+            Some(denoised_train_flops(classifier, p.denoiser, p.objective))
         }
         super::rs::KIND => {
             let p: TrainRsParams = serde_json::from_value(params.clone()).ok()?;
-            let depth = match p.arch.parse::<Arch>() {
-                Ok(Arch::CifarResNet { depth }) => depth,
-                _ => return None,
-            };
-            let c = cifar_resnet_cost(depth, NUM_CLASSES).ok()?;
-            let f = c.flops_per_image as f64;
-            let per = match &p.smoothadv {
-                None => 3.0 * f,
-                // m noisy copies trained, and T attack steps of forward + input backward on them.
-                Some(a) => {
-                    let m = a.noise_draws as f64;
-                    3.0 * f * m + 2.0 * f * m * a.steps as f64
-                }
-            };
-            Some((per, c.params, c.flops_per_image))
+            match p.arch.parse::<Arch>() {
+                Ok(Arch::CifarResNet { depth }) => rs_train_flops(depth, p.smoothadv.as_ref()),
+                _ => None,
+            }
         }
         _ => None,
     }

@@ -14,6 +14,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, T
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
+use super::conv::f32_slice;
+
 /// `bn.forward_t(x, true)` with the fused kernels on the CPU (f32, affine BatchNorm); candle_nn's
 /// own implementation elsewhere.
 pub fn forward_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
@@ -96,16 +98,6 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
         .unzip()
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("batch norm: {what} must be f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("batch norm: {what} must be contiguous"),
-    }
-}
-
 /// y = (x − μ)·invstd·γ + β with the batch statistics fixed in the op.
 struct BnTrain {
     mean: Vec<f32>,
@@ -129,9 +121,9 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, "input")?;
-        let gamma = f32s(s2, l2, "γ")?;
-        let beta = f32s(s3, l3, "β")?;
+        let x = f32_slice(s1, l1, "batch norm input")?;
+        let gamma = f32_slice(s2, l2, "batch norm γ")?;
+        let beta = f32_slice(s3, l3, "batch norm β")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(self.hw)
             .zip(x.par_chunks(self.hw))
@@ -198,9 +190,9 @@ impl CustomOp3 for BnBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, "input")?;
-        let gamma = f32s(s2, l2, "γ")?;
-        let dy = f32s(s3, l3, "output gradient")?;
+        let x = f32_slice(s1, l1, "batch norm input")?;
+        let gamma = f32_slice(s2, l2, "batch norm γ")?;
+        let dy = f32_slice(s3, l3, "batch norm output gradient")?;
         let (n, c, hw) = (self.n, self.c, self.hw);
         // Σ dy and Σ dy·x̂ per channel, in a fixed order.
         let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)

@@ -213,13 +213,14 @@ fn gemm(m: usize, n: usize, k: usize, a: View, b: View, c: &mut [f32], accumulat
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+/// The f32 elements of a contiguous CPU operand of a custom op; `what` names it in errors.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
-        candle_core::bail!("conv2d: {what} must be f32");
+        candle_core::bail!("{what} must be f32");
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("conv2d: {what} must be contiguous"),
+        None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 
@@ -241,8 +242,8 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geom;
-        let x = f32_slice(s1, l1, "input")?;
-        let w = f32_slice(s2, l2, "weight")?;
+        let x = f32_slice(s1, l1, "conv2d input")?;
+        let w = f32_slice(s2, l2, "conv2d weight")?;
         let n_img = l1.dims()[0];
         let c_out = l2.dims()[0];
         let (ho, wo) = g.out_hw();
@@ -308,8 +309,8 @@ impl CustomOp2 for InputGradOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geom;
-        let gy = f32_slice(s1, l1, "output gradient")?;
-        let w = f32_slice(s2, l2, "weight")?;
+        let gy = f32_slice(s1, l1, "conv2d output gradient")?;
+        let w = f32_slice(s2, l2, "conv2d weight")?;
         let n_img = l1.dims()[0];
         let c_out = l2.dims()[0];
         let plane = g.plane_out();
@@ -355,8 +356,8 @@ impl CustomOp2 for WeightGradOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geom;
-        let x = f32_slice(s1, l1, "input")?;
-        let gy = f32_slice(s2, l2, "output gradient")?;
+        let x = f32_slice(s1, l1, "conv2d input")?;
+        let gy = f32_slice(s2, l2, "conv2d output gradient")?;
         let c_out = l2.dims()[1];
         let plane = g.plane_out();
         let rows = g.rows();

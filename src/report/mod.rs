@@ -172,18 +172,10 @@ pub fn write_compare(
             }
             for &r in &opts.radii {
                 if let Some(d) = stats::paired(&ja.rows, &jb.rows, r, BOOTSTRAP_SEED) {
-                    rows.push(vec![
-                        Cell::text(ja.name(&a.swept)),
-                        Cell::text(fmt_sigma(sigma)),
-                        Cell::text(format!("{r}")),
-                        Cell::text(d.n_images.to_string()),
-                        Cell::num(d.acc_a, 3),
-                        Cell::num(d.acc_b, 3),
-                        Cell::num(d.diff, 3),
-                        Cell::num(d.ci_low, 3),
-                        Cell::num(d.ci_high, 3),
-                        Cell::text(format_p(d.p_value)),
-                    ]);
+                    let mut row = vec![Cell::text(ja.name(&a.swept))];
+                    row.extend(diff_cells(sigma, r, &d));
+                    row.push(Cell::text(format_p(d.p_value)));
+                    rows.push(row);
                 }
             }
         }
@@ -666,7 +658,18 @@ fn diff_row(other: &CertJob, swept: &[String], sigma: f64, r: f64, d: &PairedDif
             other.values.get(k).map(short_value).unwrap_or_default(),
         ));
     }
+    row.extend(diff_cells(sigma, r, d));
     row.extend([
+        Cell::text(d.only_a.to_string()),
+        Cell::text(d.only_b.to_string()),
+        Cell::text(format_p(d.p_value)),
+    ]);
+    row
+}
+
+/// σ, radius, images, both accuracies, Δ and its interval: the columns every paired table shares.
+fn diff_cells(sigma: f64, r: f64, d: &PairedDiff) -> [Cell; 8] {
+    [
         Cell::text(fmt_sigma(sigma)),
         Cell::text(format!("{r}")),
         Cell::text(d.n_images.to_string()),
@@ -675,11 +678,7 @@ fn diff_row(other: &CertJob, swept: &[String], sigma: f64, r: f64, d: &PairedDif
         Cell::num(d.diff, 3),
         Cell::num(d.ci_low, 3),
         Cell::num(d.ci_high, 3),
-        Cell::text(d.only_a.to_string()),
-        Cell::text(d.only_b.to_string()),
-        Cell::text(format_p(d.p_value)),
-    ]);
-    row
+    ]
 }
 
 fn format_p(p: f64) -> String {
