@@ -290,6 +290,10 @@ pub struct BenchTrainArgs {
     pub json: bool,
 }
 
+fn parse_precision(s: &str) -> Result<caf::models::Precision, String> {
+    s.parse()
+}
+
 #[derive(Debug, Args)]
 pub struct BenchForwardArgs {
     #[arg(long, default_value = "resnet20")]
@@ -303,6 +307,9 @@ pub struct BenchForwardArgs {
     pub seconds: f64,
     #[arg(long, default_value_t = 0.25)]
     pub sigma: f32,
+    /// Arithmetic of the fused CPU path: f32, or bf16 (AVX-512 BF16 dot products).
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    pub precision: caf::models::Precision,
     #[arg(long)]
     pub json: bool,
 }

@@ -490,7 +490,14 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         data_root: PathBuf::new(),
         device: caf::sched::DeviceSpec::Cpu,
     };
-    let (model, device) = load_model_args(&m)?;
+    let (mut model, device) = load_model_args(&m)?;
+    model.set_precision(f.precision).map_err(|e| Exit {
+        code: 2,
+        message: Some(e.to_string()),
+    })?;
+    if f.precision == models::Precision::Bf16 && !models::gemm::bf16_kernel_available() {
+        eprintln!("note: this CPU has no AVX-512 BF16; bf16 runs the emulated (f32) GEMM");
+    }
     let report = caf::bench::bench_forward(model.as_ref(), f.batch, f.seconds, f.sigma, &device)?;
     outln!("images/s: {:.1}", report.images_per_sec_median);
     // Forward FLOPs of the network (convolutions + linear layer).
@@ -506,9 +513,9 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
     if f.json {
         outln!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "throughput": report, "peak": share })
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "throughput": report, "peak": share, "precision": f.precision
+            }))?
         );
     }
     Ok(0)

@@ -167,6 +167,17 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         job: last.id.clone(),
         denoiser,
     };
+    if smooth::cell_precision(cell, ctx)? != crate::models::Precision::F32 {
+        let span = cell
+            .params
+            .get("precision")
+            .map(|p| p.span)
+            .unwrap_or_default();
+        return Err(ctx.error_at(
+            span,
+            "method `denoised` certifies in f32 only: the denoiser has no bf16 path",
+        ));
+    }
     let label = last.label.replacen("train-denoised", "denoised", 1);
     jobs.push(smooth::certify_job(cell, ctx, source, label, sigma)?);
     Ok(jobs)

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::common::{self, DataRef, ModelRef, Slice};
 use crate::certify::predict_classes;
 use crate::data::ImageSet;
-use crate::models::Classifier;
+use crate::models::{Classifier, Precision};
 use crate::plan::{Job, JobBuilder, PlanContext};
 use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
 use crate::spec::{Cell, SpecError};
@@ -23,10 +23,17 @@ pub struct EvalParams {
     pub data: DataRef,
     pub slice: Slice,
     pub batch: usize,
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
-    common::check_known(cell, ctx, "clean", &["backbone", "batch", "skip", "max"])?;
+    common::check_known(
+        cell,
+        ctx,
+        "clean",
+        &["backbone", "batch", "skip", "max", "precision"],
+    )?;
     let (backbone, model) = common::backbone_ref(cell, ctx)?;
     let data = common::test_data_ref(ctx)?;
     let c = &ctx.spec.certify;
@@ -50,22 +57,34 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         }
         batch = v as usize;
     }
-    Ok(vec![job(&backbone, model, data, slice, batch)])
+    let precision = super::smooth::cell_precision(cell, ctx)?;
+    Ok(vec![job(&backbone, model, data, slice, batch, precision)])
 }
 
-pub fn job(backbone: &str, model: ModelRef, data: DataRef, slice: Slice, batch: usize) -> Job {
+pub fn job(
+    backbone: &str,
+    model: ModelRef,
+    data: DataRef,
+    slice: Slice,
+    batch: usize,
+    precision: Precision,
+) -> Job {
     let params = EvalParams {
         backbone: backbone.to_string(),
         model,
         data,
         slice,
         batch,
+        precision,
     };
     let value = serde_json::to_value(&params).unwrap_or_default();
     JobBuilder {
         kind: KIND,
         version: VERSION,
-        label: format!("clean {backbone}"),
+        label: match precision {
+            Precision::F32 => format!("clean {backbone}"),
+            p => format!("clean {backbone} precision={p}"),
+        },
         // Batch size cannot change an argmax beyond float noise; leave it out so eval jobs are
         // shared between cells that certify with different batches.
         identity: common::identity_of(&value, &["weights", "root", "backbone", "batch"]),
@@ -106,7 +125,8 @@ impl JobHandler for EvalHandler {
         let p: EvalParams = serde_json::from_value(ctx.params.clone())
             .map_err(|e| JobError::fatal(format!("bad eval params: {e}")))?;
         let device = ctx.device.open().map_err(JobError::fatal)?;
-        let model = p.model.load(&device)?;
+        let mut model = p.model.load(&device)?;
+        super::smooth::set_precision(model.as_mut(), p.precision, &device)?;
         let data = p.data.load()?;
         let indices = p.slice.indices(data.len());
         let done: BTreeSet<u64> = ctx.sink.eval_done()?.into_iter().collect();

@@ -17,7 +17,7 @@ use super::common::{self, DataRef, Slice};
 use super::smooth::{self, CertifyParams};
 use super::source::ModelSource;
 use crate::certify::{ClassifierSet, NoiseKey, Settings, Smooth};
-use crate::models::{CafModel, CifarResNet};
+use crate::models::{CafModel, CifarResNet, Precision};
 use crate::plan::{Job, JobBuilder, JobId};
 use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
 
@@ -43,6 +43,8 @@ pub struct FusedParams {
     pub alpha: f64,
     pub batch: usize,
     pub slice: Slice,
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 /// The frozen backbone a certify job's model is built on, if it can share one.
@@ -77,6 +79,7 @@ pub fn fuse(jobs: &mut Vec<Job>) {
         let key = serde_json::json!({
             "backbone": backbone, "data": p.data.sha256, "sigma": p.sigma, "seed": p.seed,
             "n0": p.n0, "n": p.n, "alpha": p.alpha, "batch": p.batch, "slice": p.slice,
+            "precision": p.precision,
         });
         groups
             .entry(crate::util::canonical_json(&key))
@@ -112,6 +115,7 @@ pub fn fuse(jobs: &mut Vec<Job>) {
             alpha: first.alpha,
             batch: first.batch,
             slice: first.slice,
+            precision: first.precision,
         };
         let deps: Vec<JobId> = params
             .iter()
@@ -181,15 +185,20 @@ impl JobHandler for FusedHandler {
             .map_err(|e| JobError::fatal(format!("bad certify-fused params: {e}")))?;
         let device: Device = ctx.device.open().map_err(JobError::fatal)?;
         let sink = ctx.sink.as_ref();
-        let backbone = p
+        let mut backbone = p
             .backbone
             .load_resnet(sink, &device)?
             .detached()
             .map_err(JobError::fatal)?;
+        smooth::set_precision(&mut backbone, p.precision, &device)?;
         let mut members = Vec::new();
         for m in &p.members {
             members.push(match &m.model {
-                ModelSource::Caf { .. } => Member::Caf(Box::new(m.model.load_caf(sink, &device)?)),
+                ModelSource::Caf { .. } => {
+                    let mut caf = m.model.load_caf(sink, &device)?;
+                    smooth::set_precision(&mut caf, p.precision, &device)?;
+                    Member::Caf(Box::new(caf))
+                }
                 _ => Member::Plain,
             });
         }

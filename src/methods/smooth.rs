@@ -10,7 +10,7 @@ use super::common::{self, DataRef, Slice};
 use super::source::ModelSource;
 use crate::certify::{Certificate, NoiseKey, Settings, Smooth};
 use crate::data::ImageSet;
-use crate::models::Classifier;
+use crate::models::{Classifier, Precision};
 use crate::plan::{Job, JobBuilder, PlanContext};
 use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
 use crate::spec::{Cell, SpecError};
@@ -33,10 +33,22 @@ pub struct CertifyParams {
     pub alpha: f64,
     pub batch: usize,
     pub slice: Slice,
+    /// Arithmetic of the model's fused CPU path; absent (f32) in the ids of f32 jobs, so
+    /// adding the option changed no existing job id.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 /// Per-cell overrides of the spec's `certify` block, accepted by every certifying method.
-pub const CERTIFY_KEYS: &[&str] = &["n0", "n", "alpha", "batch", "skip", "max"];
+pub const CERTIFY_KEYS: &[&str] = &["n0", "n", "alpha", "batch", "skip", "max", "precision"];
+
+/// The cell's `precision` (f32 unless the spec says bf16).
+pub fn cell_precision(cell: &Cell, ctx: &PlanContext<'_>) -> Result<Precision, SpecError> {
+    match common::string(cell, ctx, "precision")? {
+        None => Ok(Precision::F32),
+        Some((v, p)) => v.parse().map_err(|e: String| ctx.error_at(p.span, e)),
+    }
+}
 
 /// The certification settings of a cell: the spec's `certify` block, overridden per cell.
 pub fn cell_settings(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(Settings, Slice), SpecError> {
@@ -115,6 +127,7 @@ pub fn certify_job(
     let (backbone, _) = common::backbone_ref(cell, ctx)?;
     let data = common::test_data_ref(ctx)?;
     let (s, slice) = cell_settings(cell, ctx)?;
+    let precision = cell_precision(cell, ctx)?;
     let params = CertifyParams {
         backbone,
         model,
@@ -126,12 +139,17 @@ pub fn certify_job(
         alpha: s.alpha,
         batch: s.batch,
         slice,
+        precision,
     };
     let mut cert = job(params, label);
     // Name per-cell overrides so jobs that differ only in them can be told apart.
     for key in CERTIFY_KEYS {
         if let Some(p) = cell.params.get(*key) {
-            cert.label.push_str(&format!(" {key}={}", p.value));
+            let value = match p.value.as_str() {
+                Some(text) => text.to_string(),
+                None => p.value.to_string(),
+            };
+            cert.label.push_str(&format!(" {key}={value}"));
         }
     }
     Ok(cert)
@@ -145,7 +163,8 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     let data = common::test_data_ref(ctx)?;
     let sigma = cell_sigma(cell, ctx, "smooth")?;
     let (s, slice) = cell_settings(cell, ctx)?;
-    let eval = super::eval::job(&backbone, model.clone(), data, slice, s.batch);
+    let precision = cell_precision(cell, ctx)?;
+    let eval = super::eval::job(&backbone, model.clone(), data, slice, s.batch, precision);
     let cert = certify_job(
         cell,
         ctx,
@@ -169,6 +188,27 @@ pub fn job(params: CertifyParams, label: String) -> Job {
         deps,
     }
     .build()
+}
+
+/// Puts `model` in `precision`, which only the CPU's fused path offers.
+pub fn set_precision(
+    model: &mut dyn Classifier,
+    precision: Precision,
+    device: &candle_core::Device,
+) -> Result<(), JobError> {
+    if precision.is_f32() {
+        return Ok(());
+    }
+    if !device.is_cpu() {
+        return Err(JobError::fatal(format!(
+            "precision {precision} runs on the CPU's fused path only; use --device cpu"
+        )));
+    }
+    model.set_precision(precision).map_err(JobError::fatal)?;
+    if !crate::models::gemm::bf16_kernel_available() {
+        tracing::warn!("this CPU has no AVX-512 BF16: bf16 runs the emulated (f32) GEMM");
+    }
+    Ok(())
 }
 
 /// How a run over a slice ended.
@@ -278,7 +318,8 @@ impl JobHandler for CertifyHandler {
         let p: CertifyParams = serde_json::from_value(ctx.params.clone())
             .map_err(|e| JobError::fatal(format!("bad certify params: {e}")))?;
         let device = ctx.device.open().map_err(JobError::fatal)?;
-        let model = p.model.load(ctx.sink.as_ref(), &device)?;
+        let mut model = p.model.load(ctx.sink.as_ref(), &device)?;
+        set_precision(model.as_mut(), p.precision, &device)?;
         let data = p.data.load()?;
         let indices = p.slice.indices(data.len());
         let total = indices.len() as u64;

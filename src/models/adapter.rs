@@ -58,7 +58,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 use rayon::prelude::*;
 
-use super::fast::gemm_accumulate;
+use super::gemm::{GemmWeight, Precision};
 
 use super::resnet::{check_input, InputNorm};
 use super::{ModelError, Normalize};
@@ -352,7 +352,7 @@ pub fn cifar_resnet_cost(
     depth: usize,
     num_classes: usize,
 ) -> std::result::Result<AdapterCost, ModelError> {
-    if depth < 8 || (depth - 2) % 6 != 0 {
+    if depth < 8 || !(depth - 2).is_multiple_of(6) {
         return Err(ModelError::Invalid {
             context: format!("resnet{depth}"),
             message: "CIFAR ResNet depth must be 6n + 2 with n >= 1".into(),
@@ -493,14 +493,18 @@ impl ConvBn {
         })
     }
 
-    fn to_fast(&self) -> Result<FastConv> {
+    fn to_fast(&self, precision: Precision) -> Result<FastConv> {
         let (w, shift) = self.folded()?;
-        let (c_out, c_in, _, _) = w.dims4()?;
+        let (c_out, c_in, kh, kw) = w.dims4()?;
         Ok(FastConv {
-            weight: w.detach().flatten_all()?.to_vec1()?,
+            weight: GemmWeight::new(
+                w.detach().flatten_all()?.to_vec1()?,
+                c_out,
+                c_in * kh * kw,
+                precision,
+            ),
             bias: shift.detach().to_vec1()?,
             c_in,
-            c_out,
             k: self.k,
             stride: self.stride,
         })
@@ -562,13 +566,17 @@ impl Unit {
         })
     }
 
-    fn to_fast(&self) -> Result<FastUnit> {
+    fn to_fast(&self, precision: Precision) -> Result<FastUnit> {
         Ok(match self {
-            Unit::Plain(c) => FastUnit::Plain(c.to_fast()?),
+            Unit::Plain(c) => FastUnit::Plain(c.to_fast(precision)?),
             Unit::Basic(blk) => FastUnit::Basic(Box::new(FastBlock {
-                a: blk.a.to_fast()?,
-                b: blk.b.to_fast()?,
-                shortcut: blk.shortcut.as_ref().map(ConvBn::to_fast).transpose()?,
+                a: blk.a.to_fast(precision)?,
+                b: blk.b.to_fast(precision)?,
+                shortcut: blk
+                    .shortcut
+                    .as_ref()
+                    .map(|c| c.to_fast(precision))
+                    .transpose()?,
             })),
         })
     }
@@ -583,6 +591,8 @@ pub struct Adapter {
     units: Vec<Unit>,
     linear: Linear,
     out_dim: usize,
+    /// The arithmetic of the fused CPU inference path (training is always f32).
+    precision: Precision,
 }
 
 impl Adapter {
@@ -665,6 +675,7 @@ impl Adapter {
             units,
             linear: Linear::new(weight, Some(bias)),
             out_dim,
+            precision: Precision::F32,
         })
     }
 
@@ -675,6 +686,11 @@ impl Adapter {
     /// The input normalisation applied first (the backbone's).
     pub fn normalize(&self) -> Normalize {
         self.normalize
+    }
+
+    /// Runs the fused CPU inference path in `precision` from now on.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// Width d of a(x).
@@ -709,6 +725,7 @@ impl Adapter {
                 self.linear.bias().map(Tensor::detach),
             ),
             out_dim: self.out_dim,
+            precision: self.precision,
         })
     }
 
@@ -738,7 +755,7 @@ impl Adapter {
             units: self
                 .units
                 .iter()
-                .map(Unit::to_fast)
+                .map(|u| u.to_fast(self.precision))
                 .collect::<Result<_>>()?,
             pooled: self.arch.pooled_channels(),
         };
@@ -763,10 +780,9 @@ impl ModuleT for Adapter {
 /// A convolution with BatchNorm folded in, for the fused path.
 struct FastConv {
     /// [c_out, c_in·k·k], row-major, PyTorch's (c, ky, kx) order within a row.
-    weight: Vec<f32>,
+    weight: GemmWeight,
     bias: Vec<f32>,
     c_in: usize,
-    c_out: usize,
     k: usize,
     stride: usize,
 }
@@ -787,7 +803,7 @@ impl FastConv {
         let kdim = self.c_in * k * k;
         if k == 1 && s == 1 {
             // A 1×1 convolution at stride 1 reads the activations as they are.
-            gemm_accumulate(self.c_out, n, kdim, &self.weight, x, out);
+            self.weight.accumulate(n, x, out);
             return;
         }
         // Every element is written below (padding included), so stale contents from the
@@ -829,7 +845,7 @@ impl FastConv {
                 }
             }
         }
-        gemm_accumulate(self.c_out, n, kdim, &self.weight, cols, out);
+        self.weight.accumulate(n, cols, out);
     }
 }
 

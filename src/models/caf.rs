@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, Linear, VarBuilder, VarMap};
 
 use super::adapter::{Adapter, AdapterArch};
+use super::gemm::Precision;
 use super::{
     compare_names, expected_tensors, is_ignored, load_state_dict, record_tensors, Arch,
     CifarResNet, Classifier, ModelError, Normalize, FEATURE_DIM,
@@ -195,6 +196,12 @@ impl Classifier for CafModel {
 
     fn num_classes(&self) -> usize {
         self.num_classes
+    }
+
+    fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
+        self.backbone.set_precision(precision);
+        self.adapter.set_precision(precision);
+        Ok(())
     }
 }
 
@@ -377,6 +384,14 @@ impl FusedCaf {
         self.num_classes
     }
 
+    /// Runs the backbone and every adapter in `precision` from now on.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.backbone.set_precision(precision);
+        for (adapter, _) in &mut self.members {
+            adapter.set_precision(precision);
+        }
+    }
+
     /// Member `i` as a stand-alone model (sharing tensors), e.g. to certify one σ alone.
     pub fn member(&self, i: usize) -> Option<CafModel> {
         let (adapter, head) = self.members.get(i)?;
@@ -429,7 +444,7 @@ pub fn build_trainable_resnet(
             message: "a classifier needs at least one class".into(),
         });
     }
-    if depth < 8 || (depth - 2) % 6 != 0 {
+    if depth < 8 || !(depth - 2).is_multiple_of(6) {
         return Err(ModelError::Invalid {
             context: format!("trainable {arch}"),
             message: "CIFAR ResNet depth must be 6n + 2 with n >= 1".into(),

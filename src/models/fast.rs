@@ -12,13 +12,14 @@
 
 use rayon::prelude::*;
 
+use super::gemm::GemmWeight;
 use super::Normalize;
 
 /// One 3×3, padding-1 convolution with BatchNorm folded in.
 #[derive(Clone, Debug)]
 pub(crate) struct FoldedConv {
     /// [c_out, c_in·9], row-major, PyTorch's (c, ky, kx) order within a row.
-    pub weight: Vec<f32>,
+    pub weight: GemmWeight,
     pub bias: Vec<f32>,
     pub c_in: usize,
     pub c_out: usize,
@@ -32,91 +33,53 @@ impl FoldedConv {
 
     /// `out += conv(x)` for a group of `g` images stored channel-major: `x` is [c_in, g, h, w],
     /// `out` is [c_out, g, ho, wo], so one GEMM covers the whole group.
-    fn accumulate(
-        &self,
-        x: &[f32],
-        g: usize,
-        (h, w): (usize, usize),
-        cols: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
+    fn accumulate(&self, x: &[f32], g: usize, (h, w): (usize, usize), out: &mut [f32]) {
+        let (ho, wo) = self.out_size(h, w);
+        let n = g * ho * wo;
+        self.weight
+            .accumulate_rows(n, |r, dst| self.im2col_row(x, g, (h, w), r, dst), out);
+    }
+
+    /// Row `r` = (c, ky, kx) of the im2col matrix: input channel c shifted by (ky − 1, kx − 1)
+    /// and subsampled by the stride, for every image and output position (zero outside).
+    fn im2col_row(&self, x: &[f32], g: usize, (h, w): (usize, usize), r: usize, dst: &mut [f32]) {
         let (ho, wo) = self.out_size(h, w);
         let plane = ho * wo;
-        let n = g * plane;
-        let k = self.c_in * 9;
-        cols.clear();
-        cols.resize(k * n, 0.0);
         let s = self.stride;
-        for c in 0..self.c_in {
-            for ky in 0..3 {
-                for kx in 0..3 {
-                    let row = &mut cols[((c * 9) + ky * 3 + kx) * n..][..n];
-                    for (gi, seg) in row.chunks_exact_mut(plane).enumerate() {
-                        let src_plane = &x[(c * g + gi) * h * w..][..h * w];
-                        for oy in 0..ho {
-                            let dst = &mut seg[oy * wo..(oy + 1) * wo];
-                            // Input row oy·s + ky − 1; rows outside the image are padding.
-                            let Some(iy) = (oy * s + ky).checked_sub(1).filter(|&iy| iy < h) else {
-                                continue;
-                            };
-                            let src = &src_plane[iy * w..(iy + 1) * w];
-                            if s == 1 {
-                                // Column ox reads input column ox + kx − 1.
-                                match kx {
-                                    0 => dst[1..].copy_from_slice(&src[..w - 1]),
-                                    1 => dst.copy_from_slice(src),
-                                    _ => dst[..w - 1].copy_from_slice(&src[1..]),
-                                }
-                            } else {
-                                for (ox, d) in dst.iter_mut().enumerate() {
-                                    if let Some(ix) =
-                                        (ox * s + kx).checked_sub(1).filter(|&ix| ix < w)
-                                    {
-                                        *d = src[ix];
-                                    }
-                                }
-                            }
+        let (c, ky, kx) = (r / 9, (r % 9) / 3, r % 3);
+        for (gi, seg) in dst.chunks_exact_mut(plane).enumerate() {
+            let src_plane = &x[(c * g + gi) * h * w..][..h * w];
+            for oy in 0..ho {
+                let d = &mut seg[oy * wo..(oy + 1) * wo];
+                // Input row oy·s + ky − 1; rows outside the image are padding.
+                let Some(iy) = (oy * s + ky).checked_sub(1).filter(|&iy| iy < h) else {
+                    d.fill(0.0);
+                    continue;
+                };
+                let src = &src_plane[iy * w..(iy + 1) * w];
+                if s == 1 {
+                    // Column ox reads input column ox + kx − 1 (wo = w at stride 1).
+                    match kx {
+                        0 => {
+                            d[0] = 0.0;
+                            d[1..].copy_from_slice(&src[..w - 1]);
                         }
+                        1 => d.copy_from_slice(src),
+                        _ => {
+                            d[..w - 1].copy_from_slice(&src[1..]);
+                            d[w - 1] = 0.0;
+                        }
+                    }
+                } else {
+                    for (ox, v) in d.iter_mut().enumerate() {
+                        *v = (ox * s + kx)
+                            .checked_sub(1)
+                            .filter(|&ix| ix < w)
+                            .map_or(0.0, |ix| src[ix]);
                     }
                 }
             }
         }
-        gemm_accumulate(self.c_out, n, k, &self.weight, cols, out);
-    }
-}
-
-/// `c[m×n] += a[m×k] · b[k×n]`, all row-major and dense (shared with the adapters' eval path).
-pub(crate) fn gemm_accumulate(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "gemm operand sizes"
-    );
-    // SAFETY: the assert bounds every element gemm reads or writes: a is m rows of stride k,
-    // b is k rows of stride n, c is m rows of stride n, all with column stride 1. The slices
-    // are distinct borrows, so c does not alias a or b.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            // Parallelism is across images, one per rayon task.
-            gemm::Parallelism::None,
-        )
     }
 }
 
@@ -147,7 +110,6 @@ struct Scratch {
     cur: Vec<f32>,
     tmp: Vec<f32>,
     next: Vec<f32>,
-    cols: Vec<f32>,
 }
 
 fn fill_bias(out: &mut [f32], bias: &[f32], plane: usize) {
@@ -215,7 +177,7 @@ impl FoldedResNet {
         s.next.clear();
         s.next.resize(conv.c_out * g * plane, 0.0);
         fill_bias(&mut s.next, &conv.bias, g * plane);
-        conv.accumulate(&s.cur, g, (h, w), &mut s.cols, &mut s.next);
+        conv.accumulate(&s.cur, g, (h, w), &mut s.next);
         relu(&mut s.next);
         std::mem::swap(&mut s.cur, &mut s.next);
 
@@ -226,9 +188,7 @@ impl FoldedResNet {
             s.tmp.clear();
             s.tmp.resize(block.a.c_out * g * out_plane, 0.0);
             fill_bias(&mut s.tmp, &block.a.bias, g * out_plane);
-            block
-                .a
-                .accumulate(&s.cur, g, (h, w), &mut s.cols, &mut s.tmp);
+            block.a.accumulate(&s.cur, g, (h, w), &mut s.tmp);
             relu(&mut s.tmp);
             // next = relu(shortcut(x) + bn2(conv2(tmp)))
             s.next.clear();
@@ -256,9 +216,7 @@ impl FoldedResNet {
                     *v += b;
                 }
             }
-            block
-                .b
-                .accumulate(&s.tmp, g, (ho, wo), &mut s.cols, &mut s.next);
+            block.b.accumulate(&s.tmp, g, (ho, wo), &mut s.next);
             relu(&mut s.next);
             std::mem::swap(&mut s.cur, &mut s.next);
             (h, w) = (ho, wo);

@@ -20,6 +20,7 @@ pub mod caf;
 pub mod conv;
 pub mod dncnn;
 mod fast;
+pub mod gemm;
 pub mod init;
 mod linear;
 mod pickle;
@@ -36,6 +37,7 @@ use candle_nn::VarBuilder;
 
 pub use adapter::{Adapter, AdapterArch, AdapterCost};
 pub use caf::{build_caf, build_trainable_resnet, load_caf, CafModel, FusedCaf};
+pub use gemm::Precision;
 pub use linear::LinearClassifier;
 pub use resnet::{BasicBlock, CifarResNet, FEATURE_DIM};
 pub use weights::{detect_format, load_state_dict, WeightFormat};
@@ -120,6 +122,20 @@ pub trait Classifier: Send + Sync {
     /// Logits [B, classes].
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor>;
     fn num_classes(&self) -> usize;
+
+    /// Runs [`logits`](Classifier::logits) in `precision` from now on. Only models with a
+    /// fused CPU inference path (CIFAR ResNets, CAF models) have a bf16 mode; the others accept
+    /// f32 only.
+    fn set_precision(&mut self, precision: Precision) -> Result<(), ModelError> {
+        match precision {
+            Precision::F32 => Ok(()),
+            other => Err(ModelError::Invalid {
+                context: format!("precision {other}"),
+                message: "only CIFAR ResNets and CAF models (the fused CPU path) run in bf16"
+                    .to_string(),
+            }),
+        }
+    }
 }
 
 /// Builds `arch` and loads `weights` (safetensors, PyTorch zip, or legacy PyTorch pickle).

@@ -283,7 +283,7 @@ fn set_items(target: &Value, items: Vec<Value>) -> Result<(), String> {
     let Value::Dict(dict) = target else {
         return Err(format!("SETITEM(S) on a {}, not a dict", target.kind()));
     };
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("SETITEMS with an odd number of items".into());
     }
     let d = 1 + items.iter().map(Value::depth).max().unwrap_or(0);

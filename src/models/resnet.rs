@@ -13,7 +13,8 @@ use candle_core::{DType, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::fast::{FoldedBlock, FoldedConv, FoldedResNet};
-use super::{Classifier, Normalize};
+use super::gemm::{GemmWeight, Precision};
+use super::{Classifier, ModelError, Normalize};
 
 /// PyTorch's BatchNorm2d defaults, which akamaster's checkpoints were trained with.
 const BN_EPS: f64 = 1e-5;
@@ -163,12 +164,17 @@ impl ConvBn {
         })
     }
 
-    fn to_fast(&self) -> Result<FoldedConv> {
+    fn to_fast(&self, precision: Precision) -> Result<FoldedConv> {
         let (w, shift) = self.folded()?;
         let (w, shift) = (w.detach(), shift.detach());
-        let (c_out, c_in, _, _) = w.dims4()?;
+        let (c_out, c_in, kh, kw) = w.dims4()?;
         Ok(FoldedConv {
-            weight: w.flatten_all()?.to_vec1()?,
+            weight: GemmWeight::new(
+                w.flatten_all()?.to_vec1()?,
+                c_out,
+                c_in * kh * kw,
+                precision,
+            ),
             bias: shift.to_vec1()?,
             c_in,
             c_out,
@@ -238,6 +244,8 @@ pub struct CifarResNet {
     linear: Linear,
     depth: usize,
     num_classes: usize,
+    /// The arithmetic of the fused CPU inference path (training and autograd are always f32).
+    precision: Precision,
 }
 
 impl CifarResNet {
@@ -248,7 +256,7 @@ impl CifarResNet {
         normalize: Normalize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if depth < 8 || (depth - 2) % 6 != 0 {
+        if depth < 8 || !(depth - 2).is_multiple_of(6) {
             candle_core::bail!("CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}");
         }
         if num_classes == 0 {
@@ -280,6 +288,7 @@ impl CifarResNet {
             linear,
             depth,
             num_classes,
+            precision: Precision::F32,
         })
     }
 
@@ -305,6 +314,17 @@ impl CifarResNet {
             return self.features_fast(x);
         }
         self.features_candle(x, train)
+    }
+
+    /// The arithmetic of the fused CPU inference path (eval mode, untracked CPU inputs).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Runs the fused CPU inference path in `precision` from now on; the candle path
+    /// (training, autograd, other devices) stays f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// Whether autograd tracks any trained parameter of the network.
@@ -342,6 +362,7 @@ impl CifarResNet {
             ),
             depth: self.depth,
             num_classes: self.num_classes,
+            precision: self.precision,
         })
     }
 
@@ -356,14 +377,14 @@ impl CifarResNet {
     pub(crate) fn folded(&self) -> Result<FoldedResNet> {
         Ok(FoldedResNet {
             normalize: self.norm.normalize,
-            stem: self.stem.to_fast()?,
+            stem: self.stem.to_fast(self.precision)?,
             blocks: self
                 .blocks
                 .iter()
                 .map(|blk| {
                     Ok(FoldedBlock {
-                        a: blk.a.to_fast()?,
-                        b: blk.b.to_fast()?,
+                        a: blk.a.to_fast(self.precision)?,
+                        b: blk.b.to_fast(self.precision)?,
                         shortcut_pad: blk.shortcut_pad,
                     })
                 })
@@ -406,5 +427,10 @@ impl Classifier for CifarResNet {
     }
     fn num_classes(&self) -> usize {
         self.num_classes
+    }
+
+    fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
+        CifarResNet::set_precision(self, precision);
+        Ok(())
     }
 }

@@ -21,6 +21,8 @@ pub struct CertJob {
     pub planned: u64,
     pub rows: Vec<CertRow>,
     pub run_seconds: f64,
+    /// The arithmetic the classifier ran in, as the store records it (`f32` or `bf16`).
+    pub precision: String,
 }
 
 impl CertJob {
@@ -103,6 +105,7 @@ impl StudyData {
                 planned: st.map_or(0, |s| s.progress_total),
                 rows: rows.get(&c.job).cloned().unwrap_or_default(),
                 run_seconds: st.map_or(0.0, |s| s.run_seconds),
+                precision: st.map_or_else(|| "f32".to_string(), |s| s.precision.clone()),
             });
         }
         let mut train = Vec::new();

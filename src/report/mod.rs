@@ -1072,6 +1072,22 @@ fn reproducibility_section(study: &StudyData, opts: &Options) -> Section {
             best_columns: Vec::new(),
         },
     ));
+    let bf16: Vec<String> = study
+        .cert
+        .iter()
+        .filter(|c| c.precision != "f32")
+        .map(|c| c.job.to_string())
+        .collect();
+    if !bf16.is_empty() {
+        sec.notes.push(format!(
+            "{} certification job(s) ran the classifier in bf16 ({}): weights and activations \
+             rounded to bf16 before every convolution, f32 accumulation. Their certificates \
+             are exact for that bf16 classifier, which is the one that was evaluated; they are \
+             not certificates of the f32 network.",
+            bf16.len(),
+            bf16.join(", ")
+        ));
+    }
     let rows = study
         .cert
         .iter()
@@ -1081,6 +1097,7 @@ fn reproducibility_section(study: &StudyData, opts: &Options) -> Section {
                 Cell::text(c.job.to_string()),
                 Cell::text(c.method.clone()),
                 Cell::text(fmt_sigma(c.sigma)),
+                Cell::text(c.precision.clone()),
                 Cell::text(format!("{:?}", c.state).to_lowercase()),
                 Cell::text(c.rows.len().to_string()),
                 Cell::text(first.map(|r| r.n0.to_string()).unwrap_or_default()),
@@ -1102,6 +1119,7 @@ fn reproducibility_section(study: &StudyData, opts: &Options) -> Section {
                 "job",
                 "method",
                 "σ",
+                "precision",
                 "state",
                 "images",
                 "n0",

@@ -42,6 +42,7 @@ fn status(id: &str, kind: &str, state: JobState) -> JobStatus {
         lease_owner: None,
         error: None,
         result: None,
+        precision: "f32".into(),
     }
 }
 
@@ -62,6 +63,7 @@ fn cert(id: &str, method: &str, sigma: f64, values: &[(&str, f64)], rows: Vec<Ce
         planned: rows.len() as u64,
         rows,
         run_seconds: 1.5,
+        precision: "f32".into(),
     }
 }
 

@@ -171,6 +171,8 @@ pub struct JobStatus {
     pub lease_owner: Option<String>,
     pub error: Option<String>,
     pub result: Option<serde_json::Value>,
+    /// The arithmetic the job's model runs in: `f32`, or `bf16` where the job asked for it.
+    pub precision: String,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -216,6 +216,7 @@ fn job_status_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobStatus, Store
         lease_owner: row.try_get("lease_owner").map_err(get_err)?,
         error: row.try_get("error").map_err(get_err)?,
         result,
+        precision: row.try_get("precision").map_err(get_err)?,
     })
 }
 
@@ -817,7 +818,7 @@ impl Store for SqliteStore {
         let sql = format!(
             "{BLOCKED_CTE}
              SELECT j.id, j.kind, j.label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
-                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result,
+                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision,
                     CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END AS blocked,
                     (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
              FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id

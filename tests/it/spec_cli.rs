@@ -197,3 +197,69 @@ fn a_compute_budget_sets_epochs_per_method() {
         text(&out.stderr)
     );
 }
+
+/// `precision: bf16` is a per-job flag: it is part of the certify job's params and id (f32 jobs
+/// keep the ids they had before the flag existed), it is recorded in the store and named in the
+/// report, a misspelt value is a located error, and denoised smoothing refuses it.
+#[test]
+fn precision_is_a_per_job_flag() {
+    let dir = Dir::new();
+    let base = resnet_spec("prec", "0.25", 10, 100, 50);
+    let with = |value: &str| {
+        base.replace(
+            "    backbone: r20\n",
+            &format!("    backbone: r20\n    precision: {value}\n"),
+        )
+    };
+    dir.write("f.yaml", &base);
+    dir.write("b.yaml", &with("bf16"));
+    let certify_job = |file: &str| -> serde_json::Value {
+        let plan: serde_json::Value =
+            serde_json::from_str(&ok(&dir.run(&["plan", file, "--json"]))).unwrap();
+        plan["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["kind"] == "certify")
+            .unwrap()
+            .clone()
+    };
+    let (f, b) = (certify_job("f.yaml"), certify_job("b.yaml"));
+    assert!(f["params"].get("precision").is_none(), "{f}");
+    assert_eq!(b["params"]["precision"], "bf16");
+    assert_ne!(f["id"], b["id"]);
+    assert!(
+        b["label"].as_str().unwrap().ends_with("precision=bf16"),
+        "{b}"
+    );
+
+    ok(&dir.run(&["run", "b.yaml", "-q", "--db", "p.db"]));
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "p.db"]))).unwrap();
+    let jobs = status[0]["jobs"].as_array().unwrap();
+    assert!(jobs.iter().all(|j| j["precision"] == "bf16"), "{status}");
+    ok(&dir.run(&["report", "--db", "p.db", "--out", "r"]));
+    let md = std::fs::read_to_string(dir.join("r/report.md")).unwrap();
+    assert!(md.contains("ran the classifier in bf16"), "{md}");
+
+    dir.write("bad.yaml", &with("fp16"));
+    let out = dir.run(&["plan", "bad.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:23:16") && err.contains("expected precision f32 or bf16"),
+        "{err}"
+    );
+
+    let denoised = with("bf16")
+        .replace("method: smooth", "method: denoised")
+        .replace("cifar10-exact100", "cifar10-jpeg");
+    dir.write("d.yaml", &denoised);
+    let out = dir.run(&["plan", "d.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("d.yaml:23:16") && err.contains("f32 only"),
+        "{err}"
+    );
+}

@@ -192,7 +192,7 @@ pub fn train_objective(
             run.state.global_step += 1;
             let periodic = cfg
                 .checkpoint_every_steps
-                .is_some_and(|k| run.state.global_step % k == 0);
+                .is_some_and(|k| run.state.global_step.is_multiple_of(k));
             // The epoch's last step is followed by the end-of-epoch checkpoint anyway.
             if periodic && run.state.step_in_epoch < steps_per_epoch {
                 run.save(&opt, hooks)?;

@@ -1,0 +1,480 @@
+//! The GEMMs of the fused CPU inference paths (CIFAR ResNets and adapters), in f32 or bf16.
+//!
+//! bf16 here means: weights and the im2col'd activations are rounded to bf16 (round to
+//! nearest even) and multiplied into f32 accumulators, as `vdpbf16ps` (AVX-512 BF16) does;
+//! biases, residual adds, ReLU and pooling stay in f32. On a CPU without AVX-512 BF16 the
+//! same rounded operands are multiplied by the f32 GEMM instead, which differs from the
+//! kernel only in summation order. A certificate computed in bf16 is a certificate of this
+//! rounded classifier, not of the f32 network; the store and the report say which one ran.
+
+use serde::{Deserialize, Serialize};
+
+/// The arithmetic of a job's fused CPU inference path (an explicit per-job choice).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("expected precision f32 or bf16, found `{other}`")),
+        }
+    }
+}
+
+/// Whether this CPU runs the bf16 kernel (otherwise bf16 GEMMs take the emulated path).
+pub fn bf16_kernel_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// f32 → bf16 bits, rounding to nearest even (NaN stays a quiet NaN).
+#[inline]
+pub(crate) fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    // A select rather than a branch, so packing loops vectorise.
+    if (b & 0x7FFF_FFFF) > 0x7F80_0000 {
+        (b >> 16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// `x` rounded to the nearest bf16, as an f32.
+#[inline]
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    f32::from_bits(bf16_bits(x) << 16)
+}
+
+/// `c[m×n] += a[m×k] · b[k×n]` in f32, all row-major and dense.
+pub(crate) fn gemm_accumulate(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "gemm operand sizes"
+    );
+    // SAFETY: the assert bounds every element gemm reads or writes: a is m rows of stride k,
+    // b is k rows of stride n, c is m rows of stride n, all with column stride 1. The slices
+    // are distinct borrows, so c does not alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            // Parallelism is across images, one per rayon task.
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The left operand of a layer's GEMMs (a convolution's [c_out, c_in·k·k] weights), ready for
+/// the precision it runs in.
+#[derive(Clone, Debug)]
+pub(crate) struct GemmWeight {
+    m: usize,
+    k: usize,
+    /// f32: the weights; bf16: the weights rounded to bf16 (for the emulated path).
+    values: Vec<f32>,
+    /// bf16 only: row i, pair p holds bf16(a[i][2p]) | bf16(a[i][2p+1]) << 16 (zero past k).
+    pairs: Option<Vec<u32>>,
+}
+
+impl GemmWeight {
+    pub(crate) fn new(values: Vec<f32>, m: usize, k: usize, precision: Precision) -> Self {
+        debug_assert_eq!(values.len(), m * k);
+        match precision {
+            Precision::F32 => Self {
+                m,
+                k,
+                values,
+                pairs: None,
+            },
+            Precision::Bf16 => {
+                let k2 = k.div_ceil(2);
+                let mut pairs = vec![0u32; m * k2];
+                for (row, dst) in values.chunks_exact(k).zip(pairs.chunks_exact_mut(k2)) {
+                    for (p, d) in dst.iter_mut().enumerate() {
+                        let lo = bf16_bits(row[2 * p]);
+                        let hi = row.get(2 * p + 1).map_or(0, |&v| bf16_bits(v));
+                        *d = lo | (hi << 16);
+                    }
+                }
+                Self {
+                    m,
+                    k,
+                    values: values.into_iter().map(round_bf16).collect(),
+                    pairs: Some(pairs),
+                }
+            }
+        }
+    }
+
+    /// `c[m×n] += self · b[k×n]` in this weight's precision.
+    pub(crate) fn accumulate(&self, n: usize, b: &[f32], c: &mut [f32]) {
+        let k = self.k;
+        if self.pairs.is_none() {
+            return gemm_accumulate(self.m, n, k, &self.values, b, c);
+        }
+        assert!(b.len() >= k * n, "gemm operand sizes");
+        self.accumulate_rows(n, |r, dst| dst.copy_from_slice(&b[r * n..(r + 1) * n]), c);
+    }
+
+    /// `c[m×n] += self · B` where `row(r, dst)` writes row r (of k) of B into `dst` (n values;
+    /// every value must be written). The bf16 kernel packs B two rows at a time as they are
+    /// produced, so an im2col never goes through a full f32 matrix first.
+    pub(crate) fn accumulate_rows(
+        &self,
+        n: usize,
+        mut row: impl FnMut(usize, &mut [f32]),
+        c: &mut [f32],
+    ) {
+        let (m, k) = (self.m, self.k);
+        assert!(c.len() >= m * n, "gemm operand sizes");
+        #[cfg(target_arch = "x86_64")]
+        if let Some(pairs) = &self.pairs {
+            if bf16_kernel_available() && !force_emulated() {
+                PACKED.with_borrow_mut(|(packed, rows)| {
+                    let k2 = k.div_ceil(2);
+                    packed.clear();
+                    packed.resize(k2 * n.div_ceil(16) * 16, 0);
+                    rows.clear();
+                    rows.resize(2 * n, 0.0);
+                    let (lo, hi) = rows.split_at_mut(n);
+                    for p in 0..k2 {
+                        row(2 * p, lo);
+                        if 2 * p + 1 < k {
+                            row(2 * p + 1, hi);
+                        } else {
+                            hi.fill(0.0);
+                        }
+                        // SAFETY: the CPU has AVX-512 F (checked above).
+                        unsafe { kernel::pack_pair(k2, n, p, lo, hi, packed) };
+                    }
+                    // SAFETY: the CPU has AVX-512 F and BF16 (checked above); `pairs` is m
+                    // rows of k2 pairs, `packed` holds the k2 packed pairs of B, and the
+                    // assert bounds c to m rows of n.
+                    unsafe { kernel::gemm_bf16(m, n, k2, pairs, packed, c) }
+                });
+                return;
+            }
+        }
+        COLS.with_borrow_mut(|cols| {
+            cols.clear();
+            cols.resize(k * n, 0.0);
+            for (r, dst) in cols.chunks_exact_mut(n).enumerate() {
+                row(r, dst);
+            }
+            if self.pairs.is_some() {
+                for v in cols.iter_mut() {
+                    *v = round_bf16(*v);
+                }
+            }
+            gemm_accumulate(m, n, k, &self.values, cols, c);
+        });
+    }
+}
+
+/// Tests compare the kernel with the emulated path inside whole networks.
+#[cfg(test)]
+pub(crate) static FORCE_EMULATED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+#[inline]
+fn force_emulated() -> bool {
+    #[cfg(test)]
+    {
+        FORCE_EMULATED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    #[cfg(not(test))]
+    {
+        false
+    }
+}
+
+thread_local! {
+    /// The right operand packed for the bf16 kernel, reused across calls (no allocation per
+    /// layer once it has grown).
+    static PACKED: std::cell::RefCell<(Vec<u32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// The f32 right operand (f32 weights, or bf16 without the kernel).
+    static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Columns per panel of the packed right operand (four AVX-512 vectors).
+const PANEL: usize = 64;
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use super::PANEL;
+    use std::arch::x86_64::*;
+
+    /// Rows of `c` per micro-kernel call: 4 rows × 4 vectors = 16 accumulators.
+    const MR: usize = 4;
+
+    /// Writes pair `p` of B (its rows 2p and 2p+1, `lo` and `hi`) into `packed`: panels of up
+    /// to [`PANEL`] columns (the last one padded with zeros to a multiple of 16), each panel
+    /// pair-major, column j of pair p holding bf16(lo[j]) | bf16(hi[j]) << 16.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `packed.len() ≥ k2 · n.div_ceil(16) · 16`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_pair(
+        k2: usize,
+        n: usize,
+        p: usize,
+        lo: &[f32],
+        hi: &[f32],
+        packed: &mut [u32],
+    ) {
+        let mut offset = 0;
+        for j0 in (0..n).step_by(PANEL) {
+            let width = (n - j0).min(PANEL);
+            let stride = width.div_ceil(16) * 16;
+            let dst = &mut packed[offset + p * stride..][..width];
+            for ((d, &l), &h) in dst
+                .iter_mut()
+                .zip(&lo[j0..j0 + width])
+                .zip(&hi[j0..j0 + width])
+            {
+                *d = super::bf16_bits(l) | (super::bf16_bits(h) << 16);
+            }
+            offset += k2 * stride;
+        }
+    }
+
+    /// `c[m×n] += A · B` with A as `pairs` (m rows of k2 bf16 pairs) and B as written by
+    /// [`pack_pair`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BF16; `pairs.len() ≥ m·k2`, `packed` must hold the
+    /// packing of a k×n matrix with k.div_ceil(2) = k2, and `c.len() ≥ m·n`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn gemm_bf16(
+        m: usize,
+        n: usize,
+        k2: usize,
+        pairs: &[u32],
+        packed: &[u32],
+        c: &mut [f32],
+    ) {
+        let mut offset = 0;
+        for j0 in (0..n).step_by(PANEL) {
+            let width = (n - j0).min(PANEL);
+            let vectors = width.div_ceil(16);
+            let panel = packed[offset..].as_ptr();
+            let mut i = 0;
+            while i < m {
+                let rows = (m - i).min(MR);
+                let a = pairs[i * k2..].as_ptr();
+                let out = c[i * n + j0..].as_mut_ptr();
+                match (rows, vectors) {
+                    (4, 4) => tile::<4, 4>(k2, a, panel, out, n, width),
+                    (4, 3) => tile::<4, 3>(k2, a, panel, out, n, width),
+                    (4, 2) => tile::<4, 2>(k2, a, panel, out, n, width),
+                    (4, 1) => tile::<4, 1>(k2, a, panel, out, n, width),
+                    (_, 4) => tile::<1, 4>(k2, a, panel, out, n, width),
+                    (_, 3) => tile::<1, 3>(k2, a, panel, out, n, width),
+                    (_, 2) => tile::<1, 2>(k2, a, panel, out, n, width),
+                    _ => tile::<1, 1>(k2, a, panel, out, n, width),
+                }
+                i += if rows == MR { MR } else { 1 };
+            }
+            offset += k2 * vectors * 16;
+        }
+    }
+
+    /// One R × (16·V) block of c: `c[r][j] += Σ_p a[r][p] · panel[p][j]` for j < `width`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile<const R: usize, const V: usize>(
+        k2: usize,
+        a: *const u32,
+        panel: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        width: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let stride = V * 16;
+        for p in 0..k2 {
+            let row = panel.add(p * stride);
+            let mut b = [_mm512_setzero_si512(); V];
+            for (v, bv) in b.iter_mut().enumerate() {
+                *bv = _mm512_loadu_si512(row.add(v * 16) as *const _);
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(r * k2 + p) as i32));
+                for (v, acc_rv) in acc_r.iter_mut().enumerate() {
+                    *acc_rv = _mm512_dpbf16_ps(
+                        *acc_rv,
+                        av,
+                        std::mem::transmute::<__m512i, __m512bh>(b[v]),
+                    );
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            let out = c.add(r * ldc);
+            for (v, acc_rv) in acc_r.iter().enumerate() {
+                let j = v * 16;
+                let left = width.saturating_sub(j).min(16);
+                let mask: __mmask16 = if left == 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << left) - 1
+                };
+                let dst = out.add(j);
+                let cur = _mm512_maskz_loadu_ps(mask, dst);
+                _mm512_mask_storeu_ps(dst, mask, _mm512_add_ps(cur, *acc_rv));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// c + a·b in f64 over the given (already rounded) operands, and Σ|a||b| per entry.
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &[f32]) -> Vec<(f64, f64)> {
+        let mut out = Vec::with_capacity(m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut abs) = (c[i * n + j] as f64, c[i * n + j].abs() as f64);
+                for p in 0..k {
+                    let t = a[i * k + p] as f64 * b[p * n + j] as f64;
+                    s += t;
+                    abs += t.abs();
+                }
+                out.push((s, abs));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2⁻⁸ is halfway between 1 and 1 + 2⁻⁷: ties go to the even mantissa (1).
+        assert_eq!(round_bf16(1.0 + 2f32.powi(-8)), 1.0);
+        // 1 + 3·2⁻⁸ is halfway between 1 + 2⁻⁷ and 1 + 2⁻⁶: ties go to 1 + 2⁻⁶.
+        assert_eq!(round_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        assert_eq!(round_bf16(-2.5), -2.5);
+        assert!(round_bf16(f32::NAN).is_nan());
+        for x in random(1000, 7) {
+            let r = round_bf16(x);
+            assert!((r - x).abs() <= x.abs() * 2f32.powi(-8), "{x} → {r}");
+            assert_eq!(r.to_bits() & 0xFFFF, 0);
+        }
+    }
+
+    #[test]
+    fn bf16_gemm_is_the_product_of_the_rounded_operands() {
+        // Odd k, n not a multiple of 16 or of the panel, m not a multiple of the row tile.
+        for &(m, n, k) in &[
+            (16, 1024, 27),
+            (7, 100, 9),
+            (64, 64, 576),
+            (5, 17, 1),
+            (32, 200, 288),
+        ] {
+            let a = random(m * k, 1);
+            let b = random(k * n, 2);
+            let c0 = random(m * n, 3);
+            let w = GemmWeight::new(a.clone(), m, k, Precision::Bf16);
+            let mut c = c0.clone();
+            w.accumulate(n, &b, &mut c);
+            let ar: Vec<f32> = a.iter().map(|&v| round_bf16(v)).collect();
+            let br: Vec<f32> = b.iter().map(|&v| round_bf16(v)).collect();
+            for (got, (want, abs)) in c.iter().zip(reference(m, n, k, &ar, &br, &c0)) {
+                // Products of bf16 values are exact in f32; only the f32 sums round.
+                assert!(
+                    (*got as f64 - want).abs() <= 1e-6 * abs + 1e-7,
+                    "({m},{n},{k}): {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f32_weights_are_the_plain_gemm() {
+        let (m, n, k) = (8, 50, 30);
+        let a = random(m * k, 4);
+        let b = random(k * n, 5);
+        let mut c = vec![0f32; m * n];
+        GemmWeight::new(a.clone(), m, k, Precision::F32).accumulate(n, &b, &mut c);
+        for (got, (want, abs)) in c.iter().zip(reference(m, n, k, &a, &b, &vec![0.0; m * n])) {
+            assert!((*got as f64 - want).abs() <= 1e-6 * abs + 1e-7);
+        }
+    }
+
+    #[test]
+    fn precision_parses_and_prints() {
+        assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
+        assert_eq!("f32".parse::<Precision>(), Ok(Precision::F32));
+        assert!("fp16"
+            .parse::<Precision>()
+            .unwrap_err()
+            .contains("f32 or bf16"));
+        assert_eq!(Precision::Bf16.to_string(), "bf16");
+        assert_eq!(
+            serde_json::to_string(&Precision::Bf16).ok().as_deref(),
+            Some("\"bf16\"")
+        );
+    }
+}
