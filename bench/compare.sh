@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# caf vs PyTorch on one workload, alternated for ROUNDS rounds on the same machine, printing
+# every figure and the medians (single runs move by ±10% on a shared VM, so compare medians of
+# alternated runs). Needs a release build and bench/.venv (see bench/README.md).
+#
+#   bench/compare.sh forward resnet20 [ROUNDS] [SECONDS]
+#   bench/compare.sh train-step caf|rs|denoised [ROUNDS] [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:?forward or train-step}
+arg=${2:?arch (forward) or method (train-step)}
+rounds=${3:-3}
+seconds=${4:-10}
+caf=./target/release/caf
+py=bench/.venv/bin/python
+case $what in
+forward)
+    caf_cmd=("$caf" bench forward --arch "$arg" --batch 400 --seconds "$seconds")
+    py_cmd=("$py" bench/pytorch_forward.py --arch "$arg" --batch 400 --seconds "$seconds" --threads 2)
+    ;;
+train-step)
+    caf_cmd=("$caf" bench train-step --method "$arg" --batch 128 --seconds "$seconds")
+    py_cmd=("$py" bench/pytorch_train_step.py --method "$arg" --batch 128 --seconds "$seconds" --threads 2)
+    ;;
+*)
+    echo "usage: $0 forward ARCH | train-step METHOD [ROUNDS] [SECONDS]" >&2
+    exit 2
+    ;;
+esac
+rate() { grep -m1 -o 'images/s: [0-9.]*' | awk '{print $2}'; }
+caf_rates=() py_rates=()
+for ((i = 1; i <= rounds; i++)); do
+    c=$("${caf_cmd[@]}" | rate)
+    p=$("${py_cmd[@]}" 2>&1 | rate)
+    echo "round $i: caf $c, PyTorch $p images/s"
+    caf_rates+=("$c") py_rates+=("$p")
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+c=$(median "${caf_rates[@]}") p=$(median "${py_rates[@]}")
+echo "$what $arg: median caf $c, PyTorch $p images/s, ratio $(awk -v c="$c" -v p="$p" 'BEGIN {printf "%.2f", c/p}')"
