@@ -163,11 +163,20 @@ impl Geom {
 
 /// A row-major or transposed view of a dense matrix for [`gemm`]: `(data, row stride, col
 /// stride)`.
-type View<'a> = (&'a [f32], usize, usize);
+pub(crate) type View<'a> = (&'a [f32], usize, usize);
 
 /// `c[m×n] (+)= a[m×k] · b[k×n]` with arbitrary strides on a and b (so transposes are free);
-/// c is dense row-major. `accumulate` keeps c's contents.
-fn gemm(m: usize, n: usize, k: usize, a: View, b: View, c: &mut [f32], accumulate: bool) {
+/// c is dense row-major. `accumulate` keeps c's contents. Single-threaded: callers parallelise
+/// across images.
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     let fits = |(data, rs, cs): View, rows: usize, cols: usize| {
         rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < data.len()
     };

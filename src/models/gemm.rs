@@ -80,39 +80,10 @@ pub(crate) fn round_bf16(x: f32) -> f32 {
     f32::from_bits(bf16_bits(x) << 16)
 }
 
-/// `c[m×n] += a[m×k] · b[k×n]` in f32, all row-major and dense.
+/// `c[m×n] += a[m×k] · b[k×n]` in f32, all row-major and dense: the training convolutions'
+/// strided GEMM with unit column strides.
 pub(crate) fn gemm_accumulate(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "gemm operand sizes"
-    );
-    // SAFETY: the assert bounds every element gemm reads or writes: a is m rows of stride k,
-    // b is k rows of stride n, c is m rows of stride n, all with column stride 1. The slices
-    // are distinct borrows, so c does not alias a or b.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            // Parallelism is across images, one per rayon task.
-            gemm::Parallelism::None,
-        )
-    }
+    super::conv::gemm(m, n, k, (a, k, 1), (b, n, 1), c, true)
 }
 
 /// The left operand of a layer's GEMMs (a convolution's [c_out, c_in·k·k] weights), ready for
