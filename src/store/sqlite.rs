@@ -61,17 +61,19 @@ impl SqliteStore {
         loop {
             match Self::connect_once(opts.clone(), shown).await {
                 Ok(store) => return Ok(store),
-                Err(e) if std::time::Instant::now() < deadline && is_contention(&e) => {
+                Err(Opening { error: e, raced })
+                    if std::time::Instant::now() < deadline && (raced || is_contention(&e)) =>
+                {
                     tracing::debug!("opening {shown} raced another process ({e}); retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_millis(500));
                 }
-                Err(e) => return Err(e),
+                Err(Opening { error, .. }) => return Err(error),
             }
         }
     }
 
-    async fn connect_once(opts: SqliteConnectOptions, shown: &str) -> Result<Self, StoreError> {
+    async fn connect_once(opts: SqliteConnectOptions, shown: &str) -> Result<Self, Opening> {
         let memory = shown == ":memory:";
         let pool = SqlitePoolOptions::new()
             // An in-memory database exists once per connection: keep exactly one.
@@ -89,11 +91,36 @@ impl SqliteStore {
             })
             .connect_with(opts)
             .await
-            .map_err(|source| StoreError::Open {
-                path: shown.to_string(),
-                source,
+            .map_err(|source| Opening {
+                error: StoreError::Open {
+                    path: shown.to_string(),
+                    source,
+                },
+                raced: false,
             })?;
-        MIGRATOR.run(&pool).await?;
+        if let Err(e) = MIGRATOR.run(&pool).await {
+            // Two processes can both see a migration as pending; the loser's DDL then fails
+            // ("duplicate column name", "table … already exists"). Whatever the message, if the
+            // failed migration is now recorded as applied, another process won and a retry
+            // finds the schema in place.
+            let raced = match &e {
+                sqlx::migrate::MigrateError::ExecuteMigration(_, version) => {
+                    sqlx::query_scalar::<_, i64>(
+                        "SELECT count(*) FROM _sqlx_migrations WHERE version = ? AND success",
+                    )
+                    .bind(version)
+                    .fetch_one(&pool)
+                    .await
+                    .is_ok_and(|n| n > 0)
+                }
+                _ => false,
+            };
+            pool.close().await;
+            return Err(Opening {
+                error: e.into(),
+                raced,
+            });
+        }
         Ok(Self { pool })
     }
 
@@ -172,6 +199,12 @@ async fn carry_imports(
     .await
     .ctx("carrying imported cells to the new revision")?;
     Ok(())
+}
+
+/// A failed open, and whether it lost a race to another process applying the same migration.
+struct Opening {
+    error: StoreError,
+    raced: bool,
 }
 
 /// Errors that mean another process holds the file or is applying the same migration.
