@@ -376,27 +376,32 @@ impl CustomOp2 for WeightGradOp {
             .zip(gy.par_chunks(c_out * plane * WGRAD_CHUNK))
             .map(|(xc, gyc)| {
                 let mut col = vec![0f32; rows * plane];
-                let mut gw = vec![0f32; c_out * rows];
+                // Accumulated transposed, gwᵀ = col·gyᵀ ([rows × c_out]): the long side
+                // (rows) then runs along the GEMM kernel's wide register dimension; with the
+                // few output channels there (8–64), the kernel idled most of its lanes.
+                let mut gw_t = vec![0f32; rows * c_out];
                 for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
                     g.im2col(xi, &mut col);
-                    // colᵀ is [plane × rows]: element (p, r) at col[r·plane + p].
+                    // gyᵀ is [plane × c_out]: element (p, o) at gy[o·plane + p].
                     gemm(
-                        c_out,
                         rows,
+                        c_out,
                         plane,
-                        (gyi, plane, 1),
-                        (&col, 1, plane),
-                        &mut gw,
+                        (&col, plane, 1),
+                        (gyi, 1, plane),
+                        &mut gw_t,
                         true,
                     );
                 }
-                gw
+                gw_t
             })
             .collect();
         let mut gw = vec![0f32; c_out * rows];
         for part in &partials {
-            for (a, b) in gw.iter_mut().zip(part) {
-                *a += b;
+            for (r, row) in part.chunks_exact(c_out).enumerate() {
+                for (o, v) in row.iter().enumerate() {
+                    gw[o * rows + r] += v;
+                }
             }
         }
         Ok((CpuStorage::F32(gw), Shape::from((c_out, g.c_in, g.k, g.k))))
