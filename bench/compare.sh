@@ -30,9 +30,11 @@ esac
 rate() { grep -m1 -o 'images/s: [0-9.]*' | awk '{print $2}'; }
 caf_rates=() py_rates=()
 for ((i = 1; i <= rounds; i++)); do
-    c=$("${caf_cmd[@]}" | rate)
+    out=$("${caf_cmd[@]}")
+    c=$(rate <<<"$out")
+    peak=$(grep -m1 -o 'GFLOP/s: .*' <<<"$out" || true)
     p=$("${py_cmd[@]}" 2>&1 | rate)
-    echo "round $i: caf $c, PyTorch $p images/s"
+    echo "round $i: caf $c, PyTorch $p images/s; caf $peak"
     caf_rates+=("$c") py_rates+=("$p")
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
