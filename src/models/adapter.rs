@@ -55,17 +55,13 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 use rayon::prelude::*;
 
+use super::convbn::ConvBn;
 use super::gemm::{GemmWeight, Precision};
-
 use super::resnet::{check_input, InputNorm};
 use super::{ModelError, Normalize};
-
-/// PyTorch's BatchNorm2d defaults, which the released adapters were trained with.
-const BN_EPS: f64 = 1e-5;
-const BN_MOMENTUM: f64 = 0.1;
 
 /// Bounds that keep a typo in a spec from allocating gigabytes.
 const MAX_RESNET_WIDTH: f64 = 8.0;
@@ -394,121 +390,30 @@ impl CostSum {
     }
 }
 
-/// A bias-free convolution followed by BatchNorm.
-#[derive(Clone, Debug)]
-struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
-    k: usize,
-    stride: usize,
+/// A convolution with PyTorch's default Conv2d init (kaiming_uniform, a = √5, i.e.
+/// U(±1/√fan_in)) followed by BatchNorm.
+fn conv_bn(p: PlanConv, conv_vb: VarBuilder, bn_vb: VarBuilder) -> Result<ConvBn> {
+    let bound = 1.0 / ((p.c_in * p.k * p.k) as f64).sqrt();
+    let weight = conv_vb.get_with_hints(
+        (p.c_out, p.c_in, p.k, p.k),
+        "weight",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    ConvBn::new(weight, p.stride, bn_vb)
 }
 
-impl ConvBn {
-    fn new(p: PlanConv, conv_vb: VarBuilder, bn_vb: VarBuilder) -> Result<Self> {
-        // PyTorch's default Conv2d init (kaiming_uniform, a = √5) is U(±1/√fan_in).
-        let bound = 1.0 / ((p.c_in * p.k * p.k) as f64).sqrt();
-        let weight = conv_vb.get_with_hints(
-            (p.c_out, p.c_in, p.k, p.k),
-            "weight",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
-        let cfg = Conv2dConfig {
-            padding: p.k / 2,
-            stride: p.stride,
-            ..Default::default()
-        };
-        let bn_cfg = BatchNormConfig {
-            eps: BN_EPS,
-            remove_mean: true,
-            affine: true,
-            momentum: BN_MOMENTUM,
-        };
-        Ok(Self {
-            conv: Conv2d::new(weight, None, cfg),
-            bn: candle_nn::batch_norm(p.c_out, bn_cfg, bn_vb)?,
-            k: p.k,
-            stride: p.stride,
-        })
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            let y = super::conv::conv2d(x, self.conv.weight(), self.k / 2, self.stride)?;
-            return super::bn::forward_train(&self.bn, &y);
-        }
-        // Folding BN saves three passes over the activations; gradients still reach the
-        // weights through it.
-        let (w, shift) = self.folded()?;
-        let y = super::conv::conv2d(x, &w, self.k / 2, self.stride)?;
-        y.broadcast_add(&shift.reshape((1, shift.dim(0)?, 1, 1))?)
-    }
-
-    /// Conv weight w·s and bias β − μ·s with s = γ/√(σ²+ε): eval-mode BatchNorm folded in.
-    fn folded(&self) -> Result<(Tensor, Tensor)> {
-        let (gamma, beta) = self.affine()?;
-        let mean = self.bn.running_mean().detach();
-        let var = self.bn.running_var().detach();
-        let scale = (gamma / (var + self.bn.eps())?.sqrt()?)?;
-        let shift = (beta - (mean * &scale)?)?;
-        let c = scale.dim(0)?;
-        let w = self
-            .conv
-            .weight()
-            .broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
-        Ok((w, shift))
-    }
-
-    fn affine(&self) -> Result<(&Tensor, &Tensor)> {
-        match self.bn.weight_and_bias() {
-            Some(gb) => Ok(gb),
-            None => candle_core::bail!("adapter BatchNorm is built affine"),
-        }
-    }
-
-    fn tracks_grad(&self) -> bool {
-        self.conv.weight().track_op()
-            || self
-                .bn
-                .weight_and_bias()
-                .is_some_and(|(g, b)| g.track_op() || b.track_op())
-    }
-
-    fn detached(&self) -> Result<Self> {
-        let (gamma, beta) = self.affine()?;
-        Ok(Self {
-            conv: Conv2d::new(self.conv.weight().detach(), None, *self.conv.config()),
-            bn: BatchNorm::new(
-                gamma.dim(0)?,
-                self.bn.running_mean().detach(),
-                self.bn.running_var().detach(),
-                gamma.detach(),
-                beta.detach(),
-                self.bn.eps(),
-            )?,
-            k: self.k,
-            stride: self.stride,
-        })
-    }
-
-    fn to_fast(&self, precision: Precision) -> Result<FastConv> {
-        let (w, shift) = self.folded()?;
-        let (c_out, c_in, kh, kw) = w.dims4()?;
-        Ok(FastConv {
-            weight: GemmWeight::new(
-                w.detach().flatten_all()?.to_vec1()?,
-                c_out,
-                c_in * kh * kw,
-                precision,
-            ),
-            bias: shift.detach().to_vec1()?,
-            c_in,
-            k: self.k,
-            stride: self.stride,
-        })
-    }
+fn fast_conv(c: &ConvBn, precision: Precision) -> Result<FastConv> {
+    let parts = c.folded_parts(precision)?;
+    Ok(FastConv {
+        weight: parts.weight,
+        bias: parts.bias,
+        c_in: parts.c_in,
+        k: c.k(),
+        stride: c.stride(),
+    })
 }
 
 /// A BasicBlock: relu(b(relu(a(x))) + shortcut(x)), identity shortcut when `None`.
@@ -568,14 +473,14 @@ impl Unit {
 
     fn to_fast(&self, precision: Precision) -> Result<FastUnit> {
         Ok(match self {
-            Unit::Plain(c) => FastUnit::Plain(c.to_fast(precision)?),
+            Unit::Plain(c) => FastUnit::Plain(fast_conv(c, precision)?),
             Unit::Basic(blk) => FastUnit::Basic(Box::new(FastBlock {
-                a: blk.a.to_fast(precision)?,
-                b: blk.b.to_fast(precision)?,
+                a: fast_conv(&blk.a, precision)?,
+                b: fast_conv(&blk.b, precision)?,
                 shortcut: blk
                     .shortcut
                     .as_ref()
-                    .map(|c| c.to_fast(precision))
+                    .map(|c| fast_conv(c, precision))
                     .transpose()?,
             })),
         })
@@ -619,11 +524,7 @@ impl Adapter {
                     Some(PlanUnit::Plain(c)) => c,
                     _ => candle_core::bail!("ResNet-18 plan starts with its stem"),
                 };
-                let mut units = vec![Unit::Plain(ConvBn::new(
-                    stem,
-                    vb.pp("conv1"),
-                    vb.pp("bn1"),
-                )?)];
+                let mut units = vec![Unit::Plain(conv_bn(stem, vb.pp("conv1"), vb.pp("bn1"))?)];
                 // Blocks come in stage order; number them within their stage, as PyTorch's
                 // nn.Sequential does.
                 let names = depths
@@ -636,12 +537,12 @@ impl Adapter {
                     };
                     let bvb = vb.pp(name);
                     units.push(Unit::Basic(Box::new(Block {
-                        a: ConvBn::new(a, bvb.pp("conv1"), bvb.pp("bn1"))?,
-                        b: ConvBn::new(b, bvb.pp("conv2"), bvb.pp("bn2"))?,
+                        a: conv_bn(a, bvb.pp("conv1"), bvb.pp("bn1"))?,
+                        b: conv_bn(b, bvb.pp("conv2"), bvb.pp("bn2"))?,
                         shortcut: shortcut
                             .map(|s| {
                                 let svb = bvb.pp("shortcut");
-                                ConvBn::new(s, svb.pp("0"), svb.pp("1"))
+                                conv_bn(s, svb.pp("0"), svb.pp("1"))
                             })
                             .transpose()?,
                     })));
@@ -655,7 +556,7 @@ impl Adapter {
                 .map(|(i, unit)| match unit {
                     PlanUnit::Plain(c) => {
                         let lvb = vb.pp("layers").pp(i);
-                        Ok(Unit::Plain(ConvBn::new(c, lvb.pp("conv"), lvb.pp("bn"))?))
+                        Ok(Unit::Plain(conv_bn(c, lvb.pp("conv"), lvb.pp("bn"))?))
                     }
                     PlanUnit::Basic { .. } => {
                         candle_core::bail!("the small CNN has no residual blocks")

@@ -18,6 +18,7 @@ pub mod adapter;
 pub mod bn;
 pub mod caf;
 pub mod conv;
+mod convbn;
 pub mod dncnn;
 mod fast;
 pub mod gemm;

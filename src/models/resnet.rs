@@ -10,15 +10,12 @@
 //! (VarBuilder over a tensor map) and training (VarBuilder over a VarMap).
 
 use candle_core::{DType, Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
+use super::convbn::ConvBn;
 use super::fast::{FoldedBlock, FoldedConv, FoldedResNet};
-use super::gemm::{GemmWeight, Precision};
+use super::gemm::Precision;
 use super::{Classifier, ModelError, Normalize};
-
-/// PyTorch's BatchNorm2d defaults, which akamaster's checkpoints were trained with.
-const BN_EPS: f64 = 1e-5;
-const BN_MOMENTUM: f64 = 0.1;
 
 /// Width of the penultimate features φ(x).
 pub const FEATURE_DIM: usize = 64;
@@ -72,115 +69,34 @@ pub(crate) fn check_input(x: &Tensor) -> Result<()> {
     }
 }
 
-/// A bias-free 3×3 convolution followed by BatchNorm.
-#[derive(Clone, Debug)]
-struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
+/// A bias-free 3×3 convolution (PyTorch's default init) followed by BatchNorm, under the
+/// PyTorch names `{conv}.weight` and `{bn}.*`.
+fn conv_bn(
+    c_in: usize,
+    c_out: usize,
     stride: usize,
+    vb: &VarBuilder,
+    conv: &str,
+    bn: &str,
+) -> Result<ConvBn> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    let conv = candle_nn::conv2d_no_bias(c_in, c_out, 3, cfg, vb.pp(conv))?;
+    ConvBn::new(conv.weight().clone(), stride, vb.pp(bn))
 }
 
-impl ConvBn {
-    fn new(
-        c_in: usize,
-        c_out: usize,
-        stride: usize,
-        vb: &VarBuilder,
-        conv: &str,
-        bn: &str,
-    ) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            padding: 1,
-            stride,
-            ..Default::default()
-        };
-        let conv = candle_nn::conv2d_no_bias(c_in, c_out, 3, cfg, vb.pp(conv))?;
-        let bn_cfg = BatchNormConfig {
-            eps: BN_EPS,
-            remove_mean: true,
-            affine: true,
-            momentum: BN_MOMENTUM,
-        };
-        let bn = candle_nn::batch_norm(c_out, bn_cfg, vb.pp(bn))?;
-        Ok(Self { conv, bn, stride })
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            let y = super::conv::conv2d(x, self.conv.weight(), 1, self.stride)?;
-            return super::bn::forward_train(&self.bn, &y);
-        }
-        let (w, shift) = self.folded()?;
-        let y = super::conv::conv2d(x, &w, 1, self.stride)?;
-        y.broadcast_add(&shift.reshape((1, shift.dim(0)?, 1, 1))?)
-    }
-
-    /// Eval mode folds BatchNorm into the convolution: weight w·s and bias β − μ·s with
-    /// s = γ/√(σ²+ε), saving three passes over the activations. It is recomputed on each call
-    /// (a few thousand weights), so it always reflects the current parameters, and gradients
-    /// still reach γ, β and w through it.
-    fn folded(&self) -> Result<(Tensor, Tensor)> {
-        let (gamma, beta) = self.affine()?;
-        let mean = self.bn.running_mean().detach();
-        let var = self.bn.running_var().detach();
-        let scale = (gamma / (var + self.bn.eps())?.sqrt()?)?;
-        let shift = (beta - (mean * &scale)?)?;
-        let c = scale.dim(0)?;
-        let w = self
-            .conv
-            .weight()
-            .broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
-        Ok((w, shift))
-    }
-
-    fn affine(&self) -> Result<(&Tensor, &Tensor)> {
-        match self.bn.weight_and_bias() {
-            Some(gb) => Ok(gb),
-            None => candle_core::bail!("ConvBn is built with an affine BatchNorm"),
-        }
-    }
-
-    /// Whether autograd tracks any trained parameter (running statistics never are).
-    fn tracks_grad(&self) -> bool {
-        let affine = self.bn.weight_and_bias();
-        self.conv.weight().track_op() || affine.is_some_and(|(g, b)| g.track_op() || b.track_op())
-    }
-
-    fn detached(&self) -> Result<Self> {
-        let (gamma, beta) = self.affine()?;
-        let conv = Conv2d::new(self.conv.weight().detach(), None, *self.conv.config());
-        let bn = BatchNorm::new(
-            gamma.dim(0)?,
-            self.bn.running_mean().detach(),
-            self.bn.running_var().detach(),
-            gamma.detach(),
-            beta.detach(),
-            self.bn.eps(),
-        )?;
-        Ok(Self {
-            conv,
-            bn,
-            stride: self.stride,
-        })
-    }
-
-    fn to_fast(&self, precision: Precision) -> Result<FoldedConv> {
-        let (w, shift) = self.folded()?;
-        let (w, shift) = (w.detach(), shift.detach());
-        let (c_out, c_in, kh, kw) = w.dims4()?;
-        Ok(FoldedConv {
-            weight: GemmWeight::new(
-                w.flatten_all()?.to_vec1()?,
-                c_out,
-                c_in * kh * kw,
-                precision,
-            ),
-            bias: shift.to_vec1()?,
-            c_in,
-            c_out,
-            stride: self.stride,
-        })
-    }
+fn folded_conv(c: &ConvBn, precision: Precision) -> Result<FoldedConv> {
+    let parts = c.folded_parts(precision)?;
+    Ok(FoldedConv {
+        weight: parts.weight,
+        bias: parts.bias,
+        c_in: parts.c_in,
+        c_out: parts.c_out,
+        stride: c.stride(),
+    })
 }
 
 /// `x[:, :, ::2, ::2]` followed by zero-padding `pad` channels on each side.
@@ -216,8 +132,8 @@ pub struct BasicBlock {
 
 impl BasicBlock {
     pub fn new(in_planes: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
-        let a = ConvBn::new(in_planes, planes, stride, &vb, "conv1", "bn1")?;
-        let b = ConvBn::new(planes, planes, 1, &vb, "conv2", "bn2")?;
+        let a = conv_bn(in_planes, planes, stride, &vb, "conv1", "bn1")?;
+        let b = conv_bn(planes, planes, 1, &vb, "conv2", "bn2")?;
         let shortcut_pad = (stride != 1 || in_planes != planes).then_some(planes / 4);
         Ok(Self { a, b, shortcut_pad })
     }
@@ -264,7 +180,7 @@ impl CifarResNet {
         }
         let n = (depth - 2) / 6;
         let norm = InputNorm::new(normalize, vb.device())?;
-        let stem = ConvBn::new(3, 16, 1, &vb, "conv1", "bn1")?;
+        let stem = conv_bn(3, 16, 1, &vb, "conv1", "bn1")?;
         let mut blocks = Vec::with_capacity(3 * n);
         let mut in_planes = 16;
         for (stage, planes) in [16usize, 32, 64].into_iter().enumerate() {
@@ -377,14 +293,14 @@ impl CifarResNet {
     pub(crate) fn folded(&self) -> Result<FoldedResNet> {
         Ok(FoldedResNet {
             normalize: self.norm.normalize,
-            stem: self.stem.to_fast(self.precision)?,
+            stem: folded_conv(&self.stem, self.precision)?,
             blocks: self
                 .blocks
                 .iter()
                 .map(|blk| {
                     Ok(FoldedBlock {
-                        a: blk.a.to_fast(self.precision)?,
-                        b: blk.b.to_fast(self.precision)?,
+                        a: folded_conv(&blk.a, self.precision)?,
+                        b: folded_conv(&blk.b, self.precision)?,
                         shortcut_pad: blk.shortcut_pad,
                     })
                 })
