@@ -7,14 +7,29 @@ use caf::store::{JobState, JobStatus, Store, StudyInfo};
 use super::args::StatusArgs;
 use super::commands::open_existing_store;
 
-/// Images per second and seconds left, from the recorded per-image compute time.
-fn rate_eta(j: &JobStatus) -> (Option<f64>, Option<f64>) {
+/// Images per second and seconds left. Certification jobs count images: both come from the
+/// recorded per-image compute time. Training jobs count epochs: the rate is the last recorded
+/// epoch's training throughput and the time left is the epochs left times the mean recorded
+/// epoch duration.
+fn rate_eta(j: &JobStatus, epochs: &[serde_json::Value]) -> (Option<f64>, Option<f64>) {
+    let left = j.progress_total.saturating_sub(j.progress_done) as f64;
+    let running = j.state != JobState::Done;
+    if !epochs.is_empty() {
+        let field = |m: &serde_json::Value, k: &str| m.get(k).and_then(|v| v.as_f64());
+        let rate = epochs.last().and_then(|m| field(m, "images_per_sec"));
+        let secs: Vec<f64> = epochs
+            .iter()
+            .filter_map(|m| field(m, "seconds"))
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .collect();
+        let mean = (!secs.is_empty()).then(|| secs.iter().sum::<f64>() / secs.len() as f64);
+        return (rate, mean.filter(|_| running).map(|m| left * m));
+    }
     if j.progress_done == 0 || j.work_seconds <= 0.0 {
         return (None, None);
     }
     let rate = j.progress_done as f64 / j.work_seconds;
-    let left = j.progress_total.saturating_sub(j.progress_done) as f64;
-    (Some(rate), (j.state != JobState::Done).then(|| left / rate))
+    (Some(rate), running.then(|| left / rate))
 }
 
 fn fmt_secs(s: f64) -> String {
@@ -36,11 +51,15 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
     };
     let mut all = Vec::new();
     let mut weights = std::collections::HashMap::new();
+    let mut epochs = std::collections::HashMap::new();
     for s in &studies {
         let jobs = store.study_jobs(s.id).await?;
         for j in &jobs {
             if let Some(a) = store.artifact(&j.id, caf::methods::source::WEIGHTS).await? {
                 weights.insert(j.id.clone(), a);
+            }
+            if j.kind.starts_with("train") && j.progress_done > 0 {
+                epochs.insert(j.id.clone(), store.epochs(&j.id).await?);
             }
         }
         all.push((s.clone(), jobs));
@@ -53,7 +72,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                 let jobs: Vec<_> = jobs
                     .iter()
                     .map(|j| {
-                        let (rate, eta) = rate_eta(j);
+                        let (rate, eta) = rate_eta(j, epochs.get(&j.id).map_or(&[], Vec::as_slice));
                         let mut v = serde_json::to_value(j).unwrap_or_default();
                         if let Some(o) = v.as_object_mut() {
                             o.insert("images_per_sec".into(), serde_json::json!(rate));
@@ -89,7 +108,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
             "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY"
         )?;
         for j in jobs {
-            let (rate, eta) = rate_eta(j);
+            let (rate, eta) = rate_eta(j, epochs.get(&j.id).map_or(&[], Vec::as_slice));
             let state = if j.blocked {
                 "blocked"
             } else {
@@ -120,4 +139,58 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caf::plan::JobId;
+
+    fn job(kind: &str, state: JobState, done: u64, total: u64, work: f64) -> JobStatus {
+        JobStatus {
+            id: JobId::new("0123456789abcdef"),
+            kind: kind.into(),
+            label: String::new(),
+            state,
+            blocked: false,
+            attempts: 1,
+            max_attempts: 3,
+            progress_done: done,
+            progress_total: total,
+            run_seconds: work,
+            work_seconds: work,
+            started_at: None,
+            finished_at: None,
+            lease_owner: None,
+            error: None,
+            result: None,
+            precision: "f32".into(),
+        }
+    }
+
+    #[test]
+    fn certification_eta_comes_from_per_image_time() {
+        let (rate, eta) = rate_eta(&job("certify", JobState::Running, 20, 100, 10.0), &[]);
+        assert_eq!(rate, Some(2.0));
+        assert_eq!(eta, Some(40.0));
+        let (_, eta) = rate_eta(&job("certify", JobState::Done, 100, 100, 50.0), &[]);
+        assert_eq!(eta, None);
+        assert_eq!(
+            rate_eta(&job("certify", JobState::Pending, 0, 0, 0.0), &[]),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn training_eta_is_epochs_left_times_the_mean_epoch() {
+        let epochs = [
+            serde_json::json!({"epoch": 0, "images_per_sec": 40.0, "seconds": 1000.0}),
+            serde_json::json!({"epoch": 1, "images_per_sec": 50.0, "seconds": 800.0}),
+        ];
+        let (rate, eta) = rate_eta(&job("train-rs", JobState::Running, 2, 5, 0.0), &epochs);
+        assert_eq!(rate, Some(50.0));
+        assert_eq!(eta, Some(3.0 * 900.0));
+        let (_, eta) = rate_eta(&job("train-rs", JobState::Done, 5, 5, 0.0), &epochs);
+        assert_eq!(eta, None);
+    }
 }
