@@ -60,6 +60,7 @@ use rayon::prelude::*;
 
 use super::convbn::ConvBn;
 use super::gemm::{GemmWeight, Precision};
+use super::relu::relu;
 use super::resnet::{check_input, InputNorm};
 use super::{ModelError, Normalize};
 
@@ -435,16 +436,16 @@ enum Unit {
 impl Unit {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            Unit::Plain(c) => c.forward_t(x, train)?.relu(),
+            Unit::Plain(c) => relu(&c.forward_t(x, train)?),
             Unit::Basic(blk) => {
                 let out = blk
                     .b
-                    .forward_t(&blk.a.forward_t(x, train)?.relu()?, train)?;
+                    .forward_t(&relu(&blk.a.forward_t(x, train)?)?, train)?;
                 let short = match &blk.shortcut {
                     Some(s) => s.forward_t(x, train)?,
                     None => x.clone(),
                 };
-                (out + short)?.relu()
+                relu(&(out + short)?)
             }
         }
     }
@@ -784,7 +785,7 @@ fn fill_bias(out: &mut Vec<f32>, bias: &[f32], plane: usize) {
     }
 }
 
-fn relu(xs: &mut [f32]) {
+fn relu_in_place(xs: &mut [f32]) {
     for v in xs {
         *v = v.max(0.0);
     }
@@ -824,7 +825,7 @@ impl FastAdapter {
                     let out = conv.out_size(size);
                     fill_bias(&mut s.next, &conv.bias, out.0 * out.1);
                     conv.accumulate(&s.cur, size, &mut s.cols, &mut s.next);
-                    relu(&mut s.next);
+                    relu_in_place(&mut s.next);
                     size = out;
                 }
                 FastUnit::Basic(blk) => {
@@ -834,7 +835,7 @@ impl FastAdapter {
                     // tmp = relu(bn1(conv1(x)))
                     fill_bias(&mut s.tmp, &a.bias, out_plane);
                     a.accumulate(&s.cur, size, &mut s.cols, &mut s.tmp);
-                    relu(&mut s.tmp);
+                    relu_in_place(&mut s.tmp);
                     // next = relu(shortcut(x) + bn2(conv2(tmp)))
                     match shortcut {
                         Some(sc) => {
@@ -852,7 +853,7 @@ impl FastAdapter {
                         }
                     }
                     b.accumulate(&s.tmp, out, &mut s.cols, &mut s.next);
-                    relu(&mut s.next);
+                    relu_in_place(&mut s.next);
                     size = out;
                 }
             }

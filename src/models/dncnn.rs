@@ -17,7 +17,7 @@ use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use super::{conv::conv2d, Classifier, ModelError};
+use super::{conv::conv2d, relu::relu, Classifier, ModelError};
 
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
@@ -198,7 +198,7 @@ impl ModuleT for DnCnn {
                 };
             }
             if i != last {
-                h = h.relu()?;
+                h = relu(&h)?;
             }
         }
         x - h

@@ -25,6 +25,7 @@ pub mod gemm;
 pub mod init;
 mod linear;
 mod pickle;
+pub mod relu;
 mod resnet;
 mod weights;
 

@@ -15,6 +15,7 @@ use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 use super::convbn::ConvBn;
 use super::fast::{FoldedBlock, FoldedConv, FoldedResNet};
 use super::gemm::Precision;
+use super::relu::relu;
 use super::{Classifier, ModelError, Normalize};
 
 /// Width of the penultimate features φ(x).
@@ -141,13 +142,13 @@ impl BasicBlock {
 
 impl ModuleT for BasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let out = self.a.forward_t(x, train)?.relu()?;
+        let out = relu(&self.a.forward_t(x, train)?)?;
         let out = self.b.forward_t(&out, train)?;
         let short = match self.shortcut_pad {
             Some(pad) => shortcut_a(x, pad)?,
             None => x.clone(),
         };
-        (out + short)?.relu()
+        relu(&(out + short)?)
     }
 }
 
@@ -313,7 +314,7 @@ impl CifarResNet {
     /// reference the fused path is tested against.
     pub(crate) fn features_candle(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         check_input(x)?;
-        let mut h = self.stem.forward_t(&self.norm.forward(x)?, train)?.relu()?;
+        let mut h = relu(&self.stem.forward_t(&self.norm.forward(x)?, train)?)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }

@@ -1,0 +1,135 @@
+//! ReLU for training as one pass forward and one pass backward.
+//!
+//! Why: candle 0.11 differentiates `relu` as `grad · (x ≥ 0)` built from four tensor ops
+//! (zeros, compare into u8, cast back to f32, multiply), each a full pass over the activation
+//! with its own allocation; in the `rs` training step they showed up as ~6 % of the time. Here
+//! the backward is a single masked copy with the same convention at 0 (gradient passes where
+//! x ≥ 0), so gradients are bitwise the same as candle's.
+//!
+//! Other devices and dtypes fall back to candle's own `relu`.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::conv::f32_slice;
+
+/// Elements per rayon task: large enough that scheduling costs nothing next to the pass.
+const CHUNK: usize = 1 << 15;
+
+/// max(x, 0), differentiable, with the fused kernels on CPU f32.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
+        return x.relu();
+    }
+    x.contiguous()?.apply_op1(ReluOp)
+}
+
+struct ReluOp;
+
+impl CustomOp1 for ReluOp {
+    fn name(&self) -> &'static str {
+        "caf-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "relu input")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x.max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(g.apply_op2_no_bwd(arg, &ReluGradOp)?))
+    }
+}
+
+/// (∂L/∂y, x) ↦ ∂L/∂x = ∂L/∂y where x ≥ 0, else 0.
+struct ReluGradOp;
+
+impl CustomOp2 for ReluGradOp {
+    fn name(&self) -> &'static str {
+        "caf-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "relu output gradient")?;
+        let x = f32_slice(s2, l2, "relu input")?;
+        if g.len() != x.len() {
+            candle_core::bail!(
+                "relu gradient {:?} does not match input {:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let mut gx = vec![0f32; x.len()];
+        gx.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
+            .for_each(|(gx, (g, x))| {
+                for ((o, &g), &x) in gx.iter_mut().zip(g).zip(x) {
+                    *o = if x >= 0.0 { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(gx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// Values and gradients bitwise equal to candle's relu, including exact zeros (where both
+    /// let the gradient through) and a non-contiguous input.
+    #[test]
+    fn matches_candles_relu_and_its_gradient_exactly() {
+        let n = 3 * CHUNK + 18;
+        let xs: Vec<f32> = (0..n)
+            .map(|i| match i % 7 {
+                0 => 0.0,
+                k => (k as f32 - 3.5) * (1.0 + i as f32 * 1e-4),
+            })
+            .collect();
+        let r: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+        let r = Tensor::from_vec(r, n, &Device::Cpu).unwrap();
+        for transposed in [false, true] {
+            let x = Var::from_vec(xs.clone(), n, &Device::Cpu).unwrap();
+            let input = |x: &Var| -> Tensor {
+                if transposed {
+                    x.as_tensor().reshape((2, n / 2)).unwrap().t().unwrap()
+                } else {
+                    x.as_tensor().clone()
+                }
+            };
+            let ours = relu(&input(&x)).unwrap().flatten_all().unwrap();
+            let theirs = input(&x).relu().unwrap().flatten_all().unwrap();
+            assert_eq!(
+                ours.to_vec1::<f32>().unwrap(),
+                theirs.to_vec1::<f32>().unwrap()
+            );
+            let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let get = |g: &candle_core::backprop::GradStore| {
+                g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert_eq!(get(&g_ours), get(&g_theirs));
+        }
+    }
+}
