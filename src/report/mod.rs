@@ -328,7 +328,12 @@ fn diagonal(study: &StudyData) -> impl Iterator<Item = &CertJob> {
 fn job_name(c: &CertJob, swept: &[String]) -> String {
     let mut n = c.name(swept);
     if !c.complete() {
-        n.push_str(&format!(" [partial {}/{}]", c.rows.len(), c.planned.max(1)));
+        // A job that has not started has no planned total yet; its rows may still exist (a
+        // fused certification writes its members' rows before the members are marked done).
+        n.push_str(&match c.planned {
+            0 => format!(" [partial {} images, job pending]", c.rows.len()),
+            planned => format!(" [partial {}/{planned}]", c.rows.len()),
+        });
     }
     n
 }

@@ -240,6 +240,22 @@ fn partial_results_are_marked() {
 }
 
 #[test]
+fn partial_labels_count_images_and_never_invent_a_total() {
+    let mut s = known();
+    let rows = s.cert[1].rows.len();
+    s.cert[1].state = JobState::Running;
+    s.cert[1].planned = 10;
+    assert!(super::job_name(&s.cert[1], &[]).ends_with(&format!(" [partial {rows}/10]")));
+    // Rows written by a fused certification before the member job itself has started.
+    s.cert[1].state = JobState::Pending;
+    s.cert[1].planned = 0;
+    assert!(super::job_name(&s.cert[1], &[])
+        .ends_with(&format!(" [partial {rows} images, job pending]")));
+    s.cert[1].state = JobState::Done;
+    assert!(!super::job_name(&s.cert[1], &[]).contains("partial"));
+}
+
+#[test]
 fn sensitivity_spread_is_max_minus_min() {
     let mk = |id: &str, w: f64, lr: f64, radii: [f64; 2]| {
         cert(
