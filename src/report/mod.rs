@@ -353,14 +353,10 @@ fn curves_section(study: &StudyData) -> Result<Section, ReportError> {
         if jobs.is_empty() {
             continue;
         }
-        let per_method = count_per_method(&jobs);
+        let methods: Vec<&str> = jobs.iter().map(|c| c.method.as_str()).collect();
+        let colors = plot::figure_colors(&methods);
         let mut series = Vec::new();
-        for (i, c) in jobs.iter().enumerate() {
-            let color = if per_method.get(c.method.as_str()).copied().unwrap_or(0) > 1 {
-                plot::palette(i)
-            } else {
-                plot::method_color(&c.method)
-            };
+        for (c, color) in jobs.iter().zip(colors) {
             let pts = stats::curve(&c.rows);
             envelope
                 .entry(c.method.clone())
@@ -421,14 +417,6 @@ fn accuracy_plot(title: String, series: Vec<Series>) -> LinePlot {
         y_range: Some((0.0, 1.0)),
         x_categories: None,
     }
-}
-
-fn count_per_method<'a>(jobs: &[&'a CertJob]) -> BTreeMap<&'a str, usize> {
-    let mut m = BTreeMap::new();
-    for c in jobs {
-        *m.entry(c.method.as_str()).or_insert(0) += 1;
-    }
-    m
 }
 
 /// Pointwise maximum of step curves given by their corners (each constant until its next
@@ -620,12 +608,13 @@ fn comparison_section(study: &StudyData, opts: &Options) -> Result<Option<Sectio
                 dashed: true,
                 error_bars: None,
             }];
-            for (i, o) in others.iter().enumerate() {
-                let color = if others.len() > 1 {
-                    plot::palette(i)
-                } else {
-                    plot::method_color(&o.method)
-                };
+            let methods: Vec<&str> = std::iter::once(baseline.as_str())
+                .chain(others.iter().map(|o| o.method.as_str()))
+                .collect();
+            for (o, color) in others
+                .iter()
+                .zip(plot::figure_colors(&methods).into_iter().skip(1))
+            {
                 series.push(Series {
                     name: job_name(o, &study.swept),
                     color,

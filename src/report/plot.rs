@@ -145,6 +145,35 @@ pub fn method_color(method: &str) -> Rgb {
     PALETTE[rest + (hash % (PALETTE.len() - rest) as u64) as usize]
 }
 
+/// Colours for the series of one figure, given each series' method: a method drawn once keeps
+/// its fixed colour ([`method_color`]); the series of a method drawn several times (a sweep)
+/// take palette colours in order, skipping the fixed colours of this figure, so no two series
+/// share a colour while the palette lasts.
+pub fn figure_colors(methods: &[&str]) -> Vec<Rgb> {
+    let count = |m: &str| methods.iter().filter(|x| **x == m).count();
+    let fixed: Vec<Rgb> = methods
+        .iter()
+        .filter(|m| count(m) == 1)
+        .map(|m| method_color(m))
+        .collect();
+    let mut free: Vec<Rgb> = PALETTE
+        .iter()
+        .copied()
+        .filter(|c| !fixed.contains(c))
+        .collect();
+    if free.is_empty() {
+        free = PALETTE.to_vec();
+    }
+    let mut next = free.iter().copied().cycle();
+    methods
+        .iter()
+        .map(|m| match count(m) {
+            1 => method_color(m),
+            _ => next.next().unwrap_or(PALETTE[0]),
+        })
+        .collect()
+}
+
 /// A sequence of distinct colours for series that are not methods (e.g. one line per radius);
 /// cycles after the palette's length.
 pub fn palette(i: usize) -> Rgb {
@@ -1297,6 +1326,31 @@ mod tests {
         }
         // FNV-1a is fixed, so the pick for a given name is too.
         assert_eq!(method_color("macer"), method_color(&String::from("macer")));
+    }
+
+    #[test]
+    fn figure_colors_are_distinct_and_keep_single_methods_fixed() {
+        // The head-to-head's σ = 0.25 panel: three caf adapters and two denoisers next to
+        // methods drawn once; sky blue (smooth's colour) used to be reused for a caf series.
+        let methods = [
+            "smooth",
+            "denoised",
+            "denoised",
+            "caf",
+            "caf",
+            "caf",
+            "rs",
+            "smoothadv",
+        ];
+        let colors = figure_colors(&methods);
+        for (i, a) in colors.iter().enumerate() {
+            for b in &colors[i + 1..] {
+                assert_ne!(a, b, "{colors:?}");
+            }
+        }
+        assert_eq!(colors[0], method_color("smooth"));
+        assert_eq!(colors[6], method_color("rs"));
+        assert_eq!(colors[7], method_color("smoothadv"));
     }
 
     #[test]
