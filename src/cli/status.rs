@@ -58,12 +58,13 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
             if let Some(a) = store.artifact(&j.id, caf::methods::source::WEIGHTS).await? {
                 weights.insert(j.id.clone(), a);
             }
-            if j.kind.starts_with("train") && j.progress_done > 0 {
+            if j.kind.starts_with("train-") && j.progress_done > 0 {
                 epochs.insert(j.id.clone(), store.epochs(&j.id).await?);
             }
         }
         all.push((s.clone(), jobs));
     }
+    let rate_eta = |j: &JobStatus| rate_eta(j, epochs.get(&j.id).map_or(&[], Vec::as_slice));
     let mut out = std::io::stdout().lock();
     if a.json {
         let v: Vec<_> = all
@@ -72,7 +73,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                 let jobs: Vec<_> = jobs
                     .iter()
                     .map(|j| {
-                        let (rate, eta) = rate_eta(j, epochs.get(&j.id).map_or(&[], Vec::as_slice));
+                        let (rate, eta) = rate_eta(j);
                         let mut v = serde_json::to_value(j).unwrap_or_default();
                         if let Some(o) = v.as_object_mut() {
                             o.insert("images_per_sec".into(), serde_json::json!(rate));
@@ -108,7 +109,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
             "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY"
         )?;
         for j in jobs {
-            let (rate, eta) = rate_eta(j, epochs.get(&j.id).map_or(&[], Vec::as_slice));
+            let (rate, eta) = rate_eta(j);
             let state = if j.blocked {
                 "blocked"
             } else {
