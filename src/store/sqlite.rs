@@ -172,8 +172,8 @@ async fn carry_imports(
     n_cells: usize,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq)
-         SELECT sj.study_id, sj.job_id, ?, ? + sj.seq FROM study_jobs sj JOIN jobs j ON j.id = sj.job_id
+        "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq, label)
+         SELECT sj.study_id, sj.job_id, ?, ? + sj.seq, sj.label FROM study_jobs sj JOIN jobs j ON j.id = sj.job_id
          WHERE sj.study_id = ? AND sj.spec_sha256 = ? AND j.kind = 'import'
          ON CONFLICT DO NOTHING",
     )
@@ -362,13 +362,14 @@ impl Store for SqliteStore {
                 .ctx("recording a job dependency")?;
             }
             sqlx::query(
-                "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq) VALUES (?, ?, ?, ?)
+                "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq, label) VALUES (?, ?, ?, ?, ?)
                  ON CONFLICT DO NOTHING",
             )
             .bind(id)
             .bind(job.id.as_str())
             .bind(&s.spec_sha256)
             .bind(seq as i64)
+            .bind(&job.label)
             .execute(&mut *tx)
             .await
             .ctx("linking a job to the study")?;
@@ -468,7 +469,7 @@ impl Store for SqliteStore {
             .push(") WHERE status = 'pending' AND id = (SELECT j.id FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id WHERE sj.study_id = ")
             .push_bind(study.0)
             .push(" AND sj.spec_sha256 = ")
-            .push_bind(rev)
+            .push_bind(rev.clone())
             .push(" AND j.status = 'pending' AND j.attempts < j.max_attempts AND j.not_before <= ")
             .push_bind(now)
             .push(" AND j.kind IN (");
@@ -480,8 +481,15 @@ impl Store for SqliteStore {
             ") AND NOT EXISTS (SELECT 1 FROM job_deps d JOIN jobs p ON p.id = d.dep_id
                  WHERE d.job_id = j.id AND p.status <> 'done')
              ORDER BY sj.seq LIMIT 1)
-             RETURNING id, kind, label, params, attempts, max_attempts",
+             RETURNING id, kind, params, attempts, max_attempts,
+                 COALESCE((SELECT sj.label FROM study_jobs sj WHERE sj.job_id = jobs.id AND sj.study_id = ",
         );
+        // The claiming study's own name for the job, which another study sharing it may word
+        // differently.
+        q.push_bind(study.0)
+            .push(" AND sj.spec_sha256 = ")
+            .push_bind(rev)
+            .push("), label) AS label");
         let row = q
             .build()
             .fetch_optional(&self.pool)
@@ -850,7 +858,7 @@ impl Store for SqliteStore {
         let rev = self.current_revision(study).await?;
         let sql = format!(
             "{BLOCKED_CTE}
-             SELECT j.id, j.kind, j.label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
+             SELECT j.id, j.kind, COALESCE(sj.label, j.label) AS label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
                     j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision,
                     CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END AS blocked,
                     (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
@@ -942,7 +950,7 @@ impl Store for SqliteStore {
         .ctx("recording the new revision")?;
         for table in ["study_jobs", "study_cells"] {
             let cols = if table == "study_jobs" {
-                "job_id, seq"
+                "job_id, seq, label"
             } else {
                 "cell, job_id, method, kind, sigma, trained_sigma, params"
             };
@@ -976,14 +984,15 @@ impl Store for SqliteStore {
         .await
         .ctx("recording the imported job")?;
         sqlx::query(
-            "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq)
-             VALUES (?, ?, ?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM study_jobs WHERE study_id = ? AND spec_sha256 = ?))",
+            "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq, label)
+             VALUES (?, ?, ?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM study_jobs WHERE study_id = ? AND spec_sha256 = ?), ?)",
         )
         .bind(id)
         .bind(job.id.as_str())
         .bind(&rev)
         .bind(id)
         .bind(&rev)
+        .bind(&job.label)
         .execute(&mut *tx)
         .await
         .ctx("linking the imported job")?;
@@ -1021,8 +1030,11 @@ impl Store for SqliteStore {
     async fn study_cells(&self, study: StudyId) -> Result<Vec<CellRow>, StoreError> {
         let rev = self.current_revision(study).await?;
         let rows = sqlx::query(
-            "SELECT c.cell, c.job_id, c.method, c.kind, c.sigma, c.trained_sigma, c.params, j.label, j.status
+            "SELECT c.cell, c.job_id, c.method, c.kind, c.sigma, c.trained_sigma, c.params,
+                    COALESCE(sj.label, j.label) AS label, j.status
              FROM study_cells c JOIN jobs j ON j.id = c.job_id
+             LEFT JOIN study_jobs sj
+               ON sj.study_id = c.study_id AND sj.spec_sha256 = c.spec_sha256 AND sj.job_id = c.job_id
              WHERE c.study_id = ? AND c.spec_sha256 = ? ORDER BY c.cell, c.job_id",
         )
         .bind(study.0)

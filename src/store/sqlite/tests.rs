@@ -430,3 +430,33 @@ async fn concurrent_registrations_of_one_plan_all_succeed() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_shared_job_keeps_each_studys_label() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let named = |label: &str| {
+        let mut j = job("shared", &[]);
+        j.label = label.into();
+        j
+    };
+    let (in_p, in_q) = (named("lr=0.01 schedule=cosine"), named("caf σ=0.5"));
+    assert_eq!(
+        in_p.id, in_q.id,
+        "the label is not part of a job's identity"
+    );
+    let p = s.register_plan(&plan("p", vec![in_p])).await.unwrap();
+    let q = s.register_plan(&plan("q", vec![in_q])).await.unwrap();
+    let label_in = |rows: Vec<JobStatus>| rows.into_iter().map(|j| j.label).collect::<Vec<_>>();
+    assert_eq!(
+        label_in(s.study_jobs(p).await.unwrap()),
+        ["lr=0.01 schedule=cosine"]
+    );
+    assert_eq!(label_in(s.study_jobs(q).await.unwrap()), ["caf σ=0.5"]);
+    // The worker of study p logs the job under p's name although q registered it last.
+    let claimed = s
+        .claim(p, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.label, "lr=0.01 schedule=cosine");
+}
