@@ -20,7 +20,6 @@ pub struct CertJob {
     /// Images planned for the job (its progress total; 0 when not started).
     pub planned: u64,
     pub rows: Vec<CertRow>,
-    pub run_seconds: f64,
     /// The arithmetic the classifier ran in, as the store records it (`f32` or `bf16`).
     pub precision: String,
 }
@@ -104,7 +103,6 @@ impl StudyData {
                 state: c.state,
                 planned: st.map_or(0, |s| s.progress_total),
                 rows: rows.get(&c.job).cloned().unwrap_or_default(),
-                run_seconds: st.map_or(0.0, |s| s.run_seconds),
                 precision: st.map_or_else(|| "f32".to_string(), |s| s.precision.clone()),
             });
         }

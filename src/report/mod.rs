@@ -1102,10 +1102,19 @@ fn reproducibility_section(study: &StudyData, opts: &Options) -> Section {
                 } else {
                     "no (no nA/n)"
                 }),
-                Cell::num(c.run_seconds, 1),
+                Cell::num(c.rows.iter().map(|r| r.seconds).sum::<f64>(), 1),
             ]
         })
         .collect();
+    if study.cert.iter().any(|c| !c.rows.is_empty()) {
+        // A certify job whose rows a fused certification wrote ran for no time itself; the
+        // rows' own seconds are what certifying its images cost.
+        sec.notes.push(
+            "seconds: certification time summed over the job's images (a fused certification \
+             splits each image's time evenly among the models it certified)."
+                .into(),
+        );
+    }
     sec.tables.push((
         "certification jobs".into(),
         Table {

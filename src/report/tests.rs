@@ -62,7 +62,6 @@ fn cert(id: &str, method: &str, sigma: f64, values: &[(&str, f64)], rows: Vec<Ce
         state: JobState::Done,
         planned: rows.len() as u64,
         rows,
-        run_seconds: 1.5,
         precision: "f32".into(),
     }
 }
@@ -183,6 +182,25 @@ fn machine_readable_tables_hold_the_exact_numbers() {
         md.contains("| tttt | train-caf σ=0.5 | 2 | 1.500 | 0.400 | 100 | 1.0 |"),
         "{md}"
     );
+}
+
+#[test]
+fn certification_seconds_are_the_images_own_time() {
+    // A certify job whose rows a fused certification wrote has no run time of its own (the
+    // jobs table says 2.0 s for every job here); the table shows the four images' 0.1 s each.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&known(), &opts(), dir.path()).expect("report");
+    let csv = std::fs::read_to_string(dir.path().join("tables/reproducibility-2.csv"))
+        .expect("reproducibility-2.csv");
+    let header: Vec<&str> = csv.lines().next().expect("header").split(',').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "seconds")
+        .expect("seconds");
+    for job in ["aaaa", "bbbb"] {
+        let line = csv.lines().find(|l| l.starts_with(job)).expect("job row");
+        assert_eq!(line.split(',').nth(col), Some("0.4"), "{csv}");
+    }
 }
 
 #[test]
