@@ -58,8 +58,8 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use rayon::prelude::*;
 
-use super::convbn::ConvBn;
-use super::gemm::{GemmWeight, Precision};
+use super::convbn::{conv_out, ConvBn, FoldedConv};
+use super::gemm::Precision;
 use super::relu::relu;
 use super::resnet::{check_input, InputNorm};
 use super::{ModelError, Normalize};
@@ -304,11 +304,6 @@ enum PlanUnit {
     },
 }
 
-/// Output size of a convolution with padding k / 2.
-fn conv_out(size: usize, k: usize, stride: usize) -> usize {
-    (size + 2 * (k / 2) - k) / stride + 1
-}
-
 /// Size and compute of a network on one 32×32 image.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AdapterCost {
@@ -406,17 +401,6 @@ fn conv_bn(p: PlanConv, conv_vb: VarBuilder, bn_vb: VarBuilder) -> Result<ConvBn
     ConvBn::new(weight, p.stride, bn_vb)
 }
 
-fn fast_conv(c: &ConvBn, precision: Precision) -> Result<FastConv> {
-    let parts = c.folded_parts(precision)?;
-    Ok(FastConv {
-        weight: parts.weight,
-        bias: parts.bias,
-        c_in: parts.c_in,
-        k: c.k(),
-        stride: c.stride(),
-    })
-}
-
 /// A BasicBlock: relu(b(relu(a(x))) + shortcut(x)), identity shortcut when `None`.
 #[derive(Clone, Debug)]
 struct Block {
@@ -474,14 +458,14 @@ impl Unit {
 
     fn to_fast(&self, precision: Precision) -> Result<FastUnit> {
         Ok(match self {
-            Unit::Plain(c) => FastUnit::Plain(fast_conv(c, precision)?),
+            Unit::Plain(c) => FastUnit::Plain(c.fused(precision)?),
             Unit::Basic(blk) => FastUnit::Basic(Box::new(FastBlock {
-                a: fast_conv(&blk.a, precision)?,
-                b: fast_conv(&blk.b, precision)?,
+                a: blk.a.fused(precision)?,
+                b: blk.b.fused(precision)?,
                 shortcut: blk
                     .shortcut
                     .as_ref()
-                    .map(|c| fast_conv(c, precision))
+                    .map(|c| c.fused(precision))
                     .transpose()?,
             })),
         })
@@ -679,86 +663,14 @@ impl ModuleT for Adapter {
     }
 }
 
-/// A convolution with BatchNorm folded in, for the fused path.
-struct FastConv {
-    /// [c_out, c_in·k·k], row-major, PyTorch's (c, ky, kx) order within a row.
-    weight: GemmWeight,
-    bias: Vec<f32>,
-    c_in: usize,
-    k: usize,
-    stride: usize,
-}
-
-impl FastConv {
-    fn out_size(&self, (h, w): (usize, usize)) -> (usize, usize) {
-        (
-            conv_out(h, self.k, self.stride),
-            conv_out(w, self.k, self.stride),
-        )
-    }
-
-    /// `out += conv(x)` for one image: `x` is [c_in, h, w], `out` is [c_out, ho, wo].
-    fn accumulate(&self, x: &[f32], (h, w): (usize, usize), cols: &mut Vec<f32>, out: &mut [f32]) {
-        let (ho, wo) = self.out_size((h, w));
-        let n = ho * wo;
-        let (k, s, p) = (self.k, self.stride, self.k / 2);
-        let kdim = self.c_in * k * k;
-        if k == 1 && s == 1 {
-            // A 1×1 convolution at stride 1 reads the activations as they are.
-            self.weight.accumulate(n, x, out);
-            return;
-        }
-        // Every element is written below (padding included), so stale contents from the
-        // previous layer need no clearing.
-        if cols.len() < kdim * n {
-            cols.resize(kdim * n, 0.0);
-        }
-        for c in 0..self.c_in {
-            let src_plane = &x[c * h * w..][..h * w];
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = &mut cols[(c * k * k + ky * k + kx) * n..][..n];
-                    for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
-                        // Input row oy·s + ky − p; rows outside the image are zero padding.
-                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
-                            dst.fill(0.0);
-                            continue;
-                        };
-                        let src = &src_plane[iy * w..][..w];
-                        if s == 1 {
-                            // Output column ox reads input column ox + kx − p, inside the
-                            // image for ox in [p − kx, w + p − kx).
-                            let lo = p.saturating_sub(kx).min(wo);
-                            let hi = (w + p).saturating_sub(kx).clamp(lo, wo);
-                            dst[..lo].fill(0.0);
-                            if lo < hi {
-                                dst[lo..hi].copy_from_slice(&src[lo + kx - p..hi + kx - p]);
-                            }
-                            dst[hi..].fill(0.0);
-                        } else {
-                            for (ox, d) in dst.iter_mut().enumerate() {
-                                *d = match (ox * s + kx).checked_sub(p).filter(|&i| i < w) {
-                                    Some(ix) => src[ix],
-                                    None => 0.0,
-                                };
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        self.weight.accumulate(n, cols, out);
-    }
-}
-
 struct FastBlock {
-    a: FastConv,
-    b: FastConv,
-    shortcut: Option<FastConv>,
+    a: FoldedConv,
+    b: FoldedConv,
+    shortcut: Option<FoldedConv>,
 }
 
 enum FastUnit {
-    Plain(FastConv),
+    Plain(FoldedConv),
     Basic(Box<FastBlock>),
 }
 
@@ -773,7 +685,6 @@ struct Scratch {
     cur: Vec<f32>,
     tmp: Vec<f32>,
     next: Vec<f32>,
-    cols: Vec<f32>,
 }
 
 /// Sets every channel plane of `out` ([c, plane]) to its bias.
@@ -824,7 +735,7 @@ impl FastAdapter {
                 FastUnit::Plain(conv) => {
                     let out = conv.out_size(size);
                     fill_bias(&mut s.next, &conv.bias, out.0 * out.1);
-                    conv.accumulate(&s.cur, size, &mut s.cols, &mut s.next);
+                    conv.accumulate(&s.cur, 1, size, &mut s.next);
                     relu_in_place(&mut s.next);
                     size = out;
                 }
@@ -834,13 +745,13 @@ impl FastAdapter {
                     let out_plane = out.0 * out.1;
                     // tmp = relu(bn1(conv1(x)))
                     fill_bias(&mut s.tmp, &a.bias, out_plane);
-                    a.accumulate(&s.cur, size, &mut s.cols, &mut s.tmp);
+                    a.accumulate(&s.cur, 1, size, &mut s.tmp);
                     relu_in_place(&mut s.tmp);
                     // next = relu(shortcut(x) + bn2(conv2(tmp)))
                     match shortcut {
                         Some(sc) => {
                             fill_bias(&mut s.next, &sc.bias, out_plane);
-                            sc.accumulate(&s.cur, size, &mut s.cols, &mut s.next);
+                            sc.accumulate(&s.cur, 1, size, &mut s.next);
                         }
                         None => {
                             s.next.clear();
@@ -852,7 +763,7 @@ impl FastAdapter {
                             *v += bias;
                         }
                     }
-                    b.accumulate(&s.tmp, out, &mut s.cols, &mut s.next);
+                    b.accumulate(&s.tmp, 1, out, &mut s.next);
                     relu_in_place(&mut s.next);
                     size = out;
                 }

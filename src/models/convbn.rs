@@ -21,13 +21,83 @@ pub(crate) struct ConvBn {
     stride: usize,
 }
 
-/// The eval-mode layer as the fused paths use it: y = W·im2col(x) + bias.
-pub(crate) struct FoldedParts {
-    /// [c_out × c_in·k·k].
+/// Output size of a k×k convolution with padding k/2.
+pub(crate) fn conv_out(size: usize, k: usize, stride: usize) -> usize {
+    (size + 2 * (k / 2) - k) / stride + 1
+}
+
+/// The eval-mode layer as the fused CPU paths run it: y = W·im2col(x) + bias, BatchNorm folded
+/// into W and bias. One type for the ResNets' 3×3 layers and the adapters' any-k layers, so both
+/// paths share one im2col.
+#[derive(Clone, Debug)]
+pub(crate) struct FoldedConv {
+    /// [c_out, c_in·k·k], row-major, PyTorch's (c, ky, kx) order within a row.
     pub weight: GemmWeight,
     pub bias: Vec<f32>,
     pub c_in: usize,
     pub c_out: usize,
+    /// Square kernel size; padding is k/2.
+    pub k: usize,
+    pub stride: usize,
+}
+
+impl FoldedConv {
+    pub(crate) fn out_size(&self, (h, w): (usize, usize)) -> (usize, usize) {
+        (
+            conv_out(h, self.k, self.stride),
+            conv_out(w, self.k, self.stride),
+        )
+    }
+
+    /// `out += conv(x)` for a group of `g` images stored channel-major: `x` is [c_in, g, h, w],
+    /// `out` is [c_out, g, ho, wo], so one GEMM covers the whole group.
+    pub(crate) fn accumulate(&self, x: &[f32], g: usize, (h, w): (usize, usize), out: &mut [f32]) {
+        let (ho, wo) = self.out_size((h, w));
+        let n = g * ho * wo;
+        if self.k == 1 && self.stride == 1 {
+            // A 1×1 convolution at stride 1 reads the activations as they are.
+            return self.weight.accumulate(n, x, out);
+        }
+        self.weight
+            .accumulate_rows(n, |r, dst| self.im2col_row(x, g, (h, w), r, dst), out);
+    }
+
+    /// Row `r` = (c, ky, kx) of the im2col matrix: input channel c shifted by (ky − p, kx − p)
+    /// and subsampled by the stride, for every image and output position (zero outside).
+    fn im2col_row(&self, x: &[f32], g: usize, (h, w): (usize, usize), r: usize, dst: &mut [f32]) {
+        let (ho, wo) = self.out_size((h, w));
+        let (k, s, p) = (self.k, self.stride, self.k / 2);
+        let (c, ky, kx) = (r / (k * k), (r % (k * k)) / k, r % k);
+        for (gi, seg) in dst.chunks_exact_mut(ho * wo).enumerate() {
+            let src_plane = &x[(c * g + gi) * h * w..][..h * w];
+            for (oy, d) in seg.chunks_exact_mut(wo).enumerate() {
+                // Input row oy·s + ky − p; rows outside the image are padding.
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                    d.fill(0.0);
+                    continue;
+                };
+                let src = &src_plane[iy * w..][..w];
+                if s == 1 {
+                    // Output column ox reads input column ox + kx − p, inside the image for ox
+                    // in [p − kx, w + p − kx).
+                    let lo = p.saturating_sub(kx).min(wo);
+                    let hi = (w + p).saturating_sub(kx).clamp(lo, wo);
+                    d[..lo].fill(0.0);
+                    if lo < hi {
+                        d[lo..hi].copy_from_slice(&src[lo + kx - p..hi + kx - p]);
+                    }
+                    d[hi..].fill(0.0);
+                } else {
+                    for (ox, v) in d.iter_mut().enumerate() {
+                        *v = (ox * s + kx)
+                            .checked_sub(p)
+                            .filter(|&ix| ix < w)
+                            .map_or(0.0, |ix| src[ix]);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl ConvBn {
@@ -53,14 +123,6 @@ impl ConvBn {
             k,
             stride,
         })
-    }
-
-    pub(crate) fn k(&self) -> usize {
-        self.k
-    }
-
-    pub(crate) fn stride(&self) -> usize {
-        self.stride
     }
 
     /// BatchNorm uses batch statistics and updates its running statistics when `train`.
@@ -89,11 +151,12 @@ impl ConvBn {
         Ok((w, shift))
     }
 
-    /// The folded layer as a GEMM operand in `precision`, detached from autograd.
-    pub(crate) fn folded_parts(&self, precision: Precision) -> Result<FoldedParts> {
+    /// The folded layer for the fused paths, its weight a GEMM operand in `precision`,
+    /// detached from autograd.
+    pub(crate) fn fused(&self, precision: Precision) -> Result<FoldedConv> {
         let (w, shift) = self.folded()?;
         let (c_out, c_in, kh, kw) = w.dims4()?;
-        Ok(FoldedParts {
+        Ok(FoldedConv {
             weight: GemmWeight::new(
                 w.detach().flatten_all()?.to_vec1()?,
                 c_out,
@@ -103,6 +166,8 @@ impl ConvBn {
             bias: shift.detach().to_vec1()?,
             c_in,
             c_out,
+            k: self.k,
+            stride: self.stride,
         })
     }
 

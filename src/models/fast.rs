@@ -12,76 +12,8 @@
 
 use rayon::prelude::*;
 
-use super::gemm::GemmWeight;
+use super::convbn::FoldedConv;
 use super::Normalize;
-
-/// One 3×3, padding-1 convolution with BatchNorm folded in.
-#[derive(Clone, Debug)]
-pub(crate) struct FoldedConv {
-    /// [c_out, c_in·9], row-major, PyTorch's (c, ky, kx) order within a row.
-    pub weight: GemmWeight,
-    pub bias: Vec<f32>,
-    pub c_in: usize,
-    pub c_out: usize,
-    pub stride: usize,
-}
-
-impl FoldedConv {
-    fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1)
-    }
-
-    /// `out += conv(x)` for a group of `g` images stored channel-major: `x` is [c_in, g, h, w],
-    /// `out` is [c_out, g, ho, wo], so one GEMM covers the whole group.
-    fn accumulate(&self, x: &[f32], g: usize, (h, w): (usize, usize), out: &mut [f32]) {
-        let (ho, wo) = self.out_size(h, w);
-        let n = g * ho * wo;
-        self.weight
-            .accumulate_rows(n, |r, dst| self.im2col_row(x, g, (h, w), r, dst), out);
-    }
-
-    /// Row `r` = (c, ky, kx) of the im2col matrix: input channel c shifted by (ky − 1, kx − 1)
-    /// and subsampled by the stride, for every image and output position (zero outside).
-    fn im2col_row(&self, x: &[f32], g: usize, (h, w): (usize, usize), r: usize, dst: &mut [f32]) {
-        let (ho, wo) = self.out_size(h, w);
-        let plane = ho * wo;
-        let s = self.stride;
-        let (c, ky, kx) = (r / 9, (r % 9) / 3, r % 3);
-        for (gi, seg) in dst.chunks_exact_mut(plane).enumerate() {
-            let src_plane = &x[(c * g + gi) * h * w..][..h * w];
-            for oy in 0..ho {
-                let d = &mut seg[oy * wo..(oy + 1) * wo];
-                // Input row oy·s + ky − 1; rows outside the image are padding.
-                let Some(iy) = (oy * s + ky).checked_sub(1).filter(|&iy| iy < h) else {
-                    d.fill(0.0);
-                    continue;
-                };
-                let src = &src_plane[iy * w..(iy + 1) * w];
-                if s == 1 {
-                    // Column ox reads input column ox + kx − 1 (wo = w at stride 1).
-                    match kx {
-                        0 => {
-                            d[0] = 0.0;
-                            d[1..].copy_from_slice(&src[..w - 1]);
-                        }
-                        1 => d.copy_from_slice(src),
-                        _ => {
-                            d[..w - 1].copy_from_slice(&src[1..]);
-                            d[w - 1] = 0.0;
-                        }
-                    }
-                } else {
-                    for (ox, v) in d.iter_mut().enumerate() {
-                        *v = (ox * s + kx)
-                            .checked_sub(1)
-                            .filter(|&ix| ix < w)
-                            .map_or(0.0, |ix| src[ix]);
-                    }
-                }
-            }
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub(crate) struct FoldedBlock {
@@ -182,7 +114,7 @@ impl FoldedResNet {
         std::mem::swap(&mut s.cur, &mut s.next);
 
         for block in &self.blocks {
-            let (ho, wo) = block.a.out_size(h, w);
+            let (ho, wo) = block.a.out_size((h, w));
             let out_plane = ho * wo;
             // tmp = relu(bn1(conv1(x)))
             s.tmp.clear();

@@ -13,7 +13,7 @@ use candle_core::{DType, Module, ModuleT, Result, Tensor};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use super::convbn::ConvBn;
-use super::fast::{FoldedBlock, FoldedConv, FoldedResNet};
+use super::fast::{FoldedBlock, FoldedResNet};
 use super::gemm::Precision;
 use super::relu::relu;
 use super::{Classifier, ModelError, Normalize};
@@ -87,17 +87,6 @@ fn conv_bn(
     };
     let conv = candle_nn::conv2d_no_bias(c_in, c_out, 3, cfg, vb.pp(conv))?;
     ConvBn::new(conv.weight().clone(), stride, vb.pp(bn))
-}
-
-fn folded_conv(c: &ConvBn, precision: Precision) -> Result<FoldedConv> {
-    let parts = c.folded_parts(precision)?;
-    Ok(FoldedConv {
-        weight: parts.weight,
-        bias: parts.bias,
-        c_in: parts.c_in,
-        c_out: parts.c_out,
-        stride: c.stride(),
-    })
 }
 
 /// `x[:, :, ::2, ::2]` followed by zero-padding `pad` channels on each side.
@@ -294,14 +283,14 @@ impl CifarResNet {
     pub(crate) fn folded(&self) -> Result<FoldedResNet> {
         Ok(FoldedResNet {
             normalize: self.norm.normalize,
-            stem: folded_conv(&self.stem, self.precision)?,
+            stem: self.stem.fused(self.precision)?,
             blocks: self
                 .blocks
                 .iter()
                 .map(|blk| {
                     Ok(FoldedBlock {
-                        a: folded_conv(&blk.a, self.precision)?,
-                        b: folded_conv(&blk.b, self.precision)?,
+                        a: blk.a.fused(self.precision)?,
+                        b: blk.b.fused(self.precision)?,
                         shortcut_pad: blk.shortcut_pad,
                     })
                 })
