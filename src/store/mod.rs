@@ -25,6 +25,15 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error(
+        "database {path} was written by a newer caf: its schema has migration {version}, which \
+         this build does not know (its newest is {known}); open it with that caf or a later one"
+    )]
+    NewerSchema {
+        path: String,
+        version: i64,
+        known: i64,
+    },
     #[error("migrating the database schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error while {context}: {source}")]

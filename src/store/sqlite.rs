@@ -99,6 +99,20 @@ impl SqliteStore {
                 raced: false,
             })?;
         if let Err(e) = MIGRATOR.run(&pool).await {
+            if let sqlx::migrate::MigrateError::VersionMissing(version) = e {
+                // An older caf on a database a newer one migrated (mixed versions on a cluster):
+                // say so instead of sqlx's "previously applied but missing".
+                pool.close().await;
+                let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+                return Err(Opening {
+                    error: StoreError::NewerSchema {
+                        path: shown.to_string(),
+                        version,
+                        known,
+                    },
+                    raced: false,
+                });
+            }
             // Two processes can both see a migration as pending; the loser's DDL then fails
             // ("duplicate column name", "table … already exists"). Whatever the message, if the
             // failed migration is now recorded as applied, another process won and a retry

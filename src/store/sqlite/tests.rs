@@ -312,6 +312,50 @@ async fn many_processes_can_create_the_same_database_at_once() {
     }
 }
 
+#[tokio::test]
+async fn a_database_from_a_newer_caf_is_refused_by_name_and_left_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("newer.db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    s.register_plan(&plan("p", vec![job("a", &[])]))
+        .await
+        .unwrap();
+    // What a later caf leaves behind: a migration this build has never seen.
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000001, 'from the future', TRUE, X'00', 0)",
+    )
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    drop(s);
+    let err = match SqliteStore::open(&path).await {
+        Ok(_) => panic!("a newer schema was opened"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(
+            err,
+            StoreError::NewerSchema {
+                version: 29991231000001,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer caf"), "{err}");
+    // Nothing was touched: the study is still there for the caf that can read it.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM studies")
+        .fetch_one(
+            &SqlitePool::connect(&format!("sqlite:{}", path.display()))
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
 fn cert_row(idx: u64) -> CertRow {
     CertRow {
         idx,
