@@ -20,6 +20,9 @@ pub enum Command {
     Plan(PlanArgs),
     /// Show the jobs of a study: state, progress, throughput, ETA.
     Status(StatusArgs),
+    /// Give a study's failed jobs a fresh set of attempts without running anything: a `caf
+    /// run` already working on the study (or the next one) picks them up.
+    Retry(RetryArgs),
     /// Export per-image results of a study.
     Export(ExportArgs),
     /// Write a study's report: curves, tables, comparisons, sensitivity, ensemble, training
@@ -84,6 +87,14 @@ pub struct StatusArgs {
     pub db: DbArg,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// Study name.
+    pub study: String,
+    #[command(flatten)]
+    pub db: DbArg,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -26,6 +26,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(a) => run(a),
         Command::Plan(a) => plan(a),
         Command::Status(a) => runtime()?.block_on(super::status::status(a)),
+        Command::Retry(a) => runtime()?.block_on(retry(a)),
         Command::Export(a) => runtime()?.block_on(super::export::export(a)),
         Command::Report(a) => runtime()?.block_on(super::report::report(a)),
         Command::Import(a) => runtime()?.block_on(super::report::import(a)),
@@ -76,6 +77,25 @@ pub async fn open_existing_store(db: &Path) -> Result<SqliteStore> {
         .into());
     }
     open_store(db).await
+}
+
+async fn retry(a: RetryArgs) -> Result<i32> {
+    let store = open_existing_store(&a.db.db).await?;
+    let study = store.study_by_name(&a.study).await?;
+    let n = store.retry_failed(study.id).await?;
+    println!(
+        "{n} failed job(s) of {} returned to pending with fresh attempts",
+        study.name
+    );
+    if n > 0 {
+        // Their checkpoints and finished images are kept: the rerun resumes from them.
+        println!(
+            "a running `caf run` on this study picks them up; otherwise: caf run {} --db {}",
+            study.spec_path,
+            a.db.db.display()
+        );
+    }
+    Ok(0)
 }
 
 fn plan(a: PlanArgs) -> Result<i32> {

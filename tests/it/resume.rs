@@ -111,3 +111,54 @@ fn two_processes_on_one_database_run_every_job_exactly_once() {
     }
     assert_eq!(export_csv(&dir, "p.db").lines().count(), 1 + 4 * 4);
 }
+
+#[test]
+fn caf_retry_gives_failed_jobs_fresh_attempts_without_running_them() {
+    let dir = Dir::new();
+    // Weights that cannot be read: both jobs fail for good on their first attempt.
+    dir.write("bad.pt", "not a checkpoint");
+    let spec = resnet_spec("retry", "0.25", 10, 20, 50).replace(
+        &resnet20_weights().display().to_string(),
+        &dir.join("bad.pt").display().to_string(),
+    );
+    dir.write("s.yaml", &spec);
+    let first = dir.run(&["run", "s.yaml", "--db", "r.db"]);
+    assert_eq!(first.status.code(), Some(1), "{}", text(&first.stderr));
+    let jobs = |dir: &Dir| -> Vec<(String, u64)> {
+        let st: serde_json::Value =
+            serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "r.db"])))
+                .expect("status JSON");
+        st[0]["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .map(|j| {
+                (
+                    j["state"].as_str().unwrap_or_default().to_string(),
+                    j["attempts"].as_u64().unwrap_or(u64::MAX),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(jobs(&dir), [("failed".into(), 1), ("failed".into(), 1)]);
+
+    let out = ok(&dir.run(&["retry", "retry", "--db", "r.db"]));
+    assert!(
+        out.starts_with("2 failed job(s) of retry returned to pending"),
+        "{out}"
+    );
+    // Nothing ran: both are pending with no attempt counted.
+    assert_eq!(jobs(&dir), [("pending".into(), 0), ("pending".into(), 0)]);
+    // The next run tries them again (and they fail again: the file is still bad).
+    let again = dir.run(&["run", "s.yaml", "--db", "r.db"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(jobs(&dir), [("failed".into(), 1), ("failed".into(), 1)]);
+
+    let none = dir.run(&["retry", "no-such-study", "--db", "r.db"]);
+    assert!(!none.status.success());
+    assert!(
+        text(&none.stderr).contains("no-such-study"),
+        "{}",
+        text(&none.stderr)
+    );
+}
