@@ -58,7 +58,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
             if let Some(a) = store.artifact(&j.id, caf::methods::source::WEIGHTS).await? {
                 weights.insert(j.id.clone(), a);
             }
-            if j.kind.starts_with("train-") && j.progress_done > 0 {
+            if j.is_training() && j.progress_done > 0 {
                 epochs.insert(j.id.clone(), store.epochs(&j.id).await?);
             }
         }

@@ -60,7 +60,7 @@ use rayon::prelude::*;
 
 use super::convbn::{conv_out, ConvBn, FoldedConv};
 use super::gemm::Precision;
-use super::relu::relu;
+use super::relu::{relu, relu_in_place};
 use super::resnet::{check_input, InputNorm};
 use super::{ModelError, Normalize};
 
@@ -687,21 +687,6 @@ struct Scratch {
     next: Vec<f32>,
 }
 
-/// Sets every channel plane of `out` ([c, plane]) to its bias.
-fn fill_bias(out: &mut Vec<f32>, bias: &[f32], plane: usize) {
-    out.clear();
-    out.resize(bias.len() * plane, 0.0);
-    for (o, &b) in out.chunks_exact_mut(plane).zip(bias) {
-        o.fill(b);
-    }
-}
-
-fn relu_in_place(xs: &mut [f32]) {
-    for v in xs {
-        *v = v.max(0.0);
-    }
-}
-
 impl FastAdapter {
     /// Pooled features [B·pooled] of B images of [3, h, w].
     fn pooled(&self, input: &[f32], batch: usize, (h, w): (usize, usize)) -> Vec<f32> {
@@ -734,7 +719,7 @@ impl FastAdapter {
             match unit {
                 FastUnit::Plain(conv) => {
                     let out = conv.out_size(size);
-                    fill_bias(&mut s.next, &conv.bias, out.0 * out.1);
+                    conv.bias_into(&mut s.next, out.0 * out.1);
                     conv.accumulate(&s.cur, 1, size, &mut s.next);
                     relu_in_place(&mut s.next);
                     size = out;
@@ -744,13 +729,13 @@ impl FastAdapter {
                     let out = a.out_size(size);
                     let out_plane = out.0 * out.1;
                     // tmp = relu(bn1(conv1(x)))
-                    fill_bias(&mut s.tmp, &a.bias, out_plane);
+                    a.bias_into(&mut s.tmp, out_plane);
                     a.accumulate(&s.cur, 1, size, &mut s.tmp);
                     relu_in_place(&mut s.tmp);
                     // next = relu(shortcut(x) + bn2(conv2(tmp)))
                     match shortcut {
                         Some(sc) => {
-                            fill_bias(&mut s.next, &sc.bias, out_plane);
+                            sc.bias_into(&mut s.next, out_plane);
                             sc.accumulate(&s.cur, 1, size, &mut s.next);
                         }
                         None => {
@@ -758,11 +743,7 @@ impl FastAdapter {
                             s.next.extend_from_slice(&s.cur);
                         }
                     }
-                    for (o, &bias) in s.next.chunks_exact_mut(out_plane).zip(&b.bias) {
-                        for v in o {
-                            *v += bias;
-                        }
-                    }
+                    b.add_bias(&mut s.next, out_plane);
                     b.accumulate(&s.tmp, 1, out, &mut s.next);
                     relu_in_place(&mut s.next);
                     size = out;

@@ -49,6 +49,25 @@ impl FoldedConv {
         )
     }
 
+    /// Sets `out` to the bias broadcast over `plane` values per output channel ([c_out, plane]),
+    /// ready for [`accumulate`](Self::accumulate) to add the convolution.
+    pub(crate) fn bias_into(&self, out: &mut Vec<f32>, plane: usize) {
+        out.clear();
+        out.resize(self.c_out * plane, 0.0);
+        for (o, &b) in out.chunks_exact_mut(plane).zip(&self.bias) {
+            o.fill(b);
+        }
+    }
+
+    /// Adds the bias to `out` ([c_out, plane]) that already holds something else (a shortcut).
+    pub(crate) fn add_bias(&self, out: &mut [f32], plane: usize) {
+        for (o, &b) in out.chunks_exact_mut(plane).zip(&self.bias) {
+            for v in o {
+                *v += b;
+            }
+        }
+    }
+
     /// `out += conv(x)` for a group of `g` images stored channel-major: `x` is [c_in, g, h, w],
     /// `out` is [c_out, g, ho, wo], so one GEMM covers the whole group.
     pub(crate) fn accumulate(&self, x: &[f32], g: usize, (h, w): (usize, usize), out: &mut [f32]) {

@@ -13,6 +13,7 @@
 use rayon::prelude::*;
 
 use super::convbn::FoldedConv;
+use super::relu::relu_in_place;
 use super::Normalize;
 
 #[derive(Clone, Debug)]
@@ -42,18 +43,6 @@ struct Scratch {
     cur: Vec<f32>,
     tmp: Vec<f32>,
     next: Vec<f32>,
-}
-
-fn fill_bias(out: &mut [f32], bias: &[f32], plane: usize) {
-    for (o, &b) in out.chunks_exact_mut(plane).zip(bias) {
-        o.fill(b);
-    }
-}
-
-fn relu(xs: &mut [f32]) {
-    for v in xs {
-        *v = v.max(0.0);
-    }
 }
 
 impl FoldedResNet {
@@ -106,22 +95,18 @@ impl FoldedResNet {
 
         let (mut h, mut w) = (h, w);
         let conv = &self.stem;
-        s.next.clear();
-        s.next.resize(conv.c_out * g * plane, 0.0);
-        fill_bias(&mut s.next, &conv.bias, g * plane);
+        conv.bias_into(&mut s.next, g * plane);
         conv.accumulate(&s.cur, g, (h, w), &mut s.next);
-        relu(&mut s.next);
+        relu_in_place(&mut s.next);
         std::mem::swap(&mut s.cur, &mut s.next);
 
         for block in &self.blocks {
             let (ho, wo) = block.a.out_size((h, w));
             let out_plane = ho * wo;
             // tmp = relu(bn1(conv1(x)))
-            s.tmp.clear();
-            s.tmp.resize(block.a.c_out * g * out_plane, 0.0);
-            fill_bias(&mut s.tmp, &block.a.bias, g * out_plane);
+            block.a.bias_into(&mut s.tmp, g * out_plane);
             block.a.accumulate(&s.cur, g, (h, w), &mut s.tmp);
-            relu(&mut s.tmp);
+            relu_in_place(&mut s.tmp);
             // next = relu(shortcut(x) + bn2(conv2(tmp)))
             s.next.clear();
             match block.shortcut_pad {
@@ -143,13 +128,9 @@ impl FoldedResNet {
                     }
                 }
             }
-            for (o, &b) in s.next.chunks_exact_mut(g * out_plane).zip(&block.b.bias) {
-                for v in o {
-                    *v += b;
-                }
-            }
+            block.b.add_bias(&mut s.next, g * out_plane);
             block.b.accumulate(&s.tmp, g, (ho, wo), &mut s.next);
-            relu(&mut s.next);
+            relu_in_place(&mut s.next);
             std::mem::swap(&mut s.cur, &mut s.next);
             (h, w) = (ho, wo);
         }

@@ -24,6 +24,13 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(ReluOp)
 }
 
+/// max(x, 0) in place, for the fused eval paths (no autograd).
+pub(crate) fn relu_in_place(xs: &mut [f32]) {
+    for v in xs {
+        *v = v.max(0.0);
+    }
+}
+
 struct ReluOp;
 
 impl CustomOp1 for ReluOp {

@@ -94,8 +94,8 @@ pub struct Plan {
     pub study: StudyMeta,
     pub jobs: Vec<Job>,
     /// Which grid cell each result-producing job answers, for reports. A job is shared by every
-    /// cell (and study) that needs it, and its label is whatever the last plan called it, so
-    /// only this mapping says which method and hyperparameters a result stands for.
+    /// cell (and study) that needs it, and its label is one study's wording of one cell, so only
+    /// this mapping says which method and hyperparameters a result stands for.
     pub cells: Vec<CellRecord>,
 }
 

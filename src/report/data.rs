@@ -107,7 +107,7 @@ impl StudyData {
             });
         }
         let mut train = Vec::new();
-        for j in jobs.iter().filter(|j| j.kind.starts_with("train-")) {
+        for j in jobs.iter().filter(|j| j.is_training()) {
             train.push(TrainJob {
                 job: j.id.clone(),
                 label: j.label.clone(),

@@ -184,6 +184,13 @@ pub struct JobStatus {
     pub precision: String,
 }
 
+impl JobStatus {
+    /// A training job (kinds `train-*`): its progress counts epochs, recorded with their metrics.
+    pub fn is_training(&self) -> bool {
+        self.kind.starts_with("train-")
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct StudyInfo {
     pub id: StudyId,
@@ -204,7 +211,6 @@ pub struct CellRow {
     pub sigma: Option<f64>,
     pub trained_sigma: Option<f64>,
     pub values: std::collections::BTreeMap<String, serde_json::Value>,
-    pub label: String,
     pub state: JobState,
 }
 

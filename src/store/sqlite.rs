@@ -1044,11 +1044,8 @@ impl Store for SqliteStore {
     async fn study_cells(&self, study: StudyId) -> Result<Vec<CellRow>, StoreError> {
         let rev = self.current_revision(study).await?;
         let rows = sqlx::query(
-            "SELECT c.cell, c.job_id, c.method, c.kind, c.sigma, c.trained_sigma, c.params,
-                    COALESCE(sj.label, j.label) AS label, j.status
+            "SELECT c.cell, c.job_id, c.method, c.kind, c.sigma, c.trained_sigma, c.params, j.status
              FROM study_cells c JOIN jobs j ON j.id = c.job_id
-             LEFT JOIN study_jobs sj
-               ON sj.study_id = c.study_id AND sj.spec_sha256 = c.spec_sha256 AND sj.job_id = c.job_id
              WHERE c.study_id = ? AND c.spec_sha256 = ? ORDER BY c.cell, c.job_id",
         )
         .bind(study.0)
@@ -1072,7 +1069,6 @@ impl Store for SqliteStore {
                 trained_sigma: r.try_get("trained_sigma").map_err(g)?,
                 values: serde_json::from_str(&params)
                     .map_err(|e| StoreError::Corrupt(format!("cell parameters JSON: {e}")))?,
-                label: r.try_get("label").map_err(g)?,
                 state: JobState::parse(&r.try_get::<String, _>("status").map_err(g)?)?,
             });
         }
