@@ -1,5 +1,6 @@
 //! Records the git revision the binary was built from, for the reproducibility block of
-//! reports. Builds outside a git checkout (a crate tarball) report "unknown".
+//! reports (builds outside a git checkout, a crate tarball, report "unknown"), and rebuilds when
+//! a migration is added.
 
 use std::process::Command;
 
@@ -18,4 +19,8 @@ fn main() {
     // Rebuild the stamp when HEAD or the index moves (commits, checkouts, staging).
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/index");
+    // `sqlx::migrate!` embeds migrations/ at compile time, but naming any file above turns off
+    // cargo's default of rebuilding on every change in the package: without this line a new
+    // .sql file would not be embedded until something else changed.
+    println!("cargo:rerun-if-changed=migrations");
 }

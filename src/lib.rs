@@ -8,12 +8,14 @@
 //! runs them through the `methods` registry with heartbeats) → `certify` (Cohen et al.'s
 //! PREDICT/CERTIFY over `models` on `data`).
 
+pub mod arch;
 pub mod bench;
 pub mod certify;
 pub mod data;
 pub mod methods;
 pub mod models;
 pub mod plan;
+pub mod queue;
 pub mod report;
 pub mod sched;
 pub mod spec;

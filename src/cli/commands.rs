@@ -10,7 +10,7 @@ use caf::methods::{
     self,
     common::Slice,
     eval::predict_indices,
-    smooth::{certify_slice, SliceRun},
+    slice::{certify_slice, SliceEnd, SliceRun},
 };
 use caf::models::{self, Arch, Normalize};
 use caf::plan::Plan;
@@ -50,7 +50,7 @@ fn load_plan(path: &Path) -> Result<(Spec, Plan)> {
         code: 2,
         message: Some(e.to_string()),
     })?;
-    let plan = Plan::from_spec(&spec).map_err(|e| Exit {
+    let plan = Plan::from_spec(&spec, &methods::planner()).map_err(|e| Exit {
         code: 2,
         message: Some(e.to_string()),
     })?;
@@ -193,6 +193,7 @@ fn run(a: RunArgs) -> Result<i32> {
             heartbeat: lease / 4,
             poll: Duration::from_millis(500),
             artifacts_dir: a.artifacts.clone(),
+            ..SchedConfig::default()
         };
         let progress: Arc<dyn Progress> = if a.quiet {
             Arc::new(sched::progress::NoProgress)
@@ -203,7 +204,8 @@ fn run(a: RunArgs) -> Result<i32> {
         };
         let shutdown = CancelFlag::new();
         spawn_signal_handler(shutdown.clone());
-        let registry = Arc::new(methods::registry());
+        let results = methods::StoreResults::new(store.clone(), tokio::runtime::Handle::current());
+        let registry = Arc::new(methods::registry(Arc::new(results)));
         let summary = sched::run_study(store.clone(), study, registry, cfg, shutdown, progress).await?;
         let jobs = store.study_jobs(study).await?;
         let done = jobs.iter().filter(|j| j.state == caf::store::JobState::Done).count();
@@ -290,7 +292,7 @@ fn normalize_of(m: &ModelArgs, arch: Arch) -> Result<Normalize> {
 }
 
 fn load_model_args(m: &ModelArgs) -> Result<(Box<dyn models::Classifier>, candle_core::Device)> {
-    let arch: Arch = m.arch.parse().map_err(|e: models::ModelError| Exit {
+    let arch: Arch = m.arch.parse().map_err(|e: caf::arch::UnknownArch| Exit {
         code: 2,
         message: Some(e.to_string()),
     })?;
@@ -353,7 +355,7 @@ fn certify(a: CertifyArgs) -> Result<i32> {
         let _ = ctrlc_once(move || s.cancel());
     }
     let mut count = 0usize;
-    let done = Default::default();
+    let done = [Default::default()];
     let run = SliceRun {
         data: &set,
         indices: &indices,
@@ -362,37 +364,33 @@ fn certify(a: CertifyArgs) -> Result<i32> {
         sigma: a.sigma,
         settings,
     };
-    let end = certify_slice(
-        model.as_ref(),
-        &device,
-        &run,
-        &|| shutdown.is_cancelled(),
-        &mut |r| {
-            // Flushed per row, like Cohen's certify.py, so a partial log is usable.
-            writeln!(
-                out,
-                "{}\t{}\t{}\t{:.3}\t{}\t{:.4}\t{}\t{}",
-                r.idx, r.label, r.predict, r.radius, r.correct as u8, r.seconds, r.n_a, r.n
-            )
-            .and_then(|_| out.flush())
-            .map_err(|e| {
-                caf::sched::JobError::fatal(format!("writing {}: {e}", a.out.display()))
-            })?;
-            count += 1;
-            tracing::info!(
-                idx = r.idx,
-                predict = r.predict,
-                radius = r.radius,
-                "certified"
-            );
-            Ok(())
-        },
-    )
+    let smooth = caf::certify::Smooth::new(model.as_ref(), a.sigma, device.clone());
+    let end = certify_slice(&smooth, &run, &|| shutdown.is_cancelled(), &mut |rows| {
+        let Some((_, r)) = rows.into_iter().next() else {
+            return Ok(());
+        };
+        // Flushed per row, like Cohen's certify.py, so a partial log is usable.
+        writeln!(
+            out,
+            "{}\t{}\t{}\t{:.3}\t{}\t{:.4}\t{}\t{}",
+            r.idx, r.label, r.predict, r.radius, r.correct as u8, r.seconds, r.n_a, r.n
+        )
+        .and_then(|_| out.flush())
+        .map_err(|e| caf::sched::JobError::fatal(format!("writing {}: {e}", a.out.display())))?;
+        count += 1;
+        tracing::info!(
+            idx = r.idx,
+            predict = r.predict,
+            radius = r.radius,
+            "certified"
+        );
+        Ok(())
+    })
     .map_err(|e| anyhow::anyhow!(e.message))?;
     eprintln!("wrote {count} rows to {}", a.out.display());
     Ok(match end {
-        methods::smooth::SliceEnd::Finished => 0,
-        methods::smooth::SliceEnd::Interrupted => 130,
+        SliceEnd::Finished => 0,
+        SliceEnd::Interrupted => 130,
     })
 }
 
@@ -484,7 +482,7 @@ fn peak_share(
 }
 
 fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
-    let arch: Arch = f.arch.parse().map_err(|e: models::ModelError| Exit {
+    let arch: Arch = f.arch.parse().map_err(|e: caf::arch::UnknownArch| Exit {
         code: 2,
         message: Some(e.to_string()),
     })?;
@@ -552,7 +550,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
     let arch: Arch = t
         .arch
         .parse()
-        .map_err(|e: models::ModelError| usage(e.to_string()))?;
+        .map_err(|e: caf::arch::UnknownArch| usage(e.to_string()))?;
     let Arch::CifarResNet { depth } = arch else {
         bail!(usage(format!(
             "train-step needs a CIFAR ResNet, not {arch}"

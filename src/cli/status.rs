@@ -2,7 +2,7 @@ use std::io::Write;
 
 use anyhow::Result;
 
-use caf::store::{JobState, JobStatus, Store, StudyInfo};
+use caf::store::{JobState, JobStatus, Queue, Store, StudyInfo};
 
 use super::args::StatusArgs;
 use super::commands::open_existing_store;
@@ -166,6 +166,11 @@ mod tests {
             error: None,
             result: None,
             precision: "f32".into(),
+            unit: if kind.starts_with("train-") {
+                caf::plan::ProgressUnit::Epochs
+            } else {
+                caf::plan::ProgressUnit::Images
+            },
         }
     }
 

@@ -8,19 +8,24 @@
 //! is certified at every σ (the cross-σ matrix; its diagonal is the ensemble's own result).
 //! Job kinds `train-caf` (and `train-rs`, `certify`).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::budget;
+use super::certify_job;
 use super::common::{self, DataRef};
+use super::handler::TypedHandler;
+use super::results::Results;
 use super::rs;
-use super::smooth;
 use super::source::{ModelSource, NUM_CLASSES};
 use super::train::{OptimizerConfig, Schedule, TrainConfig};
-use super::training;
+use super::train_job::{self, TrainRun};
 use crate::models::adapter::AdapterArch;
 use crate::models::caf::build_caf_seeded;
-use crate::plan::{Job, JobBuilder, PlanContext};
-use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
+use crate::models::{CafModel, CifarResNet};
+use crate::plan::{Job, JobBuilder, PlanContext, ProgressUnit};
+use crate::sched::{JobContext, JobError, JobOutput};
 use crate::spec::{Cell, SpecError};
 
 pub const KIND: &str = "train-caf";
@@ -55,10 +60,10 @@ fn allowed_keys(extra: &[&str]) -> Vec<String> {
     k.push("backbone".into());
     k.push("budget_tflops".into());
     k.extend(ADAPTER_KEYS.iter().map(|s| s.to_string()));
-    k.extend(training::train_keys(""));
+    k.extend(train_job::train_keys(""));
     k.extend(rs::keys("rs_"));
     k.extend(rs::SMOOTHADV_KEYS.iter().map(|s| format!("rs_{s}")));
-    k.extend(smooth::CERTIFY_KEYS.iter().map(|s| s.to_string()));
+    k.extend(certify_job::CERTIFY_KEYS.iter().map(|s| s.to_string()));
     k
 }
 
@@ -142,7 +147,7 @@ fn plan_training(
         }
     };
     let adapter = adapter_arch(cell, ctx)?;
-    let mut train = training::train_config(cell, ctx, "", default_config())?;
+    let mut train = train_job::train_config(cell, ctx, "", default_config())?;
     train.sigma = sigma;
     let data = common::train_data_ref(ctx)?;
     let base = match common::string(cell, ctx, "base")? {
@@ -192,7 +197,8 @@ fn plan_training(
         deps: params.backbone.deps(),
         params: value,
     }
-    .build();
+    .build()
+    .counted_in(ProgressUnit::Epochs);
     let source = ModelSource::Caf {
         backbone: Box::new(params.backbone.clone()),
         job: job.id.clone(),
@@ -210,13 +216,13 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         "caf",
         &allowed.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
-    let sigma = smooth::cell_sigma(cell, ctx, "caf")?;
+    let sigma = certify_job::cell_sigma(cell, ctx, "caf")?;
     let (mut jobs, source) = plan_training(cell, ctx, sigma)?;
     let label = jobs
         .last()
         .map(|j| j.label.replacen("train-caf", "caf", 1))
         .unwrap_or_default();
-    jobs.push(smooth::certify_job(cell, ctx, source, label, sigma)?);
+    jobs.push(certify_job::certify_job(cell, ctx, source, label, sigma)?);
     Ok(jobs)
 }
 
@@ -263,33 +269,59 @@ pub fn plan_ensemble(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>,
     for (trained, source) in &members {
         for &at in &sigmas {
             let label = format!("caf-ensemble {backbone} trained σ={trained} certified σ={at}");
-            jobs.push(smooth::certify_job(cell, ctx, source.clone(), label, at)?);
+            jobs.push(certify_job::certify_job(
+                cell,
+                ctx,
+                source.clone(),
+                label,
+                at,
+            )?);
         }
     }
     Ok(jobs)
 }
 
-pub struct TrainCafHandler;
+/// Adapters and head on the frozen backbone `phi`, initialised from `seed`; only they are
+/// trainable. Shared by the handler and `caf bench train-step`.
+pub fn trainable_model(
+    phi: CifarResNet,
+    adapter: &AdapterArch,
+    varmap: &candle_nn::VarMap,
+    device: &candle_core::Device,
+    seed: u64,
+) -> Result<(CafModel, Vec<candle_core::Var>), JobError> {
+    let phi = phi.detached().map_err(JobError::fatal)?;
+    build_caf_seeded(phi, adapter, NUM_CLASSES, varmap, device, seed).map_err(JobError::fatal)
+}
 
-impl JobHandler for TrainCafHandler {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
+/// Runs `train-caf` jobs.
+pub struct TrainCafHandler {
+    pub results: Arc<dyn Results>,
+}
 
-    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        let p: TrainCafParams = serde_json::from_value(ctx.params.clone())
-            .map_err(|e| JobError::fatal(format!("bad train-caf params: {e}")))?;
-        let device = ctx.device.open().map_err(JobError::fatal)?;
-        let phi = p
-            .backbone
-            .load_resnet(ctx.sink.as_ref(), &device)?
-            .detached()
-            .map_err(JobError::fatal)?;
+impl TypedHandler for TrainCafHandler {
+    const KIND: &'static str = KIND;
+    type Params = TrainCafParams;
+
+    fn run(
+        &self,
+        ctx: &JobContext,
+        p: TrainCafParams,
+        device: &candle_core::Device,
+    ) -> Result<JobOutput, JobError> {
+        let phi = p.backbone.load_resnet(ctx.sink.as_ref(), device)?;
         let varmap = candle_nn::VarMap::new();
-        let (model, trainable) =
-            build_caf_seeded(phi, &p.adapter, NUM_CLASSES, &varmap, &device, p.train.seed)
-                .map_err(JobError::fatal)?;
+        let (model, trainable) = trainable_model(phi, &p.adapter, &varmap, device, p.train.seed)?;
         let data = p.data.load()?;
-        training::run_training(ctx, &model, &varmap, trainable, &data, &p.train, &device)
+        TrainRun {
+            ctx,
+            results: self.results.as_ref(),
+            varmap: &varmap,
+            trainable,
+            data: &data,
+            cfg: &p.train,
+            device,
+        }
+        .classification(&model)
     }
 }

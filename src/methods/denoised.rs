@@ -11,20 +11,24 @@
 //!
 //! Job kinds `train-denoised` and `certify`.
 
+use std::sync::Arc;
+
 use candle_core::{Tensor, D};
 use candle_nn::ModuleT;
 use serde::{Deserialize, Serialize};
 
+use super::certify_job;
 use super::common::{self, DataRef};
-use super::smooth;
+use super::handler::TypedHandler;
+use super::results::Results;
 use super::source::{trained_weights, ModelSource};
 use super::train::batches::Batch;
 use super::train::{Objective, OptimizerConfig, Schedule, StepKey, TrainConfig};
-use super::training;
+use super::train_job::{self, TrainRun};
 use crate::models::dncnn::{self, DnCnnArch};
 use crate::models::CifarResNet;
-use crate::plan::{Job, JobBuilder, JobId, PlanContext};
-use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
+use crate::plan::{Job, JobBuilder, JobId, PlanContext, ProgressUnit};
+use crate::sched::{JobContext, JobError, JobOutput};
 use crate::spec::{Cell, SpecError};
 
 pub const KIND: &str = "train-denoised";
@@ -71,8 +75,8 @@ fn allowed_keys() -> Vec<String> {
     ]
     .map(String::from)
     .to_vec();
-    k.extend(training::train_keys(""));
-    k.extend(smooth::CERTIFY_KEYS.iter().map(|s| s.to_string()));
+    k.extend(train_job::train_keys(""));
+    k.extend(certify_job::CERTIFY_KEYS.iter().map(|s| s.to_string()));
     k
 }
 
@@ -100,6 +104,7 @@ fn train_job(params: &TrainDenoisedParams, sigma: f64) -> Job {
         deps,
     }
     .build()
+    .counted_in(ProgressUnit::Epochs)
 }
 
 pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
@@ -110,7 +115,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         "denoised",
         &allowed.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
-    let sigma = smooth::cell_sigma(cell, ctx, "denoised")?;
+    let sigma = certify_job::cell_sigma(cell, ctx, "denoised")?;
     let (backbone_name, model) = common::backbone_ref(cell, ctx)?;
     let classifier = ModelSource::Pretrained { model };
     let denoiser = match common::string(cell, ctx, "denoiser")? {
@@ -136,7 +141,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
             }
         },
     };
-    let mut train = training::train_config(cell, ctx, "", default_config())?;
+    let mut train = train_job::train_config(cell, ctx, "", default_config())?;
     train.sigma = sigma;
     let data = common::train_data_ref(ctx)?;
     let mut jobs: Vec<Job> = Vec::new();
@@ -167,7 +172,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         job: last.id.clone(),
         denoiser,
     };
-    if smooth::cell_precision(cell, ctx)? != crate::models::Precision::F32 {
+    if certify_job::cell_precision(cell, ctx)? != crate::models::Precision::F32 {
         let span = cell
             .params
             .get("precision")
@@ -179,7 +184,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         ));
     }
     let label = last.label.replacen("train-denoised", "denoised", 1);
-    jobs.push(smooth::certify_job(cell, ctx, source, label, sigma)?);
+    jobs.push(certify_job::certify_job(cell, ctx, source, label, sigma)?);
     Ok(jobs)
 }
 
@@ -218,40 +223,60 @@ impl Objective for DenoiserLoss<'_> {
     }
 }
 
-pub struct TrainDenoisedHandler;
+/// A DnCNN to train in front of a frozen classifier, initialised from `seed`. Shared by the
+/// handler and `caf bench train-step`.
+pub fn trainable_denoiser(
+    arch: DnCnnArch,
+    varmap: &candle_nn::VarMap,
+    device: &candle_core::Device,
+    seed: u64,
+) -> Result<(dncnn::DnCnn, Vec<candle_core::Var>), JobError> {
+    dncnn::build_seeded(arch, varmap, device, seed).map_err(JobError::fatal)
+}
 
-impl JobHandler for TrainDenoisedHandler {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
+/// Runs `train-denoised` jobs.
+pub struct TrainDenoisedHandler {
+    pub results: Arc<dyn Results>,
+}
 
-    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        let p: TrainDenoisedParams = serde_json::from_value(ctx.params.clone())
-            .map_err(|e| JobError::fatal(format!("bad train-denoised params: {e}")))?;
-        let device = ctx.device.open().map_err(JobError::fatal)?;
+impl TypedHandler for TrainDenoisedHandler {
+    const KIND: &'static str = KIND;
+    type Params = TrainDenoisedParams;
+
+    fn run(
+        &self,
+        ctx: &JobContext,
+        p: TrainDenoisedParams,
+        device: &candle_core::Device,
+    ) -> Result<JobOutput, JobError> {
         let classifier = p
             .classifier
-            .load_resnet(ctx.sink.as_ref(), &device)?
+            .load_resnet(ctx.sink.as_ref(), device)?
             .detached()
             .map_err(JobError::fatal)?;
         let varmap = candle_nn::VarMap::new();
-        let (denoiser, trainable) = dncnn::build_seeded(p.denoiser, &varmap, &device, p.train.seed)
-            .map_err(JobError::fatal)?;
+        let (denoiser, trainable) = trainable_denoiser(p.denoiser, &varmap, device, p.train.seed)?;
         if let Some(init) = &p.init {
             let path = trained_weights(ctx.sink.as_ref(), init)?;
             let mut vm = varmap.clone();
             vm.load(&path)
                 .map_err(|e| JobError::fatal(format!("{}: {e}", path.display())))?;
         }
-        let objective = DenoiserLoss {
+        let data = p.data.load()?;
+        TrainRun {
+            ctx,
+            results: self.results.as_ref(),
+            varmap: &varmap,
+            trainable,
+            data: &data,
+            cfg: &p.train,
+            device,
+        }
+        .objective(&DenoiserLoss {
             denoiser: &denoiser,
             classifier: &classifier,
             objective: p.objective,
-        };
-        let data = p.data.load()?;
-        training::run_objective(
-            ctx, &objective, &varmap, trainable, &data, &p.train, &device,
-        )
+        })
     }
 }
 

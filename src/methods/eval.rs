@@ -1,15 +1,20 @@
 //! Method `clean` and job kind `eval`: the base model's clean accuracy on the certified slice.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::certify_job::{cell_precision, set_precision};
 use super::common::{self, DataRef, ModelRef, Slice};
+use super::handler::TypedHandler;
+use super::results::Results;
+use super::slice::SliceProgress;
 use crate::certify::predict_classes;
 use crate::data::ImageSet;
 use crate::models::{Classifier, Precision};
 use crate::plan::{Job, JobBuilder, PlanContext};
-use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
+use crate::sched::{JobContext, JobError, JobOutput};
 use crate::spec::{Cell, SpecError};
 use crate::store::EvalRow;
 
@@ -57,7 +62,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         }
         batch = v as usize;
     }
-    let precision = super::smooth::cell_precision(cell, ctx)?;
+    let precision = cell_precision(cell, ctx)?;
     Ok(vec![job(&backbone, model, data, slice, batch, precision)])
 }
 
@@ -114,39 +119,43 @@ pub fn predict_indices(
         .collect())
 }
 
-pub struct EvalHandler;
+/// Runs `eval` jobs.
+pub struct EvalHandler {
+    pub results: Arc<dyn Results>,
+}
 
-impl JobHandler for EvalHandler {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
+impl TypedHandler for EvalHandler {
+    const KIND: &'static str = KIND;
+    type Params = EvalParams;
 
-    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        let p: EvalParams = serde_json::from_value(ctx.params.clone())
-            .map_err(|e| JobError::fatal(format!("bad eval params: {e}")))?;
-        let device = ctx.device.open().map_err(JobError::fatal)?;
-        let mut model = p.model.load(&device)?;
-        super::smooth::set_precision(model.as_mut(), p.precision, &device)?;
+    fn run(
+        &self,
+        ctx: &JobContext,
+        p: EvalParams,
+        device: &candle_core::Device,
+    ) -> Result<JobOutput, JobError> {
+        let mut model = p.model.load(device)?;
+        set_precision(model.as_mut(), p.precision, device)?;
         let data = p.data.load()?;
         let indices = p.slice.indices(data.len());
-        let done: BTreeSet<u64> = ctx.sink.eval_done()?.into_iter().collect();
+        let done: BTreeSet<u64> = self.results.eval_done(&ctx.id)?.into_iter().collect();
         let todo: Vec<usize> = indices
             .iter()
             .copied()
             .filter(|i| !done.contains(&(*i as u64)))
             .collect();
-        let total = indices.len() as u64;
-        let mut finished = total - todo.len() as u64;
+        let mut progress = SliceProgress::resume(ctx, &indices, &[done], "predicted")?;
         for chunk in todo.chunks(p.batch.max(1)) {
             if ctx.cancelled() {
                 return Ok(JobOutput::Interrupted);
             }
-            let rows = predict_indices(model.as_ref(), &device, &data, chunk)
+            let rows = predict_indices(model.as_ref(), device, &data, chunk)
                 .map_err(JobError::retryable)?;
-            ctx.sink.record_eval(&rows)?;
-            finished += rows.len() as u64;
-            ctx.sink.progress(finished, total)?;
+            self.results.record_eval(&ctx.id, &rows)?;
+            progress.advance(ctx, rows.len() as u64)?;
         }
-        Ok(JobOutput::Done(serde_json::json!({ "images": total })))
+        Ok(JobOutput::Done(
+            serde_json::json!({ "images": progress.total() }),
+        ))
     }
 }

@@ -9,17 +9,21 @@
 //! they depend on the fused job only for ordering, and find their images already certified.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::certify_job::{self, set_precision, CertifyParams};
 use super::common::{self, DataRef, Slice};
-use super::smooth::{self, CertifyParams};
+use super::handler::TypedHandler;
+use super::results::Results;
+use super::slice::{certify_slice, SliceEnd, SliceProgress, SliceRun};
 use super::source::ModelSource;
-use crate::certify::{ClassifierSet, NoiseKey, Settings, Smooth};
+use crate::certify::{ClassifierSet, Settings, Smooth};
 use crate::models::{CafModel, CifarResNet, Precision};
 use crate::plan::{Job, JobBuilder, JobId};
-use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
+use crate::sched::{JobContext, JobError, JobOutput};
 
 pub const KIND: &str = "certify-fused";
 pub const VERSION: u32 = 1;
@@ -67,7 +71,7 @@ fn shared_backbone(model: &ModelSource) -> Option<ModelSource> {
 pub fn fuse(jobs: &mut Vec<Job>) {
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, j) in jobs.iter().enumerate() {
-        if j.kind != smooth::KIND {
+        if j.kind != certify_job::KIND {
             continue;
         }
         let Ok(p) = serde_json::from_value::<CertifyParams>(j.params.clone()) else {
@@ -173,30 +177,34 @@ impl ClassifierSet for Members {
     }
 }
 
-pub struct FusedHandler;
+/// Runs `certify-fused` jobs: each member's rows go to `results` under the member's job id.
+pub struct FusedHandler {
+    pub results: Arc<dyn Results>,
+}
 
-impl JobHandler for FusedHandler {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
+impl TypedHandler for FusedHandler {
+    const KIND: &'static str = KIND;
+    type Params = FusedParams;
 
-    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        let p: FusedParams = serde_json::from_value(ctx.params.clone())
-            .map_err(|e| JobError::fatal(format!("bad certify-fused params: {e}")))?;
-        let device: Device = ctx.device.open().map_err(JobError::fatal)?;
+    fn run(
+        &self,
+        ctx: &JobContext,
+        p: FusedParams,
+        device: &Device,
+    ) -> Result<JobOutput, JobError> {
         let sink = ctx.sink.as_ref();
         let mut backbone = p
             .backbone
-            .load_resnet(sink, &device)?
+            .load_resnet(sink, device)?
             .detached()
             .map_err(JobError::fatal)?;
-        smooth::set_precision(&mut backbone, p.precision, &device)?;
+        set_precision(&mut backbone, p.precision, device)?;
         let mut members = Vec::new();
         for m in &p.members {
             members.push(match &m.model {
                 ModelSource::Caf { .. } => {
-                    let mut caf = m.model.load_caf(sink, &device)?;
-                    smooth::set_precision(&mut caf, p.precision, &device)?;
+                    let mut caf = m.model.load_caf(sink, device)?;
+                    set_precision(&mut caf, p.precision, device)?;
                     Member::Caf(Box::new(caf))
                 }
                 _ => Member::Plain,
@@ -208,58 +216,39 @@ impl JobHandler for FusedHandler {
         let done: Vec<BTreeSet<u64>> = p
             .members
             .iter()
-            .map(|m| sink.cert_done_for(&m.job).map(|v| v.into_iter().collect()))
+            .map(|m| {
+                self.results
+                    .cert_done(&m.job)
+                    .map(|v| v.into_iter().collect())
+            })
             .collect::<Result<_, _>>()?;
-        let settings = Settings {
-            n0: p.n0,
-            n: p.n,
-            alpha: p.alpha,
-            batch: p.batch,
+        let mut progress = SliceProgress::resume(ctx, &indices, &done, "certified")?;
+        let run = SliceRun {
+            data: &data,
+            indices: &indices,
+            done: &done,
+            seed: p.seed,
+            sigma: p.sigma,
+            settings: Settings {
+                n0: p.n0,
+                n: p.n,
+                alpha: p.alpha,
+                batch: p.batch,
+            },
         };
         let smooth = Smooth::fused(&set, p.sigma, device.clone());
-        let total = indices.len() as u64;
-        let mut finished = indices
-            .iter()
-            .filter(|&&i| done.iter().all(|d| d.contains(&(i as u64))))
-            .count() as u64;
-        sink.progress(finished, total)?;
-        for &idx in &indices {
-            if done.iter().all(|d| d.contains(&(idx as u64))) {
-                continue;
+        let end = certify_slice(&smooth, &run, &|| ctx.cancelled(), &mut |rows| {
+            for (m, row) in rows {
+                self.results.record_cert(&p.members[m].job, &row)?;
             }
-            if ctx.cancelled() {
-                return Ok(JobOutput::Interrupted);
-            }
-            let start = std::time::Instant::now();
-            let image = data.image_f32(idx);
-            let label = data.label(idx) as u32;
-            let certs = smooth
-                .certify_all(
-                    &image,
-                    NoiseKey {
-                        seed: p.seed,
-                        sigma: p.sigma,
-                        idx: idx as u64,
-                    },
-                    &settings,
-                )
-                .map_err(|e| JobError::retryable(format!("image {idx}: {e}")))?;
-            // The members shared the work: each row records an equal share of the time.
-            let seconds = start.elapsed().as_secs_f64() / certs.len().max(1) as f64;
-            for ((m, cert), d) in p.members.iter().zip(certs).zip(&done) {
-                if d.contains(&(idx as u64)) {
-                    continue;
-                }
-                sink.record_cert_for(
-                    &m.job,
-                    &smooth::cert_row(idx, label, &cert, &settings, p.sigma, seconds),
-                )?;
-            }
-            finished += 1;
-            sink.progress(finished, total)?;
+            progress.advance(ctx, 1)
+        })?;
+        match end {
+            SliceEnd::Interrupted => Ok(JobOutput::Interrupted),
+            SliceEnd::Finished => Ok(JobOutput::Done(serde_json::json!({
+                "images": progress.total(),
+                "members": p.members.len(),
+            }))),
         }
-        Ok(JobOutput::Done(
-            serde_json::json!({ "images": total, "members": p.members.len() }),
-        ))
     }
 }

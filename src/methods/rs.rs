@@ -4,17 +4,22 @@
 //! ([`super::smoothadv`]).
 //! Job kinds `train-rs` and `certify`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
+use super::certify_job;
 use super::common::{self, DataRef, ModelRef};
-use super::smooth;
+use super::handler::TypedHandler;
+use super::results::Results;
 use super::smoothadv::{SmoothAdvConfig, SmoothAdvLoss};
 use super::source::{ModelSource, NUM_CLASSES};
 use super::train::{OptimizerConfig, Schedule, TrainConfig};
-use super::training;
-use crate::models::{self, Arch, Normalize};
-use crate::plan::{Job, JobBuilder, PlanContext};
-use crate::sched::{JobContext, JobError, JobHandler, JobOutput};
+use super::train_job::{self, TrainRun};
+use crate::models::{self, Arch, CifarResNet, Normalize};
+use crate::plan::{Job, JobBuilder, PlanContext, ProgressUnit};
+use crate::sched::{JobContext, JobError, JobOutput};
 use crate::spec::{Cell, SpecError};
 
 pub const KIND: &str = "train-rs";
@@ -87,7 +92,7 @@ pub fn default_config() -> TrainConfig {
 
 /// Cell keys of an `rs` training under `prefix` (`""` for method rs, `rs_` for a CAF base).
 pub fn keys(prefix: &str) -> Vec<String> {
-    let mut k = training::train_keys(prefix);
+    let mut k = train_job::train_keys(prefix);
     k.push(format!("{prefix}init"));
     k.push(format!("{prefix}budget_tflops"));
     k
@@ -130,7 +135,7 @@ pub fn plan_training(
             ))
         }
     };
-    let mut train = training::train_config(cell, ctx, prefix, default_config())?;
+    let mut train = train_job::train_config(cell, ctx, prefix, default_config())?;
     train.sigma = sigma;
     let data = common::train_data_ref(ctx)?;
     let params = TrainRsParams {
@@ -166,7 +171,8 @@ pub fn plan_training(
         params: value,
         deps: vec![],
     }
-    .build();
+    .build()
+    .counted_in(ProgressUnit::Epochs);
     let source = ModelSource::Rs {
         job: job.id.clone(),
         arch: params.arch,
@@ -178,13 +184,14 @@ pub fn plan_training(
 pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
     let mut allowed: Vec<String> = keys("");
     allowed.extend(["backbone", "sigma"].map(String::from));
-    allowed.extend(smooth::CERTIFY_KEYS.iter().map(|s| s.to_string()));
+    allowed.extend(certify_job::CERTIFY_KEYS.iter().map(|s| s.to_string()));
     let allowed_ref: Vec<&str> = allowed.iter().map(String::as_str).collect();
     common::check_known(cell, ctx, "rs", &allowed_ref)?;
-    let sigma = smooth::cell_sigma(cell, ctx, "rs")?;
+    let sigma = certify_job::cell_sigma(cell, ctx, "rs")?;
     let (train_job, source) = plan_training(cell, ctx, "", sigma, None)?;
     let (backbone, _) = common::backbone_ref(cell, ctx)?;
-    let cert = smooth::certify_job(cell, ctx, source, format!("rs {backbone} σ={sigma}"), sigma)?;
+    let cert =
+        certify_job::certify_job(cell, ctx, source, format!("rs {backbone} σ={sigma}"), sigma)?;
     Ok(vec![train_job, cert])
 }
 
@@ -193,64 +200,76 @@ pub fn plan_smoothadv(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>
     let mut allowed: Vec<String> = keys("");
     allowed.extend(["backbone", "sigma"].map(String::from));
     allowed.extend(SMOOTHADV_KEYS.iter().map(|s| s.to_string()));
-    allowed.extend(smooth::CERTIFY_KEYS.iter().map(|s| s.to_string()));
+    allowed.extend(certify_job::CERTIFY_KEYS.iter().map(|s| s.to_string()));
     let allowed_ref: Vec<&str> = allowed.iter().map(String::as_str).collect();
     common::check_known(cell, ctx, "smoothadv", &allowed_ref)?;
-    let sigma = smooth::cell_sigma(cell, ctx, "smoothadv")?;
+    let sigma = certify_job::cell_sigma(cell, ctx, "smoothadv")?;
     let attack = smoothadv_config(cell, ctx, "")?;
     let (train_job, source) = plan_training(cell, ctx, "", sigma, Some(attack))?;
     let label = train_job.label.replacen("train-smoothadv", "smoothadv", 1);
-    let cert = smooth::certify_job(cell, ctx, source, label, sigma)?;
+    let cert = certify_job::certify_job(cell, ctx, source, label, sigma)?;
     Ok(vec![train_job, cert])
 }
 
-pub struct TrainRsHandler;
+/// A whole CIFAR ResNet to train, from `init`'s weights or from scratch; its parameters are
+/// all trainable. Shared by the handler and `caf bench train-step`.
+pub fn trainable_network(
+    arch: &str,
+    normalize: Normalize,
+    init: Option<&HashMap<String, candle_core::Tensor>>,
+    varmap: &candle_nn::VarMap,
+    device: &candle_core::Device,
+) -> Result<(CifarResNet, Vec<candle_core::Var>), JobError> {
+    let depth = match arch.parse::<Arch>() {
+        Ok(Arch::CifarResNet { depth }) => depth,
+        _ => return Err(JobError::fatal(format!("{arch} is not a CIFAR ResNet"))),
+    };
+    models::build_trainable_resnet(depth, NUM_CLASSES, normalize, varmap, device, init)
+        .map_err(JobError::fatal)
+}
 
-impl JobHandler for TrainRsHandler {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
+/// Runs `train-rs` jobs (Gaussian augmentation, or SmoothAdv's attack when configured).
+pub struct TrainRsHandler {
+    pub results: Arc<dyn Results>,
+}
 
-    fn run(&self, ctx: &JobContext) -> Result<JobOutput, JobError> {
-        let p: TrainRsParams = serde_json::from_value(ctx.params.clone())
-            .map_err(|e| JobError::fatal(format!("bad train-rs params: {e}")))?;
-        let device = ctx.device.open().map_err(JobError::fatal)?;
-        let depth = match p.arch.parse::<Arch>() {
-            Ok(Arch::CifarResNet { depth }) => depth,
-            _ => return Err(JobError::fatal(format!("{} is not a CIFAR ResNet", p.arch))),
-        };
+impl TypedHandler for TrainRsHandler {
+    const KIND: &'static str = KIND;
+    type Params = TrainRsParams;
+
+    fn run(
+        &self,
+        ctx: &JobContext,
+        p: TrainRsParams,
+        device: &candle_core::Device,
+    ) -> Result<JobOutput, JobError> {
         let init = match &p.init {
             Some(m) => {
                 m.check()?;
-                Some(models::load_state_dict(&m.weights, &device).map_err(JobError::fatal)?)
+                Some(models::load_state_dict(&m.weights, device).map_err(JobError::fatal)?)
             }
             None => None,
         };
         let varmap = candle_nn::VarMap::new();
-        let (model, trainable) = models::build_trainable_resnet(
-            depth,
-            NUM_CLASSES,
-            p.normalize,
-            &varmap,
-            &device,
-            init.as_ref(),
-        )
-        .map_err(JobError::fatal)?;
+        let (model, trainable) =
+            trainable_network(&p.arch, p.normalize, init.as_ref(), &varmap, device)?;
         let data = p.data.load()?;
+        let run = TrainRun {
+            ctx,
+            results: self.results.as_ref(),
+            varmap: &varmap,
+            trainable,
+            data: &data,
+            cfg: &p.train,
+            device,
+        };
         match &p.smoothadv {
-            None => {
-                training::run_training(ctx, &model, &varmap, trainable, &data, &p.train, &device)
-            }
-            Some(cfg) => {
-                let objective = SmoothAdvLoss {
-                    model: &model,
-                    cfg,
-                    sigma: p.train.sigma as f32,
-                };
-                training::run_objective(
-                    ctx, &objective, &varmap, trainable, &data, &p.train, &device,
-                )
-            }
+            None => run.classification(&model),
+            Some(cfg) => run.objective(&SmoothAdvLoss {
+                model: &model,
+                cfg,
+                sigma: p.train.sigma as f32,
+            }),
         }
     }
 }

@@ -47,7 +47,7 @@
 //!
 //! # Inference
 //! Eval mode on the CPU, when autograd tracks nothing, runs a fused path like the backbone's
-//! (`fast.rs`): BatchNorm folded into the convolutions, each convolution as im2col + one GEMM,
+//! (`resnet_eval.rs`): BatchNorm folded into the convolutions, each convolution as im2col + one GEMM,
 //! rayon over images with each image's activations kept in one thread's cache. Training and
 //! other devices use candle's differentiable ops.
 
@@ -59,7 +59,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use rayon::prelude::*;
 
 use super::convbn::{conv_out, ConvBn, FoldedConv};
-use super::gemm::Precision;
+use super::precision::Precision;
 use super::relu::{relu, relu_in_place};
 use super::resnet::{check_input, InputNorm};
 use super::{ModelError, Normalize};

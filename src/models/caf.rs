@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, Linear, VarBuilder, VarMap};
 
 use super::adapter::{Adapter, AdapterArch};
-use super::gemm::Precision;
+use super::precision::Precision;
 use super::{
     compare_names, expected_tensors, is_ignored, load_state_dict, record_tensors, Arch,
     CifarResNet, Classifier, ModelError, Normalize, FEATURE_DIM,

@@ -6,7 +6,8 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, VarBuilder};
 
-use super::gemm::{GemmWeight, Precision};
+use super::gemm::GemmWeight;
+use super::precision::Precision;
 
 /// PyTorch's BatchNorm2d defaults, which akamaster's checkpoints were trained with.
 const BN_EPS: f64 = 1e-5;

@@ -20,13 +20,14 @@ pub mod caf;
 pub mod conv;
 mod convbn;
 pub mod dncnn;
-mod fast;
 pub mod gemm;
 pub mod init;
 mod linear;
 mod pickle;
+mod precision;
 pub mod relu;
 mod resnet;
+mod resnet_eval;
 mod weights;
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,10 +38,11 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+pub use crate::arch::{Arch, Normalize};
 pub use adapter::{Adapter, AdapterArch, AdapterCost};
 pub use caf::{build_caf, build_trainable_resnet, load_caf, CafModel, FusedCaf};
-pub use gemm::Precision;
 pub use linear::LinearClassifier;
+pub use precision::Precision;
 pub use resnet::{BasicBlock, CifarResNet, FEATURE_DIM};
 pub use weights::{detect_format, load_state_dict, WeightFormat};
 
@@ -48,8 +50,8 @@ pub use weights::{detect_format, load_state_dict, WeightFormat};
 pub enum ModelError {
     #[error("{path}: {message}")]
     Weights { path: PathBuf, message: String },
-    #[error("unknown architecture `{0}` (expected linear or resnet20/32/44/56/110)")]
-    UnknownArch(String),
+    #[error(transparent)]
+    UnknownArch(#[from] crate::arch::UnknownArch),
     /// A model description or tensor set that does not fit (no file involved): an adapter
     /// spec, an initial state dict; `context` says what was being built.
     #[error("{context}: {message}")]
@@ -65,58 +67,6 @@ impl ModelError {
             message: message.into(),
         }
     }
-}
-
-/// The architectures caf can build.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Arch {
-    /// logits = W·x + b on raw [0,1] pixels flattened in (C, H, W) order.
-    Linear,
-    /// He et al. 2016 CIFAR ResNet with `depth` = 6n + 2 (20, 32, 44, 56, 110).
-    CifarResNet { depth: usize },
-}
-
-impl std::str::FromStr for Arch {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "linear" => Ok(Arch::Linear),
-            "resnet20" => Ok(Arch::CifarResNet { depth: 20 }),
-            "resnet32" => Ok(Arch::CifarResNet { depth: 32 }),
-            "resnet44" => Ok(Arch::CifarResNet { depth: 44 }),
-            "resnet56" => Ok(Arch::CifarResNet { depth: 56 }),
-            "resnet110" => Ok(Arch::CifarResNet { depth: 110 }),
-            other => Err(ModelError::UnknownArch(other.to_string())),
-        }
-    }
-}
-
-impl std::fmt::Display for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Arch::Linear => write!(f, "linear"),
-            Arch::CifarResNet { depth } => write!(f, "resnet{depth}"),
-        }
-    }
-}
-
-/// Per-channel input normalisation applied inside the model, so noise is added in [0,1] pixel space.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Normalize {
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-}
-
-impl Normalize {
-    pub const IDENTITY: Normalize = Normalize {
-        mean: [0.0; 3],
-        std: [1.0; 3],
-    };
-    /// The ImageNet statistics the akamaster CIFAR ResNets were trained with.
-    pub const IMAGENET: Normalize = Normalize {
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
-    };
 }
 
 /// A classifier on [B, 3, 32, 32] f32 inputs in [0,1] pixel space.

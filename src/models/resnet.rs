@@ -13,9 +13,9 @@ use candle_core::{DType, Module, ModuleT, Result, Tensor};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use super::convbn::ConvBn;
-use super::fast::{FoldedBlock, FoldedResNet};
-use super::gemm::Precision;
+use super::precision::Precision;
 use super::relu::relu;
+use super::resnet_eval::{FoldedBlock, FoldedResNet};
 use super::{Classifier, ModelError, Normalize};
 
 /// Width of the penultimate features φ(x).
@@ -210,7 +210,7 @@ impl CifarResNet {
 
     /// Penultimate features φ(x): [B, 64] after global average pooling.
     ///
-    /// Eval mode on the CPU runs the fused inference path (see `fast.rs`) when nothing needs
+    /// Eval mode on the CPU runs the fused inference path (see `resnet_eval.rs`) when nothing needs
     /// gradients: neither the input nor the parameters are tracked by autograd (weights loaded
     /// from a file are not; a VarMap's are, see [`CifarResNet::detached`]). Everything else
     /// runs candle's differentiable ops.

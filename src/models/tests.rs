@@ -635,7 +635,7 @@ fn arch_names_round_trip() {
     }
     assert!(matches!(
         "resnet18".parse::<Arch>(),
-        Err(ModelError::UnknownArch(_))
+        Err(crate::arch::UnknownArch(_))
     ));
 }
 

@@ -44,6 +44,44 @@ pub struct Job {
     /// Everything the runner needs, including paths.
     pub params: serde_json::Value,
     pub deps: Vec<JobId>,
+    /// What the job's progress counts; not part of its identity (nor of `caf plan --json`).
+    #[serde(skip)]
+    pub unit: ProgressUnit,
+}
+
+impl Job {
+    /// The same job, its progress counted in `unit`.
+    pub fn counted_in(mut self, unit: ProgressUnit) -> Job {
+        self.unit = unit;
+        self
+    }
+}
+
+/// What a job's progress counts. The planner says it, so the store, `caf status` and reports
+/// can tell a training job's epochs from a certification's images without knowing job kinds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgressUnit {
+    #[default]
+    Images,
+    Epochs,
+}
+
+impl ProgressUnit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProgressUnit::Images => "images",
+            ProgressUnit::Epochs => "epochs",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "images" => Some(ProgressUnit::Images),
+            "epochs" => Some(ProgressUnit::Epochs),
+            _ => None,
+        }
+    }
 }
 
 /// Builds a job, deriving its id from `identity` (the result-determining subset of params).
@@ -74,6 +112,7 @@ impl JobBuilder {
             label: self.label,
             params: self.params,
             deps: self.deps,
+            unit: ProgressUnit::default(),
         }
     }
 }
@@ -122,49 +161,37 @@ pub struct CellOutput {
     pub trained_sigma: Option<f64>,
 }
 
-/// Job kinds whose results a report shows.
-const RESULT_KINDS: &[&str] = &["certify", "eval"];
-
 impl CellRecord {
-    fn new(index: usize, cell: &Cell, method: String, jobs: &[Job]) -> Self {
-        let by_id: HashMap<&JobId, &Job> = jobs.iter().map(|j| (&j.id, j)).collect();
-        let outputs = jobs
-            .iter()
-            .filter(|j| RESULT_KINDS.contains(&j.kind.as_str()))
-            .map(|j| {
-                // The trained model is the certify job's `model.job` dependency, whose own
-                // params say the σ it was trained at.
-                let trained_sigma = j
-                    .params
-                    .pointer("/model/job")
-                    .and_then(|v| v.as_str())
-                    .and_then(|id| by_id.get(&JobId::new(id)))
-                    .and_then(|t| t.params.pointer("/train/sigma"))
-                    .and_then(|v| v.as_f64());
-                CellOutput {
-                    job: j.id.clone(),
-                    kind: j.kind.clone(),
-                    sigma: j.params.get("sigma").and_then(|v| v.as_f64()),
-                    trained_sigma,
-                }
-            })
-            .collect();
+    fn new(index: usize, cell: &Cell, planned: &PlannedCell) -> Self {
         CellRecord {
             cell: index,
-            method,
+            method: planned.method.clone(),
             values: cell
                 .params
                 .iter()
                 .map(|(k, p)| (k.clone(), p.value.clone()))
                 .collect(),
-            outputs,
+            outputs: planned.outputs.clone(),
         }
     }
 }
 
-/// How a method turns one grid cell into jobs; implemented per method in [`crate::methods`].
+/// What a method makes of one grid cell: its jobs (shared upstream jobs included; the planner
+/// deduplicates them) and which of them answer the cell.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedCell {
+    pub method: String,
+    pub jobs: Vec<Job>,
+    pub outputs: Vec<CellOutput>,
+}
+
+/// How grid cells become jobs. The planner knows no method: `crate::methods` implements this
+/// trait and the caller passes it in, so this module depends on nothing above it.
 pub trait CellPlanner {
-    fn plan_cell(&self, cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError>;
+    fn plan_cell(&self, cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<PlannedCell, SpecError>;
+
+    /// Plan-wide rewrites once every cell is expanded (e.g. fusing jobs that can share work).
+    fn finalize(&self, _jobs: &mut Vec<Job>) {}
 }
 
 /// Shared state while planning: the spec, and file hashes computed once per plan.
@@ -203,24 +230,23 @@ impl<'a> PlanContext<'a> {
 }
 
 impl Plan {
-    /// Expands every grid cell through its method's planner and deduplicates shared jobs.
-    pub fn from_spec(spec: &Spec) -> Result<Plan, SpecError> {
+    /// Expands every grid cell through `planner` and deduplicates shared jobs.
+    pub fn from_spec(spec: &Spec, planner: &dyn CellPlanner) -> Result<Plan, SpecError> {
         let mut ctx = PlanContext::new(spec);
         let mut jobs: Vec<Job> = Vec::new();
         let mut seen: BTreeMap<JobId, usize> = BTreeMap::new();
         let mut cells = Vec::with_capacity(spec.cells.len());
         for (index, cell) in spec.cells.iter().enumerate() {
-            let planned = crate::methods::plan_cell(cell, &mut ctx)?;
-            let method = crate::methods::common::method_of(cell, &ctx)?;
-            cells.push(CellRecord::new(index, cell, method, &planned));
-            for job in planned {
+            let planned = planner.plan_cell(cell, &mut ctx)?;
+            cells.push(CellRecord::new(index, cell, &planned));
+            for job in planned.jobs {
                 if !seen.contains_key(&job.id) {
                     seen.insert(job.id.clone(), jobs.len());
                     jobs.push(job);
                 }
             }
         }
-        crate::methods::finalize(&mut jobs);
+        planner.finalize(&mut jobs);
         let jobs = topo_sort(jobs).map_err(|m| SpecError::whole_file(&spec.path, m))?;
         Ok(Plan {
             study: StudyMeta {
@@ -292,20 +318,46 @@ fn topo_sort(jobs: Vec<Job>) -> Result<Vec<Job>, String> {
     Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
 }
 
+/// Jobs and plans of a test job kind, for the tests of every module that stores or runs jobs.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A job of `kind` named `name` (its only parameter), depending on `deps`.
+    pub fn job(kind: &'static str, name: &str, deps: &[&Job]) -> Job {
+        JobBuilder {
+            kind,
+            version: 1,
+            label: name.into(),
+            params: serde_json::json!({ "name": name }),
+            identity: serde_json::json!({ "name": name }),
+            deps: deps.iter().map(|j| j.id.clone()).collect(),
+        }
+        .build()
+    }
+
+    /// A study `name` of `jobs`, whose revision changes with the number of jobs.
+    pub fn plan(name: &str, jobs: Vec<Job>) -> Plan {
+        Plan {
+            study: StudyMeta {
+                name: name.into(),
+                seed: 0,
+                spec_path: "spec.yaml".into(),
+                spec_text: format!("name: {name}"),
+                spec_sha256: crate::util::sha256_bytes(format!("{name}{}", jobs.len()).as_bytes()),
+            },
+            jobs,
+            cells: Vec::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn job(name: &str, deps: &[&Job]) -> Job {
-        JobBuilder {
-            kind: "test",
-            version: 1,
-            label: name.into(),
-            params: serde_json::json!({ "name": name, "path": "/somewhere" }),
-            identity: serde_json::json!({ "name": name }),
-            deps: deps.iter().map(|j| j.id.clone()).collect(),
-        }
-        .build()
+        testing::job("test", name, deps)
     }
 
     #[test]

@@ -43,6 +43,11 @@ fn status(id: &str, kind: &str, state: JobState) -> JobStatus {
         error: None,
         result: None,
         precision: "f32".into(),
+        unit: if kind.starts_with("train-") {
+            crate::plan::ProgressUnit::Epochs
+        } else {
+            crate::plan::ProgressUnit::Images
+        },
     }
 }
 

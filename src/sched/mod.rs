@@ -1,11 +1,12 @@
 //! The scheduler: claims runnable jobs of one study under leases, runs them on worker slots,
 //! renews leases while they run, and records every outcome.
 //!
-//! It knows jobs only as `(kind, params JSON, attempt, lease)`; what a kind does lives in a
-//! [`JobHandler`] registered in a [`Registry`], so new job kinds never touch this module.
-//! Handlers are synchronous (candle work is CPU-bound) and run on tokio's blocking pool; they
-//! talk to the store through a blocking [`JobSink`] and poll [`JobContext::cancelled`] between
-//! units of work (one image, one batch) to stop cleanly.
+//! It knows jobs only as `(kind, params JSON, attempt, lease)` and a backend only as a
+//! [`Queue`]; what a kind does lives in a [`JobHandler`] registered in a [`Registry`], so new
+//! job kinds and new backends never touch this module. Handlers are synchronous (candle work
+//! is CPU-bound) and run on tokio's blocking pool; they report progress, events and files
+//! through a blocking [`JobSink`] (their result rows go wherever the handler was built to send
+//! them) and poll [`JobContext::cancelled`] between units of work to stop cleanly.
 
 pub mod progress;
 
@@ -19,9 +20,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
 
 use crate::plan::JobId;
-use crate::store::{
-    Artifact, CertRow, Claimed, EvalRow, FailOutcome, Store, StoreError, StudyId, WorkerId,
-};
+use crate::queue::{Artifact, Claimed, FailOutcome, Queue, StudyId, WorkerId};
 pub use progress::{LogProgress, Progress, TerminalProgress};
 
 /// Where jobs run.
@@ -106,12 +105,6 @@ impl JobError {
     }
 }
 
-impl From<StoreError> for JobError {
-    fn from(e: StoreError) -> Self {
-        JobError::retryable(format!("store: {e}"))
-    }
-}
-
 /// How a handler ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobOutput {
@@ -122,22 +115,15 @@ pub enum JobOutput {
     Interrupted,
 }
 
-/// The blocking view of the store a running job gets.
+/// What a running job reports about itself, from its blocking thread. A failing backend is a
+/// retryable [`JobError`]: the job resumes from what it recorded.
 pub trait JobSink: Send + Sync {
-    fn record_cert(&self, row: &CertRow) -> Result<(), StoreError>;
-    fn cert_done(&self) -> Result<Vec<u64>, StoreError>;
-    /// Results written on behalf of another job (fused certification stores each member's rows
-    /// under the member's own id).
-    fn record_cert_for(&self, job: &JobId, row: &CertRow) -> Result<(), StoreError>;
-    fn cert_done_for(&self, job: &JobId) -> Result<Vec<u64>, StoreError>;
+    fn progress(&self, done: u64, total: u64) -> Result<(), JobError>;
+    fn event(&self, level: &str, message: &str) -> Result<(), JobError>;
+    /// Records a file this job produced.
+    fn artifact(&self, artifact: &Artifact) -> Result<(), JobError>;
     /// An artifact of a job this one depends on (e.g. trained weights).
-    fn dep_artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError>;
-    fn record_epoch(&self, epoch: u64, metrics: &serde_json::Value) -> Result<(), StoreError>;
-    fn record_eval(&self, rows: &[EvalRow]) -> Result<(), StoreError>;
-    fn eval_done(&self) -> Result<Vec<u64>, StoreError>;
-    fn progress(&self, done: u64, total: u64) -> Result<(), StoreError>;
-    fn artifact(&self, artifact: &Artifact) -> Result<(), StoreError>;
-    fn event(&self, level: &str, message: &str) -> Result<(), StoreError>;
+    fn dep_artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, JobError>;
 }
 
 /// Everything a handler may use while it runs one job.
@@ -211,6 +197,31 @@ impl Registry {
     }
 }
 
+/// How long a failed attempt waits before the job may run again: `first`, doubling with each
+/// attempt, never more than `max`. Scheduler policy, so every backend retries alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait after attempt `attempt` (1 for the first) failed.
+    pub fn after(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(20);
+        self.first.saturating_mul(1u32 << doublings).min(self.max)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SchedConfig {
     /// Concurrent job slots in this process.
@@ -222,6 +233,7 @@ pub struct SchedConfig {
     pub heartbeat: Duration,
     /// How long to wait before looking for work again when nothing is claimable.
     pub poll: Duration,
+    pub backoff: Backoff,
     pub artifacts_dir: PathBuf,
 }
 
@@ -233,6 +245,7 @@ impl Default for SchedConfig {
             lease: Duration::from_secs(60),
             heartbeat: Duration::from_secs(10),
             poll: Duration::from_millis(500),
+            backoff: Backoff::default(),
             artifacts_dir: PathBuf::from("runs/artifacts"),
         }
     }
@@ -249,10 +262,17 @@ pub struct RunSummary {
     pub shutdown_requested: bool,
 }
 
+/// The backend failed while the scheduler itself (not a job) talked to it.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    #[error("job queue: {0}")]
+    Queue(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl SchedError {
+    fn queue(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SchedError::Queue(Box::new(e))
+    }
 }
 
 /// A unique name for this process's leases.
@@ -272,8 +292,8 @@ pub fn hostname() -> String {
 }
 
 /// Runs the study's jobs until none is left to run here, or until `shutdown` is set.
-pub async fn run_study<S: Store>(
-    store: S,
+pub async fn run_study<Q: Queue>(
+    store: Q,
     study: StudyId,
     registry: Arc<Registry>,
     cfg: SchedConfig,
@@ -283,15 +303,17 @@ pub async fn run_study<S: Store>(
     let worker = worker_id();
     store
         .register_worker(&worker, &hostname(), std::process::id())
-        .await?;
+        .await
+        .map_err(SchedError::queue)?;
     store
         .log_event(None, Some(&worker), "info", "worker started")
-        .await?;
+        .await
+        .map_err(SchedError::queue)?;
     let kinds = registry.kinds();
     let mut summary = RunSummary::default();
-    let mut running: JoinSet<(JobId, String, Result<Outcome, StoreError>)> = JoinSet::new();
+    let mut running: JoinSet<(JobId, String, Result<Outcome, SchedError>)> = JoinSet::new();
     loop {
-        for a in store.reap_expired().await? {
+        for a in store.reap_expired().await.map_err(SchedError::queue)? {
             let what = match a.outcome {
                 FailOutcome::WillRetry => "will re-run",
                 FailOutcome::Failed => "out of attempts, failed",
@@ -304,10 +326,15 @@ pub async fn run_study<S: Store>(
                     "warn",
                     &format!("{}; {what}", a.reason),
                 )
-                .await?;
+                .await
+                .map_err(SchedError::queue)?;
         }
         while !shutdown.is_cancelled() && running.len() < cfg.workers.max(1) {
-            let Some(job) = store.claim(study, &worker, &kinds, cfg.lease).await? else {
+            let Some(job) = store
+                .claim(study, &worker, &kinds, cfg.lease)
+                .await
+                .map_err(SchedError::queue)?
+            else {
                 break;
             };
             let Some(handler) = registry.get(&job.kind) else {
@@ -320,7 +347,8 @@ pub async fn run_study<S: Store>(
                         None,
                         0.0,
                     )
-                    .await?;
+                    .await
+                    .map_err(SchedError::queue)?;
                 continue;
             };
             progress.job_started(&job.id, &job.label);
@@ -340,7 +368,8 @@ pub async fn run_study<S: Store>(
             if shutdown.is_cancelled() {
                 break;
             }
-            let (others_running, pending) = store.outstanding(study).await?;
+            let (others_running, pending) =
+                store.outstanding(study).await.map_err(SchedError::queue)?;
             if others_running == 0 && pending == 0 {
                 break;
             }
@@ -372,7 +401,8 @@ pub async fn run_study<S: Store>(
     summary.shutdown_requested = shutdown.is_cancelled();
     store
         .log_event(None, Some(&worker), "info", "worker stopped")
-        .await?;
+        .await
+        .map_err(SchedError::queue)?;
     Ok(summary)
 }
 
@@ -400,15 +430,15 @@ impl Outcome {
     }
 }
 
-async fn run_one<S: Store>(
-    store: S,
+async fn run_one<Q: Queue>(
+    store: Q,
     worker: WorkerId,
     job: Claimed,
     handler: Arc<dyn JobHandler>,
     cfg: SchedConfig,
     shutdown: CancelFlag,
     progress: Arc<dyn Progress>,
-) -> Result<Outcome, StoreError> {
+) -> Result<Outcome, SchedError> {
     let span = tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt);
     async move {
         info!(label = %job.label, "started");
@@ -419,11 +449,12 @@ async fn run_one<S: Store>(
                 "info",
                 &format!("attempt {} started", job.attempt),
             )
-            .await?;
+            .await
+            .map_err(SchedError::queue)?;
         let started = Instant::now();
         let cancel = CancelFlag::new();
         let lease_lost = CancelFlag::new();
-        let sink = Arc::new(StoreSink {
+        let sink = Arc::new(QueueSink {
             store: store.clone(),
             job: job.id.clone(),
             worker: worker.clone(),
@@ -464,7 +495,11 @@ async fn run_one<S: Store>(
         }
         let outcome = match result {
             Ok(Ok(JobOutput::Done(summary))) => {
-                if store.complete(&job.id, &worker, &summary, seconds).await? {
+                if store
+                    .complete(&job.id, &worker, &summary, seconds)
+                    .await
+                    .map_err(SchedError::queue)?
+                {
                     info!(seconds, "done");
                     Outcome::Completed
                 } else {
@@ -472,12 +507,24 @@ async fn run_one<S: Store>(
                 }
             }
             Ok(Ok(JobOutput::Interrupted)) => {
-                store.release(&job.id, &worker, seconds).await?;
+                store
+                    .release(&job.id, &worker, seconds)
+                    .await
+                    .map_err(SchedError::queue)?;
                 info!("interrupted; progress is saved");
                 Outcome::Released
             }
             Ok(Err(e)) => {
-                record_failure(&store, &job, &worker, &e.message, e.retryable, seconds).await?
+                record_failure(
+                    &store,
+                    &job,
+                    &worker,
+                    &cfg,
+                    &e.message,
+                    e.retryable,
+                    seconds,
+                )
+                .await?
             }
             Err(join) => {
                 let msg = if join.is_panic() {
@@ -485,12 +532,13 @@ async fn run_one<S: Store>(
                 } else {
                     "the job was aborted".into()
                 };
-                record_failure(&store, &job, &worker, &msg, true, seconds).await?
+                record_failure(&store, &job, &worker, &cfg, &msg, true, seconds).await?
             }
         };
         store
             .log_event(Some(&job.id), Some(&worker), "info", &outcome.describe())
-            .await?;
+            .await
+            .map_err(SchedError::queue)?;
         Ok(outcome)
     }
     .instrument(span)
@@ -508,20 +556,22 @@ fn panic_message(join: tokio::task::JoinError) -> String {
     }
 }
 
-async fn record_failure<S: Store>(
-    store: &S,
+async fn record_failure<Q: Queue>(
+    store: &Q,
     job: &Claimed,
     worker: &WorkerId,
+    cfg: &SchedConfig,
     msg: &str,
     retryable: bool,
     seconds: f64,
-) -> Result<Outcome, StoreError> {
-    let retry_after = retryable.then(|| crate::store::sqlite::retry_backoff(job.attempt));
+) -> Result<Outcome, SchedError> {
+    let retry_after = retryable.then(|| cfg.backoff.after(job.attempt));
     let msg = format!("attempt {}/{}: {msg}", job.attempt, job.max_attempts);
     Ok(
         match store
             .fail(&job.id, worker, &msg, retry_after, seconds)
-            .await?
+            .await
+            .map_err(SchedError::queue)?
         {
             FailOutcome::WillRetry => {
                 warn!("{msg}; will retry");
@@ -537,8 +587,8 @@ async fn record_failure<S: Store>(
 
 /// Renews the lease until the job ends; forwards a shutdown request to the job; stops the job
 /// if the lease is lost (another worker will, or already did, take it over).
-async fn keep_lease<S: Store>(
-    store: S,
+async fn keep_lease<Q: Queue>(
+    store: Q,
     job: JobId,
     worker: WorkerId,
     cfg: SchedConfig,
@@ -569,58 +619,44 @@ async fn keep_lease<S: Store>(
     }
 }
 
-/// [`JobSink`] over a [`Store`], bridging the handler's blocking thread to the async store.
-struct StoreSink<S: Store> {
-    store: S,
+/// [`JobSink`] over a [`Queue`], bridging the handler's blocking thread to the async backend.
+struct QueueSink<Q: Queue> {
+    store: Q,
     job: JobId,
     worker: WorkerId,
     handle: tokio::runtime::Handle,
     progress: Arc<dyn Progress>,
 }
 
-impl<S: Store> JobSink for StoreSink<S> {
-    fn record_cert(&self, row: &CertRow) -> Result<(), StoreError> {
-        self.handle.block_on(self.store.record_cert(&self.job, row))
-    }
-    fn cert_done(&self) -> Result<Vec<u64>, StoreError> {
-        self.handle.block_on(self.store.cert_done(&self.job))
-    }
-    fn record_cert_for(&self, job: &JobId, row: &CertRow) -> Result<(), StoreError> {
-        self.handle.block_on(self.store.record_cert(job, row))
-    }
-    fn cert_done_for(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
-        self.handle.block_on(self.store.cert_done(job))
-    }
-    fn dep_artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError> {
-        self.handle.block_on(self.store.artifact(job, name))
-    }
-    fn record_epoch(&self, epoch: u64, metrics: &serde_json::Value) -> Result<(), StoreError> {
-        self.handle
-            .block_on(self.store.record_epoch(&self.job, epoch, metrics))
-    }
-    fn record_eval(&self, rows: &[EvalRow]) -> Result<(), StoreError> {
-        self.handle
-            .block_on(self.store.record_eval(&self.job, rows))
-    }
-    fn eval_done(&self) -> Result<Vec<u64>, StoreError> {
-        self.handle.block_on(self.store.eval_done(&self.job))
-    }
-    fn progress(&self, done: u64, total: u64) -> Result<(), StoreError> {
+/// A backend that does not answer is worth another attempt: the job resumes from its records.
+fn retryable(e: impl std::fmt::Display) -> JobError {
+    JobError::retryable(format!("store: {e}"))
+}
+
+impl<Q: Queue> JobSink for QueueSink<Q> {
+    fn progress(&self, done: u64, total: u64) -> Result<(), JobError> {
         self.progress.job_progress(&self.job, done, total);
         self.handle
             .block_on(self.store.set_progress(&self.job, done, total))
+            .map_err(retryable)
     }
-    fn artifact(&self, artifact: &Artifact) -> Result<(), StoreError> {
+    fn event(&self, level: &str, message: &str) -> Result<(), JobError> {
+        self.handle
+            .block_on(
+                self.store
+                    .log_event(Some(&self.job), Some(&self.worker), level, message),
+            )
+            .map_err(retryable)
+    }
+    fn artifact(&self, artifact: &Artifact) -> Result<(), JobError> {
         self.handle
             .block_on(self.store.record_artifact(&self.job, artifact))
+            .map_err(retryable)
     }
-    fn event(&self, level: &str, message: &str) -> Result<(), StoreError> {
-        self.handle.block_on(self.store.log_event(
-            Some(&self.job),
-            Some(&self.worker),
-            level,
-            message,
-        ))
+    fn dep_artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, JobError> {
+        self.handle
+            .block_on(self.store.artifact(job, name))
+            .map_err(retryable)
     }
 }
 

@@ -1,12 +1,14 @@
-//! The scheduler over a real SQLite file with test job kinds.
+//! The scheduler over the in-memory queue with a test job kind: what is tested is the
+//! scheduler's own logic (retries, isolation, shutdown, lost runners), not a backend's SQL,
+//! which the store's tests cover on real database files.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
 
 use super::*;
-use crate::plan::{Job, JobBuilder, Plan, StudyMeta};
-use crate::store::{JobState, SqliteStore};
+use crate::plan::Job;
+use crate::queue::{JobState, MemoryQueue};
 
 /// Counts executions per job; fails jobs named `fail*`, panics on `panic*`, sleeps on `slow*`.
 #[derive(Default)]
@@ -54,29 +56,7 @@ impl Drop for Decrement<'_> {
 }
 
 fn job(name: &str, deps: &[&Job]) -> Job {
-    JobBuilder {
-        kind: "probe",
-        version: 1,
-        label: name.into(),
-        params: serde_json::json!({ "name": name }),
-        identity: serde_json::json!({ "name": name }),
-        deps: deps.iter().map(|j| j.id.clone()).collect(),
-    }
-    .build()
-}
-
-fn plan(jobs: Vec<Job>) -> Plan {
-    Plan {
-        study: StudyMeta {
-            name: "s".into(),
-            seed: 0,
-            spec_path: "s.yaml".into(),
-            spec_text: "".into(),
-            spec_sha256: "rev1".into(),
-        },
-        jobs,
-        cells: Vec::new(),
-    }
+    crate::plan::testing::job("probe", name, deps)
 }
 
 fn cfg(workers: usize) -> SchedConfig {
@@ -98,19 +78,14 @@ fn registry(probe: &Arc<Probe>) -> Arc<Registry> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_job_does_not_stop_unrelated_jobs() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
+    let store = MemoryQueue::new();
     let bad = job("fatal", &[]);
     let after_bad = job("after-bad", &[&bad]);
     let panicky = job("panic", &[]);
     let good: Vec<Job> = (0..5).map(|i| job(&format!("ok{i}"), &[])).collect();
     let mut jobs = vec![bad.clone(), after_bad.clone(), panicky.clone()];
     jobs.extend(good.iter().cloned());
-    let study = store.register_plan(&plan(jobs)).await.unwrap();
-    sqlx::query("UPDATE jobs SET max_attempts = 2")
-        .execute(&store.pool_for_tests())
-        .await
-        .unwrap();
+    let study = store.add_study(&jobs, 2);
     let probe = Arc::new(Probe::default());
     let summary = run_study(
         store.clone(),
@@ -134,11 +109,9 @@ async fn a_failing_job_does_not_stop_unrelated_jobs() {
         "a job whose dependency failed never runs"
     );
     let states: HashMap<String, (JobState, bool)> = store
-        .study_jobs(study)
-        .await
-        .unwrap()
+        .jobs(study)
         .into_iter()
-        .map(|j| (j.label, (j.state, j.blocked)))
+        .map(|j| (j.label.clone(), (j.state, store.blocked(&j.id))))
         .collect();
     assert_eq!(states["fatal"], (JobState::Failed, false));
     assert_eq!(states["panic"].0, JobState::Failed);
@@ -149,17 +122,15 @@ async fn a_failing_job_does_not_stop_unrelated_jobs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_schedulers_on_one_database_run_every_job_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    let s1 = SqliteStore::open(&path).await.unwrap();
-    let s2 = SqliteStore::open(&path).await.unwrap();
+async fn two_schedulers_on_one_queue_run_every_job_exactly_once() {
+    let s1 = MemoryQueue::new();
+    let s2 = s1.clone();
     let roots: Vec<Job> = (0..12)
         .map(|i| job(&format!("slow-root{i}"), &[]))
         .collect();
     let mut jobs = roots.clone();
     jobs.extend((0..12).map(|i| job(&format!("child{i}"), &[&roots[i]])));
-    let study = s1.register_plan(&plan(jobs)).await.unwrap();
+    let study = s1.add_study(&jobs, 3);
     let probe = Arc::new(Probe::default());
     let reg = registry(&probe);
     let (a, b) = tokio::join!(
@@ -193,12 +164,8 @@ async fn two_schedulers_on_one_database_run_every_job_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
-    let study = store
-        .register_plan(&plan(vec![job("slow-a", &[]), job("slow-b", &[])]))
-        .await
-        .unwrap();
+    let store = MemoryQueue::new();
+    let study = store.add_study(&[job("slow-a", &[]), job("slow-b", &[])], 3);
     let probe = Arc::new(Probe::default());
     let shutdown = CancelFlag::new();
     let stopper = {
@@ -221,7 +188,7 @@ async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
     stopper.await.unwrap();
     assert!(summary.shutdown_requested);
     assert_eq!(summary.interrupted, 2);
-    for j in store.study_jobs(study).await.unwrap() {
+    for j in store.jobs(study) {
         assert_eq!(j.state, JobState::Pending);
         assert_eq!(j.attempts, 0);
     }
@@ -241,10 +208,9 @@ async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_runner_is_detected_and_its_job_rerun() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("db")).await.unwrap();
+    let store = MemoryQueue::new();
     let a = job("a", &[]);
-    let study = store.register_plan(&plan(vec![a.clone()])).await.unwrap();
+    let study = store.add_study(std::slice::from_ref(&a), 3);
     // A runner claims the job and dies without a heartbeat.
     let claimed = store
         .claim(
@@ -268,9 +234,58 @@ async fn a_dead_runner_is_detected_and_its_job_rerun() {
     .await
     .unwrap();
     assert_eq!(summary.completed, 1);
-    let j = &store.study_jobs(study).await.unwrap()[0];
+    let j = &store.jobs(study)[0];
     assert_eq!(j.state, JobState::Done);
     assert_eq!(j.attempts, 2);
+    assert!(
+        store
+            .events()
+            .iter()
+            .any(|e| e.level == "warn" && e.message.contains("runner ghost")),
+        "the reaped lease is logged with its runner"
+    );
+}
+
+#[test]
+fn backoff_doubles_up_to_its_cap() {
+    let b = Backoff::default();
+    let secs: Vec<u64> = (1..=8).map(|a| b.after(a).as_secs()).collect();
+    assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60]);
+    assert_eq!(b.after(u32::MAX), Duration::from_secs(60), "no overflow");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retryable_failure_waits_for_its_backoff_and_is_logged() {
+    let store = MemoryQueue::new();
+    let study = store.add_study(&[job("fail-always", &[])], 2);
+    let probe = Arc::new(Probe::default());
+    let mut c = cfg(1);
+    c.backoff = Backoff {
+        first: Duration::from_millis(300),
+        max: Duration::from_secs(1),
+    };
+    let started = Instant::now();
+    let summary = run_study(
+        store.clone(),
+        study,
+        registry(&probe),
+        c,
+        CancelFlag::new(),
+        Arc::new(progress::NoProgress),
+    )
+    .await
+    .unwrap();
+    assert_eq!((summary.retried, summary.failed), (1, 1));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the second attempt waited for the backoff"
+    );
+    let j = &store.jobs(study)[0];
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j
+        .error
+        .as_deref()
+        .is_some_and(|e| e.starts_with("attempt 2/2")));
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::models::{Arch, Normalize};
+use crate::arch::{Arch, Normalize};
 
 mod grid;
 mod read;

@@ -1,18 +1,21 @@
 //! Persistent state of studies, jobs, leases and results, behind one [`Store`] interface.
 //!
-//! The scheduler only sees claim / heartbeat / complete / fail / release: leases are the one
-//! coordination mechanism, so the same interface can be implemented over PostgreSQL with
-//! `SELECT … FOR UPDATE SKIP LOCKED`. All SQL lives in the backend modules; rows are mapped to
-//! the plain types below so no sqlx type leaks out.
+//! A store is a [`Queue`] (the scheduler's narrow view: leases, progress, events, files) plus
+//! what planning, methods' results and reports need. All SQL lives in the backend modules;
+//! rows are mapped to the plain types below so no sqlx type leaks out. The store knows no job
+//! kinds: what a job's progress counts comes with the plan ([`ProgressUnit`]), and imported
+//! results are marked as such when they are imported.
 
 pub mod sqlite;
 
 use std::future::Future;
-use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::plan::{JobId, Plan};
+use crate::plan::{JobId, Plan, ProgressUnit};
+pub use crate::queue::{
+    Abandoned, Artifact, Claimed, FailOutcome, JobState, Queue, StudyId, WorkerId,
+};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,79 +61,6 @@ impl<T> QueryContext<T> for Result<T, sqlx::Error> {
             source => StoreError::Query { context, source },
         })
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct StudyId(pub i64);
-
-/// A worker process (or one of its slots) holding leases.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct WorkerId(pub String);
-
-impl std::fmt::Display for WorkerId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A job's lifecycle. Retries go back to `Pending` with a backoff; `Failed` is final.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    Pending,
-    Running,
-    Done,
-    Failed,
-}
-
-impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Pending => "pending",
-            JobState::Running => "running",
-            JobState::Done => "done",
-            JobState::Failed => "failed",
-        }
-    }
-    pub fn parse(s: &str) -> Result<Self, StoreError> {
-        match s {
-            "pending" => Ok(JobState::Pending),
-            "running" => Ok(JobState::Running),
-            "done" => Ok(JobState::Done),
-            "failed" => Ok(JobState::Failed),
-            other => Err(StoreError::Corrupt(format!("unknown job status `{other}`"))),
-        }
-    }
-}
-
-/// A job handed to a worker under a lease.
-#[derive(Clone, Debug)]
-pub struct Claimed {
-    pub id: JobId,
-    pub kind: String,
-    pub label: String,
-    pub params: serde_json::Value,
-    /// 1 for the first attempt.
-    pub attempt: u32,
-    pub max_attempts: u32,
-}
-
-/// What happened to a failed attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailOutcome {
-    /// Back to pending; runnable again after the backoff.
-    WillRetry,
-    /// Out of attempts (or not retryable): final.
-    Failed,
-}
-
-/// A lease that expired because its runner stopped heartbeating.
-#[derive(Clone, Debug)]
-pub struct Abandoned {
-    pub id: JobId,
-    /// Why the lease was taken back (names the runner).
-    pub reason: String,
-    pub outcome: FailOutcome,
 }
 
 /// One certified image, as stored (Cohen's columns plus the counts behind the bound).
@@ -182,12 +112,14 @@ pub struct JobStatus {
     pub result: Option<serde_json::Value>,
     /// The arithmetic the job's model runs in: `f32`, or `bf16` where the job asked for it.
     pub precision: String,
+    /// What `progress_done`/`progress_total` count.
+    pub unit: ProgressUnit,
 }
 
 impl JobStatus {
-    /// A training job (kinds `train-*`): its progress counts epochs, recorded with their metrics.
+    /// A training job: its progress counts epochs, recorded with their metrics.
     pub fn is_training(&self) -> bool {
-        self.kind.starts_with("train-")
+        self.unit == ProgressUnit::Epochs
     }
 }
 
@@ -214,17 +146,8 @@ pub struct CellRow {
     pub state: JobState,
 }
 
-/// A stored artifact (a file a job produced), by content hash.
-#[derive(Clone, Debug, Serialize)]
-pub struct Artifact {
-    pub name: String,
-    pub path: String,
-    pub sha256: String,
-    pub bytes: u64,
-}
-
-/// Everything the scheduler, the CLI and reports need from a backend.
-pub trait Store: Clone + Send + Sync + 'static {
+/// Everything the CLI, methods' results and reports need from a backend, beyond its queue.
+pub trait Store: Queue<Error = StoreError> {
     /// Records the study's current spec revision and upserts its jobs (existing results are kept).
     fn register_plan(
         &self,
@@ -232,62 +155,6 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<StudyId, StoreError>> + Send;
     /// Resets failed jobs of the study to pending with fresh attempts.
     fn retry_failed(&self, study: StudyId) -> impl Future<Output = Result<u64, StoreError>> + Send;
-    fn register_worker(
-        &self,
-        worker: &WorkerId,
-        host: &str,
-        pid: u32,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Atomically leases one runnable job of `kinds` (pending, backoff over, every dep done).
-    fn claim(
-        &self,
-        study: StudyId,
-        worker: &WorkerId,
-        kinds: &[&str],
-        lease: Duration,
-    ) -> impl Future<Output = Result<Option<Claimed>, StoreError>> + Send;
-    /// Extends a lease; `false` means the lease is lost and the worker must stop the job.
-    fn heartbeat(
-        &self,
-        job: &JobId,
-        worker: &WorkerId,
-        lease: Duration,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    fn complete(
-        &self,
-        job: &JobId,
-        worker: &WorkerId,
-        result: &serde_json::Value,
-        seconds: f64,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    fn fail(
-        &self,
-        job: &JobId,
-        worker: &WorkerId,
-        error: &str,
-        retry_after: Option<Duration>,
-        seconds: f64,
-    ) -> impl Future<Output = Result<FailOutcome, StoreError>> + Send;
-    /// Gives a lease back without counting the attempt (clean shutdown).
-    fn release(
-        &self,
-        job: &JobId,
-        worker: &WorkerId,
-        seconds: f64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// Returns expired leases to pending (or fails them when out of attempts).
-    fn reap_expired(&self) -> impl Future<Output = Result<Vec<Abandoned>, StoreError>> + Send;
-    /// Counts of the study's jobs that are running, or pending and still able to run.
-    fn outstanding(
-        &self,
-        study: StudyId,
-    ) -> impl Future<Output = Result<(u64, u64), StoreError>> + Send;
-    fn set_progress(
-        &self,
-        job: &JobId,
-        done: u64,
-        total: u64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn record_cert(
         &self,
         job: &JobId,
@@ -300,17 +167,6 @@ pub trait Store: Clone + Send + Sync + 'static {
         rows: &[EvalRow],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn eval_done(&self, job: &JobId) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
-    fn record_artifact(
-        &self,
-        job: &JobId,
-        artifact: &Artifact,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-    /// The artifact `name` of `job`, if recorded.
-    fn artifact(
-        &self,
-        job: &JobId,
-        name: &str,
-    ) -> impl Future<Output = Result<Option<Artifact>, StoreError>> + Send;
     /// Records (or replaces, on a resumed run) one epoch's metrics of a training job.
     fn record_epoch(
         &self,
@@ -323,13 +179,6 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         job: &JobId,
     ) -> impl Future<Output = Result<Vec<serde_json::Value>, StoreError>> + Send;
-    fn log_event(
-        &self,
-        job: Option<&JobId>,
-        worker: Option<&WorkerId>,
-        level: &str,
-        message: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn studies(&self) -> impl Future<Output = Result<Vec<StudyInfo>, StoreError>> + Send;
     fn study_by_name(
         &self,

@@ -9,18 +9,15 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, QueryBuilder, Row};
+use sqlx::{AssertSqlSafe, Row};
 
 use super::*;
 use crate::plan::{CellRecord, Job};
+
+mod queue;
 use crate::util::now_unix;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// Backoff before retrying a failed attempt: 2^(attempt−1) seconds, capped at one minute.
-pub fn retry_backoff(attempt: u32) -> Duration {
-    Duration::from_secs(1u64 << attempt.saturating_sub(1).min(6)).min(Duration::from_secs(60))
-}
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -175,7 +172,7 @@ async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
     Ok(())
 }
 
-/// Copies the jobs and cells of kind `import` from revision `prev` to `rev`, after the plan's
+/// Copies the imported (external) jobs and cells from revision `prev` to `rev`, after the plan's
 /// own `n_jobs` jobs and `n_cells` cells.
 async fn carry_imports(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
@@ -188,7 +185,7 @@ async fn carry_imports(
     sqlx::query(
         "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq, label)
          SELECT sj.study_id, sj.job_id, ?, ? + sj.seq, sj.label FROM study_jobs sj JOIN jobs j ON j.id = sj.job_id
-         WHERE sj.study_id = ? AND sj.spec_sha256 = ? AND j.kind = 'import'
+         WHERE sj.study_id = ? AND sj.spec_sha256 = ? AND j.external = 1
          ON CONFLICT DO NOTHING",
     )
     .bind(rev)
@@ -202,7 +199,7 @@ async fn carry_imports(
         "INSERT INTO study_cells (study_id, spec_sha256, cell, job_id, method, kind, sigma, trained_sigma, params)
          SELECT study_id, ?, ? + cell, job_id, method, kind, sigma, trained_sigma, params FROM study_cells
          WHERE study_id = ? AND spec_sha256 = ?
-           AND job_id IN (SELECT id FROM jobs WHERE kind = 'import')
+           AND job_id IN (SELECT id FROM jobs WHERE external = 1)
          ON CONFLICT DO NOTHING",
     )
     .bind(rev)
@@ -232,6 +229,10 @@ fn is_contention(e: &StoreError) -> bool {
     text.contains("locked") || text.contains("busy") || text.contains("already exists")
 }
 
+fn parse_state(s: &str) -> Result<JobState, StoreError> {
+    JobState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown job status `{s}`")))
+}
+
 fn job_status_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobStatus, StoreError> {
     let get_err = |e: sqlx::Error| StoreError::Query {
         context: "reading a job row",
@@ -250,7 +251,7 @@ fn job_status_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobStatus, Store
         id: JobId::new(row.try_get::<String, _>("id").map_err(get_err)?),
         kind: row.try_get("kind").map_err(get_err)?,
         label: row.try_get("label").map_err(get_err)?,
-        state: JobState::parse(&state)?,
+        state: parse_state(&state)?,
         blocked: row.try_get::<i64, _>("blocked").map_err(get_err)? != 0,
         attempts: row.try_get::<i64, _>("attempts").map_err(get_err)? as u32,
         max_attempts: row.try_get::<i64, _>("max_attempts").map_err(get_err)? as u32,
@@ -264,6 +265,11 @@ fn job_status_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobStatus, Store
         error: row.try_get("error").map_err(get_err)?,
         result,
         precision: row.try_get("precision").map_err(get_err)?,
+        unit: {
+            let unit: String = row.try_get("unit").map_err(get_err)?;
+            ProgressUnit::parse(&unit)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown progress unit `{unit}`")))?
+        },
     })
 }
 
@@ -342,7 +348,7 @@ impl Store for SqliteStore {
         for table in ["study_jobs", "study_cells"] {
             let sql = format!(
                 "DELETE FROM {table} WHERE study_id = ? AND spec_sha256 = ?
-                   AND job_id NOT IN (SELECT id FROM jobs WHERE kind = 'import')"
+                   AND job_id NOT IN (SELECT id FROM jobs WHERE external = 1)"
             );
             sqlx::query(AssertSqlSafe(sql))
                 .bind(id)
@@ -354,14 +360,16 @@ impl Store for SqliteStore {
         for (seq, job) in plan.jobs.iter().enumerate() {
             // Params may carry paths that moved; the id (content) is what decides reuse.
             sqlx::query(
-                "INSERT INTO jobs (id, kind, label, params, created_at) VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT (id) DO UPDATE SET label = excluded.label, params = excluded.params",
+                "INSERT INTO jobs (id, kind, label, params, created_at, unit) VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (id) DO UPDATE SET label = excluded.label, params = excluded.params,
+                     unit = excluded.unit",
             )
             .bind(job.id.as_str())
             .bind(&job.kind)
             .bind(&job.label)
             .bind(job.params.to_string())
             .bind(now)
+            .bind(job.unit.as_str())
             .execute(&mut *tx)
             .await
             .ctx("recording a job")?;
@@ -440,266 +448,6 @@ impl Store for SqliteStore {
         Ok(r.rows_affected())
     }
 
-    async fn register_worker(
-        &self,
-        worker: &WorkerId,
-        host: &str,
-        pid: u32,
-    ) -> Result<(), StoreError> {
-        let now = now_unix();
-        sqlx::query(
-            "INSERT INTO workers (id, host, pid, started_at, last_seen) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen",
-        )
-        .bind(&worker.0)
-        .bind(host)
-        .bind(pid as i64)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .ctx("registering the worker")?;
-        Ok(())
-    }
-
-    async fn claim(
-        &self,
-        study: StudyId,
-        worker: &WorkerId,
-        kinds: &[&str],
-        lease: Duration,
-    ) -> Result<Option<Claimed>, StoreError> {
-        if kinds.is_empty() {
-            return Ok(None);
-        }
-        let rev = self.current_revision(study).await?;
-        let now = now_unix();
-        let mut q = QueryBuilder::new("UPDATE jobs SET status = 'running', lease_owner = ");
-        q.push_bind(&worker.0)
-            .push(", lease_expires = ")
-            .push_bind(now + lease.as_secs_f64())
-            .push(", attempts = attempts + 1, started_at = COALESCE(started_at, ")
-            .push_bind(now)
-            .push(") WHERE status = 'pending' AND id = (SELECT j.id FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id WHERE sj.study_id = ")
-            .push_bind(study.0)
-            .push(" AND sj.spec_sha256 = ")
-            .push_bind(rev.clone())
-            .push(" AND j.status = 'pending' AND j.attempts < j.max_attempts AND j.not_before <= ")
-            .push_bind(now)
-            .push(" AND j.kind IN (");
-        let mut sep = q.separated(", ");
-        for k in kinds {
-            sep.push_bind(*k);
-        }
-        q.push(
-            ") AND NOT EXISTS (SELECT 1 FROM job_deps d JOIN jobs p ON p.id = d.dep_id
-                 WHERE d.job_id = j.id AND p.status <> 'done')
-             ORDER BY sj.seq LIMIT 1)
-             RETURNING id, kind, params, attempts, max_attempts,
-                 COALESCE((SELECT sj.label FROM study_jobs sj WHERE sj.job_id = jobs.id AND sj.study_id = ",
-        );
-        // The claiming study's own name for the job, which another study sharing it may word
-        // differently.
-        q.push_bind(study.0)
-            .push(" AND sj.spec_sha256 = ")
-            .push_bind(rev)
-            .push("), label) AS label");
-        let row = q
-            .build()
-            .fetch_optional(&self.pool)
-            .await
-            .ctx("claiming a job")?;
-        let Some(row) = row else { return Ok(None) };
-        let get_err = |e: sqlx::Error| StoreError::Query {
-            context: "reading a claimed job",
-            source: e,
-        };
-        let params: String = row.try_get("params").map_err(get_err)?;
-        Ok(Some(Claimed {
-            id: JobId::new(row.try_get::<String, _>("id").map_err(get_err)?),
-            kind: row.try_get("kind").map_err(get_err)?,
-            label: row.try_get("label").map_err(get_err)?,
-            params: serde_json::from_str(&params)
-                .map_err(|e| StoreError::Corrupt(format!("job params JSON: {e}")))?,
-            attempt: row.try_get::<i64, _>("attempts").map_err(get_err)? as u32,
-            max_attempts: row.try_get::<i64, _>("max_attempts").map_err(get_err)? as u32,
-        }))
-    }
-
-    async fn heartbeat(
-        &self,
-        job: &JobId,
-        worker: &WorkerId,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        let now = now_unix();
-        let r = sqlx::query(
-            "UPDATE jobs SET lease_expires = ? WHERE id = ? AND status = 'running' AND lease_owner = ?",
-        )
-        .bind(now + lease.as_secs_f64())
-        .bind(job.as_str())
-        .bind(&worker.0)
-        .execute(&self.pool)
-        .await
-        .ctx("extending a lease")?;
-        sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
-            .bind(now)
-            .bind(&worker.0)
-            .execute(&self.pool)
-            .await
-            .ctx("updating the worker heartbeat")?;
-        Ok(r.rows_affected() == 1)
-    }
-
-    async fn complete(
-        &self,
-        job: &JobId,
-        worker: &WorkerId,
-        result: &serde_json::Value,
-        seconds: f64,
-    ) -> Result<bool, StoreError> {
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'done', result = ?, error = NULL, finished_at = ?, lease_owner = NULL,
-                 lease_expires = NULL, run_seconds = run_seconds + ?
-             WHERE id = ? AND status = 'running' AND lease_owner = ?",
-        )
-        .bind(result.to_string())
-        .bind(now_unix())
-        .bind(seconds)
-        .bind(job.as_str())
-        .bind(&worker.0)
-        .execute(&self.pool)
-        .await
-        .ctx("completing a job")?;
-        Ok(r.rows_affected() == 1)
-    }
-
-    async fn fail(
-        &self,
-        job: &JobId,
-        worker: &WorkerId,
-        error: &str,
-        retry_after: Option<Duration>,
-        seconds: f64,
-    ) -> Result<FailOutcome, StoreError> {
-        let now = now_unix();
-        let retry = retry_after.map(|d| now + d.as_secs_f64());
-        let row = sqlx::query(
-            "UPDATE jobs SET
-                 status = CASE WHEN ? IS NOT NULL AND attempts < max_attempts THEN 'pending' ELSE 'failed' END,
-                 not_before = COALESCE(?, not_before), error = ?, lease_owner = NULL, lease_expires = NULL,
-                 finished_at = ?, run_seconds = run_seconds + ?
-             WHERE id = ? AND status = 'running' AND lease_owner = ?
-             RETURNING status",
-        )
-        .bind(retry)
-        .bind(retry)
-        .bind(error)
-        .bind(now)
-        .bind(seconds)
-        .bind(job.as_str())
-        .bind(&worker.0)
-        .fetch_optional(&self.pool)
-        .await
-        .ctx("recording a job failure")?;
-        match row.map(|r| r.try_get::<String, _>("status")) {
-            Some(Ok(s)) if s == "pending" => Ok(FailOutcome::WillRetry),
-            Some(Ok(_)) | None => Ok(FailOutcome::Failed),
-            Some(Err(source)) => Err(StoreError::Query {
-                context: "reading a failure outcome",
-                source,
-            }),
-        }
-    }
-
-    async fn release(
-        &self,
-        job: &JobId,
-        worker: &WorkerId,
-        seconds: f64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE jobs SET status = 'pending', attempts = MAX(attempts - 1, 0), lease_owner = NULL,
-                 lease_expires = NULL, run_seconds = run_seconds + ?
-             WHERE id = ? AND status = 'running' AND lease_owner = ?",
-        )
-        .bind(seconds)
-        .bind(job.as_str())
-        .bind(&worker.0)
-        .execute(&self.pool)
-        .await
-        .ctx("releasing a lease")?;
-        Ok(())
-    }
-
-    async fn reap_expired(&self) -> Result<Vec<Abandoned>, StoreError> {
-        let now = now_unix();
-        let rows = sqlx::query(
-            "UPDATE jobs SET
-                 status = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'failed' END,
-                 error = 'abandoned: runner ' || COALESCE(lease_owner, '?') || ' stopped renewing its lease',
-                 lease_owner = NULL, lease_expires = NULL
-             WHERE status = 'running' AND lease_expires < ?
-             RETURNING id, status, error",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .ctx("reaping expired leases")?;
-        let mut out = Vec::new();
-        for r in rows {
-            let get_err = |e: sqlx::Error| StoreError::Query {
-                context: "reading a reaped job",
-                source: e,
-            };
-            let status: String = r.try_get("status").map_err(get_err)?;
-            let error: String = r.try_get("error").map_err(get_err)?;
-            out.push(Abandoned {
-                id: JobId::new(r.try_get::<String, _>("id").map_err(get_err)?),
-                reason: error,
-                outcome: if status == "pending" {
-                    FailOutcome::WillRetry
-                } else {
-                    FailOutcome::Failed
-                },
-            });
-        }
-        Ok(out)
-    }
-
-    async fn outstanding(&self, study: StudyId) -> Result<(u64, u64), StoreError> {
-        let rev = self.current_revision(study).await?;
-        let sql = format!(
-            "{BLOCKED_CTE}
-             SELECT
-                 COALESCE(SUM(CASE WHEN j.status = 'running' THEN 1 ELSE 0 END), 0) AS running,
-                 COALESCE(SUM(CASE WHEN j.status = 'pending' AND j.attempts < j.max_attempts
-                      AND j.id NOT IN (SELECT id FROM dead) THEN 1 ELSE 0 END), 0) AS pending
-             FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
-             WHERE sj.study_id = ? AND sj.spec_sha256 = ?"
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(study.0)
-            .bind(rev)
-            .fetch_one(&self.pool)
-            .await
-            .ctx("counting outstanding jobs")?;
-        let running: i64 = row.try_get("running").ctx("counting running jobs")?;
-        let pending: i64 = row.try_get("pending").ctx("counting pending jobs")?;
-        Ok((running as u64, pending as u64))
-    }
-
-    async fn set_progress(&self, job: &JobId, done: u64, total: u64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?")
-            .bind(done as i64)
-            .bind(total as i64)
-            .bind(job.as_str())
-            .execute(&self.pool)
-            .await
-            .ctx("recording progress")?;
-        Ok(())
-    }
-
     async fn record_cert(&self, job: &JobId, r: &CertRow) -> Result<(), StoreError> {
         // A result is final once written; a re-run of an in-flight image computes the same row.
         insert_cert(&self.pool, job, r)
@@ -748,46 +496,6 @@ impl Store for SqliteStore {
         Ok(v.into_iter().map(|i| i as u64).collect())
     }
 
-    async fn record_artifact(&self, job: &JobId, a: &Artifact) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO artifacts (job_id, name, path, sha256, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (job_id, name) DO UPDATE SET path = excluded.path, sha256 = excluded.sha256,
-                 bytes = excluded.bytes, created_at = excluded.created_at",
-        )
-        .bind(job.as_str())
-        .bind(&a.name)
-        .bind(&a.path)
-        .bind(&a.sha256)
-        .bind(a.bytes as i64)
-        .bind(now_unix())
-        .execute(&self.pool)
-        .await
-        .ctx("recording an artifact")?;
-        Ok(())
-    }
-
-    async fn artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError> {
-        let row = sqlx::query(
-            "SELECT name, path, sha256, bytes FROM artifacts WHERE job_id = ? AND name = ?",
-        )
-        .bind(job.as_str())
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await
-        .ctx("looking up an artifact")?;
-        let Some(r) = row else { return Ok(None) };
-        let g = |e: sqlx::Error| StoreError::Query {
-            context: "reading an artifact row",
-            source: e,
-        };
-        Ok(Some(Artifact {
-            name: r.try_get("name").map_err(g)?,
-            path: r.try_get("path").map_err(g)?,
-            sha256: r.try_get("sha256").map_err(g)?,
-            bytes: r.try_get::<i64, _>("bytes").map_err(g)? as u64,
-        }))
-    }
-
     async fn record_epoch(
         &self,
         job: &JobId,
@@ -823,27 +531,6 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn log_event(
-        &self,
-        job: Option<&JobId>,
-        worker: Option<&WorkerId>,
-        level: &str,
-        message: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO events (at, job_id, worker, level, message) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(now_unix())
-        .bind(job.map(|j| j.as_str().to_string()))
-        .bind(worker.map(|w| w.0.clone()))
-        .bind(level)
-        .bind(message)
-        .execute(&self.pool)
-        .await
-        .ctx("logging an event")?;
-        Ok(())
-    }
-
     async fn studies(&self) -> Result<Vec<StudyInfo>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, seed, spec_path, spec_sha256, spec_text FROM studies ORDER BY id",
@@ -873,7 +560,7 @@ impl Store for SqliteStore {
         let sql = format!(
             "{BLOCKED_CTE}
              SELECT j.id, j.kind, COALESCE(sj.label, j.label) AS label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
-                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision,
+                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit,
                     CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END AS blocked,
                     (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
              FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
@@ -982,8 +669,8 @@ impl Store for SqliteStore {
         }
         sqlx::query(
             "INSERT INTO jobs (id, kind, label, params, status, progress_done, progress_total, result,
-                               created_at, started_at, finished_at)
-             VALUES (?, ?, ?, ?, 'done', ?, ?, '{}', ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                               created_at, started_at, finished_at, external)
+             VALUES (?, ?, ?, ?, 'done', ?, ?, '{}', ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING",
         )
         .bind(job.id.as_str())
         .bind(&job.kind)
@@ -1069,7 +756,7 @@ impl Store for SqliteStore {
                 trained_sigma: r.try_get("trained_sigma").map_err(g)?,
                 values: serde_json::from_str(&params)
                     .map_err(|e| StoreError::Corrupt(format!("cell parameters JSON: {e}")))?,
-                state: JobState::parse(&r.try_get::<String, _>("status").map_err(g)?)?,
+                state: parse_state(&r.try_get::<String, _>("status").map_err(g)?)?,
             });
         }
         Ok(out)

@@ -3,32 +3,12 @@
 use std::time::Duration;
 
 use super::*;
-use crate::plan::{Job, JobBuilder, Plan, StudyMeta};
+use crate::plan::{Job, JobBuilder};
+
+use crate::plan::testing::plan;
 
 fn job(name: &str, deps: &[&Job]) -> Job {
-    JobBuilder {
-        kind: "test",
-        version: 1,
-        label: name.into(),
-        params: serde_json::json!({ "name": name }),
-        identity: serde_json::json!({ "name": name }),
-        deps: deps.iter().map(|j| j.id.clone()).collect(),
-    }
-    .build()
-}
-
-fn plan(name: &str, jobs: Vec<Job>) -> Plan {
-    Plan {
-        study: StudyMeta {
-            name: name.into(),
-            seed: 0,
-            spec_path: "spec.yaml".into(),
-            spec_text: format!("name: {name}"),
-            spec_sha256: crate::util::sha256_bytes(format!("{name}{}", jobs.len()).as_bytes()),
-        },
-        jobs,
-        cells: Vec::new(),
-    }
+    crate::plan::testing::job("test", name, deps)
 }
 
 fn w(name: &str) -> WorkerId {
@@ -503,4 +483,57 @@ async fn a_shared_job_keeps_each_studys_label() {
         .unwrap()
         .unwrap();
     assert_eq!(claimed.label, "lr=0.01 schedule=cosine");
+}
+
+#[tokio::test]
+async fn migration_6_marks_training_and_imported_jobs_of_older_databases() {
+    let s = SqliteStore::in_memory().await.unwrap();
+    let pool = s.pool_for_tests();
+    // Rows as a caf before migration 6 left them: the new columns at their defaults.
+    for (id, kind) in [("t", "train-caf"), ("i", "import"), ("c", "certify")] {
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, label, params, created_at) VALUES (?, ?, ?, '{}', 0)",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(kind)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let migration = include_str!("../../../migrations/20261128000006_job_unit_external.sql");
+    for stmt in migration.split(';').filter(|s| s.contains("UPDATE")) {
+        sqlx::query(AssertSqlSafe(stmt.to_string()))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT id, unit, external FROM jobs ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("c".to_string(), "images".to_string(), 0),
+            ("i".to_string(), "images".to_string(), 1),
+            ("t".to_string(), "epochs".to_string(), 0),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_plans_progress_unit_is_what_status_reads() {
+    use crate::plan::ProgressUnit;
+    let s = SqliteStore::in_memory().await.unwrap();
+    let train = job("train", &[]).counted_in(ProgressUnit::Epochs);
+    let cert = job("cert", &[&train]);
+    let study = s
+        .register_plan(&plan("units", vec![train, cert]))
+        .await
+        .unwrap();
+    let jobs = s.study_jobs(study).await.unwrap();
+    let training: Vec<bool> = jobs.iter().map(|j| j.is_training()).collect();
+    assert_eq!(training, [true, false]);
 }

@@ -1,5 +1,5 @@
-//! What the training methods share: grid-cell parameters → [`TrainConfig`], and running the
-//! training loop inside a job (epochs recorded in the store, checkpoints in the job's artifact
+//! Training as a job, what the training methods share: grid-cell parameters → [`TrainConfig`],
+//! and running the loop of [`super::train`] inside a job (epochs recorded in the store, checkpoints in the job's artifact
 //! directory so a killed job resumes, the selected weights recorded as an artifact).
 
 use candle_core::Device;
@@ -7,6 +7,7 @@ use candle_core::Var;
 use candle_nn::{ModuleT, VarMap};
 
 use super::common;
+use super::results::Results;
 use super::source::WEIGHTS;
 use super::train::{
     self, OptimizerConfig, Schedule, TrainConfig, TrainEnd, TrainError, TrainHooks,
@@ -167,70 +168,75 @@ pub fn train_config(
     Ok(c)
 }
 
-/// Runs [`train::train`] inside a job: resumable from `ctx.artifacts_dir`, epochs recorded in the
-/// store, the selected weights recorded as the job's `weights` artifact.
-pub fn run_training(
-    ctx: &JobContext,
-    model: &dyn ModuleT,
-    varmap: &VarMap,
-    trainable: Vec<Var>,
-    data: &ImageSet,
-    cfg: &TrainConfig,
-    device: &Device,
-) -> Result<JobOutput, JobError> {
-    let objective = train::Classification { model };
-    run_objective(ctx, &objective, varmap, trainable, data, cfg, device)
+/// One training job's loop: resumable from `ctx.artifacts_dir`, epochs recorded to `results`,
+/// the selected weights recorded as the job's `weights` artifact.
+pub struct TrainRun<'a> {
+    pub ctx: &'a JobContext,
+    pub results: &'a dyn Results,
+    pub varmap: &'a VarMap,
+    pub trainable: Vec<Var>,
+    pub data: &'a ImageSet,
+    pub cfg: &'a TrainConfig,
+    pub device: &'a Device,
 }
 
-/// [`run_training`] with any training objective.
-pub fn run_objective(
-    ctx: &JobContext,
-    objective: &dyn train::Objective,
-    varmap: &VarMap,
-    trainable: Vec<Var>,
-    data: &ImageSet,
-    cfg: &TrainConfig,
-    device: &Device,
-) -> Result<JobOutput, JobError> {
-    let dir = ctx.artifacts_dir.join("train");
-    if dir.join(train::CHECKPOINT_JSON).exists() {
-        let msg = format!("resuming training from the checkpoint in {}", dir.display());
-        tracing::info!("{msg}");
-        ctx.sink.event("info", &msg)?;
+impl TrainRun<'_> {
+    /// Trains `model` with cross-entropy under noise.
+    pub fn classification(self, model: &dyn ModuleT) -> Result<JobOutput, JobError> {
+        self.objective(&train::Classification { model })
     }
-    let mut hooks = StoreHooks {
-        ctx,
-        epochs: cfg.epochs as u64,
-    };
-    let end = train::train_objective(
-        objective, varmap, trainable, data, cfg, &dir, device, &mut hooks,
-    )
-    .map_err(train_error)?;
-    match end {
-        TrainEnd::Interrupted { .. } => Ok(JobOutput::Interrupted),
-        TrainEnd::Finished {
-            weights,
-            best_epoch,
-            metrics,
-        } => {
-            let sha256 = crate::util::sha256_file(&weights)
-                .map_err(|e| JobError::retryable(format!("{}: {e}", weights.display())))?;
-            let bytes = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
-            let path = std::fs::canonicalize(&weights).unwrap_or(weights);
-            ctx.sink.artifact(&Artifact {
-                name: WEIGHTS.into(),
-                path: path.display().to_string(),
-                sha256: sha256.clone(),
-                bytes,
-            })?;
-            let best = best_epoch.and_then(|e| metrics.get(e));
-            Ok(JobOutput::Done(serde_json::json!({
-                "weights_sha256": sha256,
-                "epochs": metrics.len(),
-                "best_epoch": best_epoch,
-                "best_val_acc": best.and_then(|m| m.val_acc),
-                "final_train_loss": metrics.last().map(|m| m.train_loss),
-            })))
+
+    /// Trains with any objective.
+    pub fn objective(self, objective: &dyn train::Objective) -> Result<JobOutput, JobError> {
+        let ctx = self.ctx;
+        let dir = ctx.artifacts_dir.join("train");
+        if dir.join(train::CHECKPOINT_JSON).exists() {
+            let msg = format!("resuming training from the checkpoint in {}", dir.display());
+            tracing::info!("{msg}");
+            ctx.sink.event("info", &msg)?;
+        }
+        let mut hooks = ResultHooks {
+            ctx,
+            results: self.results,
+            epochs: self.cfg.epochs as u64,
+        };
+        let end = train::train_objective(
+            objective,
+            self.varmap,
+            self.trainable,
+            self.data,
+            self.cfg,
+            &dir,
+            self.device,
+            &mut hooks,
+        )
+        .map_err(train_error)?;
+        match end {
+            TrainEnd::Interrupted { .. } => Ok(JobOutput::Interrupted),
+            TrainEnd::Finished {
+                weights,
+                best_epoch,
+                metrics,
+            } => {
+                let sha256 = crate::util::sha256_file(&weights)
+                    .map_err(|e| JobError::retryable(format!("{}: {e}", weights.display())))?;
+                let bytes = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
+                let path = std::fs::canonicalize(&weights).unwrap_or(weights);
+                ctx.sink.artifact(&Artifact {
+                    name: WEIGHTS.into(),
+                    path: path.display().to_string(),
+                    sha256: sha256.clone(),
+                    bytes,
+                })?;
+                let best = best_epoch.and_then(|e| metrics.get(e));
+                Ok(JobOutput::Done(serde_json::json!({
+                    "weights_sha256": sha256,
+                    "epochs": metrics.len(),
+                    "best_epoch": best_epoch,
+                    "best_val_acc": best.and_then(|m| m.val_acc),
+                    "final_train_loss": metrics.last().map(|m| m.train_loss),
+                })))
+            }
         }
     }
 }
@@ -242,25 +248,25 @@ fn train_error(e: TrainError) -> JobError {
     }
 }
 
-struct StoreHooks<'a> {
+struct ResultHooks<'a> {
     ctx: &'a JobContext,
+    results: &'a dyn Results,
     epochs: u64,
 }
 
-impl TrainHooks for StoreHooks<'_> {
+impl TrainHooks for ResultHooks<'_> {
     fn cancelled(&self) -> bool {
         self.ctx.cancelled()
     }
     fn on_epoch(&mut self, m: &train::EpochMetrics) -> Result<(), TrainError> {
         let v = serde_json::to_value(m).unwrap_or_default();
         // A store hiccup is transient: surface it as I/O so the job is retried, not failed.
-        let store_err = |e: crate::store::StoreError| TrainError::Io {
+        let store_err = |e: JobError| TrainError::Io {
             path: "the store".into(),
             source: std::io::Error::other(format!("recording epoch metrics: {e}")),
         };
-        self.ctx
-            .sink
-            .record_epoch(m.epoch as u64, &v)
+        self.results
+            .record_epoch(&self.ctx.id, m.epoch as u64, &v)
             .map_err(store_err)?;
         self.ctx
             .sink

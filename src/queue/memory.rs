@@ -1,0 +1,459 @@
+//! A [`Queue`] in one process's memory, with the semantics of the SQLite backend's claims and
+//! leases. Why: the scheduler's tests exercise retries, lost leases and shutdowns against it
+//! without a database, so they test the scheduler and nothing below it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{Abandoned, Artifact, Claimed, FailOutcome, JobState, Queue, StudyId, WorkerId};
+use crate::plan::{Job, JobId};
+
+/// One job as the memory queue holds it (also what tests read back).
+#[derive(Clone, Debug)]
+pub struct QueuedJob {
+    pub id: JobId,
+    pub kind: String,
+    pub label: String,
+    pub params: serde_json::Value,
+    pub deps: Vec<JobId>,
+    pub state: JobState,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub error: Option<String>,
+    pub result: Option<serde_json::Value>,
+    pub progress: (u64, u64),
+    pub run_seconds: f64,
+    lease: Option<(WorkerId, Instant)>,
+    not_before: Instant,
+}
+
+impl QueuedJob {
+    /// The worker holding the job's lease, if it is running.
+    pub fn lease_owner(&self) -> Option<&WorkerId> {
+        self.lease.as_ref().map(|(w, _)| w)
+    }
+}
+
+/// An event a job or worker logged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggedEvent {
+    pub job: Option<JobId>,
+    pub level: String,
+    pub message: String,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: Vec<QueuedJob>,
+    index: HashMap<JobId, usize>,
+    /// Each study's jobs in plan order (a claim takes the first runnable one).
+    studies: Vec<Vec<usize>>,
+    workers: HashMap<WorkerId, (String, u32)>,
+    events: Vec<LoggedEvent>,
+    artifacts: HashMap<(JobId, String), Artifact>,
+}
+
+impl State {
+    fn owned(&mut self, job: &JobId, worker: &WorkerId) -> Option<&mut QueuedJob> {
+        let i = *self.index.get(job)?;
+        let j = &mut self.jobs[i];
+        let held = j.state == JobState::Running && j.lease_owner() == Some(worker);
+        held.then_some(j)
+    }
+
+    /// A pending job that can never run: some dependency, directly or through others, failed.
+    fn dead(&self, i: usize) -> bool {
+        let mut stack = vec![i];
+        let mut seen = vec![false; self.jobs.len()];
+        while let Some(k) = stack.pop() {
+            for d in &self.jobs[k].deps {
+                let Some(&di) = self.index.get(d) else {
+                    continue;
+                };
+                if self.jobs[di].state == JobState::Failed {
+                    return true;
+                }
+                if !std::mem::replace(&mut seen[di], true) {
+                    stack.push(di);
+                }
+            }
+        }
+        false
+    }
+}
+
+/// A [`Queue`] held in memory; clones share it (as several processes share one database).
+#[derive(Clone, Default)]
+pub struct MemoryQueue {
+    state: Arc<Mutex<State>>,
+}
+
+impl MemoryQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind, still consistent per field.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `jobs` (in dependency order, as a plan lists them) as a new study; a job already
+    /// queued by another study is shared, not duplicated.
+    pub fn add_study(&self, jobs: &[Job], max_attempts: u32) -> StudyId {
+        let mut s = self.lock();
+        let now = Instant::now();
+        let mut order = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let i = match s.index.get(&job.id) {
+                Some(&i) => i,
+                None => {
+                    let i = s.jobs.len();
+                    s.jobs.push(QueuedJob {
+                        id: job.id.clone(),
+                        kind: job.kind.clone(),
+                        label: job.label.clone(),
+                        params: job.params.clone(),
+                        deps: job.deps.clone(),
+                        state: JobState::Pending,
+                        attempts: 0,
+                        max_attempts,
+                        error: None,
+                        result: None,
+                        progress: (0, 0),
+                        run_seconds: 0.0,
+                        lease: None,
+                        not_before: now,
+                    });
+                    s.index.insert(job.id.clone(), i);
+                    i
+                }
+            };
+            order.push(i);
+        }
+        s.studies.push(order);
+        StudyId(s.studies.len() as i64 - 1)
+    }
+
+    /// A snapshot of the study's jobs in plan order.
+    pub fn jobs(&self, study: StudyId) -> Vec<QueuedJob> {
+        let s = self.lock();
+        s.studies
+            .get(study.0 as usize)
+            .map(|order| order.iter().map(|&i| s.jobs[i].clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// True for a pending job whose dependency failed (it can never run).
+    pub fn blocked(&self, job: &JobId) -> bool {
+        let s = self.lock();
+        s.index
+            .get(job)
+            .is_some_and(|&i| s.jobs[i].state == JobState::Pending && s.dead(i))
+    }
+
+    pub fn events(&self) -> Vec<LoggedEvent> {
+        self.lock().events.clone()
+    }
+}
+
+impl Queue for MemoryQueue {
+    type Error = Infallible;
+
+    async fn register_worker(
+        &self,
+        worker: &WorkerId,
+        host: &str,
+        pid: u32,
+    ) -> Result<(), Infallible> {
+        self.lock()
+            .workers
+            .insert(worker.clone(), (host.to_string(), pid));
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        study: StudyId,
+        worker: &WorkerId,
+        kinds: &[&str],
+        lease: Duration,
+    ) -> Result<Option<Claimed>, Infallible> {
+        let mut s = self.lock();
+        let now = Instant::now();
+        let Some(order) = s.studies.get(study.0 as usize) else {
+            return Ok(None);
+        };
+        let runnable = order.iter().copied().find(|&i| {
+            let j = &s.jobs[i];
+            j.state == JobState::Pending
+                && j.attempts < j.max_attempts
+                && j.not_before <= now
+                && kinds.contains(&j.kind.as_str())
+                && j.deps.iter().all(|d| {
+                    s.index
+                        .get(d)
+                        .is_some_and(|&di| s.jobs[di].state == JobState::Done)
+                })
+        });
+        let Some(i) = runnable else {
+            return Ok(None);
+        };
+        let j = &mut s.jobs[i];
+        j.state = JobState::Running;
+        j.attempts += 1;
+        j.lease = Some((worker.clone(), now + lease));
+        Ok(Some(Claimed {
+            id: j.id.clone(),
+            kind: j.kind.clone(),
+            label: j.label.clone(),
+            params: j.params.clone(),
+            attempt: j.attempts,
+            max_attempts: j.max_attempts,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        lease: Duration,
+    ) -> Result<bool, Infallible> {
+        let mut s = self.lock();
+        Ok(match s.owned(job, worker) {
+            Some(j) => {
+                j.lease = Some((worker.clone(), Instant::now() + lease));
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn complete(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        result: &serde_json::Value,
+        seconds: f64,
+    ) -> Result<bool, Infallible> {
+        let mut s = self.lock();
+        Ok(match s.owned(job, worker) {
+            Some(j) => {
+                j.state = JobState::Done;
+                j.result = Some(result.clone());
+                j.error = None;
+                j.lease = None;
+                j.run_seconds += seconds;
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn fail(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        error: &str,
+        retry_after: Option<Duration>,
+        seconds: f64,
+    ) -> Result<FailOutcome, Infallible> {
+        let mut s = self.lock();
+        let Some(j) = s.owned(job, worker) else {
+            return Ok(FailOutcome::Failed);
+        };
+        j.error = Some(error.to_string());
+        j.lease = None;
+        j.run_seconds += seconds;
+        Ok(match retry_after {
+            Some(wait) if j.attempts < j.max_attempts => {
+                j.state = JobState::Pending;
+                j.not_before = Instant::now() + wait;
+                FailOutcome::WillRetry
+            }
+            _ => {
+                j.state = JobState::Failed;
+                FailOutcome::Failed
+            }
+        })
+    }
+
+    async fn release(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        seconds: f64,
+    ) -> Result<(), Infallible> {
+        let mut s = self.lock();
+        if let Some(j) = s.owned(job, worker) {
+            j.state = JobState::Pending;
+            j.attempts = j.attempts.saturating_sub(1);
+            j.lease = None;
+            j.run_seconds += seconds;
+        }
+        Ok(())
+    }
+
+    async fn reap_expired(&self) -> Result<Vec<Abandoned>, Infallible> {
+        let mut s = self.lock();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for j in s.jobs.iter_mut() {
+            let Some((owner, expires)) = j.lease.clone() else {
+                continue;
+            };
+            if j.state != JobState::Running || expires >= now {
+                continue;
+            }
+            let reason = format!("abandoned: runner {owner} stopped renewing its lease");
+            let outcome = if j.attempts < j.max_attempts {
+                j.state = JobState::Pending;
+                FailOutcome::WillRetry
+            } else {
+                j.state = JobState::Failed;
+                FailOutcome::Failed
+            };
+            j.error = Some(reason.clone());
+            j.lease = None;
+            out.push(Abandoned {
+                id: j.id.clone(),
+                reason,
+                outcome,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn outstanding(&self, study: StudyId) -> Result<(u64, u64), Infallible> {
+        let s = self.lock();
+        let Some(order) = s.studies.get(study.0 as usize) else {
+            return Ok((0, 0));
+        };
+        let running = order
+            .iter()
+            .filter(|&&i| s.jobs[i].state == JobState::Running)
+            .count();
+        let pending = order
+            .iter()
+            .filter(|&&i| {
+                let j = &s.jobs[i];
+                j.state == JobState::Pending && j.attempts < j.max_attempts && !s.dead(i)
+            })
+            .count();
+        Ok((running as u64, pending as u64))
+    }
+
+    async fn set_progress(&self, job: &JobId, done: u64, total: u64) -> Result<(), Infallible> {
+        let mut s = self.lock();
+        if let Some(&i) = s.index.get(job) {
+            s.jobs[i].progress = (done, total);
+        }
+        Ok(())
+    }
+
+    async fn log_event(
+        &self,
+        job: Option<&JobId>,
+        _worker: Option<&WorkerId>,
+        level: &str,
+        message: &str,
+    ) -> Result<(), Infallible> {
+        self.lock().events.push(LoggedEvent {
+            job: job.cloned(),
+            level: level.to_string(),
+            message: message.to_string(),
+        });
+        Ok(())
+    }
+
+    async fn record_artifact(&self, job: &JobId, artifact: &Artifact) -> Result<(), Infallible> {
+        self.lock()
+            .artifacts
+            .insert((job.clone(), artifact.name.clone()), artifact.clone());
+        Ok(())
+    }
+
+    async fn artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, Infallible> {
+        Ok(self
+            .lock()
+            .artifacts
+            .get(&(job.clone(), name.to_string()))
+            .cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, deps: &[&Job]) -> Job {
+        crate::plan::testing::job("probe", name, deps)
+    }
+
+    #[tokio::test]
+    async fn claims_follow_dependencies_and_leases() {
+        let q = MemoryQueue::new();
+        let a = job("a", &[]);
+        let b = job("b", &[&a]);
+        let study = q.add_study(&[a.clone(), b.clone()], 3);
+        let w = WorkerId("w".into());
+        let lease = Duration::from_secs(60);
+        let first = q.claim(study, &w, &["probe"], lease).await.unwrap();
+        assert_eq!(first.map(|c| c.id), Some(a.id.clone()));
+        assert!(
+            q.claim(study, &w, &["probe"], lease)
+                .await
+                .unwrap()
+                .is_none(),
+            "b waits for a"
+        );
+        assert!(!q
+            .complete(
+                &a.id,
+                &WorkerId("other".into()),
+                &serde_json::json!({}),
+                0.0
+            )
+            .await
+            .unwrap());
+        assert!(q
+            .complete(&a.id, &w, &serde_json::json!({}), 0.0)
+            .await
+            .unwrap());
+        let second = q.claim(study, &w, &["probe"], lease).await.unwrap();
+        assert_eq!(second.map(|c| c.id), Some(b.id.clone()));
+        assert_eq!(q.outstanding(study).await.unwrap(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn failures_block_dependents_and_expired_leases_come_back() {
+        let q = MemoryQueue::new();
+        let a = job("a", &[]);
+        let b = job("b", &[&a]);
+        let c = job("c", &[]);
+        let study = q.add_study(&[a.clone(), b.clone(), c.clone()], 2);
+        let w = WorkerId("w".into());
+        q.claim(study, &w, &["probe"], Duration::from_secs(60))
+            .await
+            .unwrap();
+        let outcome = q.fail(&a.id, &w, "boom", None, 0.0).await.unwrap();
+        assert_eq!(outcome, FailOutcome::Failed);
+        assert!(q.blocked(&b.id));
+        assert_eq!(q.outstanding(study).await.unwrap(), (0, 1), "only c");
+        let claimed = q
+            .claim(study, &w, &["probe"], Duration::from_millis(1))
+            .await
+            .unwrap();
+        assert_eq!(claimed.map(|c| c.id), Some(c.id.clone()));
+        std::thread::sleep(Duration::from_millis(5));
+        let reaped = q.reap_expired().await.unwrap();
+        assert_eq!(reaped.len(), 1);
+        assert_eq!(reaped[0].outcome, FailOutcome::WillRetry);
+        assert!(reaped[0].reason.contains("runner w"));
+        let jobs = q.jobs(study);
+        assert_eq!(jobs[2].state, JobState::Pending);
+        assert_eq!(jobs[2].attempts, 1, "an abandoned attempt counts");
+    }
+}

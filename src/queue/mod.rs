@@ -1,0 +1,186 @@
+//! The job queue the scheduler works from: leases on runnable jobs and the little a running
+//! job reports about itself (progress, events, its files).
+//!
+//! Why a trait of its own: the scheduler needs a dozen operations of a store that has thirty,
+//! and must not learn SQL or result rows. Every backend (`store::SqliteStore`, and
+//! [`MemoryQueue`] for the scheduler's tests) implements [`Queue`]; leases are the one
+//! coordination mechanism, so a backend only has to make `claim` atomic.
+
+pub mod memory;
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::plan::JobId;
+pub use memory::MemoryQueue;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct StudyId(pub i64);
+
+/// A worker process (or one of its slots) holding leases.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct WorkerId(pub String);
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A job's lifecycle. Retries go back to `Pending` with a backoff; `Failed` is final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+
+    /// `None` for a string no caf writes (a corrupt row); the backend names the problem.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(JobState::Pending),
+            "running" => Some(JobState::Running),
+            "done" => Some(JobState::Done),
+            "failed" => Some(JobState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A job handed to a worker under a lease.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub id: JobId,
+    pub kind: String,
+    pub label: String,
+    pub params: serde_json::Value,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub max_attempts: u32,
+}
+
+/// What happened to a failed attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Back to pending; runnable again after the backoff.
+    WillRetry,
+    /// Out of attempts (or not retryable): final.
+    Failed,
+}
+
+/// A lease that expired because its runner stopped heartbeating.
+#[derive(Clone, Debug)]
+pub struct Abandoned {
+    pub id: JobId,
+    /// Why the lease was taken back (names the runner).
+    pub reason: String,
+    pub outcome: FailOutcome,
+}
+
+/// A stored artifact (a file a job produced), by content hash.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Artifact {
+    pub name: String,
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// What the scheduler needs from a backend. Every method that changes a running job names the
+/// worker, and does nothing (returns `false` where it can say so) unless that worker still
+/// holds the job's lease: a worker that lost its lease can never overwrite its successor.
+pub trait Queue: Clone + Send + Sync + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn register_worker(
+        &self,
+        worker: &WorkerId,
+        host: &str,
+        pid: u32,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Atomically leases one runnable job of `kinds` (pending, backoff over, every dep done).
+    fn claim(
+        &self,
+        study: StudyId,
+        worker: &WorkerId,
+        kinds: &[&str],
+        lease: Duration,
+    ) -> impl Future<Output = Result<Option<Claimed>, Self::Error>> + Send;
+    /// Extends a lease; `false` means the lease is lost and the worker must stop the job.
+    fn heartbeat(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+    /// Marks the job done; `false` when the lease was lost meanwhile (nothing recorded).
+    fn complete(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        result: &serde_json::Value,
+        seconds: f64,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+    /// Ends an attempt with `error`: back to pending after `retry_after` while attempts remain,
+    /// failed for good when `retry_after` is `None` or none remain.
+    fn fail(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        error: &str,
+        retry_after: Option<Duration>,
+        seconds: f64,
+    ) -> impl Future<Output = Result<FailOutcome, Self::Error>> + Send;
+    /// Gives a lease back without counting the attempt (clean shutdown).
+    fn release(
+        &self,
+        job: &JobId,
+        worker: &WorkerId,
+        seconds: f64,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Returns expired leases to pending (or fails them when out of attempts).
+    fn reap_expired(&self) -> impl Future<Output = Result<Vec<Abandoned>, Self::Error>> + Send;
+    /// Counts of the study's jobs that are running, or pending and still able to run.
+    fn outstanding(
+        &self,
+        study: StudyId,
+    ) -> impl Future<Output = Result<(u64, u64), Self::Error>> + Send;
+    fn set_progress(
+        &self,
+        job: &JobId,
+        done: u64,
+        total: u64,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn log_event(
+        &self,
+        job: Option<&JobId>,
+        worker: Option<&WorkerId>,
+        level: &str,
+        message: &str,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn record_artifact(
+        &self,
+        job: &JobId,
+        artifact: &Artifact,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// The artifact `name` of `job`, if recorded.
+    fn artifact(
+        &self,
+        job: &JobId,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Artifact>, Self::Error>> + Send;
+}
