@@ -1,6 +1,7 @@
-//! Where a job's model comes from: a file as it is, a network trained by an `rs` job, or a frozen
-//! backbone plus a certifying adapter trained by a `caf` job. Trained weights are found through
-//! the store's artifact records and checked against their recorded SHA-256.
+//! Where a job's model comes from: a file as it is, a network trained by a `train-rs` job (`rs`,
+//! `smoothadv`), a frozen backbone plus an adapter and head trained by a `train-caf` job, or a
+//! frozen classifier behind a DnCNN trained by a `train-denoised` job. Trained weights are found
+//! through the artifacts their jobs recorded and checked against their recorded SHA-256.
 
 use std::path::PathBuf;
 
