@@ -145,29 +145,6 @@ impl JobContext {
     pub fn cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }
-
-    /// A context for running a handler outside the scheduler (one-off CLI commands, tests).
-    pub fn standalone(
-        id: JobId,
-        kind: &str,
-        params: serde_json::Value,
-        device: DeviceSpec,
-        artifacts_dir: PathBuf,
-        sink: Arc<dyn JobSink>,
-        cancel: CancelFlag,
-    ) -> Self {
-        Self {
-            id,
-            kind: kind.to_string(),
-            label: kind.to_string(),
-            params,
-            attempt: 1,
-            device,
-            artifacts_dir,
-            sink,
-            cancel,
-        }
-    }
 }
 
 /// What one job kind does.
