@@ -624,8 +624,8 @@ fn mixture_error_rate_is_within_a_small_alpha() {
 #[test]
 fn mixture_error_rate_ignores_adversarial_batch_schedules() {
     let alpha = 0.05;
-    // One draw per look at first (where the sequence is loosest), then batches of a tenth of t.
-    let ones_then_geometric = |t: u64, _: u64, _: f64| if t < 100 { 1 } else { (t / 10) as usize };
+    // One draw per look at first (where the sequence is loosest), then batches of a fifth of t.
+    let ones_then_geometric = |t: u64, _: u64, _: f64| if t < 100 { 1 } else { (t / 5) as usize };
     // Look often while the running mean is above the truth (when an error is within reach),
     // jump ahead while it is below: a schedule that peeks at the data and at p itself.
     let peeking = |t: u64, hits: u64, p: f64| {
@@ -633,7 +633,7 @@ fn mixture_error_rate_ignores_adversarial_batch_schedules() {
             if t < 100 {
                 1
             } else {
-                (t / 10) as usize
+                (t / 5) as usize
             }
         } else {
             500
