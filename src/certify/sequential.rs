@@ -22,6 +22,23 @@
 //!
 //! The simplest valid alternative, [`certify_staged`], looks only at a few fixed sample sizes
 //! with α split equally (Bonferroni) and one-sided Clopper–Pearson bounds at each.
+//!
+//! What it buys, from `cargo test --lib certify::sequential::tests::savings_table -- --ignored
+//! --nocapture` (simulated counts, 1,000 runs per p, σ = 0.25, radii {0.25, 0.5, 0.75, 1.0},
+//! α = 0.001, batch 400, n_max = 100,000; fraction certified at r = 0.75 in brackets):
+//!
+//! ```text
+//!   p_A     mixture (mean draws)   staged CP {1e3,1e4,1e5}   Cohen n = 1e5
+//!   0.6        400                  1,000                     100,000
+//!   0.8      2,072                  5,554                     100,000
+//!   0.9        924                  1,108                     100,000
+//!   0.99     2,540                  9,028                     100,000
+//!   0.999   97,290 [0.09]         100,000 [0.34]              100,000 [0.54]
+//! ```
+//!
+//! Decisions at the other radii were the same for all three methods; near a threshold (p_A =
+//! 0.999 against Φ(3) = 0.99865 for r = 0.75) the wider mixture bound certifies less often
+//! within the same budget: the price of stopping early everywhere else.
 
 use statrs::distribution::{ContinuousCDF, Normal};
 use statrs::function::gamma::ln_gamma;
