@@ -7,6 +7,7 @@
 //! abstains when p_A_lower ≤ 1/2. No clamping of noisy inputs, as in Cohen's code.
 
 pub mod noise;
+pub mod sequential;
 pub mod stats;
 
 use candle_core::{Device, Tensor};
@@ -195,6 +196,43 @@ impl<'m> Smooth<'m> {
                 certificate_from_counts(c_hat, c[c_hat as usize], s.n, s.alpha, self.sigma)
             })
             .collect())
+    }
+
+    /// Sequential CERTIFY for the first member (see [`sequential`]): ĉ from `s.n0` selection
+    /// draws, then estimation draws in batches of `s.batch` until every radius in `s.radii` is
+    /// certified or impossible under the beta-binomial mixture confidence sequence, or until
+    /// `s.n_max`. Noise comes from the same streams as [`Self::certify`], so its first n
+    /// estimation draws are CERTIFY's, whatever the batch size.
+    pub fn certify_sequential(
+        &self,
+        image: &[f32],
+        key: NoiseKey,
+        s: &sequential::SequentialSettings,
+    ) -> Result<sequential::SequentialCertificate, sequential::SequentialError> {
+        s.validate()?;
+        let counts0 = self.sample_counts(image, key, Phase::Selection, s.n0, s.batch)?;
+        let c_hat = counts0.first().map_or(0, |c| argmax_count(c));
+        let mut stream = NoiseStream::new(key, Phase::Estimation);
+        let mut buf = Vec::new();
+        let mut hits_of = |k: usize| -> Result<u64, CertifyError> {
+            stream.fill_noisy(image, k, &mut buf);
+            let x = Tensor::from_slice(&buf, (k, 3, 32, 32), &self.device)?;
+            let logits = self.set.logits_all(&x)?;
+            let first = logits
+                .first()
+                .ok_or(CertifyError::BatchMismatch { got: 0, want: 1 })?;
+            let preds = first.argmax(1)?.to_vec1::<u32>()?;
+            if preds.len() != k {
+                return Err(CertifyError::BatchMismatch {
+                    got: preds.len(),
+                    want: k,
+                });
+            }
+            Ok(preds.iter().filter(|&&p| p == c_hat).count() as u64)
+        };
+        sequential::certify_mixture(c_hat, self.sigma, s, |k| {
+            hits_of(k).map_err(sequential::SequentialError::from)
+        })
     }
 
     /// PREDICT(x, n, α) for the first member: the top class if the two-sided binomial test
