@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
 use super::*;
 use crate::plan::{CellRecord, Job};
@@ -64,6 +64,11 @@ impl PgStore {
             path: shown.to_string(),
             source,
         };
+        // Reach the server directly first: a pool retries a refused or failed connection until
+        // its acquire timeout (30 s) and then says only that it timed out; this fails at once,
+        // with the reason (no such host, refused, authentication, no such database).
+        let probe = opts.connect().await.map_err(open_err)?;
+        let _ = probe.close().await;
         // Migrate through a one-connection pool of its own, closed whatever happens: sqlx's
         // migrator holds a session-level advisory lock, which an error path leaves taken;
         // closing the session releases it instead of parking it in the pool to block every
