@@ -350,6 +350,35 @@ mod tests {
         assert!(!err.contains("s3cr3t"), "{err}");
     }
 
+    /// A `postgres://` URL opens PostgreSQL, and the store works through the enum.
+    #[tokio::test]
+    async fn a_url_opens_postgres() {
+        let Some(f) = crate::store::testing::PgFixture::new().await else {
+            eprintln!("postgres: skipped a_url_opens_postgres (CAF_TEST_POSTGRES is unset)");
+            return;
+        };
+        eprintln!("postgres: running a_url_opens_postgres in {}", f.name());
+        let s = open(&f.url()).await.unwrap();
+        assert_eq!(s.backend(), "postgres");
+        let a = crate::plan::testing::job("test", "a", &[]);
+        let study = s
+            .register_plan(&crate::plan::testing::plan("p", vec![a.clone()]))
+            .await
+            .unwrap();
+        let me = WorkerId("w".into());
+        let c = s
+            .claim(study, &me, &["test"], Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.id, a.id);
+        assert!(s
+            .complete(&a.id, &me, &serde_json::json!({}), 1.0)
+            .await
+            .unwrap());
+        assert_eq!(s.study_jobs(study).await.unwrap()[0].state, JobState::Done);
+    }
+
     #[tokio::test]
     async fn a_path_opens_sqlite() {
         let dir = tempfile::tempdir().unwrap();

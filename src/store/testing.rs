@@ -61,6 +61,7 @@ impl Fixture for SqliteFixture {
 /// A database of its own on the `CAF_TEST_POSTGRES` server, dropped with the fixture.
 pub(crate) struct PgFixture {
     admin: PgConnectOptions,
+    admin_url: String,
     name: String,
 }
 
@@ -92,7 +93,11 @@ impl PgFixture {
             .await
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
         let _ = conn.close().await;
-        Some(PgFixture { admin, name })
+        Some(PgFixture {
+            admin,
+            admin_url: url,
+            name,
+        })
     }
 
     pub(crate) fn options(&self) -> PgConnectOptions {
@@ -101,6 +106,18 @@ impl PgFixture {
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The `CAF_TEST_POSTGRES` URL with this fixture's database in place of its own, as a
+    /// user would pass it to `--db`.
+    pub(crate) fn url(&self) -> String {
+        let url = &self.admin_url;
+        let authority = url.find("://").map_or(0, |i| i + 3);
+        let path = url[authority..]
+            .find(['/', '?'])
+            .map_or(url.len(), |i| authority + i);
+        let query = url[path..].find('?').map_or(url.len(), |i| path + i);
+        format!("{}/{}{}", &url[..path], self.name, &url[query..])
     }
 }
 
