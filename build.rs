@@ -19,8 +19,9 @@ fn main() {
     // Rebuild the stamp when HEAD or the index moves (commits, checkouts, staging).
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/index");
-    // `sqlx::migrate!` embeds migrations/ at compile time, but naming any file above turns off
-    // cargo's default of rebuilding on every change in the package: without this line a new
-    // .sql file would not be embedded until something else changed.
+    // `sqlx::migrate!` embeds migrations/sqlite and migrations/postgres at compile time, but
+    // naming any file above turns off cargo's default of rebuilding on every change in the
+    // package: without this line a new .sql file would not be embedded until something else
+    // changed. (Cargo scans a named directory recursively, so this covers both backends.)
     println!("cargo:rerun-if-changed=migrations");
 }

@@ -1,12 +1,22 @@
 //! Persistent state of studies, jobs, leases and results, behind one [`Store`] interface.
 //!
+//! Two backends: [`SqliteStore`] (one file, several processes on one host) and [`PgStore`]
+//! (a PostgreSQL server many hosts share). [`open`] picks one from a `--db` value and returns
+//! an [`AnyStore`] that delegates to it.
+//!
 //! A store is a [`Queue`] (the scheduler's narrow view: leases, progress, events, files) plus
 //! what planning, methods' results and reports need. All SQL lives in the backend modules;
 //! rows are mapped to the plain types below so no sqlx type leaks out. The store knows no job
 //! kinds: what a job's progress counts comes with the plan ([`ProgressUnit`]), and imported
 //! results are marked as such when they are imported.
 
+pub mod any;
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 
@@ -16,6 +26,8 @@ use crate::plan::{JobId, Plan, ProgressUnit};
 pub use crate::queue::{
     Abandoned, Artifact, Claimed, FailOutcome, JobState, Queue, StudyId, WorkerId,
 };
+pub use any::{open, AnyStore, DbLocation};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +59,9 @@ pub enum StoreError {
     },
     #[error("corrupt value in the store: {0}")]
     Corrupt(String),
+    /// A `--db` value that names no database (see [`DbLocation::parse`]).
+    #[error("database location: {0}")]
+    BadLocation(String),
 }
 
 /// Extension to attach what the store was doing to a sqlx error.

@@ -17,7 +17,7 @@ use crate::plan::{CellRecord, Job};
 mod queue;
 use crate::util::now_unix;
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Clone)]
 pub struct SqliteStore {

@@ -1,0 +1,814 @@
+//! The PostgreSQL backend: the SQLite backend's schema and semantics on a server many hosts can
+//! share. A small pool per process; claims are one `UPDATE … WHERE id = (SELECT … FOR UPDATE
+//! SKIP LOCKED LIMIT 1) RETURNING …`, so concurrent workers never wait on each other's candidate
+//! and no transaction stays open while a job runs. Migrations are applied at open under sqlx's
+//! advisory lock, so many processes can open one fresh database at once.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
+
+use super::*;
+use crate::plan::{CellRecord, Job};
+
+mod queue;
+use crate::util::now_unix;
+
+/// The PostgreSQL dialect of `migrations/sqlite`: one file per SQLite migration with the same
+/// version, so both backends report the same schema version.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Connections per process unless the caller asks otherwise: a worker claims, heartbeats and
+/// records results, a handful of statements at a time; many workers share one server.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+
+/// Key of the transaction-level advisory lock that serializes plan registrations and imports
+/// (what SQLite's `BEGIN IMMEDIATE` gives the SQLite backend): both read a study's revision
+/// before rewriting its job list, and two interleaved ones would deadlock on shared job rows or
+/// carry imports from a stale revision. They are rare and short, so one lock for all is enough.
+const PLAN_LOCK: i64 = 0x6361_665f_706c_616e; // "caf_plan"
+
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/database[?…]`) with
+    /// [`DEFAULT_MAX_CONNECTIONS`] and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with(url, DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    /// As [`PgStore::open`], with at most `max_connections` pooled connections (at least 1).
+    pub async fn open_with(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let shown = redact_url(url);
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(|source| StoreError::Open {
+                path: shown.clone(),
+                source,
+            })?
+            .application_name("caf");
+        Self::connect(opts, &shown, max_connections).await
+    }
+
+    /// Opens with explicit options; `shown` names the database in errors (no password).
+    pub async fn connect(
+        opts: PgConnectOptions,
+        shown: &str,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let open_err = |source: sqlx::Error| StoreError::Open {
+            path: shown.to_string(),
+            source,
+        };
+        // Reach the server directly first: a pool retries a refused or failed connection until
+        // its acquire timeout (30 s) and then says only that it timed out; this fails at once,
+        // with the reason (no such host, refused, authentication, no such database).
+        let probe = opts.connect().await.map_err(open_err)?;
+        let _ = probe.close().await;
+        // Migrate through a one-connection pool of its own, closed whatever happens: sqlx's
+        // migrator holds a session-level advisory lock, which an error path leaves taken;
+        // closing the session releases it instead of parking it in the pool to block every
+        // later open. (A pool, not a bare connection: `run(&mut conn)` makes this future
+        // not `Send`, sqlx's "Acquire is not general enough".)
+        let migration_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await
+            .map_err(open_err)?;
+        let migrated = MIGRATOR.run(&migration_pool).await;
+        migration_pool.close().await;
+        if let Err(e) = migrated {
+            if let sqlx::migrate::MigrateError::VersionMissing(version) = e {
+                // An older caf on a database a newer one migrated: say so, as SQLite does.
+                let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+                return Err(StoreError::NewerSchema {
+                    path: shown.to_string(),
+                    version,
+                    known,
+                });
+            }
+            return Err(e.into());
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .min_connections(0)
+            .idle_timeout(Some(Duration::from_secs(600)))
+            .max_lifetime(Some(Duration::from_secs(1800)))
+            .connect_with(opts)
+            .await
+            .map_err(open_err)?;
+        Ok(Self { pool })
+    }
+
+    /// Closes the pool's connections (tests drop their database afterwards).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn current_revision(&self, study: StudyId) -> Result<String, StoreError> {
+        sqlx::query_scalar::<_, String>("SELECT spec_sha256 FROM studies WHERE id = $1")
+            .bind(study.0)
+            .fetch_one(&self.pool)
+            .await
+            .ctx("reading the study's spec revision")
+    }
+
+    /// Starts a transaction holding [`PLAN_LOCK`] until it ends.
+    async fn begin_plan_change(&self) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PLAN_LOCK)
+            .execute(&mut *tx)
+            .await
+            .ctx("waiting for other plan registrations")?;
+        Ok(tx)
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages and logs: the one in the userinfo
+/// (`user:password@`) and a `password=` query parameter, which libpq URLs also accept.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let (head, rest) = url.split_at(scheme_end);
+    // The authority ends at the first '/', '?' or '#'; credentials end at its last '@'.
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(auth_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => match authority[..at].find(':') {
+            Some(colon) => format!("{}:***{}", &authority[..colon], &authority[at..]),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{head}{authority}{tail}")
+}
+
+/// Inserts one certification row unless the (job, image) pair already has one.
+async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Postgres>>(
+    executor: E,
+    job: &JobId,
+    r: &CertRow,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (job_id, idx) DO NOTHING",
+    )
+    .bind(job.as_str())
+    .bind(r.idx as i64)
+    .bind(r.label as i64)
+    .bind(r.predict)
+    .bind(r.radius)
+    .bind(r.correct as i64)
+    .bind(r.c_hat as i64)
+    .bind(r.n_a as i64)
+    .bind(r.n as i64)
+    .bind(r.n0 as i64)
+    .bind(r.alpha)
+    .bind(r.sigma)
+    .bind(r.seconds)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Copies the imported (external) jobs and cells from revision `prev` to `rev`, after the plan's
+/// own `n_jobs` jobs and `n_cells` cells.
+async fn carry_imports(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    study: i64,
+    prev: &str,
+    rev: &str,
+    n_jobs: usize,
+    n_cells: usize,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq, label)
+         SELECT sj.study_id, sj.job_id, $1, $2 + sj.seq, sj.label FROM study_jobs sj JOIN jobs j ON j.id = sj.job_id
+         WHERE sj.study_id = $3 AND sj.spec_sha256 = $4 AND j.external = 1
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(rev)
+    .bind(n_jobs as i64)
+    .bind(study)
+    .bind(prev)
+    .execute(&mut **tx)
+    .await
+    .ctx("carrying imported jobs to the new revision")?;
+    sqlx::query(
+        "INSERT INTO study_cells (study_id, spec_sha256, cell, job_id, method, kind, sigma, trained_sigma, params)
+         SELECT study_id, $1, $2 + cell, job_id, method, kind, sigma, trained_sigma, params FROM study_cells
+         WHERE study_id = $3 AND spec_sha256 = $4
+           AND job_id IN (SELECT id FROM jobs WHERE external = 1)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(rev)
+    .bind(n_cells as i64)
+    .bind(study)
+    .bind(prev)
+    .execute(&mut **tx)
+    .await
+    .ctx("carrying imported cells to the new revision")?;
+    Ok(())
+}
+
+fn parse_state(s: &str) -> Result<JobState, StoreError> {
+    JobState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown job status `{s}`")))
+}
+
+fn job_status_from_row(row: &PgRow) -> Result<JobStatus, StoreError> {
+    let get_err = |e: sqlx::Error| StoreError::Query {
+        context: "reading a job row",
+        source: e,
+    };
+    let state: String = row.try_get("status").map_err(get_err)?;
+    let result: Option<String> = row.try_get("result").map_err(get_err)?;
+    let result = match result {
+        Some(text) => Some(
+            serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("job result JSON: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(JobStatus {
+        id: JobId::new(row.try_get::<String, _>("id").map_err(get_err)?),
+        kind: row.try_get("kind").map_err(get_err)?,
+        label: row.try_get("label").map_err(get_err)?,
+        state: parse_state(&state)?,
+        blocked: row.try_get::<bool, _>("blocked").map_err(get_err)?,
+        attempts: row.try_get::<i64, _>("attempts").map_err(get_err)? as u32,
+        max_attempts: row.try_get::<i64, _>("max_attempts").map_err(get_err)? as u32,
+        progress_done: row.try_get::<i64, _>("progress_done").map_err(get_err)? as u64,
+        progress_total: row.try_get::<i64, _>("progress_total").map_err(get_err)? as u64,
+        run_seconds: row.try_get("run_seconds").map_err(get_err)?,
+        work_seconds: row.try_get("work_seconds").map_err(get_err)?,
+        started_at: row.try_get("started_at").map_err(get_err)?,
+        finished_at: row.try_get("finished_at").map_err(get_err)?,
+        lease_owner: row.try_get("lease_owner").map_err(get_err)?,
+        error: row.try_get("error").map_err(get_err)?,
+        result,
+        precision: row.try_get("precision").map_err(get_err)?,
+        unit: {
+            let unit: String = row.try_get("unit").map_err(get_err)?;
+            ProgressUnit::parse(&unit)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown progress unit `{unit}`")))?
+        },
+    })
+}
+
+fn study_from_row(row: &PgRow) -> Result<StudyInfo, StoreError> {
+    let get_err = |e: sqlx::Error| StoreError::Query {
+        context: "reading a study row",
+        source: e,
+    };
+    Ok(StudyInfo {
+        id: StudyId(row.try_get("id").map_err(get_err)?),
+        name: row.try_get("name").map_err(get_err)?,
+        seed: row.try_get::<i64, _>("seed").map_err(get_err)? as u64,
+        spec_path: row.try_get("spec_path").map_err(get_err)?,
+        spec_sha256: row.try_get("spec_sha256").map_err(get_err)?,
+        spec_text: row.try_get("spec_text").map_err(get_err)?,
+    })
+}
+
+/// A pending job is blocked when one of its deps failed or is itself blocked (as in SQLite).
+const BLOCKED_CTE: &str = "WITH RECURSIVE dead(id) AS (
+        SELECT id FROM jobs WHERE status = 'failed'
+        UNION
+        SELECT d.job_id FROM job_deps d JOIN dead ON d.dep_id = dead.id
+    )";
+
+impl Store for PgStore {
+    async fn register_plan(&self, plan: &Plan) -> Result<StudyId, StoreError> {
+        let now = now_unix();
+        let mut tx = self.begin_plan_change().await?;
+        let s = &plan.study;
+        let previous: Option<String> =
+            sqlx::query_scalar("SELECT spec_sha256 FROM studies WHERE name = $1")
+                .bind(&s.name)
+                .fetch_optional(&mut *tx)
+                .await
+                .ctx("reading the study's previous revision")?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO studies (name, spec_path, spec_text, spec_sha256, seed, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (name) DO UPDATE SET spec_path = excluded.spec_path, spec_text = excluded.spec_text,
+                 spec_sha256 = excluded.spec_sha256, seed = excluded.seed, updated_at = excluded.updated_at
+             RETURNING id",
+        )
+        .bind(&s.name)
+        .bind(s.spec_path.display().to_string())
+        .bind(&s.spec_text)
+        .bind(&s.spec_sha256)
+        .bind(s.seed as i64)
+        .bind(now)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .ctx("recording the study")?;
+        sqlx::query(
+            "INSERT INTO study_revisions (study_id, spec_sha256, spec_text, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (study_id, spec_sha256) DO NOTHING",
+        )
+        .bind(id)
+        .bind(&s.spec_sha256)
+        .bind(&s.spec_text)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .ctx("recording the spec revision")?;
+        // The plan is the revision's whole job list (see the SQLite backend); imports are kept.
+        for table in ["study_jobs", "study_cells"] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE study_id = $1 AND spec_sha256 = $2
+                   AND job_id NOT IN (SELECT id FROM jobs WHERE external = 1)"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(id)
+                .bind(&s.spec_sha256)
+                .execute(&mut *tx)
+                .await
+                .ctx("clearing the revision's previous plan")?;
+        }
+        // Upsert jobs in id order: the row locks this takes then come in the same order as
+        // those of `reap_expired` and `retry_failed`, so the three cannot deadlock. Deps go in
+        // after every job exists (their foreign keys need both ends).
+        let mut by_id: Vec<&Job> = plan.jobs.iter().collect();
+        by_id.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        for job in &by_id {
+            // Params may carry paths that moved; the id (content) is what decides reuse.
+            sqlx::query(
+                "INSERT INTO jobs (id, kind, label, params, created_at, unit) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (id) DO UPDATE SET label = excluded.label, params = excluded.params,
+                     unit = excluded.unit",
+            )
+            .bind(job.id.as_str())
+            .bind(&job.kind)
+            .bind(&job.label)
+            .bind(job.params.to_string())
+            .bind(now)
+            .bind(job.unit.as_str())
+            .execute(&mut *tx)
+            .await
+            .ctx("recording a job")?;
+        }
+        for (seq, job) in plan.jobs.iter().enumerate() {
+            for dep in &job.deps {
+                sqlx::query(
+                    "INSERT INTO job_deps (job_id, dep_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(job.id.as_str())
+                .bind(dep.as_str())
+                .execute(&mut *tx)
+                .await
+                .ctx("recording a job dependency")?;
+            }
+            sqlx::query(
+                "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq, label) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(id)
+            .bind(job.id.as_str())
+            .bind(&s.spec_sha256)
+            .bind(seq as i64)
+            .bind(&job.label)
+            .execute(&mut *tx)
+            .await
+            .ctx("linking a job to the study")?;
+        }
+        for cell in &plan.cells {
+            let values = serde_json::to_string(&cell.values)
+                .map_err(|e| StoreError::Corrupt(format!("cell parameters as JSON: {e}")))?;
+            for out in &cell.outputs {
+                sqlx::query(
+                    "INSERT INTO study_cells (study_id, spec_sha256, cell, job_id, method, kind, sigma, trained_sigma, params)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                )
+                .bind(id)
+                .bind(&s.spec_sha256)
+                .bind(cell.cell as i64)
+                .bind(out.job.as_str())
+                .bind(&cell.method)
+                .bind(&out.kind)
+                .bind(out.sigma)
+                .bind(out.trained_sigma)
+                .bind(&values)
+                .execute(&mut *tx)
+                .await
+                .ctx("recording a grid cell")?;
+            }
+        }
+        if let Some(prev) = previous.filter(|p| *p != s.spec_sha256) {
+            // Imported results (`caf import`) are not in any spec: keep them in the study.
+            carry_imports(
+                &mut tx,
+                id,
+                &prev,
+                &s.spec_sha256,
+                plan.jobs.len(),
+                plan.cells.len(),
+            )
+            .await?;
+        }
+        tx.commit().await.ctx("committing the plan")?;
+        Ok(StudyId(id))
+    }
+
+    async fn retry_failed(&self, study: StudyId) -> Result<u64, StoreError> {
+        let rev = self.current_revision(study).await?;
+        // Rows locked in id order, like `register_plan`'s upserts (no deadlock between them).
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'pending', attempts = 0, not_before = 0, error = NULL
+             WHERE status = 'failed' AND id IN (
+                 SELECT j.id FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
+                 WHERE j.status = 'failed' AND sj.study_id = $1 AND sj.spec_sha256 = $2
+                 ORDER BY j.id FOR UPDATE OF j)",
+        )
+        .bind(study.0)
+        .bind(rev)
+        .execute(&self.pool)
+        .await
+        .ctx("resetting failed jobs")?;
+        Ok(r.rows_affected())
+    }
+
+    async fn record_cert(&self, job: &JobId, r: &CertRow) -> Result<(), StoreError> {
+        // A result is final once written; a re-run of an in-flight image computes the same row.
+        insert_cert(&self.pool, job, r)
+            .await
+            .ctx("recording a certification result")?;
+        Ok(())
+    }
+
+    async fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
+        let v: Vec<i64> =
+            sqlx::query_scalar("SELECT idx FROM cert_results WHERE job_id = $1 ORDER BY idx")
+                .bind(job.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .ctx("reading finished images")?;
+        Ok(v.into_iter().map(|i| i as u64).collect())
+    }
+
+    async fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), StoreError> {
+        // One statement for the batch (a round trip per row adds up on a remote server).
+        let idx: Vec<i64> = rows.iter().map(|r| r.idx as i64).collect();
+        let label: Vec<i64> = rows.iter().map(|r| r.label as i64).collect();
+        let predict: Vec<i64> = rows.iter().map(|r| r.predict as i64).collect();
+        let correct: Vec<i64> = rows.iter().map(|r| (r.label == r.predict) as i64).collect();
+        sqlx::query(
+            "INSERT INTO eval_results (job_id, idx, label, predict, correct)
+             SELECT $1, * FROM UNNEST($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+             ON CONFLICT (job_id, idx) DO NOTHING",
+        )
+        .bind(job.as_str())
+        .bind(&idx)
+        .bind(&label)
+        .bind(&predict)
+        .bind(&correct)
+        .execute(&self.pool)
+        .await
+        .ctx("recording evaluation results")?;
+        Ok(())
+    }
+
+    async fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
+        let v: Vec<i64> =
+            sqlx::query_scalar("SELECT idx FROM eval_results WHERE job_id = $1 ORDER BY idx")
+                .bind(job.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .ctx("reading evaluated images")?;
+        Ok(v.into_iter().map(|i| i as u64).collect())
+    }
+
+    async fn record_epoch(
+        &self,
+        job: &JobId,
+        epoch: u64,
+        metrics: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO train_metrics (job_id, epoch, metrics, at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (job_id, epoch) DO UPDATE SET metrics = excluded.metrics, at = excluded.at",
+        )
+        .bind(job.as_str())
+        .bind(epoch as i64)
+        .bind(metrics.to_string())
+        .bind(now_unix())
+        .execute(&self.pool)
+        .await
+        .ctx("recording epoch metrics")?;
+        Ok(())
+    }
+
+    async fn epochs(&self, job: &JobId) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT metrics FROM train_metrics WHERE job_id = $1 ORDER BY epoch",
+        )
+        .bind(job.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading epoch metrics")?;
+        rows.iter()
+            .map(|t| {
+                serde_json::from_str(t)
+                    .map_err(|e| StoreError::Corrupt(format!("epoch metrics JSON: {e}")))
+            })
+            .collect()
+    }
+
+    async fn studies(&self) -> Result<Vec<StudyInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, seed, spec_path, spec_sha256, spec_text FROM studies ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing studies")?;
+        rows.iter().map(study_from_row).collect()
+    }
+
+    async fn study_by_name(&self, name: &str) -> Result<StudyInfo, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, seed, spec_path, spec_sha256, spec_text FROM studies WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("looking up a study")?;
+        match row {
+            Some(r) => study_from_row(&r),
+            None => Err(StoreError::NotFound(format!("study `{name}`"))),
+        }
+    }
+
+    async fn study_jobs(&self, study: StudyId) -> Result<Vec<JobStatus>, StoreError> {
+        let rev = self.current_revision(study).await?;
+        let sql = format!(
+            "{BLOCKED_CTE}
+             SELECT j.id, j.kind, COALESCE(sj.label, j.label) AS label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
+                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit,
+                    (j.status = 'pending' AND j.id IN (SELECT id FROM dead)) AS blocked,
+                    (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
+             FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
+             WHERE sj.study_id = $1 AND sj.spec_sha256 = $2 ORDER BY sj.seq"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(study.0)
+            .bind(rev)
+            .fetch_all(&self.pool)
+            .await
+            .ctx("listing the study's jobs")?;
+        rows.iter().map(job_status_from_row).collect()
+    }
+
+    async fn import_results(
+        &self,
+        study: &str,
+        job: &Job,
+        cell: &CellRecord,
+        rows: &[CertRow],
+    ) -> Result<StudyId, StoreError> {
+        let now = now_unix();
+        // Under the plan lock for the same reason as `register_plan`: it reads before it writes.
+        let mut tx = self.begin_plan_change().await?;
+        let existing: Option<(i64, String, String)> =
+            sqlx::query_as("SELECT id, spec_sha256, spec_text FROM studies WHERE name = $1")
+                .bind(study)
+                .fetch_optional(&mut *tx)
+                .await
+                .ctx("looking up the study")?;
+        let (id, prev, text) = match existing {
+            Some(e) => e,
+            None => {
+                let rev = crate::util::sha256_bytes(format!("import:{study}").as_bytes());
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO studies (name, spec_path, spec_text, spec_sha256, seed, created_at, updated_at)
+                     VALUES ($1, '(imported)', '', $2, 0, $3, $4) RETURNING id",
+                )
+                .bind(study)
+                .bind(&rev)
+                .bind(now)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await
+                .ctx("creating the study")?;
+                (id, rev, String::new())
+            }
+        };
+        let already: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM study_jobs WHERE study_id = $1 AND spec_sha256 = $2 AND job_id = $3",
+        )
+        .bind(id)
+        .bind(&prev)
+        .bind(job.id.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .ctx("checking for an earlier import")?;
+        if already > 0 {
+            tx.commit().await.ctx("committing")?;
+            return Ok(StudyId(id));
+        }
+        let rev = crate::util::sha256_bytes(format!("{prev}+{}", job.id).as_bytes());
+        let text = format!("{text}# caf import: {}\n", job.label);
+        sqlx::query(
+            "UPDATE studies SET spec_sha256 = $1, spec_text = $2, updated_at = $3 WHERE id = $4",
+        )
+        .bind(&rev)
+        .bind(&text)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .ctx("recording the new revision")?;
+        sqlx::query(
+            "INSERT INTO study_revisions (study_id, spec_sha256, spec_text, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(&rev)
+        .bind(&text)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .ctx("recording the new revision")?;
+        for table in ["study_jobs", "study_cells"] {
+            let cols = if table == "study_jobs" {
+                "job_id, seq, label"
+            } else {
+                "cell, job_id, method, kind, sigma, trained_sigma, params"
+            };
+            let sql = format!(
+                "INSERT INTO {table} (study_id, spec_sha256, {cols})
+                 SELECT study_id, $1, {cols} FROM {table} WHERE study_id = $2 AND spec_sha256 = $3"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(&rev)
+                .bind(id)
+                .bind(&prev)
+                .execute(&mut *tx)
+                .await
+                .ctx("carrying the study's jobs to the new revision")?;
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, label, params, status, progress_done, progress_total, result,
+                               created_at, started_at, finished_at, external)
+             VALUES ($1, $2, $3, $4, 'done', $5, $6, '{}', $7, $8, $9, 1) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(job.id.as_str())
+        .bind(&job.kind)
+        .bind(&job.label)
+        .bind(job.params.to_string())
+        .bind(rows.len() as i64)
+        .bind(rows.len() as i64)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .ctx("recording the imported job")?;
+        sqlx::query(
+            "INSERT INTO study_jobs (study_id, job_id, spec_sha256, seq, label)
+             VALUES ($1, $2, $3, (SELECT COALESCE(MAX(seq), -1) + 1 FROM study_jobs WHERE study_id = $1 AND spec_sha256 = $3), $4)",
+        )
+        .bind(id)
+        .bind(job.id.as_str())
+        .bind(&rev)
+        .bind(&job.label)
+        .execute(&mut *tx)
+        .await
+        .ctx("linking the imported job")?;
+        let values = serde_json::to_string(&cell.values)
+            .map_err(|e| StoreError::Corrupt(format!("cell parameters as JSON: {e}")))?;
+        for out in &cell.outputs {
+            sqlx::query(
+                "INSERT INTO study_cells (study_id, spec_sha256, cell, job_id, method, kind, sigma, trained_sigma, params)
+                 VALUES ($1, $2, (SELECT COALESCE(MAX(cell), -1) + 1 FROM study_cells WHERE study_id = $1 AND spec_sha256 = $2),
+                         $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(id)
+            .bind(&rev)
+            .bind(out.job.as_str())
+            .bind(&cell.method)
+            .bind(&out.kind)
+            .bind(out.sigma)
+            .bind(out.trained_sigma)
+            .bind(&values)
+            .execute(&mut *tx)
+            .await
+            .ctx("recording the imported cell")?;
+        }
+        for r in rows {
+            insert_cert(&mut *tx, &job.id, r)
+                .await
+                .ctx("recording an imported row")?;
+        }
+        tx.commit().await.ctx("committing the import")?;
+        Ok(StudyId(id))
+    }
+
+    async fn study_cells(&self, study: StudyId) -> Result<Vec<CellRow>, StoreError> {
+        let rev = self.current_revision(study).await?;
+        let rows = sqlx::query(
+            "SELECT c.cell, c.job_id, c.method, c.kind, c.sigma, c.trained_sigma, c.params, j.status
+             FROM study_cells c JOIN jobs j ON j.id = c.job_id
+             WHERE c.study_id = $1 AND c.spec_sha256 = $2 ORDER BY c.cell, c.job_id",
+        )
+        .bind(study.0)
+        .bind(rev)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading the study's grid cells")?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let g = |e: sqlx::Error| StoreError::Query {
+                context: "reading a grid cell",
+                source: e,
+            };
+            let params: String = r.try_get("params").map_err(g)?;
+            out.push(CellRow {
+                cell: r.try_get::<i64, _>("cell").map_err(g)? as usize,
+                job: JobId::new(r.try_get::<String, _>("job_id").map_err(g)?),
+                method: r.try_get("method").map_err(g)?,
+                kind: r.try_get("kind").map_err(g)?,
+                sigma: r.try_get("sigma").map_err(g)?,
+                trained_sigma: r.try_get("trained_sigma").map_err(g)?,
+                values: serde_json::from_str(&params)
+                    .map_err(|e| StoreError::Corrupt(format!("cell parameters JSON: {e}")))?,
+                state: parse_state(&r.try_get::<String, _>("status").map_err(g)?)?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn study_cert_results(
+        &self,
+        study: StudyId,
+    ) -> Result<Vec<(JobId, CertRow)>, StoreError> {
+        let rev = self.current_revision(study).await?;
+        let rows = sqlx::query(
+            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds
+             FROM cert_results c JOIN study_jobs sj ON sj.job_id = c.job_id
+             WHERE sj.study_id = $1 AND sj.spec_sha256 = $2 ORDER BY c.job_id, c.idx",
+        )
+        .bind(study.0)
+        .bind(rev)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading certification results")?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let g = |e: sqlx::Error| StoreError::Query {
+                context: "reading a certification row",
+                source: e,
+            };
+            out.push((
+                JobId::new(r.try_get::<String, _>("job_id").map_err(g)?),
+                CertRow {
+                    idx: r.try_get::<i64, _>("idx").map_err(g)? as u64,
+                    label: r.try_get::<i64, _>("label").map_err(g)? as u32,
+                    predict: r.try_get("predict").map_err(g)?,
+                    radius: r.try_get("radius").map_err(g)?,
+                    correct: r.try_get::<i64, _>("correct").map_err(g)? != 0,
+                    c_hat: r.try_get::<i64, _>("c_hat").map_err(g)? as u32,
+                    n_a: r.try_get::<i64, _>("n_a").map_err(g)? as u64,
+                    n: r.try_get::<i64, _>("n").map_err(g)? as u64,
+                    n0: r.try_get::<i64, _>("n0").map_err(g)? as u64,
+                    alpha: r.try_get("alpha").map_err(g)?,
+                    sigma: r.try_get("sigma").map_err(g)?,
+                    seconds: r.try_get("seconds").map_err(g)?,
+                },
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+impl PgStore {
+    /// Direct SQL access for tests that need to set up unusual states.
+    pub(crate) fn pool_for_tests(&self) -> PgPool {
+        self.pool.clone()
+    }
+}
