@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use data::StudyData;
-use plot::{Figure, Series};
+use plot::{Figure, Heatmap, LinePlot, Series};
 pub use sections::upper_envelope;
 use sections::{
     accuracy_plot, comparison_section, curves_section, diagonal, diff_cells, ensemble_section,
@@ -88,6 +88,43 @@ impl Section {
             tables: Vec::new(),
             pre: Vec::new(),
         }
+    }
+
+    /// Adds a line plot, unless it has no point to draw: a figure that only says "no data"
+    /// tells the reader nothing, and among real figures it reads as a result.
+    fn push_line(
+        &mut self,
+        stem: String,
+        caption: String,
+        p: &LinePlot,
+    ) -> Result<(), ReportError> {
+        if p.has_data() {
+            let figure = plot::render_line(p, plot::DEFAULT_SIZE)?;
+            self.figures.push(Fig {
+                stem,
+                caption,
+                figure,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds a heatmap unless every cell is empty, for the same reason as [`Section::push_line`].
+    fn push_heatmap(
+        &mut self,
+        stem: String,
+        caption: String,
+        map: &Heatmap,
+    ) -> Result<(), ReportError> {
+        if map.has_data() {
+            let figure = plot::render_heatmap(map, plot::DEFAULT_SIZE)?;
+            self.figures.push(Fig {
+                stem,
+                caption,
+                figure,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -185,11 +222,11 @@ pub fn write_compare(
             continue;
         }
         let p = accuracy_plot(format!("{na} vs {nb}, σ = {}", fmt_sigma(sigma)), series);
-        sec.figures.push(Fig {
-            stem: format!("compare-studies-sigma-{}", fmt_sigma(sigma)),
-            caption: format!("σ = {}: {na} solid, {nb} dashed.", fmt_sigma(sigma)),
-            figure: plot::render_line(&p, plot::DEFAULT_SIZE)?,
-        });
+        sec.push_line(
+            format!("compare-studies-sigma-{}", fmt_sigma(sigma)),
+            format!("σ = {}: {na} solid, {nb} dashed.", fmt_sigma(sigma)),
+            &p,
+        )?;
     }
     if rows.is_empty() {
         return Err(ReportError::NothingInCommon(na.clone(), nb.clone()));

@@ -26,6 +26,17 @@ pub struct Heatmap {
     pub decimals: usize,
 }
 
+impl Heatmap {
+    /// Whether any cell has a finite value: without one the grid is all hatched "no data".
+    pub fn has_data(&self) -> bool {
+        self.values
+            .iter()
+            .flatten()
+            .flatten()
+            .any(|v| v.is_finite())
+    }
+}
+
 /// Renders a heatmap; see [`Heatmap`].
 pub fn render_heatmap(map: &Heatmap, size: (u32, u32)) -> Result<Figure, PlotError> {
     let scene = HeatScene::new(map).map_err(|message| fail("heatmap", message))?;

@@ -39,6 +39,16 @@ pub struct LinePlot {
     pub x_categories: Option<Vec<String>>,
 }
 
+impl LinePlot {
+    /// Whether any series has a finite point: without one the figure can only say "no data".
+    pub fn has_data(&self) -> bool {
+        self.series
+            .iter()
+            .flat_map(|s| &s.points)
+            .any(|(x, y)| x.is_finite() && y.is_finite())
+    }
+}
+
 /// Renders a line plot; see [`LinePlot`].
 pub fn render_line(plot: &LinePlot, size: (u32, u32)) -> Result<Figure, PlotError> {
     let scene = LineScene::new(plot).map_err(|message| fail("line plot", message))?;

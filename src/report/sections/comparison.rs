@@ -7,7 +7,7 @@ use crate::report::plot::{self, Series};
 use crate::report::stats::{self, PairedDiff};
 use crate::report::tables::{Cell, Table};
 use crate::report::Options;
-use crate::report::{Fig, ReportError, Section};
+use crate::report::{ReportError, Section};
 
 pub(crate) fn comparison_section(
     study: &StudyData,
@@ -99,11 +99,11 @@ pub(crate) fn comparison_section(
                 });
             }
             let p = accuracy_plot(format!("vs {baseline}, σ = {}", fmt_sigma(sigma)), series);
-            sec.figures.push(Fig {
-                stem: format!("compare-sigma-{}", fmt_sigma(sigma)),
-                caption: format!("Each method against {baseline} (dashed) at σ = {}.", sigma),
-                figure: plot::render_line(&p, plot::DEFAULT_SIZE)?,
-            });
+            sec.push_line(
+                format!("compare-sigma-{}", fmt_sigma(sigma)),
+                format!("Each method against {baseline} (dashed) at σ = {}.", sigma),
+                &p,
+            )?;
         }
     }
     if rows.is_empty() {

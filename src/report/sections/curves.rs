@@ -7,7 +7,7 @@ use super::{accuracy_plot, diagonal, fmt_sigma, job_name};
 use crate::report::data::{CertJob, StudyData};
 use crate::report::plot::{self, Series};
 use crate::report::stats;
-use crate::report::{Fig, ReportError, Section};
+use crate::report::{ReportError, Section};
 
 pub(crate) fn curves_section(study: &StudyData) -> Result<Section, ReportError> {
     let mut sec = Section::new("curves", "Certified accuracy vs radius");
@@ -45,11 +45,11 @@ pub(crate) fn curves_section(study: &StudyData) -> Result<Section, ReportError> 
             format!("{}: σ = {}", study.study.name, fmt_sigma(sigma)),
             series,
         );
-        sec.figures.push(Fig {
-            stem: format!("curves-sigma-{}", fmt_sigma(sigma)),
-            caption: format!("Certified accuracy at σ = {}.", fmt_sigma(sigma)),
-            figure: plot::render_line(&p, plot::DEFAULT_SIZE)?,
-        });
+        sec.push_line(
+            format!("curves-sigma-{}", fmt_sigma(sigma)),
+            format!("Certified accuracy at σ = {}.", fmt_sigma(sigma)),
+            &p,
+        )?;
     }
     if study.sigmas().len() > 1 {
         let series = envelope
@@ -66,12 +66,11 @@ pub(crate) fn curves_section(study: &StudyData) -> Result<Section, ReportError> 
             format!("{}: best over σ per method", study.study.name),
             series,
         );
-        sec.figures.push(Fig {
-            stem: "curves-envelope".into(),
-            caption: "Envelope: for each method, the maximum over its jobs (all σ) at each radius."
-                .into(),
-            figure: plot::render_line(&p, plot::DEFAULT_SIZE)?,
-        });
+        sec.push_line(
+            "curves-envelope".into(),
+            "Envelope: for each method, the maximum over its jobs (all σ) at each radius.".into(),
+            &p,
+        )?;
     }
     Ok(sec)
 }

@@ -2,10 +2,10 @@
 
 use super::fmt_sigma;
 use crate::report::data::{CertJob, StudyData};
-use crate::report::plot::{self, Heatmap};
+use crate::report::plot::Heatmap;
 use crate::report::stats;
 use crate::report::tables::{Cell, Table};
-use crate::report::{Fig, ReportError, Section};
+use crate::report::{ReportError, Section};
 
 pub(crate) fn ensemble_section(
     study: &StudyData,
@@ -54,11 +54,11 @@ pub(crate) fn ensemble_section(
         values,
         decimals: 3,
     };
-    sec.figures.push(Fig {
-        stem: "ensemble-matrix".into(),
-        caption: "Cross-σ matrix of average certified radius.".into(),
-        figure: plot::render_heatmap(&map, plot::DEFAULT_SIZE)?,
-    });
+    sec.push_heatmap(
+        "ensemble-matrix".into(),
+        "Cross-σ matrix of average certified radius.".into(),
+        &map,
+    )?;
     let mut header = vec!["trained σ".to_string(), "certified σ".into()];
     let first = header.len();
     header.extend(radii.iter().map(|r| format!("r = {r}")));

@@ -4,7 +4,7 @@
 use crate::report::data::StudyData;
 use crate::report::plot::{self, LinePlot, Series};
 use crate::report::tables::{Cell, Table};
-use crate::report::{Fig, ReportError, Section};
+use crate::report::{ReportError, Section};
 
 pub(crate) fn training_section(study: &StudyData) -> Result<Option<Section>, ReportError> {
     let jobs: Vec<_> = study
@@ -55,11 +55,11 @@ pub(crate) fn training_section(study: &StudyData) -> Result<Option<Section>, Rep
             y_range: None,
             x_categories: None,
         };
-        sec.figures.push(Fig {
-            stem: stem.into(),
-            caption: format!("{ylabel} per epoch, one line per training job."),
-            figure: plot::render_line(&p, plot::DEFAULT_SIZE)?,
-        });
+        sec.push_line(
+            stem.into(),
+            format!("{ylabel} per epoch, one line per training job."),
+            &p,
+        )?;
     }
     let rows = jobs
         .iter()
