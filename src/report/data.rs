@@ -76,7 +76,8 @@ pub struct StudyData {
     pub cert: Vec<CertJob>,
     pub train: Vec<TrainJob>,
     /// Cell parameters that take more than one value among cells of the same method (the
-    /// swept hyperparameters), excluding `method` and `sigma`.
+    /// swept hyperparameters), excluding `method` and `sigma`. A union over methods: a key in it
+    /// may exist for one method only, so a view across keys must stay within one method.
     pub swept: Vec<String>,
 }
 
@@ -151,7 +152,7 @@ impl StudyData {
     }
 }
 
-fn swept_keys(cert: &[CertJob]) -> Vec<String> {
+pub(super) fn swept_keys(cert: &[CertJob]) -> Vec<String> {
     let mut values: BTreeMap<(&str, &str), Vec<&serde_json::Value>> = BTreeMap::new();
     for c in cert {
         for (k, v) in &c.values {

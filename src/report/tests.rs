@@ -356,3 +356,286 @@ fn envelope_is_the_pointwise_maximum() {
         vec![(0.0, 0.8), (0.5, 0.5), (0.9, 0.2), (1.0, 0.1), (2.0, 0.0)]
     );
 }
+
+/// A certify job whose cell has string parameters, as the head-to-head's `base` and `objective`.
+fn cert_with(
+    id: &str,
+    method: &str,
+    sigma: f64,
+    params: &[(&str, &str)],
+    radii: [f64; 2],
+) -> CertJob {
+    let mut c = cert(
+        id,
+        method,
+        sigma,
+        &[],
+        vec![row(0, 1, 1, radii[0]), row(1, 1, 1, radii[1])],
+    );
+    for (k, v) in params {
+        c.values.insert(k.to_string(), serde_json::json!(v));
+    }
+    c
+}
+
+/// A study of `cert` as `StudyData::load` would build it: one done job per result, `swept` from
+/// the cells.
+fn study_of(cert: Vec<CertJob>) -> StudyData {
+    let mut s = known();
+    s.jobs = cert
+        .iter()
+        .map(|c| status(c.job.as_str(), "certify", JobState::Done))
+        .collect();
+    s.train = Vec::new();
+    s.swept = super::data::swept_keys(&cert);
+    s.cert = cert;
+    s
+}
+
+/// Figure stems written under `figures/` (each has an .svg and a .png).
+fn figure_stems(dir: &std::path::Path) -> Vec<String> {
+    let mut stems: Vec<String> = std::fs::read_dir(dir.join("figures"))
+        .expect("figures/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "svg"))
+        .map(|p| {
+            let stem = p.file_stem().expect("stem").to_string_lossy().into_owned();
+            assert!(p.with_extension("png").exists(), "{stem}.png");
+            stem
+        })
+        .collect();
+    stems.sort();
+    stems
+}
+
+fn svg(dir: &std::path::Path, stem: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("figures/{stem}.svg"))).expect("svg")
+}
+
+/// Neither the no-data text of an empty plot nor the dash of an empty heatmap cell.
+fn assert_all_figures_have_data(dir: &std::path::Path) {
+    for stem in figure_stems(dir) {
+        let svg = svg(dir, &stem);
+        assert!(!svg.contains(">\nno data\n<"), "{stem} says no data");
+        assert!(!svg.contains(">\n–\n<"), "{stem} has an empty heatmap cell");
+    }
+}
+
+#[test]
+fn a_parameter_of_one_method_is_never_crossed_with_another_methods() {
+    // The head-to-head's shape: `base` varies among caf cells only, `objective` among denoised
+    // cells only, next to methods without parameters.
+    let mut cert = Vec::new();
+    for (k, sigma) in [0.25, 0.5].into_iter().enumerate() {
+        let id = |name: &str| format!("{name}{k}");
+        cert.push(cert_with(&id("sm"), "smooth", sigma, &[], [0.2, 0.0]));
+        cert.push(cert_with(&id("rs"), "rs", sigma, &[], [0.3, 0.1]));
+        cert.push(cert_with(&id("sa"), "smoothadv", sigma, &[], [0.3, 0.2]));
+        for (b, base) in ["clean", "rs", "smoothadv"].into_iter().enumerate() {
+            let r = 0.2 * (b + 1) as f64;
+            cert.push(cert_with(
+                &id(&format!("c{b}")),
+                "caf",
+                sigma,
+                &[("base", base)],
+                [r, 0.1],
+            ));
+        }
+        for (o, objective) in ["mse", "stability"].into_iter().enumerate() {
+            let r = 0.1 * (o + 1) as f64;
+            cert.push(cert_with(
+                &id(&format!("d{o}")),
+                "denoised",
+                sigma,
+                &[("objective", objective)],
+                [r, 0.0],
+            ));
+        }
+    }
+    let s = study_of(cert);
+    assert_eq!(
+        s.swept,
+        ["base", "objective"],
+        "the union that caused the bug"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = write(&s, &opts(), dir.path()).expect("report");
+    let stems = figure_stems(dir.path());
+    assert!(!stems.iter().any(|f| f.starts_with("heatmap")), "{stems:?}");
+    let sensitivity: Vec<&String> = stems
+        .iter()
+        .filter(|f| f.starts_with("sensitivity"))
+        .collect();
+    assert_eq!(
+        sensitivity,
+        [
+            "sensitivity-caf-base-sigma-0.25",
+            "sensitivity-caf-base-sigma-0.5",
+            "sensitivity-denoised-objective-sigma-0.25",
+            "sensitivity-denoised-objective-sigma-0.5",
+        ]
+    );
+    assert_all_figures_have_data(dir.path());
+    // Each line plot has its own method's values as categories, and says whose they are.
+    let base = svg(dir.path(), "sensitivity-caf-base-sigma-0.5");
+    assert!(base.contains("caf: certified accuracy vs base (σ = 0.5)"));
+    for v in ["clean", "rs", "smoothadv"] {
+        assert!(base.contains(&format!(">\n{v}\n<")), "base = {v}");
+    }
+    assert!(!base.contains(">\nmse\n<"));
+    // The spread is over one method's configurations, never the eight of both pooled.
+    let md = std::fs::read_to_string(&w.markdown).expect("md");
+    assert!(
+        md.contains("**caf: spread over 3 configurations, σ = 0.25**"),
+        "{md}"
+    );
+    assert!(md.contains("**denoised: spread over 2 configurations, σ = 0.5**"));
+    assert!(!md.contains("spread over 5") && !md.contains("spread over 8"));
+    // caf's ACR: (0.2, 0.1) → 0.15 … (0.6, 0.1) → 0.35.
+    assert!(md.contains("| ACR | 0.150 | 0.350 | 0.200 |"), "{md}");
+}
+
+#[test]
+fn a_single_method_sweep_keeps_its_heatmap_and_lines() {
+    let mk = |id: &str, w: f64, lr: f64, radii: [f64; 2]| {
+        cert(
+            id,
+            "caf",
+            0.5,
+            &[("width", w), ("lr", lr)],
+            vec![row(0, 1, 1, radii[0]), row(1, 1, 1, radii[1])],
+        )
+    };
+    let s = study_of(vec![
+        mk("c1", 0.5, 0.1, [0.6, 0.1]),
+        mk("c2", 0.5, 0.01, [0.6, 0.6]),
+        mk("c3", 1.0, 0.1, [0.1, 0.1]),
+        mk("c4", 1.0, 0.01, [0.3, 0.0]),
+    ]);
+    assert_eq!(s.swept, ["lr", "width"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = write(&s, &opts(), dir.path()).expect("report");
+    // The names a single-method study has always had: no method in them.
+    assert_eq!(
+        figure_stems(dir.path()),
+        [
+            "curves-sigma-0.5",
+            "heatmap-lr-width-sigma-0.5",
+            "sensitivity-lr-sigma-0.5",
+            "sensitivity-width-sigma-0.5",
+        ]
+    );
+    assert_all_figures_have_data(dir.path());
+    let map = svg(dir.path(), "heatmap-lr-width-sigma-0.5");
+    assert!(map.contains(">\nACR by lr × width (σ = 0.5)\n<"), "{map}");
+    // One cell per job, its ACR: c1 0.35, c2 0.6, c3 0.1, c4 0.15.
+    for acr in ["0.350", "0.600", "0.100", "0.150"] {
+        assert!(map.contains(&format!(">\n{acr}\n<")), "cell {acr}");
+    }
+    let lines = svg(dir.path(), "sensitivity-width-sigma-0.5");
+    assert!(lines.contains(">\ncertified accuracy vs width (σ = 0.5)\n<"));
+    let md = std::fs::read_to_string(&w.markdown).expect("md");
+    assert!(
+        md.contains("**spread over 4 configurations, σ = 0.5**"),
+        "{md}"
+    );
+    assert!(
+        !md.contains("Each view covers one method"),
+        "single method: no such note"
+    );
+}
+
+#[test]
+fn figures_without_data_are_not_written() {
+    // Two caf parameters that never meet in one job: their lines have points, their heatmap
+    // would be all empty cells.
+    let mk = |id: &str, key: &str, v: f64, r: f64| {
+        cert(
+            id,
+            "caf",
+            0.5,
+            &[(key, v)],
+            vec![row(0, 1, 1, r), row(1, 1, 1, 0.1)],
+        )
+    };
+    let mut s = study_of(vec![
+        mk("a1", "a", 1.0, 0.2),
+        mk("a2", "a", 2.0, 0.4),
+        mk("b1", "b", 1.0, 0.3),
+        mk("b2", "b", 2.0, 0.5),
+    ]);
+    // A σ whose only job has no results yet: its panel would be empty.
+    let mut pending = cert("p1", "caf", 1.0, &[("a", 1.0)], Vec::new());
+    pending.state = JobState::Pending;
+    s.jobs.push(status("p1", "certify", JobState::Pending));
+    s.cert.push(pending);
+    // A training job that records no validation accuracy: its loss curve has points, its
+    // accuracy curve none.
+    let mut train = known().train;
+    for e in &mut train[0].epochs {
+        e.as_object_mut().expect("epoch").remove("val_acc");
+    }
+    s.train = train;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = write(&s, &opts(), dir.path()).expect("report");
+    assert_eq!(
+        figure_stems(dir.path()),
+        [
+            "curves-envelope",
+            "curves-sigma-0.5",
+            "sensitivity-a-sigma-0.5",
+            "sensitivity-b-sigma-0.5",
+            "training-loss",
+        ]
+    );
+    assert_all_figures_have_data(dir.path());
+    // The pages only show what was written.
+    let md = std::fs::read_to_string(&w.markdown).expect("md");
+    let html = std::fs::read_to_string(&w.index).expect("html");
+    for missing in [
+        "heatmap-a-b-sigma-0.5",
+        "curves-sigma-1",
+        "training-val-acc",
+    ] {
+        assert!(!md.contains(missing), "{missing} in report.md");
+        assert!(!html.contains(missing), "{missing} in index.html");
+    }
+}
+
+#[test]
+fn a_plot_knows_whether_it_has_data() {
+    let series = |points: Vec<(f64, f64)>| Series {
+        name: "caf".into(),
+        color: plot::method_color("caf"),
+        points,
+        dashed: false,
+        error_bars: None,
+    };
+    let line = |series: Vec<Series>| LinePlot {
+        series,
+        ..sections::accuracy_plot(String::new(), Vec::new())
+    };
+    assert!(!line(vec![]).has_data());
+    assert!(!line(vec![
+        series(vec![]),
+        series(vec![(f64::NAN, 0.5), (0.1, f64::INFINITY)])
+    ])
+    .has_data());
+    assert!(line(vec![
+        series(vec![]),
+        series(vec![(f64::NAN, 0.5), (0.1, 0.5)])
+    ])
+    .has_data());
+    let map = |values: Vec<Vec<Option<f64>>>| Heatmap {
+        title: String::new(),
+        x_label: String::new(),
+        y_label: String::new(),
+        x_ticks: vec!["x".into(); values.first().map_or(0, Vec::len)],
+        y_ticks: vec!["y".into(); values.len()],
+        values,
+        decimals: 3,
+    };
+    assert!(!map(vec![]).has_data());
+    assert!(!map(vec![vec![None, Some(f64::NAN)], vec![None, None]]).has_data());
+    assert!(map(vec![vec![None, Some(0.0)], vec![None, None]]).has_data());
+}
