@@ -1,3 +1,5 @@
+//! `caf export`: a study's per-image results as CSV, Cohen's TSV or JSON.
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -5,60 +7,11 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use caf::plan::JobId;
-use caf::store::{CertRow, Store, StudyInfo};
+use caf::store::{CertRow, Store};
 
 use super::args::{ExportArgs, ExportFormat};
-use super::commands::open_existing_store;
-use super::Exit;
-
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    Exit {
-        code: 2,
-        message: Some(msg.into()),
-    }
-    .into()
-}
-
-/// The named study, or the only one in the database.
-pub(super) async fn pick_study(
-    store: &impl Store,
-    name: Option<&str>,
-    db: &Path,
-) -> Result<StudyInfo> {
-    Ok(match name {
-        Some(name) => match store.study_by_name(name).await {
-            Ok(s) => s,
-            Err(caf::store::StoreError::NotFound(_)) => {
-                let names: Vec<String> =
-                    store.studies().await?.into_iter().map(|s| s.name).collect();
-                bail!(usage(format!(
-                    "no study `{name}` in {} (studies: {})",
-                    db.display(),
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        },
-        None => {
-            let mut all = store.studies().await?;
-            match all.len() {
-                1 => all.remove(0),
-                0 => bail!(usage(format!("no studies in {}", db.display()))),
-                _ => {
-                    let names: Vec<String> = all.iter().map(|s| s.name.clone()).collect();
-                    bail!(usage(format!(
-                        "several studies in the database; name one of: {}",
-                        names.join(", ")
-                    )))
-                }
-            }
-        }
-    })
-}
+use super::db::{open_existing_store, pick_study};
+use super::exit::usage;
 
 pub async fn export(a: ExportArgs) -> Result<i32> {
     let store = open_existing_store(&a.db.db).await?;

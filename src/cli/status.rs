@@ -1,3 +1,5 @@
+//! `caf status`: each job's state, progress, throughput and time left.
+
 use std::io::Write;
 
 use anyhow::Result;
@@ -5,7 +7,7 @@ use anyhow::Result;
 use caf::store::{JobState, JobStatus, Store, StudyInfo};
 
 use super::args::StatusArgs;
-use super::commands::open_existing_store;
+use super::db::open_existing_store;
 
 /// Images per second and seconds left. Certification jobs count images: both come from the
 /// recorded per-image compute time. Training jobs count epochs: the rate is the last recorded
