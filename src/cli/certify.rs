@@ -12,7 +12,7 @@ use caf::sched::{CancelFlag, JobError};
 use super::args::CertifyArgs;
 use super::exit::{self, usage};
 use super::model::{load_classifier, load_data};
-use super::signals;
+use super::signals::{self, Notices};
 
 pub fn certify(a: CertifyArgs) -> Result<i32> {
     let settings = caf::certify::Settings {
@@ -41,10 +41,13 @@ pub fn certify(a: CertifyArgs) -> Result<i32> {
     writeln!(out, "idx\tlabel\tpredict\tradius\tcorrect\ttime\tnA\tn")?;
     out.flush()?;
     let shutdown = CancelFlag::new();
-    {
-        let s = shutdown.clone();
-        let _ = ctrlc_once(move || s.cancel());
-    }
+    signals::stop_on_signal(
+        shutdown.clone(),
+        Notices {
+            stopping: "\nstopping after the image in flight…",
+            aborted: None,
+        },
+    );
     let mut count = 0usize;
     let done = Default::default();
     let run = SliceRun {
@@ -85,23 +88,4 @@ pub fn certify(a: CertifyArgs) -> Result<i32> {
         SliceEnd::Finished => 0,
         SliceEnd::Interrupted => exit::INTERRUPTED,
     })
-}
-
-/// Installs a one-shot Ctrl-C callback for synchronous commands.
-fn ctrlc_once(f: impl FnOnce() + Send + 'static) -> Result<()> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                rt.block_on(signals::wait_for_signal());
-                eprintln!("\nstopping after the image in flight…");
-                f();
-                rt.block_on(signals::wait_for_signal());
-                std::process::exit(exit::INTERRUPTED);
-            }
-        })?;
-    Ok(())
 }

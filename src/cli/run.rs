@@ -17,7 +17,7 @@ use caf::store::{JobState, Store};
 use super::args::{PlanArgs, RetryArgs, RunArgs};
 use super::db::{open_existing_store, open_store};
 use super::exit::{self, usage};
-use super::signals;
+use super::signals::{self, Notices};
 
 /// Loads and plans a spec; any problem with it is a usage error (exit 2, nothing written).
 fn load_plan(path: &Path) -> Result<Plan> {
@@ -58,7 +58,13 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         Arc::new(LogProgress::new(Duration::from_secs(10)))
     };
     let shutdown = CancelFlag::new();
-    spawn_signal_handler(shutdown.clone());
+    signals::stop_on_signal(
+        shutdown.clone(),
+        Notices {
+            stopping: "\nstopping after the image in flight (press Ctrl-C again to abort now)…",
+            aborted: Some("aborted; finished images are saved"),
+        },
+    );
     let registry = Arc::new(methods::registry());
     let summary = sched::run_study(store.clone(), study, registry, cfg, shutdown, progress).await?;
     let jobs = store.study_jobs(study).await?;
@@ -95,19 +101,6 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         return Ok(exit::FAILED);
     }
     Ok(0)
-}
-
-/// First Ctrl-C / SIGTERM: stop at the next clean point. Second: exit at once (the image in
-/// flight is redone on resume).
-fn spawn_signal_handler(shutdown: CancelFlag) {
-    tokio::spawn(async move {
-        signals::wait_for_signal().await;
-        eprintln!("\nstopping after the image in flight (press Ctrl-C again to abort now)…");
-        shutdown.cancel();
-        signals::wait_for_signal().await;
-        eprintln!("aborted; finished images are saved");
-        std::process::exit(exit::INTERRUPTED);
-    });
 }
 
 pub fn plan(a: PlanArgs) -> Result<i32> {
