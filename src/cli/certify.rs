@@ -10,6 +10,7 @@ use caf::methods::smooth::{certify_slice, SliceEnd, SliceRun};
 use caf::sched::{CancelFlag, JobError};
 
 use super::args::CertifyArgs;
+use super::cohen_tsv;
 use super::exit::{self, usage};
 use super::model::{load_classifier, load_data};
 use super::signals::{self, Notices};
@@ -38,7 +39,7 @@ pub fn certify(a: CertifyArgs) -> Result<i32> {
     let file =
         std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut out = std::io::BufWriter::new(file);
-    writeln!(out, "idx\tlabel\tpredict\tradius\tcorrect\ttime\tnA\tn")?;
+    cohen_tsv::write_header(&mut out)?;
     out.flush()?;
     let shutdown = CancelFlag::new();
     signals::stop_on_signal(
@@ -65,13 +66,9 @@ pub fn certify(a: CertifyArgs) -> Result<i32> {
         &|| shutdown.is_cancelled(),
         &mut |r| {
             // Flushed per row, like Cohen's certify.py, so a partial log is usable.
-            writeln!(
-                out,
-                "{}\t{}\t{}\t{:.3}\t{}\t{:.4}\t{}\t{}",
-                r.idx, r.label, r.predict, r.radius, r.correct as u8, r.seconds, r.n_a, r.n
-            )
-            .and_then(|_| out.flush())
-            .map_err(|e| JobError::fatal(format!("writing {}: {e}", a.out.display())))?;
+            cohen_tsv::write_row(&mut out, &r)
+                .and_then(|_| out.flush())
+                .map_err(|e| JobError::fatal(format!("writing {}: {e}", a.out.display())))?;
             count += 1;
             tracing::info!(
                 idx = r.idx,

@@ -10,6 +10,7 @@ use caf::plan::JobId;
 use caf::store::{CertRow, Store};
 
 use super::args::{ExportArgs, ExportFormat};
+use super::cohen_tsv;
 use super::db::{open_existing_store, pick_study};
 use super::exit::usage;
 
@@ -57,30 +58,18 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
             write_out(a.out.as_deref(), &buf)?;
         }
         ExportFormat::CohenTsv => {
-            let tsv = |rs: &[CertRow]| -> Vec<u8> {
-                let mut b = b"idx\tlabel\tpredict\tradius\tcorrect\ttime\tnA\tn\n".to_vec();
+            let tsv = |rs: &[CertRow]| -> std::io::Result<Vec<u8>> {
+                let mut b = Vec::new();
+                cohen_tsv::write_header(&mut b)?;
                 for r in rs {
-                    b.extend(
-                        format!(
-                            "{}\t{}\t{}\t{:.3}\t{}\t{:.4}\t{}\t{}\n",
-                            r.idx,
-                            r.label,
-                            r.predict,
-                            r.radius,
-                            r.correct as u8,
-                            r.seconds,
-                            r.n_a,
-                            r.n
-                        )
-                        .as_bytes(),
-                    );
+                    cohen_tsv::write_row(&mut b, r)?;
                 }
-                b
+                Ok(b)
             };
             match (by_job.len(), a.out.as_deref()) {
                 (1, out) => {
                     let rs = by_job.values().next().map(Vec::as_slice).unwrap_or(&[]);
-                    write_out(out, &tsv(rs))?;
+                    write_out(out, &tsv(rs)?)?;
                 }
                 (0, _) => bail!(usage(format!(
                     "study {} has no certification results yet",
@@ -91,7 +80,7 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
                         .with_context(|| format!("creating {}", dir.display()))?;
                     for (job, rs) in &by_job {
                         let path = dir.join(format!("{job}.tsv"));
-                        std::fs::write(&path, tsv(rs))
+                        std::fs::write(&path, tsv(rs)?)
                             .with_context(|| format!("writing {}", path.display()))?;
                     }
                     eprintln!("wrote {} files to {}", by_job.len(), dir.display());

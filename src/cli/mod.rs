@@ -1,6 +1,6 @@
 //! Command-line interface. `main` parses the flags (`args`) and hands each command to its own
 //! module. What commands share lives in modules that use no command: `exit` (exit codes, usage
-//! errors), `db` (opening `--db`, picking a study), `signals` and `model`. No
+//! errors), `db` (opening `--db`, picking a study), `signals`, `cohen_tsv` and `model`. No
 //! command uses another or this file, so each can change without touching the rest.
 
 /// `println!` that returns the write error instead of panicking: `caf … | head` closes the pipe
@@ -13,6 +13,7 @@ macro_rules! outln {
 }
 
 mod args;
+mod cohen_tsv;
 mod db;
 mod exit;
 mod model;
