@@ -40,8 +40,9 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct DbArg {
-    /// SQLite database of results.
-    #[arg(long, default_value = "runs/caf.db")]
+    /// Database of results: an SQLite file (a path or sqlite:PATH) or a PostgreSQL URL
+    /// (postgres://user:password@host:port/database, the database created beforehand).
+    #[arg(long, env = "CAF_DB", default_value = "runs/caf.db")]
     pub db: PathBuf,
 }
 

@@ -1,3 +1,5 @@
+//! `caf export`: a study's per-image results as CSV, Cohen's TSV or JSON.
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -5,60 +7,12 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use caf::plan::JobId;
-use caf::store::{CertRow, Store, StudyInfo};
+use caf::store::{CertRow, Store};
 
 use super::args::{ExportArgs, ExportFormat};
-use super::commands::open_existing_store;
-use super::Exit;
-
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    Exit {
-        code: 2,
-        message: Some(msg.into()),
-    }
-    .into()
-}
-
-/// The named study, or the only one in the database.
-pub(super) async fn pick_study(
-    store: &impl Store,
-    name: Option<&str>,
-    db: &Path,
-) -> Result<StudyInfo> {
-    Ok(match name {
-        Some(name) => match store.study_by_name(name).await {
-            Ok(s) => s,
-            Err(caf::store::StoreError::NotFound(_)) => {
-                let names: Vec<String> =
-                    store.studies().await?.into_iter().map(|s| s.name).collect();
-                bail!(usage(format!(
-                    "no study `{name}` in {} (studies: {})",
-                    db.display(),
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        },
-        None => {
-            let mut all = store.studies().await?;
-            match all.len() {
-                1 => all.remove(0),
-                0 => bail!(usage(format!("no studies in {}", db.display()))),
-                _ => {
-                    let names: Vec<String> = all.iter().map(|s| s.name.clone()).collect();
-                    bail!(usage(format!(
-                        "several studies in the database; name one of: {}",
-                        names.join(", ")
-                    )))
-                }
-            }
-        }
-    })
-}
+use super::cohen_tsv;
+use super::db::{open_existing_store, pick_study};
+use super::exit::usage;
 
 pub async fn export(a: ExportArgs) -> Result<i32> {
     let store = open_existing_store(&a.db.db).await?;
@@ -104,30 +58,18 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
             write_out(a.out.as_deref(), &buf)?;
         }
         ExportFormat::CohenTsv => {
-            let tsv = |rs: &[CertRow]| -> Vec<u8> {
-                let mut b = b"idx\tlabel\tpredict\tradius\tcorrect\ttime\tnA\tn\n".to_vec();
+            let tsv = |rs: &[CertRow]| -> std::io::Result<Vec<u8>> {
+                let mut b = Vec::new();
+                cohen_tsv::write_header(&mut b)?;
                 for r in rs {
-                    b.extend(
-                        format!(
-                            "{}\t{}\t{}\t{:.3}\t{}\t{:.4}\t{}\t{}\n",
-                            r.idx,
-                            r.label,
-                            r.predict,
-                            r.radius,
-                            r.correct as u8,
-                            r.seconds,
-                            r.n_a,
-                            r.n
-                        )
-                        .as_bytes(),
-                    );
+                    cohen_tsv::write_row(&mut b, r)?;
                 }
-                b
+                Ok(b)
             };
             match (by_job.len(), a.out.as_deref()) {
                 (1, out) => {
                     let rs = by_job.values().next().map(Vec::as_slice).unwrap_or(&[]);
-                    write_out(out, &tsv(rs))?;
+                    write_out(out, &tsv(rs)?)?;
                 }
                 (0, _) => bail!(usage(format!(
                     "study {} has no certification results yet",
@@ -138,7 +80,7 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
                         .with_context(|| format!("creating {}", dir.display()))?;
                     for (job, rs) in &by_job {
                         let path = dir.join(format!("{job}.tsv"));
-                        std::fs::write(&path, tsv(rs))
+                        std::fs::write(&path, tsv(rs)?)
                             .with_context(|| format!("writing {}", path.display()))?;
                     }
                     eprintln!("wrote {} files to {}", by_job.len(), dir.display());

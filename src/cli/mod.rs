@@ -1,5 +1,7 @@
-//! Command-line interface. Exit codes: 0 success, 1 some jobs failed, 2 bad input (spec, flags,
-//! files), 130 interrupted (resume with the same command).
+//! Command-line interface. `main` parses the flags (`args`) and hands each command to its own
+//! module. What commands share lives in modules that use no command: `exit` (exit codes, usage
+//! errors), `db` (opening `--db`, picking a study), `signals`, `cohen_tsv` and `model`. No
+//! command uses another or this file, so each can change without touching the rest.
 
 /// `println!` that returns the write error instead of panicking: `caf … | head` closes the pipe
 /// on purpose, and `main` treats a broken pipe as success.
@@ -11,64 +13,59 @@ macro_rules! outln {
 }
 
 mod args;
-mod commands;
+mod cohen_tsv;
+mod db;
+mod exit;
+mod model;
+mod signals;
+
+mod bench;
+mod certify;
+mod eval;
 mod export;
+mod import;
 mod report;
+mod run;
 mod status;
 
 use std::io::IsTerminal;
 
+use anyhow::{Context, Result};
 use clap::Parser;
 
-pub use args::Cli;
-
-/// An error that decides its own exit code.
-#[derive(Debug)]
-pub struct Exit {
-    pub code: i32,
-    pub message: Option<String>,
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.message.as_deref().unwrap_or(""))
-    }
-}
-
-impl std::error::Error for Exit {}
+use args::{Cli, Command};
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let quiet = matches!(&cli.command, args::Command::Run(r) if r.quiet);
+    let quiet = matches!(&cli.command, Command::Run(r) if r.quiet);
     init_tracing(quiet);
-    match commands::dispatch(cli) {
+    match dispatch(cli) {
         Ok(code) => code,
-        Err(err) => {
-            // A closed pipe (`caf plan --json | head`) is the reader's choice, not an error.
-            if err.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-            }) {
-                return 0;
-            }
-            if let Some(exit) = err.downcast_ref::<Exit>() {
-                if let Some(m) = &exit.message {
-                    eprintln!("error: {m}");
-                }
-                return exit.code;
-            }
-            // Bad input files (spec, weights, dataset) are usage errors, like bad flags.
-            if err.downcast_ref::<caf::spec::SpecError>().is_some()
-                || err.downcast_ref::<caf::data::DataError>().is_some()
-                || err.downcast_ref::<caf::models::ModelError>().is_some()
-            {
-                eprintln!("error: {err:#}");
-                return 2;
-            }
-            eprintln!("error: {err:#}");
-            1
-        }
+        Err(err) => exit::report(&err),
     }
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run(a) => runtime()?.block_on(run::run(a)),
+        Command::Plan(a) => run::plan(a),
+        Command::Status(a) => runtime()?.block_on(status::status(a)),
+        Command::Retry(a) => runtime()?.block_on(run::retry(a)),
+        Command::Export(a) => runtime()?.block_on(export::export(a)),
+        Command::Report(a) => runtime()?.block_on(report::report(a)),
+        Command::Import(a) => runtime()?.block_on(import::import(a)),
+        Command::Certify(a) => certify::certify(a),
+        Command::Eval(a) => eval::eval(a),
+        Command::Bench(a) => bench::bench(a),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn init_tracing(quiet: bool) {

@@ -1,3 +1,5 @@
+//! `caf status`: each job's state, progress, throughput and time left.
+
 use std::io::Write;
 
 use anyhow::Result;
@@ -5,7 +7,7 @@ use anyhow::Result;
 use caf::store::{JobState, JobStatus, Queue, Store, StudyInfo};
 
 use super::args::StatusArgs;
-use super::commands::open_existing_store;
+use super::db::open_existing_store;
 
 /// Images per second and seconds left. Certification jobs count images: both come from the
 /// recorded per-image compute time. Training jobs count epochs: the rate is the last recorded
@@ -92,7 +94,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         return Ok(0);
     }
     if all.is_empty() {
-        writeln!(out, "no studies in {}", a.db.db.display())?;
+        writeln!(out, "no studies in {}", super::db::shown(&a.db.db))?;
     }
     for (s, jobs) in &all {
         let done = jobs.iter().filter(|j| j.state == JobState::Done).count();

@@ -1,6 +1,8 @@
 mod util;
 
 mod certify_cli;
+mod layering;
+mod postgres_cli;
 mod report_cli;
 mod resume;
 mod spec_cli;

@@ -1,0 +1,214 @@
+//! `caf bench`: throughput of caf's numerical core, and its share of the machine's SGEMM peak.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+use caf::models::{self, Arch, Normalize};
+
+use super::args::{
+    BenchArgs, BenchForwardArgs, BenchMethod, BenchTrainArgs, BenchWhat, DatasetArg, ModelArgs,
+};
+use super::exit::usage;
+use super::model::{load_classifier, parse_arch};
+
+pub fn bench(a: BenchArgs) -> Result<i32> {
+    match a.what {
+        BenchWhat::Forward(f) => bench_forward(f),
+        BenchWhat::TrainStep(t) => bench_train_step(t),
+    }
+}
+
+fn default_weights(arch: Arch) -> Option<PathBuf> {
+    let root = Path::new("../shared/data/pretrained/akamaster");
+    match arch {
+        Arch::CifarResNet { depth: 20 } => Some(root.join("resnet20-12fca82f.th")),
+        Arch::CifarResNet { depth: 56 } => Some(root.join("resnet56-4bfd9763.th")),
+        _ => None,
+    }
+}
+
+/// Measures the SGEMM peak (a fifth of the bench's duration, at least a second) and prints
+/// the workload's share of it.
+fn peak_share(
+    images_per_sec: f64,
+    flops_per_image: f64,
+    seconds: f64,
+) -> Result<caf::bench::PeakShare> {
+    let peak = caf::bench::sgemm_peak_gflops((seconds / 5.0).max(1.0));
+    let share = caf::bench::PeakShare::new(images_per_sec, flops_per_image, peak);
+    outln!(
+        "GFLOP/s: {:.1} ({:.1} MFLOP/image), {:.0}% of the measured sgemm peak of {:.1} GFLOP/s",
+        share.gflops,
+        flops_per_image / 1e6,
+        share.percent_of_peak,
+        peak
+    );
+    Ok(share)
+}
+
+fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
+    let arch = parse_arch(&f.arch)?;
+    let Some(weights) = f.weights.clone().or_else(|| default_weights(arch)) else {
+        bail!(usage(format!(
+            "no default weights for {arch}: pass --weights"
+        )));
+    };
+    if f.batch == 0 || !f.seconds.is_finite() || f.seconds <= 0.0 {
+        bail!(usage("--batch and --seconds must be positive"));
+    }
+    let m = ModelArgs {
+        arch: f.arch.clone(),
+        weights,
+        mean: None,
+        std: None,
+        data: DatasetArg::Cifar10,
+        data_root: PathBuf::new(),
+        device: caf::sched::DeviceSpec::Cpu,
+    };
+    let (mut model, device) = load_classifier(&m)?;
+    model
+        .set_precision(f.precision)
+        .map_err(|e| usage(e.to_string()))?;
+    if f.precision == models::Precision::Bf16 && !models::gemm::bf16_kernel_available() {
+        eprintln!("note: this CPU has no AVX-512 BF16; bf16 runs the emulated (f32) GEMM");
+    }
+    let report = caf::bench::bench_forward(model.as_ref(), f.batch, f.seconds, f.sigma, &device)?;
+    outln!("images/s: {:.1}", report.images_per_sec_median);
+    // Forward FLOPs of the network (convolutions + linear layer).
+    let flops = match arch {
+        Arch::CifarResNet { depth } => {
+            Some(models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image as f64)
+        }
+        _ => None,
+    };
+    let share = flops
+        .map(|fl| peak_share(report.images_per_sec_median, fl, f.seconds))
+        .transpose()?;
+    if f.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "throughput": report, "peak": share, "precision": f.precision
+            }))?
+        );
+    }
+    Ok(0)
+}
+
+fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
+    use caf::methods::budget;
+    use caf::methods::denoised::DenoiserObjective;
+    use caf::methods::train::{Classification, OptimizerConfig};
+    let arch = parse_arch(&t.arch)?;
+    let Arch::CifarResNet { depth } = arch else {
+        bail!(usage(format!(
+            "train-step needs a CIFAR ResNet, not {arch}"
+        )));
+    };
+    let Some(weights) = t.weights.clone().or_else(|| default_weights(arch)) else {
+        bail!(usage(format!(
+            "no default weights for {arch}: pass --weights"
+        )));
+    };
+    if !t.seconds.is_finite() || t.seconds <= 0.0 {
+        bail!(usage("--seconds must be positive"));
+    }
+    let device = candle_core::Device::Cpu;
+    let normalize = Normalize::IMAGENET;
+    let varmap = candle_nn::VarMap::new();
+    let backbone_flops = models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image;
+    // Each arm returns the throughput and the training FLOPs per image (`methods::budget`).
+    let (report, flops) = match t.method {
+        BenchMethod::Caf => {
+            let adapter: models::AdapterArch = t
+                .adapter
+                .parse()
+                .map_err(|e: models::ModelError| usage(e.to_string()))?;
+            // The `train-caf` handler's construction: adapters and head on the frozen backbone.
+            let phi = models::load_cifar_resnet(depth, &weights, normalize, &device)?;
+            let (model, vars) =
+                caf::methods::caf::trainable_model(phi, &adapter, &varmap, &device, 0)?;
+            let report = caf::bench::bench_train_step(
+                &Classification { model: &model },
+                vars,
+                OptimizerConfig::adam(1e-3),
+                t.batch,
+                t.seconds,
+                t.sigma,
+                &device,
+            )?;
+            let flops = budget::caf_train_flops(backbone_flops, &adapter)
+                .ok_or_else(|| usage(format!("no FLOP count for adapter {adapter}")))?;
+            (report, flops.0)
+        }
+        BenchMethod::Rs => {
+            // The `train-rs` handler's construction: the whole network, fine-tuned from `weights`.
+            let init = models::load_state_dict(&weights, &device)?;
+            let (model, vars) = caf::methods::rs::trainable_network(
+                &t.arch,
+                normalize,
+                Some(&init),
+                &varmap,
+                &device,
+            )?;
+            let sgd = OptimizerConfig::Sgd {
+                lr: 0.01,
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 1e-4,
+            };
+            let report = caf::bench::bench_train_step(
+                &Classification { model: &model },
+                vars,
+                sgd,
+                t.batch,
+                t.seconds,
+                t.sigma,
+                &device,
+            )?;
+            let flops = budget::rs_train_flops(depth, None)
+                .ok_or_else(|| usage(format!("no FLOP count for resnet{depth}")))?;
+            (report, flops.0)
+        }
+        BenchMethod::Denoised => {
+            let arch: models::dncnn::DnCnnArch = t
+                .denoiser
+                .parse()
+                .map_err(|e: models::ModelError| usage(e.to_string()))?;
+            let classifier =
+                models::load_cifar_resnet(depth, &weights, normalize, &device)?.detached()?;
+            // The `train-denoised` handler's construction, in front of the frozen classifier.
+            let (denoiser, vars) =
+                caf::methods::denoised::trainable_denoiser(arch, &varmap, &device, 0)?;
+            let objective = DenoiserObjective::Stability;
+            let loss = caf::methods::denoised::DenoiserLoss {
+                denoiser: &denoiser,
+                classifier: &classifier,
+                objective,
+            };
+            let report = caf::bench::bench_train_step(
+                &loss,
+                vars,
+                OptimizerConfig::adam(1e-3),
+                t.batch,
+                t.seconds,
+                t.sigma,
+                &device,
+            )?;
+            let flops = budget::denoised_train_flops(backbone_flops, arch, objective);
+            (report, flops.0)
+        }
+    };
+    outln!("images/s: {:.1}", report.images_per_sec_median);
+    let share = peak_share(report.images_per_sec_median, flops, t.seconds)?;
+    if t.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "throughput": report, "peak": share })
+            )?
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,87 @@
+//! `caf certify`: Cohen et al.'s certify.py on one model, outside any study.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+
+use caf::data::Split;
+use caf::methods::common::Slice;
+use caf::methods::slice::{certify_slice, SliceEnd, SliceRun};
+use caf::sched::{CancelFlag, JobError};
+
+use super::args::CertifyArgs;
+use super::cohen_tsv;
+use super::exit::{self, usage};
+use super::model::{load_classifier, load_data};
+use super::signals::{self, Notices};
+
+pub fn certify(a: CertifyArgs) -> Result<i32> {
+    let settings = caf::certify::Settings {
+        n0: a.n0,
+        n: a.n,
+        alpha: a.alpha,
+        batch: a.batch,
+    };
+    settings.validate().map_err(|e| usage(e.to_string()))?;
+    if !(a.sigma.is_finite() && a.sigma > 0.0) {
+        bail!(usage(format!("--sigma must be > 0, got {}", a.sigma)));
+    }
+    if a.skip == 0 {
+        bail!(usage("--skip must be at least 1"));
+    }
+    let (model, device) = load_classifier(&a.model)?;
+    let set = load_data(&a.model, Split::Test)?;
+    let indices = Slice {
+        skip: a.skip,
+        max: a.max,
+    }
+    .indices(set.len());
+    let file =
+        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    cohen_tsv::write_header(&mut out)?;
+    out.flush()?;
+    let shutdown = CancelFlag::new();
+    signals::stop_on_signal(
+        shutdown.clone(),
+        Notices {
+            stopping: "\nstopping after the image in flight…",
+            aborted: None,
+        },
+    );
+    let mut count = 0usize;
+    let done = [Default::default()];
+    let run = SliceRun {
+        data: &set,
+        indices: &indices,
+        done: &done,
+        seed: a.seed,
+        sigma: a.sigma,
+        settings,
+    };
+    let smooth = caf::certify::Smooth::new(model.as_ref(), a.sigma, device.clone());
+    let end = certify_slice(&smooth, &run, &|| shutdown.is_cancelled(), &mut |rows| {
+        // One model: at most one row per image.
+        let Some((_, r)) = rows.into_iter().next() else {
+            return Ok(());
+        };
+        // Flushed per row, like Cohen's certify.py, so a partial log is usable.
+        cohen_tsv::write_row(&mut out, &r)
+            .and_then(|_| out.flush())
+            .map_err(|e| JobError::fatal(format!("writing {}: {e}", a.out.display())))?;
+        count += 1;
+        tracing::info!(
+            idx = r.idx,
+            predict = r.predict,
+            radius = r.radius,
+            "certified"
+        );
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!(e.message))?;
+    eprintln!("wrote {count} rows to {}", a.out.display());
+    Ok(match end {
+        SliceEnd::Finished => 0,
+        SliceEnd::Interrupted => exit::INTERRUPTED,
+    })
+}
