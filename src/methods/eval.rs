@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 use super::certify_job::{cell_precision, set_precision};
 use super::common::{self, DataRef, ModelRef, Slice};
 use super::handler::TypedHandler;
+use super::loaded::{self, Loaded};
 use super::results::Results;
 use super::slice::SliceProgress;
+use super::source::ModelSource;
 use crate::certify::predict_classes;
 use crate::data::ImageSet;
 use crate::models::{Classifier, Precision};
@@ -122,6 +124,8 @@ pub fn predict_indices(
 /// Runs `eval` jobs.
 pub struct EvalHandler {
     pub results: Arc<dyn Results>,
+    /// Models and data kept from earlier jobs of this process (shared with `certify`).
+    pub loaded: Arc<Loaded>,
 }
 
 impl TypedHandler for EvalHandler {
@@ -134,9 +138,20 @@ impl TypedHandler for EvalHandler {
         p: EvalParams,
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
-        let mut model = p.model.load(device)?;
-        set_precision(model.as_mut(), p.precision, device)?;
-        let data = p.data.load()?;
+        // Keyed like a certify job's pretrained model, so the two share one load.
+        let source = ModelSource::Pretrained {
+            model: p.model.clone(),
+        };
+        let key = loaded::model_key(&source, p.precision.as_str(), &ctx.device.to_string());
+        let model = self.loaded.models.get_or_load(&key, || {
+            let mut model = p.model.load(device)?;
+            set_precision(model.as_mut(), p.precision, device)?;
+            Ok(Arc::from(model))
+        })?;
+        let data = self
+            .loaded
+            .data
+            .get_or_load(&loaded::data_key(&p.data), || p.data.load().map(Arc::new))?;
         let indices = p.slice.indices(data.len());
         let done: BTreeSet<u64> = self.results.eval_done(&ctx.id)?.into_iter().collect();
         let todo: Vec<usize> = indices

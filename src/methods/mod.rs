@@ -25,6 +25,7 @@ pub mod denoised;
 pub mod eval;
 pub mod fused;
 pub mod handler;
+pub mod loaded;
 pub mod results;
 pub mod rs;
 pub mod slice;
@@ -81,17 +82,25 @@ pub const METHODS: &[Method] = &[
     },
 ];
 
+/// Models a worker keeps loaded between jobs (a few backbones and their variants), and data
+/// splits (a CIFAR-10 split is 30 MB).
+const CACHED_MODELS: usize = 8;
+const CACHED_DATA: usize = 2;
+
 /// Every job kind this build of caf can run; result rows go to `results`.
 pub fn registry(results: Arc<dyn Results>) -> Registry {
+    let loaded = Arc::new(loaded::Loaded::new(CACHED_MODELS, CACHED_DATA));
     let mut r = Registry::new();
     r.register(Arc::new(Typed(certify_job::CertifyHandler {
         results: results.clone(),
+        loaded: loaded.clone(),
     })));
     r.register(Arc::new(Typed(fused::FusedHandler {
         results: results.clone(),
     })));
     r.register(Arc::new(Typed(eval::EvalHandler {
         results: results.clone(),
+        loaded,
     })));
     r.register(Arc::new(Typed(rs::TrainRsHandler {
         results: results.clone(),
