@@ -12,6 +12,7 @@
 
 pub mod any;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -7,9 +7,10 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
+use super::rows::{self, BLOCKED_CTE};
 use super::*;
 use crate::plan::{CellRecord, Job};
 
@@ -229,72 +230,6 @@ async fn carry_imports(
     .ctx("carrying imported cells to the new revision")?;
     Ok(())
 }
-
-fn parse_state(s: &str) -> Result<JobState, StoreError> {
-    JobState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown job status `{s}`")))
-}
-
-fn job_status_from_row(row: &PgRow) -> Result<JobStatus, StoreError> {
-    let get_err = |e: sqlx::Error| StoreError::Query {
-        context: "reading a job row",
-        source: e,
-    };
-    let state: String = row.try_get("status").map_err(get_err)?;
-    let result: Option<String> = row.try_get("result").map_err(get_err)?;
-    let result = match result {
-        Some(text) => Some(
-            serde_json::from_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("job result JSON: {e}")))?,
-        ),
-        None => None,
-    };
-    Ok(JobStatus {
-        id: JobId::new(row.try_get::<String, _>("id").map_err(get_err)?),
-        kind: row.try_get("kind").map_err(get_err)?,
-        label: row.try_get("label").map_err(get_err)?,
-        state: parse_state(&state)?,
-        blocked: row.try_get::<bool, _>("blocked").map_err(get_err)?,
-        attempts: row.try_get::<i64, _>("attempts").map_err(get_err)? as u32,
-        max_attempts: row.try_get::<i64, _>("max_attempts").map_err(get_err)? as u32,
-        progress_done: row.try_get::<i64, _>("progress_done").map_err(get_err)? as u64,
-        progress_total: row.try_get::<i64, _>("progress_total").map_err(get_err)? as u64,
-        run_seconds: row.try_get("run_seconds").map_err(get_err)?,
-        work_seconds: row.try_get("work_seconds").map_err(get_err)?,
-        started_at: row.try_get("started_at").map_err(get_err)?,
-        finished_at: row.try_get("finished_at").map_err(get_err)?,
-        lease_owner: row.try_get("lease_owner").map_err(get_err)?,
-        error: row.try_get("error").map_err(get_err)?,
-        result,
-        precision: row.try_get("precision").map_err(get_err)?,
-        unit: {
-            let unit: String = row.try_get("unit").map_err(get_err)?;
-            ProgressUnit::parse(&unit)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown progress unit `{unit}`")))?
-        },
-    })
-}
-
-fn study_from_row(row: &PgRow) -> Result<StudyInfo, StoreError> {
-    let get_err = |e: sqlx::Error| StoreError::Query {
-        context: "reading a study row",
-        source: e,
-    };
-    Ok(StudyInfo {
-        id: StudyId(row.try_get("id").map_err(get_err)?),
-        name: row.try_get("name").map_err(get_err)?,
-        seed: row.try_get::<i64, _>("seed").map_err(get_err)? as u64,
-        spec_path: row.try_get("spec_path").map_err(get_err)?,
-        spec_sha256: row.try_get("spec_sha256").map_err(get_err)?,
-        spec_text: row.try_get("spec_text").map_err(get_err)?,
-    })
-}
-
-/// A pending job is blocked when one of its deps failed or is itself blocked (as in SQLite).
-const BLOCKED_CTE: &str = "WITH RECURSIVE dead(id) AS (
-        SELECT id FROM jobs WHERE status = 'failed'
-        UNION
-        SELECT d.job_id FROM job_deps d JOIN dead ON d.dep_id = dead.id
-    )";
 
 impl Store for PgStore {
     async fn register_plan(&self, plan: &Plan) -> Result<StudyId, StoreError> {
@@ -543,7 +478,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .ctx("listing studies")?;
-        rows.iter().map(study_from_row).collect()
+        rows.iter().map(rows::study).collect()
     }
 
     async fn study_by_name(&self, name: &str) -> Result<StudyInfo, StoreError> {
@@ -555,7 +490,7 @@ impl Store for PgStore {
         .await
         .ctx("looking up a study")?;
         match row {
-            Some(r) => study_from_row(&r),
+            Some(r) => rows::study(&r),
             None => Err(StoreError::NotFound(format!("study `{name}`"))),
         }
     }
@@ -566,7 +501,7 @@ impl Store for PgStore {
             "{BLOCKED_CTE}
              SELECT j.id, j.kind, COALESCE(sj.label, j.label) AS label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
                     j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit,
-                    (j.status = 'pending' AND j.id IN (SELECT id FROM dead)) AS blocked,
+                    CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END::bigint AS blocked,
                     (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
              FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
              WHERE sj.study_id = $1 AND sj.spec_sha256 = $2 ORDER BY sj.seq"
@@ -577,7 +512,7 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await
             .ctx("listing the study's jobs")?;
-        rows.iter().map(job_status_from_row).collect()
+        rows.iter().map(rows::job_status).collect()
     }
 
     async fn import_results(
@@ -753,7 +688,7 @@ impl Store for PgStore {
                 trained_sigma: r.try_get("trained_sigma").map_err(g)?,
                 values: serde_json::from_str(&params)
                     .map_err(|e| StoreError::Corrupt(format!("cell parameters JSON: {e}")))?,
-                state: parse_state(&r.try_get::<String, _>("status").map_err(g)?)?,
+                state: rows::parse_state(&r.try_get::<String, _>("status").map_err(g)?)?,
             });
         }
         Ok(out)

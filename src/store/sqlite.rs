@@ -11,6 +11,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
+use super::rows::{self, BLOCKED_CTE};
 use super::*;
 use crate::plan::{CellRecord, Job};
 
@@ -228,73 +229,6 @@ fn is_contention(e: &StoreError) -> bool {
     let text = text.to_lowercase();
     text.contains("locked") || text.contains("busy") || text.contains("already exists")
 }
-
-fn parse_state(s: &str) -> Result<JobState, StoreError> {
-    JobState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown job status `{s}`")))
-}
-
-fn job_status_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobStatus, StoreError> {
-    let get_err = |e: sqlx::Error| StoreError::Query {
-        context: "reading a job row",
-        source: e,
-    };
-    let state: String = row.try_get("status").map_err(get_err)?;
-    let result: Option<String> = row.try_get("result").map_err(get_err)?;
-    let result = match result {
-        Some(text) => Some(
-            serde_json::from_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("job result JSON: {e}")))?,
-        ),
-        None => None,
-    };
-    Ok(JobStatus {
-        id: JobId::new(row.try_get::<String, _>("id").map_err(get_err)?),
-        kind: row.try_get("kind").map_err(get_err)?,
-        label: row.try_get("label").map_err(get_err)?,
-        state: parse_state(&state)?,
-        blocked: row.try_get::<i64, _>("blocked").map_err(get_err)? != 0,
-        attempts: row.try_get::<i64, _>("attempts").map_err(get_err)? as u32,
-        max_attempts: row.try_get::<i64, _>("max_attempts").map_err(get_err)? as u32,
-        progress_done: row.try_get::<i64, _>("progress_done").map_err(get_err)? as u64,
-        progress_total: row.try_get::<i64, _>("progress_total").map_err(get_err)? as u64,
-        run_seconds: row.try_get("run_seconds").map_err(get_err)?,
-        work_seconds: row.try_get("work_seconds").map_err(get_err)?,
-        started_at: row.try_get("started_at").map_err(get_err)?,
-        finished_at: row.try_get("finished_at").map_err(get_err)?,
-        lease_owner: row.try_get("lease_owner").map_err(get_err)?,
-        error: row.try_get("error").map_err(get_err)?,
-        result,
-        precision: row.try_get("precision").map_err(get_err)?,
-        unit: {
-            let unit: String = row.try_get("unit").map_err(get_err)?;
-            ProgressUnit::parse(&unit)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown progress unit `{unit}`")))?
-        },
-    })
-}
-
-fn study_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StudyInfo, StoreError> {
-    let get_err = |e: sqlx::Error| StoreError::Query {
-        context: "reading a study row",
-        source: e,
-    };
-    Ok(StudyInfo {
-        id: StudyId(row.try_get("id").map_err(get_err)?),
-        name: row.try_get("name").map_err(get_err)?,
-        seed: row.try_get::<i64, _>("seed").map_err(get_err)? as u64,
-        spec_path: row.try_get("spec_path").map_err(get_err)?,
-        spec_sha256: row.try_get("spec_sha256").map_err(get_err)?,
-        spec_text: row.try_get("spec_text").map_err(get_err)?,
-    })
-}
-
-/// A pending job is blocked when one of its deps failed or is itself blocked. The DAGs are
-/// shallow, so a recursive CTE over the failed jobs is cheap.
-const BLOCKED_CTE: &str = "WITH RECURSIVE dead(id) AS (
-        SELECT id FROM jobs WHERE status = 'failed'
-        UNION
-        SELECT d.job_id FROM job_deps d JOIN dead ON d.dep_id = dead.id
-    )";
 
 impl Store for SqliteStore {
     async fn register_plan(&self, plan: &Plan) -> Result<StudyId, StoreError> {
@@ -538,7 +472,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .ctx("listing studies")?;
-        rows.iter().map(study_from_row).collect()
+        rows.iter().map(rows::study).collect()
     }
 
     async fn study_by_name(&self, name: &str) -> Result<StudyInfo, StoreError> {
@@ -550,7 +484,7 @@ impl Store for SqliteStore {
         .await
         .ctx("looking up a study")?;
         match row {
-            Some(r) => study_from_row(&r),
+            Some(r) => rows::study(&r),
             None => Err(StoreError::NotFound(format!("study `{name}`"))),
         }
     }
@@ -572,7 +506,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .ctx("listing the study's jobs")?;
-        rows.iter().map(job_status_from_row).collect()
+        rows.iter().map(rows::job_status).collect()
     }
 
     async fn import_results(
@@ -756,7 +690,7 @@ impl Store for SqliteStore {
                 trained_sigma: r.try_get("trained_sigma").map_err(g)?,
                 values: serde_json::from_str(&params)
                     .map_err(|e| StoreError::Corrupt(format!("cell parameters JSON: {e}")))?,
-                state: parse_state(&r.try_get::<String, _>("status").map_err(g)?)?,
+                state: rows::parse_state(&r.try_get::<String, _>("status").map_err(g)?)?,
             });
         }
         Ok(out)

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, QueryBuilder, Row};
 
-use super::{SqliteStore, BLOCKED_CTE};
+use super::SqliteStore;
 use crate::plan::JobId;
 use crate::queue::{Abandoned, Artifact, Claimed, FailOutcome, Queue, StudyId, WorkerId};
+use crate::store::rows::BLOCKED_CTE;
 use crate::store::{QueryContext, StoreError};
 use crate::util::now_unix;
 

@@ -1,0 +1,93 @@
+//! Rows → the store's plain types, once for every backend: the backends' queries select the
+//! same columns under the same names and types (integers as BIGINT, times as double), so only
+//! the SQL text differs between them.
+
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
+use super::{JobState, JobStatus, StoreError, StudyId, StudyInfo};
+use crate::plan::{JobId, ProgressUnit};
+
+/// A pending job is blocked when one of its deps failed or is itself blocked. The DAGs are
+/// shallow, so a recursive CTE over the failed jobs is cheap (the same text in both dialects).
+pub(crate) const BLOCKED_CTE: &str = "WITH RECURSIVE dead(id) AS (
+        SELECT id FROM jobs WHERE status = 'failed'
+        UNION
+        SELECT d.job_id FROM job_deps d JOIN dead ON d.dep_id = dead.id
+    )";
+
+pub(crate) fn parse_state(s: &str) -> Result<JobState, StoreError> {
+    JobState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown job status `{s}`")))
+}
+
+fn get<'r, R, T>(row: &'r R, column: &str, context: &'static str) -> Result<T, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    T: Decode<'r, R::Database> + Type<R::Database>,
+{
+    row.try_get(column)
+        .map_err(|source| StoreError::Query { context, source })
+}
+
+/// A job row of `study_jobs` (with the computed `blocked` as 0/1 and `work_seconds`).
+pub(crate) fn job_status<'r, R>(row: &'r R) -> Result<JobStatus, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+    Option<f64>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const C: &str = "reading a job row";
+    let state: String = get(row, "status", C)?;
+    let result = match get::<R, Option<String>>(row, "result", C)? {
+        Some(text) => Some(
+            serde_json::from_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("job result JSON: {e}")))?,
+        ),
+        None => None,
+    };
+    let unit: String = get(row, "unit", C)?;
+    Ok(JobStatus {
+        id: JobId::new(get::<R, String>(row, "id", C)?),
+        kind: get(row, "kind", C)?,
+        label: get(row, "label", C)?,
+        state: parse_state(&state)?,
+        blocked: get::<R, i64>(row, "blocked", C)? != 0,
+        attempts: get::<R, i64>(row, "attempts", C)? as u32,
+        max_attempts: get::<R, i64>(row, "max_attempts", C)? as u32,
+        progress_done: get::<R, i64>(row, "progress_done", C)? as u64,
+        progress_total: get::<R, i64>(row, "progress_total", C)? as u64,
+        run_seconds: get(row, "run_seconds", C)?,
+        work_seconds: get(row, "work_seconds", C)?,
+        started_at: get(row, "started_at", C)?,
+        finished_at: get(row, "finished_at", C)?,
+        lease_owner: get(row, "lease_owner", C)?,
+        error: get(row, "error", C)?,
+        result,
+        precision: get(row, "precision", C)?,
+        unit: ProgressUnit::parse(&unit)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown progress unit `{unit}`")))?,
+    })
+}
+
+/// A row of `studies`.
+pub(crate) fn study<'r, R>(row: &'r R) -> Result<StudyInfo, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const C: &str = "reading a study row";
+    Ok(StudyInfo {
+        id: StudyId(get(row, "id", C)?),
+        name: get(row, "name", C)?,
+        seed: get::<R, i64>(row, "seed", C)? as u64,
+        spec_path: get(row, "spec_path", C)?,
+        spec_sha256: get(row, "spec_sha256", C)?,
+        spec_text: get(row, "spec_text", C)?,
+    })
+}
