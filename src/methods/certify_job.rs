@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{self, DataRef, Slice};
 use super::handler::TypedHandler;
-use super::loaded::{self, Loaded};
+use super::loaded::Loaded;
 use super::results::Results;
 use super::slice::{certify_slice, SliceEnd, SliceProgress, SliceRun};
 use super::source::ModelSource;
@@ -222,16 +222,12 @@ impl TypedHandler for CertifyHandler {
         p: CertifyParams,
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
-        let key = loaded::model_key(&p.model, p.precision.as_str(), &ctx.device.to_string());
-        let model = self.loaded.models.get_or_load(&key, || {
-            let mut model = p.model.load(ctx.sink.as_ref(), device)?;
-            set_precision(model.as_mut(), p.precision, device)?;
-            Ok(Arc::from(model))
-        })?;
-        let data = self
+        let model = self
             .loaded
-            .data
-            .get_or_load(&loaded::data_key(&p.data), || p.data.load().map(Arc::new))?;
+            .model(&p.model, p.precision, ctx.device, device, || {
+                p.model.load(ctx.sink.as_ref(), device)
+            })?;
+        let data = self.loaded.data(&p.data)?;
         let indices = p.slice.indices(data.len());
         let done: BTreeSet<u64> = self.results.cert_done(&ctx.id)?.into_iter().collect();
         let done = [done];

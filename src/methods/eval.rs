@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::certify_job::{cell_precision, set_precision};
+use super::certify_job::cell_precision;
 use super::common::{self, DataRef, ModelRef, Slice};
 use super::handler::TypedHandler;
-use super::loaded::{self, Loaded};
+use super::loaded::Loaded;
 use super::results::Results;
 use super::slice::SliceProgress;
 use super::source::ModelSource;
@@ -138,20 +138,16 @@ impl TypedHandler for EvalHandler {
         p: EvalParams,
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
-        // Keyed like a certify job's pretrained model, so the two share one load.
+        // Named like a certify job's pretrained model, so the two share one load.
         let source = ModelSource::Pretrained {
             model: p.model.clone(),
         };
-        let key = loaded::model_key(&source, p.precision.as_str(), &ctx.device.to_string());
-        let model = self.loaded.models.get_or_load(&key, || {
-            let mut model = p.model.load(device)?;
-            set_precision(model.as_mut(), p.precision, device)?;
-            Ok(Arc::from(model))
-        })?;
-        let data = self
+        let model = self
             .loaded
-            .data
-            .get_or_load(&loaded::data_key(&p.data), || p.data.load().map(Arc::new))?;
+            .model(&source, p.precision, ctx.device, device, || {
+                p.model.load(device)
+            })?;
+        let data = self.loaded.data(&p.data)?;
         let indices = p.slice.indices(data.len());
         let done: BTreeSet<u64> = self.results.eval_done(&ctx.id)?.into_iter().collect();
         let todo: Vec<usize> = indices

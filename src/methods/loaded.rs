@@ -10,9 +10,12 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::certify_job::set_precision;
+use super::common::DataRef;
+use super::source::ModelSource;
 use crate::data::ImageSet;
-use crate::models::Classifier;
-use crate::sched::JobError;
+use crate::models::{Classifier, Precision};
+use crate::sched::{DeviceSpec, JobError};
 
 /// What a worker keeps loaded between jobs.
 pub struct Loaded {
@@ -27,6 +30,30 @@ impl Loaded {
             models: LoadCache::new(models),
             data: LoadCache::new(data),
         }
+    }
+
+    /// The model `source` names, in `precision` on `device`; `load` builds it (in f32) only
+    /// when no earlier job did.
+    pub fn model(
+        &self,
+        source: &ModelSource,
+        precision: Precision,
+        spec: DeviceSpec,
+        device: &candle_core::Device,
+        load: impl FnOnce() -> Result<Box<dyn Classifier>, JobError>,
+    ) -> Result<Arc<dyn Classifier>, JobError> {
+        let key = model_key(source, precision.as_str(), &spec.to_string());
+        self.models.get_or_load(&key, || {
+            let mut model = load()?;
+            set_precision(model.as_mut(), precision, device)?;
+            Ok(Arc::from(model))
+        })
+    }
+
+    /// The data split `data` names, read only when no earlier job did.
+    pub fn data(&self, data: &DataRef) -> Result<Arc<ImageSet>, JobError> {
+        self.data
+            .get_or_load(&data_key(data), || data.load().map(Arc::new))
     }
 }
 
@@ -94,12 +121,12 @@ impl<T: ?Sized> LoadCache<T> {
 
 /// The cache key of a data split: the canonical JSON of what names it (its content hash
 /// included).
-pub fn data_key(data: &impl serde::Serialize) -> String {
+fn data_key(data: &impl serde::Serialize) -> String {
     crate::util::canonical_json(&serde_json::to_value(data).unwrap_or_default())
 }
 
 /// The cache key of a model: the canonical JSON of what names it, with its precision and device.
-pub fn model_key(source: &impl serde::Serialize, precision: &str, device: &str) -> String {
+fn model_key(source: &impl serde::Serialize, precision: &str, device: &str) -> String {
     let source = serde_json::to_value(source).unwrap_or_default();
     crate::util::canonical_json(&serde_json::json!({
         "source": source,

@@ -8,7 +8,7 @@
 
 use crate::plan::JobId;
 use crate::sched::JobError;
-use crate::store::{CertRow, EvalRow, Store, StoreError};
+use crate::store::{CertRow, EvalRow, Store};
 
 /// The results a handler records and, on resume, reads back. A fused certification writes
 /// rows for its member jobs, so every call names the job.
@@ -41,31 +41,26 @@ impl<S: Store> StoreResults<S> {
     }
 }
 
-/// A store that does not answer is worth another attempt: the job resumes from its rows.
-fn retryable(e: StoreError) -> JobError {
-    JobError::retryable(format!("store: {e}"))
-}
-
 impl<S: Store> Results for StoreResults<S> {
     fn record_cert(&self, job: &JobId, row: &CertRow) -> Result<(), JobError> {
         self.handle
             .block_on(self.store.record_cert(job, row))
-            .map_err(retryable)
+            .map_err(JobError::store)
     }
     fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, JobError> {
         self.handle
             .block_on(self.store.cert_done(job))
-            .map_err(retryable)
+            .map_err(JobError::store)
     }
     fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), JobError> {
         self.handle
             .block_on(self.store.record_eval(job, rows))
-            .map_err(retryable)
+            .map_err(JobError::store)
     }
     fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, JobError> {
         self.handle
             .block_on(self.store.eval_done(job))
-            .map_err(retryable)
+            .map_err(JobError::store)
     }
     fn record_epoch(
         &self,
@@ -75,6 +70,6 @@ impl<S: Store> Results for StoreResults<S> {
     ) -> Result<(), JobError> {
         self.handle
             .block_on(self.store.record_epoch(job, epoch, metrics))
-            .map_err(retryable)
+            .map_err(JobError::store)
     }
 }

@@ -103,6 +103,11 @@ impl JobError {
             retryable: true,
         }
     }
+    /// The store failed under a running job: worth another attempt, since the job resumes from
+    /// what it recorded.
+    pub fn store(e: impl std::fmt::Display) -> Self {
+        Self::retryable(format!("store: {e}"))
+    }
 }
 
 /// How a handler ended.
@@ -605,17 +610,12 @@ struct QueueSink<Q: Queue> {
     progress: Arc<dyn Progress>,
 }
 
-/// A backend that does not answer is worth another attempt: the job resumes from its records.
-fn retryable(e: impl std::fmt::Display) -> JobError {
-    JobError::retryable(format!("store: {e}"))
-}
-
 impl<Q: Queue> JobSink for QueueSink<Q> {
     fn progress(&self, done: u64, total: u64) -> Result<(), JobError> {
         self.progress.job_progress(&self.job, done, total);
         self.handle
             .block_on(self.store.set_progress(&self.job, done, total))
-            .map_err(retryable)
+            .map_err(JobError::store)
     }
     fn event(&self, level: &str, message: &str) -> Result<(), JobError> {
         self.handle
@@ -623,17 +623,17 @@ impl<Q: Queue> JobSink for QueueSink<Q> {
                 self.store
                     .log_event(Some(&self.job), Some(&self.worker), level, message),
             )
-            .map_err(retryable)
+            .map_err(JobError::store)
     }
     fn artifact(&self, artifact: &Artifact) -> Result<(), JobError> {
         self.handle
             .block_on(self.store.record_artifact(&self.job, artifact))
-            .map_err(retryable)
+            .map_err(JobError::store)
     }
     fn dep_artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, JobError> {
         self.handle
             .block_on(self.store.artifact(job, name))
-            .map_err(retryable)
+            .map_err(JobError::store)
     }
 }
 
