@@ -191,6 +191,7 @@ async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
     for j in store.jobs(study) {
         assert_eq!(j.state, JobState::Pending);
         assert_eq!(j.attempts, 0);
+        assert_eq!(j.interruptions, 1, "a stop request is an interruption");
     }
     // A second run finishes them.
     let summary = run_study(
@@ -204,6 +205,51 @@ async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
     .await
     .unwrap();
     assert_eq!(summary.completed, 2);
+}
+
+/// A job that never finishes within one allocation stops being handed out at its interruption
+/// cap, failing with a message that says so, instead of looping forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_interrupted_at_its_cap_fails_with_a_clear_message() {
+    let store = MemoryQueue::new();
+    let study = store.add_study(&[job("slow-a", &[])], 3);
+    store.set_max_interruptions(2);
+    let probe = Arc::new(Probe::default());
+    for round in 1..=2 {
+        let shutdown = CancelFlag::new();
+        let stopper = {
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                s.cancel();
+            })
+        };
+        let summary = run_study(
+            store.clone(),
+            study,
+            registry(&probe),
+            cfg(1),
+            shutdown,
+            Arc::new(progress::NoProgress),
+        )
+        .await
+        .unwrap();
+        stopper.await.unwrap();
+        let j = &store.jobs(study)[0];
+        assert_eq!((j.attempts, j.interruptions), (0, round));
+        if round == 1 {
+            assert_eq!((summary.interrupted, j.state), (1, JobState::Pending));
+        } else {
+            assert_eq!((summary.failed, j.state), (1, JobState::Failed));
+            let error = j.error.as_deref().unwrap_or("");
+            assert!(error.contains("interrupted 2 times (the cap)"), "{error}");
+            assert!(error.contains("was told to stop"), "{error}");
+        }
+    }
+    // The worker registered itself and said it stopped.
+    let workers = store.workers();
+    assert!(!workers.is_empty());
+    assert!(workers.iter().all(|(_, info, stopped)| *stopped && info.pid == std::process::id()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,7 +282,8 @@ async fn a_dead_runner_is_detected_and_its_job_rerun() {
     assert_eq!(summary.completed, 1);
     let j = &store.jobs(study)[0];
     assert_eq!(j.state, JobState::Done);
-    assert_eq!(j.attempts, 2);
+    assert_eq!(j.attempts, 1, "the lost runner's attempt is not counted");
+    assert_eq!(j.interruptions, 1, "it is an interruption");
     assert!(
         store
             .events()
