@@ -5,6 +5,8 @@
 #   eval "$(scripts/services.sh start)"   # idempotent; prints `export CAF_TEST_POSTGRES=…`
 #   scripts/services.sh env               # the same line, for a cluster already started
 #   scripts/services.sh stop              # stops the cluster and deletes its files
+#   scripts/services.sh pause             # stops the server but keeps its data: `start` brings
+#                                         # it back as it was (the outage tests use this)
 #
 # Only the export line goes to stdout (so `eval` sees nothing else); progress goes to stderr.
 # Installs Debian's `postgresql` with apt-get when no PostgreSQL binaries are found. Settings:
@@ -108,16 +110,28 @@ stop() {
     rmdir "$BASE" 2>/dev/null || true
 }
 
+# Stops the server (fast shutdown: open connections are cut, as in a real outage) and keeps
+# the data directory, so that `start` restarts the same cluster with every table intact.
+pause() {
+    BIN=$(pg_bindir) || exit 0
+    cd /
+    if running; then
+        say "pausing postgresql on 127.0.0.1:$PORT (data kept in $DATA)"
+        as_pg "$BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
+    fi
+}
+
 case "${1:-}" in
 start) start ;;
 stop) stop ;;
+pause) pause ;;
 env)
     BIN=$(pg_bindir) || { say "postgresql is not installed"; exit 1; }
     running || { say "postgresql is not running (scripts/services.sh start)"; exit 1; }
     echo "export CAF_TEST_POSTGRES=$URL"
     ;;
 *)
-    echo "usage: $0 start|stop|env" >&2
+    echo "usage: $0 start|stop|pause|env" >&2
     exit 2
     ;;
 esac

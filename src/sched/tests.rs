@@ -249,7 +249,9 @@ async fn a_job_interrupted_at_its_cap_fails_with_a_clear_message() {
     // The worker registered itself and said it stopped.
     let workers = store.workers();
     assert!(!workers.is_empty());
-    assert!(workers.iter().all(|(_, info, stopped)| *stopped && info.pid == std::process::id()));
+    assert!(workers
+        .iter()
+        .all(|(_, info, stopped)| *stopped && info.pid == std::process::id()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,3 +7,4 @@ mod report_cli;
 mod resume;
 mod spec_cli;
 mod train;
+mod worker_cli;
