@@ -301,16 +301,16 @@ fn a_postgres_outage_mid_sweep_loses_nothing() {
     );
     let out = server.services("pause");
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // The outage is real: nothing reaches the server now.
+    assert!(!dir.run(&["status", "--db", &url]).status.success());
     std::thread::sleep(Duration::from_secs(20));
     let out = server.services("start");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut retried = false;
     for w in workers {
-        let out = finish(w, Duration::from_secs(600));
-        retried |= text(&out.stderr).contains("retrying in");
-        ok(&out);
+        // A statement caught by the outage either fails and is retried with backoff
+        // ("retrying in" in the log) or waits inside the pool until the server is back.
+        ok(&finish(w, Duration::from_secs(600)));
     }
-    assert!(retried, "no worker noticed the outage");
     let js = jobs(&status(&dir, &url));
     assert!(js.iter().all(|j| j["state"] == "done"), "{js:?}");
     assert_eq!(export_csv(&dir, &url), want);
