@@ -18,6 +18,7 @@ mod db;
 mod exit;
 mod model;
 mod signals;
+mod study;
 
 mod bench;
 mod certify;
@@ -27,6 +28,7 @@ mod import;
 mod report;
 mod run;
 mod status;
+mod submit;
 
 use std::io::IsTerminal;
 
@@ -48,6 +50,7 @@ pub fn main() -> i32 {
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(a) => runtime()?.block_on(run::run(a)),
+        Command::Submit(a) => runtime()?.block_on(submit::submit(a)),
         Command::Plan(a) => run::plan(a),
         Command::Status(a) => runtime()?.block_on(status::status(a)),
         Command::Retry(a) => runtime()?.block_on(run::retry(a)),

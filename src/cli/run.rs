@@ -2,28 +2,20 @@
 //! (what the next run will do again).
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 
 use caf::methods;
-use caf::plan::Plan;
 use caf::sched::{self, CancelFlag, LogProgress, Progress, SchedConfig, TerminalProgress};
-use caf::spec::Spec;
 use caf::store::{JobState, Store};
 
 use super::args::{PlanArgs, RetryArgs, RunArgs};
-use super::db::{open_existing_store, open_store};
+use super::db::open_existing_store;
 use super::exit::{self, usage};
 use super::signals::{self, Notices};
-
-/// Loads and plans a spec; any problem with it is a usage error (exit 2, nothing written).
-fn load_plan(path: &Path) -> Result<Plan> {
-    let spec = Spec::load(path).map_err(|e| usage(e.to_string()))?;
-    Plan::from_spec(&spec, &methods::planner()).map_err(|e| usage(e.to_string()))
-}
+use super::study::{load_plan, record};
 
 pub async fn run(a: RunArgs) -> Result<i32> {
     let plan = load_plan(&a.spec)?;
@@ -33,14 +25,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     if !(a.lease_secs.is_finite() && a.lease_secs >= 1.0) {
         bail!(usage("--lease-secs must be at least 1"));
     }
-    let store = open_store(&a.db.db).await?;
-    let study = store.register_plan(&plan).await?;
-    if a.retry_failed {
-        let n = store.retry_failed(study).await?;
-        if n > 0 {
-            eprintln!("retrying {n} failed job(s)");
-        }
-    }
+    let (store, study) = record(&plan, &a.db.db, a.retry_failed).await?;
     let lease = Duration::from_secs_f64(a.lease_secs);
     let cfg = SchedConfig {
         workers: a.workers,

@@ -4,7 +4,7 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{JobState, JobStatus, StoreError, StudyId, StudyInfo};
+use super::{JobState, JobStatus, SlurmJob, StoreError, StudyId, StudyInfo};
 use crate::plan::{JobId, ProgressUnit};
 
 /// A pending job is blocked when one of its deps failed or is itself blocked. The DAGs are
@@ -89,5 +89,23 @@ where
         spec_path: get(row, "spec_path", C)?,
         spec_sha256: get(row, "spec_sha256", C)?,
         spec_text: get(row, "spec_text", C)?,
+    })
+}
+
+/// A row of `slurm_jobs`.
+pub(crate) fn slurm_job<'r, R>(row: &'r R) -> Result<SlurmJob, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const C: &str = "reading a Slurm job row";
+    Ok(SlurmJob {
+        job_id: get(row, "slurm_job_id", C)?,
+        array_tasks: get::<R, i64>(row, "array_tasks", C)? as u64,
+        script: get(row, "script", C)?,
+        submitted_at: get(row, "submitted_at", C)?,
     })
 }
