@@ -19,8 +19,12 @@ pub enum Command {
     /// Record a study and start its workers on a cluster: Slurm job arrays of `caf worker`
     /// sharing one PostgreSQL store.
     Submit(SubmitArgs),
-    /// Expand a study into its job DAG and print it (nothing is written).
+    /// Expand a study into its job DAG and print it (nothing is written unless --record).
     Plan(PlanArgs),
+    /// Run jobs of studies already recorded in --db (by `caf plan --record`, `caf run` or `caf
+    /// submit`) until none is left to run: one of many workers sharing a store, e.g. a Slurm
+    /// array task.
+    Worker(WorkerArgs),
     /// Show the jobs of a study: state, progress, throughput, ETA.
     Status(StatusArgs),
     /// Give a study's failed jobs a fresh set of attempts without running anything: a `caf
@@ -149,6 +153,37 @@ pub struct PlanArgs {
     /// Machine-readable jobs `{id, kind, label, params, deps}`.
     #[arg(long)]
     pub json: bool,
+    /// Also record the plan in --db (as `caf run` does before running), so that `caf worker`
+    /// processes can run it.
+    #[arg(long)]
+    pub record: bool,
+    #[command(flatten)]
+    pub db: DbArg,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Only jobs of this study (repeatable; default: every study in the database).
+    #[arg(long = "study", value_name = "NAME")]
+    pub studies: Vec<String>,
+    /// Concurrent job slots in this process.
+    #[arg(long, default_value_t = 1)]
+    pub slots: usize,
+    /// cpu, or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Where jobs write files (checkpoints, weights): a directory every worker sees.
+    #[arg(long, default_value = "runs/artifacts")]
+    pub artifacts: PathBuf,
+    /// Seconds without a heartbeat after which a job's lease expires and another worker
+    /// takes the job over (counted as an interruption).
+    #[arg(long, default_value_t = 60.0)]
+    pub lease_secs: f64,
+    /// No progress bars or per-job lines.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]

@@ -39,7 +39,11 @@ use args::{Cli, Command};
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let quiet = matches!(&cli.command, Command::Run(r) if r.quiet);
+    let quiet = match &cli.command {
+        Command::Run(r) => r.quiet,
+        Command::Worker(w) => w.quiet,
+        _ => false,
+    };
     init_tracing(quiet);
     match dispatch(cli) {
         Ok(code) => code,
@@ -51,7 +55,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(a) => runtime()?.block_on(run::run(a)),
         Command::Submit(a) => runtime()?.block_on(submit::submit(a)),
+        Command::Plan(a) if a.record => runtime()?.block_on(run::plan_record(a)),
         Command::Plan(a) => run::plan(a),
+        Command::Worker(a) => runtime()?.block_on(run::worker(a)),
         Command::Status(a) => runtime()?.block_on(status::status(a)),
         Command::Retry(a) => runtime()?.block_on(run::retry(a)),
         Command::Export(a) => runtime()?.block_on(export::export(a)),

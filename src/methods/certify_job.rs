@@ -243,7 +243,7 @@ impl TypedHandler for CertifyHandler {
         let smooth = Smooth::new(model.as_ref(), p.sigma, device.clone());
         let end = certify_slice(&smooth, &run, &|| ctx.cancelled(), &mut |rows| {
             for (_, row) in rows {
-                self.results.record_cert(&ctx.id, &row)?;
+                self.results.record_cert(&ctx.lease, &ctx.id, &row)?;
             }
             progress.advance(ctx, 1)
         })?;

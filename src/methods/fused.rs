@@ -239,7 +239,8 @@ impl TypedHandler for FusedHandler {
         let smooth = Smooth::fused(&set, p.sigma, device.clone());
         let end = certify_slice(&smooth, &run, &|| ctx.cancelled(), &mut |rows| {
             for (m, row) in rows {
-                self.results.record_cert(&p.members[m].job, &row)?;
+                self.results
+                    .record_cert(&ctx.lease, &p.members[m].job, &row)?;
             }
             progress.advance(ctx, 1)
         })?;

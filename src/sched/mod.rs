@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
 
 use crate::plan::JobId;
-use crate::queue::{Artifact, Claimed, FailOutcome, Queue, StudyId, WorkerId};
+use crate::queue::{Artifact, Claimed, FailOutcome, Lease, Queue, StudyId, WorkerId, WorkerInfo};
 pub use progress::{LogProgress, Progress, TerminalProgress};
 
 /// Where jobs run.
@@ -88,6 +88,9 @@ impl CancelFlag {
 pub struct JobError {
     pub message: String,
     pub retryable: bool,
+    /// A write found the job's lease gone: another worker owns the job now, so this one stops
+    /// and records nothing (not a failure of the job).
+    pub lease_lost: bool,
 }
 
 impl JobError {
@@ -95,12 +98,25 @@ impl JobError {
         Self {
             message: message.to_string(),
             retryable: false,
+            lease_lost: false,
         }
     }
     pub fn retryable(message: impl std::fmt::Display) -> Self {
         Self {
             message: message.to_string(),
             retryable: true,
+            lease_lost: false,
+        }
+    }
+    /// A write was refused because the lease is no longer held.
+    pub fn lease_lost(lease: &Lease) -> Self {
+        Self {
+            message: format!(
+                "lease on job {} lost by worker {}: nothing recorded",
+                lease.job, lease.worker
+            ),
+            retryable: false,
+            lease_lost: true,
         }
     }
     /// The store failed under a running job: worth another attempt, since the job resumes from
@@ -138,6 +154,8 @@ pub struct JobContext {
     pub label: String,
     pub params: serde_json::Value,
     pub attempt: u32,
+    /// The lease the job runs under; every result it writes names it.
+    pub lease: Lease,
     pub device: DeviceSpec,
     /// A directory for this job's files (created on demand by the handler).
     pub artifacts_dir: PathBuf,
@@ -204,6 +222,59 @@ impl Backoff {
     }
 }
 
+/// How long and how often to retry a store that fails transiently (a PostgreSQL server
+/// restarting, a network blip, a busy SQLite file) before giving up. Workers keep their jobs
+/// running meanwhile; a lease lost during the outage is detected when the store is back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreRetry {
+    pub backoff: Backoff,
+    /// Give up (the error reaches the caller) once an operation has failed for this long.
+    pub patience: Duration,
+}
+
+impl Default for StoreRetry {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff {
+                first: Duration::from_millis(250),
+                max: Duration::from_secs(10),
+            },
+            patience: Duration::from_secs(600),
+        }
+    }
+}
+
+impl StoreRetry {
+    /// Runs `op` until it succeeds, fails for good (an error `Q::is_transient` rejects), or
+    /// has kept failing for `patience`.
+    pub async fn run<Q, T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Q::Error>
+    where
+        Q: Queue,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Q::Error>>,
+    {
+        let started = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            match op().await {
+                Ok(v) => {
+                    if failures > 0 {
+                        info!("{what}: the store answers again after {failures} failed tries");
+                    }
+                    return Ok(v);
+                }
+                Err(e) if Q::is_transient(&e) && started.elapsed() < self.patience => {
+                    failures += 1;
+                    let wait = self.backoff.after(failures);
+                    warn!("{what}: {e}; retrying in {:.1} s", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SchedConfig {
     /// Concurrent job slots in this process.
@@ -216,6 +287,7 @@ pub struct SchedConfig {
     /// How long to wait before looking for work again when nothing is claimable.
     pub poll: Duration,
     pub backoff: Backoff,
+    pub store_retry: StoreRetry,
     pub artifacts_dir: PathBuf,
 }
 
@@ -228,6 +300,7 @@ impl Default for SchedConfig {
             heartbeat: Duration::from_secs(10),
             poll: Duration::from_millis(500),
             backoff: Backoff::default(),
+            store_retry: StoreRetry::default(),
             artifacts_dir: PathBuf::from("runs/artifacts"),
         }
     }
@@ -273,6 +346,35 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// The CPU model of this machine (`model name` in `/proc/cpuinfo`), or `unknown`.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// This process as a worker of `studies` on `device`, with its Slurm ids when Slurm started it.
+pub fn worker_info(device: DeviceSpec, studies: &[StudyId]) -> WorkerInfo {
+    let slurm = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    WorkerInfo {
+        host: hostname(),
+        pid: std::process::id(),
+        cpu: cpu_model(),
+        device: device.to_string(),
+        slurm_job_id: slurm("SLURM_JOB_ID"),
+        slurm_array_job_id: slurm("SLURM_ARRAY_JOB_ID"),
+        slurm_array_task_id: slurm("SLURM_ARRAY_TASK_ID"),
+        studies: studies.to_vec(),
+    }
+}
+
 /// Runs the study's jobs until none is left to run here, or until `shutdown` is set.
 pub async fn run_study<Q: Queue>(
     store: Q,
@@ -282,110 +384,162 @@ pub async fn run_study<Q: Queue>(
     shutdown: CancelFlag,
     progress: Arc<dyn Progress>,
 ) -> Result<RunSummary, SchedError> {
+    run_studies(store, &[study], registry, cfg, shutdown, progress).await
+}
+
+/// The worker loop of `caf run` and `caf worker`: claims runnable jobs of `studies` (in that
+/// order of preference) on `cfg.workers` slots until nothing is runnable and nothing it could
+/// wait on is running, or until `shutdown` is set. Store outages are waited out (see
+/// [`StoreRetry`]).
+pub async fn run_studies<Q: Queue>(
+    store: Q,
+    studies: &[StudyId],
+    registry: Arc<Registry>,
+    cfg: SchedConfig,
+    shutdown: CancelFlag,
+    progress: Arc<dyn Progress>,
+) -> Result<RunSummary, SchedError> {
     let worker = worker_id();
-    store
-        .register_worker(&worker, &hostname(), std::process::id())
-        .await
-        .map_err(SchedError::queue)?;
-    store
-        .log_event(None, Some(&worker), "info", "worker started")
-        .await
-        .map_err(SchedError::queue)?;
-    let kinds = registry.kinds();
-    let mut summary = RunSummary::default();
-    let mut running: JoinSet<(JobId, String, Result<Outcome, SchedError>)> = JoinSet::new();
-    loop {
-        for a in store.reap_expired().await.map_err(SchedError::queue)? {
-            let what = match a.outcome {
-                FailOutcome::WillRetry => "will re-run",
-                FailOutcome::Failed => "out of attempts, failed",
-            };
-            warn!(job = %a.id, "{}; {what}", a.reason);
-            store
-                .log_event(
-                    Some(&a.id),
-                    Some(&worker),
-                    "warn",
-                    &format!("{}; {what}", a.reason),
-                )
+    let retry = cfg.store_retry;
+    let info = worker_info(cfg.device, studies);
+    let span = tracing::info_span!("worker", id = %worker);
+    async move {
+        let store = &store;
+        let worker = &worker;
+        retry
+            .run::<Q, _, _, _>("registering the worker", || {
+                store.register_worker(worker, &info)
+            })
+            .await
+            .map_err(SchedError::queue)?;
+        log(store, &retry, None, worker, "info", "worker started").await?;
+        let kinds = registry.kinds();
+        let mut summary = RunSummary::default();
+        let mut running: JoinSet<(JobId, String, Result<Outcome, SchedError>)> = JoinSet::new();
+        loop {
+            let reaped = retry
+                .run::<Q, _, _, _>("reaping expired leases", || store.reap_expired())
                 .await
                 .map_err(SchedError::queue)?;
-        }
-        while !shutdown.is_cancelled() && running.len() < cfg.workers.max(1) {
-            let Some(job) = store
-                .claim(study, &worker, &kinds, cfg.lease)
-                .await
-                .map_err(SchedError::queue)?
-            else {
-                break;
-            };
-            let Some(handler) = registry.get(&job.kind) else {
-                // claim() only returns registered kinds; this guards against a racing registry change.
-                store
-                    .fail(
-                        &job.id,
-                        &worker,
-                        &format!("no handler for job kind `{}`", job.kind),
-                        None,
-                        0.0,
-                    )
-                    .await
-                    .map_err(SchedError::queue)?;
-                continue;
-            };
-            progress.job_started(&job.id, &job.label);
-            let (id, label) = (job.id.clone(), job.label.clone());
-            let fut = run_one(
-                store.clone(),
-                worker.clone(),
-                job,
-                handler,
-                cfg.clone(),
-                shutdown.clone(),
-                progress.clone(),
-            );
-            running.spawn(async move { (id, label, fut.await) });
-        }
-        if running.is_empty() {
-            if shutdown.is_cancelled() {
-                break;
+            for a in reaped {
+                let what = match a.outcome {
+                    FailOutcome::WillRetry => "will re-run",
+                    FailOutcome::Failed => "at its interruption cap, failed",
+                };
+                let message = format!("{}; {what}", a.reason);
+                warn!(job = %a.id, "{message}");
+                log(store, &retry, Some(&a.id), worker, "warn", &message).await?;
             }
-            let (others_running, pending) =
-                store.outstanding(study).await.map_err(SchedError::queue)?;
-            if others_running == 0 && pending == 0 {
-                break;
-            }
-            // Work remains but none is claimable now: other processes hold it, a dependency is
-            // still running elsewhere, or a retry is backing off.
-            tokio::time::sleep(cfg.poll).await;
-            continue;
-        }
-        tokio::select! {
-            joined = running.join_next() => {
-                if let Some(joined) = joined {
-                    let (id, label, outcome) = match joined {
-                        Ok(v) => v,
-                        Err(e) => { warn!("a job task ended abnormally: {e}"); continue; }
-                    };
-                    let outcome = outcome?;
-                    progress.job_finished(&id, &label, &outcome.describe());
-                    match outcome {
-                        Outcome::Completed => summary.completed += 1,
-                        Outcome::Failed(_) => summary.failed += 1,
-                        Outcome::Retrying(_) => summary.retried += 1,
-                        Outcome::Released | Outcome::LeaseLost => summary.interrupted += 1,
+            'slots: while !shutdown.is_cancelled() && running.len() < cfg.workers.max(1) {
+                let mut claimed = None;
+                for &study in studies {
+                    claimed = retry
+                        .run::<Q, _, _, _>("claiming a job", || {
+                            store.claim(study, worker, &kinds, cfg.lease)
+                        })
+                        .await
+                        .map_err(SchedError::queue)?;
+                    if claimed.is_some() {
+                        break;
                     }
                 }
+                let Some(job) = claimed else {
+                    break 'slots;
+                };
+                let Some(handler) = registry.get(&job.kind) else {
+                    // claim() only returns registered kinds; this guards against a racing registry change.
+                    let error = format!("no handler for job kind `{}`", job.kind);
+                    retry
+                        .run::<Q, _, _, _>("failing a job", || {
+                            store.fail(&job.id, worker, &error, None, 0.0)
+                        })
+                        .await
+                        .map_err(SchedError::queue)?;
+                    continue;
+                };
+                progress.job_started(&job.id, &job.label);
+                let (id, label) = (job.id.clone(), job.label.clone());
+                let fut = run_one(
+                    store.clone(),
+                    worker.clone(),
+                    job,
+                    handler,
+                    cfg.clone(),
+                    shutdown.clone(),
+                    progress.clone(),
+                );
+                running.spawn(async move { (id, label, fut.await) });
             }
-            _ = tokio::time::sleep(cfg.poll) => {}
+            if running.is_empty() {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                let (mut others_running, mut pending) = (0, 0);
+                for &study in studies {
+                    let (r, p) = retry
+                        .run::<Q, _, _, _>("counting outstanding jobs", || store.outstanding(study))
+                        .await
+                        .map_err(SchedError::queue)?;
+                    others_running += r;
+                    pending += p;
+                }
+                if others_running == 0 && pending == 0 {
+                    break;
+                }
+                // Work remains but none is claimable now: other processes hold it, a dependency
+                // is still running elsewhere, or a retry is backing off.
+                tokio::time::sleep(cfg.poll).await;
+                continue;
+            }
+            tokio::select! {
+                joined = running.join_next() => {
+                    if let Some(joined) = joined {
+                        let (id, label, outcome) = match joined {
+                            Ok(v) => v,
+                            Err(e) => { warn!("a job task ended abnormally: {e}"); continue; }
+                        };
+                        let outcome = outcome?;
+                        progress.job_finished(&id, &label, &outcome.describe());
+                        match outcome {
+                            Outcome::Completed => summary.completed += 1,
+                            Outcome::Failed(_) => summary.failed += 1,
+                            Outcome::Retrying(_) => summary.retried += 1,
+                            Outcome::Released | Outcome::LeaseLost => summary.interrupted += 1,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(cfg.poll) => {}
+            }
         }
+        summary.shutdown_requested = shutdown.is_cancelled();
+        log(store, &retry, None, worker, "info", "worker stopped").await?;
+        retry
+            .run::<Q, _, _, _>("recording that the worker stopped", || {
+                store.worker_stopped(worker)
+            })
+            .await
+            .map_err(SchedError::queue)?;
+        Ok(summary)
     }
-    summary.shutdown_requested = shutdown.is_cancelled();
-    store
-        .log_event(None, Some(&worker), "info", "worker stopped")
+    .instrument(span)
+    .await
+}
+
+/// Logs an event of the worker (and job), retrying a store outage.
+async fn log<Q: Queue>(
+    store: &Q,
+    retry: &StoreRetry,
+    job: Option<&JobId>,
+    worker: &WorkerId,
+    level: &str,
+    message: &str,
+) -> Result<(), SchedError> {
+    retry
+        .run::<Q, _, _, _>("logging an event", || {
+            store.log_event(job, Some(worker), level, message)
+        })
         .await
-        .map_err(SchedError::queue)?;
-    Ok(summary)
+        .map_err(SchedError::queue)
 }
 
 /// The end of one attempt.
@@ -394,7 +548,7 @@ pub enum Outcome {
     Completed,
     Retrying(String),
     Failed(String),
-    /// Handed back on shutdown without counting the attempt.
+    /// Handed back on a stop request as an interruption (the attempt is not counted).
     Released,
     /// Another worker took the job over; nothing recorded by us.
     LeaseLost,
@@ -424,22 +578,27 @@ async fn run_one<Q: Queue>(
     let span = tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt);
     async move {
         info!(label = %job.label, "started");
-        store
-            .log_event(
-                Some(&job.id),
-                Some(&worker),
-                "info",
-                &format!("attempt {} started", job.attempt),
-            )
-            .await
-            .map_err(SchedError::queue)?;
+        let retry = cfg.store_retry;
+        log(
+            &store,
+            &retry,
+            Some(&job.id),
+            &worker,
+            "info",
+            &format!("attempt {} started", job.attempt),
+        )
+        .await?;
         let started = Instant::now();
         let cancel = CancelFlag::new();
         let lease_lost = CancelFlag::new();
-        let sink = Arc::new(QueueSink {
-            store: store.clone(),
+        let lease = Lease {
             job: job.id.clone(),
             worker: worker.clone(),
+        };
+        let sink = Arc::new(QueueSink {
+            store: store.clone(),
+            lease: lease.clone(),
+            retry,
             handle: tokio::runtime::Handle::current(),
             progress: progress.clone(),
         });
@@ -449,6 +608,7 @@ async fn run_one<Q: Queue>(
             label: job.label.clone(),
             params: job.params.clone(),
             attempt: job.attempt,
+            lease,
             device: cfg.device,
             artifacts_dir: cfg.artifacts_dir.join(job.id.as_str()),
             sink,
@@ -471,14 +631,17 @@ async fn run_one<Q: Queue>(
         .await;
         keeper.abort();
         let seconds = started.elapsed().as_secs_f64();
-        if lease_lost.is_cancelled() {
+        let refused = matches!(&result, Ok(Err(e)) if e.lease_lost);
+        if lease_lost.is_cancelled() || refused {
             warn!("lease lost; another worker owns this job now");
             return Ok(Outcome::LeaseLost);
         }
         let outcome = match result {
             Ok(Ok(JobOutput::Done(summary))) => {
-                if store
-                    .complete(&job.id, &worker, &summary, seconds)
+                if retry
+                    .run::<Q, _, _, _>("completing a job", || {
+                        store.complete(&job.id, &worker, &summary, seconds)
+                    })
                     .await
                     .map_err(SchedError::queue)?
                 {
@@ -489,12 +652,23 @@ async fn run_one<Q: Queue>(
                 }
             }
             Ok(Ok(JobOutput::Interrupted)) => {
-                store
-                    .release(&job.id, &worker, seconds)
+                let reason = format!("interrupted: worker {worker} was told to stop");
+                match retry
+                    .run::<Q, _, _, _>("releasing a lease", || {
+                        store.release(&job.id, &worker, &reason, seconds)
+                    })
                     .await
-                    .map_err(SchedError::queue)?;
-                info!("interrupted; progress is saved");
-                Outcome::Released
+                    .map_err(SchedError::queue)?
+                {
+                    FailOutcome::WillRetry => {
+                        info!("interrupted; progress is saved");
+                        Outcome::Released
+                    }
+                    FailOutcome::Failed => {
+                        warn!("interrupted once too often; the job failed");
+                        Outcome::Failed(reason)
+                    }
+                }
             }
             Ok(Err(e)) => {
                 record_failure(
@@ -517,10 +691,15 @@ async fn run_one<Q: Queue>(
                 record_failure(&store, &job, &worker, &cfg, &msg, true, seconds).await?
             }
         };
-        store
-            .log_event(Some(&job.id), Some(&worker), "info", &outcome.describe())
-            .await
-            .map_err(SchedError::queue)?;
+        log(
+            &store,
+            &retry,
+            Some(&job.id),
+            &worker,
+            "info",
+            &outcome.describe(),
+        )
+        .await?;
         Ok(outcome)
     }
     .instrument(span)
@@ -550,8 +729,11 @@ async fn record_failure<Q: Queue>(
     let retry_after = retryable.then(|| cfg.backoff.after(job.attempt));
     let msg = format!("attempt {}/{}: {msg}", job.attempt, job.max_attempts);
     Ok(
-        match store
-            .fail(&job.id, worker, &msg, retry_after, seconds)
+        match cfg
+            .store_retry
+            .run::<Q, _, _, _>("recording a job failure", || {
+                store.fail(&job.id, worker, &msg, retry_after, seconds)
+            })
             .await
             .map_err(SchedError::queue)?
         {
@@ -594,7 +776,9 @@ async fn keep_lease<Q: Queue>(
                     cancel.cancel();
                     return;
                 }
-                // A busy database is transient: keep trying until the lease would run out.
+                // An unreachable or busy database: keep the job running and keep trying; if
+                // the lease runs out meanwhile and another worker takes the job, the first
+                // heartbeat (or write) after the outage finds out.
                 Err(e) => warn!("heartbeat failed: {e}"),
             }
         }
@@ -602,37 +786,60 @@ async fn keep_lease<Q: Queue>(
 }
 
 /// [`JobSink`] over a [`Queue`], bridging the handler's blocking thread to the async backend.
+/// Writes wait out store outages and are refused once the lease is lost.
 struct QueueSink<Q: Queue> {
     store: Q,
-    job: JobId,
-    worker: WorkerId,
+    lease: Lease,
+    retry: StoreRetry,
     handle: tokio::runtime::Handle,
     progress: Arc<dyn Progress>,
 }
 
+impl<Q: Queue> QueueSink<Q> {
+    fn held(&self, written: Result<bool, Q::Error>) -> Result<(), JobError> {
+        match written {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(JobError::lease_lost(&self.lease)),
+            Err(e) => Err(JobError::store(e)),
+        }
+    }
+}
+
 impl<Q: Queue> JobSink for QueueSink<Q> {
     fn progress(&self, done: u64, total: u64) -> Result<(), JobError> {
-        self.progress.job_progress(&self.job, done, total);
-        self.handle
-            .block_on(self.store.set_progress(&self.job, done, total))
-            .map_err(JobError::store)
+        self.progress.job_progress(&self.lease.job, done, total);
+        self.held(
+            self.handle
+                .block_on(self.retry.run::<Q, _, _, _>("recording progress", || {
+                    self.store.set_progress(&self.lease, done, total)
+                })),
+        )
     }
     fn event(&self, level: &str, message: &str) -> Result<(), JobError> {
         self.handle
-            .block_on(
-                self.store
-                    .log_event(Some(&self.job), Some(&self.worker), level, message),
-            )
+            .block_on(self.retry.run::<Q, _, _, _>("logging an event", || {
+                self.store.log_event(
+                    Some(&self.lease.job),
+                    Some(&self.lease.worker),
+                    level,
+                    message,
+                )
+            }))
             .map_err(JobError::store)
     }
     fn artifact(&self, artifact: &Artifact) -> Result<(), JobError> {
-        self.handle
-            .block_on(self.store.record_artifact(&self.job, artifact))
-            .map_err(JobError::store)
+        self.held(self.handle.block_on(
+            self.retry.run::<Q, _, _, _>("recording an artifact", || {
+                self.store.record_artifact(&self.lease, artifact)
+            }),
+        ))
     }
     fn dep_artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, JobError> {
         self.handle
-            .block_on(self.store.artifact(job, name))
+            .block_on(
+                self.retry
+                    .run::<Q, _, _, _>("looking up an artifact", || self.store.artifact(job, name)),
+            )
             .map_err(JobError::store)
     }
 }

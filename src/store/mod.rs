@@ -25,7 +25,8 @@ use serde::Serialize;
 
 use crate::plan::{JobId, Plan, ProgressUnit};
 pub use crate::queue::{
-    Abandoned, Artifact, Claimed, FailOutcome, JobState, Queue, StudyId, WorkerId,
+    Abandoned, Artifact, Claimed, FailOutcome, JobState, Lease, Queue, StudyId, WorkerId,
+    WorkerInfo,
 };
 pub use any::{open, AnyStore, DbLocation};
 pub use postgres::PgStore;
@@ -63,6 +64,36 @@ pub enum StoreError {
     /// A `--db` value that names no database (see [`DbLocation::parse`]).
     #[error("database location: {0}")]
     BadLocation(String),
+}
+
+impl StoreError {
+    /// Whether the error may go away by itself: the server unreachable or restarting, a
+    /// connection dropped, the pool out of connections for a while, a busy or locked SQLite
+    /// file, a serialization failure. Anything about the data or the schema is not.
+    pub fn is_transient(&self) -> bool {
+        let source = match self {
+            StoreError::Query { source, .. } | StoreError::Open { source, .. } => source,
+            _ => return false,
+        };
+        match source {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(d) => {
+                let code = d.code().map(|c| c.to_string()).unwrap_or_default();
+                // PostgreSQL: 08 connection exceptions, 57P0x shutdown/starting up, 53300 too
+                // many connections, 40001/40P01 serialization failure/deadlock.
+                let pg = code.starts_with("08")
+                    || code.starts_with("57P0")
+                    || matches!(code.as_str(), "53300" | "40001" | "40P01");
+                let msg = d.message().to_lowercase();
+                pg || msg.contains("database is locked") || msg.contains("database is busy")
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Extension to attach what the store was doing to a sqlx error.
@@ -124,6 +155,13 @@ pub struct JobStatus {
     pub started_at: Option<f64>,
     pub finished_at: Option<f64>,
     pub lease_owner: Option<String>,
+    /// Times a worker was stopped (signal, lost lease) while running the job; not attempts.
+    pub interruptions: u32,
+    pub max_interruptions: u32,
+    /// The machine that produced a finished job's results.
+    pub ran_host: Option<String>,
+    pub ran_cpu: Option<String>,
+    pub ran_device: Option<String>,
     pub error: Option<String>,
     pub result: Option<serde_json::Value>,
     /// The arithmetic the job's model runs in: `f32`, or `bf16` where the job asked for it.
@@ -137,6 +175,21 @@ impl JobStatus {
     pub fn is_training(&self) -> bool {
         self.unit == ProgressUnit::Epochs
     }
+}
+
+/// A worker process as `caf status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerRow {
+    pub id: String,
+    #[serde(flatten)]
+    pub info: WorkerInfo,
+    pub started_at: f64,
+    /// Its last heartbeat (or claim).
+    pub last_seen: f64,
+    /// When it said it stopped; `None` while it runs, or if it was killed without a word.
+    pub stopped_at: Option<f64>,
+    /// The jobs whose leases it holds now.
+    pub jobs: Vec<JobId>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -183,30 +236,40 @@ pub trait Store: Queue<Error = StoreError> {
     ) -> impl Future<Output = Result<StudyId, StoreError>> + Send;
     /// Resets failed jobs of the study to pending with fresh attempts.
     fn retry_failed(&self, study: StudyId) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Records a certified image of `job` under `lease` (the running job: `job` itself, or the
+    /// fused certification writing for it); `false` when the lease was lost (nothing
+    /// recorded). An image already recorded is kept as it is.
     fn record_cert(
         &self,
+        lease: &Lease,
         job: &JobId,
         row: &CertRow,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     fn cert_done(&self, job: &JobId) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+    /// As [`Store::record_cert`], for clean predictions.
     fn record_eval(
         &self,
+        lease: &Lease,
         job: &JobId,
         rows: &[EvalRow],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     fn eval_done(&self, job: &JobId) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
-    /// Records (or replaces, on a resumed run) one epoch's metrics of a training job.
+    /// Records (or replaces, on a resumed run) one epoch's metrics of a training job; `false`
+    /// when the lease was lost (nothing recorded).
     fn record_epoch(
         &self,
+        lease: &Lease,
         job: &JobId,
         epoch: u64,
         metrics: &serde_json::Value,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// A training job's per-epoch metrics in epoch order.
     fn epochs(
         &self,
         job: &JobId,
     ) -> impl Future<Output = Result<Vec<serde_json::Value>, StoreError>> + Send;
+    /// Every worker that registered, newest first, with the jobs each holds now.
+    fn workers(&self) -> impl Future<Output = Result<Vec<WorkerRow>, StoreError>> + Send;
     fn studies(&self) -> impl Future<Output = Result<Vec<StudyInfo>, StoreError>> + Send;
     fn study_by_name(
         &self,

@@ -4,7 +4,7 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{JobState, JobStatus, SlurmJob, StoreError, StudyId, StudyInfo};
+use super::{JobState, JobStatus, SlurmJob, StoreError, StudyId, StudyInfo, WorkerInfo, WorkerRow};
 use crate::plan::{JobId, ProgressUnit};
 
 /// A pending job is blocked when one of its deps failed or is itself blocked. The DAGs are
@@ -65,6 +65,11 @@ where
         started_at: get(row, "started_at", C)?,
         finished_at: get(row, "finished_at", C)?,
         lease_owner: get(row, "lease_owner", C)?,
+        interruptions: get::<R, i64>(row, "interruptions", C)? as u32,
+        max_interruptions: get::<R, i64>(row, "max_interruptions", C)? as u32,
+        ran_host: get(row, "ran_host", C)?,
+        ran_cpu: get(row, "ran_cpu", C)?,
+        ran_device: get(row, "ran_device", C)?,
         error: get(row, "error", C)?,
         result,
         precision: get(row, "precision", C)?,
@@ -90,6 +95,67 @@ where
         spec_sha256: get(row, "spec_sha256", C)?,
         spec_text: get(row, "spec_text", C)?,
     })
+}
+
+/// The columns of `jobs` a claim sets and `study_jobs` reads beyond the original ones, for both
+/// backends' SELECTs.
+pub(crate) const RUN_COLUMNS: &str =
+    "j.interruptions, j.max_interruptions, j.ran_host, j.ran_cpu, j.ran_device";
+
+/// The columns [`worker`] reads.
+pub(crate) const WORKER_COLUMNS: &str = "id, host, pid, cpu, device, slurm_job_id, \
+     slurm_array_job_id, slurm_array_task_id, studies, started_at, last_seen, stopped_at";
+
+/// A row of `workers` (its held jobs are filled in by the caller).
+pub(crate) fn worker<'r, R>(row: &'r R) -> Result<WorkerRow, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+    Option<f64>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const C: &str = "reading a worker row";
+    let studies: Option<String> = get(row, "studies", C)?;
+    let studies: Vec<i64> = match studies {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("worker studies JSON: {e}")))?,
+        None => Vec::new(),
+    };
+    Ok(WorkerRow {
+        id: get(row, "id", C)?,
+        info: WorkerInfo {
+            host: get(row, "host", C)?,
+            pid: get::<R, i64>(row, "pid", C)? as u32,
+            cpu: get::<R, Option<String>>(row, "cpu", C)?.unwrap_or_default(),
+            device: get::<R, Option<String>>(row, "device", C)?.unwrap_or_default(),
+            slurm_job_id: get(row, "slurm_job_id", C)?,
+            slurm_array_job_id: get(row, "slurm_array_job_id", C)?,
+            slurm_array_task_id: get(row, "slurm_array_task_id", C)?,
+            studies: studies.into_iter().map(StudyId).collect(),
+        },
+        started_at: get(row, "started_at", C)?,
+        last_seen: get(row, "last_seen", C)?,
+        stopped_at: get(row, "stopped_at", C)?,
+        jobs: Vec::new(),
+    })
+}
+
+/// The studies of a worker as stored (a JSON array of study ids).
+pub(crate) fn studies_json(info: &WorkerInfo) -> String {
+    serde_json::to_string(&info.studies.iter().map(|s| s.0).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into())
+}
+
+/// Attaches to each worker the jobs it holds (`(job, lease_owner)` pairs of running jobs).
+pub(crate) fn attach_jobs(workers: &mut [WorkerRow], held: Vec<(String, String)>) {
+    for (job, owner) in held {
+        if let Some(w) = workers.iter_mut().find(|w| w.id == owner) {
+            w.jobs.push(JobId::new(job));
+        }
+    }
 }
 
 /// A row of `slurm_jobs`.

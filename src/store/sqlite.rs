@@ -11,7 +11,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
-use super::rows::{self, BLOCKED_CTE};
+use super::rows::{self, BLOCKED_CTE, RUN_COLUMNS};
 use super::*;
 use crate::plan::{CellRecord, Job};
 
@@ -136,6 +136,19 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// Whether `lease.worker` still runs `lease.job`.
+    pub(super) async fn holds(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND lease_owner = ?",
+        )
+        .bind(lease.job.as_str())
+        .bind(&lease.worker.0)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("checking a lease")?;
+        Ok(held.is_some())
+    }
+
     async fn current_revision(&self, study: StudyId) -> Result<String, StoreError> {
         sqlx::query_scalar::<_, String>("SELECT spec_sha256 FROM studies WHERE id = ?")
             .bind(study.0)
@@ -145,32 +158,46 @@ impl SqliteStore {
     }
 }
 
-/// Inserts one certification row unless the (job, image) pair already has one.
+/// A condition true while the job (first bind) runs under the worker (second bind). SQLite
+/// runs one writer at a time, so the check and the write it guards are one atomic statement.
+pub(super) fn holds_lease(_first: usize) -> String {
+    "EXISTS (SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND lease_owner = ?)".into()
+}
+
+/// Inserts one certification row unless the (job, image) pair already has one, and (given a
+/// lease) only while the lease is held; whether a row was inserted.
 async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
     executor: E,
+    lease: Option<&Lease>,
     job: &JobId,
     r: &CertRow,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    // The upsert form needs a WHERE on its SELECT (SQLite's parsing ambiguity); `1 = 1` when
+    // there is no lease to check (imports).
+    let sql = format!(
         "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, idx) DO NOTHING",
-    )
-    .bind(job.as_str())
-    .bind(r.idx as i64)
-    .bind(r.label as i64)
-    .bind(r.predict)
-    .bind(r.radius)
-    .bind(r.correct as i64)
-    .bind(r.c_hat as i64)
-    .bind(r.n_a as i64)
-    .bind(r.n as i64)
-    .bind(r.n0 as i64)
-    .bind(r.alpha)
-    .bind(r.sigma)
-    .bind(r.seconds)
-    .execute(executor)
-    .await?;
-    Ok(())
+         SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {} ON CONFLICT (job_id, idx) DO NOTHING",
+        if lease.is_some() { holds_lease(14) } else { "1 = 1".to_string() }
+    );
+    let q = sqlx::query(AssertSqlSafe(sql))
+        .bind(job.as_str())
+        .bind(r.idx as i64)
+        .bind(r.label as i64)
+        .bind(r.predict)
+        .bind(r.radius)
+        .bind(r.correct as i64)
+        .bind(r.c_hat as i64)
+        .bind(r.n_a as i64)
+        .bind(r.n as i64)
+        .bind(r.n0 as i64)
+        .bind(r.alpha)
+        .bind(r.sigma)
+        .bind(r.seconds);
+    let q = match lease {
+        Some(l) => q.bind(l.job.as_str()).bind(&l.worker.0),
+        None => q,
+    };
+    Ok(q.execute(executor).await?.rows_affected() == 1)
 }
 
 /// Copies the imported (external) jobs and cells from revision `prev` to `rev`, after the plan's
@@ -371,7 +398,7 @@ impl Store for SqliteStore {
     async fn retry_failed(&self, study: StudyId) -> Result<u64, StoreError> {
         let rev = self.current_revision(study).await?;
         let r = sqlx::query(
-            "UPDATE jobs SET status = 'pending', attempts = 0, not_before = 0, error = NULL
+            "UPDATE jobs SET status = 'pending', attempts = 0, interruptions = 0, not_before = 0, error = NULL
              WHERE status = 'failed' AND id IN (SELECT job_id FROM study_jobs WHERE study_id = ? AND spec_sha256 = ?)",
         )
         .bind(study.0)
@@ -382,12 +409,18 @@ impl Store for SqliteStore {
         Ok(r.rows_affected())
     }
 
-    async fn record_cert(&self, job: &JobId, r: &CertRow) -> Result<(), StoreError> {
+    async fn record_cert(
+        &self,
+        lease: &Lease,
+        job: &JobId,
+        r: &CertRow,
+    ) -> Result<bool, StoreError> {
         // A result is final once written; a re-run of an in-flight image computes the same row.
-        insert_cert(&self.pool, job, r)
+        let inserted = insert_cert(&self.pool, Some(lease), job, r)
             .await
             .ctx("recording a certification result")?;
-        Ok(())
+        // Nothing inserted: the image was recorded before, or the lease is gone.
+        Ok(inserted || self.holds(lease).await?)
     }
 
     async fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
@@ -400,8 +433,30 @@ impl Store for SqliteStore {
         Ok(v.into_iter().map(|i| i as u64).collect())
     }
 
-    async fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+    async fn record_eval(
+        &self,
+        lease: &Lease,
+        job: &JobId,
+        rows: &[EvalRow],
+    ) -> Result<bool, StoreError> {
+        // IMMEDIATE: the lease check and the rows are one write transaction, so no other
+        // process can take the lease over between them.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("starting a transaction")?;
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND lease_owner = ?",
+        )
+        .bind(lease.job.as_str())
+        .bind(&lease.worker.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .ctx("checking a lease")?;
+        if held.is_none() {
+            return Ok(false);
+        }
         for r in rows {
             sqlx::query(
                 "INSERT INTO eval_results (job_id, idx, label, predict, correct) VALUES (?, ?, ?, ?, ?)
@@ -417,7 +472,7 @@ impl Store for SqliteStore {
             .ctx("recording an evaluation result")?;
         }
         tx.commit().await.ctx("committing evaluation results")?;
-        Ok(())
+        Ok(true)
     }
 
     async fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
@@ -432,22 +487,27 @@ impl Store for SqliteStore {
 
     async fn record_epoch(
         &self,
+        lease: &Lease,
         job: &JobId,
         epoch: u64,
         metrics: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO train_metrics (job_id, epoch, metrics, at) VALUES (?, ?, ?, ?)
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "INSERT INTO train_metrics (job_id, epoch, metrics, at) SELECT ?, ?, ?, ? WHERE {}
              ON CONFLICT (job_id, epoch) DO UPDATE SET metrics = excluded.metrics, at = excluded.at",
-        )
-        .bind(job.as_str())
-        .bind(epoch as i64)
-        .bind(metrics.to_string())
-        .bind(now_unix())
-        .execute(&self.pool)
-        .await
-        .ctx("recording epoch metrics")?;
-        Ok(())
+            holds_lease(5)
+        );
+        let r = sqlx::query(AssertSqlSafe(sql))
+            .bind(job.as_str())
+            .bind(epoch as i64)
+            .bind(metrics.to_string())
+            .bind(now_unix())
+            .bind(lease.job.as_str())
+            .bind(&lease.worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("recording epoch metrics")?;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn epochs(&self, job: &JobId) -> Result<Vec<serde_json::Value>, StoreError> {
@@ -463,6 +523,29 @@ impl Store for SqliteStore {
                     .map_err(|e| StoreError::Corrupt(format!("epoch metrics JSON: {e}")))
             })
             .collect()
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM workers ORDER BY started_at DESC, id",
+            rows::WORKER_COLUMNS
+        );
+        let found = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .ctx("listing workers")?;
+        let mut workers = found
+            .iter()
+            .map(rows::worker)
+            .collect::<Result<Vec<_>, _>>()?;
+        let held: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, lease_owner FROM jobs WHERE status = 'running' AND lease_owner IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing held leases")?;
+        rows::attach_jobs(&mut workers, held);
+        Ok(workers)
     }
 
     async fn studies(&self) -> Result<Vec<StudyInfo>, StoreError> {
@@ -494,7 +577,7 @@ impl Store for SqliteStore {
         let sql = format!(
             "{BLOCKED_CTE}
              SELECT j.id, j.kind, COALESCE(sj.label, j.label) AS label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
-                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit,
+                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit, {RUN_COLUMNS},
                     CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END AS blocked,
                     (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
              FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
@@ -654,7 +737,7 @@ impl Store for SqliteStore {
             .ctx("recording the imported cell")?;
         }
         for r in rows {
-            insert_cert(&mut *tx, &job.id, r)
+            insert_cert(&mut *tx, None, &job.id, r)
                 .await
                 .ctx("recording an imported row")?;
         }
