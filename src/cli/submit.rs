@@ -154,6 +154,38 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
+/// Writes `text` to `path`, or to `STEM-2.sbatch`, `STEM-3.sbatch`, … when it exists (two
+/// submits in one second), never replacing the script of an earlier submit; returns the path.
+fn write_new(path: &Path, text: &str) -> Result<PathBuf> {
+    let stem = path.with_extension("");
+    for n in 1..=1000u32 {
+        let p = if n == 1 {
+            path.to_path_buf()
+        } else {
+            let mut name = stem.clone().into_os_string();
+            name.push(format!("-{n}.sbatch"));
+            PathBuf::from(name)
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
+            Ok(mut f) => {
+                f.write_all(text.as_bytes())
+                    .with_context(|| format!("writing {}", p.display()))?;
+                return Ok(p);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("writing {}", p.display())),
+        }
+    }
+    bail!(
+        "{}: a thousand scripts of this second exist already",
+        path.display()
+    )
+}
+
 /// What sbatch is told besides the script: everything but the array size.
 struct Options {
     study: String,
@@ -337,12 +369,7 @@ pub async fn submit(a: SubmitArgs) -> Result<i32> {
     }
     let max = max_array_size()?;
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&script_path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .with_context(|| format!("writing {}", script_path.display()))?;
+    let script_path = write_new(&script_path, &text)?;
     let mut submitted = Vec::new();
     for tasks in array_chunks(a.array.min(runnable), max) {
         let argv = opts.argv(&script_path, tasks);
@@ -471,6 +498,17 @@ mod tests {
         let config = "Configuration data as of 2026-11-28T16:22:00\nMaxArraySize            = 1001\nMaxJobCount             = 10000\n";
         assert_eq!(parse_max_array_size(config), Some(1001));
         assert_eq!(parse_max_array_size("MaxJobCount = 3\n"), None);
+    }
+
+    #[test]
+    fn a_second_script_in_the_same_second_gets_its_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s-20261128T170341Z.sbatch");
+        assert_eq!(write_new(&p, "one").unwrap(), p);
+        let second = write_new(&p, "two").unwrap();
+        assert_eq!(second, dir.path().join("s-20261128T170341Z-2.sbatch"));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "one");
+        assert_eq!(std::fs::read_to_string(&second).unwrap(), "two");
     }
 
     #[test]
