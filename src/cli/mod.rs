@@ -1,6 +1,7 @@
 //! Command-line interface. `main` parses the flags (`args`) and hands each command to its own
 //! module. What commands share lives in modules that use no command: `exit` (exit codes, usage
-//! errors), `db` (opening `--db`, picking a study), `signals`, `cohen_tsv` and `model`. No
+//! errors), `db` (opening `--db`, picking a study), `study` (a spec's plan, loaded and
+//! recorded, for `run`, `plan --record` and `submit`), `signals`, `cohen_tsv` and `model`. No
 //! command uses another or this file, so each can change without touching the rest.
 
 /// `println!` that returns the write error instead of panicking: `caf … | head` closes the pipe

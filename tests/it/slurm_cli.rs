@@ -365,6 +365,60 @@ fn usr2_and_requeue_mid_job_lose_nothing() {
     assert_eq!(local, cluster);
 }
 
+/// The script's `#SBATCH --signal=B:USR2@LEAD` for real: with a one-minute walltime and a
+/// 50-second lead, Slurm warns the worker long before the limit, the worker hands its job back
+/// (one interruption, its finished images kept) and ends on its own rather than being killed
+/// at the walltime.
+#[test]
+fn the_walltime_warning_hands_the_job_back_before_the_limit() {
+    let (Some(conf), Some(url)) = (slurm(), fresh_database()) else {
+        return;
+    };
+    let dir = Dir::new();
+    // One certification of 100 images, minutes long: Slurm checks time limits only every
+    // ~30 s, so the warning due 10 s in may come up to 40 s in.
+    dir.write("s.yaml", &resnet_spec("slurm-walltime", "0.5", 10, 400, 1));
+    let submitted = caf(
+        &dir,
+        &conf,
+        &[
+            "submit",
+            "s.yaml",
+            "--slurm",
+            "--db",
+            &url,
+            "--time",
+            "1",
+            "--signal-lead",
+            "50",
+        ],
+    );
+    ok(&submitted);
+    let id = slurm_job_ids(&dir, &url).remove(0);
+    // Gone before the one-minute limit (plus Slurm's kill grace) could have ended it.
+    let started = std::time::Instant::now();
+    assert!(
+        wait_for_slurm_job(&conf, &id, Duration::from_secs(300)),
+        "{}",
+        worker_logs(dir.path())
+    );
+    let logs = worker_logs(dir.path());
+    assert!(logs.contains("stopped by a signal"), "{logs}");
+    assert!(!logs.contains("DUE TO TIME LIMIT"), "{logs}");
+    let v = status_json(&dir, &url);
+    let j = v[0]["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "certify")
+        .unwrap();
+    assert_eq!(j["interruptions"], 1, "{j:#} after {:?}", started.elapsed());
+    assert_eq!(j["state"], "pending", "{j:#}");
+    // Its finished images are kept for the next worker.
+    let done = j["progress_done"].as_u64().unwrap_or(0);
+    assert!(done >= 1 && done < 100, "{j:#}");
+}
+
 /// `--dry-run` needs no cluster and no database: it prints the script and the command, caps
 /// the array at the plan's jobs, never shows the database password and writes nothing.
 #[test]
