@@ -9,6 +9,8 @@
 #   scripts/services.sh env               # the same lines, for services already started
 #   scripts/services.sh stop              # stops them and deletes their files
 #   scripts/services.sh start postgres    # (or slurm) only one of them; the same for env/stop
+#   scripts/services.sh pause             # stops PostgreSQL but keeps its data: `start` brings
+#                                         # it back as it was (the outage tests use this)
 #
 # Only export lines go to stdout (so `eval` sees nothing else); progress goes to stderr.
 # Installs Debian's `postgresql`, and `slurmctld slurmd slurm-client munge` (Slurm 22.05 on
@@ -114,12 +116,22 @@ pg_stop() {
     rm -rf "$DATA" "$LOG" "$BASE/initdb.log"
 }
 
+# Stops the server (fast shutdown: open connections are cut, as in a real outage) and keeps
+# the data directory, so that `start` restarts the same cluster with every table intact.
+pg_pause() {
+    BIN=$(pg_bindir) || return 0
+    cd /
+    if pg_running; then
+        say "pausing postgresql on 127.0.0.1:$PORT (data kept in $DATA)"
+        as_pg "$BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
+    fi
+}
+
 pg_env() {
     BIN=$(pg_bindir) || { say "postgresql is not installed"; exit 1; }
     pg_running || { say "postgresql is not running (scripts/services.sh start)"; exit 1; }
     echo "export CAF_TEST_POSTGRES=$URL"
 }
-
 
 # --- Slurm -----------------------------------------------------------------------------------
 # One node (`caf1`, this machine at 127.0.0.1) in one partition (`debug`, the default). Its
@@ -320,13 +332,14 @@ for w in "${WHICH[@]}"; do
     case "$w" in
     postgres | slurm) ;;
     *)
-        echo "usage: $0 start|stop|env [postgres] [slurm]" >&2
+        echo "usage: $0 start|stop|env [postgres] [slurm] | pause" >&2
         exit 2
         ;;
     esac
 done
 
 case "${1:-}" in
+pause) ( pg_pause ) ;;
 start | env | stop)
     for w in "${WHICH[@]}"; do
         if [ "$w" = postgres ]; then
@@ -340,7 +353,7 @@ start | env | stop)
     fi
     ;;
 *)
-    echo "usage: $0 start|stop|env [postgres] [slurm]" >&2
+    echo "usage: $0 start|stop|env [postgres] [slurm] | pause" >&2
     exit 2
     ;;
 esac

@@ -1,10 +1,11 @@
-//! `caf status`: each job's state, progress, throughput and time left.
+//! `caf status`: each job's state, progress, throughput, time left and interruptions, and the
+//! workers serving each study (host, pid, Slurm ids, device, last heartbeat, jobs held).
 
 use std::io::Write;
 
 use anyhow::Result;
 
-use caf::store::{JobState, JobStatus, Queue, Store, StudyInfo};
+use caf::store::{JobState, JobStatus, Queue, Store, StudyInfo, WorkerRow};
 
 use super::args::StatusArgs;
 use super::db::open_existing_store;
@@ -69,11 +70,24 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         all.push((s.clone(), jobs));
     }
     let rate_eta = |j: &JobStatus| rate_eta(j, epochs.get(&j.id).map_or(&[], Vec::as_slice));
+    let workers = store.workers().await?;
+    // A study's workers: those started for it (or for every study), and any holding its jobs.
+    let serving = |s: &StudyInfo, jobs: &[JobStatus]| -> Vec<&WorkerRow> {
+        workers
+            .iter()
+            .filter(|w| {
+                w.info.studies.contains(&s.id)
+                    || w.jobs.iter().any(|id| jobs.iter().any(|j| &j.id == id))
+            })
+            .collect()
+    };
+    let now = caf::util::now_unix();
     let mut out = std::io::stdout().lock();
     if a.json {
         let v: Vec<_> = all
             .iter()
             .map(|(s, jobs)| {
+                let ws = serving(s, jobs);
                 let jobs: Vec<_> = jobs
                     .iter()
                     .map(|j| {
@@ -89,7 +103,10 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                         v
                     })
                     .collect();
-                serde_json::json!({ "study": s.name, "seed": s.seed, "spec_sha256": s.spec_sha256, "slurm_jobs": slurm.get(&s.name), "jobs": jobs })
+                serde_json::json!({
+                    "study": s.name, "seed": s.seed, "spec_sha256": s.spec_sha256, "jobs": jobs,
+                    "workers": ws, "slurm_jobs": slurm.get(&s.name),
+                })
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
@@ -116,8 +133,8 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         }
         writeln!(
             out,
-            "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  NOTE",
-            "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY"
+            "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  NOTE",
+            "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY", "INT"
         )?;
         for j in jobs {
             let (rate, eta) = rate_eta(j);
@@ -137,7 +154,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
             };
             writeln!(
                 out,
-                "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {}",
+                "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  {}",
                 j.id,
                 j.kind,
                 j.label.chars().take(30).collect::<String>(),
@@ -146,11 +163,63 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                 rate.map_or("-".into(), |r| format!("{r:.2}")),
                 eta.map_or("-".into(), fmt_secs),
                 j.attempts,
+                j.interruptions,
                 note
             )?;
         }
+        let ws = serving(s, jobs);
+        let live: Vec<&&WorkerRow> = ws.iter().filter(|w| w.stopped_at.is_none()).collect();
+        if !ws.is_empty() {
+            writeln!(
+                out,
+                "  workers: {} not stopped, {} stopped",
+                live.len(),
+                ws.len() - live.len()
+            )?;
+        }
+        if !live.is_empty() {
+            writeln!(
+                out,
+                "    {:<20}  {:>8}  {:<14}  {:<8}  {:>9}  {:<30}  JOBS",
+                "HOST", "PID", "SLURM", "DEVICE", "HEARTBEAT", "CPU"
+            )?;
+            for w in live {
+                writeln!(
+                    out,
+                    "    {:<20}  {:>8}  {:<14}  {:<8}  {:>9}  {:<30}  {}",
+                    w.info.host,
+                    w.info.pid,
+                    slurm_id(w),
+                    w.info.device,
+                    format!("{} ago", fmt_secs((now - w.last_seen).max(0.0))),
+                    w.info.cpu.chars().take(30).collect::<String>(),
+                    if w.jobs.is_empty() {
+                        "-".to_string()
+                    } else {
+                        w.jobs
+                            .iter()
+                            .map(|j| j.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    }
+                )?;
+            }
+        }
     }
     Ok(0)
+}
+
+/// A worker's Slurm identity: `ARRAYJOB_TASK` for an array task, else the job id, else `-`.
+fn slurm_id(w: &WorkerRow) -> String {
+    match (
+        &w.info.slurm_array_job_id,
+        &w.info.slurm_array_task_id,
+        &w.info.slurm_job_id,
+    ) {
+        (Some(a), Some(t), _) => format!("{a}_{t}"),
+        (_, _, Some(j)) => j.clone(),
+        _ => "-".into(),
+    }
 }
 
 #[cfg(test)]

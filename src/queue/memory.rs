@@ -192,6 +192,18 @@ impl MemoryQueue {
             .collect()
     }
 
+    /// Hands a running job's lease to `worker` for `lease`, as if its runner had been reaped and
+    /// another worker had claimed it (tests of a runner that lost its lease).
+    pub fn take_over(&self, job: &JobId, worker: &WorkerId, lease: Duration) {
+        let mut s = self.lock();
+        if let Some(&i) = s.index.get(job) {
+            let j = &mut s.jobs[i];
+            if j.state == JobState::Running {
+                j.lease = Some((worker.clone(), Instant::now() + lease));
+            }
+        }
+    }
+
     /// Sets every job's interruption cap (tests of the cap).
     pub fn set_max_interruptions(&self, cap: u32) {
         for j in self.lock().jobs.iter_mut() {

@@ -634,7 +634,17 @@ async fn run_one<Q: Queue>(
         let refused = matches!(&result, Ok(Err(e)) if e.lease_lost);
         if lease_lost.is_cancelled() || refused {
             warn!("lease lost; another worker owns this job now");
-            return Ok(Outcome::LeaseLost);
+            let outcome = Outcome::LeaseLost;
+            log(
+                &store,
+                &retry,
+                Some(&job.id),
+                &worker,
+                "warn",
+                &format!("{}; nothing recorded", outcome.describe()),
+            )
+            .await?;
+            return Ok(outcome);
         }
         let outcome = match result {
             Ok(Ok(JobOutput::Done(summary))) => {

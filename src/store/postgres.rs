@@ -113,7 +113,7 @@ impl PgStore {
     /// Whether `lease.worker` still runs `lease.job`.
     pub(super) async fn holds(&self, lease: &Lease) -> Result<bool, StoreError> {
         let held: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM jobs WHERE id = $1 AND status = 'running' AND lease_owner = $2",
+            "SELECT 1::BIGINT FROM jobs WHERE id = $1 AND status = 'running' AND lease_owner = $2",
         )
         .bind(lease.job.as_str())
         .bind(&lease.worker.0)

@@ -8,3 +8,4 @@ mod resume;
 mod slurm_cli;
 mod spec_cli;
 mod train;
+mod worker_cli;
