@@ -16,6 +16,9 @@ pub struct Cli {
 pub enum Command {
     /// Run a study: plan it, record it in the store, run every job not yet done (resumes).
     Run(RunArgs),
+    /// Record a study and start its workers on a cluster: Slurm job arrays of `caf worker`
+    /// sharing one PostgreSQL store.
+    Submit(SubmitArgs),
     /// Expand a study into its job DAG and print it (nothing is written unless --record).
     Plan(PlanArgs),
     /// Run jobs of studies already recorded in --db (by `caf plan --record`, `caf run` or `caf
@@ -74,6 +77,74 @@ pub struct RunArgs {
     /// No progress bars or per-job lines.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Study spec (YAML).
+    pub spec: PathBuf,
+    /// The store every worker shares: a PostgreSQL URL (it reaches the workers in their
+    /// environment as CAF_DB, never on a command line).
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Submit to Slurm with sbatch (the only cluster scheduler caf submits to, so required).
+    #[arg(long)]
+    pub slurm: bool,
+    /// Workers to start: array tasks, capped at the study's runnable jobs; past the cluster's
+    /// MaxArraySize, several arrays.
+    #[arg(long, default_value_t = 1)]
+    pub array: u64,
+    /// sbatch --partition.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// sbatch --time: each worker's walltime (jobs cut by it resume in another worker).
+    #[arg(long)]
+    pub time: Option<String>,
+    /// sbatch --gres, e.g. gpu:1.
+    #[arg(long)]
+    pub gres: Option<String>,
+    /// sbatch --cpus-per-task.
+    #[arg(long)]
+    pub cpus_per_task: Option<u32>,
+    /// sbatch --mem, e.g. 16G.
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// sbatch --account.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// sbatch --qos.
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Any other sbatch option, one per flag: `--sbatch-arg=--constraint=a100`. Options that
+    /// set --array, --signal or --requeue are refused (caf sets those).
+    #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub sbatch_args: Vec<String>,
+    /// The caf binary the workers run (default: this one), e.g. a copy on the shared
+    /// filesystem: compute nodes need not have caf on their PATH.
+    #[arg(long, value_name = "PATH")]
+    pub caf: Option<PathBuf>,
+    /// Seconds before the walltime at which Slurm sends SIGUSR2, so a worker hands its job
+    /// back (training after a checkpoint) before it is killed.
+    #[arg(long, default_value_t = 120)]
+    pub signal_lead: u32,
+    /// Print the sbatch script and command without recording, writing or submitting anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Concurrent job slots in each worker.
+    #[arg(long, default_value_t = 1)]
+    pub slots: usize,
+    /// Each worker's device: cpu, or cuda:N (with --gres gpu:1, cuda:0 is the GPU Slurm gave).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Where jobs write files: a directory on the filesystem every node shares.
+    #[arg(long, default_value = "runs/artifacts")]
+    pub artifacts: PathBuf,
+    /// Workers' lease: seconds without a heartbeat after which another worker takes a job over.
+    #[arg(long)]
+    pub lease_secs: Option<f64>,
+    /// Give failed jobs a fresh set of attempts.
+    #[arg(long)]
+    pub retry_failed: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! Command-line interface. `main` parses the flags (`args`) and hands each command to its own
 //! module. What commands share lives in modules that use no command: `exit` (exit codes, usage
-//! errors), `db` (opening `--db`, picking a study), `signals`, `cohen_tsv` and `model`. No
+//! errors), `db` (opening `--db`, picking a study), `study` (a spec's plan, loaded and
+//! recorded, for `run`, `plan --record` and `submit`), `signals`, `cohen_tsv` and `model`. No
 //! command uses another or this file, so each can change without touching the rest.
 
 /// `println!` that returns the write error instead of panicking: `caf … | head` closes the pipe
@@ -18,6 +19,7 @@ mod db;
 mod exit;
 mod model;
 mod signals;
+mod study;
 
 mod bench;
 mod certify;
@@ -27,6 +29,7 @@ mod import;
 mod report;
 mod run;
 mod status;
+mod submit;
 
 use std::io::IsTerminal;
 
@@ -52,6 +55,7 @@ pub fn main() -> i32 {
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(a) => runtime()?.block_on(run::run(a)),
+        Command::Submit(a) => runtime()?.block_on(submit::submit(a)),
         Command::Plan(a) if a.record => runtime()?.block_on(run::plan_record(a)),
         Command::Plan(a) => run::plan(a),
         Command::Worker(a) => runtime()?.block_on(run::worker(a)),

@@ -14,19 +14,13 @@ use caf::plan::Plan;
 use caf::sched::{
     self, CancelFlag, LogProgress, Progress, RunSummary, SchedConfig, TerminalProgress,
 };
-use caf::spec::Spec;
 use caf::store::{AnyStore, JobState, Store, StudyId};
 
 use super::args::{PlanArgs, RetryArgs, RunArgs, WorkerArgs};
-use super::db::{open_existing_store, open_store};
+use super::db::open_existing_store;
 use super::exit::{self, usage};
 use super::signals::{self, Notices};
-
-/// Loads and plans a spec; any problem with it is a usage error (exit 2, nothing written).
-fn load_plan(path: &Path) -> Result<Plan> {
-    let spec = Spec::load(path).map_err(|e| usage(e.to_string()))?;
-    Plan::from_spec(&spec, &methods::planner()).map_err(|e| usage(e.to_string()))
-}
+use super::study::{load_plan, record};
 
 /// The scheduler settings `run` and `worker` share; bad values are usage errors.
 fn sched_config(
@@ -90,14 +84,7 @@ async fn work(
 pub async fn run(a: RunArgs) -> Result<i32> {
     let plan = load_plan(&a.spec)?;
     let cfg = sched_config(a.workers, a.device, a.lease_secs, &a.artifacts, "--workers")?;
-    let store = open_store(&a.db.db).await?;
-    let study = store.register_plan(&plan).await?;
-    if a.retry_failed {
-        let n = store.retry_failed(study).await?;
-        if n > 0 {
-            eprintln!("retrying {n} failed job(s)");
-        }
-    }
+    let (store, study) = record(&plan, &a.db.db, a.retry_failed).await?;
     let summary = work(&store, &[study], cfg, a.quiet).await?;
     let jobs = store.study_jobs(study).await?;
     let done = jobs.iter().filter(|j| j.state == JobState::Done).count();
@@ -182,8 +169,7 @@ pub async fn worker(a: WorkerArgs) -> Result<i32> {
 /// `caf plan --record`: prints the plan and records it in --db without running anything.
 pub async fn plan_record(a: PlanArgs) -> Result<i32> {
     let plan = load_plan(&a.spec)?;
-    let store = open_store(&a.db.db).await?;
-    store.register_plan(&plan).await?;
+    record(&plan, &a.db.db, false).await?;
     print_plan(&plan, a.json)?;
     eprintln!(
         "recorded study {} ({} jobs) in {}; run it with: caf worker --db {} --study {}",

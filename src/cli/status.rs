@@ -55,7 +55,9 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
     let mut all = Vec::new();
     let mut weights = std::collections::HashMap::new();
     let mut epochs = std::collections::HashMap::new();
+    let mut slurm = std::collections::HashMap::new();
     for s in &studies {
+        slurm.insert(s.name.clone(), store.slurm_jobs(s.id).await?);
         let jobs = store.study_jobs(s.id).await?;
         for j in &jobs {
             if let Some(a) = store.artifact(&j.id, caf::methods::source::WEIGHTS).await? {
@@ -103,7 +105,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                     .collect();
                 serde_json::json!({
                     "study": s.name, "seed": s.seed, "spec_sha256": s.spec_sha256, "jobs": jobs,
-                    "workers": ws,
+                    "workers": ws, "slurm_jobs": slurm.get(&s.name),
                 })
             })
             .collect();
@@ -122,6 +124,13 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
             jobs.len(),
             &s.spec_sha256[..12.min(s.spec_sha256.len())]
         )?;
+        if let Some(sj) = slurm.get(&s.name).filter(|v| !v.is_empty()) {
+            let shown: Vec<String> = sj
+                .iter()
+                .map(|j| format!("{} ({} workers)", j.job_id, j.array_tasks))
+                .collect();
+            writeln!(out, "  slurm jobs: {}", shown.join(", "))?;
+        }
         writeln!(
             out,
             "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  NOTE",

@@ -287,6 +287,14 @@ impl Store for AnyStore {
     ) -> Result<Vec<(JobId, CertRow)>, StoreError> {
         delegate!(self, s => s.study_cert_results(study))
     }
+
+    async fn record_slurm_job(&self, study: StudyId, job: &SlurmJob) -> Result<(), StoreError> {
+        delegate!(self, s => s.record_slurm_job(study, job))
+    }
+
+    async fn slurm_jobs(&self, study: StudyId) -> Result<Vec<SlurmJob>, StoreError> {
+        delegate!(self, s => s.slurm_jobs(study))
+    }
 }
 
 #[cfg(test)]

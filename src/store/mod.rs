@@ -202,6 +202,18 @@ pub struct StudyInfo {
     pub spec_text: String,
 }
 
+/// One `sbatch` that `caf submit --slurm` ran for a study: an array of workers.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SlurmJob {
+    /// As `sbatch --parsable` printed it: `ID`, or `ID;CLUSTER` on a federation.
+    pub job_id: String,
+    pub array_tasks: u64,
+    /// The sbatch script it ran.
+    pub script: String,
+    /// Unix seconds.
+    pub submitted_at: f64,
+}
+
 /// One result job of one grid cell (see [`crate::plan::CellRecord`]).
 #[derive(Clone, Debug, Serialize)]
 pub struct CellRow {
@@ -288,4 +300,15 @@ pub trait Store: Queue<Error = StoreError> {
         &self,
         study: StudyId,
     ) -> impl Future<Output = Result<Vec<(JobId, CertRow)>, StoreError>> + Send;
+    /// Records a Slurm job submitted for the study (recording the same id again changes nothing).
+    fn record_slurm_job(
+        &self,
+        study: StudyId,
+        job: &SlurmJob,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The study's Slurm jobs in submission order.
+    fn slurm_jobs(
+        &self,
+        study: StudyId,
+    ) -> impl Future<Output = Result<Vec<SlurmJob>, StoreError>> + Send;
 }

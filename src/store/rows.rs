@@ -4,7 +4,7 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{JobState, JobStatus, StoreError, StudyId, StudyInfo, WorkerInfo, WorkerRow};
+use super::{JobState, JobStatus, SlurmJob, StoreError, StudyId, StudyInfo, WorkerInfo, WorkerRow};
 use crate::plan::{JobId, ProgressUnit};
 
 /// A pending job is blocked when one of its deps failed or is itself blocked. The DAGs are
@@ -156,4 +156,22 @@ pub(crate) fn attach_jobs(workers: &mut [WorkerRow], held: Vec<(String, String)>
             w.jobs.push(JobId::new(job));
         }
     }
+}
+
+/// A row of `slurm_jobs`.
+pub(crate) fn slurm_job<'r, R>(row: &'r R) -> Result<SlurmJob, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const C: &str = "reading a Slurm job row";
+    Ok(SlurmJob {
+        job_id: get(row, "slurm_job_id", C)?,
+        array_tasks: get::<R, i64>(row, "array_tasks", C)? as u64,
+        script: get(row, "script", C)?,
+        submitted_at: get(row, "submitted_at", C)?,
+    })
 }

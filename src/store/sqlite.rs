@@ -820,6 +820,34 @@ impl Store for SqliteStore {
         }
         Ok(out)
     }
+
+    async fn record_slurm_job(&self, study: StudyId, job: &SlurmJob) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO slurm_jobs (study_id, slurm_job_id, array_tasks, script, submitted_at)
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (study_id, slurm_job_id) DO NOTHING",
+        )
+        .bind(study.0)
+        .bind(&job.job_id)
+        .bind(job.array_tasks as i64)
+        .bind(&job.script)
+        .bind(job.submitted_at)
+        .execute(&self.pool)
+        .await
+        .ctx("recording a Slurm job")?;
+        Ok(())
+    }
+
+    async fn slurm_jobs(&self, study: StudyId) -> Result<Vec<SlurmJob>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT slurm_job_id, array_tasks, script, submitted_at FROM slurm_jobs
+             WHERE study_id = ? ORDER BY submitted_at, slurm_job_id",
+        )
+        .bind(study.0)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing the study's Slurm jobs")?;
+        rows.iter().map(rows::slurm_job).collect()
+    }
 }
 
 #[cfg(test)]

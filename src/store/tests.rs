@@ -38,7 +38,39 @@ on_every_backend!(
     a_shared_job_keeps_each_studys_label,
     a_plans_progress_unit_is_what_status_reads,
     a_jobs_precision_comes_from_its_params,
+    slurm_jobs_are_recorded_once_per_study_in_order,
 );
+
+async fn slurm_jobs_are_recorded_once_per_study_in_order(f: impl Fixture) {
+    let s = f.open().await;
+    let one = s
+        .register_plan(&plan("one", vec![job("a", &[])]))
+        .await
+        .unwrap();
+    let two = s
+        .register_plan(&plan("two", vec![job("b", &[])]))
+        .await
+        .unwrap();
+    assert!(s.slurm_jobs(one).await.unwrap().is_empty());
+    let first = SlurmJob {
+        job_id: "1041".into(),
+        array_tasks: 1001,
+        script: "/runs/slurm/one-20261128T120000Z.sbatch".into(),
+        submitted_at: 100.0,
+    };
+    let second = SlurmJob {
+        job_id: "1042;east".into(),
+        array_tasks: 7,
+        submitted_at: 100.5,
+        ..first.clone()
+    };
+    // Recorded out of order, and the first twice (a retried recording).
+    s.record_slurm_job(one, &second).await.unwrap();
+    s.record_slurm_job(one, &first).await.unwrap();
+    s.record_slurm_job(one, &first).await.unwrap();
+    assert_eq!(s.slurm_jobs(one).await.unwrap(), [first, second]);
+    assert!(s.slurm_jobs(two).await.unwrap().is_empty());
+}
 
 async fn claims_follow_dependencies_and_plan_order(f: impl Fixture) {
     let s = f.open().await;

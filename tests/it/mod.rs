@@ -5,6 +5,7 @@ mod layering;
 mod postgres_cli;
 mod report_cli;
 mod resume;
+mod slurm_cli;
 mod spec_cli;
 mod train;
 mod worker_cli;

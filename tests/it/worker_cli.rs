@@ -246,7 +246,8 @@ impl OwnServer {
         std::process::Command::new(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/services.sh"),
         )
-        .arg(what)
+        // PostgreSQL only: the shared Slurm of the other tests keeps its ports.
+        .args([what, "postgres"])
         .env("CAF_SERVICES_DIR", self.dir.path().join("svc"))
         .env("CAF_PG_PORT", &self.port)
         .output()
