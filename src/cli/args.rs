@@ -34,8 +34,36 @@ pub enum Command {
     Certify(CertifyArgs),
     /// Clean accuracy of a model on a CIFAR-10 split.
     Eval(EvalArgs),
-    /// Measure throughput of caf's numerical core.
+    /// Measure throughput of caf's numerical core, and of its job queue.
     Bench(BenchArgs),
+    /// Work on whole databases: copy studies between them.
+    Db(DbArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    #[command(subcommand)]
+    pub what: DbWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbWhat {
+    /// Copy whole studies (spec, cells, jobs with their states and attempts, every result,
+    /// training metrics, events, artifact records) from one database to another, e.g. from
+    /// a cluster's PostgreSQL to a laptop's SQLite file. A study the destination holds with
+    /// the same content is left alone; one with different content is refused.
+    Copy(DbCopyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbCopyArgs {
+    /// Source database: an SQLite file (a path or sqlite:PATH) or a PostgreSQL URL.
+    pub src: PathBuf,
+    /// Destination database (an SQLite file is created if missing).
+    pub dst: PathBuf,
+    /// Study to copy (repeatable; default: every study of the source).
+    #[arg(long = "study", value_name = "NAME")]
+    pub studies: Vec<String>,
 }
 
 #[derive(Debug, Args)]

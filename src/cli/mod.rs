@@ -21,6 +21,7 @@ mod signals;
 
 mod bench;
 mod certify;
+mod copy;
 mod eval;
 mod export;
 mod import;
@@ -57,6 +58,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Certify(a) => certify::certify(a),
         Command::Eval(a) => eval::eval(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Db(a) => match a.what {
+            args::DbWhat::Copy(c) => runtime()?.block_on(copy::copy(c)),
+        },
     }
 }
 

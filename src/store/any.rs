@@ -260,6 +260,14 @@ impl Store for AnyStore {
     ) -> Result<Vec<(JobId, CertRow)>, StoreError> {
         delegate!(self, s => s.study_cert_results(study))
     }
+
+    async fn dump_study(&self, name: &str) -> Result<Option<StudyDump>, StoreError> {
+        delegate!(self, s => s.dump_study(name))
+    }
+
+    async fn load_study(&self, dump: &StudyDump) -> Result<CopyOutcome, StoreError> {
+        delegate!(self, s => s.load_study(dump))
+    }
 }
 
 #[cfg(test)]
