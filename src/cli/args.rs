@@ -292,6 +292,27 @@ pub enum BenchWhat {
     Forward(BenchForwardArgs),
     /// One training step (noisy batch, forward, cross-entropy, backward, optimizer update).
     TrainStep(BenchTrainArgs),
+    /// Claim → complete throughput of trivial jobs through a store's job queue, and through
+    /// the scheduler around it (writes two bench studies into --db: use a scratch database).
+    Queue(BenchQueueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchQueueArgs {
+    /// Database to bench: an SQLite file (a path or sqlite:PATH) or a PostgreSQL URL.
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Concurrent claim loops (and scheduler slots), all in this process.
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+    /// Jobs per phase.
+    #[arg(long, default_value_t = 10000)]
+    pub jobs: usize,
+    /// Only the queue phase, without the scheduler around it.
+    #[arg(long)]
+    pub queue_only: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
