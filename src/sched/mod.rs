@@ -294,8 +294,19 @@ pub async fn run_study<Q: Queue>(
     let kinds = registry.kinds();
     let mut summary = RunSummary::default();
     let mut running: JoinSet<(JobId, String, Result<Outcome, SchedError>)> = JoinSet::new();
+    let mut reaped: Option<Instant> = None;
     loop {
-        for a in store.reap_expired().await.map_err(SchedError::queue)? {
+        // A lease expires only after `cfg.lease` without a heartbeat, so looking once per poll
+        // interval finds it as soon as an idle loop would; before every claim, it was a write
+        // per job (a sweep of short jobs spent a tenth of its overhead on it).
+        let reap_now = reaped.is_none_or(|t| t.elapsed() >= cfg.poll);
+        let expired = if reap_now {
+            reaped = Some(Instant::now());
+            store.reap_expired().await.map_err(SchedError::queue)?
+        } else {
+            Vec::new()
+        };
+        for a in expired {
             let what = match a.outcome {
                 FailOutcome::WillRetry => "will re-run",
                 FailOutcome::Failed => "out of attempts, failed",
@@ -424,15 +435,20 @@ async fn run_one<Q: Queue>(
     let span = tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt);
     async move {
         info!(label = %job.label, "started");
-        store
-            .log_event(
-                Some(&job.id),
-                Some(&worker),
-                "info",
-                &format!("attempt {} started", job.attempt),
-            )
-            .await
-            .map_err(SchedError::queue)?;
+        // Routine events cost a store write each, a third of a short job's overhead: the job
+        // row already says when its first attempt started and that it finished. Events keep
+        // what the row cannot: later attempts, and every end other than success.
+        if job.attempt > 1 {
+            store
+                .log_event(
+                    Some(&job.id),
+                    Some(&worker),
+                    "info",
+                    &format!("attempt {} started", job.attempt),
+                )
+                .await
+                .map_err(SchedError::queue)?;
+        }
         let started = Instant::now();
         let cancel = CancelFlag::new();
         let lease_lost = CancelFlag::new();
@@ -517,10 +533,12 @@ async fn run_one<Q: Queue>(
                 record_failure(&store, &job, &worker, &cfg, &msg, true, seconds).await?
             }
         };
-        store
-            .log_event(Some(&job.id), Some(&worker), "info", &outcome.describe())
-            .await
-            .map_err(SchedError::queue)?;
+        if outcome != Outcome::Completed || job.attempt > 1 {
+            store
+                .log_event(Some(&job.id), Some(&worker), "info", &outcome.describe())
+                .await
+                .map_err(SchedError::queue)?;
+        }
         Ok(outcome)
     }
     .instrument(span)
