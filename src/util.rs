@@ -137,7 +137,11 @@ mod tests {
             .expect("list")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(left, ["weights.safetensors"], "no temporary file is left behind");
+        assert_eq!(
+            left,
+            ["weights.safetensors"],
+            "no temporary file is left behind"
+        );
         let err = super::write_atomic(&dir.path().join("missing/x"), b"x").unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
         assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 1);

@@ -225,7 +225,10 @@ mod tests {
             bytes: 7,
         })
         .expect("record");
-        assert_eq!(trained_weights(&sink, &job).expect("the recorded file"), path);
+        assert_eq!(
+            trained_weights(&sink, &job).expect("the recorded file"),
+            path
+        );
 
         // Changed bytes: refused at once, naming this host and the file.
         std::fs::write(&path, b"tampered").expect("overwrite");
@@ -240,7 +243,8 @@ mod tests {
         let e = trained_weights(&sink, &job).unwrap_err();
         assert!(!e.retryable, "{e}");
         assert!(
-            e.message.contains(&format!("host {host} cannot read {}", path.display())),
+            e.message
+                .contains(&format!("host {host} cannot read {}", path.display())),
             "{e}"
         );
         assert!(e.message.contains("every worker sees"), "{e}");
