@@ -400,7 +400,11 @@ pub(crate) fn first_difference(
     study_too: bool,
 ) -> Option<String> {
     if study_too {
-        if let Some(d) = row_difference(&STUDIES, &[src.study.clone()], &[dst.study.clone()]) {
+        if let Some(d) = row_difference(
+            &STUDIES,
+            std::slice::from_ref(&src.study),
+            std::slice::from_ref(&dst.study),
+        ) {
             return Some(d);
         }
     }
