@@ -41,8 +41,36 @@ pub enum Command {
     Certify(CertifyArgs),
     /// Clean accuracy of a model on a CIFAR-10 split.
     Eval(EvalArgs),
-    /// Measure throughput of caf's numerical core.
+    /// Measure throughput of caf's numerical core, and of its job queue.
     Bench(BenchArgs),
+    /// Work on whole databases: copy studies between them.
+    Db(DbArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    #[command(subcommand)]
+    pub what: DbWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbWhat {
+    /// Copy whole studies (spec, cells, jobs with their states and attempts, every result,
+    /// training metrics, events, artifact records) from one database to another, e.g. from
+    /// a cluster's PostgreSQL to a laptop's SQLite file. A study the destination holds with
+    /// the same content is left alone; one with different content is refused.
+    Copy(DbCopyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbCopyArgs {
+    /// Source database: an SQLite file (a path or sqlite:PATH) or a PostgreSQL URL.
+    pub src: PathBuf,
+    /// Destination database (an SQLite file is created if missing).
+    pub dst: PathBuf,
+    /// Study to copy (repeatable; default: every study of the source).
+    #[arg(long = "study", value_name = "NAME")]
+    pub studies: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -370,6 +398,27 @@ pub enum BenchWhat {
     Forward(BenchForwardArgs),
     /// One training step (noisy batch, forward, cross-entropy, backward, optimizer update).
     TrainStep(BenchTrainArgs),
+    /// Claim → complete throughput of trivial jobs through a store's job queue, and through
+    /// the scheduler around it (writes two bench studies into --db: use a scratch database).
+    Queue(BenchQueueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchQueueArgs {
+    /// Database to bench: an SQLite file (a path or sqlite:PATH) or a PostgreSQL URL.
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Concurrent claim loops (and scheduler slots), all in this process.
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+    /// Jobs per phase.
+    #[arg(long, default_value_t = 10000)]
+    pub jobs: usize,
+    /// Only the queue phase, without the scheduler around it.
+    #[arg(long)]
+    pub queue_only: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

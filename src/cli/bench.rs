@@ -6,9 +6,13 @@ use anyhow::{bail, Result};
 
 use caf::models::{self, Arch, Normalize};
 
+use caf::store::{AnyStore, DbLocation, PgStore};
+
 use super::args::{
-    BenchArgs, BenchForwardArgs, BenchMethod, BenchTrainArgs, BenchWhat, DatasetArg, ModelArgs,
+    BenchArgs, BenchForwardArgs, BenchMethod, BenchQueueArgs, BenchTrainArgs, BenchWhat,
+    DatasetArg, ModelArgs,
 };
+use super::db::{open_store, shown};
 use super::exit::usage;
 use super::model::{load_classifier, parse_arch};
 
@@ -16,7 +20,59 @@ pub fn bench(a: BenchArgs) -> Result<i32> {
     match a.what {
         BenchWhat::Forward(f) => bench_forward(f),
         BenchWhat::TrainStep(t) => bench_train_step(t),
+        // Async: `main` runs it on the runtime (`bench_queue`).
+        BenchWhat::Queue(q) => bail!(usage(format!(
+            "bench queue --db {} must run on the async runtime",
+            shown(&q.db)
+        ))),
     }
+}
+
+/// `caf bench queue`: see [`caf::bench::queue`].
+pub async fn bench_queue(q: BenchQueueArgs) -> Result<i32> {
+    if q.workers == 0 || q.jobs == 0 {
+        bail!(usage("--workers and --jobs must be at least 1"));
+    }
+    let store =
+        match DbLocation::parse(&q.db.to_string_lossy()).map_err(|e| usage(e.to_string()))? {
+            // One connection per claim loop, and one for the scheduler's heartbeats.
+            DbLocation::Postgres(url) => {
+                AnyStore::Postgres(PgStore::open_with(&url, q.workers as u32 + 1).await?)
+            }
+            DbLocation::Sqlite(_) => open_store(&q.db).await?,
+        };
+    let r = caf::bench::queue::bench_queue(store.clone(), q.workers, q.jobs, !q.queue_only)
+        .await
+        .map_err(|e| match e {
+            caf::bench::queue::QueueBenchError::Invalid(m) => usage(m),
+            other => other.into(),
+        })?;
+    outln!(
+        "{} ({}), {} workers, {} jobs per phase; recording a phase's study took {:.2} s",
+        shown(&q.db),
+        store.backend(),
+        r.workers,
+        r.queue.jobs,
+        r.register_seconds
+    );
+    let line = |name: &str, p: &caf::bench::queue::Phase| {
+        format!(
+            "{name:<6} {:>9.0} jobs/s  {:>7.3} ms wall/job{}",
+            p.jobs_per_sec,
+            p.wall_ms_per_job,
+            p.latency_ms_per_job
+                .map(|l| format!("  {l:.3} ms claim+complete/job per worker"))
+                .unwrap_or_default()
+        )
+    };
+    outln!("{}", line("queue", &r.queue));
+    if let Some(s) = &r.sched {
+        outln!("{}", line("sched", s));
+    }
+    if q.json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    Ok(0)
 }
 
 fn default_weights(arch: Arch) -> Option<PathBuf> {

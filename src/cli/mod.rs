@@ -23,6 +23,7 @@ mod study;
 
 mod bench;
 mod certify;
+mod copy;
 mod eval;
 mod export;
 mod import;
@@ -66,7 +67,13 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Import(a) => runtime()?.block_on(import::import(a)),
         Command::Certify(a) => certify::certify(a),
         Command::Eval(a) => eval::eval(a),
+        Command::Bench(args::BenchArgs {
+            what: args::BenchWhat::Queue(q),
+        }) => runtime()?.block_on(bench::bench_queue(q)),
         Command::Bench(a) => bench::bench(a),
+        Command::Db(a) => match a.what {
+            args::DbWhat::Copy(c) => runtime()?.block_on(copy::copy(c)),
+        },
     }
 }
 

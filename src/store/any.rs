@@ -295,6 +295,14 @@ impl Store for AnyStore {
     async fn slurm_jobs(&self, study: StudyId) -> Result<Vec<SlurmJob>, StoreError> {
         delegate!(self, s => s.slurm_jobs(study))
     }
+
+    async fn dump_study(&self, name: &str) -> Result<Option<StudyDump>, StoreError> {
+        delegate!(self, s => s.dump_study(name))
+    }
+
+    async fn load_study(&self, dump: &StudyDump) -> Result<CopyOutcome, StoreError> {
+        delegate!(self, s => s.load_study(dump))
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@
 //! results are marked as such when they are imported.
 
 pub mod any;
+pub mod copy;
+#[cfg(test)]
+mod copy_tests;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
@@ -29,6 +32,7 @@ pub use crate::queue::{
     WorkerInfo,
 };
 pub use any::{open, AnyStore, DbLocation};
+pub use copy::{CopyOutcome, StudyDump};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -61,6 +65,9 @@ pub enum StoreError {
     },
     #[error("corrupt value in the store: {0}")]
     Corrupt(String),
+    /// A copy that would overwrite different content (see [`copy`]).
+    #[error("{0}")]
+    Conflict(String),
     /// A `--db` value that names no database (see [`DbLocation::parse`]).
     #[error("database location: {0}")]
     BadLocation(String),
@@ -311,4 +318,17 @@ pub trait Store: Queue<Error = StoreError> {
         &self,
         study: StudyId,
     ) -> impl Future<Output = Result<Vec<SlurmJob>, StoreError>> + Send;
+    /// Every row of the study `name` (see [`copy`]), read as one consistent state; `None`
+    /// when there is no such study.
+    fn dump_study(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<StudyDump>, StoreError>> + Send;
+    /// Writes a study read from another database in one transaction: refused
+    /// ([`StoreError::Conflict`]) when this one holds the study, or one of its jobs, with
+    /// different content; nothing written when it holds the same.
+    fn load_study(
+        &self,
+        dump: &StudyDump,
+    ) -> impl Future<Output = Result<CopyOutcome, StoreError>> + Send;
 }

@@ -17,6 +17,13 @@ use crate::plan::{CellRecord, Job};
 mod queue;
 use crate::util::now_unix;
 
+/// `caf db copy`'s reading and writing (see [`crate::store::copy`]) in PostgreSQL's parameters.
+mod copy_io {
+    crate::store::copy::backend_io!(sqlx::Postgres, sqlx::PgConnection, |i: usize| format!(
+        "${i}"
+    ));
+}
+
 /// The PostgreSQL dialect of `migrations/sqlite`: one file per SQLite migration with the same
 /// version, so both backends report the same schema version.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -263,6 +270,26 @@ async fn carry_imports(
 }
 
 impl Store for PgStore {
+    async fn dump_study(&self, name: &str) -> Result<Option<StudyDump>, StoreError> {
+        // One snapshot for every table: workers may be recording results while we read.
+        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .ctx("starting a snapshot")?;
+        let dump = copy_io::dump(&mut tx, name).await?;
+        tx.commit().await.ctx("ending the read")?;
+        Ok(dump)
+    }
+
+    async fn load_study(&self, dump: &StudyDump) -> Result<CopyOutcome, StoreError> {
+        // Under the plan lock: a copy creates a study and links jobs, as a registration does.
+        let mut tx = self.begin_plan_change().await?;
+        let outcome = copy_io::load(&mut tx, dump).await?;
+        tx.commit().await.ctx("committing the copied study")?;
+        Ok(outcome)
+    }
+
     async fn register_plan(&self, plan: &Plan) -> Result<StudyId, StoreError> {
         let now = now_unix();
         let mut tx = self.begin_plan_change().await?;

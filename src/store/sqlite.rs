@@ -18,6 +18,13 @@ use crate::plan::{CellRecord, Job};
 mod queue;
 use crate::util::now_unix;
 
+/// `caf db copy`'s reading and writing (see [`crate::store::copy`]) in SQLite's parameters.
+mod copy_io {
+    crate::store::copy::backend_io!(sqlx::Sqlite, sqlx::SqliteConnection, |i: usize| format!(
+        "?{i}"
+    ));
+}
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Clone)]
@@ -258,6 +265,27 @@ fn is_contention(e: &StoreError) -> bool {
 }
 
 impl Store for SqliteStore {
+    async fn dump_study(&self, name: &str) -> Result<Option<StudyDump>, StoreError> {
+        // One read transaction: a sweep still running elsewhere cannot change rows between
+        // the tables read.
+        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        let dump = copy_io::dump(&mut tx, name).await?;
+        tx.commit().await.ctx("ending the read")?;
+        Ok(dump)
+    }
+
+    async fn load_study(&self, dump: &StudyDump) -> Result<CopyOutcome, StoreError> {
+        // IMMEDIATE: it reads (is the study there?) before it writes, as `register_plan`.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("starting a transaction")?;
+        let outcome = copy_io::load(&mut tx, dump).await?;
+        tx.commit().await.ctx("committing the copied study")?;
+        Ok(outcome)
+    }
+
     async fn register_plan(&self, plan: &Plan) -> Result<StudyId, StoreError> {
         let now = now_unix();
         // IMMEDIATE: this transaction reads before it writes, and a deferred one could not

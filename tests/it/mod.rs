@@ -1,6 +1,7 @@
 mod util;
 
 mod certify_cli;
+mod copy_cli;
 mod layering;
 mod postgres_cli;
 mod report_cli;

@@ -75,6 +75,11 @@ impl Queue for PgStore {
         if kinds.is_empty() {
             return Ok(None);
         }
+        // Looked up first, not as a subquery of the claim (as SQLite's claim does): with the
+        // revision as a bound value PostgreSQL's planner sees how many rows the study has and
+        // joins study_jobs by job id; with a subquery it guessed one row and scanned the
+        // study's whole job list for every pending job (1000 no-op jobs, 8 workers: 16 jobs/s
+        // instead of hundreds).
         let rev = self.current_revision(study).await?;
         let now = now_unix();
         // The inner SELECT locks its candidate and skips rows other claimers hold, so
