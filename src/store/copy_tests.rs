@@ -81,7 +81,17 @@ async fn populate(s: &impl Store) -> StudyId {
     p.cells = cells(&[&cert_a, &cert_b]);
     let study = s.register_plan(&p).await.unwrap();
     let me = w("node7:42:beef");
-    s.register_worker(&me, "node7", 42).await.unwrap();
+    let info = WorkerInfo {
+        host: "node7".into(),
+        pid: 42,
+        cpu: "AMD EPYC test".into(),
+        device: "cpu".into(),
+        slurm_job_id: None,
+        slurm_array_job_id: None,
+        slurm_array_task_id: None,
+        studies: vec![],
+    };
+    s.register_worker(&me, &info).await.unwrap();
     let claim = |id: &JobId| {
         let id = id.clone();
         let me = me.clone();
@@ -96,6 +106,7 @@ async fn populate(s: &impl Store) -> StudyId {
     };
     claim(&train.id).await;
     s.record_epoch(
+        &lease(&train.id, &me),
         &train.id,
         0,
         &serde_json::json!({"train_loss": 2.5, "images_per_sec": 80.0}),
@@ -103,7 +114,7 @@ async fn populate(s: &impl Store) -> StudyId {
     .await
     .unwrap();
     s.record_artifact(
-        &train.id,
+        &lease(&train.id, &me),
         &Artifact {
             name: "weights".into(),
             path: "/shared/runs/artifacts/x/final.safetensors".into(),
@@ -122,11 +133,11 @@ async fn populate(s: &impl Store) -> StudyId {
         .unwrap());
     claim(&cert_a.id).await;
     for i in 0..3 {
-        s.record_cert(&cert_a.id, &cert(i * 20, 0.1 * i as f64))
+        s.record_cert(&lease(&cert_a.id, &me), &cert_a.id, &cert(i * 20, 0.1 * i as f64))
             .await
             .unwrap();
     }
-    s.set_progress(&cert_a.id, 3, 3).await.unwrap();
+    s.set_progress(&lease(&cert_a.id, &me), 3, 3).await.unwrap();
     assert!(s
         .complete(&cert_a.id, &me, &serde_json::json!({"images": 3}), 1.5)
         .await
@@ -137,6 +148,7 @@ async fn populate(s: &impl Store) -> StudyId {
         .unwrap();
     claim(&ev.id).await;
     s.record_eval(
+        &lease(&ev.id, &me),
         &ev.id,
         &[EvalRow {
             idx: 0,
@@ -151,7 +163,7 @@ async fn populate(s: &impl Store) -> StudyId {
         .await
         .unwrap());
     claim(&running.id).await;
-    s.record_cert(&running.id, &cert(0, 0.3)).await.unwrap();
+    s.record_cert(&lease(&running.id, &me), &running.id, &cert(0, 0.3)).await.unwrap();
     study
 }
 
@@ -291,7 +303,7 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
         .unwrap();
     let me = w("w");
     origin.claim(study, &me, &["test"], LEASE).await.unwrap();
-    origin.record_cert(&a.id, &cert(0, 0.5)).await.unwrap();
+    origin.record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.5)).await.unwrap();
     origin
         .complete(&a.id, &me, &serde_json::json!({}), 1.0)
         .await
@@ -303,7 +315,7 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
 
     // The origin moves on: b now has a result, so the destination's copy is out of date.
     origin.claim(study, &me, &["test"], LEASE).await.unwrap();
-    origin.record_cert(&b.id, &cert(0, 0.25)).await.unwrap();
+    origin.record_cert(&lease(&b.id, &me), &b.id, &cert(0, 0.25)).await.unwrap();
     let err = dst
         .load_study(&origin.dump_study("s").await.unwrap().unwrap())
         .await
@@ -326,7 +338,7 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
         .await
         .unwrap();
     other.claim(st, &me, &["test"], LEASE).await.unwrap();
-    other.record_cert(&a.id, &cert(0, 0.75)).await.unwrap();
+    other.record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.75)).await.unwrap();
     other
         .complete(&a.id, &me, &serde_json::json!({}), 1.0)
         .await
@@ -353,7 +365,7 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
         .await
         .unwrap();
     same.claim(st, &me, &["test"], LEASE).await.unwrap();
-    same.record_cert(&a.id, &cert(0, 0.5)).await.unwrap();
+    same.record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.5)).await.unwrap();
     same.complete(&a.id, &me, &serde_json::json!({}), 9.0)
         .await
         .unwrap();
@@ -374,4 +386,11 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
     );
     let u = dst.study_by_name("u").await.unwrap();
     assert_eq!(dst.study_cert_results(u.id).await.unwrap().len(), 1);
+}
+
+fn lease(job: &JobId, worker: &WorkerId) -> Lease {
+    Lease {
+        job: job.clone(),
+        worker: worker.clone(),
+    }
 }
