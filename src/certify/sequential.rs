@@ -227,7 +227,8 @@ fn bisect(mut out: f64, mut inside: f64, g: impl Fn(f64) -> f64) -> f64 {
 }
 
 /// Where a requested radius stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Decision {
     /// The lower bound is above Φ(r/σ): the smoothed classifier is certified at r.
     Certified,
@@ -236,6 +237,16 @@ pub enum Decision {
     Impossible,
     /// Neither: the draw budget ran out first.
     Undecided,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Certified => "certified",
+            Decision::Impossible => "impossible",
+            Decision::Undecided => "undecided",
+        }
+    }
 }
 
 /// The decision at one radius.

@@ -57,7 +57,7 @@ pub fn certify(a: CertifyArgs) -> Result<i32> {
         done: &done,
         seed: a.seed,
         sigma: a.sigma,
-        settings,
+        procedure: caf::methods::slice::Procedure::Cohen(settings),
     };
     let smooth = caf::certify::Smooth::new(model.as_ref(), a.sigma, device.clone());
     let end = certify_slice(&smooth, &run, &|| shutdown.is_cancelled(), &mut |rows| {

@@ -16,6 +16,8 @@ pub trait Results: Send + Sync {
     fn record_cert(&self, job: &JobId, row: &CertRow) -> Result<(), JobError>;
     /// The image indices `job` has certified.
     fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, JobError>;
+    /// Forward passes (n0 + n) of the rows `job` has recorded.
+    fn cert_draws(&self, job: &JobId) -> Result<u64, JobError>;
     fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), JobError>;
     /// The image indices `job` has predicted.
     fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, JobError>;
@@ -50,6 +52,11 @@ impl<S: Store> Results for StoreResults<S> {
     fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, JobError> {
         self.handle
             .block_on(self.store.cert_done(job))
+            .map_err(JobError::store)
+    }
+    fn cert_draws(&self, job: &JobId) -> Result<u64, JobError> {
+        self.handle
+            .block_on(self.store.cert_draws(job))
             .map_err(JobError::store)
     }
     fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), JobError> {

@@ -226,7 +226,8 @@ fn full_example_round_trip() {
             alpha: 0.001,
             batch: 400,
             skip: 20,
-            max: Some(10_000)
+            max: Some(10_000),
+            ..CertifySettings::default()
         }
     );
     assert_eq!(spec.report.radii, vec![0.0, 0.25, 0.5, 0.75, 1.0]);
@@ -625,7 +626,8 @@ fn certify_bounds() {
             alpha: 0.5,
             batch: 1,
             skip: 1,
-            max: Some(1)
+            max: Some(1),
+            ..CertifySettings::default()
         }
     );
     fail_at(

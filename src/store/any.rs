@@ -207,6 +207,10 @@ impl Store for AnyStore {
         delegate!(self, s => s.cert_done(job))
     }
 
+    async fn cert_draws(&self, job: &JobId) -> Result<u64, StoreError> {
+        delegate!(self, s => s.cert_draws(job))
+    }
+
     async fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), StoreError> {
         delegate!(self, s => s.record_eval(job, rows))
     }

@@ -151,9 +151,11 @@ async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
     job: &JobId,
     r: &CertRow,
 ) -> Result<(), sqlx::Error> {
+    let q = rows::SeqBind::of(r);
     sqlx::query(
-        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, idx) DO NOTHING",
+        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds,
+                                   seq_n_max, seq_lower, seq_upper, seq_prior_a, seq_prior_b, seq_radii, seq_decisions, stopped_wrong)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, idx) DO NOTHING",
     )
     .bind(job.as_str())
     .bind(r.idx as i64)
@@ -168,6 +170,14 @@ async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
     .bind(r.alpha)
     .bind(r.sigma)
     .bind(r.seconds)
+    .bind(q.n_max)
+    .bind(q.lower)
+    .bind(q.upper)
+    .bind(q.prior_a)
+    .bind(q.prior_b)
+    .bind(q.radii)
+    .bind(q.decisions)
+    .bind(q.stopped_wrong)
     .execute(executor)
     .await?;
     Ok(())
@@ -388,6 +398,17 @@ impl Store for SqliteStore {
             .await
             .ctx("recording a certification result")?;
         Ok(())
+    }
+
+    async fn cert_draws(&self, job: &JobId) -> Result<u64, StoreError> {
+        let v: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(n0 + n), 0) AS BIGINT) FROM cert_results WHERE job_id = ?",
+        )
+        .bind(job.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .ctx("counting the draws of finished images")?;
+        Ok(v as u64)
     }
 
     async fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
@@ -702,7 +723,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(JobId, CertRow)>, StoreError> {
         let rev = self.current_revision(study).await?;
         let rows = sqlx::query(
-            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds
+            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds,
+                    c.seq_n_max, c.seq_lower, c.seq_upper, c.seq_prior_a, c.seq_prior_b, c.seq_radii, c.seq_decisions, c.stopped_wrong
              FROM cert_results c JOIN study_jobs sj ON sj.job_id = c.job_id
              WHERE sj.study_id = ? AND sj.spec_sha256 = ? ORDER BY c.job_id, c.idx",
         )
@@ -719,20 +741,7 @@ impl Store for SqliteStore {
             };
             out.push((
                 JobId::new(r.try_get::<String, _>("job_id").map_err(g)?),
-                CertRow {
-                    idx: r.try_get::<i64, _>("idx").map_err(g)? as u64,
-                    label: r.try_get::<i64, _>("label").map_err(g)? as u32,
-                    predict: r.try_get("predict").map_err(g)?,
-                    radius: r.try_get("radius").map_err(g)?,
-                    correct: r.try_get::<i64, _>("correct").map_err(g)? != 0,
-                    c_hat: r.try_get::<i64, _>("c_hat").map_err(g)? as u32,
-                    n_a: r.try_get::<i64, _>("n_a").map_err(g)? as u64,
-                    n: r.try_get::<i64, _>("n").map_err(g)? as u64,
-                    n0: r.try_get::<i64, _>("n0").map_err(g)? as u64,
-                    alpha: r.try_get("alpha").map_err(g)?,
-                    sigma: r.try_get("sigma").map_err(g)?,
-                    seconds: r.try_get("seconds").map_err(g)?,
-                },
+                rows::cert_row(&r)?,
             ));
         }
         Ok(out)

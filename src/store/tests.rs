@@ -255,6 +255,7 @@ fn cert(idx: u64, radius: f64) -> CertRow {
         alpha: 0.001,
         sigma: 0.5,
         seconds: 0.1,
+        sequential: None,
     }
 }
 
@@ -380,6 +381,7 @@ fn cert_row(idx: u64) -> CertRow {
         alpha: 0.0,
         sigma: 0.5,
         seconds: 0.0,
+        sequential: None,
     }
 }
 
