@@ -565,7 +565,7 @@ fn unknown_keys_list_the_expected_ones() {
         &format!("{}certify:\n  n0: 10\n  nn: 100\n", head()),
         12,
         3,
-        "unknown key `nn` in certify; expected one of: n0, n, alpha, batch, skip, max (did you mean `n0`?)",
+        "unknown key `nn` in certify; expected one of: n0, n, alpha, batch, skip, max, mode, radii, n_max, stop_if_wrong (did you mean `n0`?)",
     );
     fail_at(
         &head().replace("dataset:", "datset:"),
@@ -1180,4 +1180,27 @@ fn dump_corpus_messages() {
             e.to_string().replace(&base().display().to_string(), "$B")
         );
     }
+}
+
+#[test]
+fn sequential_certification_settings_parse() {
+    let spec = ok(&format!(
+        "{}certify: {{mode: sequential, radii: [0.25, 0.5, 1], n_max: 5000, batch: 200, stop_if_wrong: true}}\ngrid:\n  params: {{method: smooth}}\n",
+        head()
+    ));
+    assert_eq!(
+        spec.certify,
+        CertifySettings {
+            batch: 200,
+            mode: crate::spec::CertifyMode::Sequential,
+            radii: vec![0.25, 0.5, 1.0],
+            n_max: Some(5000),
+            stop_if_wrong: true,
+            ..CertifySettings::default()
+        }
+    );
+    // Cohen stays the default, with no sequential setting.
+    let spec = ok(&format!("{}grid:\n  params: {{method: smooth}}\n", head()));
+    assert_eq!(spec.certify.mode, crate::spec::CertifyMode::Cohen);
+    assert!(spec.certify.radii.is_empty() && spec.certify.n_max.is_none());
 }
