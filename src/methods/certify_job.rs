@@ -285,7 +285,7 @@ pub fn cell_certify(
     }
     // The budget: the cell's n_max, else the study's, else the cell's (or study's) n.
     s.n = match n_max {
-        Some((v, p)) if v == 0 => return Err(ctx.error_at(p.span, "expected certify.n_max ≥ 1")),
+        Some((0, p)) => return Err(ctx.error_at(p.span, "expected certify.n_max ≥ 1")),
         Some((v, _)) => v,
         None => c.n_max.unwrap_or(s.n),
     };
