@@ -435,3 +435,51 @@ fn a_stored_sequential_row_recomputes_to_the_same_certificate() {
     );
     assert_eq!(again, cert);
 }
+
+#[test]
+fn sequential_radii_stay_below_the_exact_radius_and_approach_it_as_n_max_grows() {
+    // Margin 0.3 at σ = 0.25: the exact radius is 0.3 and p_A = Φ(1.2). Requesting r = 0.3
+    // puts the threshold at p_A itself, so no run can decide it and each uses all of n_max:
+    // the certificate's only way above the truth is the bound failing (rate ≤ α).
+    let (model, x) = model_with_margin(0.3);
+    let smooth = Smooth::new(&model, 0.25, Device::Cpu);
+    let alpha = 0.05;
+    let images = 40u64;
+    let mean_radius = |n_max: u64| -> (f64, u64) {
+        let s = SequentialSettings {
+            n0: 20,
+            n_max,
+            batch: 500,
+            alpha,
+            radii: vec![0.3],
+            prior: BetaPrior::default(),
+        };
+        let mut above = 0;
+        let mut sum = 0.0;
+        for idx in 0..images {
+            let key = NoiseKey {
+                seed: 21,
+                sigma: 0.25,
+                idx,
+            };
+            let c = smooth.certify_sequential(&x, key, &s).unwrap();
+            assert_eq!(c.draws, n_max);
+            if c.radius > 0.3 {
+                above += 1;
+            }
+            sum += c.radius;
+        }
+        (sum / images as f64, above)
+    };
+    let (small, above_small) = mean_radius(400);
+    let (large, above_large) = mean_radius(4_000);
+    // α·images = 2 expected at most; 3 binomial standard deviations of slack.
+    let slack =
+        (images as f64 * alpha + 3.0 * (images as f64 * alpha * (1.0 - alpha)).sqrt()) as u64;
+    assert!(
+        above_small <= slack && above_large <= slack,
+        "{above_small} {above_large}"
+    );
+    assert!(small < large && large < 0.3, "{small} {large}");
+    assert!(0.3 - large < 0.06, "{large}");
+}
