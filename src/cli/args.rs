@@ -367,9 +367,35 @@ pub struct CertifyArgs {
     /// Noise seed: image i's draws depend only on (seed, σ, i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output TSV (Cohen's columns, then nA and n).
+    /// Output TSV (Cohen's columns, then nA and n; n is the draws used when sequential).
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub mode: CertifyModeArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CertifyModeArg {
+    /// Cohen's CERTIFY: n draws for every image.
+    Cohen,
+    /// Anytime-valid sequential certification: stop once every --radii is decided.
+    Sequential,
+}
+
+/// Sequential certification options shared by `caf certify` and `caf bench certify`.
+#[derive(Debug, Clone, Args)]
+pub struct CertifyModeArgs {
+    #[arg(long, value_enum, default_value = "cohen")]
+    pub mode: CertifyModeArg,
+    /// Sequential: radii to decide, comma-separated (e.g. 0.25,0.5,0.75,1.0).
+    #[arg(long, value_delimiter = ',')]
+    pub radii: Vec<f64>,
+    /// Sequential: estimation-draw budget (default: --n).
+    #[arg(long)]
+    pub n_max: Option<u64>,
+    /// Sequential: stop after selection when the selected class is not the label.
+    #[arg(long)]
+    pub stop_if_wrong: bool,
 }
 
 #[derive(Debug, Args)]
@@ -401,6 +427,9 @@ pub enum BenchWhat {
     /// Claim → complete throughput of trivial jobs through a store's job queue, and through
     /// the scheduler around it (writes two bench studies into --db: use a scratch database).
     Queue(BenchQueueArgs),
+    /// Certification of a few test images: forward passes per image and images/s, Cohen's
+    /// fixed n against sequential certification.
+    Certify(BenchCertifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -417,6 +446,39 @@ pub struct BenchQueueArgs {
     /// Only the queue phase, without the scheduler around it.
     #[arg(long)]
     pub queue_only: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchCertifyArgs {
+    #[arg(long, default_value = "resnet20")]
+    pub arch: String,
+    /// Weights (default: the akamaster file of the arch under ../shared/data/pretrained).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Folder holding `cifar-10-batches-bin`, or that folder itself.
+    #[arg(long, default_value = "../shared/data/cifar10-jpeg")]
+    pub data_root: PathBuf,
+    #[arg(long, default_value_t = 0.25)]
+    pub sigma: f64,
+    /// Test images 0, skip, 2·skip, … (`--images` of them).
+    #[arg(long, default_value_t = 10)]
+    pub images: usize,
+    #[arg(long, default_value_t = 500)]
+    pub skip: usize,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_N0)]
+    pub n0: u64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_N)]
+    pub n: u64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_ALPHA)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_BATCH)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub mode: CertifyModeArgs,
     #[arg(long)]
     pub json: bool,
 }

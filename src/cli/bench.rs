@@ -9,17 +9,19 @@ use caf::models::{self, Arch, Normalize};
 use caf::store::{AnyStore, DbLocation, PgStore};
 
 use super::args::{
-    BenchArgs, BenchForwardArgs, BenchMethod, BenchQueueArgs, BenchTrainArgs, BenchWhat,
+    BenchArgs, BenchCertifyArgs, BenchForwardArgs, BenchMethod, BenchQueueArgs, BenchTrainArgs,
+    BenchWhat,
     DatasetArg, ModelArgs,
 };
 use super::db::{open_store, shown};
 use super::exit::usage;
-use super::model::{load_classifier, parse_arch};
+use super::model::{load_classifier, load_data, parse_arch};
 
 pub fn bench(a: BenchArgs) -> Result<i32> {
     match a.what {
         BenchWhat::Forward(f) => bench_forward(f),
         BenchWhat::TrainStep(t) => bench_train_step(t),
+        BenchWhat::Certify(c) => bench_certify(c),
         // Async: `main` runs it on the runtime (`bench_queue`).
         BenchWhat::Queue(q) => bail!(usage(format!(
             "bench queue --db {} must run on the async runtime",
@@ -71,6 +73,91 @@ pub async fn bench_queue(q: BenchQueueArgs) -> Result<i32> {
     }
     if q.json {
         outln!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    Ok(0)
+}
+
+/// Certifies `--images` test images as a study job would (same slice runner, same noise) and
+/// reports forward passes (n0 + estimation draws) per image and certified images per second.
+fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
+    let arch = parse_arch(&c.arch)?;
+    let Some(weights) = c.weights.clone().or_else(|| default_weights(arch)) else {
+        bail!(usage(format!(
+            "no default weights for {arch}: pass --weights"
+        )));
+    };
+    if c.images == 0 || c.skip == 0 {
+        bail!(usage("--images and --skip must be at least 1"));
+    }
+    if !(c.sigma.is_finite() && c.sigma > 0.0) {
+        bail!(usage(format!("--sigma must be > 0, got {}", c.sigma)));
+    }
+    let settings = caf::certify::Settings {
+        n0: c.n0,
+        n: c.n,
+        alpha: c.alpha,
+        batch: c.batch,
+    };
+    let procedure = super::certify::procedure(settings, &c.mode)?;
+    let m = ModelArgs {
+        arch: c.arch.clone(),
+        weights,
+        mean: None,
+        std: None,
+        data: DatasetArg::Cifar10,
+        data_root: c.data_root.clone(),
+        device: caf::sched::DeviceSpec::Cpu,
+    };
+    let (model, device) = load_classifier(&m)?;
+    let set = load_data(&m, caf::data::Split::Test)?;
+    let indices: Vec<usize> = caf::methods::common::Slice {
+        skip: c.skip,
+        max: None,
+    }
+    .indices(set.len())
+    .into_iter()
+    .take(c.images)
+    .collect();
+    let done = [Default::default()];
+    let run = caf::methods::slice::SliceRun {
+        data: &set,
+        indices: &indices,
+        done: &done,
+        seed: c.seed,
+        sigma: c.sigma,
+        procedure,
+    };
+    let smooth = caf::certify::Smooth::new(model.as_ref(), c.sigma, device.clone());
+    let mut rows = Vec::new();
+    let start = std::time::Instant::now();
+    caf::methods::slice::certify_slice(&smooth, &run, &|| false, &mut |r| {
+        rows.extend(r.into_iter().map(|(_, row)| row));
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!(e.message))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let images = rows.len().max(1) as f64;
+    let passes: u64 = rows.iter().map(|r| r.n0 + r.n).sum();
+    let per_image = passes as f64 / images;
+    let certified = rows.iter().filter(|r| r.predict >= 0 && r.correct).count();
+    outln!("mode: {:?}", c.mode.mode);
+    outln!("images: {}", rows.len());
+    outln!("forward passes per image: {per_image:.0}");
+    outln!("images/s: {:.3}", images / seconds);
+    outln!("forward passes/s: {:.0}", passes as f64 / seconds);
+    outln!("correct and certified (R > 0): {certified}");
+    if c.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "mode": format!("{:?}", c.mode.mode).to_lowercase(),
+                "images": rows.len(),
+                "forward_passes_per_image": per_image,
+                "images_per_sec": images / seconds,
+                "seconds": seconds,
+                "rows": rows,
+            }))?
+        );
     }
     Ok(0)
 }

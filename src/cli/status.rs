@@ -10,8 +10,9 @@ use caf::store::{JobState, JobStatus, Queue, Store, StudyInfo, WorkerRow};
 use super::args::StatusArgs;
 use super::db::open_existing_store;
 
-/// Images per second and seconds left. Certification jobs count images: both come from the
-/// recorded per-image compute time. Training jobs count epochs: the rate is the last recorded
+/// Units per second and seconds left. Certification jobs count images, or draws (forward
+/// passes) when sequential, whose progress total is a projection from the draws per image so
+/// far: both come from the recorded per-image compute time. Training jobs count epochs: the rate is the last recorded
 /// epoch's training throughput and the time left is the epochs left times the mean recorded
 /// epoch duration.
 fn rate_eta(j: &JobStatus, epochs: &[serde_json::Value]) -> (Option<f64>, Option<f64>) {
@@ -94,7 +95,11 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                         let (rate, eta) = rate_eta(j);
                         let mut v = serde_json::to_value(j).unwrap_or_default();
                         if let Some(o) = v.as_object_mut() {
-                            o.insert("images_per_sec".into(), serde_json::json!(rate));
+                            let key = match j.unit {
+                                caf::plan::ProgressUnit::Draws => "draws_per_sec",
+                                _ => "images_per_sec",
+                            };
+                            o.insert(key.into(), serde_json::json!(rate));
                             o.insert("eta_seconds".into(), serde_json::json!(eta));
                             if let Some(a) = weights.get(&j.id) {
                                 o.insert("weights".into(), serde_json::json!(a));
@@ -134,7 +139,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         writeln!(
             out,
             "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  NOTE",
-            "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY", "INT"
+            "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "RATE/S", "ETA", "TRY", "INT"
         )?;
         for j in jobs {
             let (rate, eta) = rate_eta(j);
@@ -150,6 +155,8 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                 _ if j.state == JobState::Running => {
                     format!("lease: {}", j.lease_owner.as_deref().unwrap_or("?"))
                 }
+                // Rate and progress of these count forward passes, not images.
+                _ if j.unit == caf::plan::ProgressUnit::Draws => "counting draws".to_string(),
                 _ => String::new(),
             };
             writeln!(
@@ -270,6 +277,15 @@ mod tests {
             rate_eta(&job("certify", JobState::Pending, 0, 0, 0.0), &[]),
             (None, None)
         );
+    }
+
+    #[test]
+    fn sequential_eta_counts_draws_at_the_measured_draws_per_second() {
+        let mut j = job("certify", JobState::Running, 30_000, 120_000, 15.0);
+        j.unit = caf::plan::ProgressUnit::Draws;
+        let (rate, eta) = rate_eta(&j, &[]);
+        assert_eq!(rate, Some(2_000.0));
+        assert_eq!(eta, Some(45.0));
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub trait Results: Send + Sync {
     fn record_cert(&self, lease: &Lease, job: &JobId, row: &CertRow) -> Result<(), JobError>;
     /// The image indices `job` has certified.
     fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, JobError>;
+    /// Forward passes (n0 + n) of the rows `job` has recorded.
+    fn cert_draws(&self, job: &JobId) -> Result<u64, JobError>;
     fn record_eval(&self, lease: &Lease, job: &JobId, rows: &[EvalRow]) -> Result<(), JobError>;
     /// The image indices `job` has predicted.
     fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, JobError>;
@@ -84,6 +86,9 @@ impl<S: Store> Results for StoreResults<S> {
     }
     fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, JobError> {
         self.run("reading finished images", || self.store.cert_done(job))
+    }
+    fn cert_draws(&self, job: &JobId) -> Result<u64, JobError> {
+        self.run("reading draws spent", || self.store.cert_draws(job))
     }
     fn record_eval(&self, lease: &Lease, job: &JobId, rows: &[EvalRow]) -> Result<(), JobError> {
         let written = self.run("recording evaluation results", || {

@@ -21,6 +21,7 @@ fn row(idx: u64, label: u32, predict: i64, radius: f64) -> CertRow {
         alpha: 0.001,
         sigma: 0.5,
         seconds: 0.1,
+        sequential: None,
     }
 }
 
@@ -615,6 +616,7 @@ fn a_plot_knows_whether_it_has_data() {
         points,
         dashed: false,
         error_bars: None,
+        points_only: false,
     };
     let line = |series: Vec<Series>| LinePlot {
         series,

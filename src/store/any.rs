@@ -224,6 +224,10 @@ impl Store for AnyStore {
         delegate!(self, s => s.cert_done(job))
     }
 
+    async fn cert_draws(&self, job: &JobId) -> Result<u64, StoreError> {
+        delegate!(self, s => s.cert_draws(job))
+    }
+
     async fn record_eval(
         &self,
         lease: &Lease,

@@ -38,6 +38,7 @@ fn cert(idx: u64, radius: f64) -> CertRow {
         alpha: 0.001,
         sigma: 0.25,
         seconds: 0.125,
+        sequential: None,
     }
 }
 

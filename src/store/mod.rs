@@ -133,6 +133,28 @@ pub struct CertRow {
     pub alpha: f64,
     pub sigma: f64,
     pub seconds: f64,
+    /// What a sequential certification adds; `None` for Cohen's fixed-n rows, whose `n` is
+    /// the fixed sample size (a sequential row's `n` is the draws it used, τ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequential: Option<SequentialRow>,
+}
+
+/// The columns of a sequential certificate beyond Cohen's: with (c_hat, n_a, n, alpha, sigma)
+/// of its [`CertRow`] they recompute it (`crate::certify::sequential_certificate_from_counts`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SequentialRow {
+    pub n_max: u64,
+    /// L_τ and U_τ of the mixture confidence sequence.
+    pub lower: f64,
+    pub upper: f64,
+    /// The Beta(a, b) mixing prior.
+    pub prior_a: f64,
+    pub prior_b: f64,
+    pub radii: Vec<f64>,
+    /// One per radius.
+    pub decisions: Vec<crate::certify::sequential::Decision>,
+    /// `stop_if_wrong` stopped the run after selection (ĉ ≠ label, no estimation draws).
+    pub stopped_wrong: bool,
 }
 
 /// One clean-accuracy prediction.
@@ -253,6 +275,9 @@ pub trait Store: Queue<Error = StoreError> {
         row: &CertRow,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     fn cert_done(&self, job: &JobId) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+    /// Forward passes (n0 + n) the recorded certification rows of `job` spent: what a resumed
+    /// sequential job has done, its progress counting draws.
+    fn cert_draws(&self, job: &JobId) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// As [`Store::record_cert`], for clean predictions.
     fn record_eval(
         &self,

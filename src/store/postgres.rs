@@ -204,10 +204,12 @@ async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Postgres>>(
     // The upsert form needs a WHERE on its SELECT (SQLite's parsing ambiguity); `1 = 1` when
     // there is no lease to check (imports).
     let sql = format!(
-        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 WHERE {} ON CONFLICT (job_id, idx) DO NOTHING",
-        if lease.is_some() { holds_lease(14) } else { "1 = 1".to_string() }
+        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds,
+                                   seq_n_max, seq_lower, seq_upper, seq_prior_a, seq_prior_b, seq_radii, seq_decisions, stopped_wrong)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21 WHERE {} ON CONFLICT (job_id, idx) DO NOTHING",
+        if lease.is_some() { holds_lease(22) } else { "1 = 1".to_string() }
     );
+    let s = rows::SeqBind::of(r);
     let q = sqlx::query(AssertSqlSafe(sql))
         .bind(job.as_str())
         .bind(r.idx as i64)
@@ -221,7 +223,15 @@ async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Postgres>>(
         .bind(r.n0 as i64)
         .bind(r.alpha)
         .bind(r.sigma)
-        .bind(r.seconds);
+        .bind(r.seconds)
+        .bind(s.n_max)
+        .bind(s.lower)
+        .bind(s.upper)
+        .bind(s.prior_a)
+        .bind(s.prior_b)
+        .bind(s.radii)
+        .bind(s.decisions)
+        .bind(s.stopped_wrong);
     let q = match lease {
         Some(l) => q.bind(l.job.as_str()).bind(&l.worker.0),
         None => q,
@@ -455,6 +465,17 @@ impl Store for PgStore {
             .ctx("recording a certification result")?;
         // Nothing inserted: the image was recorded before, or the lease is gone.
         Ok(inserted || self.holds(lease).await?)
+    }
+
+    async fn cert_draws(&self, job: &JobId) -> Result<u64, StoreError> {
+        let v: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(n0 + n), 0) AS BIGINT) FROM cert_results WHERE job_id = $1",
+        )
+        .bind(job.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .ctx("counting the draws of finished images")?;
+        Ok(v as u64)
     }
 
     async fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
@@ -802,7 +823,8 @@ impl Store for PgStore {
     ) -> Result<Vec<(JobId, CertRow)>, StoreError> {
         let rev = self.current_revision(study).await?;
         let rows = sqlx::query(
-            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds
+            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds,
+                    c.seq_n_max, c.seq_lower, c.seq_upper, c.seq_prior_a, c.seq_prior_b, c.seq_radii, c.seq_decisions, c.stopped_wrong
              FROM cert_results c JOIN study_jobs sj ON sj.job_id = c.job_id
              WHERE sj.study_id = $1 AND sj.spec_sha256 = $2 ORDER BY c.job_id, c.idx",
         )
@@ -819,20 +841,7 @@ impl Store for PgStore {
             };
             out.push((
                 JobId::new(r.try_get::<String, _>("job_id").map_err(g)?),
-                CertRow {
-                    idx: r.try_get::<i64, _>("idx").map_err(g)? as u64,
-                    label: r.try_get::<i64, _>("label").map_err(g)? as u32,
-                    predict: r.try_get("predict").map_err(g)?,
-                    radius: r.try_get("radius").map_err(g)?,
-                    correct: r.try_get::<i64, _>("correct").map_err(g)? != 0,
-                    c_hat: r.try_get::<i64, _>("c_hat").map_err(g)? as u32,
-                    n_a: r.try_get::<i64, _>("n_a").map_err(g)? as u64,
-                    n: r.try_get::<i64, _>("n").map_err(g)? as u64,
-                    n0: r.try_get::<i64, _>("n0").map_err(g)? as u64,
-                    alpha: r.try_get("alpha").map_err(g)?,
-                    sigma: r.try_get("sigma").map_err(g)?,
-                    seconds: r.try_get("seconds").map_err(g)?,
-                },
+                rows::cert_row(&r)?,
             ));
         }
         Ok(out)

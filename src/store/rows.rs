@@ -4,7 +4,10 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{JobState, JobStatus, SlurmJob, StoreError, StudyId, StudyInfo, WorkerInfo, WorkerRow};
+use super::{
+    CertRow, JobState, JobStatus, SequentialRow, SlurmJob, StoreError, StudyId, StudyInfo, WorkerInfo,
+    WorkerRow,
+};
 use crate::plan::{JobId, ProgressUnit};
 
 /// A pending job is blocked when one of its deps failed or is itself blocked. The DAGs are
@@ -158,6 +161,47 @@ pub(crate) fn attach_jobs(workers: &mut [WorkerRow], held: Vec<(String, String)>
     }
 }
 
+/// The sequential columns of a certification row as bound by both backends' INSERT, in the
+/// order seq_n_max, seq_lower, seq_upper, seq_prior_a, seq_prior_b, seq_radii, seq_decisions,
+/// stopped_wrong; all NULL (and stopped_wrong 0) for a Cohen row.
+pub(crate) struct SeqBind {
+    pub n_max: Option<i64>,
+    pub lower: Option<f64>,
+    pub upper: Option<f64>,
+    pub prior_a: Option<f64>,
+    pub prior_b: Option<f64>,
+    pub radii: Option<String>,
+    pub decisions: Option<String>,
+    pub stopped_wrong: i64,
+}
+
+impl SeqBind {
+    pub fn of(r: &CertRow) -> Self {
+        match &r.sequential {
+            None => SeqBind {
+                n_max: None,
+                lower: None,
+                upper: None,
+                prior_a: None,
+                prior_b: None,
+                radii: None,
+                decisions: None,
+                stopped_wrong: 0,
+            },
+            Some(q) => SeqBind {
+                n_max: Some(q.n_max as i64),
+                lower: Some(q.lower),
+                upper: Some(q.upper),
+                prior_a: Some(q.prior_a),
+                prior_b: Some(q.prior_b),
+                radii: serde_json::to_string(&q.radii).ok(),
+                decisions: serde_json::to_string(&q.decisions).ok(),
+                stopped_wrong: q.stopped_wrong as i64,
+            },
+        }
+    }
+}
+
 /// A row of `slurm_jobs`.
 pub(crate) fn slurm_job<'r, R>(row: &'r R) -> Result<SlurmJob, StoreError>
 where
@@ -173,5 +217,61 @@ where
         array_tasks: get::<R, i64>(row, "array_tasks", C)? as u64,
         script: get(row, "script", C)?,
         submitted_at: get(row, "submitted_at", C)?,
+    })
+}
+
+/// A row of `cert_results` selected with every column under its own name.
+pub(crate) fn cert_row<'r, R>(row: &'r R) -> Result<CertRow, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+    Option<f64>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const C: &str = "reading a certification row";
+    let sequential = match get::<R, Option<i64>>(row, "seq_n_max", C)? {
+        None => None,
+        Some(n_max) => {
+            let json = |column: &str| -> Result<String, StoreError> {
+                get::<R, Option<String>>(row, column, C)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("{column} is NULL in a sequential row"))
+                })
+            };
+            let num = |column: &str| -> Result<f64, StoreError> {
+                get::<R, Option<f64>>(row, column, C)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("{column} is NULL in a sequential row"))
+                })
+            };
+            let corrupt =
+                |e: serde_json::Error| StoreError::Corrupt(format!("sequential row JSON: {e}"));
+            Some(SequentialRow {
+                n_max: n_max as u64,
+                lower: num("seq_lower")?,
+                upper: num("seq_upper")?,
+                prior_a: num("seq_prior_a")?,
+                prior_b: num("seq_prior_b")?,
+                radii: serde_json::from_str(&json("seq_radii")?).map_err(corrupt)?,
+                decisions: serde_json::from_str(&json("seq_decisions")?).map_err(corrupt)?,
+                stopped_wrong: get::<R, i64>(row, "stopped_wrong", C)? != 0,
+            })
+        }
+    };
+    Ok(CertRow {
+        idx: get::<R, i64>(row, "idx", C)? as u64,
+        label: get::<R, i64>(row, "label", C)? as u32,
+        predict: get(row, "predict", C)?,
+        radius: get(row, "radius", C)?,
+        correct: get::<R, i64>(row, "correct", C)? != 0,
+        c_hat: get::<R, i64>(row, "c_hat", C)? as u32,
+        n_a: get::<R, i64>(row, "n_a", C)? as u64,
+        n: get::<R, i64>(row, "n", C)? as u64,
+        n0: get::<R, i64>(row, "n0", C)? as u64,
+        alpha: get(row, "alpha", C)?,
+        sigma: get(row, "sigma", C)?,
+        seconds: get(row, "seconds", C)?,
+        sequential,
     })
 }

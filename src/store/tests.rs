@@ -39,6 +39,7 @@ on_every_backend!(
     a_plans_progress_unit_is_what_status_reads,
     a_jobs_precision_comes_from_its_params,
     slurm_jobs_are_recorded_once_per_study_in_order,
+    sequential_rows_keep_what_recomputes_them,
 );
 
 async fn slurm_jobs_are_recorded_once_per_study_in_order(f: impl Fixture) {
@@ -457,6 +458,7 @@ fn cert(idx: u64, radius: f64) -> CertRow {
         alpha: 0.001,
         sigma: 0.5,
         seconds: 0.1,
+        sequential: None,
     }
 }
 
@@ -597,6 +599,7 @@ fn cert_row(idx: u64) -> CertRow {
         alpha: 0.0,
         sigma: 0.5,
         seconds: 0.0,
+        sequential: None,
     }
 }
 
@@ -777,4 +780,67 @@ async fn a_jobs_precision_comes_from_its_params(f: impl Fixture) {
         .unwrap()
         .unwrap();
     assert_eq!(claimed.params["n"], 10);
+}
+
+/// A sequential row round-trips with the bound's inputs and decisions, next to a Cohen row
+/// whose sequential columns stay empty; `cert_draws` counts n0 + n of both, and the draws unit
+/// is what status reads.
+async fn sequential_rows_keep_what_recomputes_them(f: impl Fixture) {
+    use crate::certify::sequential::Decision;
+    use crate::plan::ProgressUnit;
+    let s = f.open().await;
+    let a = job("a", &[]).counted_in(ProgressUnit::Draws);
+    let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
+    let seq = CertRow {
+        n_a: 2_396,
+        n: 2_400,
+        sequential: Some(SequentialRow {
+            n_max: 100_000,
+            lower: 0.9921,
+            upper: 0.99995,
+            prior_a: 1.0,
+            prior_b: 0.25,
+            radii: vec![0.25, 0.5, 1.5],
+            decisions: vec![
+                Decision::Certified,
+                Decision::Certified,
+                Decision::Impossible,
+            ],
+            stopped_wrong: false,
+        }),
+        ..cert(1, 0.6)
+    };
+    let wrong = CertRow {
+        predict: -1,
+        correct: false,
+        n_a: 0,
+        n: 0,
+        radius: 0.0,
+        sequential: Some(SequentialRow {
+            n_max: 100_000,
+            lower: 0.0,
+            upper: 1.0,
+            prior_a: 1.0,
+            prior_b: 0.25,
+            radii: vec![0.25],
+            decisions: vec![Decision::Undecided],
+            stopped_wrong: true,
+        }),
+        ..cert(2, 0.0)
+    };
+    let lease = leased(&s, study).await;
+    assert_eq!(lease.job, a.id);
+    for row in [cert(0, 0.3), seq.clone(), wrong.clone()] {
+        assert!(s.record_cert(&lease, &a.id, &row).await.unwrap());
+    }
+    let rows = s.study_cert_results(study).await.unwrap();
+    let rows: Vec<CertRow> = rows.into_iter().map(|(_, r)| r).collect();
+    assert_eq!(rows, vec![cert(0, 0.3), seq, wrong]);
+    assert_eq!(s.cert_draws(&a.id).await.unwrap(), 1_100 + 2_500 + 100);
+    let j = job("b", &[]);
+    assert_eq!(s.cert_draws(&j.id).await.unwrap(), 0);
+    assert_eq!(
+        s.study_jobs(study).await.unwrap()[0].unit,
+        ProgressUnit::Draws
+    );
 }

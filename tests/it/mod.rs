@@ -6,6 +6,7 @@ mod layering;
 mod postgres_cli;
 mod report_cli;
 mod resume;
+mod sequential;
 mod slurm_cli;
 mod spec_cli;
 mod train;
