@@ -10,8 +10,7 @@ use caf::store::{AnyStore, DbLocation, PgStore};
 
 use super::args::{
     BenchArgs, BenchCertifyArgs, BenchForwardArgs, BenchMethod, BenchQueueArgs, BenchTrainArgs,
-    BenchWhat,
-    DatasetArg, ModelArgs,
+    BenchWhat, DatasetArg, ModelArgs,
 };
 use super::db::{open_store, shown};
 use super::exit::usage;

@@ -134,9 +134,13 @@ async fn populate(s: &impl Store) -> StudyId {
         .unwrap());
     claim(&cert_a.id).await;
     for i in 0..3 {
-        s.record_cert(&lease(&cert_a.id, &me), &cert_a.id, &cert(i * 20, 0.1 * i as f64))
-            .await
-            .unwrap();
+        s.record_cert(
+            &lease(&cert_a.id, &me),
+            &cert_a.id,
+            &cert(i * 20, 0.1 * i as f64),
+        )
+        .await
+        .unwrap();
     }
     s.set_progress(&lease(&cert_a.id, &me), 3, 3).await.unwrap();
     assert!(s
@@ -164,7 +168,9 @@ async fn populate(s: &impl Store) -> StudyId {
         .await
         .unwrap());
     claim(&running.id).await;
-    s.record_cert(&lease(&running.id, &me), &running.id, &cert(0, 0.3)).await.unwrap();
+    s.record_cert(&lease(&running.id, &me), &running.id, &cert(0, 0.3))
+        .await
+        .unwrap();
     study
 }
 
@@ -304,7 +310,10 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
         .unwrap();
     let me = w("w");
     origin.claim(study, &me, &["test"], LEASE).await.unwrap();
-    origin.record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.5)).await.unwrap();
+    origin
+        .record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.5))
+        .await
+        .unwrap();
     origin
         .complete(&a.id, &me, &serde_json::json!({}), 1.0)
         .await
@@ -316,7 +325,10 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
 
     // The origin moves on: b now has a result, so the destination's copy is out of date.
     origin.claim(study, &me, &["test"], LEASE).await.unwrap();
-    origin.record_cert(&lease(&b.id, &me), &b.id, &cert(0, 0.25)).await.unwrap();
+    origin
+        .record_cert(&lease(&b.id, &me), &b.id, &cert(0, 0.25))
+        .await
+        .unwrap();
     let err = dst
         .load_study(&origin.dump_study("s").await.unwrap().unwrap())
         .await
@@ -339,7 +351,10 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
         .await
         .unwrap();
     other.claim(st, &me, &["test"], LEASE).await.unwrap();
-    other.record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.75)).await.unwrap();
+    other
+        .record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.75))
+        .await
+        .unwrap();
     other
         .complete(&a.id, &me, &serde_json::json!({}), 1.0)
         .await
@@ -366,7 +381,9 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
         .await
         .unwrap();
     same.claim(st, &me, &["test"], LEASE).await.unwrap();
-    same.record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.5)).await.unwrap();
+    same.record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.5))
+        .await
+        .unwrap();
     same.complete(&a.id, &me, &serde_json::json!({}), 9.0)
         .await
         .unwrap();

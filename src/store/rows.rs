@@ -5,8 +5,8 @@
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
-    CertRow, JobState, JobStatus, SequentialRow, SlurmJob, StoreError, StudyId, StudyInfo, WorkerInfo,
-    WorkerRow,
+    CertRow, JobState, JobStatus, SequentialRow, SlurmJob, StoreError, StudyId, StudyInfo,
+    WorkerInfo, WorkerRow,
 };
 use crate::plan::{JobId, ProgressUnit};
 
