@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, D};
 use rand::{RngExt, SeedableRng};
 
+use crate::data::Chw;
 use crate::models::Classifier;
 
 /// Number of timed windows; the report's figure is their median.
@@ -35,6 +36,18 @@ pub fn bench_forward(
     sigma: f32,
     device: &Device,
 ) -> candle_core::Result<BenchReport> {
+    bench_forward_shaped(model, Chw::CIFAR, batch, seconds, sigma, device)
+}
+
+/// [`bench_forward`] on images of shape `input` (a model for larger images than CIFAR's).
+pub fn bench_forward_shaped(
+    model: &dyn Classifier,
+    input: Chw,
+    batch: usize,
+    seconds: f64,
+    sigma: f32,
+    device: &Device,
+) -> candle_core::Result<BenchReport> {
     if batch == 0 {
         candle_core::bail!("bench batch must be at least 1");
     }
@@ -46,13 +59,11 @@ pub fn bench_forward(
     }
     // The image's content does not change the work; a fixed pseudo-random one keeps runs alike.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let pixels: Vec<f32> = (0..crate::data::IMAGE_BYTES)
-        .map(|_| rng.random::<f32>())
-        .collect();
-    let image = Tensor::from_vec(pixels, (1, 3, 32, 32), device)?;
+    let pixels: Vec<f32> = (0..input.len()).map(|_| rng.random::<f32>()).collect();
+    let image = Tensor::from_vec(pixels, input.batch_dims(1), device)?;
 
     let step = || -> candle_core::Result<()> {
-        let noise = Tensor::randn(0f32, sigma, (batch, 3, 32, 32), device)?;
+        let noise = Tensor::randn(0f32, sigma, input.batch_dims(batch), device)?;
         let x = noise.broadcast_add(&image)?;
         let preds = model.logits(&x)?.argmax(D::Minus1)?;
         // Reading the predictions back is part of the loop (counts are kept on the host), and
@@ -203,9 +214,9 @@ pub fn bench_train_step(
     let lr = optimizer.lr();
     let mut opt = crate::methods::train::Optimizer::new(optimizer, trainable)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let n = batch * crate::data::IMAGE_BYTES;
+    let n = batch * Chw::CIFAR.len();
     let pixels: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
-    let images = Tensor::from_vec(pixels, (batch, 3, 32, 32), device)?;
+    let images = Tensor::from_vec(pixels, Chw::CIFAR.batch_dims(batch), device)?;
     let labels: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
     let label_vec = labels.clone();
     let labels = Tensor::from_vec(labels, batch, device)?;
@@ -213,7 +224,7 @@ pub fn bench_train_step(
         let noise = Tensor::randn(
             0f32,
             sigma.max(f32::MIN_POSITIVE),
-            (batch, 3, 32, 32),
+            Chw::CIFAR.batch_dims(batch),
             device,
         )?;
         let batch = crate::methods::train::batches::Batch {

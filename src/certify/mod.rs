@@ -139,11 +139,16 @@ impl ClassifierSet for One<'_> {
     }
 }
 
+/// (C, H, W) of a CIFAR image, the default input of [`Smooth`].
+const CIFAR_INPUT: (usize, usize, usize) = (3, 32, 32);
+
 /// A smoothed classifier (or a set of them sharing inputs) at noise level σ.
 pub struct Smooth<'m> {
     set: Box<dyn ClassifierSet + 'm>,
     sigma: f64,
     device: Device,
+    /// (C, H, W) of the images certified; CIFAR's unless [`Smooth::with_input`] says otherwise.
+    input: (usize, usize, usize),
 }
 
 impl<'m> Smooth<'m> {
@@ -152,6 +157,7 @@ impl<'m> Smooth<'m> {
             set: Box::new(One(model)),
             sigma,
             device,
+            input: CIFAR_INPUT,
         }
     }
 
@@ -180,7 +186,14 @@ impl<'m> Smooth<'m> {
             set: Box::new(Borrowed(set)),
             sigma,
             device,
+            input: CIFAR_INPUT,
         }
+    }
+
+    /// Certifies images of (C, H, W) = `input` (the data set's shape) instead of 3 × 32 × 32.
+    pub fn with_input(mut self, input: (usize, usize, usize)) -> Self {
+        self.input = input;
+        self
     }
 
     pub fn sigma(&self) -> f64 {
@@ -272,7 +285,8 @@ impl<'m> Smooth<'m> {
         let mut buf = Vec::new();
         let mut hits_of = |k: usize, active: &[bool]| -> Result<Vec<u64>, CertifyError> {
             stream.fill_noisy(image, k, &mut buf);
-            let x = Tensor::from_slice(&buf, (k, 3, 32, 32), &self.device)?;
+            let (c, h, w) = self.input;
+            let x = Tensor::from_slice(&buf, (k, c, h, w), &self.device)?;
             let logits = self.set.logits_active(&x, active)?;
             if logits.len() != starts.len() {
                 return Err(CertifyError::BatchMismatch {
@@ -344,7 +358,8 @@ impl<'m> Smooth<'m> {
         while remaining > 0 {
             let this = remaining.min(batch as u64) as usize;
             stream.fill_noisy(image, this, &mut buf);
-            let x = Tensor::from_slice(&buf, (this, 3, 32, 32), &self.device)?;
+            let (c, h, w) = self.input;
+            let x = Tensor::from_slice(&buf, (this, c, h, w), &self.device)?;
             let logits = self.set.logits_all(&x)?;
             if logits.len() != counts.len() {
                 return Err(CertifyError::BatchMismatch {

@@ -126,7 +126,8 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
         sigma: c.sigma,
         procedure,
     };
-    let smooth = caf::certify::Smooth::new(model.as_ref(), c.sigma, device.clone());
+    let smooth = caf::certify::Smooth::new(model.as_ref(), c.sigma, device.clone())
+        .with_input(set.shape().tuple());
     let mut rows = Vec::new();
     let start = std::time::Instant::now();
     caf::methods::slice::certify_slice(&smooth, &run, &|| false, &mut |r| {

@@ -93,7 +93,8 @@ pub fn certify(a: CertifyArgs) -> Result<i32> {
         sigma: a.sigma,
         procedure,
     };
-    let smooth = caf::certify::Smooth::new(model.as_ref(), a.sigma, device.clone());
+    let smooth = caf::certify::Smooth::new(model.as_ref(), a.sigma, device.clone())
+        .with_input(set.shape().tuple());
     let end = certify_slice(&smooth, &run, &|| shutdown.is_cancelled(), &mut |rows| {
         // One model: at most one row per image.
         let Some((_, r)) = rows.into_iter().next() else {

@@ -29,6 +29,22 @@ impl Chw {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// (C, H, W) as a tuple.
+    pub fn tuple(&self) -> (usize, usize, usize) {
+        (self.c, self.h, self.w)
+    }
+
+    /// The tensor shape of `b` such images: (B, C, H, W).
+    pub fn batch_dims(&self, b: usize) -> (usize, usize, usize, usize) {
+        (b, self.c, self.h, self.w)
+    }
+}
+
+impl std::fmt::Display for Chw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}×{}×{}", self.c, self.h, self.w)
+    }
 }
 
 /// One sampled augmentation: crop offsets into the padded image and whether to flip.
@@ -157,6 +173,82 @@ pub fn random_crop_flip<T: Copy + Default, R: Rng + ?Sized>(
     let aug = CropFlip::sample(rng, pad, flip);
     apply(src, dims, pad, aug, out);
     aug
+}
+
+/// One sampled random-resized crop (torchvision's `RandomResizedCrop` with its default scale
+/// (0.08, 1) and ratio (3/4, 4/3)) and whether to flip afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResizedCrop {
+    pub top: usize,
+    pub left: usize,
+    pub h: usize,
+    pub w: usize,
+    pub flip: bool,
+}
+
+impl ResizedCrop {
+    /// torchvision's `RandomResizedCrop.get_params` on an `height` × `width` image: up to ten
+    /// tries of an area fraction uniform in [0.08, 1] and a log-uniform aspect ratio in
+    /// [3/4, 4/3], else the largest centred crop within those ratios; then a fair flip.
+    /// Uniforms come from `rng` (24-bit floats, as torch draws them); the number consumed
+    /// depends on the tries, which is harmless because the caller's noise uses another stream.
+    pub fn sample<R: Rng + ?Sized>(rng: &mut R, height: usize, width: usize, flip: bool) -> Self {
+        let unit = |rng: &mut R| f64::from(rng.next_u32() >> 8) / f64::from(1u32 << 24);
+        let area = (height * width) as f64;
+        let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+        let mut found = None;
+        for _ in 0..10 {
+            let target = area * (0.08 + (1.0 - 0.08) * unit(rng));
+            let ratio = (lo + (hi - lo) * unit(rng)).exp();
+            let w = (target * ratio).sqrt().round() as usize;
+            let h = (target / ratio).sqrt().round() as usize;
+            if 0 < w && w <= width && 0 < h && h <= height {
+                let top = (u64::from(rng.next_u32()) % (height - h + 1) as u64) as usize;
+                let left = (u64::from(rng.next_u32()) % (width - w + 1) as u64) as usize;
+                found = Some((top, left, h, w));
+                break;
+            }
+        }
+        let (top, left, h, w) = found.unwrap_or_else(|| {
+            let in_ratio = width as f64 / height as f64;
+            let (h, w) = if in_ratio < 3.0 / 4.0 {
+                (((width as f64) / (3.0 / 4.0)).round() as usize, width)
+            } else if in_ratio > 4.0 / 3.0 {
+                (height, ((height as f64) * (4.0 / 3.0)).round() as usize)
+            } else {
+                (height, width)
+            };
+            ((height - h) / 2, (width - w) / 2, h, w)
+        });
+        let coin = rng.next_u32() >> 31 == 1;
+        Self {
+            top,
+            left,
+            h,
+            w,
+            flip: flip && coin,
+        }
+    }
+}
+
+/// Applies `aug` to `src`: the crop resized back to `dims` (Pillow's antialiased bilinear, as
+/// torchvision resizes PIL images), then the flip.
+///
+/// # Panics
+/// If `src` or `out` do not hold `dims.len()` bytes or the crop leaves the image.
+pub fn apply_resized(src: &[u8], dims: Chw, aug: ResizedCrop, out: &mut [u8]) {
+    assert_eq!(out.len(), dims.len(), "apply_resized: output size");
+    let resized = super::resize::resize_region(
+        src,
+        dims,
+        (aug.top, aug.left, aug.h, aug.w),
+        dims.h,
+        dims.w,
+    );
+    out.copy_from_slice(&resized);
+    if aug.flip {
+        hflip(out, dims);
+    }
 }
 
 #[cfg(test)]
@@ -323,6 +415,42 @@ mod tests {
         let no_flip = CropFlip::sample(&mut b, 4, false);
         assert!(!no_flip.flip);
         assert_eq!(a.next_u32(), b.next_u32());
+    }
+
+    #[test]
+    fn resized_crops_stay_inside_and_respect_scale_and_ratio() {
+        let mut rng = ChaCha12Rng::seed_from_u64(3);
+        let (h, w) = (64, 48);
+        let mut flips = 0;
+        for _ in 0..500 {
+            let a = ResizedCrop::sample(&mut rng, h, w, true);
+            assert!(a.top + a.h <= h && a.left + a.w <= w, "{a:?}");
+            let frac = (a.h * a.w) as f64 / (h * w) as f64;
+            assert!((0.06..=1.0).contains(&frac), "{a:?}");
+            flips += usize::from(a.flip);
+        }
+        assert!((180..320).contains(&flips), "{flips} flips of 500");
+        let mut again = ChaCha12Rng::seed_from_u64(3);
+        let mut rng = ChaCha12Rng::seed_from_u64(3);
+        assert_eq!(
+            ResizedCrop::sample(&mut rng, h, w, true),
+            ResizedCrop::sample(&mut again, h, w, true)
+        );
+        // The whole image, unflipped, is the identity.
+        let dims = Chw { c: 3, h: 8, w: 8 };
+        let img: Vec<u8> = (0..dims.len()).map(|i| (i * 5 % 256) as u8).collect();
+        let mut out = vec![0u8; dims.len()];
+        let whole = ResizedCrop {
+            top: 0,
+            left: 0,
+            h: 8,
+            w: 8,
+            flip: false,
+        };
+        apply_resized(&img, dims, whole, &mut out);
+        assert_eq!(out, img);
+        apply_resized(&img, dims, ResizedCrop { flip: true, ..whole }, &mut out);
+        assert_eq!(&out[..8], &[35, 30, 25, 20, 15, 10, 5, 0]);
     }
 
     #[test]

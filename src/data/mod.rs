@@ -5,10 +5,13 @@
 
 pub mod augment;
 mod cifar10;
+pub mod resize;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+
+pub use augment::Chw;
 
 pub use cifar10::{CIFAR10_CLASSES, CIFAR10_DIR, META_FILE, RECORD_BYTES, TEST_FILE, TRAIN_FILES};
 
@@ -60,23 +63,52 @@ impl std::fmt::Display for Split {
     }
 }
 
-/// A set of 32×32 RGB images with labels, kept as raw bytes (pixels / 255 = [0,1] values).
+/// A set of RGB images of one shape with labels, kept as raw bytes (pixels / 255 = [0,1] values).
+///
+/// Labels are `u16` so ImageNet's 1,000 classes fit; CIFAR's fit in a byte and hash as bytes
+/// (see [`ImageSet::labels_digest_bytes`]).
 #[derive(Clone, Debug)]
 pub struct ImageSet {
     pixels: Vec<u8>,
-    labels: Vec<u8>,
+    labels: Vec<u16>,
     classes: Vec<String>,
+    shape: Chw,
+    augment: TrainAugment,
+}
+
+/// How the trainer augments a set's training images (see `methods::train::batches`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainAugment {
+    /// CIFAR's recipe: random crop of the image zero-padded by 4, horizontal flip.
+    PadCropFlip,
+    /// ImageNet's recipe: random-resized crop back to the image's size, horizontal flip.
+    ResizedCropFlip,
 }
 
 impl ImageSet {
+    /// A set of CIFAR-shaped (3 × 32 × 32) images.
+    ///
     /// # Panics
     /// If `pixels` does not hold exactly `labels.len()` images of [`IMAGE_BYTES`] bytes: every
     /// accessor relies on that, and callers build both vectors together.
     pub fn new(pixels: Vec<u8>, labels: Vec<u8>, classes: Vec<String>) -> Self {
+        Self::with_shape(
+            Chw::CIFAR,
+            pixels,
+            labels.into_iter().map(u16::from).collect(),
+            classes,
+        )
+    }
+
+    /// A set of `shape`-sized images, (C, H, W) bytes each, concatenated.
+    ///
+    /// # Panics
+    /// If `pixels` does not hold exactly `labels.len()` images of `shape.len()` bytes.
+    pub fn with_shape(shape: Chw, pixels: Vec<u8>, labels: Vec<u16>, classes: Vec<String>) -> Self {
         assert_eq!(
             pixels.len(),
-            labels.len() * IMAGE_BYTES,
-            "ImageSet::new: {} pixel bytes for {} labels",
+            labels.len() * shape.len(),
+            "ImageSet::with_shape: {} pixel bytes for {} labels of {shape:?}",
             pixels.len(),
             labels.len()
         );
@@ -84,7 +116,20 @@ impl ImageSet {
             pixels,
             labels,
             classes,
+            shape,
+            augment: TrainAugment::PadCropFlip,
         }
+    }
+
+    /// The same set, augmented for training as `augment` says.
+    pub fn with_train_augment(mut self, augment: TrainAugment) -> Self {
+        self.augment = augment;
+        self
+    }
+
+    /// How training augments these images.
+    pub fn train_augment(&self) -> TrainAugment {
+        self.augment
     }
     pub fn len(&self) -> usize {
         self.labels.len()
@@ -92,31 +137,50 @@ impl ImageSet {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
-    pub fn label(&self, i: usize) -> u8 {
+    /// (C, H, W) of every image.
+    pub fn shape(&self) -> Chw {
+        self.shape
+    }
+    /// Bytes (= values) of one image.
+    pub fn image_len(&self) -> usize {
+        self.shape.len()
+    }
+    pub fn label(&self, i: usize) -> u16 {
         self.labels[i]
     }
     /// All labels, in record order.
-    pub fn labels(&self) -> &[u8] {
+    pub fn labels(&self) -> &[u16] {
         &self.labels
+    }
+    /// The labels as hashed into training checkpoints: one byte each when every label fits in
+    /// a byte (so CIFAR checkpoints written before labels widened still match), else two
+    /// little-endian bytes each.
+    pub fn labels_digest_bytes(&self) -> Vec<u8> {
+        if self.labels.iter().all(|&l| l <= u16::from(u8::MAX)) {
+            self.labels.iter().map(|&l| l as u8).collect()
+        } else {
+            self.labels.iter().flat_map(|l| l.to_le_bytes()).collect()
+        }
     }
     pub fn classes(&self) -> &[String] {
         &self.classes
     }
     /// Raw bytes of image `i`, (C, H, W) order.
     pub fn image_u8(&self, i: usize) -> &[u8] {
-        &self.pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
+        let n = self.shape.len();
+        &self.pixels[i * n..(i + 1) * n]
     }
     /// Image `i` as f32 in [0,1], (C, H, W) order.
     pub fn image_f32(&self, i: usize) -> Vec<f32> {
         self.image_u8(i).iter().map(|&b| b as f32 / 255.0).collect()
     }
-    /// Images `idx` as a [B, 3, 32, 32] f32 tensor in [0,1].
+    /// Images `idx` as a [B, C, H, W] f32 tensor in [0,1].
     pub fn batch_tensor(&self, idx: &[usize], device: &Device) -> candle_core::Result<Tensor> {
-        let mut buf = Vec::with_capacity(idx.len() * IMAGE_BYTES);
+        let mut buf = Vec::with_capacity(idx.len() * self.shape.len());
         for &i in idx {
             buf.extend(self.image_u8(i).iter().map(|&b| b as f32 / 255.0));
         }
-        Tensor::from_vec(buf, (idx.len(), 3, 32, 32), device)
+        Tensor::from_vec(buf, self.shape.batch_dims(idx.len()), device)
     }
 }
 

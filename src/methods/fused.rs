@@ -285,7 +285,7 @@ impl TypedHandler for FusedHandler {
             sigma: p.sigma,
             procedure,
         };
-        let smooth = Smooth::fused(&set, p.sigma, device.clone());
+        let smooth = Smooth::fused(&set, p.sigma, device.clone()).with_input(data.shape().tuple());
         let end = certify_slice(&smooth, &run, &|| ctx.cancelled(), &mut |rows| {
             for (m, row) in &rows {
                 self.results

@@ -79,7 +79,8 @@ pub struct SmoothAdvLoss<'a> {
     pub sigma: f32,
 }
 
-/// m noise draws for a batch of `b` images, stacked draw-major: [m·b, 3, 32, 32].
+/// m noise draws for a batch of `b` images shaped like `like`'s (C, H, W), stacked draw-major:
+/// [m·b, C, H, W].
 fn noise(
     at: StepKey,
     m: usize,
@@ -91,14 +92,15 @@ fn noise(
         b"caf-smoothadv-noise-v1",
         &[at.seed, at.epoch as u64, at.step],
     );
-    let n = m * b * crate::data::IMAGE_BYTES;
+    let (_, c, h, w) = like.dims4()?;
+    let n = m * b * c * h * w;
     let v: Vec<f32> = (0..n)
         .map(|_| sigma * <StandardNormal as Distribution<f32>>::sample(&StandardNormal, &mut rng))
         .collect();
-    Tensor::from_vec(v, (m * b, 3, 32, 32), like.device())
+    Tensor::from_vec(v, (m * b, c, h, w), like.device())
 }
 
-/// Per-image ℓ2 norms of [B, 3, 32, 32] as [B, 1, 1, 1].
+/// Per-image ℓ2 norms of [B, C, H, W] as [B, 1, 1, 1].
 fn norms(t: &Tensor) -> candle_core::Result<Tensor> {
     let b = t.dim(0)?;
     t.sqr()?

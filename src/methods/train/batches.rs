@@ -25,8 +25,8 @@ use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::data::augment::{self, Chw, CropFlip};
-use crate::data::{ImageSet, IMAGE_BYTES};
+use crate::data::augment::{self, CropFlip, ResizedCrop};
+use crate::data::{Chw, ImageSet, TrainAugment};
 
 /// Zero padding of the random crop, as in the standard CIFAR recipe.
 pub const CROP_PADDING: usize = 4;
@@ -94,7 +94,7 @@ pub fn step_range(n: usize, batch: usize, step: usize) -> Range<usize> {
     start..(start + batch).min(n)
 }
 
-/// A batch ready for the model: pixels in [0, 1] + noise, [B, 3, 32, 32], and labels.
+/// A batch ready for the model: pixels in [0, 1] + noise, [B, C, H, W], and labels.
 pub struct Batch {
     pub x: Tensor,
     pub y: Tensor,
@@ -120,31 +120,50 @@ pub fn train_batch(
     spec: SampleSpec,
     device: &Device,
 ) -> candle_core::Result<Batch> {
-    let mut buf = vec![0f32; indices.len() * IMAGE_BYTES];
-    let mut clean = vec![0f32; indices.len() * IMAGE_BYTES];
+    let n = data.image_len();
+    let (shape, how) = (data.shape(), data.train_augment());
+    let mut buf = vec![0f32; indices.len() * n];
+    let mut clean = vec![0f32; indices.len() * n];
     let no_noise = SampleSpec { sigma: 0.0, ..spec };
-    buf.par_chunks_mut(IMAGE_BYTES)
-        .zip(clean.par_chunks_mut(IMAGE_BYTES))
+    buf.par_chunks_mut(n)
+        .zip(clean.par_chunks_mut(n))
         .zip(indices.par_iter())
         .for_each(|((out, cl), &i)| {
-            sample_into(data.image_u8(i), i, spec, out);
+            sample_into(data.image_u8(i), shape, how, i, spec, out);
             // The crop and flip are drawn before the noise from the same keyed stream, so
             // this is exactly the noisy image's clean version.
-            sample_into(data.image_u8(i), i, no_noise, cl);
+            sample_into(data.image_u8(i), shape, how, i, no_noise, cl);
         });
     finish(data, indices, buf, clean, device)
 }
 
-/// One training input: image `idx` (raw bytes) augmented and noised into `out`.
-pub fn sample_into(image: &[u8], idx: usize, spec: SampleSpec, out: &mut [f32]) {
+/// One training input: image `idx` (raw bytes, `shape`) augmented as `how` says and noised
+/// into `out`.
+pub fn sample_into(
+    image: &[u8],
+    shape: Chw,
+    how: TrainAugment,
+    idx: usize,
+    spec: SampleSpec,
+    out: &mut [f32],
+) {
     let mut rng = keyed_rng(
         b"caf-train-sample-v1",
         &[spec.seed, spec.epoch as u64, idx as u64],
     );
-    let mut cropped = [0u8; IMAGE_BYTES];
+    let mut cropped = Vec::new();
     let pixels: &[u8] = if spec.augment {
-        let aug = CropFlip::sample(&mut rng, CROP_PADDING, true);
-        augment::apply(image, Chw::CIFAR, CROP_PADDING, aug, &mut cropped);
+        cropped.resize(shape.len(), 0u8);
+        match how {
+            TrainAugment::PadCropFlip => {
+                let aug = CropFlip::sample(&mut rng, CROP_PADDING, true);
+                augment::apply(image, shape, CROP_PADDING, aug, &mut cropped);
+            }
+            TrainAugment::ResizedCropFlip => {
+                let aug = ResizedCrop::sample(&mut rng, shape.h, shape.w, true);
+                augment::apply_resized(image, shape, aug, &mut cropped);
+            }
+        }
         &cropped
     } else {
         image
@@ -168,10 +187,11 @@ pub fn val_batch(
     sigma: f32,
     device: &Device,
 ) -> candle_core::Result<Batch> {
-    let mut buf = vec![0f32; indices.len() * IMAGE_BYTES];
-    let mut clean = vec![0f32; indices.len() * IMAGE_BYTES];
-    buf.par_chunks_mut(IMAGE_BYTES)
-        .zip(clean.par_chunks_mut(IMAGE_BYTES))
+    let n = data.image_len();
+    let mut buf = vec![0f32; indices.len() * n];
+    let mut clean = vec![0f32; indices.len() * n];
+    buf.par_chunks_mut(n)
+        .zip(clean.par_chunks_mut(n))
         .zip(indices.par_iter())
         .for_each(|((out, cl), &i)| {
             for (o, &b) in out.iter_mut().zip(data.image_u8(i)) {
@@ -202,8 +222,8 @@ fn finish(
 ) -> candle_core::Result<Batch> {
     let b = indices.len();
     let labels: Vec<u32> = indices.iter().map(|&i| u32::from(data.label(i))).collect();
-    let x = Tensor::from_vec(buf, (b, 3, 32, 32), device)?;
-    let clean = Tensor::from_vec(clean, (b, 3, 32, 32), device)?;
+    let x = Tensor::from_vec(buf, data.shape().batch_dims(b), device)?;
+    let clean = Tensor::from_vec(clean, data.shape().batch_dims(b), device)?;
     let y = Tensor::from_slice(&labels, b, device)?;
     Ok(Batch {
         x,
@@ -216,6 +236,7 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::IMAGE_BYTES;
 
     fn synthetic(n: usize) -> ImageSet {
         let pixels = (0..n * IMAGE_BYTES).map(|i| (i * 7 % 256) as u8).collect();

@@ -46,7 +46,7 @@ impl DataFingerprint {
     pub fn of(data: &ImageSet) -> Self {
         Self {
             images: data.len(),
-            labels_sha256: hex::encode(Sha256::digest(data.labels())),
+            labels_sha256: hex::encode(Sha256::digest(data.labels_digest_bytes())),
         }
     }
 }
