@@ -312,6 +312,7 @@ pub struct ExportArgs {
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum DatasetArg {
     Cifar10,
+    Cifar100,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -430,6 +431,35 @@ pub enum BenchWhat {
     /// Certification of a few test images: forward passes per image and images/s, Cohen's
     /// fixed n against sequential certification.
     Certify(BenchCertifyArgs),
+    /// Decoding + preprocessing throughput of an image folder (ImageFolder layout), through the
+    /// parallel prefetch the jobs use.
+    Load(BenchLoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchLoadArgs {
+    /// Folder with `train/CLASS/*` and/or `val/CLASS/*`.
+    #[arg(long)]
+    pub root: PathBuf,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: SplitArg,
+    /// Side of the centre crop.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// Shorter side after resizing (default: image_size / 0.875).
+    #[arg(long)]
+    pub resize: Option<usize>,
+    /// Decoding threads (default: every core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Images per decoded batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Decode at most this many images (the first ones).
+    #[arg(long)]
+    pub max: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

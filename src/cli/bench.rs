@@ -9,8 +9,8 @@ use caf::models::{self, Arch, Normalize};
 use caf::store::{AnyStore, DbLocation, PgStore};
 
 use super::args::{
-    BenchArgs, BenchCertifyArgs, BenchForwardArgs, BenchMethod, BenchQueueArgs, BenchTrainArgs,
-    BenchWhat, DatasetArg, ModelArgs,
+    BenchArgs, BenchCertifyArgs, BenchForwardArgs, BenchLoadArgs, BenchMethod, BenchQueueArgs,
+    BenchTrainArgs, BenchWhat, DatasetArg, ModelArgs, SplitArg,
 };
 use super::db::{open_store, shown};
 use super::exit::usage;
@@ -21,6 +21,7 @@ pub fn bench(a: BenchArgs) -> Result<i32> {
         BenchWhat::Forward(f) => bench_forward(f),
         BenchWhat::TrainStep(t) => bench_train_step(t),
         BenchWhat::Certify(c) => bench_certify(c),
+        BenchWhat::Load(l) => bench_load(l),
         // Async: `main` runs it on the runtime (`bench_queue`).
         BenchWhat::Queue(q) => bail!(usage(format!(
             "bench queue --db {} must run on the async runtime",
@@ -351,6 +352,77 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
             serde_json::to_string_pretty(
                 &serde_json::json!({ "throughput": report, "peak": share })
             )?
+        );
+    }
+    Ok(0)
+}
+
+/// `caf bench load`: images/s of decoding + preprocessing an image folder through
+/// [`caf::data::imagefolder::Prefetch`], consumed as the jobs consume it.
+fn bench_load(l: BenchLoadArgs) -> Result<i32> {
+    use caf::data::imagefolder::{self, Preprocess, Prefetch};
+    let split = match l.split {
+        SplitArg::Train => caf::data::Split::Train,
+        SplitArg::Test => caf::data::Split::Test,
+    };
+    if l.image_size == 0 || l.batch == 0 || l.workers == Some(0) {
+        bail!(usage("--image-size, --batch and --workers must be at least 1"));
+    }
+    let resize = l
+        .resize
+        .unwrap_or_else(|| Preprocess::default_resize(l.image_size));
+    if resize < l.image_size {
+        bail!(usage(format!(
+            "--resize {resize} is smaller than --image-size {}",
+            l.image_size
+        )));
+    }
+    let pre = Preprocess {
+        resize,
+        image_size: l.image_size,
+    };
+    let index = imagefolder::scan(&l.root, split).map_err(|e| usage(e.to_string()))?;
+    let n = l.max.map_or(index.len(), |m| m.min(index.len()));
+    let workers = l.workers.unwrap_or_else(imagefolder::default_workers);
+    let start = std::time::Instant::now();
+    let mut images = 0usize;
+    let mut checksum = 0u64;
+    let batches = Prefetch::new(
+        std::sync::Arc::new(index),
+        pre,
+        (0..n).collect(),
+        l.batch,
+        workers,
+        2 * workers,
+    );
+    for b in batches {
+        let b = b?;
+        images += b.labels.len();
+        // Touch the pixels as a consumer converting them would, so nothing is optimised away.
+        checksum = checksum.wrapping_add(b.pixels.iter().map(|&p| u64::from(p)).sum::<u64>());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let rate = images as f64 / secs.max(1e-9);
+    if l.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "images": images,
+                "seconds": secs,
+                "images_per_s": rate,
+                "workers": workers,
+                "image_size": l.image_size,
+                "resize": resize,
+                "checksum": checksum,
+            })
+        );
+    } else {
+        println!(
+            "load {}: {images} images in {secs:.2} s = {rate:.1} images/s ({workers} decoding \
+             threads, resize {resize}, crop {}×{})",
+            l.root.display(),
+            l.image_size,
+            l.image_size
         );
     }
     Ok(0)

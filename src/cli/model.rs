@@ -51,5 +51,6 @@ pub fn load_classifier(
 pub fn load_data(m: &ModelArgs, split: Split) -> Result<data::ImageSet> {
     match m.data {
         DatasetArg::Cifar10 => Ok(data::load_cifar10(&m.data_root, split)?),
+        DatasetArg::Cifar100 => Ok(data::load_cifar100(&m.data_root, split)?),
     }
 }

@@ -1,9 +1,51 @@
 //! The official CIFAR-10 binary format: files of 3,073-byte records, each one label byte (0–9)
-//! followed by 1,024 red, 1,024 green and 1,024 blue bytes (32×32 row-major planes).
+//! followed by 1,024 red, 1,024 green and 1,024 blue bytes (32×32 row-major planes); and
+//! CIFAR-100's, the same with two label bytes (coarse 0–19, fine 0–99) per record, of which the
+//! fine label is the class.
 
 use std::path::{Path, PathBuf};
 
 use super::{DataError, ImageSet, Split, IMAGE_BYTES};
+
+/// One of the two binary CIFAR layouts.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Format {
+    pub name: &'static str,
+    pub dir: &'static str,
+    pub train: &'static [&'static str],
+    pub test: &'static str,
+    pub meta: &'static str,
+    /// Label bytes per record; the class is the last of them.
+    pub label_bytes: usize,
+    pub classes: usize,
+    /// Class names when the folder has no meta file (CIFAR-100's are numbered).
+    pub default_classes: Option<&'static [&'static str]>,
+}
+
+pub(super) const CIFAR10: Format = Format {
+    name: "CIFAR-10",
+    dir: CIFAR10_DIR,
+    train: &TRAIN_FILES,
+    test: TEST_FILE,
+    meta: META_FILE,
+    label_bytes: 1,
+    classes: 10,
+    default_classes: Some(&CIFAR10_CLASSES),
+};
+
+/// The folder name the official CIFAR-100 binary archive unpacks to.
+pub const CIFAR100_DIR: &str = "cifar-100-binary";
+
+pub(super) const CIFAR100: Format = Format {
+    name: "CIFAR-100",
+    dir: CIFAR100_DIR,
+    train: &["train.bin"],
+    test: "test.bin",
+    meta: "fine_label_names.txt",
+    label_bytes: 2,
+    classes: 100,
+    default_classes: None,
+};
 
 /// The folder name the official archive unpacks to.
 pub const CIFAR10_DIR: &str = "cifar-10-batches-bin";
@@ -32,39 +74,45 @@ pub const CIFAR10_CLASSES: [&str; 10] = [
     "truck",
 ];
 
-fn looks_like_batch_dir(dir: &Path) -> bool {
-    dir.join(TEST_FILE).is_file() || dir.join(TRAIN_FILES[0]).is_file()
+fn looks_like_batch_dir(dir: &Path, f: Format) -> bool {
+    dir.join(f.test).is_file() || dir.join(f.train[0]).is_file()
 }
 
-pub(super) fn resolve_root(root: &Path) -> Result<PathBuf, DataError> {
-    let nested = root.join(CIFAR10_DIR);
+pub(super) fn resolve_root(root: &Path, f: Format) -> Result<PathBuf, DataError> {
+    let nested = root.join(f.dir);
     if nested.is_dir() {
         return Ok(nested);
     }
-    if looks_like_batch_dir(root) {
+    if looks_like_batch_dir(root, f) {
         return Ok(root.to_path_buf());
     }
+    let name = f.name;
     let message = match std::fs::metadata(root) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            "CIFAR-10 folder does not exist".to_string()
+            format!("{name} folder does not exist")
         }
         Err(e) => return Err(DataError::io(root, e)),
-        Ok(m) if !m.is_dir() => "expected a CIFAR-10 folder, found a file".to_string(),
+        Ok(m) if !m.is_dir() => format!("expected a {name} folder, found a file"),
         Ok(_) => format!(
-            "not a CIFAR-10 folder: it neither contains `{CIFAR10_DIR}` nor the batch files \
-             `{TEST_FILE}` / `{}` (expected the official binary version)",
-            TRAIN_FILES[0]
+            "not a {name} folder: it neither contains `{}` nor the batch files `{}` / `{}` \
+             (expected the official binary version)",
+            f.dir, f.test, f.train[0]
         ),
     };
     Err(DataError::invalid(root, message))
 }
 
-pub(super) fn load(root: &Path, split: Split) -> Result<ImageSet, DataError> {
-    let dir = resolve_root(root)?;
-    let files: Vec<PathBuf> = match split {
-        Split::Test => vec![dir.join(TEST_FILE)],
-        Split::Train => TRAIN_FILES.iter().map(|f| dir.join(f)).collect(),
-    };
+/// The files of `split`, in the order they are concatenated.
+pub(super) fn split_files(dir: &Path, split: Split, f: Format) -> Vec<PathBuf> {
+    match split {
+        Split::Test => vec![dir.join(f.test)],
+        Split::Train => f.train.iter().map(|n| dir.join(n)).collect(),
+    }
+}
+
+pub(super) fn load(root: &Path, split: Split, f: Format) -> Result<ImageSet, DataError> {
+    let dir = resolve_root(root, f)?;
+    let files = split_files(&dir, split, f);
     let missing: Vec<&str> = files
         .iter()
         .filter(|p| !p.is_file())
@@ -75,7 +123,7 @@ pub(super) fn load(root: &Path, split: Split) -> Result<ImageSet, DataError> {
             "the {split} split needs {}, which is missing",
             missing.join(", ")
         );
-        if split == Split::Train && dir.join(TEST_FILE).is_file() {
+        if split == Split::Train && dir.join(f.test).is_file() {
             message.push_str(" (this folder only holds the test split)");
         }
         return Err(DataError::invalid(&dir, message));
@@ -84,67 +132,73 @@ pub(super) fn load(root: &Path, split: Split) -> Result<ImageSet, DataError> {
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
     for file in &files {
-        read_batch_file(file, &mut pixels, &mut labels)?;
+        read_batch_file(file, f, &mut pixels, &mut labels)?;
     }
-    let classes = read_classes(&dir)?;
+    let classes = read_classes(&dir, f)?;
     Ok(ImageSet::new(pixels, labels, classes))
 }
 
 /// Appends one batch file's records; validates the whole file before keeping any of it.
 fn read_batch_file(
     path: &Path,
+    f: Format,
     pixels: &mut Vec<u8>,
     labels: &mut Vec<u8>,
 ) -> Result<(), DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let name = f.name;
     if bytes.is_empty() {
         return Err(DataError::invalid(
             path,
-            "file is empty: no CIFAR-10 records",
+            format!("file is empty: no {name} records"),
         ));
     }
-    let records = bytes.len() / RECORD_BYTES;
-    let extra = bytes.len() % RECORD_BYTES;
+    let record_bytes = f.label_bytes + IMAGE_BYTES;
+    let records = bytes.len() / record_bytes;
+    let extra = bytes.len() % record_bytes;
     if extra != 0 {
         return Err(DataError::invalid(
             path,
             format!(
-                "file size {} bytes is not a multiple of the {RECORD_BYTES}-byte CIFAR-10 record: \
-                 {records} whole records and {extra} extra bytes (truncated or not a CIFAR-10 \
+                "file size {} bytes is not a multiple of the {record_bytes}-byte {name} record: \
+                 {records} whole records and {extra} extra bytes (truncated or not a {name} \
                  binary batch)",
                 bytes.len()
             ),
         ));
     }
-    let classes = CIFAR10_CLASSES.len();
+    let label_at = f.label_bytes - 1;
     if let Some((index, record)) = bytes
-        .chunks_exact(RECORD_BYTES)
+        .chunks_exact(record_bytes)
         .enumerate()
-        .find(|(_, r)| usize::from(r[0]) >= classes)
+        .find(|(_, r)| usize::from(r[label_at]) >= f.classes)
     {
         return Err(DataError::invalid(
             path,
             format!(
                 "record {index} (0-based, byte offset {}): label {} is out of range 0–{}",
-                index * RECORD_BYTES,
-                record[0],
-                classes - 1
+                index * record_bytes,
+                record[label_at],
+                f.classes - 1
             ),
         ));
     }
     pixels.reserve(records * IMAGE_BYTES);
     labels.reserve(records);
-    for record in bytes.chunks_exact(RECORD_BYTES) {
-        labels.push(record[0]);
-        pixels.extend_from_slice(&record[1..]);
+    for record in bytes.chunks_exact(record_bytes) {
+        labels.push(record[label_at]);
+        pixels.extend_from_slice(&record[f.label_bytes..]);
     }
     Ok(())
 }
 
-fn read_classes(dir: &Path) -> Result<Vec<String>, DataError> {
-    let path = dir.join(META_FILE);
+fn read_classes(dir: &Path, f: Format) -> Result<Vec<String>, DataError> {
+    let path = dir.join(f.meta);
     if !path.is_file() {
-        return Ok(CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect());
+        return Ok(match f.default_classes {
+            Some(names) => names.iter().map(|s| s.to_string()).collect(),
+            None => (0..f.classes).map(|i| i.to_string()).collect(),
+        });
     }
     let text = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
     // The official file ends with blank lines; they are not classes.
@@ -154,13 +208,14 @@ fn read_classes(dir: &Path) -> Result<Vec<String>, DataError> {
         .filter(|l| !l.is_empty())
         .map(str::to_string)
         .collect();
-    if names.len() != CIFAR10_CLASSES.len() {
+    if names.len() != f.classes {
         return Err(DataError::invalid(
             &path,
             format!(
-                "lists {} class names; CIFAR-10 has {}",
+                "lists {} class names; {} has {}",
                 names.len(),
-                CIFAR10_CLASSES.len()
+                f.name,
+                f.classes
             ),
         ));
     }
@@ -315,6 +370,48 @@ mod tests {
             e.contains(META_FILE) && e.contains("lists 2 class names"),
             "{e}"
         );
+    }
+
+    /// CIFAR-100 records: coarse label, fine label, 3,072 pixel bytes.
+    fn records100(labels: &[(u8, u8)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (r, &(coarse, fine)) in labels.iter().enumerate() {
+            out.extend([coarse, fine]);
+            out.extend((0..IMAGE_BYTES).map(|p| ((r * 11 + p) % 253) as u8));
+        }
+        out
+    }
+
+    #[test]
+    fn cifar100_reads_fine_labels_and_names() {
+        use crate::data::{load_cifar100, resolve_cifar100_root};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join(CIFAR100_DIR);
+        std::fs::create_dir(&dir).expect("mkdir");
+        let test = records100(&[(4, 30), (19, 99), (0, 0)]);
+        write(&dir, "test.bin", &test);
+        write(&dir, "train.bin", &records100(&[(1, 7), (2, 8)]));
+        assert_eq!(resolve_cifar100_root(tmp.path()).expect("root"), dir);
+        let set = load_cifar100(tmp.path(), Split::Test).expect("test");
+        assert_eq!(set.labels(), &[30, 99, 0]);
+        assert_eq!(set.image_u8(1), &test[IMAGE_BYTES + 2 + 2..2 * (IMAGE_BYTES + 2)]);
+        assert_eq!(set.classes().len(), 100);
+        assert_eq!(set.classes()[42], "42");
+        let set = load_cifar100(&dir, Split::Train).expect("train");
+        assert_eq!(set.labels(), &[7, 8]);
+        let names: Vec<String> = (0..100).map(|i| format!("fine{i}")).collect();
+        write(&dir, "fine_label_names.txt", names.join("\n").as_bytes());
+        let set = load_cifar100(&dir, Split::Test).expect("named");
+        assert_eq!(set.classes()[99], "fine99");
+        // A fine label of 100 is out of range, a CIFAR-10 record is the wrong size.
+        write(&dir, "test.bin", &records100(&[(0, 100)]));
+        let e = err_text(load_cifar100(&dir, Split::Test).unwrap_err());
+        assert!(e.contains("label 100 is out of range 0–99"), "{e}");
+        write(&dir, "test.bin", &records(&[1, 2]));
+        let e = err_text(load_cifar100(&dir, Split::Test).unwrap_err());
+        assert!(e.contains("3074-byte CIFAR-100 record"), "{e}");
+        let e = err_text(resolve_cifar100_root(&tmp.path().join("nope")).unwrap_err());
+        assert!(e.contains("CIFAR-100 folder does not exist"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod augment;
 mod cifar10;
+pub mod imagefolder;
 pub mod resize;
 
 use std::path::{Path, PathBuf};
@@ -13,7 +14,9 @@ use candle_core::{Device, Tensor};
 
 pub use augment::Chw;
 
-pub use cifar10::{CIFAR10_CLASSES, CIFAR10_DIR, META_FILE, RECORD_BYTES, TEST_FILE, TRAIN_FILES};
+pub use cifar10::{
+    CIFAR100_DIR, CIFAR10_CLASSES, CIFAR10_DIR, META_FILE, RECORD_BYTES, TEST_FILE, TRAIN_FILES,
+};
 
 /// Bytes of one CIFAR image: 3 planes of 32×32, channel-major (C, H, W).
 pub const IMAGE_BYTES: usize = 3 * 32 * 32;
@@ -189,7 +192,30 @@ impl ImageSet {
 /// A folder counts as the batch folder when it holds `test_batch.bin` or `data_batch_1.bin`, so
 /// test-only copies (such as the 100-image exact subset) resolve too.
 pub fn resolve_cifar10_root(root: &Path) -> Result<PathBuf, DataError> {
-    cifar10::resolve_root(root)
+    cifar10::resolve_root(root, cifar10::CIFAR10)
+}
+
+/// Accepts the folder holding `cifar-100-binary` or that folder itself; returns the latter.
+pub fn resolve_cifar100_root(root: &Path) -> Result<PathBuf, DataError> {
+    cifar10::resolve_root(root, cifar10::CIFAR100)
+}
+
+/// Loads a CIFAR-100 split from the official binary format (`train.bin`, `test.bin`; records
+/// of coarse label, fine label, 3,072 pixel bytes). The class is the fine label; names come
+/// from `fine_label_names.txt` when present, else the numbers 0–99.
+pub fn load_cifar100(root: &Path, split: Split) -> Result<ImageSet, DataError> {
+    cifar10::load(root, split, cifar10::CIFAR100)
+}
+
+/// The binary files of a CIFAR split (`cifar100`: CIFAR-100's) in a resolved folder, in the
+/// order they are read.
+pub fn cifar_split_files(dir: &Path, split: Split, cifar100: bool) -> Vec<PathBuf> {
+    let f = if cifar100 {
+        cifar10::CIFAR100
+    } else {
+        cifar10::CIFAR10
+    };
+    cifar10::split_files(dir, split, f)
 }
 
 /// Loads a CIFAR-10 split from the official binary format.
@@ -198,5 +224,5 @@ pub fn resolve_cifar10_root(root: &Path) -> Result<PathBuf, DataError> {
 /// `test_batch.bin`, which may hold fewer than 10,000 records. Class names come from
 /// `batches.meta.txt` when present, else the standard ten.
 pub fn load_cifar10(root: &Path, split: Split) -> Result<ImageSet, DataError> {
-    cifar10::load(root, split)
+    cifar10::load(root, split, cifar10::CIFAR10)
 }

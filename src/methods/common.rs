@@ -10,7 +10,7 @@ use crate::data::{self, ImageSet, Split};
 use crate::models::{self, Arch, Classifier, Normalize};
 use crate::plan::PlanContext;
 use crate::sched::JobError;
-use crate::spec::{Cell, Param, SpecError};
+use crate::spec::{Cell, Dataset, Param, SpecError};
 
 /// A base model inside job params: the path to run with, the content hash that identifies it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,14 +43,34 @@ pub struct DataRef {
     pub dataset: String,
     pub root: PathBuf,
     pub split: Split,
-    /// SHA-256 of the split's file(s), so a changed dataset gives new job ids.
+    /// SHA-256 of the split's file(s), so a changed dataset gives new job ids; for an image
+    /// folder its fingerprint (see `data::imagefolder::FolderIndex::fingerprint`).
     pub sha256: String,
+    /// Image folders only (absent for CIFAR, whose job ids therefore did not change): the
+    /// centre crop's side and the resize before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<usize>,
 }
 
 impl DataRef {
     pub fn load(&self) -> Result<ImageSet, JobError> {
-        let set = data::load_cifar10(&self.root, self.split).map_err(JobError::fatal)?;
-        Ok(set)
+        let set = match self.dataset.as_str() {
+            "cifar10" => data::load_cifar10(&self.root, self.split),
+            "cifar100" => data::load_cifar100(&self.root, self.split),
+            "imagefolder" => {
+                let (Some(image_size), Some(resize)) = (self.image_size, self.resize) else {
+                    return Err(JobError::fatal(
+                        "an imagefolder data reference without image_size and resize",
+                    ));
+                };
+                let pre = data::imagefolder::Preprocess { resize, image_size };
+                data::imagefolder::load(&self.root, self.split, pre)
+            }
+            other => return Err(JobError::fatal(format!("unknown dataset `{other}`"))),
+        };
+        set.map_err(JobError::fatal)
     }
 }
 
@@ -152,41 +172,77 @@ pub fn backbone_ref(
 
 /// The spec's test split as a [`DataRef`].
 pub fn test_data_ref(ctx: &mut PlanContext<'_>) -> Result<DataRef, SpecError> {
-    let root = data::resolve_cifar10_root(&ctx.spec.data.root)
-        .map_err(|e| SpecError::at(&ctx.spec.path, ctx.spec.data.span, e.to_string()))?;
-    let file = root.join("test_batch.bin");
-    let sha256 = ctx.file_sha256(&file)?;
-    Ok(DataRef {
-        dataset: "cifar10".into(),
-        root,
-        split: Split::Test,
-        sha256,
-    })
+    data_ref(ctx, Split::Test)
 }
 
-/// The spec's training split as a [`DataRef`] (all five batches are hashed).
+/// The spec's training split as a [`DataRef`] (every training file is hashed).
 pub fn train_data_ref(ctx: &mut PlanContext<'_>) -> Result<DataRef, SpecError> {
-    let root = data::resolve_cifar10_root(&ctx.spec.data.root)
-        .map_err(|e| SpecError::at(&ctx.spec.path, ctx.spec.data.span, e.to_string()))?;
-    let mut hashes = Vec::new();
-    for f in data::TRAIN_FILES {
-        let file = root.join(f);
-        if !file.is_file() {
-            return Err(SpecError::at(
-                &ctx.spec.path,
-                ctx.spec.data.span,
-                format!("training needs {}, which does not exist", file.display()),
-            ));
+    data_ref(ctx, Split::Train)
+}
+
+fn data_ref(ctx: &mut PlanContext<'_>, split: Split) -> Result<DataRef, SpecError> {
+    let spec = &ctx.spec.data;
+    let at = |e: &dyn std::fmt::Display| SpecError::at(&ctx.spec.path, spec.span, e.to_string());
+    match spec.dataset {
+        Dataset::Cifar10 | Dataset::Cifar100 => {
+            let cifar100 = spec.dataset == Dataset::Cifar100;
+            let root = if cifar100 {
+                data::resolve_cifar100_root(&spec.root)
+            } else {
+                data::resolve_cifar10_root(&spec.root)
+            }
+            .map_err(|e| at(&e))?;
+            let files = data::cifar_split_files(&root, split, cifar100);
+            let mut hashes = Vec::new();
+            for file in &files {
+                if !file.is_file() {
+                    return Err(at(&format!(
+                        "{} needs {}, which does not exist",
+                        if split == Split::Train {
+                            "training"
+                        } else {
+                            "certification"
+                        },
+                        file.display()
+                    )));
+                }
+                hashes.push(ctx.file_sha256(file)?);
+            }
+            // The test split's hash is its one file's; the training split's (CIFAR-10: five
+            // files) hashes their hashes, as since the first plans, so job ids stay put.
+            let sha256 = if split == Split::Test {
+                hashes.swap_remove(0)
+            } else {
+                crate::util::sha256_bytes(hashes.join(",").as_bytes())
+            };
+            Ok(DataRef {
+                dataset: spec.dataset.as_str().into(),
+                root,
+                split,
+                sha256,
+                image_size: None,
+                resize: None,
+            })
         }
-        hashes.push(ctx.file_sha256(&file)?);
+        Dataset::ImageFolder => {
+            let (root, kind) = (spec.root.clone(), spec.fingerprint);
+            // Not a real path: the cache key of this split's fingerprint (one scan per plan).
+            let key = root.join(format!("\0imagefolder-{split}-{kind:?}"));
+            let sha256 = ctx.cached_digest(&key, || {
+                let index = data::imagefolder::scan(&root, split).map_err(|e| at(&e))?;
+                index.fingerprint(kind).map_err(|e| at(&e))
+            })?;
+            let spec = &ctx.spec.data;
+            Ok(DataRef {
+                dataset: spec.dataset.as_str().into(),
+                root,
+                split,
+                sha256,
+                image_size: Some(spec.image_size),
+                resize: spec.resize,
+            })
+        }
     }
-    let sha256 = crate::util::sha256_bytes(hashes.join(",").as_bytes());
-    Ok(DataRef {
-        dataset: "cifar10".into(),
-        root,
-        split: Split::Train,
-        sha256,
-    })
 }
 
 /// A string parameter, with a located error.

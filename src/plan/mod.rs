@@ -227,6 +227,21 @@ impl<'a> PlanContext<'a> {
         Ok(h)
     }
 
+    /// A digest computed once per plan under `key` (e.g. an image folder's fingerprint, which
+    /// stats or reads every image): `compute` runs on the first request only.
+    pub fn cached_digest(
+        &mut self,
+        key: &Path,
+        compute: impl FnOnce() -> Result<String, SpecError>,
+    ) -> Result<String, SpecError> {
+        if let Some(h) = self.hashes.get(key) {
+            return Ok(h.clone());
+        }
+        let h = compute()?;
+        self.hashes.insert(key.to_path_buf(), h.clone());
+        Ok(h)
+    }
+
     /// An error pointing at a cell parameter.
     pub fn error_at(&self, span: crate::spec::Span, message: impl Into<String>) -> SpecError {
         SpecError::at(&self.spec.path, span, message)

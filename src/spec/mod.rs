@@ -82,6 +82,20 @@ impl SpecError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dataset {
     Cifar10,
+    Cifar100,
+    /// torchvision's ImageFolder layout: `root/train/CLASS/*`, `root/val/CLASS/*`.
+    ImageFolder,
+}
+
+impl Dataset {
+    /// The name a spec uses.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Dataset::Cifar10 => "cifar10",
+            Dataset::Cifar100 => "cifar100",
+            Dataset::ImageFolder => "imagefolder",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -90,6 +104,13 @@ pub struct DataSpec {
     /// Resolved against the working directory.
     pub root: PathBuf,
     pub span: Span,
+    /// Side of the (square) images the models see: 32 for CIFAR; for an image folder the
+    /// centre crop (default 224).
+    pub image_size: usize,
+    /// Image folders: the shorter side after resizing (default `image_size / 0.875`).
+    pub resize: Option<usize>,
+    /// Image folders: what identifies the images in job ids.
+    pub fingerprint: crate::data::imagefolder::Fingerprint,
 }
 
 #[derive(Clone, Debug)]

@@ -68,19 +68,95 @@ pub fn build(
 
 fn data(cx: Cx, top: &Fields, base_dir: &Path) -> Result<DataSpec, SpecError> {
     let node = top.required(cx, "data")?;
-    let f = fields(cx, node, "data", &["dataset", "root"])?;
+    let f = fields(
+        cx,
+        node,
+        "data",
+        &["dataset", "root", "image_size", "resize", "fingerprint"],
+    )?;
     let dataset_node = f.required(cx, "dataset")?;
     let dataset = match as_str(cx, dataset_node, "data.dataset")? {
         "cifar10" => Dataset::Cifar10,
+        "cifar100" => Dataset::Cifar100,
+        "imagefolder" => Dataset::ImageFolder,
         other => {
             return Err(cx.err(
                 dataset_node.span,
                 format!(
-                    "unknown dataset `{}`; expected one of: cifar10",
+                    "unknown dataset `{}`; expected one of: cifar10, cifar100, imagefolder",
                     abbreviate(other)
                 ),
             ));
         }
+    };
+    let folder = dataset == Dataset::ImageFolder;
+    // CIFAR images are 32×32 as stored: the keys that transform images apply to folders only.
+    if !folder {
+        for key in ["resize", "fingerprint"] {
+            if let Some(n) = f.get(key) {
+                return Err(cx.err(
+                    n.span,
+                    format!(
+                        "data.{key} applies to `dataset: imagefolder` only ({} files are \
+                         fingerprinted by their SHA-256)",
+                        dataset.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    let image_size = match f.get("image_size") {
+        None if folder => 224,
+        None => 32,
+        Some(n) => {
+            let v = as_int(cx, n, "data.image_size", 1, 4096)? as usize;
+            if !folder && v != 32 {
+                return Err(cx.err(
+                    n.span,
+                    format!(
+                        "data.image_size of {} is 32 (its images are stored at 32×32), got {v}",
+                        dataset.as_str()
+                    ),
+                ));
+            }
+            v
+        }
+    };
+    let resize = match f.get("resize") {
+        None if folder => Some(crate::data::imagefolder::Preprocess::default_resize(
+            image_size,
+        )),
+        None => None,
+        Some(n) => {
+            let v = as_int(cx, n, "data.resize", 1, 65536)? as usize;
+            if v < image_size {
+                return Err(cx.err(
+                    n.span,
+                    format!(
+                        "data.resize ({v}) is smaller than data.image_size ({image_size}): the \
+                         centre crop would not fit"
+                    ),
+                ));
+            }
+            Some(v)
+        }
+    };
+    let fingerprint = match f.get("fingerprint") {
+        None => crate::data::imagefolder::Fingerprint::Stat,
+        Some(n) => match as_str(cx, n, "data.fingerprint")? {
+            "stat" => crate::data::imagefolder::Fingerprint::Stat,
+            "content" => crate::data::imagefolder::Fingerprint::Content,
+            other => {
+                return Err(cx.err(
+                    n.span,
+                    format!(
+                        "unknown data.fingerprint `{}`; expected one of: stat (sorted file \
+                         list with sizes and mtimes), content (SHA-256 of every file)",
+                        abbreviate(other)
+                    ),
+                ))
+            }
+        },
     };
     let root_node = f.required(cx, "root")?;
     let root = resolve(cx, root_node, "data.root", base_dir)?;
@@ -103,6 +179,9 @@ fn data(cx: Cx, top: &Fields, base_dir: &Path) -> Result<DataSpec, SpecError> {
         dataset,
         root,
         span: node.span,
+        image_size,
+        resize,
+        fingerprint,
     })
 }
 
