@@ -437,7 +437,7 @@ mod tests {
         // It is in official order, so its labels match the official label list.
         let official = std::fs::read_to_string(shared("cifar10-official-test-labels.txt"))
             .expect("official labels");
-        let official: Vec<u8> = official
+        let official: Vec<u16> = official
             .lines()
             .map(|l| l.trim().parse().expect("label"))
             .collect();
