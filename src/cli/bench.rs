@@ -360,13 +360,15 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
 /// `caf bench load`: images/s of decoding + preprocessing an image folder through
 /// [`caf::data::imagefolder::Prefetch`], consumed as the jobs consume it.
 fn bench_load(l: BenchLoadArgs) -> Result<i32> {
-    use caf::data::imagefolder::{self, Preprocess, Prefetch};
+    use caf::data::imagefolder::{self, Prefetch, Preprocess};
     let split = match l.split {
         SplitArg::Train => caf::data::Split::Train,
         SplitArg::Test => caf::data::Split::Test,
     };
     if l.image_size == 0 || l.batch == 0 || l.workers == Some(0) {
-        bail!(usage("--image-size, --batch and --workers must be at least 1"));
+        bail!(usage(
+            "--image-size, --batch and --workers must be at least 1"
+        ));
     }
     let resize = l
         .resize

@@ -238,13 +238,8 @@ impl ResizedCrop {
 /// If `src` or `out` do not hold `dims.len()` bytes or the crop leaves the image.
 pub fn apply_resized(src: &[u8], dims: Chw, aug: ResizedCrop, out: &mut [u8]) {
     assert_eq!(out.len(), dims.len(), "apply_resized: output size");
-    let resized = super::resize::resize_region(
-        src,
-        dims,
-        (aug.top, aug.left, aug.h, aug.w),
-        dims.h,
-        dims.w,
-    );
+    let resized =
+        super::resize::resize_region(src, dims, (aug.top, aug.left, aug.h, aug.w), dims.h, dims.w);
     out.copy_from_slice(&resized);
     if aug.flip {
         hflip(out, dims);
@@ -449,7 +444,15 @@ mod tests {
         };
         apply_resized(&img, dims, whole, &mut out);
         assert_eq!(out, img);
-        apply_resized(&img, dims, ResizedCrop { flip: true, ..whole }, &mut out);
+        apply_resized(
+            &img,
+            dims,
+            ResizedCrop {
+                flip: true,
+                ..whole
+            },
+            &mut out,
+        );
         assert_eq!(&out[..8], &[35, 30, 25, 20, 15, 10, 5, 0]);
     }
 

@@ -394,7 +394,10 @@ mod tests {
         assert_eq!(resolve_cifar100_root(tmp.path()).expect("root"), dir);
         let set = load_cifar100(tmp.path(), Split::Test).expect("test");
         assert_eq!(set.labels(), &[30, 99, 0]);
-        assert_eq!(set.image_u8(1), &test[IMAGE_BYTES + 2 + 2..2 * (IMAGE_BYTES + 2)]);
+        assert_eq!(
+            set.image_u8(1),
+            &test[IMAGE_BYTES + 2 + 2..2 * (IMAGE_BYTES + 2)]
+        );
         assert_eq!(set.classes().len(), 100);
         assert_eq!(set.classes()[42], "42");
         let set = load_cifar100(&dir, Split::Train).expect("train");

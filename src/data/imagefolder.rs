@@ -152,7 +152,11 @@ pub fn scan(root: &Path, split: Split) -> Result<FolderIndex, DataError> {
     if classes.len() > usize::from(u16::MAX) {
         return Err(DataError::invalid(
             &dir,
-            format!("{} classes; at most {} are supported", classes.len(), u16::MAX),
+            format!(
+                "{} classes; at most {} are supported",
+                classes.len(),
+                u16::MAX
+            ),
         ));
     }
     let other = root.join(split_dir(match split {
@@ -523,10 +527,8 @@ pub fn load(root: &Path, split: Split, pre: Preprocess) -> Result<ImageSet, Data
         pixels.extend_from_slice(&b.pixels);
         labels.extend_from_slice(&b.labels);
     }
-    Ok(
-        ImageSet::with_shape(pre.shape(), pixels, labels, classes)
-            .with_train_augment(TrainAugment::ResizedCropFlip),
-    )
+    Ok(ImageSet::with_shape(pre.shape(), pixels, labels, classes)
+        .with_train_augment(TrainAugment::ResizedCropFlip))
 }
 
 #[cfg(test)]
@@ -556,11 +558,8 @@ mod tests {
     /// The first 100 official CIFAR-10 test images written as `val/CLASS/NNNN.png` (NNNN = record
     /// index), plus the first 50 again as `train/`. Class names sort into CIFAR's label order.
     pub(crate) fn exact100_folder(dir: &Path) -> ImageSet {
-        let set = load_cifar10(
-            &repo("../shared/data/cifar10-exact100"),
-            Split::Test,
-        )
-        .expect("exact100");
+        let set =
+            load_cifar10(&repo("../shared/data/cifar10-exact100"), Split::Test).expect("exact100");
         for split in ["train", "val"] {
             for class in set.classes() {
                 std::fs::create_dir_all(dir.join(split).join(class)).expect("mkdir");
@@ -569,9 +568,19 @@ mod tests {
         for i in 0..set.len() {
             let class = &set.classes()[usize::from(set.label(i))];
             let name = format!("{i:04}.png");
-            write_png(&dir.join("val").join(class).join(&name), set.image_u8(i), 32, 32);
+            write_png(
+                &dir.join("val").join(class).join(&name),
+                set.image_u8(i),
+                32,
+                32,
+            );
             if i < 50 {
-                write_png(&dir.join("train").join(class).join(&name), set.image_u8(i), 32, 32);
+                write_png(
+                    &dir.join("train").join(class).join(&name),
+                    set.image_u8(i),
+                    32,
+                    32,
+                );
             }
         }
         set
@@ -603,7 +612,11 @@ mod tests {
             .collect();
         for (k, &r) in records.iter().enumerate() {
             assert_eq!(folder.label(k), binary.label(r), "image {k} (record {r})");
-            assert_eq!(folder.image_u8(k), binary.image_u8(r), "image {k} (record {r})");
+            assert_eq!(
+                folder.image_u8(k),
+                binary.image_u8(r),
+                "image {k} (record {r})"
+            );
         }
         let dev = candle_core::Device::Cpu;
         let a = folder
@@ -653,9 +666,12 @@ mod tests {
             }
             let worst = hist.iter().rposition(|&k| k > 0).unwrap_or(0);
             let within1 = (hist[0] + hist[1]) as f64 / (3 * n) as f64;
-            let mean = hist.iter().enumerate().map(|(d, &k)| d * k).sum::<usize>() as f64
-                / (3 * n) as f64;
-            eprintln!("{name}: |caf − Pillow| max {worst}/255, mean {mean:.3}/255, within 1/255: {:.1}%", 100.0 * within1);
+            let mean =
+                hist.iter().enumerate().map(|(d, &k)| d * k).sum::<usize>() as f64 / (3 * n) as f64;
+            eprintln!(
+                "{name}: |caf − Pillow| max {worst}/255, mean {mean:.3}/255, within 1/255: {:.1}%",
+                100.0 * within1
+            );
             // zune-jpeg rounds its IDCT and 4:2:0 chroma upsampling differently from
             // libjpeg-turbo (see `decode_jpeg`): these bounds are what it achieves, so a
             // regression (a wrong colour conversion, a shifted plane) shows at once.
@@ -728,7 +744,10 @@ mod tests {
         // Changing one image's bytes (same size) changes the content fingerprint.
         write_png(&b.join("val/dog/x.png"), &vec![8u8; 3 * 4 * 4], 4, 4);
         let changed = scan(&b, Split::Test).expect("scan changed");
-        assert_ne!(changed.fingerprint(Fingerprint::Content).expect("c"), content);
+        assert_ne!(
+            changed.fingerprint(Fingerprint::Content).expect("c"),
+            content
+        );
     }
 
     #[test]

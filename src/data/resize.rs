@@ -50,7 +50,9 @@ fn coeffs(in_size: usize, in0: f64, in1: f64, out_size: usize) -> Coeffs {
         // C's (int) truncates towards zero; the values here are ≥ −support + 0.5 > −1 for
         // the lower bound, so clamping at 0 afterwards is what Pillow does.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
+        let xmax = ((center + support + 0.5) as i64)
+            .min(in_size as i64)
+            .max(xmin as i64) as usize;
         let n = (xmax - xmin).min(ksize);
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(n) {
@@ -228,7 +230,10 @@ pub fn centre_offset(size: usize, crop: usize) -> usize {
 /// # Panics
 /// If the crop is larger than the image.
 pub fn centre_crop(src: &[u8], dims: Chw, crop_h: usize, crop_w: usize) -> Vec<u8> {
-    assert!(crop_h <= dims.h && crop_w <= dims.w, "centre_crop: crop larger than the image");
+    assert!(
+        crop_h <= dims.h && crop_w <= dims.w,
+        "centre_crop: crop larger than the image"
+    );
     let top = centre_offset(dims.h, crop_h);
     let left = centre_offset(dims.w, crop_w);
     let mut v = Vec::with_capacity(dims.c * crop_h * crop_w);

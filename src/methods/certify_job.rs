@@ -428,7 +428,8 @@ impl TypedHandler for CertifyHandler {
             sigma: p.sigma,
             procedure,
         };
-        let smooth = Smooth::new(model.as_ref(), p.sigma, device.clone()).with_input(data.shape().tuple());
+        let smooth =
+            Smooth::new(model.as_ref(), p.sigma, device.clone()).with_input(data.shape().tuple());
         let end = certify_slice(&smooth, &run, &|| ctx.cancelled(), &mut |rows| {
             for (_, row) in &rows {
                 self.results.record_cert(&ctx.lease, &ctx.id, row)?;

@@ -571,13 +571,122 @@ fn unknown_keys_list_the_expected_ones() {
         &head().replace("dataset:", "datset:"),
         4,
         3,
-        "unknown key `datset` in data; expected one of: dataset, root (did you mean `dataset`?)",
+        "unknown key `datset` in data; expected one of: dataset, root, image_size, resize, fingerprint (did you mean `dataset`?)",
     );
     fail_at(
         &format!("{}grid:\n  axes: {{}}\n  zipp: []\n", head()),
         12,
         3,
         "did you mean `zip`?",
+    );
+}
+
+/// `head()` with the data section replaced by `data` lines (each indented by two spaces); the
+/// first data key is on line 4.
+fn with_data(data: &[&str]) -> String {
+    let lines: Vec<String> = data.iter().map(|l| format!("  {l}\n")).collect();
+    head().replace(
+        &format!("  dataset: cifar10\n  root: {DATA}\n"),
+        &lines.concat(),
+    )
+}
+
+#[test]
+fn data_keys_default_per_dataset() {
+    let root = format!("root: {DATA}");
+    let spec = ok(&format!(
+        "{}grid: {{params: {{method: smooth, backbone: resnet20, sigma: 0.25}}}}\n",
+        with_data(&["dataset: cifar10", &root])
+    ));
+    assert_eq!((spec.data.image_size, spec.data.resize), (32, None));
+    let spec = ok(&format!(
+        "{}grid: {{params: {{method: smooth, backbone: resnet20, sigma: 0.25}}}}\n",
+        with_data(&["dataset: imagefolder", &root])
+    ));
+    assert_eq!(spec.data.dataset, Dataset::ImageFolder);
+    // timm's crop_pct 0.875: 224 / 0.875 = 256.
+    assert_eq!((spec.data.image_size, spec.data.resize), (224, Some(256)));
+    assert_eq!(
+        spec.data.fingerprint,
+        crate::data::imagefolder::Fingerprint::Stat
+    );
+    let spec = ok(&format!(
+        "{}grid: {{params: {{method: smooth, backbone: resnet20, sigma: 0.25}}}}\n",
+        with_data(&[
+            "dataset: imagefolder",
+            &root,
+            "image_size: 32",
+            "resize: 32",
+            "fingerprint: content"
+        ])
+    ));
+    assert_eq!((spec.data.image_size, spec.data.resize), (32, Some(32)));
+    assert_eq!(
+        spec.data.fingerprint,
+        crate::data::imagefolder::Fingerprint::Content
+    );
+    let spec = ok(&format!(
+        "{}grid: {{params: {{method: smooth, backbone: resnet20, sigma: 0.25}}}}\n",
+        with_data(&["dataset: cifar100", &root])
+    ));
+    assert_eq!(spec.data.dataset, Dataset::Cifar100);
+}
+
+#[test]
+fn bad_data_keys_are_located() {
+    let root = format!("root: {DATA}");
+    fail_at(
+        &with_data(&["dataset: imagenet", &root]),
+        4,
+        12,
+        "unknown dataset `imagenet`; expected one of: cifar10, cifar100, imagefolder",
+    );
+    fail_at(
+        &with_data(&[
+            "dataset: imagefolder",
+            &root,
+            "image_size: 224",
+            "resize: 200",
+        ]),
+        7,
+        11,
+        "data.resize (200) is smaller than data.image_size (224)",
+    );
+    fail_at(
+        &with_data(&["dataset: cifar10", &root, "resize: 36"]),
+        6,
+        11,
+        "data.resize applies to `dataset: imagefolder` only",
+    );
+    fail_at(
+        &with_data(&["dataset: cifar100", &root, "fingerprint: content"]),
+        6,
+        16,
+        "data.fingerprint applies to `dataset: imagefolder` only",
+    );
+    fail_at(
+        &with_data(&["dataset: cifar10", &root, "image_size: 224"]),
+        6,
+        15,
+        "data.image_size of cifar10 is 32",
+    );
+    fail_at(
+        &with_data(&["dataset: imagefolder", &root, "image_size: 0"]),
+        6,
+        15,
+        "image_size",
+    );
+    fail_at(
+        &with_data(&["dataset: imagefolder", &root, "image_size: big"]),
+        6,
+        15,
+        "image_size",
+    );
+    fail_at(
+        &with_data(&["dataset: imagefolder", &root, "fingerprint: sha1"]),
+        6,
+        16,
+        "unknown data.fingerprint `sha1`; expected one of: stat",
     );
 }
 
