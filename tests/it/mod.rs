@@ -2,6 +2,7 @@ mod util;
 
 mod certify_cli;
 mod copy_cli;
+mod imagefolder;
 mod layering;
 mod postgres_cli;
 mod report_cli;

@@ -1,0 +1,174 @@
+//! An image-folder dataset through the whole pipeline: the first 100 exact CIFAR-10 test images
+//! written as PNG class folders (80 for `train/`, 20 for `val/`), a study that trains (RS
+//! fine-tuning, a CAF adapter) and certifies on it through `caf run`, and job ids that follow the
+//! folder's content, not its path.
+
+use std::path::Path;
+
+use super::util::*;
+
+/// Writes planar RGB (3 × 32 × 32) as an 8-bit RGB PNG.
+fn write_png(path: &Path, planar: &[u8]) {
+    let n = 32 * 32;
+    let rgb: Vec<u8> = (0..n)
+        .flat_map(|p| [planar[p], planar[n + p], planar[2 * n + p]])
+        .collect();
+    let file = std::fs::File::create(path).expect("create png");
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), 32, 32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut w = enc.write_header().expect("png header");
+    w.write_image_data(&rgb).expect("png data");
+}
+
+/// `root/{train,val}/CLASS/NNNN.png`: records 0–79 train, 80–99 val.
+fn exact100_folder(root: &Path) {
+    let set = caf::data::load_cifar10(
+        &shared_data().join("cifar10-exact100"),
+        caf::data::Split::Test,
+    )
+    .expect("exact100");
+    for split in ["train", "val"] {
+        for class in set.classes() {
+            std::fs::create_dir_all(root.join(split).join(class)).expect("mkdir");
+        }
+    }
+    for i in 0..set.len() {
+        let split = if i < 80 { "train" } else { "val" };
+        let class = &set.classes()[usize::from(set.label(i))];
+        write_png(
+            &root.join(split).join(class).join(format!("{i:04}.png")),
+            set.image_u8(i),
+        );
+    }
+}
+
+fn spec(root: &str) -> String {
+    format!(
+        "name: folder
+seed: 3
+data:
+  dataset: imagefolder
+  root: {root}
+  image_size: 32
+  resize: 32
+backbones:
+  r20:
+    arch: resnet20
+    weights: {weights}
+certify: {{n0: 10, n: 100, batch: 110}}
+grid:
+  params: {{backbone: r20, sigma: 0.25}}
+  axes:
+    method: [smooth, rs, caf]
+  methods:
+    rs: {{params: {{epochs: 1, val_size: 16, train_batch: 32}}}}
+    caf: {{params: {{epochs: 1, val_size: 16, train_batch: 32, adapter: \"cnn:8:2\"}}}}
+",
+        weights = resnet20_weights().display(),
+    )
+}
+
+fn plan_ids(dir: &Dir, spec: &str) -> Vec<String> {
+    let out = ok(&dir.run(&["plan", spec, "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("plan json");
+    let mut ids: Vec<String> = v["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| j["id"].as_str().expect("id").to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn imagefolder_study_trains_and_certifies_and_ids_follow_content() {
+    let dir = Dir::new();
+    exact100_folder(&dir.join("folder"));
+    dir.write("s.yaml", &spec("folder"));
+    ok(&dir.run(&["run", "s.yaml", "--db", "a.db", "--artifacts", "art"]));
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "a.db"]))).unwrap();
+    let jobs = v[0]["jobs"].as_array().expect("jobs");
+    let kinds = |k: &str| jobs.iter().filter(|j| j["kind"] == k).count();
+    assert_eq!(kinds("train-rs"), 1, "{jobs:#?}");
+    assert_eq!(kinds("train-caf"), 1, "{jobs:#?}");
+    assert_eq!(kinds("certify"), 3, "{jobs:#?}");
+    for j in jobs {
+        assert_eq!(j["state"], "done", "{j}");
+        if j["kind"] == "certify" {
+            // Every image of val/.
+            assert_eq!(j["progress_done"], 20, "{j}");
+        }
+    }
+    let csv = ok(&dir.run(&["export", "--db", "a.db"]));
+    assert_eq!(csv.lines().count(), 1 + 3 * 20);
+    // Labels are the folders' (sorted class names = CIFAR's label order): val/ holds records
+    // 80–99, whose labels the export must show, class by class.
+    let set = caf::data::load_cifar10(
+        &shared_data().join("cifar10-exact100"),
+        caf::data::Split::Test,
+    )
+    .expect("exact100");
+    let mut want: Vec<u16> = (80..100).map(|i| set.label(i)).collect();
+    want.sort_unstable();
+    let mut first_job: Vec<(usize, u16)> = csv
+        .lines()
+        .skip(1)
+        .filter(|l| l.starts_with(csv.lines().nth(1).unwrap().split(',').next().unwrap()))
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect();
+    first_job.sort_unstable();
+    let labels: Vec<u16> = first_job.iter().map(|&(_, l)| l).collect();
+    assert_eq!(labels, want, "labels in folder order");
+
+    // A copy of the folder elsewhere (mtimes kept) plans the same jobs; touching one image
+    // (new mtime) changes them, and `fingerprint: content` ignores the mtime again.
+    let ids = plan_ids(&dir, "s.yaml");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(dir.join("folder"))
+        .arg(dir.join("copy"))
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    dir.write("copy.yaml", &spec("copy"));
+    assert_eq!(plan_ids(&dir, "copy.yaml"), ids, "ids depend on the path");
+    let content_spec =
+        |root: &str| spec(root).replace("  resize: 32\n", "  resize: 32\n  fingerprint: content\n");
+    dir.write("c1.yaml", &content_spec("folder"));
+    let content_ids = plan_ids(&dir, "c1.yaml");
+    assert_ne!(content_ids, ids, "the fingerprint kind is part of the id");
+    let class = &set.classes()[usize::from(set.label(80))];
+    let touched = dir.join(&format!("copy/val/{class}/0080.png"));
+    let bytes = std::fs::read(&touched).expect("read png");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&touched, &bytes).expect("rewrite png");
+    assert_ne!(
+        plan_ids(&dir, "copy.yaml"),
+        ids,
+        "a new mtime is a new stat fingerprint"
+    );
+    dir.write("c2.yaml", &content_spec("copy"));
+    assert_eq!(
+        plan_ids(&dir, "c2.yaml"),
+        content_ids,
+        "same bytes, same content fingerprint"
+    );
+}
+
+#[test]
+fn imagefolder_errors_point_at_the_data_section() {
+    let dir = Dir::new();
+    std::fs::create_dir_all(dir.join("empty/val")).expect("mkdir");
+    dir.write("s.yaml", &spec("empty"));
+    let out = dir.run(&["plan", "s.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("s.yaml:4:3"), "{err}");
+    assert!(err.contains("no class folders"), "{err}");
+}
