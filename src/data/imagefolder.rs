@@ -742,7 +742,7 @@ mod tests {
         assert_eq!(copy.fingerprint(Fingerprint::Stat).expect("stat"), stat);
         assert_eq!(copy.fingerprint(Fingerprint::Content).expect("c"), content);
         // Changing one image's bytes (same size) changes the content fingerprint.
-        write_png(&b.join("val/dog/x.png"), &vec![8u8; 3 * 4 * 4], 4, 4);
+        write_png(&b.join("val/dog/x.png"), &[8u8; 3 * 4 * 4], 4, 4);
         let changed = scan(&b, Split::Test).expect("scan changed");
         assert_ne!(
             changed.fingerprint(Fingerprint::Content).expect("c"),
@@ -786,7 +786,7 @@ mod tests {
         for i in 0..23u8 {
             let d = tmp.path().join("val").join(format!("c{}", i % 3));
             std::fs::create_dir_all(&d).expect("mkdir");
-            write_png(&d.join(format!("{i:02}.png")), &vec![i; 3 * 6 * 5], 6, 5);
+            write_png(&d.join(format!("{i:02}.png")), &[i; 3 * 6 * 5], 6, 5);
         }
         let index = Arc::new(scan(tmp.path(), Split::Test).expect("scan"));
         let pre = Preprocess {
