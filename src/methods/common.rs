@@ -337,6 +337,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cifar_data_refs_serialise_as_before_image_folders_existed() {
+        // Job ids hash these params: a CIFAR reference must keep exactly its four keys.
+        let r = DataRef {
+            dataset: "cifar10".into(),
+            root: PathBuf::from("/d"),
+            split: Split::Test,
+            sha256: "ab".into(),
+            image_size: None,
+            resize: None,
+        };
+        assert_eq!(
+            crate::util::canonical_json(&serde_json::to_value(&r).expect("json")),
+            r#"{"dataset":"cifar10","root":"/d","sha256":"ab","split":"test"}"#
+        );
+        let folder = DataRef {
+            dataset: "imagefolder".into(),
+            image_size: Some(224),
+            resize: Some(256),
+            ..r
+        };
+        let v = serde_json::to_value(&folder).expect("json");
+        assert_eq!(
+            (v["image_size"].as_u64(), v["resize"].as_u64()),
+            (Some(224), Some(256))
+        );
+        let back: DataRef = serde_json::from_value(v).expect("back");
+        assert_eq!(back, folder);
+    }
+
+    #[test]
     fn slice_follows_cohen_skip_and_max() {
         assert_eq!(Slice { skip: 1, max: None }.indices(4), vec![0, 1, 2, 3]);
         assert_eq!(
