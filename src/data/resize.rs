@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn halving_averages_pixel_pairs() {
         // Downscaling by 2 widens the triangle to 4 taps (weights 1, 3, 3, 1 over 8 inside,
-        // renormalised at the border). The expected row is what Pillow 11 prints for
+        // renormalised at the border). The expected row is what Pillow 13 prints for
         // `Image.fromarray(ramp).resize((4, 1), Image.BILINEAR)`.
         let dims = Chw { c: 1, h: 1, w: 8 };
         let img: Vec<u8> = (0..8u8).map(|x| x * 10).collect();
