@@ -4,7 +4,7 @@
 #
 # Toolkit: an nvcc on PATH (or CUDA_ROOT/CUDA_HOME with bin/nvcc) is used as it is. Otherwise
 # NVIDIA's PyPI wheels are installed into a local venv (target/cuda/toolkit-venv): compiler,
-# runtime, NVRTC, cuBLAS, cuRAND. CUDA 13.0, because
+# runtime, NVRTC, CCCL headers (cuda_fp16.h includes <nv/target>), cuBLAS, cuRAND. CUDA 13.0, because
 #   * only the CUDA 13 wheels ship `nvcc` itself (the -cu12 ones carry ptxas and libnvvm alone);
 #   * candle 0.11's cudarc 0.19 accepts 11.4-13.4 (it reads `nvcc --version`);
 #   * candle loads its kernels as PTX through the driver, and a driver rejects PTX from a newer
@@ -46,14 +46,17 @@ elif [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
 elif command -v nvcc >/dev/null 2>&1; then
     root=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
 else
-    root="$PWD/$venv/lib/python3/site-packages/nvidia/cu13"
-    if [ ! -x "$venv/bin/python" ] || ! ls "$venv"/lib/python3*/site-packages/nvidia/cu13/bin/nvcc >/dev/null 2>&1; then
+    # Written after a complete install, listing what was installed: a changed list reinstalls.
+    marker="$venv/caf-installed-cuda-$CUDA_VERSION_PIN-cccl"
+    if [ ! -f "$marker" ]; then
         log "no CUDA toolkit found; installing CUDA $CUDA_VERSION_PIN from PyPI into $venv"
         python3 -m venv "$venv"
         "$venv/bin/python" -m pip install -q --disable-pip-version-check \
             "nvidia-cuda-nvcc==$CUDA_VERSION_PIN.*" "nvidia-cuda-crt==$CUDA_VERSION_PIN.*" \
             "nvidia-nvvm==$CUDA_VERSION_PIN.*" "nvidia-cuda-runtime==$CUDA_VERSION_PIN.*" \
-            "nvidia-cuda-nvrtc==$CUDA_VERSION_PIN.*" "nvidia-cublas==13.0.*" "nvidia-curand==10.4.0.*" >&2
+            "nvidia-cuda-nvrtc==$CUDA_VERSION_PIN.*" "nvidia-cuda-cccl==$CUDA_VERSION_PIN.*" \
+            "nvidia-cublas==13.0.*" "nvidia-curand==10.4.0.*" >&2
+        "$venv/bin/python" -m pip list 2>/dev/null | grep -i nvidia >"$marker"
     fi
     root=$(readlink -f "$(ls -d "$venv"/lib/python3*/site-packages/nvidia/cu13)")
 fi

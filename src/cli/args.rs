@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use caf::sched::DeviceSpec;
+use caf::sched::{DeviceList, DeviceSpec};
 
 /// caf: certified adversarial robustness experiments (randomized smoothing, certifying adapters).
 #[derive(Debug, Parser)]
@@ -52,12 +52,14 @@ pub struct RunArgs {
     pub spec: PathBuf,
     #[command(flatten)]
     pub db: DbArg,
-    /// Concurrent job slots in this process.
-    #[arg(long, default_value_t = 1)]
+    /// Concurrent job slots per device (on the CPU: in this process); several jobs may share
+    /// one GPU for small models.
+    #[arg(long, visible_alias = "slots-per-device", default_value_t = 1)]
     pub workers: usize,
-    /// cpu, or cuda:N (needs a build with `--features cuda`).
+    /// cpu; cuda (one slot per visible GPU, respecting CUDA_VISIBLE_DEVICES); cuda:N; or a
+    /// list such as cuda:0,cuda:2 (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
+    pub device: DeviceList,
     /// Give failed jobs a fresh set of attempts.
     #[arg(long)]
     pub retry_failed: bool,
@@ -278,6 +280,9 @@ pub enum BenchMethod {
 
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
+    /// cpu, or cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
     #[arg(long, value_enum)]
     pub method: BenchMethod,
     #[arg(long, default_value = "resnet20")]
@@ -310,6 +315,9 @@ fn parse_precision(s: &str) -> Result<caf::models::Precision, String> {
 pub struct BenchForwardArgs {
     #[arg(long, default_value = "resnet20")]
     pub arch: String,
+    /// cpu, or cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
     /// Weights (default: the akamaster file of the arch under ../shared/data/pretrained).
     #[arg(long)]
     pub weights: Option<PathBuf>,

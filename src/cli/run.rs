@@ -44,7 +44,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     let lease = Duration::from_secs_f64(a.lease_secs);
     let cfg = SchedConfig {
         workers: a.workers,
-        device: a.device,
+        devices: a.device.0.clone(),
         lease,
         heartbeat: lease / 4,
         poll: Duration::from_millis(500),

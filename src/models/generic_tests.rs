@@ -13,19 +13,23 @@ use crate::certify::noise::{NoiseKey, NoiseStream, Phase};
 use crate::certify::{Settings, Smooth};
 use crate::data::{load_cifar10, ImageSet, Split};
 
-fn exact100() -> ImageSet {
+pub(super) fn exact100() -> ImageSet {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cifar10-exact100");
     load_cifar10(&dir, Split::Test).expect("exact100")
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+pub(super) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
+    let (a, b) = (
+        a.to_device(&Device::Cpu).expect("to cpu"),
+        b.to_device(&Device::Cpu).expect("to cpu"),
+    );
     (a - b)
         .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
         .expect("difference")
 }
 
-fn argmax(t: &Tensor) -> Vec<u32> {
+pub(super) fn argmax(t: &Tensor) -> Vec<u32> {
     t.argmax(1).and_then(|a| a.to_vec1()).expect("argmax")
 }
 
@@ -88,10 +92,15 @@ fn generic_caf_logits_match_the_fused_path() {
 /// the pretrained weights. (From random weights a few ReLU inputs lie within rounding of 0 and
 /// flip between the paths, each moving its weights' gradients by a whole term: measured 4e-3
 /// relative on ResNet-20, the same kind of tie as a certification's.)
-fn train_step(generic: bool) -> (f32, Vec<Tensor>, Vec<Tensor>) {
+pub(super) fn train_step(generic: bool) -> (f32, Vec<Tensor>, Vec<Tensor>) {
+    train_step_on(&Device::Cpu, generic)
+}
+
+/// [`train_step`] on `dev`.
+pub(super) fn train_step_on(dev: &Device, generic: bool) -> (f32, Vec<Tensor>, Vec<Tensor>) {
     let run = || {
         let varmap = VarMap::new();
-        let dev = Device::Cpu;
+        let dev = dev.clone();
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../shared/data/pretrained/akamaster/resnet20.safetensors");
         let init = load_state_dict(&path, &dev).expect("pretrained");
@@ -115,14 +124,16 @@ fn train_step(generic: bool) -> (f32, Vec<Tensor>, Vec<Tensor>) {
             .iter()
             .map(|v: &Var| grads.get(v.as_tensor()).expect("gradient").clone())
             .collect();
-        let stats = varmap
+        // By name: a VarMap is a HashMap, whose order differs between two of them.
+        let stats: std::collections::BTreeMap<String, Tensor> = varmap
             .data()
             .lock()
             .expect("varmap")
             .iter()
             .filter(|(k, _)| k.contains("running_"))
-            .map(|(_, v)| v.as_tensor().clone())
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
+        let stats = stats.into_values().collect();
         (loss.to_scalar::<f32>().expect("loss"), g, stats)
     };
     if generic {
@@ -136,6 +147,20 @@ fn train_step(generic: bool) -> (f32, Vec<Tensor>, Vec<Tensor>) {
 fn a_generic_training_step_has_the_fused_steps_gradients() {
     let (loss_f, grads_f, stats_f) = train_step(false);
     let (loss_g, grads_g, stats_g) = train_step(true);
+    compare_steps(
+        (loss_f, grads_f, stats_f),
+        (loss_g, grads_g, stats_g),
+        "CPU generic",
+    );
+}
+
+/// Asserts two training steps agree: loss and running statistics within 1e-4, gradients within
+/// 1e-4 of each tensor's largest.
+pub(super) fn compare_steps(
+    (loss_f, grads_f, stats_f): (f32, Vec<Tensor>, Vec<Tensor>),
+    (loss_g, grads_g, stats_g): (f32, Vec<Tensor>, Vec<Tensor>),
+    what: &str,
+) {
     assert!((loss_f - loss_g).abs() < 1e-4, "loss {loss_f} vs {loss_g}");
     assert_eq!(grads_f.len(), grads_g.len());
     // Relative to each tensor's largest gradient: the two paths sum thousands of f32 products
@@ -153,7 +178,7 @@ fn a_generic_training_step_has_the_fused_steps_gradients() {
         worst = worst.max(d / scale);
     }
     eprintln!(
-        "ResNet-20 training step: max |fused - generic| gradient difference {worst:e} relative, \
+        "ResNet-20 training step, {what}: max gradient difference {worst:e} relative, \
          {worst_abs:e} absolute"
     );
     assert!(

@@ -370,3 +370,6 @@ pub(crate) fn test_resnet20() -> CifarResNet {
 
 #[cfg(test)]
 mod generic_tests;
+
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
