@@ -1,6 +1,8 @@
 //! Throughput of the certification inner loop: Gaussian noise on copies of one image, forward,
 //! argmax. `bench/pytorch_forward.py` does the same in PyTorch for comparison.
 
+pub mod queue;
+
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};

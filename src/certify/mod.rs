@@ -14,6 +14,9 @@ use candle_core::{Device, Tensor};
 
 use crate::models::Classifier;
 pub use noise::{NoiseKey, NoiseStream, Phase};
+pub use sequential::{
+    sequential_certificate_from_counts, BetaPrior, SequentialCertificate, SequentialSettings,
+};
 
 /// Default settings of Cohen's `certify.py`.
 pub const DEFAULT_N0: u64 = 100;
@@ -104,6 +107,21 @@ pub trait ClassifierSet: Send + Sync {
     fn num_classes(&self) -> usize;
     /// One logits tensor [B, classes] per member.
     fn logits_all(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>>;
+    /// Logits of the members marked in `active` (`None` for the others). Sequential
+    /// certification stops members at different times; a set that can skip a stopped member's
+    /// forward pass overrides this, the default computes every member and drops the rest.
+    fn logits_active(
+        &self,
+        x: &Tensor,
+        active: &[bool],
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        Ok(self
+            .logits_all(x)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| active.get(i).copied().unwrap_or(false).then_some(l))
+            .collect())
+    }
 }
 
 /// A single classifier as a set of one.
@@ -149,6 +167,13 @@ impl<'m> Smooth<'m> {
             }
             fn logits_all(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
                 self.0.logits_all(x)
+            }
+            fn logits_active(
+                &self,
+                x: &Tensor,
+                active: &[bool],
+            ) -> candle_core::Result<Vec<Option<Tensor>>> {
+                self.0.logits_active(x, active)
             }
         }
         Self {
@@ -209,29 +234,70 @@ impl<'m> Smooth<'m> {
         key: NoiseKey,
         s: &sequential::SequentialSettings,
     ) -> Result<sequential::SequentialCertificate, sequential::SequentialError> {
+        let mut all = self.certify_sequential_all(image, key, s, None)?;
+        if all.is_empty() {
+            return Err(CertifyError::BatchMismatch { got: 0, want: 1 }.into());
+        }
+        Ok(all.swap_remove(0))
+    }
+
+    /// Sequential CERTIFY for every member of the set on shared noise: one selection round for
+    /// all, then shared estimation batches that only the members still undecided consume (the
+    /// forward pass of a stopped member is skipped where the set allows it). Each member's
+    /// certificate equals what certifying it alone with the same key gives.
+    ///
+    /// `stop_unless`: with `Some(label)`, a member whose ĉ is not `label` stops right after
+    /// selection (`stop_if_wrong`: it could never count towards certified accuracy).
+    pub fn certify_sequential_all(
+        &self,
+        image: &[f32],
+        key: NoiseKey,
+        s: &sequential::SequentialSettings,
+        stop_unless: Option<u32>,
+    ) -> Result<Vec<sequential::SequentialCertificate>, sequential::SequentialError> {
+        use sequential::Start;
         s.validate()?;
         let counts0 = self.sample_counts(image, key, Phase::Selection, s.n0, s.batch)?;
-        let c_hat = counts0.first().map_or(0, |c| argmax_count(c));
+        let starts: Vec<Start> = counts0
+            .iter()
+            .map(|c| {
+                let c_hat = argmax_count(c);
+                match stop_unless {
+                    Some(label) if label != c_hat => Start::StopWrong(c_hat),
+                    _ => Start::Estimate(c_hat),
+                }
+            })
+            .collect();
         let mut stream = NoiseStream::new(key, Phase::Estimation);
         let mut buf = Vec::new();
-        let mut hits_of = |k: usize| -> Result<u64, CertifyError> {
+        let mut hits_of = |k: usize, active: &[bool]| -> Result<Vec<u64>, CertifyError> {
             stream.fill_noisy(image, k, &mut buf);
             let x = Tensor::from_slice(&buf, (k, 3, 32, 32), &self.device)?;
-            let logits = self.set.logits_all(&x)?;
-            let first = logits
-                .first()
-                .ok_or(CertifyError::BatchMismatch { got: 0, want: 1 })?;
-            let preds = first.argmax(1)?.to_vec1::<u32>()?;
-            if preds.len() != k {
+            let logits = self.set.logits_active(&x, active)?;
+            if logits.len() != starts.len() {
                 return Err(CertifyError::BatchMismatch {
-                    got: preds.len(),
-                    want: k,
+                    got: logits.len(),
+                    want: starts.len(),
                 });
             }
-            Ok(preds.iter().filter(|&&p| p == c_hat).count() as u64)
+            let mut hits = vec![0u64; starts.len()];
+            for ((h, l), st) in hits.iter_mut().zip(&logits).zip(&starts) {
+                let (Some(l), Start::Estimate(c_hat)) = (l, st) else {
+                    continue;
+                };
+                let preds = l.argmax(1)?.to_vec1::<u32>()?;
+                if preds.len() != k {
+                    return Err(CertifyError::BatchMismatch {
+                        got: preds.len(),
+                        want: k,
+                    });
+                }
+                *h = preds.iter().filter(|&&p| p == *c_hat).count() as u64;
+            }
+            Ok(hits)
         };
-        sequential::certify_mixture(c_hat, self.sigma, s, |k| {
-            hits_of(k).map_err(sequential::SequentialError::from)
+        sequential::certify_mixture_shared(&starts, self.sigma, s, |k, active| {
+            hits_of(k, active).map_err(sequential::SequentialError::from)
         })
     }
 

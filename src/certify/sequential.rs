@@ -52,6 +52,8 @@ pub enum SequentialError {
     Settings(String),
     #[error("the sampler reported {got} hits out of {asked} draws")]
     SamplerOverflow { got: u64, asked: usize },
+    #[error("the sampler returned counts for {got} members, not {want}")]
+    SamplerMembers { got: usize, want: usize },
     #[error(transparent)]
     Certify(#[from] CertifyError),
 }
@@ -225,7 +227,8 @@ fn bisect(mut out: f64, mut inside: f64, g: impl Fn(f64) -> f64) -> f64 {
 }
 
 /// Where a requested radius stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Decision {
     /// The lower bound is above Φ(r/σ): the smoothed classifier is certified at r.
     Certified,
@@ -234,6 +237,16 @@ pub enum Decision {
     Impossible,
     /// Neither: the draw budget ran out first.
     Undecided,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Certified => "certified",
+            Decision::Impossible => "impossible",
+            Decision::Undecided => "undecided",
+        }
+    }
 }
 
 /// The decision at one radius.
@@ -272,6 +285,9 @@ pub struct SequentialCertificate {
     /// One per requested radius, in the order given.
     pub decisions: Vec<RadiusDecision>,
     pub bound: Bound,
+    /// The run stopped after selection because ĉ was not the label (`stop_if_wrong`): no
+    /// estimation draw was made, so the row can never count towards certified accuracy.
+    pub stopped_wrong: bool,
 }
 
 /// Settings of [`certify_mixture`] and `Smooth::certify_sequential`.
@@ -458,6 +474,44 @@ fn certificate(
         upper,
         decisions,
         bound,
+        stopped_wrong: false,
+    }
+}
+
+/// The sequential certificate implied by a stored row: (L_τ, U_τ) =
+/// [`mixture_lower_upper`]`(n_a, draws, alpha, prior)`, R = σ·Φ⁻¹(L_τ) when L_τ > 1/2 (else
+/// abstain), and each radius r certified when L_τ > Φ(r/σ), impossible when U_τ < Φ(r/σ).
+/// This is how a reviewer recomputes a certificate from (ĉ, n_A, τ, α, prior, σ, radii).
+pub fn sequential_certificate_from_counts(
+    c_hat: u32,
+    n_a: u64,
+    draws: u64,
+    alpha: f64,
+    prior: BetaPrior,
+    sigma: f64,
+    radii: &[f64],
+) -> SequentialCertificate {
+    certificate(
+        c_hat,
+        sigma,
+        (n_a, draws),
+        mixture_lower_upper(n_a, draws, alpha, prior),
+        radii,
+        &thresholds(sigma, radii),
+        Bound::BetaBinomialMixture { prior, alpha },
+    )
+}
+
+/// What a run stopped by `stop_if_wrong` right after selection reports: no estimation draw,
+/// (L, U) = (0, 1), abstention and every radius undecided.
+fn stopped_after_selection(
+    c_hat: u32,
+    sigma: f64,
+    s: &SequentialSettings,
+) -> SequentialCertificate {
+    SequentialCertificate {
+        stopped_wrong: true,
+        ..sequential_certificate_from_counts(c_hat, 0, 0, s.alpha, s.prior, sigma, &s.radii)
     }
 }
 
@@ -543,6 +597,88 @@ where
             alpha: s.alpha,
         },
     ))
+}
+
+/// One member of [`certify_mixture_shared`]: its ĉ, or `None` when it must stop after selection
+/// (`stop_if_wrong` and ĉ ≠ label), with the class it picked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Estimate(u32),
+    StopWrong(u32),
+}
+
+/// [`certify_mixture`] for several members on shared draws (fused certification: one backbone
+/// pass per batch for every member). `draw(k, active)` makes k fresh draws shared by all members
+/// and returns, per member, how many were that member's ĉ; the entries of members not `active`
+/// are ignored, so the caller may skip their forward pass. A member that has decided every
+/// radius stops consuming draws while the others go on.
+///
+/// Every member follows the schedule it would follow alone (batches of `s.batch`, the last one
+/// trimmed to `s.n_max`, a look after each): the schedule does not depend on the data, so all
+/// running members are always at the same t and a member's certificate equals what
+/// [`certify_mixture`] gives it alone on the same draws.
+pub fn certify_mixture_shared<E, F>(
+    starts: &[Start],
+    sigma: f64,
+    s: &SequentialSettings,
+    mut draw: F,
+) -> Result<Vec<SequentialCertificate>, E>
+where
+    E: From<SequentialError>,
+    F: FnMut(usize, &[bool]) -> Result<Vec<u64>, E>,
+{
+    s.validate()?;
+    check_sigma(sigma)?;
+    let thetas = thresholds(sigma, &s.radii);
+    let level = -s.alpha.ln();
+    let ln_beta_prior = ln_beta(s.prior.a, s.prior.b);
+    let mut active: Vec<bool> = starts
+        .iter()
+        .map(|st| matches!(st, Start::Estimate(_)))
+        .collect();
+    // (hits, draws) per member; a stopped member's stay where it stopped.
+    let mut counts = vec![(0u64, 0u64); starts.len()];
+    let mut t = 0u64;
+    while t < s.n_max && active.iter().any(|&a| a) {
+        let room = usize::try_from(s.n_max - t).unwrap_or(usize::MAX);
+        let k = s.batch.min(room);
+        let hits = draw(k, &active)?;
+        if hits.len() != starts.len() {
+            return Err(SequentialError::SamplerMembers {
+                got: hits.len(),
+                want: starts.len(),
+            }
+            .into());
+        }
+        t += k as u64;
+        for ((running, &h), c) in active.iter_mut().zip(&hits).zip(&mut counts) {
+            if !*running {
+                continue;
+            }
+            if h > k as u64 {
+                return Err(SequentialError::SamplerOverflow { got: h, asked: k }.into());
+            }
+            *c = (c.0 + h, t);
+            let log_mix = log_mixture_given(c.0, t, s.prior, ln_beta_prior);
+            let (sf, ff) = (c.0 as f64, (t - c.0) as f64);
+            if thetas
+                .iter()
+                .all(|&th| decide_at(log_mix, sf, ff, level, th) != Decision::Undecided)
+            {
+                *running = false;
+            }
+        }
+    }
+    Ok(starts
+        .iter()
+        .zip(&counts)
+        .map(|(st, &(hits, draws))| match *st {
+            Start::StopWrong(c_hat) => stopped_after_selection(c_hat, sigma, s),
+            Start::Estimate(c_hat) => sequential_certificate_from_counts(
+                c_hat, hits, draws, s.alpha, s.prior, sigma, &s.radii,
+            ),
+        })
+        .collect())
 }
 
 /// (L, U) of the staged Clopper–Pearson baseline at one stage: one-sided (1 − α/k) bounds for

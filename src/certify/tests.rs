@@ -300,3 +300,186 @@ fn fused_certification_equals_separate_runs() {
     assert_eq!(fused[0].predict, Some(1));
     assert_eq!(fused[1].predict, Some(0));
 }
+
+/// Three linear models as one set that records which members each forward pass computed.
+struct Recording<'a> {
+    models: Vec<&'a TwoClassLinear>,
+    calls: std::sync::Mutex<Vec<Vec<bool>>>,
+}
+
+impl ClassifierSet for Recording<'_> {
+    fn members(&self) -> usize {
+        self.models.len()
+    }
+    fn num_classes(&self) -> usize {
+        2
+    }
+    fn logits_all(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        self.models.iter().map(|m| m.logits(x)).collect()
+    }
+    fn logits_active(
+        &self,
+        x: &Tensor,
+        active: &[bool],
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(active.to_vec());
+        }
+        self.models
+            .iter()
+            .zip(active)
+            .map(|(m, &a)| a.then(|| m.logits(x)).transpose())
+            .collect()
+    }
+}
+
+fn seq_settings() -> SequentialSettings {
+    SequentialSettings {
+        n0: 50,
+        n_max: 3_000,
+        batch: 200,
+        alpha: 0.001,
+        radii: vec![0.1, 0.25],
+        prior: BetaPrior::default(),
+    }
+}
+
+#[test]
+fn fused_sequential_members_stop_at_their_own_times_and_equal_separate_runs() {
+    // Margin 0.6 decides both radii within a few batches; 0.27 sits just above r = 0.25 and
+    // keeps sampling; −0.3 picks class 0 and decides quickly too.
+    let (a, x) = model_with_margin(0.6);
+    let (b, _) = model_with_margin(0.27);
+    let (c, _) = model_with_margin(-0.3);
+    let set = Recording {
+        models: vec![&a, &b, &c],
+        calls: Default::default(),
+    };
+    let s = seq_settings();
+    let key = NoiseKey {
+        seed: 11,
+        sigma: 0.25,
+        idx: 2,
+    };
+    let fused = Smooth::fused(&set, 0.25, Device::Cpu)
+        .certify_sequential_all(&x, key, &s, None)
+        .unwrap();
+    let alone: Vec<_> = [&a, &b, &c]
+        .iter()
+        .map(|m| {
+            Smooth::new(*m, 0.25, Device::Cpu)
+                .certify_sequential(&x, key, &s)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(fused, alone);
+    assert!(fused[0].draws < fused[1].draws, "{fused:?}");
+    assert_eq!(fused[2].c_hat, 0);
+    // The shared batches shrank: once member 0 stopped, passes no longer computed it, and
+    // the number of passes is the longest member's draws over the batch size.
+    let calls = set.calls.lock().unwrap().clone();
+    let longest = fused.iter().map(|f| f.draws).max().unwrap();
+    assert_eq!(calls.len() as u64, longest.div_ceil(s.batch as u64));
+    let member0_passes = calls.iter().filter(|c| c[0]).count() as u64;
+    assert_eq!(member0_passes, fused[0].draws.div_ceil(s.batch as u64));
+    assert!(calls.last().is_some_and(|c| !c[0]));
+}
+
+#[test]
+fn stop_if_wrong_stops_a_wrong_member_after_selection_only() {
+    let (a, x) = model_with_margin(0.6);
+    let (c, _) = model_with_margin(-0.6);
+    let set = Recording {
+        models: vec![&a, &c],
+        calls: Default::default(),
+    };
+    let s = seq_settings();
+    let key = NoiseKey {
+        seed: 3,
+        sigma: 0.25,
+        idx: 0,
+    };
+    let fused = Smooth::fused(&set, 0.25, Device::Cpu)
+        .certify_sequential_all(&x, key, &s, Some(1))
+        .unwrap();
+    let right = Smooth::new(&a, 0.25, Device::Cpu)
+        .certify_sequential(&x, key, &s)
+        .unwrap();
+    assert_eq!(fused[0], right);
+    let wrong = &fused[1];
+    assert!(wrong.stopped_wrong);
+    assert_eq!((wrong.c_hat, wrong.draws, wrong.n_a), (0, 0, 0));
+    assert_eq!((wrong.predict, wrong.radius), (None, 0.0));
+    assert!(set.calls.lock().unwrap().iter().all(|c| !c[1]));
+    // Every member wrong: no estimation pass at all.
+    let none = Smooth::fused(&set, 0.25, Device::Cpu)
+        .certify_sequential_all(&x, key, &s, Some(7))
+        .unwrap();
+    assert!(none.iter().all(|c| c.stopped_wrong && c.draws == 0));
+}
+
+#[test]
+fn a_stored_sequential_row_recomputes_to_the_same_certificate() {
+    let (a, x) = model_with_margin(0.4);
+    let s = seq_settings();
+    let key = NoiseKey {
+        seed: 9,
+        sigma: 0.25,
+        idx: 1,
+    };
+    let cert = Smooth::new(&a, 0.25, Device::Cpu)
+        .certify_sequential(&x, key, &s)
+        .unwrap();
+    let again = sequential_certificate_from_counts(
+        cert.c_hat, cert.n_a, cert.draws, s.alpha, s.prior, 0.25, &s.radii,
+    );
+    assert_eq!(again, cert);
+}
+
+#[test]
+fn sequential_radii_stay_below_the_exact_radius_and_approach_it_as_n_max_grows() {
+    // Margin 0.3 at σ = 0.25: the exact radius is 0.3 and p_A = Φ(1.2). Requesting r = 0.3
+    // puts the threshold at p_A itself, so no run can decide it and each uses all of n_max:
+    // the certificate's only way above the truth is the bound failing (rate ≤ α).
+    let (model, x) = model_with_margin(0.3);
+    let smooth = Smooth::new(&model, 0.25, Device::Cpu);
+    let alpha = 0.05;
+    let images = 40u64;
+    let mean_radius = |n_max: u64| -> (f64, u64) {
+        let s = SequentialSettings {
+            n0: 20,
+            n_max,
+            batch: 500,
+            alpha,
+            radii: vec![0.3],
+            prior: BetaPrior::default(),
+        };
+        let mut above = 0;
+        let mut sum = 0.0;
+        for idx in 0..images {
+            let key = NoiseKey {
+                seed: 21,
+                sigma: 0.25,
+                idx,
+            };
+            let c = smooth.certify_sequential(&x, key, &s).unwrap();
+            assert_eq!(c.draws, n_max);
+            if c.radius > 0.3 {
+                above += 1;
+            }
+            sum += c.radius;
+        }
+        (sum / images as f64, above)
+    };
+    let (small, above_small) = mean_radius(400);
+    let (large, above_large) = mean_radius(4_000);
+    // α·images = 2 expected at most; 3 binomial standard deviations of slack.
+    let slack =
+        (images as f64 * alpha + 3.0 * (images as f64 * alpha * (1.0 - alpha)).sqrt()) as u64;
+    assert!(
+        above_small <= slack && above_large <= slack,
+        "{above_small} {above_large}"
+    );
+    assert!(small < large && large < 0.3, "{small} {large}");
+    assert!(0.3 - large < 0.06, "{large}");
+}

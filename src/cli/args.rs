@@ -16,8 +16,15 @@ pub struct Cli {
 pub enum Command {
     /// Run a study: plan it, record it in the store, run every job not yet done (resumes).
     Run(RunArgs),
-    /// Expand a study into its job DAG and print it (nothing is written).
+    /// Record a study and start its workers on a cluster: Slurm job arrays of `caf worker`
+    /// sharing one PostgreSQL store.
+    Submit(SubmitArgs),
+    /// Expand a study into its job DAG and print it (nothing is written unless --record).
     Plan(PlanArgs),
+    /// Run jobs of studies already recorded in --db (by `caf plan --record`, `caf run` or `caf
+    /// submit`) until none is left to run: one of many workers sharing a store, e.g. a Slurm
+    /// array task.
+    Worker(WorkerArgs),
     /// Show the jobs of a study: state, progress, throughput, ETA.
     Status(StatusArgs),
     /// Give a study's failed jobs a fresh set of attempts without running anything: a `caf
@@ -34,8 +41,36 @@ pub enum Command {
     Certify(CertifyArgs),
     /// Clean accuracy of a model on a CIFAR-10 split.
     Eval(EvalArgs),
-    /// Measure throughput of caf's numerical core.
+    /// Measure throughput of caf's numerical core, and of its job queue.
     Bench(BenchArgs),
+    /// Work on whole databases: copy studies between them.
+    Db(DbArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    #[command(subcommand)]
+    pub what: DbWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbWhat {
+    /// Copy whole studies (spec, cells, jobs with their states and attempts, every result,
+    /// training metrics, events, artifact records) from one database to another, e.g. from
+    /// a cluster's PostgreSQL to a laptop's SQLite file. A study the destination holds with
+    /// the same content is left alone; one with different content is refused.
+    Copy(DbCopyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbCopyArgs {
+    /// Source database: an SQLite file (a path or sqlite:PATH) or a PostgreSQL URL.
+    pub src: PathBuf,
+    /// Destination database (an SQLite file is created if missing).
+    pub dst: PathBuf,
+    /// Study to copy (repeatable; default: every study of the source).
+    #[arg(long = "study", value_name = "NAME")]
+    pub studies: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -75,11 +110,113 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Study spec (YAML).
+    pub spec: PathBuf,
+    /// The store every worker shares: a PostgreSQL URL (it reaches the workers in their
+    /// environment as CAF_DB, never on a command line).
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Submit to Slurm with sbatch (the only cluster scheduler caf submits to, so required).
+    #[arg(long)]
+    pub slurm: bool,
+    /// Workers to start: array tasks, capped at the study's runnable jobs; past the cluster's
+    /// MaxArraySize, several arrays.
+    #[arg(long, default_value_t = 1)]
+    pub array: u64,
+    /// sbatch --partition.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// sbatch --time: each worker's walltime (jobs cut by it resume in another worker).
+    #[arg(long)]
+    pub time: Option<String>,
+    /// sbatch --gres, e.g. gpu:1.
+    #[arg(long)]
+    pub gres: Option<String>,
+    /// sbatch --cpus-per-task.
+    #[arg(long)]
+    pub cpus_per_task: Option<u32>,
+    /// sbatch --mem, e.g. 16G.
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// sbatch --account.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// sbatch --qos.
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Any other sbatch option, one per flag: `--sbatch-arg=--constraint=a100`. Options that
+    /// set --array, --signal or --requeue are refused (caf sets those).
+    #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub sbatch_args: Vec<String>,
+    /// The caf binary the workers run (default: this one), e.g. a copy on the shared
+    /// filesystem: compute nodes need not have caf on their PATH.
+    #[arg(long, value_name = "PATH")]
+    pub caf: Option<PathBuf>,
+    /// Seconds before the walltime at which Slurm sends SIGUSR2, so a worker hands its job
+    /// back (training after a checkpoint) before it is killed.
+    #[arg(long, default_value_t = 120)]
+    pub signal_lead: u32,
+    /// Print the sbatch script and command without recording, writing or submitting anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Concurrent job slots per device in each worker.
+    #[arg(long, visible_alias = "slots-per-device", default_value_t = 1)]
+    pub slots: usize,
+    /// Each worker's devices: cpu; cuda (every GPU of the task: with --gres gpu:N, N slots'
+    /// worth of GPUs); cuda:N; or a list such as cuda:0,cuda:1.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceList,
+    /// Where jobs write files: a directory on the filesystem every node shares.
+    #[arg(long, default_value = "runs/artifacts")]
+    pub artifacts: PathBuf,
+    /// Workers' lease: seconds without a heartbeat after which another worker takes a job over.
+    #[arg(long)]
+    pub lease_secs: Option<f64>,
+    /// Give failed jobs a fresh set of attempts.
+    #[arg(long)]
+    pub retry_failed: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct PlanArgs {
     pub spec: PathBuf,
     /// Machine-readable jobs `{id, kind, label, params, deps}`.
     #[arg(long)]
     pub json: bool,
+    /// Also record the plan in --db (as `caf run` does before running), so that `caf worker`
+    /// processes can run it.
+    #[arg(long)]
+    pub record: bool,
+    #[command(flatten)]
+    pub db: DbArg,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Only jobs of this study (repeatable; default: every study in the database).
+    #[arg(long = "study", value_name = "NAME")]
+    pub studies: Vec<String>,
+    /// Concurrent job slots per device; several jobs may share one GPU for small models.
+    #[arg(long, visible_alias = "slots-per-device", default_value_t = 1)]
+    pub slots: usize,
+    /// cpu; cuda (one slot set per visible GPU, respecting CUDA_VISIBLE_DEVICES, so a Slurm
+    /// task with --gres gpu:N gets N); cuda:N; or a list such as cuda:0,cuda:2 (CUDA needs a
+    /// build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceList,
+    /// Where jobs write files (checkpoints, weights): a directory every worker sees.
+    #[arg(long, default_value = "runs/artifacts")]
+    pub artifacts: PathBuf,
+    /// Seconds without a heartbeat after which a job's lease expires and another worker
+    /// takes the job over (counted as an interruption).
+    #[arg(long, default_value_t = 60.0)]
+    pub lease_secs: f64,
+    /// No progress bars or per-job lines.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -235,9 +372,35 @@ pub struct CertifyArgs {
     /// Noise seed: image i's draws depend only on (seed, σ, i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output TSV (Cohen's columns, then nA and n).
+    /// Output TSV (Cohen's columns, then nA and n; n is the draws used when sequential).
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub mode: CertifyModeArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CertifyModeArg {
+    /// Cohen's CERTIFY: n draws for every image.
+    Cohen,
+    /// Anytime-valid sequential certification: stop once every --radii is decided.
+    Sequential,
+}
+
+/// Sequential certification options shared by `caf certify` and `caf bench certify`.
+#[derive(Debug, Clone, Args)]
+pub struct CertifyModeArgs {
+    #[arg(long, value_enum, default_value = "cohen")]
+    pub mode: CertifyModeArg,
+    /// Sequential: radii to decide, comma-separated (e.g. 0.25,0.5,0.75,1.0).
+    #[arg(long, value_delimiter = ',')]
+    pub radii: Vec<f64>,
+    /// Sequential: estimation-draw budget (default: --n).
+    #[arg(long)]
+    pub n_max: Option<u64>,
+    /// Sequential: stop after selection when the selected class is not the label.
+    #[arg(long)]
+    pub stop_if_wrong: bool,
 }
 
 #[derive(Debug, Args)]
@@ -266,6 +429,63 @@ pub enum BenchWhat {
     Forward(BenchForwardArgs),
     /// One training step (noisy batch, forward, cross-entropy, backward, optimizer update).
     TrainStep(BenchTrainArgs),
+    /// Claim → complete throughput of trivial jobs through a store's job queue, and through
+    /// the scheduler around it (writes two bench studies into --db: use a scratch database).
+    Queue(BenchQueueArgs),
+    /// Certification of a few test images: forward passes per image and images/s, Cohen's
+    /// fixed n against sequential certification.
+    Certify(BenchCertifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchQueueArgs {
+    /// Database to bench: an SQLite file (a path or sqlite:PATH) or a PostgreSQL URL.
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Concurrent claim loops (and scheduler slots), all in this process.
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+    /// Jobs per phase.
+    #[arg(long, default_value_t = 10000)]
+    pub jobs: usize,
+    /// Only the queue phase, without the scheduler around it.
+    #[arg(long)]
+    pub queue_only: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchCertifyArgs {
+    #[arg(long, default_value = "resnet20")]
+    pub arch: String,
+    /// Weights (default: the akamaster file of the arch under ../shared/data/pretrained).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Folder holding `cifar-10-batches-bin`, or that folder itself.
+    #[arg(long, default_value = "../shared/data/cifar10-jpeg")]
+    pub data_root: PathBuf,
+    #[arg(long, default_value_t = 0.25)]
+    pub sigma: f64,
+    /// Test images 0, skip, 2·skip, … (`--images` of them).
+    #[arg(long, default_value_t = 10)]
+    pub images: usize,
+    #[arg(long, default_value_t = 500)]
+    pub skip: usize,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_N0)]
+    pub n0: u64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_N)]
+    pub n: u64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_ALPHA)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = caf::certify::DEFAULT_BATCH)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub mode: CertifyModeArgs,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -6,17 +6,159 @@ use anyhow::{bail, Result};
 
 use caf::models::{self, Arch, Normalize};
 
+use caf::store::{AnyStore, DbLocation, PgStore};
+
 use super::args::{
-    BenchArgs, BenchForwardArgs, BenchMethod, BenchTrainArgs, BenchWhat, DatasetArg, ModelArgs,
+    BenchArgs, BenchCertifyArgs, BenchForwardArgs, BenchMethod, BenchQueueArgs, BenchTrainArgs,
+    BenchWhat, DatasetArg, ModelArgs,
 };
+use super::db::{open_store, shown};
 use super::exit::usage;
-use super::model::{load_classifier, parse_arch};
+use super::model::{load_classifier, load_data, parse_arch};
 
 pub fn bench(a: BenchArgs) -> Result<i32> {
     match a.what {
         BenchWhat::Forward(f) => bench_forward(f),
         BenchWhat::TrainStep(t) => bench_train_step(t),
+        BenchWhat::Certify(c) => bench_certify(c),
+        // Async: `main` runs it on the runtime (`bench_queue`).
+        BenchWhat::Queue(q) => bail!(usage(format!(
+            "bench queue --db {} must run on the async runtime",
+            shown(&q.db)
+        ))),
     }
+}
+
+/// `caf bench queue`: see [`caf::bench::queue`].
+pub async fn bench_queue(q: BenchQueueArgs) -> Result<i32> {
+    if q.workers == 0 || q.jobs == 0 {
+        bail!(usage("--workers and --jobs must be at least 1"));
+    }
+    let store =
+        match DbLocation::parse(&q.db.to_string_lossy()).map_err(|e| usage(e.to_string()))? {
+            // One connection per claim loop, and one for the scheduler's heartbeats.
+            DbLocation::Postgres(url) => {
+                AnyStore::Postgres(PgStore::open_with(&url, q.workers as u32 + 1).await?)
+            }
+            DbLocation::Sqlite(_) => open_store(&q.db).await?,
+        };
+    let r = caf::bench::queue::bench_queue(store.clone(), q.workers, q.jobs, !q.queue_only)
+        .await
+        .map_err(|e| match e {
+            caf::bench::queue::QueueBenchError::Invalid(m) => usage(m),
+            other => other.into(),
+        })?;
+    outln!(
+        "{} ({}), {} workers, {} jobs per phase; recording a phase's study took {:.2} s",
+        shown(&q.db),
+        store.backend(),
+        r.workers,
+        r.queue.jobs,
+        r.register_seconds
+    );
+    let line = |name: &str, p: &caf::bench::queue::Phase| {
+        format!(
+            "{name:<6} {:>9.0} jobs/s  {:>7.3} ms wall/job{}",
+            p.jobs_per_sec,
+            p.wall_ms_per_job,
+            p.latency_ms_per_job
+                .map(|l| format!("  {l:.3} ms claim+complete/job per worker"))
+                .unwrap_or_default()
+        )
+    };
+    outln!("{}", line("queue", &r.queue));
+    if let Some(s) = &r.sched {
+        outln!("{}", line("sched", s));
+    }
+    if q.json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    Ok(0)
+}
+
+/// Certifies `--images` test images as a study job would (same slice runner, same noise) and
+/// reports forward passes (n0 + estimation draws) per image and certified images per second.
+fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
+    let arch = parse_arch(&c.arch)?;
+    let Some(weights) = c.weights.clone().or_else(|| default_weights(arch)) else {
+        bail!(usage(format!(
+            "no default weights for {arch}: pass --weights"
+        )));
+    };
+    if c.images == 0 || c.skip == 0 {
+        bail!(usage("--images and --skip must be at least 1"));
+    }
+    if !(c.sigma.is_finite() && c.sigma > 0.0) {
+        bail!(usage(format!("--sigma must be > 0, got {}", c.sigma)));
+    }
+    let settings = caf::certify::Settings {
+        n0: c.n0,
+        n: c.n,
+        alpha: c.alpha,
+        batch: c.batch,
+    };
+    let procedure = super::certify::procedure(settings, &c.mode)?;
+    let m = ModelArgs {
+        arch: c.arch.clone(),
+        weights,
+        mean: None,
+        std: None,
+        data: DatasetArg::Cifar10,
+        data_root: c.data_root.clone(),
+        device: caf::sched::DeviceSpec::Cpu,
+    };
+    let (model, device) = load_classifier(&m)?;
+    let set = load_data(&m, caf::data::Split::Test)?;
+    let indices: Vec<usize> = caf::methods::common::Slice {
+        skip: c.skip,
+        max: None,
+    }
+    .indices(set.len())
+    .into_iter()
+    .take(c.images)
+    .collect();
+    let done = [Default::default()];
+    let run = caf::methods::slice::SliceRun {
+        data: &set,
+        indices: &indices,
+        done: &done,
+        seed: c.seed,
+        sigma: c.sigma,
+        procedure,
+    };
+    let smooth = caf::certify::Smooth::new(model.as_ref(), c.sigma, device.clone());
+    let mut rows = Vec::new();
+    let start = std::time::Instant::now();
+    caf::methods::slice::certify_slice(&smooth, &run, &|| false, &mut |r| {
+        rows.extend(r.into_iter().map(|(_, row)| row));
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!(e.message))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let images = rows.len().max(1) as f64;
+    let passes: u64 = rows.iter().map(|r| r.n0 + r.n).sum();
+    let per_image = passes as f64 / images;
+    let certified = rows.iter().filter(|r| r.predict >= 0 && r.correct).count();
+    outln!("mode: {:?}", c.mode.mode);
+    outln!("images: {}", rows.len());
+    outln!("forward passes per image: {per_image:.0}");
+    outln!("images/s: {:.3}", images / seconds);
+    outln!("forward passes/s: {:.0}", passes as f64 / seconds);
+    outln!("correct and certified (R > 0): {certified}");
+    if c.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "mode": format!("{:?}", c.mode.mode).to_lowercase(),
+                "images": rows.len(),
+                "forward_passes_per_image": per_image,
+                "images_per_sec": images / seconds,
+                "seconds": seconds,
+                "rows": rows,
+            }))?
+        );
+    }
+    Ok(0)
 }
 
 fn default_weights(arch: Arch) -> Option<PathBuf> {

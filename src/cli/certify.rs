@@ -1,28 +1,62 @@
-//! `caf certify`: Cohen et al.'s certify.py on one model, outside any study.
+//! `caf certify`: Cohen et al.'s certify.py on one model, outside any study (or sequential
+//! certification at chosen radii with `--mode sequential`).
 
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 
+use caf::certify::Settings;
 use caf::data::Split;
+use caf::methods::certify_job::SequentialParams;
 use caf::methods::common::Slice;
-use caf::methods::slice::{certify_slice, SliceEnd, SliceRun};
+use caf::methods::slice::{certify_slice, Procedure, SliceEnd, SliceRun};
 use caf::sched::{CancelFlag, JobError};
 
-use super::args::CertifyArgs;
+use super::args::{CertifyArgs, CertifyModeArg, CertifyModeArgs};
 use super::cohen_tsv;
 use super::exit::{self, usage};
 use super::model::{load_classifier, load_data};
 use super::signals::{self, Notices};
 
+/// The procedure `--mode` asks for, validated (a usage error otherwise). Sequential runs spend
+/// at most `--n-max` (default `--n`) estimation draws.
+pub fn procedure(settings: Settings, m: &CertifyModeArgs) -> Result<Procedure> {
+    let sequential = match m.mode {
+        CertifyModeArg::Cohen => {
+            if !m.radii.is_empty() || m.n_max.is_some() || m.stop_if_wrong {
+                bail!(usage(
+                    "--radii, --n-max and --stop-if-wrong apply to --mode sequential only"
+                ));
+            }
+            settings.validate().map_err(|e| usage(e.to_string()))?;
+            return Ok(Procedure::Cohen(settings));
+        }
+        CertifyModeArg::Sequential => {
+            if m.radii.windows(2).any(|w| w[0] >= w[1]) {
+                bail!(usage("--radii must be strictly ascending"));
+            }
+            SequentialParams::new(m.radii.clone(), m.stop_if_wrong)
+        }
+    };
+    let settings = Settings {
+        n: m.n_max.unwrap_or(settings.n),
+        ..settings
+    };
+    let p = sequential.procedure(&settings);
+    if let Procedure::Sequential { settings, .. } = &p {
+        settings.validate().map_err(|e| usage(e.to_string()))?;
+    }
+    Ok(p)
+}
+
 pub fn certify(a: CertifyArgs) -> Result<i32> {
-    let settings = caf::certify::Settings {
+    let settings = Settings {
         n0: a.n0,
         n: a.n,
         alpha: a.alpha,
         batch: a.batch,
     };
-    settings.validate().map_err(|e| usage(e.to_string()))?;
+    let procedure = procedure(settings, &a.mode)?;
     if !(a.sigma.is_finite() && a.sigma > 0.0) {
         bail!(usage(format!("--sigma must be > 0, got {}", a.sigma)));
     }
@@ -57,7 +91,7 @@ pub fn certify(a: CertifyArgs) -> Result<i32> {
         done: &done,
         seed: a.seed,
         sigma: a.sigma,
-        settings,
+        procedure,
     };
     let smooth = caf::certify::Smooth::new(model.as_ref(), a.sigma, device.clone());
     let end = certify_slice(&smooth, &run, &|| shutdown.is_cancelled(), &mut |rows| {

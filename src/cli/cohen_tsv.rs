@@ -137,6 +137,7 @@ pub fn parse(path: &Path, bytes: &[u8], sigma: f64) -> Result<Vec<CertRow>> {
             alpha: 0.0,
             sigma,
             seconds,
+            sequential: None,
         });
     }
     if rows.is_empty() {
@@ -166,6 +167,7 @@ mod tests {
             alpha: 0.0,
             sigma: 0.25,
             seconds: 1.5,
+            sequential: None,
         }
     }
 

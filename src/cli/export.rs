@@ -44,15 +44,26 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
     match a.format {
         ExportFormat::Csv => {
             let mut buf = Vec::new();
-            writeln!(buf, "job,idx,label,predict,radius,correct,nA,n")?;
+            // Sequential rows add the bound's inputs and decisions; a study without any keeps
+            // the columns it always had.
+            let sequential = by_job.values().flatten().any(|r| r.sequential.is_some());
+            write!(buf, "job,idx,label,predict,radius,correct,nA,n")?;
+            if sequential {
+                write!(buf, ",{SEQUENTIAL_HEADER}")?;
+            }
+            writeln!(buf)?;
             for (job, rs) in &by_job {
                 for r in rs {
                     // Full precision radius: the file is for comparing runs, not for reading.
-                    writeln!(
+                    write!(
                         buf,
                         "{job},{},{},{},{},{},{},{}",
                         r.idx, r.label, r.predict, r.radius, r.correct as u8, r.n_a, r.n
                     )?;
+                    if sequential {
+                        write!(buf, ",{}", sequential_fields(r))?;
+                    }
+                    writeln!(buf)?;
                 }
             }
             write_out(a.out.as_deref(), &buf)?;
@@ -108,6 +119,33 @@ pub async fn export(a: ExportArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The sequential columns of the CSV: mode, n0, alpha, sigma and the mixture's inputs, with
+/// radii and decisions as `;`-separated lists (CSV-safe without quoting).
+const SEQUENTIAL_HEADER: &str =
+    "mode,n0,alpha,sigma,n_max,lower,upper,prior_a,prior_b,radii,decisions,stopped_wrong";
+
+fn sequential_fields(r: &CertRow) -> String {
+    let common = format!("{},{},{}", r.n0, r.alpha, r.sigma);
+    match &r.sequential {
+        None => format!("cohen,{common},,,,,,,,"),
+        Some(q) => {
+            let radii: Vec<String> = q.radii.iter().map(f64::to_string).collect();
+            let decisions: Vec<&str> = q.decisions.iter().map(|d| d.as_str()).collect();
+            format!(
+                "sequential,{common},{},{},{},{},{},{},{},{}",
+                q.n_max,
+                q.lower,
+                q.upper,
+                q.prior_a,
+                q.prior_b,
+                radii.join(";"),
+                decisions.join(";"),
+                q.stopped_wrong as u8
+            )
+        }
+    }
 }
 
 fn write_out(out: Option<&Path>, bytes: &[u8]) -> Result<()> {

@@ -1,6 +1,7 @@
 //! Command-line interface. `main` parses the flags (`args`) and hands each command to its own
 //! module. What commands share lives in modules that use no command: `exit` (exit codes, usage
-//! errors), `db` (opening `--db`, picking a study), `signals`, `cohen_tsv` and `model`. No
+//! errors), `db` (opening `--db`, picking a study), `study` (a spec's plan, loaded and
+//! recorded, for `run`, `plan --record` and `submit`), `signals`, `cohen_tsv` and `model`. No
 //! command uses another or this file, so each can change without touching the rest.
 
 /// `println!` that returns the write error instead of panicking: `caf … | head` closes the pipe
@@ -18,15 +19,18 @@ mod db;
 mod exit;
 mod model;
 mod signals;
+mod study;
 
 mod bench;
 mod certify;
+mod copy;
 mod eval;
 mod export;
 mod import;
 mod report;
 mod run;
 mod status;
+mod submit;
 
 use std::io::IsTerminal;
 
@@ -37,7 +41,11 @@ use args::{Cli, Command};
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let quiet = matches!(&cli.command, Command::Run(r) if r.quiet);
+    let quiet = match &cli.command {
+        Command::Run(r) => r.quiet,
+        Command::Worker(w) => w.quiet,
+        _ => false,
+    };
     init_tracing(quiet);
     match dispatch(cli) {
         Ok(code) => code,
@@ -48,7 +56,10 @@ pub fn main() -> i32 {
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(a) => runtime()?.block_on(run::run(a)),
+        Command::Submit(a) => runtime()?.block_on(submit::submit(a)),
+        Command::Plan(a) if a.record => runtime()?.block_on(run::plan_record(a)),
         Command::Plan(a) => run::plan(a),
+        Command::Worker(a) => runtime()?.block_on(run::worker(a)),
         Command::Status(a) => runtime()?.block_on(status::status(a)),
         Command::Retry(a) => runtime()?.block_on(run::retry(a)),
         Command::Export(a) => runtime()?.block_on(export::export(a)),
@@ -56,7 +67,13 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Import(a) => runtime()?.block_on(import::import(a)),
         Command::Certify(a) => certify::certify(a),
         Command::Eval(a) => eval::eval(a),
+        Command::Bench(args::BenchArgs {
+            what: args::BenchWhat::Queue(q),
+        }) => runtime()?.block_on(bench::bench_queue(q)),
         Command::Bench(a) => bench::bench(a),
+        Command::Db(a) => match a.what {
+            args::DbWhat::Copy(c) => runtime()?.block_on(copy::copy(c)),
+        },
     }
 }
 

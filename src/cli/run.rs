@@ -1,5 +1,6 @@
-//! `caf run`, and the two commands around it: `caf plan` (what a run would do) and `caf retry`
-//! (what the next run will do again).
+//! `caf run`, and the commands around it: `caf plan` (what a run would do; `--record` writes
+//! it for workers), `caf worker` (runs recorded studies: the loop `caf run` uses) and `caf
+//! retry` (what the next run will do again).
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -10,48 +11,56 @@ use anyhow::{bail, Result};
 
 use caf::methods;
 use caf::plan::Plan;
-use caf::sched::{self, CancelFlag, LogProgress, Progress, SchedConfig, TerminalProgress};
-use caf::spec::Spec;
-use caf::store::{JobState, Store};
+use caf::sched::{
+    self, CancelFlag, LogProgress, Progress, RunSummary, SchedConfig, TerminalProgress,
+};
+use caf::store::{AnyStore, JobState, Store, StudyId};
 
-use super::args::{PlanArgs, RetryArgs, RunArgs};
-use super::db::{open_existing_store, open_store};
+use super::args::{PlanArgs, RetryArgs, RunArgs, WorkerArgs};
+use super::db::open_existing_store;
 use super::exit::{self, usage};
 use super::signals::{self, Notices};
+use super::study::{load_plan, record};
 
-/// Loads and plans a spec; any problem with it is a usage error (exit 2, nothing written).
-fn load_plan(path: &Path) -> Result<Plan> {
-    let spec = Spec::load(path).map_err(|e| usage(e.to_string()))?;
-    Plan::from_spec(&spec, &methods::planner()).map_err(|e| usage(e.to_string()))
-}
-
-pub async fn run(a: RunArgs) -> Result<i32> {
-    let plan = load_plan(&a.spec)?;
-    if a.workers == 0 {
-        bail!(usage("--workers must be at least 1"));
+/// The scheduler settings `run` and `worker` share; bad values are usage errors.
+fn sched_config(
+    slots: usize,
+    device: &sched::DeviceList,
+    lease_secs: f64,
+    artifacts: &Path,
+    slots_flag: &str,
+) -> Result<SchedConfig> {
+    if slots == 0 {
+        bail!(usage(format!("{slots_flag} must be at least 1")));
     }
-    if !(a.lease_secs.is_finite() && a.lease_secs >= 1.0) {
+    if !(lease_secs.is_finite() && lease_secs >= 1.0) {
         bail!(usage("--lease-secs must be at least 1"));
     }
-    let store = open_store(&a.db.db).await?;
-    let study = store.register_plan(&plan).await?;
-    if a.retry_failed {
-        let n = store.retry_failed(study).await?;
-        if n > 0 {
-            eprintln!("retrying {n} failed job(s)");
-        }
-    }
-    let lease = Duration::from_secs_f64(a.lease_secs);
-    let cfg = SchedConfig {
-        workers: a.workers,
-        devices: a.device.0.clone(),
+    let devices = device.resolve().map_err(usage)?;
+    let lease = Duration::from_secs_f64(lease_secs);
+    Ok(SchedConfig {
+        workers: slots,
+        devices,
         lease,
         heartbeat: lease / 4,
         poll: Duration::from_millis(500),
-        artifacts_dir: a.artifacts.clone(),
+        artifacts_dir: artifacts.to_path_buf(),
         ..SchedConfig::default()
-    };
-    let progress: Arc<dyn Progress> = if a.quiet {
+    })
+}
+
+/// Runs jobs of `studies` in this process until none is left to run here or a signal asks it
+/// to stop: the one worker loop behind `caf run` and `caf worker`. SIGINT, SIGTERM and SIGUSR2
+/// (Slurm's warning before walltime or preemption) stop it at the jobs' next clean point (a
+/// certification after the image in flight, a training job after writing a checkpoint); the
+/// leases are handed back as interruptions.
+async fn work(
+    store: &AnyStore,
+    studies: &[StudyId],
+    cfg: SchedConfig,
+    quiet: bool,
+) -> Result<RunSummary> {
+    let progress: Arc<dyn Progress> = if quiet {
         Arc::new(sched::progress::NoProgress)
     } else if std::io::stderr().is_terminal() {
         Arc::new(TerminalProgress::new())
@@ -62,13 +71,28 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     signals::stop_on_signal(
         shutdown.clone(),
         Notices {
-            stopping: "\nstopping after the image in flight (press Ctrl-C again to abort now)…",
+            stopping: "\nstopping: certifications after the image in flight, training after a \
+                       checkpoint (signal again to abort now)…",
             aborted: Some("aborted; finished images are saved"),
         },
     );
-    let results = methods::StoreResults::new(store.clone(), tokio::runtime::Handle::current());
+    let results = methods::StoreResults::new(store.clone(), tokio::runtime::Handle::current())
+        .with_retry(cfg.store_retry);
     let registry = Arc::new(methods::registry(Arc::new(results)));
-    let summary = sched::run_study(store.clone(), study, registry, cfg, shutdown, progress).await?;
+    Ok(sched::run_studies(store.clone(), studies, registry, cfg, shutdown, progress).await?)
+}
+
+pub async fn run(a: RunArgs) -> Result<i32> {
+    let plan = load_plan(&a.spec)?;
+    let cfg = sched_config(
+        a.workers,
+        &a.device,
+        a.lease_secs,
+        &a.artifacts,
+        "--workers",
+    )?;
+    let (store, study) = record(&plan, &a.db.db, a.retry_failed).await?;
+    let summary = work(&store, &[study], cfg, a.quiet).await?;
     let jobs = store.study_jobs(study).await?;
     let done = jobs.iter().filter(|j| j.state == JobState::Done).count();
     let failed: Vec<_> = jobs
@@ -109,10 +133,70 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// `caf worker`: runs jobs of the named studies (all by default) that are already recorded,
+/// until nothing is runnable and nothing it waits on is running. Exit 0 then (failed jobs are
+/// in the store, for `caf status`), 130 when a signal stopped it.
+pub async fn worker(a: WorkerArgs) -> Result<i32> {
+    let cfg = sched_config(a.slots, &a.device, a.lease_secs, &a.artifacts, "--slots")?;
+    let store = open_existing_store(&a.db.db).await?;
+    let studies = if a.studies.is_empty() {
+        store.studies().await?
+    } else {
+        let mut picked = Vec::with_capacity(a.studies.len());
+        for name in &a.studies {
+            picked.push(super::db::pick_study(&store, Some(name), &a.db.db).await?);
+        }
+        picked
+    };
+    if studies.is_empty() {
+        eprintln!(
+            "no studies in {}: nothing to do (record one with `caf plan SPEC --record`)",
+            super::db::shown(&a.db.db)
+        );
+        return Ok(0);
+    }
+    let ids: Vec<StudyId> = studies.iter().map(|s| s.id).collect();
+    let summary = work(&store, &ids, cfg, a.quiet).await?;
+    let names: Vec<&str> = studies.iter().map(|s| s.name.as_str()).collect();
+    eprintln!(
+        "worker: {} done, {} failed, {} retried, {} interrupted (studies: {})",
+        summary.completed,
+        summary.failed,
+        summary.retried,
+        summary.interrupted,
+        names.join(", ")
+    );
+    if summary.shutdown_requested {
+        eprintln!("stopped by a signal; its jobs are handed back for other workers");
+        return Ok(exit::INTERRUPTED);
+    }
+    Ok(0)
+}
+
+/// `caf plan --record`: prints the plan and records it in --db without running anything.
+pub async fn plan_record(a: PlanArgs) -> Result<i32> {
+    let plan = load_plan(&a.spec)?;
+    record(&plan, &a.db.db, false).await?;
+    print_plan(&plan, a.json)?;
+    eprintln!(
+        "recorded study {} ({} jobs) in {}; run it with: caf worker --db {} --study {}",
+        plan.study.name,
+        plan.jobs.len(),
+        super::db::shown(&a.db.db),
+        super::db::shown(&a.db.db),
+        plan.study.name
+    );
+    Ok(0)
+}
+
 pub fn plan(a: PlanArgs) -> Result<i32> {
     let plan = load_plan(&a.spec)?;
+    print_plan(&plan, a.json)
+}
+
+fn print_plan(plan: &Plan, json: bool) -> Result<i32> {
     let mut out = std::io::stdout().lock();
-    if a.json {
+    if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&plan.to_json())?)?;
         return Ok(0);
     }

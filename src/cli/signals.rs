@@ -1,4 +1,5 @@
-//! Ctrl-C and SIGTERM for the long-running commands (`run`, `certify`).
+//! Ctrl-C, SIGTERM and SIGUSR2 for the long-running commands (`run`, `worker`, `certify`).
+//! SIGUSR2 is what Slurm sends ahead of a walltime or preemption (`--signal=B:USR2@LEAD`).
 
 use caf::sched::CancelFlag;
 
@@ -10,7 +11,7 @@ pub struct Notices {
     pub aborted: Option<&'static str>,
 }
 
-/// First Ctrl-C / SIGTERM: print `stopping` and cancel `shutdown`, so the command stops at its
+/// First Ctrl-C / SIGTERM / SIGUSR2: print `stopping` and cancel `shutdown`, so the command stops at its
 /// next clean point. Second: print `aborted` and exit 130 at once (work in flight is redone on
 /// resume).
 ///
@@ -47,14 +48,18 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::user_defined2()),
+        ) {
+            (Ok(mut term), Ok(mut usr2)) => {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
+                    _ = usr2.recv() => {}
                 }
             }
-            Err(_) => {
+            _ => {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }

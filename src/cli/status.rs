@@ -1,16 +1,18 @@
-//! `caf status`: each job's state, progress, throughput and time left.
+//! `caf status`: each job's state, progress, throughput, time left and interruptions, and the
+//! workers serving each study (host, pid, Slurm ids, device, last heartbeat, jobs held).
 
 use std::io::Write;
 
 use anyhow::Result;
 
-use caf::store::{JobState, JobStatus, Queue, Store, StudyInfo};
+use caf::store::{JobState, JobStatus, Queue, Store, StudyInfo, WorkerRow};
 
 use super::args::StatusArgs;
 use super::db::open_existing_store;
 
-/// Images per second and seconds left. Certification jobs count images: both come from the
-/// recorded per-image compute time. Training jobs count epochs: the rate is the last recorded
+/// Units per second and seconds left. Certification jobs count images, or draws (forward
+/// passes) when sequential, whose progress total is a projection from the draws per image so
+/// far: both come from the recorded per-image compute time. Training jobs count epochs: the rate is the last recorded
 /// epoch's training throughput and the time left is the epochs left times the mean recorded
 /// epoch duration.
 fn rate_eta(j: &JobStatus, epochs: &[serde_json::Value]) -> (Option<f64>, Option<f64>) {
@@ -54,7 +56,9 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
     let mut all = Vec::new();
     let mut weights = std::collections::HashMap::new();
     let mut epochs = std::collections::HashMap::new();
+    let mut slurm = std::collections::HashMap::new();
     for s in &studies {
+        slurm.insert(s.name.clone(), store.slurm_jobs(s.id).await?);
         let jobs = store.study_jobs(s.id).await?;
         for j in &jobs {
             if let Some(a) = store.artifact(&j.id, caf::methods::source::WEIGHTS).await? {
@@ -67,18 +71,35 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         all.push((s.clone(), jobs));
     }
     let rate_eta = |j: &JobStatus| rate_eta(j, epochs.get(&j.id).map_or(&[], Vec::as_slice));
+    let workers = store.workers().await?;
+    // A study's workers: those started for it (or for every study), and any holding its jobs.
+    let serving = |s: &StudyInfo, jobs: &[JobStatus]| -> Vec<&WorkerRow> {
+        workers
+            .iter()
+            .filter(|w| {
+                w.info.studies.contains(&s.id)
+                    || w.jobs.iter().any(|id| jobs.iter().any(|j| &j.id == id))
+            })
+            .collect()
+    };
+    let now = caf::util::now_unix();
     let mut out = std::io::stdout().lock();
     if a.json {
         let v: Vec<_> = all
             .iter()
             .map(|(s, jobs)| {
+                let ws = serving(s, jobs);
                 let jobs: Vec<_> = jobs
                     .iter()
                     .map(|j| {
                         let (rate, eta) = rate_eta(j);
                         let mut v = serde_json::to_value(j).unwrap_or_default();
                         if let Some(o) = v.as_object_mut() {
-                            o.insert("images_per_sec".into(), serde_json::json!(rate));
+                            let key = match j.unit {
+                                caf::plan::ProgressUnit::Draws => "draws_per_sec",
+                                _ => "images_per_sec",
+                            };
+                            o.insert(key.into(), serde_json::json!(rate));
                             o.insert("eta_seconds".into(), serde_json::json!(eta));
                             if let Some(a) = weights.get(&j.id) {
                                 o.insert("weights".into(), serde_json::json!(a));
@@ -87,7 +108,10 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                         v
                     })
                     .collect();
-                serde_json::json!({ "study": s.name, "seed": s.seed, "spec_sha256": s.spec_sha256, "jobs": jobs })
+                serde_json::json!({
+                    "study": s.name, "seed": s.seed, "spec_sha256": s.spec_sha256, "jobs": jobs,
+                    "workers": ws, "slurm_jobs": slurm.get(&s.name),
+                })
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
@@ -105,11 +129,31 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
             jobs.len(),
             &s.spec_sha256[..12.min(s.spec_sha256.len())]
         )?;
+        if let Some(sj) = slurm.get(&s.name).filter(|v| !v.is_empty()) {
+            let shown: Vec<String> = sj
+                .iter()
+                .map(|j| format!("{} ({} workers)", j.job_id, j.array_tasks))
+                .collect();
+            writeln!(out, "  slurm jobs: {}", shown.join(", "))?;
+        }
         writeln!(
             out,
-            "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  NOTE",
-            "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "IMG/S", "ETA", "TRY"
+            "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  {:<7}  NOTE",
+            "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "RATE/S", "ETA", "TRY", "INT", "DEVICE"
         )?;
+        // Where a job ran (finished) or runs (its lease holder's device: exact for a worker on
+        // one device, the worker's list otherwise).
+        let device = |j: &JobStatus| -> String {
+            if j.state == JobState::Running {
+                let holder = j.lease_owner.as_deref();
+                workers
+                    .iter()
+                    .find(|w| Some(w.id.as_str()) == holder)
+                    .map_or_else(|| "-".to_string(), |w| w.info.device.clone())
+            } else {
+                j.ran_device.clone().unwrap_or_else(|| "-".into())
+            }
+        };
         for j in jobs {
             let (rate, eta) = rate_eta(j);
             let state = if j.blocked {
@@ -124,11 +168,13 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                 _ if j.state == JobState::Running => {
                     format!("lease: {}", j.lease_owner.as_deref().unwrap_or("?"))
                 }
+                // Rate and progress of these count forward passes, not images.
+                _ if j.unit == caf::plan::ProgressUnit::Draws => "counting draws".to_string(),
                 _ => String::new(),
             };
             writeln!(
                 out,
-                "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {}",
+                "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  {:<7}  {}",
                 j.id,
                 j.kind,
                 j.label.chars().take(30).collect::<String>(),
@@ -137,11 +183,64 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                 rate.map_or("-".into(), |r| format!("{r:.2}")),
                 eta.map_or("-".into(), fmt_secs),
                 j.attempts,
+                j.interruptions,
+                device(j),
                 note
             )?;
         }
+        let ws = serving(s, jobs);
+        let live: Vec<&&WorkerRow> = ws.iter().filter(|w| w.stopped_at.is_none()).collect();
+        if !ws.is_empty() {
+            writeln!(
+                out,
+                "  workers: {} not stopped, {} stopped",
+                live.len(),
+                ws.len() - live.len()
+            )?;
+        }
+        if !live.is_empty() {
+            writeln!(
+                out,
+                "    {:<20}  {:>8}  {:<14}  {:<8}  {:>9}  {:<30}  JOBS",
+                "HOST", "PID", "SLURM", "DEVICE", "HEARTBEAT", "CPU"
+            )?;
+            for w in live {
+                writeln!(
+                    out,
+                    "    {:<20}  {:>8}  {:<14}  {:<8}  {:>9}  {:<30}  {}",
+                    w.info.host,
+                    w.info.pid,
+                    slurm_id(w),
+                    w.info.device,
+                    format!("{} ago", fmt_secs((now - w.last_seen).max(0.0))),
+                    w.info.cpu.chars().take(30).collect::<String>(),
+                    if w.jobs.is_empty() {
+                        "-".to_string()
+                    } else {
+                        w.jobs
+                            .iter()
+                            .map(|j| j.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    }
+                )?;
+            }
+        }
     }
     Ok(0)
+}
+
+/// A worker's Slurm identity: `ARRAYJOB_TASK` for an array task, else the job id, else `-`.
+fn slurm_id(w: &WorkerRow) -> String {
+    match (
+        &w.info.slurm_array_job_id,
+        &w.info.slurm_array_task_id,
+        &w.info.slurm_job_id,
+    ) {
+        (Some(a), Some(t), _) => format!("{a}_{t}"),
+        (_, _, Some(j)) => j.clone(),
+        _ => "-".into(),
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +264,11 @@ mod tests {
             started_at: None,
             finished_at: None,
             lease_owner: None,
+            interruptions: 0,
+            max_interruptions: 20,
+            ran_host: None,
+            ran_cpu: None,
+            ran_device: None,
             error: None,
             result: None,
             precision: "f32".into(),
@@ -187,6 +291,15 @@ mod tests {
             rate_eta(&job("certify", JobState::Pending, 0, 0, 0.0), &[]),
             (None, None)
         );
+    }
+
+    #[test]
+    fn sequential_eta_counts_draws_at_the_measured_draws_per_second() {
+        let mut j = job("certify", JobState::Running, 30_000, 120_000, 15.0);
+        j.unit = caf::plan::ProgressUnit::Draws;
+        let (rate, eta) = rate_eta(&j, &[]);
+        assert_eq!(rate, Some(2_000.0));
+        assert_eq!(eta, Some(45.0));
     }
 
     #[test]

@@ -11,13 +11,13 @@ use super::common::{self, DataRef, Slice};
 use super::handler::TypedHandler;
 use super::loaded::Loaded;
 use super::results::Results;
-use super::slice::{certify_slice, SliceEnd, SliceProgress, SliceRun};
+use super::slice::{certify_slice, Counted, Procedure, SliceEnd, SliceProgress, SliceRun};
 use super::source::ModelSource;
-use crate::certify::{Settings, Smooth};
+use crate::certify::{BetaPrior, SequentialSettings, Settings, Smooth};
 use crate::models::{Classifier, Precision};
-use crate::plan::{Job, JobBuilder, PlanContext};
+use crate::plan::{Job, JobBuilder, PlanContext, ProgressUnit};
 use crate::sched::{JobContext, JobError, JobOutput};
-use crate::spec::{Cell, SpecError};
+use crate::spec::{Cell, CertifyMode, SpecError};
 
 pub const KIND: &str = "certify";
 /// Bump when a change to the certification code changes its results.
@@ -40,6 +40,78 @@ pub struct CertifyParams {
     /// adding the option changed no existing job id.
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
+    /// Sequential certification (`n` is then its budget n_max); absent for Cohen's CERTIFY,
+    /// so the mode changed no existing job id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequential: Option<SequentialParams>,
+}
+
+/// What a sequential certification adds to a job's parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SequentialParams {
+    /// Radii to decide, ascending.
+    pub radii: Vec<f64>,
+    pub stop_if_wrong: bool,
+    /// The Beta(a, b) mixing prior of the confidence sequence (part of the id: it changes the
+    /// bound).
+    pub prior_a: f64,
+    pub prior_b: f64,
+}
+
+impl SequentialParams {
+    pub fn new(radii: Vec<f64>, stop_if_wrong: bool) -> Self {
+        let prior = BetaPrior::DEFAULT_PRIOR;
+        Self {
+            radii,
+            stop_if_wrong,
+            prior_a: prior.a,
+            prior_b: prior.b,
+        }
+    }
+
+    /// The procedure with Cohen-style settings `s` (`s.n` being the budget n_max).
+    pub fn procedure(&self, s: &Settings) -> Procedure {
+        Procedure::Sequential {
+            settings: SequentialSettings {
+                n0: s.n0,
+                n_max: s.n,
+                batch: s.batch,
+                alpha: s.alpha,
+                radii: self.radii.clone(),
+                prior: BetaPrior {
+                    a: self.prior_a,
+                    b: self.prior_b,
+                },
+            },
+            stop_if_wrong: self.stop_if_wrong,
+        }
+    }
+}
+
+/// How to certify with `s` (Cohen's `n`, or a sequential budget) and optional sequential
+/// parameters.
+pub fn procedure_of(s: Settings, sequential: Option<&SequentialParams>) -> Procedure {
+    match sequential {
+        None => Procedure::Cohen(s),
+        Some(q) => q.procedure(&s),
+    }
+}
+
+/// How a resumed certification job counts its progress: images for Cohen's, draws (with what
+/// the rows already recorded spent) for sequential ones.
+pub fn counted(
+    procedure: &Procedure,
+    members: usize,
+    spent: impl FnOnce() -> Result<u64, JobError>,
+) -> Result<Counted, JobError> {
+    Ok(if procedure.is_sequential() {
+        Counted::Draws {
+            spent: spent()?,
+            budget: procedure.budget_per_image().saturating_mul(members as u64),
+        }
+    } else {
+        Counted::Images
+    })
 }
 
 impl CertifyParams {
@@ -51,10 +123,27 @@ impl CertifyParams {
             batch: self.batch,
         }
     }
+
+    pub fn procedure(&self) -> Procedure {
+        procedure_of(self.settings(), self.sequential.as_ref())
+    }
 }
 
-/// Per-cell overrides of the spec's `certify` block, accepted by every certifying method.
-pub const CERTIFY_KEYS: &[&str] = &["n0", "n", "alpha", "batch", "skip", "max", "precision"];
+/// Per-cell overrides of the spec's `certify` block, accepted by every certifying method. The
+/// sequential ones are namespaced: a bare `radii` or `mode` in a grid would read as anything.
+pub const CERTIFY_KEYS: &[&str] = &[
+    "n0",
+    "n",
+    "alpha",
+    "batch",
+    "skip",
+    "max",
+    "precision",
+    "certify.mode",
+    "certify.radii",
+    "certify.n_max",
+    "certify.stop_if_wrong",
+];
 
 /// The cell's `precision` (f32 unless the spec says bf16).
 pub fn cell_precision(cell: &Cell, ctx: &PlanContext<'_>) -> Result<Precision, SpecError> {
@@ -66,6 +155,43 @@ pub fn cell_precision(cell: &Cell, ctx: &PlanContext<'_>) -> Result<Precision, S
 
 /// The certification settings of a cell: the spec's `certify` block, overridden per cell.
 pub fn cell_settings(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(Settings, Slice), SpecError> {
+    let (s, slice, _) = cell_certify(cell, ctx)?;
+    Ok((s, slice))
+}
+
+/// A cell's `certify.radii`: a non-empty ascending list of finite numbers ≥ 0.
+fn cell_radii(cell: &Cell, ctx: &PlanContext<'_>) -> Result<Option<Vec<f64>>, SpecError> {
+    let Some(p) = cell.params.get("certify.radii") else {
+        return Ok(None);
+    };
+    let bad = |why: &str| ctx.error_at(p.span, format!("certify.radii: {why}, found {}", p.value));
+    let items = p
+        .value
+        .as_array()
+        .ok_or_else(|| bad("expected a list of radii"))?;
+    if items.is_empty() {
+        return Err(bad("expected at least one radius"));
+    }
+    let mut radii: Vec<f64> = Vec::with_capacity(items.len());
+    for v in items {
+        let r = v
+            .as_f64()
+            .filter(|r| r.is_finite() && *r >= 0.0)
+            .ok_or_else(|| bad("expected numbers ≥ 0"))?;
+        if radii.last().is_some_and(|&prev| r <= prev) {
+            return Err(bad("expected radii in strictly ascending order"));
+        }
+        radii.push(r);
+    }
+    Ok(Some(radii))
+}
+
+/// The certification of a cell: Cohen-style settings (`n` is the budget n_max when
+/// sequential), the slice, and the sequential parameters when the cell's mode is sequential.
+pub fn cell_certify(
+    cell: &Cell,
+    ctx: &PlanContext<'_>,
+) -> Result<(Settings, Slice, Option<SequentialParams>), SpecError> {
     let c = &ctx.spec.certify;
     let mut s = Settings {
         n0: c.n0,
@@ -104,19 +230,71 @@ pub fn cell_settings(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(Settings, Sl
     if let Some((v, _)) = common::integer(cell, ctx, "max")? {
         slice.max = Some(v as usize);
     }
-    if s.n0 == 0 || s.n0 >= s.n {
+    let mode = match common::string(cell, ctx, "certify.mode")? {
+        None => c.mode,
+        Some((v, p)) => CertifyMode::parse(&v).ok_or_else(|| {
+            ctx.error_at(
+                p.span,
+                format!(
+                    "unknown certify.mode `{v}`; expected one of: {}",
+                    CertifyMode::NAMES.join(", ")
+                ),
+            )
+        })?,
+    };
+    let radii = cell_radii(cell, ctx)?;
+    let n_max = common::integer(cell, ctx, "certify.n_max")?;
+    let stop_if_wrong = common::boolean(cell, ctx, "certify.stop_if_wrong")?;
+    if mode == CertifyMode::Cohen {
+        if let Some((key, p)) = ["certify.radii", "certify.n_max", "certify.stop_if_wrong"]
+            .iter()
+            .find_map(|k| cell.params.get(*k).map(|p| (k, p)))
+        {
+            return Err(ctx.error_at(
+                p.span,
+                format!(
+                    "{key} applies to sequential certification only; set certify.mode: sequential"
+                ),
+            ));
+        }
+        if s.n0 == 0 || s.n0 >= s.n {
+            let span = cell
+                .params
+                .get("n0")
+                .or(cell.params.get("n"))
+                .map(|p| p.span)
+                .unwrap_or_default();
+            return Err(ctx.error_at(
+                span,
+                format!("expected 1 ≤ n0 < n, found n0 = {} and n = {}", s.n0, s.n),
+            ));
+        }
+        return Ok((s, slice, None));
+    }
+    let radii = radii.unwrap_or_else(|| c.radii.clone());
+    if radii.is_empty() {
         let span = cell
             .params
-            .get("n0")
-            .or(cell.params.get("n"))
+            .get("certify.mode")
             .map(|p| p.span)
             .unwrap_or_default();
         return Err(ctx.error_at(
             span,
-            format!("expected 1 ≤ n0 < n, found n0 = {} and n = {}", s.n0, s.n),
+            "sequential certification needs radii: set certify.radii in the spec's certify block or the cell",
         ));
     }
-    Ok((s, slice))
+    // The budget: the cell's n_max, else the study's, else the cell's (or study's) n.
+    s.n = match n_max {
+        Some((0, p)) => return Err(ctx.error_at(p.span, "expected certify.n_max ≥ 1")),
+        Some((v, _)) => v,
+        None => c.n_max.unwrap_or(s.n),
+    };
+    if s.n0 == 0 {
+        let span = cell.params.get("n0").map(|p| p.span).unwrap_or_default();
+        return Err(ctx.error_at(span, "expected n0 ≥ 1"));
+    }
+    let stop_if_wrong = stop_if_wrong.unwrap_or(c.stop_if_wrong);
+    Ok((s, slice, Some(SequentialParams::new(radii, stop_if_wrong))))
 }
 
 /// The cell's σ (required by every certifying method).
@@ -140,7 +318,7 @@ pub fn certify_job(
 ) -> Result<Job, SpecError> {
     let (backbone, _) = common::backbone_ref(cell, ctx)?;
     let data = common::test_data_ref(ctx)?;
-    let (s, slice) = cell_settings(cell, ctx)?;
+    let (s, slice, sequential) = cell_certify(cell, ctx)?;
     let precision = cell_precision(cell, ctx)?;
     let params = CertifyParams {
         backbone,
@@ -154,6 +332,7 @@ pub fn certify_job(
         batch: s.batch,
         slice,
         precision,
+        sequential,
     };
     let mut cert = job(params, label);
     // Name per-cell overrides so jobs that differ only in them can be told apart.
@@ -172,6 +351,11 @@ pub fn certify_job(
 /// A `certify` job for the given parameters.
 pub fn job(params: CertifyParams, label: String) -> Job {
     let deps = params.model.deps();
+    let unit = if params.sequential.is_some() {
+        ProgressUnit::Draws
+    } else {
+        ProgressUnit::Images
+    };
     let value = serde_json::to_value(&params).unwrap_or_default();
     JobBuilder {
         kind: KIND,
@@ -182,6 +366,7 @@ pub fn job(params: CertifyParams, label: String) -> Job {
         deps,
     }
     .build()
+    .counted_in(unit)
 }
 
 /// Puts `model` in `precision`: the fused CPU path's bf16 GEMM on the CPU, candle's bf16
@@ -227,21 +412,24 @@ impl TypedHandler for CertifyHandler {
         let indices = p.slice.indices(data.len());
         let done: BTreeSet<u64> = self.results.cert_done(&ctx.id)?.into_iter().collect();
         let done = [done];
-        let mut progress = SliceProgress::resume(ctx, &indices, &done, "certified")?;
+        let procedure = p.procedure();
+        let counted = counted(&procedure, 1, || self.results.cert_draws(&ctx.id))?;
+        let mut progress =
+            SliceProgress::resume_counting(ctx, &indices, &done, "certified", counted)?;
         let run = SliceRun {
             data: &data,
             indices: &indices,
             done: &done,
             seed: p.seed,
             sigma: p.sigma,
-            settings: p.settings(),
+            procedure,
         };
         let smooth = Smooth::new(model.as_ref(), p.sigma, device.clone());
         let end = certify_slice(&smooth, &run, &|| ctx.cancelled(), &mut |rows| {
-            for (_, row) in rows {
-                self.results.record_cert(&ctx.id, &row)?;
+            for (_, row) in &rows {
+                self.results.record_cert(&ctx.lease, &ctx.id, row)?;
             }
-            progress.advance(ctx, 1)
+            progress.image_done(ctx, &rows)
         })?;
         match end {
             SliceEnd::Interrupted => Ok(JobOutput::Interrupted),

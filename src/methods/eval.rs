@@ -162,7 +162,7 @@ impl TypedHandler for EvalHandler {
             }
             let rows = predict_indices(model.as_ref(), device, &data, chunk)
                 .map_err(JobError::retryable)?;
-            self.results.record_eval(&ctx.id, &rows)?;
+            self.results.record_eval(&ctx.lease, &ctx.id, &rows)?;
             progress.advance(ctx, rows.len() as u64)?;
         }
         Ok(JobOutput::Done(

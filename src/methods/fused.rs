@@ -14,7 +14,9 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::certify_job::{self, set_precision, CertifyParams};
+use super::certify_job::{
+    self, counted, procedure_of, set_precision, CertifyParams, SequentialParams,
+};
 use super::common::{self, DataRef, Slice};
 use super::handler::TypedHandler;
 use super::results::Results;
@@ -22,7 +24,7 @@ use super::slice::{certify_slice, SliceEnd, SliceProgress, SliceRun};
 use super::source::ModelSource;
 use crate::certify::{ClassifierSet, Settings, Smooth};
 use crate::models::{CafModel, CifarResNet, Precision};
-use crate::plan::{Job, JobBuilder, JobId};
+use crate::plan::{Job, JobBuilder, JobId, ProgressUnit};
 use crate::sched::{JobContext, JobError, JobOutput};
 
 pub const KIND: &str = "certify-fused";
@@ -49,6 +51,9 @@ pub struct FusedParams {
     pub slice: Slice,
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
+    /// The members' sequential certification (`n` then being n_max); absent for Cohen's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequential: Option<SequentialParams>,
 }
 
 /// The frozen backbone a certify job's model is built on, if it can share one.
@@ -83,7 +88,7 @@ pub fn fuse(jobs: &mut Vec<Job>) {
         let key = serde_json::json!({
             "backbone": backbone, "data": p.data.sha256, "sigma": p.sigma, "seed": p.seed,
             "n0": p.n0, "n": p.n, "alpha": p.alpha, "batch": p.batch, "slice": p.slice,
-            "precision": p.precision,
+            "precision": p.precision, "sequential": p.sequential,
         });
         groups
             .entry(crate::util::canonical_json(&key))
@@ -120,6 +125,7 @@ pub fn fuse(jobs: &mut Vec<Job>) {
             batch: first.batch,
             slice: first.slice,
             precision: first.precision,
+            sequential: first.sequential.clone(),
         };
         let deps: Vec<JobId> = params
             .iter()
@@ -136,7 +142,12 @@ pub fn fuse(jobs: &mut Vec<Job>) {
             params: value,
             deps,
         }
-        .build();
+        .build()
+        .counted_in(if fused.sequential.is_some() {
+            ProgressUnit::Draws
+        } else {
+            ProgressUnit::Images
+        });
         for &i in &members {
             // Ordering only: the member's id (its content) is unchanged.
             jobs[i].deps.push(job.id.clone());
@@ -172,6 +183,32 @@ impl ClassifierSet for Members {
             .map(|m| match m {
                 Member::Plain => self.backbone.head(&phi),
                 Member::Caf(c) => c.logits_from_features(&phi, x),
+            })
+            .collect()
+    }
+    /// A member that has stopped (sequential certification) costs nothing more: its head or
+    /// adapter is not run, and the backbone pass only while some member still samples.
+    fn logits_active(
+        &self,
+        x: &Tensor,
+        active: &[bool],
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        if !active.iter().any(|&a| a) {
+            return Ok(vec![None; self.members.len()]);
+        }
+        let phi = self.backbone.features_t(x, false)?.detach();
+        self.members
+            .iter()
+            .zip(active.iter().chain(std::iter::repeat(&false)))
+            .map(|(m, &a)| {
+                if !a {
+                    return Ok(None);
+                }
+                match m {
+                    Member::Plain => self.backbone.head(&phi),
+                    Member::Caf(c) => c.logits_from_features(&phi, x),
+                }
+                .map(Some)
             })
             .collect()
     }
@@ -222,26 +259,39 @@ impl TypedHandler for FusedHandler {
                     .map(|v| v.into_iter().collect())
             })
             .collect::<Result<_, _>>()?;
-        let mut progress = SliceProgress::resume(ctx, &indices, &done, "certified")?;
+        let procedure = procedure_of(
+            Settings {
+                n0: p.n0,
+                n: p.n,
+                alpha: p.alpha,
+                batch: p.batch,
+            },
+            p.sequential.as_ref(),
+        );
+        // Draws of every member's recorded rows: the unit the fused job counts in.
+        let counted = counted(&procedure, p.members.len(), || {
+            p.members
+                .iter()
+                .map(|m| self.results.cert_draws(&m.job))
+                .sum()
+        })?;
+        let mut progress =
+            SliceProgress::resume_counting(ctx, &indices, &done, "certified", counted)?;
         let run = SliceRun {
             data: &data,
             indices: &indices,
             done: &done,
             seed: p.seed,
             sigma: p.sigma,
-            settings: Settings {
-                n0: p.n0,
-                n: p.n,
-                alpha: p.alpha,
-                batch: p.batch,
-            },
+            procedure,
         };
         let smooth = Smooth::fused(&set, p.sigma, device.clone());
         let end = certify_slice(&smooth, &run, &|| ctx.cancelled(), &mut |rows| {
-            for (m, row) in rows {
-                self.results.record_cert(&p.members[m].job, &row)?;
+            for (m, row) in &rows {
+                self.results
+                    .record_cert(&ctx.lease, &p.members[*m].job, row)?;
             }
-            progress.advance(ctx, 1)
+            progress.image_done(ctx, &rows)
         })?;
         match end {
             SliceEnd::Interrupted => Ok(JobOutput::Interrupted),

@@ -149,19 +149,104 @@ fn resnet_depth(arch: &str) -> Result<usize, JobError> {
 }
 
 /// The recorded weights of a finished training job, checked against their SHA-256.
+///
+/// The store's artifact row is the truth; the file is only trusted if its bytes hash to what
+/// the row recorded. A file this worker cannot read or that differs is fatal, not retryable:
+/// on a cluster it means `--artifacts` is not on a filesystem this host shares (or the file
+/// was changed), which no retry on this host cures, so the error names the host and the path.
 pub fn trained_weights(sink: &dyn JobSink, job: &JobId) -> Result<PathBuf, JobError> {
     let a = sink
         .dep_artifact(job, WEIGHTS)?
         .ok_or_else(|| JobError::fatal(format!("training job {job} recorded no weights")))?;
     let path = PathBuf::from(&a.path);
-    let got = crate::util::sha256_file(&path)
-        .map_err(|e| JobError::fatal(format!("{}: {e}", path.display())))?;
+    let host = crate::sched::hostname();
+    let got = crate::util::sha256_file(&path).map_err(|e| {
+        JobError::fatal(format!(
+            "host {host} cannot read {}, the weights training job {job} recorded ({e}): \
+             --artifacts must be a directory every worker sees at the same path",
+            path.display()
+        ))
+    })?;
     if got != a.sha256 {
         return Err(JobError::fatal(format!(
-            "{} does not match the weights job {job} recorded (sha256 {got}, recorded {})",
+            "on host {host}, {} does not match the weights training job {job} recorded \
+             (sha256 {got}, recorded {})",
             path.display(),
             a.sha256
         )));
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::queue::Artifact;
+
+    /// A sink that knows one recorded artifact.
+    struct Recorded(Mutex<Option<Artifact>>);
+
+    impl JobSink for Recorded {
+        fn progress(&self, _: u64, _: u64) -> Result<(), JobError> {
+            Ok(())
+        }
+        fn event(&self, _: &str, _: &str) -> Result<(), JobError> {
+            Ok(())
+        }
+        fn artifact(&self, a: &Artifact) -> Result<(), JobError> {
+            *self.0.lock().expect("lock") = Some(a.clone());
+            Ok(())
+        }
+        fn dep_artifact(&self, _: &JobId, name: &str) -> Result<Option<Artifact>, JobError> {
+            Ok(self
+                .0
+                .lock()
+                .expect("lock")
+                .clone()
+                .filter(|a| a.name == name))
+        }
+    }
+
+    #[test]
+    fn recorded_weights_are_used_only_when_this_host_reads_the_recorded_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("final.safetensors");
+        crate::util::write_atomic(&path, b"weights").expect("write");
+        let job = JobId::new("0123456789abcdef".to_string());
+        let sink = Recorded(Mutex::new(None));
+        let none = trained_weights(&sink, &job).unwrap_err();
+        assert!(!none.retryable && none.message.contains("recorded no weights"));
+        sink.artifact(&Artifact {
+            name: WEIGHTS.into(),
+            path: path.display().to_string(),
+            sha256: crate::util::sha256_bytes(b"weights"),
+            bytes: 7,
+        })
+        .expect("record");
+        assert_eq!(
+            trained_weights(&sink, &job).expect("the recorded file"),
+            path
+        );
+
+        // Changed bytes: refused at once, naming this host and the file.
+        std::fs::write(&path, b"tampered").expect("overwrite");
+        let e = trained_weights(&sink, &job).unwrap_err();
+        assert!(!e.retryable, "{e}");
+        let host = crate::sched::hostname();
+        assert!(e.message.contains(&format!("on host {host}")), "{e}");
+        assert!(e.message.contains(&path.display().to_string()), "{e}");
+
+        // A file this host cannot see (artifacts not on shared storage): fatal, no retries.
+        std::fs::remove_file(&path).expect("remove");
+        let e = trained_weights(&sink, &job).unwrap_err();
+        assert!(!e.retryable, "{e}");
+        assert!(
+            e.message
+                .contains(&format!("host {host} cannot read {}", path.display())),
+            "{e}"
+        );
+        assert!(e.message.contains("every worker sees"), "{e}");
+    }
 }

@@ -266,7 +266,7 @@ impl TrainHooks for ResultHooks<'_> {
             source: std::io::Error::other(format!("recording epoch metrics: {e}")),
         };
         self.results
-            .record_epoch(&self.ctx.id, m.epoch as u64, &v)
+            .record_epoch(&self.ctx.lease, &self.ctx.id, m.epoch as u64, &v)
             .map_err(store_err)?;
         self.ctx
             .sink

@@ -65,6 +65,8 @@ pub enum ProgressUnit {
     #[default]
     Images,
     Epochs,
+    /// Forward passes: a sequential certification's images cost from n0 to n0 + n_max.
+    Draws,
 }
 
 impl ProgressUnit {
@@ -72,6 +74,7 @@ impl ProgressUnit {
         match self {
             ProgressUnit::Images => "images",
             ProgressUnit::Epochs => "epochs",
+            ProgressUnit::Draws => "draws",
         }
     }
 
@@ -79,6 +82,7 @@ impl ProgressUnit {
         match s {
             "images" => Some(ProgressUnit::Images),
             "epochs" => Some(ProgressUnit::Epochs),
+            "draws" => Some(ProgressUnit::Draws),
             _ => None,
         }
     }

@@ -7,7 +7,10 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{Abandoned, Artifact, Claimed, FailOutcome, JobState, Queue, StudyId, WorkerId};
+use super::{
+    interruption_cap_error, Abandoned, Artifact, Claimed, FailOutcome, JobState, Lease, Queue,
+    StudyId, WorkerId, WorkerInfo, DEFAULT_MAX_INTERRUPTIONS,
+};
 use crate::plan::{Job, JobId};
 
 /// One job as the memory queue holds it (also what tests read back).
@@ -21,10 +24,15 @@ pub struct QueuedJob {
     pub state: JobState,
     pub attempts: u32,
     pub max_attempts: u32,
+    /// Times a worker was stopped (or lost) while running it; not counted as attempts.
+    pub interruptions: u32,
+    pub max_interruptions: u32,
     pub error: Option<String>,
     pub result: Option<serde_json::Value>,
     pub progress: (u64, u64),
     pub run_seconds: f64,
+    /// The device the finished attempt ran on.
+    pub ran_device: Option<String>,
     lease: Option<(WorkerId, Instant)>,
     not_before: Instant,
 }
@@ -33,6 +41,23 @@ impl QueuedJob {
     /// The worker holding the job's lease, if it is running.
     pub fn lease_owner(&self) -> Option<&WorkerId> {
         self.lease.as_ref().map(|(w, _)| w)
+    }
+
+    /// Ends the running attempt as an interruption: back to pending without the attempt, or
+    /// failed at the interruption cap.
+    fn interrupt(&mut self, reason: &str) -> FailOutcome {
+        self.lease = None;
+        self.attempts = self.attempts.saturating_sub(1);
+        self.interruptions += 1;
+        if self.interruptions >= self.max_interruptions {
+            self.state = JobState::Failed;
+            self.error = Some(interruption_cap_error(reason, self.max_interruptions));
+            FailOutcome::Failed
+        } else {
+            self.state = JobState::Pending;
+            self.error = Some(reason.to_string());
+            FailOutcome::WillRetry
+        }
     }
 }
 
@@ -50,7 +75,7 @@ struct State {
     index: HashMap<JobId, usize>,
     /// Each study's jobs in plan order (a claim takes the first runnable one).
     studies: Vec<Vec<usize>>,
-    workers: HashMap<WorkerId, (String, u32)>,
+    workers: HashMap<WorkerId, (WorkerInfo, bool)>,
     events: Vec<LoggedEvent>,
     artifacts: HashMap<(JobId, String), Artifact>,
 }
@@ -120,10 +145,13 @@ impl MemoryQueue {
                         state: JobState::Pending,
                         attempts: 0,
                         max_attempts,
+                        interruptions: 0,
+                        max_interruptions: DEFAULT_MAX_INTERRUPTIONS,
                         error: None,
                         result: None,
                         progress: (0, 0),
                         run_seconds: 0.0,
+                        ran_device: None,
                         lease: None,
                         not_before: now,
                     });
@@ -157,6 +185,34 @@ impl MemoryQueue {
     pub fn events(&self) -> Vec<LoggedEvent> {
         self.lock().events.clone()
     }
+
+    /// Registered workers and whether each said it stopped.
+    pub fn workers(&self) -> Vec<(WorkerId, WorkerInfo, bool)> {
+        self.lock()
+            .workers
+            .iter()
+            .map(|(w, (info, stopped))| (w.clone(), info.clone(), *stopped))
+            .collect()
+    }
+
+    /// Hands a running job's lease to `worker` for `lease`, as if its runner had been reaped and
+    /// another worker had claimed it (tests of a runner that lost its lease).
+    pub fn take_over(&self, job: &JobId, worker: &WorkerId, lease: Duration) {
+        let mut s = self.lock();
+        if let Some(&i) = s.index.get(job) {
+            let j = &mut s.jobs[i];
+            if j.state == JobState::Running {
+                j.lease = Some((worker.clone(), Instant::now() + lease));
+            }
+        }
+    }
+
+    /// Sets every job's interruption cap (tests of the cap).
+    pub fn set_max_interruptions(&self, cap: u32) {
+        for j in self.lock().jobs.iter_mut() {
+            j.max_interruptions = cap;
+        }
+    }
 }
 
 impl Queue for MemoryQueue {
@@ -165,12 +221,18 @@ impl Queue for MemoryQueue {
     async fn register_worker(
         &self,
         worker: &WorkerId,
-        host: &str,
-        pid: u32,
+        info: &WorkerInfo,
     ) -> Result<(), Infallible> {
         self.lock()
             .workers
-            .insert(worker.clone(), (host.to_string(), pid));
+            .insert(worker.clone(), (info.clone(), false));
+        Ok(())
+    }
+
+    async fn worker_stopped(&self, worker: &WorkerId) -> Result<(), Infallible> {
+        if let Some(w) = self.lock().workers.get_mut(worker) {
+            w.1 = true;
+        }
         Ok(())
     }
 
@@ -235,6 +297,7 @@ impl Queue for MemoryQueue {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> Result<bool, Infallible> {
@@ -246,6 +309,7 @@ impl Queue for MemoryQueue {
                 j.error = None;
                 j.lease = None;
                 j.run_seconds += seconds;
+                j.ran_device = Some(device.to_string());
                 true
             }
             None => false,
@@ -284,16 +348,18 @@ impl Queue for MemoryQueue {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        reason: &str,
         seconds: f64,
-    ) -> Result<(), Infallible> {
+    ) -> Result<FailOutcome, Infallible> {
         let mut s = self.lock();
-        if let Some(j) = s.owned(job, worker) {
-            j.state = JobState::Pending;
-            j.attempts = j.attempts.saturating_sub(1);
-            j.lease = None;
-            j.run_seconds += seconds;
-        }
-        Ok(())
+        Ok(match s.owned(job, worker) {
+            Some(j) => {
+                j.run_seconds += seconds;
+                j.interrupt(reason)
+            }
+            // Someone else holds it now: nothing of ours to give back.
+            None => FailOutcome::WillRetry,
+        })
     }
 
     async fn reap_expired(&self) -> Result<Vec<Abandoned>, Infallible> {
@@ -307,16 +373,8 @@ impl Queue for MemoryQueue {
             if j.state != JobState::Running || expires >= now {
                 continue;
             }
-            let reason = format!("abandoned: runner {owner} stopped renewing its lease");
-            let outcome = if j.attempts < j.max_attempts {
-                j.state = JobState::Pending;
-                FailOutcome::WillRetry
-            } else {
-                j.state = JobState::Failed;
-                FailOutcome::Failed
-            };
-            j.error = Some(reason.clone());
-            j.lease = None;
+            let reason = format!("interrupted: runner {owner} stopped renewing its lease");
+            let outcome = j.interrupt(&reason);
             out.push(Abandoned {
                 id: j.id.clone(),
                 reason,
@@ -345,12 +403,15 @@ impl Queue for MemoryQueue {
         Ok((running as u64, pending as u64))
     }
 
-    async fn set_progress(&self, job: &JobId, done: u64, total: u64) -> Result<(), Infallible> {
+    async fn set_progress(&self, lease: &Lease, done: u64, total: u64) -> Result<bool, Infallible> {
         let mut s = self.lock();
-        if let Some(&i) = s.index.get(job) {
-            s.jobs[i].progress = (done, total);
-        }
-        Ok(())
+        Ok(match s.owned(&lease.job, &lease.worker) {
+            Some(j) => {
+                j.progress = (done, total);
+                true
+            }
+            None => false,
+        })
     }
 
     async fn log_event(
@@ -368,11 +429,18 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn record_artifact(&self, job: &JobId, artifact: &Artifact) -> Result<(), Infallible> {
-        self.lock()
-            .artifacts
-            .insert((job.clone(), artifact.name.clone()), artifact.clone());
-        Ok(())
+    async fn record_artifact(
+        &self,
+        lease: &Lease,
+        artifact: &Artifact,
+    ) -> Result<bool, Infallible> {
+        let mut s = self.lock();
+        if s.owned(&lease.job, &lease.worker).is_none() {
+            return Ok(false);
+        }
+        s.artifacts
+            .insert((lease.job.clone(), artifact.name.clone()), artifact.clone());
+        Ok(true)
     }
 
     async fn artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, Infallible> {
@@ -413,13 +481,14 @@ mod tests {
             .complete(
                 &a.id,
                 &WorkerId("other".into()),
+                "cpu",
                 &serde_json::json!({}),
                 0.0
             )
             .await
             .unwrap());
         assert!(q
-            .complete(&a.id, &w, &serde_json::json!({}), 0.0)
+            .complete(&a.id, &w, "cpu", &serde_json::json!({}), 0.0)
             .await
             .unwrap());
         let second = q.claim(study, &w, &["probe"], lease).await.unwrap();
@@ -451,9 +520,14 @@ mod tests {
         let reaped = q.reap_expired().await.unwrap();
         assert_eq!(reaped.len(), 1);
         assert_eq!(reaped[0].outcome, FailOutcome::WillRetry);
-        assert!(reaped[0].reason.contains("runner w"));
+        assert!(
+            reaped[0].reason.contains("runner w"),
+            "{}",
+            reaped[0].reason
+        );
         let jobs = q.jobs(study);
         assert_eq!(jobs[2].state, JobState::Pending);
-        assert_eq!(jobs[2].attempts, 1, "an abandoned attempt counts");
+        assert_eq!(jobs[2].attempts, 0, "an abandoned attempt is not counted");
+        assert_eq!(jobs[2].interruptions, 1, "it is an interruption");
     }
 }

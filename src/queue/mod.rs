@@ -16,6 +16,18 @@ use serde::Serialize;
 use crate::plan::JobId;
 pub use memory::MemoryQueue;
 
+/// How many interruptions a job survives before it fails, unless its row says otherwise.
+pub const DEFAULT_MAX_INTERRUPTIONS: u32 = 20;
+
+/// The error a job that reached its interruption cap fails with.
+pub fn interruption_cap_error(reason: &str, cap: u32) -> String {
+    format!(
+        "interrupted {cap} times (the cap), the last time: {reason}; the job never finished \
+         within one allocation: give workers a longer walltime or make the job smaller, then \
+         `caf retry`"
+    )
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct StudyId(pub i64);
 
@@ -27,6 +39,33 @@ impl std::fmt::Display for WorkerId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Who a worker process is: what `caf status` shows of it and what a finished job records of
+/// the machine that produced it (floating-point training results differ between CPU models).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WorkerInfo {
+    pub host: String,
+    pub pid: u32,
+    /// The CPU model (`/proc/cpuinfo`'s `model name`).
+    pub cpu: String,
+    /// Where its jobs run: `cpu` or `cuda:N`.
+    pub device: String,
+    /// `SLURM_JOB_ID`, `SLURM_ARRAY_JOB_ID` and `SLURM_ARRAY_TASK_ID` when Slurm started it.
+    pub slurm_job_id: Option<String>,
+    pub slurm_array_job_id: Option<String>,
+    pub slurm_array_task_id: Option<String>,
+    /// The studies it works on.
+    pub studies: Vec<StudyId>,
+}
+
+/// A job's lease as its holder names it: every write a running job makes (results, progress,
+/// files) carries it, and a backend records nothing unless `worker` still holds `job`. A fused
+/// certification writes rows for its member jobs under its own lease.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub job: JobId,
+    pub worker: WorkerId,
 }
 
 /// A job's lifecycle. Retries go back to `Pending` with a backoff; `Failed` is final.
@@ -73,16 +112,17 @@ pub struct Claimed {
     pub max_attempts: u32,
 }
 
-/// What happened to a failed attempt.
+/// What happened to a failed or interrupted attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailOutcome {
     /// Back to pending; runnable again after the backoff.
     WillRetry,
-    /// Out of attempts (or not retryable): final.
+    /// Out of attempts or interruptions (or not retryable): final.
     Failed,
 }
 
-/// A lease that expired because its runner stopped heartbeating.
+/// A lease that expired because its runner stopped heartbeating: an interruption, like a
+/// release, not a failed attempt.
 #[derive(Clone, Debug)]
 pub struct Abandoned {
     pub id: JobId,
@@ -106,11 +146,24 @@ pub struct Artifact {
 pub trait Queue: Clone + Send + Sync + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
 
+    /// Whether `e` may go away by itself (the server restarting, a network blip, a busy
+    /// database): the scheduler and the job's writes then retry with backoff instead of giving
+    /// up. The default suits backends that cannot fail.
+    fn is_transient(e: &Self::Error) -> bool {
+        let _ = e;
+        false
+    }
+
     fn register_worker(
         &self,
         worker: &WorkerId,
-        host: &str,
-        pid: u32,
+        info: &WorkerInfo,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Marks the worker stopped (a worker killed outright never says so; its last heartbeat
+    /// ages instead).
+    fn worker_stopped(
+        &self,
+        worker: &WorkerId,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Atomically leases one runnable job of `kinds` (pending, backoff over, every dep done).
     fn claim(
@@ -127,11 +180,13 @@ pub trait Queue: Clone + Send + Sync + 'static {
         worker: &WorkerId,
         lease: Duration,
     ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
-    /// Marks the job done; `false` when the lease was lost meanwhile (nothing recorded).
+    /// Marks the job done and records the worker's host and CPU and the `device` the job ran
+    /// on with it; `false` when the lease was lost meanwhile (nothing recorded).
     fn complete(
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
@@ -145,26 +200,30 @@ pub trait Queue: Clone + Send + Sync + 'static {
         retry_after: Option<Duration>,
         seconds: f64,
     ) -> impl Future<Output = Result<FailOutcome, Self::Error>> + Send;
-    /// Gives a lease back without counting the attempt (clean shutdown).
+    /// Gives a lease back as an interruption (the worker was told to stop): the attempt is not
+    /// counted, the job's interruptions are; `Failed` (with `reason` and the cap in its error)
+    /// once they reach the job's cap, so a job that never fits in one allocation ends.
     fn release(
         &self,
         job: &JobId,
         worker: &WorkerId,
+        reason: &str,
         seconds: f64,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
-    /// Returns expired leases to pending (or fails them when out of attempts).
+    ) -> impl Future<Output = Result<FailOutcome, Self::Error>> + Send;
+    /// Returns expired leases to pending as interruptions (failing those at their cap).
     fn reap_expired(&self) -> impl Future<Output = Result<Vec<Abandoned>, Self::Error>> + Send;
     /// Counts of the study's jobs that are running, or pending and still able to run.
     fn outstanding(
         &self,
         study: StudyId,
     ) -> impl Future<Output = Result<(u64, u64), Self::Error>> + Send;
+    /// `false` when the lease was lost (nothing recorded).
     fn set_progress(
         &self,
-        job: &JobId,
+        lease: &Lease,
         done: u64,
         total: u64,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
     fn log_event(
         &self,
         job: Option<&JobId>,
@@ -172,11 +231,12 @@ pub trait Queue: Clone + Send + Sync + 'static {
         level: &str,
         message: &str,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Records a file of the leased job; `false` when the lease was lost (nothing recorded).
     fn record_artifact(
         &self,
-        job: &JobId,
+        lease: &Lease,
         artifact: &Artifact,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
     /// The artifact `name` of `job`, if recorded.
     fn artifact(
         &self,

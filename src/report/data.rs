@@ -36,6 +36,32 @@ impl CertJob {
         self.rows.iter().all(|r| r.n > 0)
     }
 
+    /// The radii a sequential certification decided, from its rows; `None` for Cohen's
+    /// fixed-n jobs (or a sequential one with no row yet). Its certified-accuracy curve is
+    /// known at these radii only, and its ACR is not comparable with Cohen's: the radius at
+    /// the stop is only as large as deciding the requested radii needed.
+    pub fn sequential_radii(&self) -> Option<&[f64]> {
+        self.rows
+            .iter()
+            .find_map(|r| r.sequential.as_ref())
+            .map(|q| q.radii.as_slice())
+    }
+
+    /// The curve to draw: the step curve of Cohen's radii, or a sequential job's points at its
+    /// radii (with `true`: draw them as markers only).
+    pub fn curve(&self) -> (Vec<(f64, f64)>, bool) {
+        match self.sequential_radii() {
+            None => (crate::report::stats::curve(&self.rows), false),
+            Some(radii) => (
+                radii
+                    .iter()
+                    .map(|&r| (r, crate::report::stats::certified_accuracy(&self.rows, r)))
+                    .collect(),
+                true,
+            ),
+        }
+    }
+
     /// A short name for legends and tables: the method plus the cell's swept values.
     pub fn name(&self, swept: &[String]) -> String {
         let mut s = self.method.clone();

@@ -207,6 +207,7 @@ pub fn write_compare(
                     points: stats::curve(&j.rows),
                     dashed,
                     error_bars: None,
+                    points_only: false,
                 });
             }
             for &r in &opts.radii {

@@ -165,6 +165,7 @@ mod tests {
             alpha: 0.001,
             sigma: 0.25,
             seconds: 0.0,
+            sequential: None,
         }
     }
 

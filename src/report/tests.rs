@@ -21,6 +21,7 @@ fn row(idx: u64, label: u32, predict: i64, radius: f64) -> CertRow {
         alpha: 0.001,
         sigma: 0.5,
         seconds: 0.1,
+        sequential: None,
     }
 }
 
@@ -40,6 +41,11 @@ fn status(id: &str, kind: &str, state: JobState) -> JobStatus {
         started_at: None,
         finished_at: None,
         lease_owner: None,
+        interruptions: 0,
+        max_interruptions: 20,
+        ran_host: (state == JobState::Done).then(|| "node-a".into()),
+        ran_cpu: (state == JobState::Done).then(|| "AMD EPYC 7B13".into()),
+        ran_device: (state == JobState::Done).then(|| "cpu".into()),
         error: None,
         result: None,
         precision: "f32".into(),
@@ -610,6 +616,7 @@ fn a_plot_knows_whether_it_has_data() {
         points,
         dashed: false,
         error_bars: None,
+        points_only: false,
     };
     let line = |series: Vec<Series>| LinePlot {
         series,
@@ -638,4 +645,43 @@ fn a_plot_knows_whether_it_has_data() {
     assert!(!map(vec![]).has_data());
     assert!(!map(vec![vec![None, Some(f64::NAN)], vec![None, None]]).has_data());
     assert!(map(vec![vec![None, Some(0.0)], vec![None, None]]).has_data());
+}
+
+#[test]
+fn the_machine_behind_every_finished_job_is_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut study = known();
+    // Two CPU models: the section says so, since training results differ between them.
+    if let Some(j) = study.jobs.iter_mut().find(|j| j.ran_cpu.is_some()) {
+        j.ran_host = Some("node-b".into());
+        j.ran_cpu = Some("Intel Xeon 8480".into());
+        j.interruptions = 2;
+    }
+    write(&study, &opts(), dir.path()).expect("report");
+    let csv = std::fs::read_to_string(dir.path().join("tables/reproducibility-3.csv"))
+        .expect("reproducibility-3.csv");
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("job,kind,label,host,CPU,device,interruptions")
+    );
+    let rows: Vec<&str> = lines.collect();
+    let done = study
+        .jobs
+        .iter()
+        .filter(|j| j.state == JobState::Done)
+        .count();
+    assert_eq!(rows.len(), done, "{csv}");
+    assert!(
+        rows.iter()
+            .any(|r| r.contains(",node-a,AMD EPYC 7B13,cpu,0")),
+        "{csv}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.contains(",node-b,Intel Xeon 8480,cpu,2")),
+        "{csv}"
+    );
+    let md = std::fs::read_to_string(dir.path().join("report.md")).expect("report.md");
+    assert!(md.contains("the jobs ran on 2 CPU models"), "{md}");
 }

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
 
 use crate::plan::JobId;
-use crate::queue::{Artifact, Claimed, FailOutcome, Queue, StudyId, WorkerId};
+use crate::queue::{Artifact, Claimed, FailOutcome, Lease, Queue, StudyId, WorkerId, WorkerInfo};
 pub use progress::{LogProgress, Progress, TerminalProgress};
 
 /// Where jobs run.
@@ -65,17 +65,34 @@ impl DeviceSpec {
     }
 }
 
-/// The devices a worker runs jobs on: `cpu`, `cuda` (every GPU this process can see, which
-/// respects `CUDA_VISIBLE_DEVICES`), `cuda:N`, or a list such as `cuda:0,cuda:2`.
+/// The devices a worker runs jobs on: `cpu`, `cuda` (every GPU the process sees when it
+/// starts, which respects `CUDA_VISIBLE_DEVICES`: under Slurm, the GPUs `--gres gpu:N` gave the
+/// task), `cuda:N`, or a list such as `cuda:0,cuda:2`. Parsing checks the syntax only, so
+/// `caf submit` can pass `cuda` on to workers on nodes it cannot see; [`DeviceList::resolve`]
+/// turns it into devices where the worker runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceList(pub Vec<DeviceSpec>);
+pub enum DeviceList {
+    /// Every visible GPU (`cuda`).
+    Visible,
+    Listed(Vec<DeviceSpec>),
+}
+
+impl DeviceList {
+    /// The devices, one entry per device (each gets the worker's slots).
+    pub fn resolve(&self) -> Result<Vec<DeviceSpec>, String> {
+        match self {
+            DeviceList::Visible => visible_cuda_devices(),
+            DeviceList::Listed(l) => Ok(l.clone()),
+        }
+    }
+}
 
 impl std::str::FromStr for DeviceList {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if s == "cuda" {
-            return visible_cuda_devices().map(DeviceList);
+            return Ok(DeviceList::Visible);
         }
         let mut list = Vec::new();
         for part in s.split(',') {
@@ -90,14 +107,19 @@ impl std::str::FromStr for DeviceList {
                 "`{s}`: list GPUs only (cuda:0,cuda:2); the CPU runs alone"
             ));
         }
-        Ok(DeviceList(list))
+        Ok(DeviceList::Listed(list))
     }
 }
 
 impl std::fmt::Display for DeviceList {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        f.write_str(&names.join(","))
+        match self {
+            DeviceList::Visible => f.write_str("cuda"),
+            DeviceList::Listed(l) => {
+                let names: Vec<String> = l.iter().map(ToString::to_string).collect();
+                f.write_str(&names.join(","))
+            }
+        }
     }
 }
 
@@ -171,6 +193,9 @@ impl CancelFlag {
 pub struct JobError {
     pub message: String,
     pub retryable: bool,
+    /// A write found the job's lease gone: another worker owns the job now, so this one stops
+    /// and records nothing (not a failure of the job).
+    pub lease_lost: bool,
 }
 
 impl JobError {
@@ -178,12 +203,25 @@ impl JobError {
         Self {
             message: message.to_string(),
             retryable: false,
+            lease_lost: false,
         }
     }
     pub fn retryable(message: impl std::fmt::Display) -> Self {
         Self {
             message: message.to_string(),
             retryable: true,
+            lease_lost: false,
+        }
+    }
+    /// A write was refused because the lease is no longer held.
+    pub fn lease_lost(lease: &Lease) -> Self {
+        Self {
+            message: format!(
+                "lease on job {} lost by worker {}: nothing recorded",
+                lease.job, lease.worker
+            ),
+            retryable: false,
+            lease_lost: true,
         }
     }
     /// The store failed under a running job: worth another attempt, since the job resumes from
@@ -221,6 +259,8 @@ pub struct JobContext {
     pub label: String,
     pub params: serde_json::Value,
     pub attempt: u32,
+    /// The lease the job runs under; every result it writes names it.
+    pub lease: Lease,
     pub device: DeviceSpec,
     /// A directory for this job's files (created on demand by the handler).
     pub artifacts_dir: PathBuf,
@@ -287,6 +327,59 @@ impl Backoff {
     }
 }
 
+/// How long and how often to retry a store that fails transiently (a PostgreSQL server
+/// restarting, a network blip, a busy SQLite file) before giving up. Workers keep their jobs
+/// running meanwhile; a lease lost during the outage is detected when the store is back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreRetry {
+    pub backoff: Backoff,
+    /// Give up (the error reaches the caller) once an operation has failed for this long.
+    pub patience: Duration,
+}
+
+impl Default for StoreRetry {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff {
+                first: Duration::from_millis(250),
+                max: Duration::from_secs(10),
+            },
+            patience: Duration::from_secs(600),
+        }
+    }
+}
+
+impl StoreRetry {
+    /// Runs `op` until it succeeds, fails for good (an error `Q::is_transient` rejects), or
+    /// has kept failing for `patience`.
+    pub async fn run<Q, T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Q::Error>
+    where
+        Q: Queue,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Q::Error>>,
+    {
+        let started = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            match op().await {
+                Ok(v) => {
+                    if failures > 0 {
+                        info!("{what}: the store answers again after {failures} failed tries");
+                    }
+                    return Ok(v);
+                }
+                Err(e) if Q::is_transient(&e) && started.elapsed() < self.patience => {
+                    failures += 1;
+                    let wait = self.backoff.after(failures);
+                    warn!("{what}: {e}; retrying in {:.1} s", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SchedConfig {
     /// Concurrent job slots per device (on the CPU: in this process).
@@ -300,6 +393,7 @@ pub struct SchedConfig {
     /// How long to wait before looking for work again when nothing is claimable.
     pub poll: Duration,
     pub backoff: Backoff,
+    pub store_retry: StoreRetry,
     pub artifacts_dir: PathBuf,
 }
 
@@ -312,6 +406,7 @@ impl Default for SchedConfig {
             heartbeat: Duration::from_secs(10),
             poll: Duration::from_millis(500),
             backoff: Backoff::default(),
+            store_retry: StoreRetry::default(),
             artifacts_dir: PathBuf::from("runs/artifacts"),
         }
     }
@@ -357,6 +452,35 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// The CPU model of this machine (`model name` in `/proc/cpuinfo`), or `unknown`.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// This process as a worker of `studies` on `devices`, with its Slurm ids when Slurm started it.
+pub fn worker_info(devices: &[DeviceSpec], studies: &[StudyId]) -> WorkerInfo {
+    let slurm = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    WorkerInfo {
+        host: hostname(),
+        pid: std::process::id(),
+        cpu: cpu_model(),
+        device: DeviceList::Listed(devices.to_vec()).to_string(),
+        slurm_job_id: slurm("SLURM_JOB_ID"),
+        slurm_array_job_id: slurm("SLURM_ARRAY_JOB_ID"),
+        slurm_array_task_id: slurm("SLURM_ARRAY_TASK_ID"),
+        studies: studies.to_vec(),
+    }
+}
+
 /// Runs the study's jobs until none is left to run here, or until `shutdown` is set.
 pub async fn run_study<Q: Queue>(
     store: Q,
@@ -366,135 +490,198 @@ pub async fn run_study<Q: Queue>(
     shutdown: CancelFlag,
     progress: Arc<dyn Progress>,
 ) -> Result<RunSummary, SchedError> {
+    run_studies(store, &[study], registry, cfg, shutdown, progress).await
+}
+
+/// The worker loop of `caf run` and `caf worker`: claims runnable jobs of `studies` (in that
+/// order of preference) on `cfg.workers` slots until nothing is runnable and nothing it could
+/// wait on is running, or until `shutdown` is set. Store outages are waited out (see
+/// [`StoreRetry`]).
+pub async fn run_studies<Q: Queue>(
+    store: Q,
+    studies: &[StudyId],
+    registry: Arc<Registry>,
+    cfg: SchedConfig,
+    shutdown: CancelFlag,
+    progress: Arc<dyn Progress>,
+) -> Result<RunSummary, SchedError> {
     let worker = worker_id();
-    store
-        .register_worker(&worker, &hostname(), std::process::id())
-        .await
-        .map_err(SchedError::queue)?;
-    store
-        .log_event(None, Some(&worker), "info", "worker started")
-        .await
-        .map_err(SchedError::queue)?;
-    let kinds = registry.kinds();
-    let mut summary = RunSummary::default();
+    let retry = cfg.store_retry;
     let devices = if cfg.devices.is_empty() {
         vec![DeviceSpec::Cpu]
     } else {
         cfg.devices.clone()
     };
-    // Jobs running on each device, by index into `devices`.
-    let mut busy = vec![0usize; devices.len()];
-    let mut running: JoinSet<(usize, JobId, String, Result<Outcome, SchedError>)> = JoinSet::new();
-    loop {
-        for a in store.reap_expired().await.map_err(SchedError::queue)? {
-            let what = match a.outcome {
-                FailOutcome::WillRetry => "will re-run",
-                FailOutcome::Failed => "out of attempts, failed",
-            };
-            warn!(job = %a.id, "{}; {what}", a.reason);
-            store
-                .log_event(
-                    Some(&a.id),
-                    Some(&worker),
-                    "warn",
-                    &format!("{}; {what}", a.reason),
-                )
-                .await
-                .map_err(SchedError::queue)?;
-        }
-        while !shutdown.is_cancelled() {
-            // The least busy device with a free slot (the first on ties).
-            let Some(slot) = (0..devices.len())
-                .filter(|&i| busy[i] < cfg.workers.max(1))
-                .min_by_key(|&i| busy[i])
-            else {
-                break;
-            };
-            let Some(job) = store
-                .claim(study, &worker, &kinds, cfg.lease)
-                .await
-                .map_err(SchedError::queue)?
-            else {
-                break;
-            };
-            let Some(handler) = registry.get(&job.kind) else {
-                // claim() only returns registered kinds; this guards against a racing registry change.
-                store
-                    .fail(
-                        &job.id,
-                        &worker,
-                        &format!("no handler for job kind `{}`", job.kind),
-                        None,
-                        0.0,
-                    )
+    let info = worker_info(&devices, studies);
+    let span = tracing::info_span!("worker", id = %worker);
+    async move {
+        let store = &store;
+        let worker = &worker;
+        retry
+            .run::<Q, _, _, _>("registering the worker", || {
+                store.register_worker(worker, &info)
+            })
+            .await
+            .map_err(SchedError::queue)?;
+        log(store, &retry, None, worker, "info", "worker started").await?;
+        let kinds = registry.kinds();
+        let mut summary = RunSummary::default();
+        // Jobs running on each device, by index into `devices`.
+        let mut busy = vec![0usize; devices.len()];
+        let mut running: JoinSet<(usize, JobId, String, Result<Outcome, SchedError>)> =
+            JoinSet::new();
+        let mut reaped_at: Option<Instant> = None;
+        loop {
+            // A lease expires only after `cfg.lease` without a heartbeat, so looking once per
+            // poll interval finds it as soon as an idle loop would; before every claim, it was a
+            // write per job (a sweep of short jobs spent a tenth of its overhead on it).
+            let reap_now = reaped_at.is_none_or(|t| t.elapsed() >= cfg.poll);
+            let reaped = if reap_now {
+                reaped_at = Some(Instant::now());
+                retry
+                    .run::<Q, _, _, _>("reaping expired leases", || store.reap_expired())
                     .await
-                    .map_err(SchedError::queue)?;
-                continue;
+                    .map_err(SchedError::queue)?
+            } else {
+                Vec::new()
             };
-            progress.job_started(&job.id, &job.label);
-            let (id, label) = (job.id.clone(), job.label.clone());
-            let fut = run_one(
-                store.clone(),
-                worker.clone(),
-                job,
-                handler,
-                cfg.clone(),
-                devices[slot],
-                shutdown.clone(),
-                progress.clone(),
-            );
-            busy[slot] += 1;
-            running.spawn(async move { (slot, id, label, fut.await) });
-        }
-        if running.is_empty() {
-            if shutdown.is_cancelled() {
-                break;
+            for a in reaped {
+                let what = match a.outcome {
+                    FailOutcome::WillRetry => "will re-run",
+                    FailOutcome::Failed => "at its interruption cap, failed",
+                };
+                let message = format!("{}; {what}", a.reason);
+                warn!(job = %a.id, "{message}");
+                log(store, &retry, Some(&a.id), worker, "warn", &message).await?;
             }
-            let (others_running, pending) =
-                store.outstanding(study).await.map_err(SchedError::queue)?;
-            if others_running == 0 && pending == 0 {
-                break;
-            }
-            // Work remains but none is claimable now: other processes hold it, a dependency is
-            // still running elsewhere, or a retry is backing off.
-            tokio::time::sleep(cfg.poll).await;
-            continue;
-        }
-        tokio::select! {
-            joined = running.join_next() => {
-                if let Some(joined) = joined {
-                    let (slot, id, label, outcome) = match joined {
-                        Ok(v) => v,
-                        Err(e) => {
-                            // The slot's device is unknown here; free the busiest one so the
-                            // worker keeps its capacity.
-                            warn!("a job task ended abnormally: {e}");
-                            if let Some(i) = (0..busy.len()).max_by_key(|&i| busy[i]) {
-                                busy[i] = busy[i].saturating_sub(1);
-                            }
-                            continue;
-                        }
-                    };
-                    busy[slot] = busy[slot].saturating_sub(1);
-                    let outcome = outcome?;
-                    progress.job_finished(&id, &label, &outcome.describe());
-                    match outcome {
-                        Outcome::Completed => summary.completed += 1,
-                        Outcome::Failed(_) => summary.failed += 1,
-                        Outcome::Retrying(_) => summary.retried += 1,
-                        Outcome::Released | Outcome::LeaseLost => summary.interrupted += 1,
+            'slots: while !shutdown.is_cancelled() {
+                // The least busy device with a free slot (the first on ties).
+                let Some(slot) = (0..devices.len())
+                    .filter(|&i| busy[i] < cfg.workers.max(1))
+                    .min_by_key(|&i| busy[i])
+                else {
+                    break 'slots;
+                };
+                let mut claimed = None;
+                for &study in studies {
+                    claimed = retry
+                        .run::<Q, _, _, _>("claiming a job", || {
+                            store.claim(study, worker, &kinds, cfg.lease)
+                        })
+                        .await
+                        .map_err(SchedError::queue)?;
+                    if claimed.is_some() {
+                        break;
                     }
                 }
+                let Some(job) = claimed else {
+                    break 'slots;
+                };
+                let Some(handler) = registry.get(&job.kind) else {
+                    // claim() only returns registered kinds; this guards against a racing registry change.
+                    let error = format!("no handler for job kind `{}`", job.kind);
+                    retry
+                        .run::<Q, _, _, _>("failing a job", || {
+                            store.fail(&job.id, worker, &error, None, 0.0)
+                        })
+                        .await
+                        .map_err(SchedError::queue)?;
+                    continue;
+                };
+                progress.job_started(&job.id, &job.label);
+                let (id, label) = (job.id.clone(), job.label.clone());
+                let fut = run_one(
+                    store.clone(),
+                    worker.clone(),
+                    job,
+                    handler,
+                    cfg.clone(),
+                    devices[slot],
+                    shutdown.clone(),
+                    progress.clone(),
+                );
+                busy[slot] += 1;
+                running.spawn(async move { (slot, id, label, fut.await) });
             }
-            _ = tokio::time::sleep(cfg.poll) => {}
+            if running.is_empty() {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                let (mut others_running, mut pending) = (0, 0);
+                for &study in studies {
+                    let (r, p) = retry
+                        .run::<Q, _, _, _>("counting outstanding jobs", || store.outstanding(study))
+                        .await
+                        .map_err(SchedError::queue)?;
+                    others_running += r;
+                    pending += p;
+                }
+                if others_running == 0 && pending == 0 {
+                    break;
+                }
+                // Work remains but none is claimable now: other processes hold it, a dependency
+                // is still running elsewhere, or a retry is backing off.
+                tokio::time::sleep(cfg.poll).await;
+                continue;
+            }
+            tokio::select! {
+                joined = running.join_next() => {
+                    if let Some(joined) = joined {
+                        let (slot, id, label, outcome) = match joined {
+                            Ok(v) => v,
+                            Err(e) => {
+                                // The slot's device is unknown here; free the busiest one so
+                                // the worker keeps its capacity.
+                                warn!("a job task ended abnormally: {e}");
+                                if let Some(i) = (0..busy.len()).max_by_key(|&i| busy[i]) {
+                                    busy[i] = busy[i].saturating_sub(1);
+                                }
+                                continue;
+                            }
+                        };
+                        busy[slot] = busy[slot].saturating_sub(1);
+                        let outcome = outcome?;
+                        progress.job_finished(&id, &label, &outcome.describe());
+                        match outcome {
+                            Outcome::Completed => summary.completed += 1,
+                            Outcome::Failed(_) => summary.failed += 1,
+                            Outcome::Retrying(_) => summary.retried += 1,
+                            Outcome::Released | Outcome::LeaseLost => summary.interrupted += 1,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(cfg.poll) => {}
+            }
         }
+        summary.shutdown_requested = shutdown.is_cancelled();
+        log(store, &retry, None, worker, "info", "worker stopped").await?;
+        retry
+            .run::<Q, _, _, _>("recording that the worker stopped", || {
+                store.worker_stopped(worker)
+            })
+            .await
+            .map_err(SchedError::queue)?;
+        Ok(summary)
     }
-    summary.shutdown_requested = shutdown.is_cancelled();
-    store
-        .log_event(None, Some(&worker), "info", "worker stopped")
+    .instrument(span)
+    .await
+}
+
+/// Logs an event of the worker (and job), retrying a store outage.
+async fn log<Q: Queue>(
+    store: &Q,
+    retry: &StoreRetry,
+    job: Option<&JobId>,
+    worker: &WorkerId,
+    level: &str,
+    message: &str,
+) -> Result<(), SchedError> {
+    retry
+        .run::<Q, _, _, _>("logging an event", || {
+            store.log_event(job, Some(worker), level, message)
+        })
         .await
-        .map_err(SchedError::queue)?;
-    Ok(summary)
+        .map_err(SchedError::queue)
 }
 
 /// The end of one attempt.
@@ -503,7 +690,7 @@ pub enum Outcome {
     Completed,
     Retrying(String),
     Failed(String),
-    /// Handed back on shutdown without counting the attempt.
+    /// Handed back on a stop request as an interruption (the attempt is not counted).
     Released,
     /// Another worker took the job over; nothing recorded by us.
     LeaseLost,
@@ -535,22 +722,32 @@ async fn run_one<Q: Queue>(
         tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt, %device);
     async move {
         info!(label = %job.label, "started");
-        store
-            .log_event(
+        let retry = cfg.store_retry;
+        // Routine events cost a store write each, a third of a short job's overhead: the job
+        // row already says when its first attempt started and that it finished. Events keep
+        // what the row cannot: later attempts, and every end other than success.
+        if job.attempt > 1 {
+            log(
+                &store,
+                &retry,
                 Some(&job.id),
-                Some(&worker),
+                &worker,
                 "info",
                 &format!("attempt {} started on {device}", job.attempt),
             )
-            .await
-            .map_err(SchedError::queue)?;
+            .await?;
+        }
         let started = Instant::now();
         let cancel = CancelFlag::new();
         let lease_lost = CancelFlag::new();
-        let sink = Arc::new(QueueSink {
-            store: store.clone(),
+        let lease = Lease {
             job: job.id.clone(),
             worker: worker.clone(),
+        };
+        let sink = Arc::new(QueueSink {
+            store: store.clone(),
+            lease: lease.clone(),
+            retry,
             handle: tokio::runtime::Handle::current(),
             progress: progress.clone(),
         });
@@ -560,6 +757,7 @@ async fn run_one<Q: Queue>(
             label: job.label.clone(),
             params: job.params.clone(),
             attempt: job.attempt,
+            lease,
             device,
             artifacts_dir: cfg.artifacts_dir.join(job.id.as_str()),
             sink,
@@ -582,14 +780,28 @@ async fn run_one<Q: Queue>(
         .await;
         keeper.abort();
         let seconds = started.elapsed().as_secs_f64();
-        if lease_lost.is_cancelled() {
+        let refused = matches!(&result, Ok(Err(e)) if e.lease_lost);
+        if lease_lost.is_cancelled() || refused {
             warn!("lease lost; another worker owns this job now");
-            return Ok(Outcome::LeaseLost);
+            let outcome = Outcome::LeaseLost;
+            log(
+                &store,
+                &retry,
+                Some(&job.id),
+                &worker,
+                "warn",
+                &format!("{}; nothing recorded", outcome.describe()),
+            )
+            .await?;
+            return Ok(outcome);
         }
         let outcome = match result {
             Ok(Ok(JobOutput::Done(summary))) => {
-                if store
-                    .complete(&job.id, &worker, &summary, seconds)
+                let device = device.to_string();
+                if retry
+                    .run::<Q, _, _, _>("completing a job", || {
+                        store.complete(&job.id, &worker, &device, &summary, seconds)
+                    })
                     .await
                     .map_err(SchedError::queue)?
                 {
@@ -600,12 +812,23 @@ async fn run_one<Q: Queue>(
                 }
             }
             Ok(Ok(JobOutput::Interrupted)) => {
-                store
-                    .release(&job.id, &worker, seconds)
+                let reason = format!("interrupted: worker {worker} was told to stop");
+                match retry
+                    .run::<Q, _, _, _>("releasing a lease", || {
+                        store.release(&job.id, &worker, &reason, seconds)
+                    })
                     .await
-                    .map_err(SchedError::queue)?;
-                info!("interrupted; progress is saved");
-                Outcome::Released
+                    .map_err(SchedError::queue)?
+                {
+                    FailOutcome::WillRetry => {
+                        info!("interrupted; progress is saved");
+                        Outcome::Released
+                    }
+                    FailOutcome::Failed => {
+                        warn!("interrupted once too often; the job failed");
+                        Outcome::Failed(reason)
+                    }
+                }
             }
             Ok(Err(e)) => {
                 let (message, retryable) = if is_out_of_memory(&e.message) {
@@ -624,10 +847,17 @@ async fn run_one<Q: Queue>(
                 record_failure(&store, &job, &worker, &cfg, &msg, true, seconds).await?
             }
         };
-        store
-            .log_event(Some(&job.id), Some(&worker), "info", &outcome.describe())
-            .await
-            .map_err(SchedError::queue)?;
+        if outcome != Outcome::Completed || job.attempt > 1 {
+            log(
+                &store,
+                &retry,
+                Some(&job.id),
+                &worker,
+                "info",
+                &outcome.describe(),
+            )
+            .await?;
+        }
         Ok(outcome)
     }
     .instrument(span)
@@ -657,8 +887,11 @@ async fn record_failure<Q: Queue>(
     let retry_after = retryable.then(|| cfg.backoff.after(job.attempt));
     let msg = format!("attempt {}/{}: {msg}", job.attempt, job.max_attempts);
     Ok(
-        match store
-            .fail(&job.id, worker, &msg, retry_after, seconds)
+        match cfg
+            .store_retry
+            .run::<Q, _, _, _>("recording a job failure", || {
+                store.fail(&job.id, worker, &msg, retry_after, seconds)
+            })
             .await
             .map_err(SchedError::queue)?
         {
@@ -701,7 +934,9 @@ async fn keep_lease<Q: Queue>(
                     cancel.cancel();
                     return;
                 }
-                // A busy database is transient: keep trying until the lease would run out.
+                // An unreachable or busy database: keep the job running and keep trying; if
+                // the lease runs out meanwhile and another worker takes the job, the first
+                // heartbeat (or write) after the outage finds out.
                 Err(e) => warn!("heartbeat failed: {e}"),
             }
         }
@@ -709,37 +944,60 @@ async fn keep_lease<Q: Queue>(
 }
 
 /// [`JobSink`] over a [`Queue`], bridging the handler's blocking thread to the async backend.
+/// Writes wait out store outages and are refused once the lease is lost.
 struct QueueSink<Q: Queue> {
     store: Q,
-    job: JobId,
-    worker: WorkerId,
+    lease: Lease,
+    retry: StoreRetry,
     handle: tokio::runtime::Handle,
     progress: Arc<dyn Progress>,
 }
 
+impl<Q: Queue> QueueSink<Q> {
+    fn held(&self, written: Result<bool, Q::Error>) -> Result<(), JobError> {
+        match written {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(JobError::lease_lost(&self.lease)),
+            Err(e) => Err(JobError::store(e)),
+        }
+    }
+}
+
 impl<Q: Queue> JobSink for QueueSink<Q> {
     fn progress(&self, done: u64, total: u64) -> Result<(), JobError> {
-        self.progress.job_progress(&self.job, done, total);
-        self.handle
-            .block_on(self.store.set_progress(&self.job, done, total))
-            .map_err(JobError::store)
+        self.progress.job_progress(&self.lease.job, done, total);
+        self.held(
+            self.handle
+                .block_on(self.retry.run::<Q, _, _, _>("recording progress", || {
+                    self.store.set_progress(&self.lease, done, total)
+                })),
+        )
     }
     fn event(&self, level: &str, message: &str) -> Result<(), JobError> {
         self.handle
-            .block_on(
-                self.store
-                    .log_event(Some(&self.job), Some(&self.worker), level, message),
-            )
+            .block_on(self.retry.run::<Q, _, _, _>("logging an event", || {
+                self.store.log_event(
+                    Some(&self.lease.job),
+                    Some(&self.lease.worker),
+                    level,
+                    message,
+                )
+            }))
             .map_err(JobError::store)
     }
     fn artifact(&self, artifact: &Artifact) -> Result<(), JobError> {
-        self.handle
-            .block_on(self.store.record_artifact(&self.job, artifact))
-            .map_err(JobError::store)
+        self.held(self.handle.block_on(
+            self.retry.run::<Q, _, _, _>("recording an artifact", || {
+                self.store.record_artifact(&self.lease, artifact)
+            }),
+        ))
     }
     fn dep_artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, JobError> {
         self.handle
-            .block_on(self.store.artifact(job, name))
+            .block_on(
+                self.retry
+                    .run::<Q, _, _, _>("looking up an artifact", || self.store.artifact(job, name)),
+            )
             .map_err(JobError::store)
     }
 }

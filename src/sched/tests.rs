@@ -54,6 +54,16 @@ impl JobHandler for Arc<Probe> {
         if name.starts_with("panic") {
             panic!("deliberate panic in {name}");
         }
+        if name.starts_with("write") {
+            // Reports progress often: the first write after the lease is lost is refused.
+            for i in 0..100 {
+                if ctx.cancelled() {
+                    return Ok(JobOutput::Interrupted);
+                }
+                ctx.sink.progress(i, 100)?;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if name.starts_with("slow") {
             for _ in 0..50 {
                 if ctx.cancelled() {
@@ -219,6 +229,7 @@ async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
     for j in store.jobs(study) {
         assert_eq!(j.state, JobState::Pending);
         assert_eq!(j.attempts, 0);
+        assert_eq!(j.interruptions, 1, "a stop request is an interruption");
     }
     // A second run finishes them.
     let summary = run_study(
@@ -232,6 +243,101 @@ async fn shutdown_hands_running_jobs_back_without_losing_an_attempt() {
     .await
     .unwrap();
     assert_eq!(summary.completed, 2);
+}
+
+/// A runner whose lease went to another worker has its next write refused: it stops, records
+/// nothing (no failure, no attempt), and the job is finished once the other lease expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_lease_was_lost_is_refused_and_nothing_is_recorded() {
+    let store = MemoryQueue::new();
+    let study = store.add_study(&[job("write-a", &[])], 3);
+    let probe = Arc::new(Probe::default());
+    let cfg = SchedConfig {
+        // Heartbeats too rare to notice first: the refused write must.
+        heartbeat: Duration::from_secs(30),
+        ..cfg(1)
+    };
+    let run = tokio::spawn(run_study(
+        store.clone(),
+        study,
+        registry(&probe),
+        cfg,
+        CancelFlag::new(),
+        Arc::new(progress::NoProgress),
+    ));
+    let id = store.jobs(study)[0].id.clone();
+    let running = async {
+        while store.jobs(study)[0].progress.0 < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the job reports progress");
+    store.take_over(&id, &WorkerId("thief".into()), Duration::from_millis(100));
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(summary.completed, 1);
+    assert_eq!(summary.failed + summary.retried, 0, "{summary:?}");
+    assert!(summary.interrupted >= 1, "{summary:?}");
+    let j = &store.jobs(study)[0];
+    assert_eq!(j.state, JobState::Done);
+    assert_eq!((j.attempts, j.interruptions), (1, 1));
+    assert_eq!(probe.runs.lock().unwrap()["write-a"], 2);
+    assert!(
+        store
+            .events()
+            .iter()
+            .any(|e| e.message.contains("lease lost")),
+        "{:?}",
+        store.events()
+    );
+}
+
+/// A job that never finishes within one allocation stops being handed out at its interruption
+/// cap, failing with a message that says so, instead of looping forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_interrupted_at_its_cap_fails_with_a_clear_message() {
+    let store = MemoryQueue::new();
+    let study = store.add_study(&[job("slow-a", &[])], 3);
+    store.set_max_interruptions(2);
+    let probe = Arc::new(Probe::default());
+    for round in 1..=2 {
+        let shutdown = CancelFlag::new();
+        let stopper = {
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                s.cancel();
+            })
+        };
+        let summary = run_study(
+            store.clone(),
+            study,
+            registry(&probe),
+            cfg(1),
+            shutdown,
+            Arc::new(progress::NoProgress),
+        )
+        .await
+        .unwrap();
+        stopper.await.unwrap();
+        let j = &store.jobs(study)[0];
+        assert_eq!((j.attempts, j.interruptions), (0, round));
+        if round == 1 {
+            assert_eq!((summary.interrupted, j.state), (1, JobState::Pending));
+        } else {
+            assert_eq!((summary.failed, j.state), (1, JobState::Failed));
+            let error = j.error.as_deref().unwrap_or("");
+            assert!(error.contains("interrupted 2 times (the cap)"), "{error}");
+            assert!(error.contains("was told to stop"), "{error}");
+        }
+    }
+    // The worker registered itself and said it stopped.
+    let workers = store.workers();
+    assert!(!workers.is_empty());
+    assert!(workers
+        .iter()
+        .all(|(_, info, stopped)| *stopped && info.pid == std::process::id()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,7 +370,8 @@ async fn a_dead_runner_is_detected_and_its_job_rerun() {
     assert_eq!(summary.completed, 1);
     let j = &store.jobs(study)[0];
     assert_eq!(j.state, JobState::Done);
-    assert_eq!(j.attempts, 2);
+    assert_eq!(j.attempts, 1, "the lost runner's attempt is not counted");
+    assert_eq!(j.interruptions, 1, "it is an interruption");
     assert!(
         store
             .events()
@@ -327,7 +434,14 @@ fn device_specs_parse() {
 
 #[test]
 fn device_lists_parse_and_cuda_visible_devices_is_read_as_the_driver_reads_it() {
-    let parse = |s: &str| s.parse::<DeviceList>().map(|d| d.0);
+    let parse = |s: &str| {
+        s.parse::<DeviceList>().map(|d| match d {
+            DeviceList::Listed(l) => l,
+            DeviceList::Visible => panic!("`{s}` is not `cuda`"),
+        })
+    };
+    assert_eq!("cuda".parse::<DeviceList>(), Ok(DeviceList::Visible));
+    assert_eq!(DeviceList::Visible.to_string(), "cuda");
     assert_eq!(parse("cpu"), Ok(vec![DeviceSpec::Cpu]));
     assert_eq!(parse("cuda:1"), Ok(vec![DeviceSpec::Cuda(1)]));
     assert_eq!(
@@ -338,7 +452,7 @@ fn device_lists_parse_and_cuda_visible_devices_is_read_as_the_driver_reads_it() 
     assert!(parse("cpu,cuda:0").is_err());
     assert!(parse("gpu:0").unwrap_err().contains("unknown device"));
     assert_eq!(
-        DeviceList(vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(2)]).to_string(),
+        DeviceList::Listed(vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(2)]).to_string(),
         "cuda:0,cuda:2"
     );
     assert_eq!(parse_visible_devices("0,2,3"), 3);
@@ -388,15 +502,12 @@ async fn each_gpu_gets_its_slots_and_each_job_the_device_of_its_slot() {
     );
     let on: Vec<DeviceSpec> = probe.devices.lock().unwrap().values().copied().collect();
     assert!(on.iter().all(|d| gpus.contains(d)));
-    // The device is named in each attempt's events (what `caf status` reads until the store has
-    // a device column).
-    let started: Vec<String> = store
-        .events()
-        .into_iter()
-        .map(|e| e.message)
-        .filter(|m| m.starts_with("attempt 1 started on cuda:"))
-        .collect();
-    assert_eq!(started.len(), 12);
+    // Each finished job records the device it ran on (what `caf status` and the report show).
+    let seen = probe.devices.lock().unwrap().clone();
+    for j in store.jobs(study) {
+        let ran = seen[j.params["name"].as_str().unwrap()].to_string();
+        assert_eq!(j.ran_device.as_deref(), Some(ran.as_str()), "{}", j.label);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,6 +109,34 @@ pub struct CertifySettings {
     pub batch: usize,
     pub skip: usize,
     pub max: Option<usize>,
+    pub mode: CertifyMode,
+    /// Radii a sequential certification decides (required by `mode: sequential`).
+    pub radii: Vec<f64>,
+    /// Estimation-draw budget of a sequential certification; `n` when absent.
+    pub n_max: Option<u64>,
+    /// Sequential only: stop after selection when ĉ is not the label.
+    pub stop_if_wrong: bool,
+}
+
+/// How a certification spends its draws: Cohen's fixed n, or sequentially until the requested
+/// radii are decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CertifyMode {
+    #[default]
+    Cohen,
+    Sequential,
+}
+
+impl CertifyMode {
+    pub const NAMES: &'static [&'static str] = &["cohen", "sequential"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cohen" => Some(CertifyMode::Cohen),
+            "sequential" => Some(CertifyMode::Sequential),
+            _ => None,
+        }
+    }
 }
 
 impl Default for CertifySettings {
@@ -120,6 +148,10 @@ impl Default for CertifySettings {
             batch: 400,
             skip: 1,
             max: None,
+            mode: CertifyMode::Cohen,
+            radii: Vec::new(),
+            n_max: None,
+            stop_if_wrong: false,
         }
     }
 }

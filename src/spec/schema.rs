@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::read::{as_int, as_map, as_number, as_seq, as_str, check_name, fields, Cx, Fields};
-use super::yaml::{abbreviate, Node};
+use super::yaml::{abbreviate, Kind, Node, Scalar, Value};
 use super::{
-    grid, Arch, Backbone, CertifySettings, DataSpec, Dataset, Normalize, ReportSettings, Spec,
-    SpecError,
+    grid, Arch, Backbone, CertifyMode, CertifySettings, DataSpec, Dataset, Normalize,
+    ReportSettings, Spec, SpecError,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -209,7 +209,18 @@ fn certify(cx: Cx, node: &Node) -> Result<CertifySettings, SpecError> {
         cx,
         node,
         "certify",
-        &["n0", "n", "alpha", "batch", "skip", "max"],
+        &[
+            "n0",
+            "n",
+            "alpha",
+            "batch",
+            "skip",
+            "max",
+            "mode",
+            "radii",
+            "n_max",
+            "stop_if_wrong",
+        ],
     )?;
     let mut s = CertifySettings::default();
     let int = |key: &str, max: u64| -> Result<Option<u64>, SpecError> {
@@ -241,6 +252,51 @@ fn certify(cx: Cx, node: &Node) -> Result<CertifySettings, SpecError> {
             }
         }
     }
+    if let Some(n) = f.get("mode") {
+        let text = as_str(cx, n, "certify.mode")?;
+        s.mode = CertifyMode::parse(text).ok_or_else(|| {
+            cx.err(
+                n.span,
+                format!(
+                    "unknown certify.mode `{}`; expected one of: {}",
+                    abbreviate(text),
+                    CertifyMode::NAMES.join(", ")
+                ),
+            )
+        })?;
+    }
+    if let Some(n) = f.get("radii") {
+        s.radii = radii(cx, n, "certify.radii")?;
+    }
+    if let Some(n) = f.get("n_max") {
+        s.n_max = Some(as_int(cx, n, "certify.n_max", 1, u64::MAX)?);
+    }
+    if let Some(n) = f.get("stop_if_wrong") {
+        s.stop_if_wrong = match &n.kind {
+            Kind::Scalar(Scalar {
+                value: Value::Bool(b),
+                ..
+            }) => *b,
+            _ => return Err(cx.expected(n, "true or false", "certify.stop_if_wrong")),
+        };
+    }
+    if s.mode == CertifyMode::Cohen {
+        // Settings Cohen's CERTIFY would silently ignore are almost always a forgotten mode.
+        if let Some(key) = ["radii", "n_max", "stop_if_wrong"]
+            .into_iter()
+            .find(|k| f.get(k).is_some())
+        {
+            return Err(cx.err(
+                f.key_span(key).unwrap_or(f.span()),
+                format!("certify.{key} applies to sequential certification only; add `mode: sequential`"),
+            ));
+        }
+    } else if s.radii.is_empty() {
+        return Err(cx.err(
+            f.key_span("mode").unwrap_or(f.span()),
+            "certify.mode sequential needs certify.radii: the radii whose decision stops sampling",
+        ));
+    }
     if s.n0 >= s.n {
         // Point at whichever of the two the user wrote, preferring n0.
         let at = f
@@ -257,6 +313,35 @@ fn certify(cx: Cx, node: &Node) -> Result<CertifySettings, SpecError> {
         ));
     }
     Ok(s)
+}
+
+/// A non-empty, strictly ascending list of finite radii ≥ 0 (certify.radii).
+fn radii(cx: Cx, node: &Node, field: &str) -> Result<Vec<f64>, SpecError> {
+    let items = as_seq(cx, node, "a list of radii", field)?;
+    if items.is_empty() {
+        return Err(cx.err(
+            node.span,
+            format!("{field} is empty; list at least one radius"),
+        ));
+    }
+    let mut radii: Vec<f64> = Vec::with_capacity(items.len());
+    for item in items {
+        let r = as_number(item)
+            .filter(|&r| r.is_finite() && r >= 0.0)
+            .ok_or_else(|| cx.expected(item, "a number ≥ 0", field))?;
+        if let Some(&prev) = radii.last() {
+            if r <= prev {
+                return Err(cx.err(
+                    item.span,
+                    format!(
+                        "{field} must be sorted in strictly ascending order, but {r} follows {prev}"
+                    ),
+                ));
+            }
+        }
+        radii.push(r);
+    }
+    Ok(radii)
 }
 
 fn report(cx: Cx, node: &Node) -> Result<ReportSettings, SpecError> {

@@ -226,7 +226,8 @@ fn full_example_round_trip() {
             alpha: 0.001,
             batch: 400,
             skip: 20,
-            max: Some(10_000)
+            max: Some(10_000),
+            ..CertifySettings::default()
         }
     );
     assert_eq!(spec.report.radii, vec![0.0, 0.25, 0.5, 0.75, 1.0]);
@@ -564,7 +565,7 @@ fn unknown_keys_list_the_expected_ones() {
         &format!("{}certify:\n  n0: 10\n  nn: 100\n", head()),
         12,
         3,
-        "unknown key `nn` in certify; expected one of: n0, n, alpha, batch, skip, max (did you mean `n0`?)",
+        "unknown key `nn` in certify; expected one of: n0, n, alpha, batch, skip, max, mode, radii, n_max, stop_if_wrong (did you mean `n0`?)",
     );
     fail_at(
         &head().replace("dataset:", "datset:"),
@@ -625,7 +626,8 @@ fn certify_bounds() {
             alpha: 0.5,
             batch: 1,
             skip: 1,
-            max: Some(1)
+            max: Some(1),
+            ..CertifySettings::default()
         }
     );
     fail_at(
@@ -1178,4 +1180,27 @@ fn dump_corpus_messages() {
             e.to_string().replace(&base().display().to_string(), "$B")
         );
     }
+}
+
+#[test]
+fn sequential_certification_settings_parse() {
+    let spec = ok(&format!(
+        "{}certify: {{mode: sequential, radii: [0.25, 0.5, 1], n_max: 5000, batch: 200, stop_if_wrong: true}}\ngrid:\n  params: {{method: smooth}}\n",
+        head()
+    ));
+    assert_eq!(
+        spec.certify,
+        CertifySettings {
+            batch: 200,
+            mode: crate::spec::CertifyMode::Sequential,
+            radii: vec![0.25, 0.5, 1.0],
+            n_max: Some(5000),
+            stop_if_wrong: true,
+            ..CertifySettings::default()
+        }
+    );
+    // Cohen stays the default, with no sequential setting.
+    let spec = ok(&format!("{}grid:\n  params: {{method: smooth}}\n", head()));
+    assert_eq!(spec.certify.mode, crate::spec::CertifyMode::Cohen);
+    assert!(spec.certify.radii.is_empty() && spec.certify.n_max.is_none());
 }

@@ -101,13 +101,20 @@ macro_rules! delegate {
 impl Queue for AnyStore {
     type Error = StoreError;
 
+    fn is_transient(e: &StoreError) -> bool {
+        e.is_transient()
+    }
+
     async fn register_worker(
         &self,
         worker: &WorkerId,
-        host: &str,
-        pid: u32,
+        info: &WorkerInfo,
     ) -> Result<(), StoreError> {
-        delegate!(self, s => s.register_worker(worker, host, pid))
+        delegate!(self, s => s.register_worker(worker, info))
+    }
+
+    async fn worker_stopped(&self, worker: &WorkerId) -> Result<(), StoreError> {
+        delegate!(self, s => s.worker_stopped(worker))
     }
 
     async fn claim(
@@ -133,10 +140,11 @@ impl Queue for AnyStore {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> Result<bool, StoreError> {
-        delegate!(self, s => s.complete(job, worker, result, seconds))
+        delegate!(self, s => s.complete(job, worker, device, result, seconds))
     }
 
     async fn fail(
@@ -154,9 +162,10 @@ impl Queue for AnyStore {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        reason: &str,
         seconds: f64,
-    ) -> Result<(), StoreError> {
-        delegate!(self, s => s.release(job, worker, seconds))
+    ) -> Result<FailOutcome, StoreError> {
+        delegate!(self, s => s.release(job, worker, reason, seconds))
     }
 
     async fn reap_expired(&self) -> Result<Vec<Abandoned>, StoreError> {
@@ -167,8 +176,8 @@ impl Queue for AnyStore {
         delegate!(self, s => s.outstanding(study))
     }
 
-    async fn set_progress(&self, job: &JobId, done: u64, total: u64) -> Result<(), StoreError> {
-        delegate!(self, s => s.set_progress(job, done, total))
+    async fn set_progress(&self, lease: &Lease, done: u64, total: u64) -> Result<bool, StoreError> {
+        delegate!(self, s => s.set_progress(lease, done, total))
     }
 
     async fn log_event(
@@ -181,8 +190,12 @@ impl Queue for AnyStore {
         delegate!(self, s => s.log_event(job, worker, level, message))
     }
 
-    async fn record_artifact(&self, job: &JobId, artifact: &Artifact) -> Result<(), StoreError> {
-        delegate!(self, s => s.record_artifact(job, artifact))
+    async fn record_artifact(
+        &self,
+        lease: &Lease,
+        artifact: &Artifact,
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.record_artifact(lease, artifact))
     }
 
     async fn artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError> {
@@ -199,16 +212,30 @@ impl Store for AnyStore {
         delegate!(self, s => s.retry_failed(study))
     }
 
-    async fn record_cert(&self, job: &JobId, row: &CertRow) -> Result<(), StoreError> {
-        delegate!(self, s => s.record_cert(job, row))
+    async fn record_cert(
+        &self,
+        lease: &Lease,
+        job: &JobId,
+        row: &CertRow,
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.record_cert(lease, job, row))
     }
 
     async fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
         delegate!(self, s => s.cert_done(job))
     }
 
-    async fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), StoreError> {
-        delegate!(self, s => s.record_eval(job, rows))
+    async fn cert_draws(&self, job: &JobId) -> Result<u64, StoreError> {
+        delegate!(self, s => s.cert_draws(job))
+    }
+
+    async fn record_eval(
+        &self,
+        lease: &Lease,
+        job: &JobId,
+        rows: &[EvalRow],
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.record_eval(lease, job, rows))
     }
 
     async fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
@@ -217,15 +244,20 @@ impl Store for AnyStore {
 
     async fn record_epoch(
         &self,
+        lease: &Lease,
         job: &JobId,
         epoch: u64,
         metrics: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        delegate!(self, s => s.record_epoch(job, epoch, metrics))
+    ) -> Result<bool, StoreError> {
+        delegate!(self, s => s.record_epoch(lease, job, epoch, metrics))
     }
 
     async fn epochs(&self, job: &JobId) -> Result<Vec<serde_json::Value>, StoreError> {
         delegate!(self, s => s.epochs(job))
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        delegate!(self, s => s.workers())
     }
 
     async fn studies(&self) -> Result<Vec<StudyInfo>, StoreError> {
@@ -259,6 +291,22 @@ impl Store for AnyStore {
         study: StudyId,
     ) -> Result<Vec<(JobId, CertRow)>, StoreError> {
         delegate!(self, s => s.study_cert_results(study))
+    }
+
+    async fn record_slurm_job(&self, study: StudyId, job: &SlurmJob) -> Result<(), StoreError> {
+        delegate!(self, s => s.record_slurm_job(study, job))
+    }
+
+    async fn slurm_jobs(&self, study: StudyId) -> Result<Vec<SlurmJob>, StoreError> {
+        delegate!(self, s => s.slurm_jobs(study))
+    }
+
+    async fn dump_study(&self, name: &str) -> Result<Option<StudyDump>, StoreError> {
+        delegate!(self, s => s.dump_study(name))
+    }
+
+    async fn load_study(&self, dump: &StudyDump) -> Result<CopyOutcome, StoreError> {
+        delegate!(self, s => s.load_study(dump))
     }
 }
 
@@ -373,7 +421,7 @@ mod tests {
             .unwrap();
         assert_eq!(c.id, a.id);
         assert!(s
-            .complete(&a.id, &me, &serde_json::json!({}), 1.0)
+            .complete(&a.id, &me, "cpu", &serde_json::json!({}), 1.0)
             .await
             .unwrap());
         assert_eq!(s.study_jobs(study).await.unwrap()[0].state, JobState::Done);

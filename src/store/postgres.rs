@@ -10,12 +10,19 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
-use super::rows::{self, BLOCKED_CTE};
+use super::rows::{self, BLOCKED_CTE, RUN_COLUMNS};
 use super::*;
 use crate::plan::{CellRecord, Job};
 
 mod queue;
 use crate::util::now_unix;
+
+/// `caf db copy`'s reading and writing (see [`crate::store::copy`]) in PostgreSQL's parameters.
+mod copy_io {
+    crate::store::copy::backend_io!(sqlx::Postgres, sqlx::PgConnection, |i: usize| format!(
+        "${i}"
+    ));
+}
 
 /// The PostgreSQL dialect of `migrations/sqlite`: one file per SQLite migration with the same
 /// version, so both backends report the same schema version.
@@ -110,6 +117,19 @@ impl PgStore {
         self.pool.close().await;
     }
 
+    /// Whether `lease.worker` still runs `lease.job`.
+    pub(super) async fn holds(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT 1::BIGINT FROM jobs WHERE id = $1 AND status = 'running' AND lease_owner = $2",
+        )
+        .bind(lease.job.as_str())
+        .bind(&lease.worker.0)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("checking a lease")?;
+        Ok(held.is_some())
+    }
+
     async fn current_revision(&self, study: StudyId) -> Result<String, StoreError> {
         sqlx::query_scalar::<_, String>("SELECT spec_sha256 FROM studies WHERE id = $1")
             .bind(study.0)
@@ -163,32 +183,60 @@ pub fn redact_url(url: &str) -> String {
     format!("{head}{authority}{tail}")
 }
 
-/// Inserts one certification row unless the (job, image) pair already has one.
+/// A condition true while `job_id = $first` runs under `lease_owner = $first + 1`. `FOR SHARE`
+/// locks the job row until the write commits, so the lease cannot be reaped or completed
+/// between the check and the write.
+pub(super) fn holds_lease(first: usize) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM jobs WHERE id = ${first} AND status = 'running' AND lease_owner = ${} FOR SHARE)",
+        first + 1
+    )
+}
+
+/// Inserts one certification row unless the (job, image) pair already has one, and (given a
+/// lease) only while the lease is held; whether a row was inserted.
 async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Postgres>>(
     executor: E,
+    lease: Option<&Lease>,
     job: &JobId,
     r: &CertRow,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (job_id, idx) DO NOTHING",
-    )
-    .bind(job.as_str())
-    .bind(r.idx as i64)
-    .bind(r.label as i64)
-    .bind(r.predict)
-    .bind(r.radius)
-    .bind(r.correct as i64)
-    .bind(r.c_hat as i64)
-    .bind(r.n_a as i64)
-    .bind(r.n as i64)
-    .bind(r.n0 as i64)
-    .bind(r.alpha)
-    .bind(r.sigma)
-    .bind(r.seconds)
-    .execute(executor)
-    .await?;
-    Ok(())
+) -> Result<bool, sqlx::Error> {
+    // The upsert form needs a WHERE on its SELECT (SQLite's parsing ambiguity); `1 = 1` when
+    // there is no lease to check (imports).
+    let sql = format!(
+        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds,
+                                   seq_n_max, seq_lower, seq_upper, seq_prior_a, seq_prior_b, seq_radii, seq_decisions, stopped_wrong)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21 WHERE {} ON CONFLICT (job_id, idx) DO NOTHING",
+        if lease.is_some() { holds_lease(22) } else { "1 = 1".to_string() }
+    );
+    let s = rows::SeqBind::of(r);
+    let q = sqlx::query(AssertSqlSafe(sql))
+        .bind(job.as_str())
+        .bind(r.idx as i64)
+        .bind(r.label as i64)
+        .bind(r.predict)
+        .bind(r.radius)
+        .bind(r.correct as i64)
+        .bind(r.c_hat as i64)
+        .bind(r.n_a as i64)
+        .bind(r.n as i64)
+        .bind(r.n0 as i64)
+        .bind(r.alpha)
+        .bind(r.sigma)
+        .bind(r.seconds)
+        .bind(s.n_max)
+        .bind(s.lower)
+        .bind(s.upper)
+        .bind(s.prior_a)
+        .bind(s.prior_b)
+        .bind(s.radii)
+        .bind(s.decisions)
+        .bind(s.stopped_wrong);
+    let q = match lease {
+        Some(l) => q.bind(l.job.as_str()).bind(&l.worker.0),
+        None => q,
+    };
+    Ok(q.execute(executor).await?.rows_affected() == 1)
 }
 
 /// Copies the imported (external) jobs and cells from revision `prev` to `rev`, after the plan's
@@ -232,6 +280,26 @@ async fn carry_imports(
 }
 
 impl Store for PgStore {
+    async fn dump_study(&self, name: &str) -> Result<Option<StudyDump>, StoreError> {
+        // One snapshot for every table: workers may be recording results while we read.
+        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .ctx("starting a snapshot")?;
+        let dump = copy_io::dump(&mut tx, name).await?;
+        tx.commit().await.ctx("ending the read")?;
+        Ok(dump)
+    }
+
+    async fn load_study(&self, dump: &StudyDump) -> Result<CopyOutcome, StoreError> {
+        // Under the plan lock: a copy creates a study and links jobs, as a registration does.
+        let mut tx = self.begin_plan_change().await?;
+        let outcome = copy_io::load(&mut tx, dump).await?;
+        tx.commit().await.ctx("committing the copied study")?;
+        Ok(outcome)
+    }
+
     async fn register_plan(&self, plan: &Plan) -> Result<StudyId, StoreError> {
         let now = now_unix();
         let mut tx = self.begin_plan_change().await?;
@@ -371,7 +439,7 @@ impl Store for PgStore {
         let rev = self.current_revision(study).await?;
         // Rows locked in id order, like `register_plan`'s upserts (no deadlock between them).
         let r = sqlx::query(
-            "UPDATE jobs SET status = 'pending', attempts = 0, not_before = 0, error = NULL
+            "UPDATE jobs SET status = 'pending', attempts = 0, interruptions = 0, not_before = 0, error = NULL
              WHERE status = 'failed' AND id IN (
                  SELECT j.id FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
                  WHERE j.status = 'failed' AND sj.study_id = $1 AND sj.spec_sha256 = $2
@@ -385,12 +453,29 @@ impl Store for PgStore {
         Ok(r.rows_affected())
     }
 
-    async fn record_cert(&self, job: &JobId, r: &CertRow) -> Result<(), StoreError> {
+    async fn record_cert(
+        &self,
+        lease: &Lease,
+        job: &JobId,
+        r: &CertRow,
+    ) -> Result<bool, StoreError> {
         // A result is final once written; a re-run of an in-flight image computes the same row.
-        insert_cert(&self.pool, job, r)
+        let inserted = insert_cert(&self.pool, Some(lease), job, r)
             .await
             .ctx("recording a certification result")?;
-        Ok(())
+        // Nothing inserted: the image was recorded before, or the lease is gone.
+        Ok(inserted || self.holds(lease).await?)
+    }
+
+    async fn cert_draws(&self, job: &JobId) -> Result<u64, StoreError> {
+        let v: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(n0 + n), 0) AS BIGINT) FROM cert_results WHERE job_id = $1",
+        )
+        .bind(job.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .ctx("counting the draws of finished images")?;
+        Ok(v as u64)
     }
 
     async fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
@@ -403,26 +488,36 @@ impl Store for PgStore {
         Ok(v.into_iter().map(|i| i as u64).collect())
     }
 
-    async fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), StoreError> {
+    async fn record_eval(
+        &self,
+        lease: &Lease,
+        job: &JobId,
+        rows: &[EvalRow],
+    ) -> Result<bool, StoreError> {
         // One statement for the batch (a round trip per row adds up on a remote server).
         let idx: Vec<i64> = rows.iter().map(|r| r.idx as i64).collect();
         let label: Vec<i64> = rows.iter().map(|r| r.label as i64).collect();
         let predict: Vec<i64> = rows.iter().map(|r| r.predict as i64).collect();
         let correct: Vec<i64> = rows.iter().map(|r| (r.label == r.predict) as i64).collect();
-        sqlx::query(
+        let sql = format!(
             "INSERT INTO eval_results (job_id, idx, label, predict, correct)
              SELECT $1, * FROM UNNEST($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+             WHERE {}
              ON CONFLICT (job_id, idx) DO NOTHING",
-        )
-        .bind(job.as_str())
-        .bind(&idx)
-        .bind(&label)
-        .bind(&predict)
-        .bind(&correct)
-        .execute(&self.pool)
-        .await
-        .ctx("recording evaluation results")?;
-        Ok(())
+            holds_lease(6)
+        );
+        let r = sqlx::query(AssertSqlSafe(sql))
+            .bind(job.as_str())
+            .bind(&idx)
+            .bind(&label)
+            .bind(&predict)
+            .bind(&correct)
+            .bind(lease.job.as_str())
+            .bind(&lease.worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("recording evaluation results")?;
+        Ok(r.rows_affected() > 0 || self.holds(lease).await?)
     }
 
     async fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
@@ -437,22 +532,27 @@ impl Store for PgStore {
 
     async fn record_epoch(
         &self,
+        lease: &Lease,
         job: &JobId,
         epoch: u64,
         metrics: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO train_metrics (job_id, epoch, metrics, at) VALUES ($1, $2, $3, $4)
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "INSERT INTO train_metrics (job_id, epoch, metrics, at) SELECT $1, $2, $3, $4 WHERE {}
              ON CONFLICT (job_id, epoch) DO UPDATE SET metrics = excluded.metrics, at = excluded.at",
-        )
-        .bind(job.as_str())
-        .bind(epoch as i64)
-        .bind(metrics.to_string())
-        .bind(now_unix())
-        .execute(&self.pool)
-        .await
-        .ctx("recording epoch metrics")?;
-        Ok(())
+            holds_lease(5)
+        );
+        let r = sqlx::query(AssertSqlSafe(sql))
+            .bind(job.as_str())
+            .bind(epoch as i64)
+            .bind(metrics.to_string())
+            .bind(now_unix())
+            .bind(lease.job.as_str())
+            .bind(&lease.worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("recording epoch metrics")?;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn epochs(&self, job: &JobId) -> Result<Vec<serde_json::Value>, StoreError> {
@@ -469,6 +569,29 @@ impl Store for PgStore {
                     .map_err(|e| StoreError::Corrupt(format!("epoch metrics JSON: {e}")))
             })
             .collect()
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM workers ORDER BY started_at DESC, id",
+            rows::WORKER_COLUMNS
+        );
+        let found = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .ctx("listing workers")?;
+        let mut workers = found
+            .iter()
+            .map(rows::worker)
+            .collect::<Result<Vec<_>, _>>()?;
+        let held: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, lease_owner FROM jobs WHERE status = 'running' AND lease_owner IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing held leases")?;
+        rows::attach_jobs(&mut workers, held);
+        Ok(workers)
     }
 
     async fn studies(&self) -> Result<Vec<StudyInfo>, StoreError> {
@@ -500,7 +623,7 @@ impl Store for PgStore {
         let sql = format!(
             "{BLOCKED_CTE}
              SELECT j.id, j.kind, COALESCE(sj.label, j.label) AS label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
-                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit,
+                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit, {RUN_COLUMNS},
                     CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END::bigint AS blocked,
                     (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
              FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
@@ -652,7 +775,7 @@ impl Store for PgStore {
             .ctx("recording the imported cell")?;
         }
         for r in rows {
-            insert_cert(&mut *tx, &job.id, r)
+            insert_cert(&mut *tx, None, &job.id, r)
                 .await
                 .ctx("recording an imported row")?;
         }
@@ -700,7 +823,8 @@ impl Store for PgStore {
     ) -> Result<Vec<(JobId, CertRow)>, StoreError> {
         let rev = self.current_revision(study).await?;
         let rows = sqlx::query(
-            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds
+            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds,
+                    c.seq_n_max, c.seq_lower, c.seq_upper, c.seq_prior_a, c.seq_prior_b, c.seq_radii, c.seq_decisions, c.stopped_wrong
              FROM cert_results c JOIN study_jobs sj ON sj.job_id = c.job_id
              WHERE sj.study_id = $1 AND sj.spec_sha256 = $2 ORDER BY c.job_id, c.idx",
         )
@@ -717,23 +841,38 @@ impl Store for PgStore {
             };
             out.push((
                 JobId::new(r.try_get::<String, _>("job_id").map_err(g)?),
-                CertRow {
-                    idx: r.try_get::<i64, _>("idx").map_err(g)? as u64,
-                    label: r.try_get::<i64, _>("label").map_err(g)? as u32,
-                    predict: r.try_get("predict").map_err(g)?,
-                    radius: r.try_get("radius").map_err(g)?,
-                    correct: r.try_get::<i64, _>("correct").map_err(g)? != 0,
-                    c_hat: r.try_get::<i64, _>("c_hat").map_err(g)? as u32,
-                    n_a: r.try_get::<i64, _>("n_a").map_err(g)? as u64,
-                    n: r.try_get::<i64, _>("n").map_err(g)? as u64,
-                    n0: r.try_get::<i64, _>("n0").map_err(g)? as u64,
-                    alpha: r.try_get("alpha").map_err(g)?,
-                    sigma: r.try_get("sigma").map_err(g)?,
-                    seconds: r.try_get("seconds").map_err(g)?,
-                },
+                rows::cert_row(&r)?,
             ));
         }
         Ok(out)
+    }
+
+    async fn record_slurm_job(&self, study: StudyId, job: &SlurmJob) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO slurm_jobs (study_id, slurm_job_id, array_tasks, script, submitted_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (study_id, slurm_job_id) DO NOTHING",
+        )
+        .bind(study.0)
+        .bind(&job.job_id)
+        .bind(job.array_tasks as i64)
+        .bind(&job.script)
+        .bind(job.submitted_at)
+        .execute(&self.pool)
+        .await
+        .ctx("recording a Slurm job")?;
+        Ok(())
+    }
+
+    async fn slurm_jobs(&self, study: StudyId) -> Result<Vec<SlurmJob>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT slurm_job_id, array_tasks, script, submitted_at FROM slurm_jobs
+             WHERE study_id = $1 ORDER BY submitted_at, slurm_job_id",
+        )
+        .bind(study.0)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing the study's Slurm jobs")?;
+        rows.iter().map(rows::slurm_job).collect()
     }
 }
 

@@ -4,7 +4,10 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{JobState, JobStatus, StoreError, StudyId, StudyInfo};
+use super::{
+    CertRow, JobState, JobStatus, SequentialRow, SlurmJob, StoreError, StudyId, StudyInfo,
+    WorkerInfo, WorkerRow,
+};
 use crate::plan::{JobId, ProgressUnit};
 
 /// A pending job is blocked when one of its deps failed or is itself blocked. The DAGs are
@@ -65,6 +68,11 @@ where
         started_at: get(row, "started_at", C)?,
         finished_at: get(row, "finished_at", C)?,
         lease_owner: get(row, "lease_owner", C)?,
+        interruptions: get::<R, i64>(row, "interruptions", C)? as u32,
+        max_interruptions: get::<R, i64>(row, "max_interruptions", C)? as u32,
+        ran_host: get(row, "ran_host", C)?,
+        ran_cpu: get(row, "ran_cpu", C)?,
+        ran_device: get(row, "ran_device", C)?,
         error: get(row, "error", C)?,
         result,
         precision: get(row, "precision", C)?,
@@ -89,5 +97,181 @@ where
         spec_path: get(row, "spec_path", C)?,
         spec_sha256: get(row, "spec_sha256", C)?,
         spec_text: get(row, "spec_text", C)?,
+    })
+}
+
+/// The columns of `jobs` a claim sets and `study_jobs` reads beyond the original ones, for both
+/// backends' SELECTs.
+pub(crate) const RUN_COLUMNS: &str =
+    "j.interruptions, j.max_interruptions, j.ran_host, j.ran_cpu, j.ran_device";
+
+/// The columns [`worker`] reads.
+pub(crate) const WORKER_COLUMNS: &str = "id, host, pid, cpu, device, slurm_job_id, \
+     slurm_array_job_id, slurm_array_task_id, studies, started_at, last_seen, stopped_at";
+
+/// A row of `workers` (its held jobs are filled in by the caller).
+pub(crate) fn worker<'r, R>(row: &'r R) -> Result<WorkerRow, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+    Option<f64>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const C: &str = "reading a worker row";
+    let studies: Option<String> = get(row, "studies", C)?;
+    let studies: Vec<i64> = match studies {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("worker studies JSON: {e}")))?,
+        None => Vec::new(),
+    };
+    Ok(WorkerRow {
+        id: get(row, "id", C)?,
+        info: WorkerInfo {
+            host: get(row, "host", C)?,
+            pid: get::<R, i64>(row, "pid", C)? as u32,
+            cpu: get::<R, Option<String>>(row, "cpu", C)?.unwrap_or_default(),
+            device: get::<R, Option<String>>(row, "device", C)?.unwrap_or_default(),
+            slurm_job_id: get(row, "slurm_job_id", C)?,
+            slurm_array_job_id: get(row, "slurm_array_job_id", C)?,
+            slurm_array_task_id: get(row, "slurm_array_task_id", C)?,
+            studies: studies.into_iter().map(StudyId).collect(),
+        },
+        started_at: get(row, "started_at", C)?,
+        last_seen: get(row, "last_seen", C)?,
+        stopped_at: get(row, "stopped_at", C)?,
+        jobs: Vec::new(),
+    })
+}
+
+/// The studies of a worker as stored (a JSON array of study ids).
+pub(crate) fn studies_json(info: &WorkerInfo) -> String {
+    serde_json::to_string(&info.studies.iter().map(|s| s.0).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into())
+}
+
+/// Attaches to each worker the jobs it holds (`(job, lease_owner)` pairs of running jobs).
+pub(crate) fn attach_jobs(workers: &mut [WorkerRow], held: Vec<(String, String)>) {
+    for (job, owner) in held {
+        if let Some(w) = workers.iter_mut().find(|w| w.id == owner) {
+            w.jobs.push(JobId::new(job));
+        }
+    }
+}
+
+/// The sequential columns of a certification row as bound by both backends' INSERT, in the
+/// order seq_n_max, seq_lower, seq_upper, seq_prior_a, seq_prior_b, seq_radii, seq_decisions,
+/// stopped_wrong; all NULL (and stopped_wrong 0) for a Cohen row.
+pub(crate) struct SeqBind {
+    pub n_max: Option<i64>,
+    pub lower: Option<f64>,
+    pub upper: Option<f64>,
+    pub prior_a: Option<f64>,
+    pub prior_b: Option<f64>,
+    pub radii: Option<String>,
+    pub decisions: Option<String>,
+    pub stopped_wrong: i64,
+}
+
+impl SeqBind {
+    pub fn of(r: &CertRow) -> Self {
+        match &r.sequential {
+            None => SeqBind {
+                n_max: None,
+                lower: None,
+                upper: None,
+                prior_a: None,
+                prior_b: None,
+                radii: None,
+                decisions: None,
+                stopped_wrong: 0,
+            },
+            Some(q) => SeqBind {
+                n_max: Some(q.n_max as i64),
+                lower: Some(q.lower),
+                upper: Some(q.upper),
+                prior_a: Some(q.prior_a),
+                prior_b: Some(q.prior_b),
+                radii: serde_json::to_string(&q.radii).ok(),
+                decisions: serde_json::to_string(&q.decisions).ok(),
+                stopped_wrong: q.stopped_wrong as i64,
+            },
+        }
+    }
+}
+
+/// A row of `slurm_jobs`.
+pub(crate) fn slurm_job<'r, R>(row: &'r R) -> Result<SlurmJob, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const C: &str = "reading a Slurm job row";
+    Ok(SlurmJob {
+        job_id: get(row, "slurm_job_id", C)?,
+        array_tasks: get::<R, i64>(row, "array_tasks", C)? as u64,
+        script: get(row, "script", C)?,
+        submitted_at: get(row, "submitted_at", C)?,
+    })
+}
+
+/// A row of `cert_results` selected with every column under its own name.
+pub(crate) fn cert_row<'r, R>(row: &'r R) -> Result<CertRow, StoreError>
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+    f64: Decode<'r, R::Database> + Type<R::Database>,
+    Option<f64>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    const C: &str = "reading a certification row";
+    let sequential = match get::<R, Option<i64>>(row, "seq_n_max", C)? {
+        None => None,
+        Some(n_max) => {
+            let json = |column: &str| -> Result<String, StoreError> {
+                get::<R, Option<String>>(row, column, C)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("{column} is NULL in a sequential row"))
+                })
+            };
+            let num = |column: &str| -> Result<f64, StoreError> {
+                get::<R, Option<f64>>(row, column, C)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("{column} is NULL in a sequential row"))
+                })
+            };
+            let corrupt =
+                |e: serde_json::Error| StoreError::Corrupt(format!("sequential row JSON: {e}"));
+            Some(SequentialRow {
+                n_max: n_max as u64,
+                lower: num("seq_lower")?,
+                upper: num("seq_upper")?,
+                prior_a: num("seq_prior_a")?,
+                prior_b: num("seq_prior_b")?,
+                radii: serde_json::from_str(&json("seq_radii")?).map_err(corrupt)?,
+                decisions: serde_json::from_str(&json("seq_decisions")?).map_err(corrupt)?,
+                stopped_wrong: get::<R, i64>(row, "stopped_wrong", C)? != 0,
+            })
+        }
+    };
+    Ok(CertRow {
+        idx: get::<R, i64>(row, "idx", C)? as u64,
+        label: get::<R, i64>(row, "label", C)? as u32,
+        predict: get(row, "predict", C)?,
+        radius: get(row, "radius", C)?,
+        correct: get::<R, i64>(row, "correct", C)? != 0,
+        c_hat: get::<R, i64>(row, "c_hat", C)? as u32,
+        n_a: get::<R, i64>(row, "n_a", C)? as u64,
+        n: get::<R, i64>(row, "n", C)? as u64,
+        n0: get::<R, i64>(row, "n0", C)? as u64,
+        alpha: get(row, "alpha", C)?,
+        sigma: get(row, "sigma", C)?,
+        seconds: get(row, "seconds", C)?,
+        sequential,
     })
 }

@@ -11,12 +11,19 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
-use super::rows::{self, BLOCKED_CTE};
+use super::rows::{self, BLOCKED_CTE, RUN_COLUMNS};
 use super::*;
 use crate::plan::{CellRecord, Job};
 
 mod queue;
 use crate::util::now_unix;
+
+/// `caf db copy`'s reading and writing (see [`crate::store::copy`]) in SQLite's parameters.
+mod copy_io {
+    crate::store::copy::backend_io!(sqlx::Sqlite, sqlx::SqliteConnection, |i: usize| format!(
+        "?{i}"
+    ));
+}
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -136,6 +143,19 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// Whether `lease.worker` still runs `lease.job`.
+    pub(super) async fn holds(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND lease_owner = ?",
+        )
+        .bind(lease.job.as_str())
+        .bind(&lease.worker.0)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("checking a lease")?;
+        Ok(held.is_some())
+    }
+
     async fn current_revision(&self, study: StudyId) -> Result<String, StoreError> {
         sqlx::query_scalar::<_, String>("SELECT spec_sha256 FROM studies WHERE id = ?")
             .bind(study.0)
@@ -145,32 +165,56 @@ impl SqliteStore {
     }
 }
 
-/// Inserts one certification row unless the (job, image) pair already has one.
+/// A condition true while the job (first bind) runs under the worker (second bind). SQLite
+/// runs one writer at a time, so the check and the write it guards are one atomic statement.
+pub(super) fn holds_lease(_first: usize) -> String {
+    "EXISTS (SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND lease_owner = ?)".into()
+}
+
+/// Inserts one certification row unless the (job, image) pair already has one, and (given a
+/// lease) only while the lease is held; whether a row was inserted.
 async fn insert_cert<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
     executor: E,
+    lease: Option<&Lease>,
     job: &JobId,
     r: &CertRow,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, idx) DO NOTHING",
-    )
-    .bind(job.as_str())
-    .bind(r.idx as i64)
-    .bind(r.label as i64)
-    .bind(r.predict)
-    .bind(r.radius)
-    .bind(r.correct as i64)
-    .bind(r.c_hat as i64)
-    .bind(r.n_a as i64)
-    .bind(r.n as i64)
-    .bind(r.n0 as i64)
-    .bind(r.alpha)
-    .bind(r.sigma)
-    .bind(r.seconds)
-    .execute(executor)
-    .await?;
-    Ok(())
+) -> Result<bool, sqlx::Error> {
+    // The upsert form needs a WHERE on its SELECT (SQLite's parsing ambiguity); `1 = 1` when
+    // there is no lease to check (imports).
+    let sql = format!(
+        "INSERT INTO cert_results (job_id, idx, label, predict, radius, correct, c_hat, n_a, n, n0, alpha, sigma, seconds,
+                                   seq_n_max, seq_lower, seq_upper, seq_prior_a, seq_prior_b, seq_radii, seq_decisions, stopped_wrong)
+         SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {} ON CONFLICT (job_id, idx) DO NOTHING",
+        if lease.is_some() { holds_lease(22) } else { "1 = 1".to_string() }
+    );
+    let s = rows::SeqBind::of(r);
+    let q = sqlx::query(AssertSqlSafe(sql))
+        .bind(job.as_str())
+        .bind(r.idx as i64)
+        .bind(r.label as i64)
+        .bind(r.predict)
+        .bind(r.radius)
+        .bind(r.correct as i64)
+        .bind(r.c_hat as i64)
+        .bind(r.n_a as i64)
+        .bind(r.n as i64)
+        .bind(r.n0 as i64)
+        .bind(r.alpha)
+        .bind(r.sigma)
+        .bind(r.seconds)
+        .bind(s.n_max)
+        .bind(s.lower)
+        .bind(s.upper)
+        .bind(s.prior_a)
+        .bind(s.prior_b)
+        .bind(s.radii)
+        .bind(s.decisions)
+        .bind(s.stopped_wrong);
+    let q = match lease {
+        Some(l) => q.bind(l.job.as_str()).bind(&l.worker.0),
+        None => q,
+    };
+    Ok(q.execute(executor).await?.rows_affected() == 1)
 }
 
 /// Copies the imported (external) jobs and cells from revision `prev` to `rev`, after the plan's
@@ -231,6 +275,27 @@ fn is_contention(e: &StoreError) -> bool {
 }
 
 impl Store for SqliteStore {
+    async fn dump_study(&self, name: &str) -> Result<Option<StudyDump>, StoreError> {
+        // One read transaction: a sweep still running elsewhere cannot change rows between
+        // the tables read.
+        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        let dump = copy_io::dump(&mut tx, name).await?;
+        tx.commit().await.ctx("ending the read")?;
+        Ok(dump)
+    }
+
+    async fn load_study(&self, dump: &StudyDump) -> Result<CopyOutcome, StoreError> {
+        // IMMEDIATE: it reads (is the study there?) before it writes, as `register_plan`.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("starting a transaction")?;
+        let outcome = copy_io::load(&mut tx, dump).await?;
+        tx.commit().await.ctx("committing the copied study")?;
+        Ok(outcome)
+    }
+
     async fn register_plan(&self, plan: &Plan) -> Result<StudyId, StoreError> {
         let now = now_unix();
         // IMMEDIATE: this transaction reads before it writes, and a deferred one could not
@@ -371,7 +436,7 @@ impl Store for SqliteStore {
     async fn retry_failed(&self, study: StudyId) -> Result<u64, StoreError> {
         let rev = self.current_revision(study).await?;
         let r = sqlx::query(
-            "UPDATE jobs SET status = 'pending', attempts = 0, not_before = 0, error = NULL
+            "UPDATE jobs SET status = 'pending', attempts = 0, interruptions = 0, not_before = 0, error = NULL
              WHERE status = 'failed' AND id IN (SELECT job_id FROM study_jobs WHERE study_id = ? AND spec_sha256 = ?)",
         )
         .bind(study.0)
@@ -382,12 +447,29 @@ impl Store for SqliteStore {
         Ok(r.rows_affected())
     }
 
-    async fn record_cert(&self, job: &JobId, r: &CertRow) -> Result<(), StoreError> {
+    async fn record_cert(
+        &self,
+        lease: &Lease,
+        job: &JobId,
+        r: &CertRow,
+    ) -> Result<bool, StoreError> {
         // A result is final once written; a re-run of an in-flight image computes the same row.
-        insert_cert(&self.pool, job, r)
+        let inserted = insert_cert(&self.pool, Some(lease), job, r)
             .await
             .ctx("recording a certification result")?;
-        Ok(())
+        // Nothing inserted: the image was recorded before, or the lease is gone.
+        Ok(inserted || self.holds(lease).await?)
+    }
+
+    async fn cert_draws(&self, job: &JobId) -> Result<u64, StoreError> {
+        let v: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(n0 + n), 0) AS BIGINT) FROM cert_results WHERE job_id = ?",
+        )
+        .bind(job.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .ctx("counting the draws of finished images")?;
+        Ok(v as u64)
     }
 
     async fn cert_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
@@ -400,8 +482,30 @@ impl Store for SqliteStore {
         Ok(v.into_iter().map(|i| i as u64).collect())
     }
 
-    async fn record_eval(&self, job: &JobId, rows: &[EvalRow]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+    async fn record_eval(
+        &self,
+        lease: &Lease,
+        job: &JobId,
+        rows: &[EvalRow],
+    ) -> Result<bool, StoreError> {
+        // IMMEDIATE: the lease check and the rows are one write transaction, so no other
+        // process can take the lease over between them.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("starting a transaction")?;
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND lease_owner = ?",
+        )
+        .bind(lease.job.as_str())
+        .bind(&lease.worker.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .ctx("checking a lease")?;
+        if held.is_none() {
+            return Ok(false);
+        }
         for r in rows {
             sqlx::query(
                 "INSERT INTO eval_results (job_id, idx, label, predict, correct) VALUES (?, ?, ?, ?, ?)
@@ -417,7 +521,7 @@ impl Store for SqliteStore {
             .ctx("recording an evaluation result")?;
         }
         tx.commit().await.ctx("committing evaluation results")?;
-        Ok(())
+        Ok(true)
     }
 
     async fn eval_done(&self, job: &JobId) -> Result<Vec<u64>, StoreError> {
@@ -432,22 +536,27 @@ impl Store for SqliteStore {
 
     async fn record_epoch(
         &self,
+        lease: &Lease,
         job: &JobId,
         epoch: u64,
         metrics: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO train_metrics (job_id, epoch, metrics, at) VALUES (?, ?, ?, ?)
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "INSERT INTO train_metrics (job_id, epoch, metrics, at) SELECT ?, ?, ?, ? WHERE {}
              ON CONFLICT (job_id, epoch) DO UPDATE SET metrics = excluded.metrics, at = excluded.at",
-        )
-        .bind(job.as_str())
-        .bind(epoch as i64)
-        .bind(metrics.to_string())
-        .bind(now_unix())
-        .execute(&self.pool)
-        .await
-        .ctx("recording epoch metrics")?;
-        Ok(())
+            holds_lease(5)
+        );
+        let r = sqlx::query(AssertSqlSafe(sql))
+            .bind(job.as_str())
+            .bind(epoch as i64)
+            .bind(metrics.to_string())
+            .bind(now_unix())
+            .bind(lease.job.as_str())
+            .bind(&lease.worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("recording epoch metrics")?;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn epochs(&self, job: &JobId) -> Result<Vec<serde_json::Value>, StoreError> {
@@ -463,6 +572,29 @@ impl Store for SqliteStore {
                     .map_err(|e| StoreError::Corrupt(format!("epoch metrics JSON: {e}")))
             })
             .collect()
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM workers ORDER BY started_at DESC, id",
+            rows::WORKER_COLUMNS
+        );
+        let found = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .ctx("listing workers")?;
+        let mut workers = found
+            .iter()
+            .map(rows::worker)
+            .collect::<Result<Vec<_>, _>>()?;
+        let held: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, lease_owner FROM jobs WHERE status = 'running' AND lease_owner IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing held leases")?;
+        rows::attach_jobs(&mut workers, held);
+        Ok(workers)
     }
 
     async fn studies(&self) -> Result<Vec<StudyInfo>, StoreError> {
@@ -494,7 +626,7 @@ impl Store for SqliteStore {
         let sql = format!(
             "{BLOCKED_CTE}
              SELECT j.id, j.kind, COALESCE(sj.label, j.label) AS label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
-                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit,
+                    j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit, {RUN_COLUMNS},
                     CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END AS blocked,
                     (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
              FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
@@ -654,7 +786,7 @@ impl Store for SqliteStore {
             .ctx("recording the imported cell")?;
         }
         for r in rows {
-            insert_cert(&mut *tx, &job.id, r)
+            insert_cert(&mut *tx, None, &job.id, r)
                 .await
                 .ctx("recording an imported row")?;
         }
@@ -702,7 +834,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(JobId, CertRow)>, StoreError> {
         let rev = self.current_revision(study).await?;
         let rows = sqlx::query(
-            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds
+            "SELECT c.job_id, c.idx, c.label, c.predict, c.radius, c.correct, c.c_hat, c.n_a, c.n, c.n0, c.alpha, c.sigma, c.seconds,
+                    c.seq_n_max, c.seq_lower, c.seq_upper, c.seq_prior_a, c.seq_prior_b, c.seq_radii, c.seq_decisions, c.stopped_wrong
              FROM cert_results c JOIN study_jobs sj ON sj.job_id = c.job_id
              WHERE sj.study_id = ? AND sj.spec_sha256 = ? ORDER BY c.job_id, c.idx",
         )
@@ -719,23 +852,38 @@ impl Store for SqliteStore {
             };
             out.push((
                 JobId::new(r.try_get::<String, _>("job_id").map_err(g)?),
-                CertRow {
-                    idx: r.try_get::<i64, _>("idx").map_err(g)? as u64,
-                    label: r.try_get::<i64, _>("label").map_err(g)? as u32,
-                    predict: r.try_get("predict").map_err(g)?,
-                    radius: r.try_get("radius").map_err(g)?,
-                    correct: r.try_get::<i64, _>("correct").map_err(g)? != 0,
-                    c_hat: r.try_get::<i64, _>("c_hat").map_err(g)? as u32,
-                    n_a: r.try_get::<i64, _>("n_a").map_err(g)? as u64,
-                    n: r.try_get::<i64, _>("n").map_err(g)? as u64,
-                    n0: r.try_get::<i64, _>("n0").map_err(g)? as u64,
-                    alpha: r.try_get("alpha").map_err(g)?,
-                    sigma: r.try_get("sigma").map_err(g)?,
-                    seconds: r.try_get("seconds").map_err(g)?,
-                },
+                rows::cert_row(&r)?,
             ));
         }
         Ok(out)
+    }
+
+    async fn record_slurm_job(&self, study: StudyId, job: &SlurmJob) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO slurm_jobs (study_id, slurm_job_id, array_tasks, script, submitted_at)
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (study_id, slurm_job_id) DO NOTHING",
+        )
+        .bind(study.0)
+        .bind(&job.job_id)
+        .bind(job.array_tasks as i64)
+        .bind(&job.script)
+        .bind(job.submitted_at)
+        .execute(&self.pool)
+        .await
+        .ctx("recording a Slurm job")?;
+        Ok(())
+    }
+
+    async fn slurm_jobs(&self, study: StudyId) -> Result<Vec<SlurmJob>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT slurm_job_id, array_tasks, script, submitted_at FROM slurm_jobs
+             WHERE study_id = ? ORDER BY submitted_at, slurm_job_id",
+        )
+        .bind(study.0)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing the study's Slurm jobs")?;
+        rows.iter().map(rows::slurm_job).collect()
     }
 }
 

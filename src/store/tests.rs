@@ -25,9 +25,11 @@ on_every_backend!(
     only_registered_kinds_are_claimed,
     registering_the_same_plan_twice_keeps_results_and_state,
     only_the_lease_owner_can_complete_or_heartbeat,
-    expired_leases_are_reaped_and_rerun_until_attempts_run_out,
+    expired_leases_are_interruptions_until_their_cap,
     failures_back_off_then_fail_for_good,
-    release_returns_the_job_without_counting_the_attempt,
+    release_is_an_interruption_not_an_attempt,
+    workers_are_listed_with_their_jobs_and_finished_jobs_name_their_machine,
+    writes_of_a_worker_that_lost_its_lease_are_refused,
     results_are_written_once_per_image,
     eval_results_epochs_artifacts_and_events_round_trip,
     two_stores_on_one_database_never_claim_the_same_job,
@@ -36,7 +38,40 @@ on_every_backend!(
     a_shared_job_keeps_each_studys_label,
     a_plans_progress_unit_is_what_status_reads,
     a_jobs_precision_comes_from_its_params,
+    slurm_jobs_are_recorded_once_per_study_in_order,
+    sequential_rows_keep_what_recomputes_them,
 );
+
+async fn slurm_jobs_are_recorded_once_per_study_in_order(f: impl Fixture) {
+    let s = f.open().await;
+    let one = s
+        .register_plan(&plan("one", vec![job("a", &[])]))
+        .await
+        .unwrap();
+    let two = s
+        .register_plan(&plan("two", vec![job("b", &[])]))
+        .await
+        .unwrap();
+    assert!(s.slurm_jobs(one).await.unwrap().is_empty());
+    let first = SlurmJob {
+        job_id: "1041".into(),
+        array_tasks: 1001,
+        script: "/runs/slurm/one-20261128T120000Z.sbatch".into(),
+        submitted_at: 100.0,
+    };
+    let second = SlurmJob {
+        job_id: "1042;east".into(),
+        array_tasks: 7,
+        submitted_at: 100.5,
+        ..first.clone()
+    };
+    // Recorded out of order, and the first twice (a retried recording).
+    s.record_slurm_job(one, &second).await.unwrap();
+    s.record_slurm_job(one, &first).await.unwrap();
+    s.record_slurm_job(one, &first).await.unwrap();
+    assert_eq!(s.slurm_jobs(one).await.unwrap(), [first, second]);
+    assert!(s.slurm_jobs(two).await.unwrap().is_empty());
+}
 
 async fn claims_follow_dependencies_and_plan_order(f: impl Fixture) {
     let s = f.open().await;
@@ -66,7 +101,7 @@ async fn claims_follow_dependencies_and_plan_order(f: impl Fixture) {
         .unwrap()
         .is_none());
     assert!(s
-        .complete(&a.id, &w("w1"), &serde_json::json!({}), 1.0)
+        .complete(&a.id, &w("w1"), "cpu", &serde_json::json!({}), 1.0)
         .await
         .unwrap());
     let third = s
@@ -102,7 +137,7 @@ async fn registering_the_same_plan_twice_keeps_results_and_state(f: impl Fixture
         .await
         .unwrap()
         .unwrap();
-    s.complete(&a.id, &w("w"), &serde_json::json!({"x": 1}), 2.0)
+    s.complete(&a.id, &w("w"), "cpu", &serde_json::json!({"x": 1}), 2.0)
         .await
         .unwrap();
     let again = s.register_plan(&p).await.unwrap();
@@ -125,24 +160,24 @@ async fn only_the_lease_owner_can_complete_or_heartbeat(f: impl Fixture) {
     let s = f.open().await;
     let a = job("a", &[]);
     let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
-    s.register_worker(&w("owner"), "host", 42).await.unwrap();
+    s.register_worker(&w("owner"), &info("host")).await.unwrap();
     s.claim(study, &w("owner"), &["test"], LEASE)
         .await
         .unwrap()
         .unwrap();
     assert!(!s.heartbeat(&a.id, &w("intruder"), LEASE).await.unwrap());
     assert!(!s
-        .complete(&a.id, &w("intruder"), &serde_json::json!({}), 0.0)
+        .complete(&a.id, &w("intruder"), "cpu", &serde_json::json!({}), 0.0)
         .await
         .unwrap());
     assert!(s.heartbeat(&a.id, &w("owner"), LEASE).await.unwrap());
     assert!(s
-        .complete(&a.id, &w("owner"), &serde_json::json!({}), 0.0)
+        .complete(&a.id, &w("owner"), "cpu", &serde_json::json!({}), 0.0)
         .await
         .unwrap());
 }
 
-async fn expired_leases_are_reaped_and_rerun_until_attempts_run_out(f: impl Fixture) {
+async fn expired_leases_are_interruptions_until_their_cap(f: impl Fixture) {
     let s = f.open().await;
     let a = job("a", &[]);
     let b = job("b", &[&a]);
@@ -150,32 +185,40 @@ async fn expired_leases_are_reaped_and_rerun_until_attempts_run_out(f: impl Fixt
         .register_plan(&plan("p", vec![a.clone(), b.clone()]))
         .await
         .unwrap();
-    for attempt in 1..=3u32 {
+    f.execute("UPDATE jobs SET max_interruptions = 3").await;
+    for round in 1..=3u32 {
         let c = s
             .claim(study, &w("dead"), &["test"], Duration::from_millis(1))
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(c.attempt, attempt);
+        // A lost worker is not the job's fault: every claim is still attempt 1.
+        assert_eq!(c.attempt, 1);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let reaped = s.reap_expired().await.unwrap();
         assert_eq!(reaped.len(), 1);
-        assert!(reaped[0].reason.contains("dead"));
-        let want = if attempt < 3 {
+        assert!(reaped[0].reason.contains("dead"), "{}", reaped[0].reason);
+        let want = if round < 3 {
             FailOutcome::WillRetry
         } else {
             FailOutcome::Failed
         };
         assert_eq!(reaped[0].outcome, want);
+        let j = &s.study_jobs(study).await.unwrap()[0];
+        assert_eq!((j.attempts, j.interruptions), (0, round));
     }
     let jobs = s.study_jobs(study).await.unwrap();
     assert_eq!(jobs[0].state, JobState::Failed);
+    let error = jobs[0].error.as_deref().unwrap_or("");
+    assert!(error.contains("interrupted 3 times (the cap)"), "{error}");
     assert!(jobs[1].blocked, "a dependent of a failed job is blocked");
     assert!(!jobs[0].blocked, "a failed job is not itself blocked");
     assert_eq!(s.outstanding(study).await.unwrap(), (0, 0));
-    // --retry-failed gives the job fresh attempts, which unblocks its dependent.
+    // --retry-failed gives the job fresh attempts and interruptions, which unblocks its
+    // dependent.
     assert_eq!(s.retry_failed(study).await.unwrap(), 1);
     assert_eq!(s.outstanding(study).await.unwrap(), (0, 2));
+    assert_eq!(s.study_jobs(study).await.unwrap()[0].interruptions, 0);
 }
 
 async fn failures_back_off_then_fail_for_good(f: impl Fixture) {
@@ -224,21 +267,181 @@ async fn failures_back_off_then_fail_for_good(f: impl Fixture) {
     assert_eq!(j.error.as_deref(), Some("not retryable"));
 }
 
-async fn release_returns_the_job_without_counting_the_attempt(f: impl Fixture) {
+async fn release_is_an_interruption_not_an_attempt(f: impl Fixture) {
     let s = f.open().await;
     let a = job("a", &[]);
     let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
+    f.execute("UPDATE jobs SET max_interruptions = 2").await;
     s.claim(study, &w("w"), &["test"], LEASE)
         .await
         .unwrap()
         .unwrap();
-    s.release(&a.id, &w("w"), 1.0).await.unwrap();
+    // Not the holder: nothing happens.
+    assert_eq!(
+        s.release(&a.id, &w("other"), "stop", 1.0).await.unwrap(),
+        FailOutcome::WillRetry
+    );
+    assert_eq!(
+        s.study_jobs(study).await.unwrap()[0].state,
+        JobState::Running
+    );
+    assert_eq!(
+        s.release(&a.id, &w("w"), "told to stop", 1.0)
+            .await
+            .unwrap(),
+        FailOutcome::WillRetry
+    );
+    let j = &s.study_jobs(study).await.unwrap()[0];
+    assert_eq!(
+        (j.state, j.attempts, j.interruptions),
+        (JobState::Pending, 0, 1)
+    );
     let c = s
         .claim(study, &w("w"), &["test"], LEASE)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(c.attempt, 1);
+    // The second interruption reaches the cap of 2: the job fails, saying why.
+    assert_eq!(
+        s.release(&a.id, &w("w"), "told to stop", 1.0)
+            .await
+            .unwrap(),
+        FailOutcome::Failed
+    );
+    let j = &s.study_jobs(study).await.unwrap()[0];
+    assert_eq!(
+        (j.state, j.attempts, j.interruptions),
+        (JobState::Failed, 0, 2)
+    );
+    let error = j.error.as_deref().unwrap_or("");
+    assert!(error.contains("interrupted 2 times (the cap)"), "{error}");
+    assert!(error.contains("told to stop"), "{error}");
+    assert!((j.run_seconds - 2.0).abs() < 1e-9);
+}
+
+fn info(host: &str) -> WorkerInfo {
+    WorkerInfo {
+        host: host.into(),
+        pid: 42,
+        cpu: "AMD EPYC test".into(),
+        device: "cpu".into(),
+        slurm_job_id: Some("1001".into()),
+        slurm_array_job_id: Some("1000".into()),
+        slurm_array_task_id: Some("1".into()),
+        studies: vec![StudyId(1)],
+    }
+}
+
+async fn workers_are_listed_with_their_jobs_and_finished_jobs_name_their_machine(f: impl Fixture) {
+    let s = f.open().await;
+    let a = job("a", &[]);
+    let b = job("b", &[]);
+    let study = s
+        .register_plan(&plan("p", vec![a.clone(), b.clone()]))
+        .await
+        .unwrap();
+    s.register_worker(&w("w1"), &info("node-1")).await.unwrap();
+    let idle = WorkerInfo {
+        slurm_job_id: None,
+        slurm_array_job_id: None,
+        slurm_array_task_id: None,
+        ..info("node-2")
+    };
+    s.register_worker(&w("w2"), &idle).await.unwrap();
+    s.claim(study, &w("w1"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let workers = s.workers().await.unwrap();
+    assert_eq!(workers.len(), 2);
+    let w1 = workers.iter().find(|x| x.id == "w1").unwrap();
+    assert_eq!(w1.info, info("node-1"));
+    assert_eq!(w1.jobs, vec![a.id.clone()]);
+    assert_eq!(w1.stopped_at, None);
+    let w2 = workers.iter().find(|x| x.id == "w2").unwrap();
+    assert_eq!(w2.info, idle);
+    assert!(w2.jobs.is_empty());
+    assert!(s
+        .complete(&a.id, &w("w1"), "cpu", &serde_json::json!({}), 1.0)
+        .await
+        .unwrap());
+    s.worker_stopped(&w("w2")).await.unwrap();
+    let workers = s.workers().await.unwrap();
+    assert!(workers.iter().all(|x| x.jobs.is_empty()));
+    assert!(workers
+        .iter()
+        .find(|x| x.id == "w2")
+        .unwrap()
+        .stopped_at
+        .is_some());
+    let jobs = s.study_jobs(study).await.unwrap();
+    assert_eq!(jobs[0].ran_host.as_deref(), Some("node-1"));
+    assert_eq!(jobs[0].ran_cpu.as_deref(), Some("AMD EPYC test"));
+    assert_eq!(jobs[0].ran_device.as_deref(), Some("cpu"));
+    assert_eq!(jobs[1].ran_host, None);
+}
+
+/// Every write of a running job names its lease; once the lease is gone (reaped, taken over)
+/// nothing is recorded and the writer is told so.
+async fn writes_of_a_worker_that_lost_its_lease_are_refused(f: impl Fixture) {
+    let s = f.open().await;
+    let a = job("a", &[]);
+    let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
+    s.claim(study, &w("old"), &["test"], Duration::from_millis(1))
+        .await
+        .unwrap()
+        .unwrap();
+    let old = Lease {
+        job: a.id.clone(),
+        worker: w("old"),
+    };
+    assert!(s.record_cert(&old, &a.id, &cert(0, 0.5)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(s.reap_expired().await.unwrap().len(), 1);
+    s.claim(study, &w("new"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let art = Artifact {
+        name: "model".into(),
+        path: "p".into(),
+        sha256: "aa".into(),
+        bytes: 1,
+    };
+    assert!(!s.record_cert(&old, &a.id, &cert(1, 9.9)).await.unwrap());
+    assert!(!s
+        .record_eval(
+            &old,
+            &a.id,
+            &[EvalRow {
+                idx: 0,
+                label: 1,
+                predict: 1
+            }]
+        )
+        .await
+        .unwrap());
+    assert!(!s
+        .record_epoch(&old, &a.id, 0, &serde_json::json!({"loss": 1.0}))
+        .await
+        .unwrap());
+    assert!(!s.record_artifact(&old, &art).await.unwrap());
+    assert!(!s.set_progress(&old, 5, 10).await.unwrap());
+    assert_eq!(s.cert_done(&a.id).await.unwrap(), vec![0]);
+    assert_eq!(s.eval_done(&a.id).await.unwrap(), Vec::<u64>::new());
+    assert!(s.epochs(&a.id).await.unwrap().is_empty());
+    assert_eq!(s.artifact(&a.id, "model").await.unwrap(), None);
+    assert_eq!(s.study_jobs(study).await.unwrap()[0].progress_done, 0);
+    // The new holder writes; an image already recorded is accepted without a second row.
+    let new = Lease {
+        job: a.id.clone(),
+        worker: w("new"),
+    };
+    assert!(s.record_cert(&new, &a.id, &cert(0, 0.5)).await.unwrap());
+    assert!(s.record_cert(&new, &a.id, &cert(1, 0.4)).await.unwrap());
+    assert!(s.set_progress(&new, 2, 10).await.unwrap());
+    assert_eq!(s.study_cert_results(study).await.unwrap().len(), 2);
 }
 
 fn cert(idx: u64, radius: f64) -> CertRow {
@@ -255,6 +458,20 @@ fn cert(idx: u64, radius: f64) -> CertRow {
         alpha: 0.001,
         sigma: 0.5,
         seconds: 0.1,
+        sequential: None,
+    }
+}
+
+/// Claims the study's first job for worker `w` and returns its lease.
+async fn leased(s: &impl Store, study: StudyId) -> Lease {
+    let c = s
+        .claim(study, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    Lease {
+        job: c.id,
+        worker: w("w"),
     }
 }
 
@@ -262,15 +479,16 @@ async fn results_are_written_once_per_image(f: impl Fixture) {
     let s = f.open().await;
     let a = job("a", &[]);
     let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
-    s.record_cert(&a.id, &cert(5, 0.7)).await.unwrap();
-    s.record_cert(&a.id, &cert(0, 0.2)).await.unwrap();
-    s.record_cert(&a.id, &cert(5, 9.9)).await.unwrap();
+    let l = leased(&s, study).await;
+    assert!(s.record_cert(&l, &a.id, &cert(5, 0.7)).await.unwrap());
+    assert!(s.record_cert(&l, &a.id, &cert(0, 0.2)).await.unwrap());
+    assert!(s.record_cert(&l, &a.id, &cert(5, 9.9)).await.unwrap());
     let abstain = CertRow {
         predict: -1,
         correct: false,
         ..cert(7, 0.0)
     };
-    s.record_cert(&a.id, &abstain).await.unwrap();
+    s.record_cert(&l, &a.id, &abstain).await.unwrap();
     assert_eq!(s.cert_done(&a.id).await.unwrap(), vec![0, 5, 7]);
     let rows = s.study_cert_results(study).await.unwrap();
     assert_eq!(rows.len(), 3);
@@ -284,28 +502,29 @@ async fn eval_results_epochs_artifacts_and_events_round_trip(f: impl Fixture) {
     let s = f.open().await;
     let a = job("a", &[]);
     let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
+    let l = leased(&s, study).await;
     let ev = |idx, label, predict| EvalRow {
         idx,
         label,
         predict,
     };
-    s.record_eval(&a.id, &[ev(2, 1, 1), ev(0, 4, 3)])
+    s.record_eval(&l, &a.id, &[ev(2, 1, 1), ev(0, 4, 3)])
         .await
         .unwrap();
-    s.record_eval(&a.id, &[ev(2, 9, 9), ev(1, 0, 0)])
+    s.record_eval(&l, &a.id, &[ev(2, 9, 9), ev(1, 0, 0)])
         .await
         .unwrap();
-    s.record_eval(&a.id, &[]).await.unwrap();
+    s.record_eval(&l, &a.id, &[]).await.unwrap();
     assert_eq!(s.eval_done(&a.id).await.unwrap(), vec![0, 1, 2]);
 
-    s.record_epoch(&a.id, 1, &serde_json::json!({"loss": 2.0}))
+    s.record_epoch(&l, &a.id, 1, &serde_json::json!({"loss": 2.0}))
         .await
         .unwrap();
-    s.record_epoch(&a.id, 0, &serde_json::json!({"loss": 3.0}))
+    s.record_epoch(&l, &a.id, 0, &serde_json::json!({"loss": 3.0}))
         .await
         .unwrap();
     // A resumed run replaces the epoch's metrics.
-    s.record_epoch(&a.id, 1, &serde_json::json!({"loss": 1.5}))
+    s.record_epoch(&l, &a.id, 1, &serde_json::json!({"loss": 1.5}))
         .await
         .unwrap();
     assert_eq!(
@@ -323,11 +542,11 @@ async fn eval_results_epochs_artifacts_and_events_round_trip(f: impl Fixture) {
         sha256: sha.into(),
         bytes: 5_000_000_000,
     };
-    s.record_artifact(&a.id, &art("aa")).await.unwrap();
-    s.record_artifact(&a.id, &art("bb")).await.unwrap();
+    s.record_artifact(&l, &art("aa")).await.unwrap();
+    s.record_artifact(&l, &art("bb")).await.unwrap();
     assert_eq!(s.artifact(&a.id, "model").await.unwrap(), Some(art("bb")));
 
-    s.set_progress(&a.id, 3, 10).await.unwrap();
+    s.set_progress(&l, 3, 10).await.unwrap();
     let j = &s.study_jobs(study).await.unwrap()[0];
     assert_eq!((j.progress_done, j.progress_total), (3, 10));
     s.log_event(Some(&a.id), Some(&w("w")), "info", "started")
@@ -380,6 +599,7 @@ fn cert_row(idx: u64) -> CertRow {
         alpha: 0.0,
         sigma: 0.5,
         seconds: 0.0,
+        sequential: None,
     }
 }
 
@@ -560,4 +780,67 @@ async fn a_jobs_precision_comes_from_its_params(f: impl Fixture) {
         .unwrap()
         .unwrap();
     assert_eq!(claimed.params["n"], 10);
+}
+
+/// A sequential row round-trips with the bound's inputs and decisions, next to a Cohen row
+/// whose sequential columns stay empty; `cert_draws` counts n0 + n of both, and the draws unit
+/// is what status reads.
+async fn sequential_rows_keep_what_recomputes_them(f: impl Fixture) {
+    use crate::certify::sequential::Decision;
+    use crate::plan::ProgressUnit;
+    let s = f.open().await;
+    let a = job("a", &[]).counted_in(ProgressUnit::Draws);
+    let study = s.register_plan(&plan("p", vec![a.clone()])).await.unwrap();
+    let seq = CertRow {
+        n_a: 2_396,
+        n: 2_400,
+        sequential: Some(SequentialRow {
+            n_max: 100_000,
+            lower: 0.9921,
+            upper: 0.99995,
+            prior_a: 1.0,
+            prior_b: 0.25,
+            radii: vec![0.25, 0.5, 1.5],
+            decisions: vec![
+                Decision::Certified,
+                Decision::Certified,
+                Decision::Impossible,
+            ],
+            stopped_wrong: false,
+        }),
+        ..cert(1, 0.6)
+    };
+    let wrong = CertRow {
+        predict: -1,
+        correct: false,
+        n_a: 0,
+        n: 0,
+        radius: 0.0,
+        sequential: Some(SequentialRow {
+            n_max: 100_000,
+            lower: 0.0,
+            upper: 1.0,
+            prior_a: 1.0,
+            prior_b: 0.25,
+            radii: vec![0.25],
+            decisions: vec![Decision::Undecided],
+            stopped_wrong: true,
+        }),
+        ..cert(2, 0.0)
+    };
+    let lease = leased(&s, study).await;
+    assert_eq!(lease.job, a.id);
+    for row in [cert(0, 0.3), seq.clone(), wrong.clone()] {
+        assert!(s.record_cert(&lease, &a.id, &row).await.unwrap());
+    }
+    let rows = s.study_cert_results(study).await.unwrap();
+    let rows: Vec<CertRow> = rows.into_iter().map(|(_, r)| r).collect();
+    assert_eq!(rows, vec![cert(0, 0.3), seq, wrong]);
+    assert_eq!(s.cert_draws(&a.id).await.unwrap(), 1_100 + 2_500 + 100);
+    let j = job("b", &[]);
+    assert_eq!(s.cert_draws(&j.id).await.unwrap(), 0);
+    assert_eq!(
+        s.study_jobs(study).await.unwrap()[0].unit,
+        ProgressUnit::Draws
+    );
 }

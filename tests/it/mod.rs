@@ -1,9 +1,13 @@
 mod util;
 
 mod certify_cli;
+mod copy_cli;
 mod layering;
 mod postgres_cli;
 mod report_cli;
 mod resume;
+mod sequential;
+mod slurm_cli;
 mod spec_cli;
 mod train;
+mod worker_cli;

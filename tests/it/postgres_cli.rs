@@ -6,7 +6,7 @@ use sqlx::Connection;
 use super::util::*;
 
 /// A fresh database on the test server, or `None` (with a note) when no server is configured.
-fn fresh_database() -> Option<String> {
+pub(super) fn fresh_database() -> Option<String> {
     let Ok(server) = std::env::var("CAF_TEST_POSTGRES") else {
         eprintln!("postgres: skipped (CAF_TEST_POSTGRES is unset)");
         return None;

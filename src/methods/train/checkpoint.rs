@@ -12,7 +12,8 @@
 //!   embedded in the tensors wins.
 //! - `final.safetensors`: the selected weights (plain VarMap names), written when a run ends.
 //!
-//! Every file is written to `<name>.tmp`, fsynced, renamed over the old one, and the directory
+//! Every file is written to a temporary name beside it (unique per process, see
+//! [`crate::util::write_atomic`]), fsynced, renamed over the old one, and the directory
 //! fsynced, so each name always holds either the old or the new complete file.
 
 use std::collections::HashMap;

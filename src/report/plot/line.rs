@@ -20,6 +20,9 @@ pub struct Series {
     pub dashed: bool,
     /// Optional vertical error bars per point: (y_low, y_high), same length as points when Some.
     pub error_bars: Option<Vec<(f64, f64)>>,
+    /// Only the measured points, as markers with no line through them: a result known at a
+    /// few x only (a sequential certification decides its requested radii, nothing between).
+    pub points_only: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -103,7 +106,9 @@ impl<'a> LineScene<'a> {
                     .map(|(&(x, _), &(lo, hi))| (x, lo.min(hi), lo.max(hi)))
                     .collect(),
             };
-            let path = if plot.step {
+            let path = if s.points_only {
+                Vec::new()
+            } else if plot.step {
                 points.sort_by(|a, b| a.0.total_cmp(&b.0));
                 step_path(&points)
             } else {
@@ -337,7 +342,8 @@ impl Scene for LineScene<'_> {
 
             // Markers show where the measurements are on a curve that interpolates between them,
             // and are the only thing visible for a one-point series.
-            let markers = (!plot.step && s.points.len() <= 40) || s.points.len() == 1;
+            let markers =
+                (!plot.step && s.points.len() <= 40) || s.points.len() == 1 || s.source.points_only;
             if markers {
                 let radius = fonts.px(3.5);
                 chart

@@ -38,6 +38,7 @@ fn series(name: &str, color: Rgb, points: Vec<(f64, f64)>) -> Series {
         points,
         dashed: false,
         error_bars: None,
+        points_only: false,
     }
 }
 

@@ -65,7 +65,13 @@ pub(crate) fn comparison_section(
         // Every method against every baseline configuration (e.g. each denoiser objective).
         for b in &bases {
             for other in &others {
-                for &r in &opts.radii {
+                // A sequential job is known at its requested radii only: compare there.
+                let radii: Vec<f64> = match (other.sequential_radii(), b.sequential_radii()) {
+                    (None, None) => opts.radii.clone(),
+                    (Some(s), None) | (None, Some(s)) => s.to_vec(),
+                    (Some(s), Some(t)) => s.iter().copied().filter(|r| t.contains(r)).collect(),
+                };
+                for &r in &radii {
                     let Some(d) = stats::paired(&other.rows, &b.rows, r, BOOTSTRAP_SEED) else {
                         continue;
                     };
@@ -76,12 +82,14 @@ pub(crate) fn comparison_section(
             }
         }
         if !others.is_empty() {
+            let (points, points_only) = base.curve();
             let mut series = vec![Series {
                 name: job_name(base, &study.swept),
                 color: plot::method_color(&baseline),
-                points: stats::curve(&base.rows),
+                points,
                 dashed: true,
                 error_bars: None,
+                points_only,
             }];
             let methods: Vec<&str> = std::iter::once(baseline.as_str())
                 .chain(others.iter().map(|o| o.method.as_str()))
@@ -90,12 +98,14 @@ pub(crate) fn comparison_section(
                 .iter()
                 .zip(plot::figure_colors(&methods).into_iter().skip(1))
             {
+                let (points, points_only) = o.curve();
                 series.push(Series {
                     name: job_name(o, &study.swept),
                     color,
-                    points: stats::curve(&o.rows),
+                    points,
                     dashed: false,
                     error_bars: None,
+                    points_only,
                 });
             }
             let p = accuracy_plot(format!("vs {baseline}, σ = {}", fmt_sigma(sigma)), series);

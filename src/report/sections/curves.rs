@@ -6,8 +6,15 @@ use std::collections::BTreeMap;
 use super::{accuracy_plot, diagonal, fmt_sigma, job_name};
 use crate::report::data::{CertJob, StudyData};
 use crate::report::plot::{self, Series};
-use crate::report::stats;
 use crate::report::{ReportError, Section};
+
+/// Why sequential jobs are drawn as points.
+pub(crate) const SEQUENTIAL_NOTE: &str =
+    "Sequential certification (markers without a line) decides only its requested radii: it \
+     stops sampling as soon as each is certified or ruled out, so its accuracy is known at those \
+     radii and nowhere between. It is left out of the envelope, and its ACR is not reported: the \
+     radius at the stop is only as large as deciding the requested radii needed, so an average \
+     of it is not comparable with Cohen's fixed-n radii.";
 
 pub(crate) fn curves_section(study: &StudyData) -> Result<Section, ReportError> {
     let mut sec = Section::new("curves", "Certified accuracy vs radius");
@@ -18,6 +25,9 @@ pub(crate) fn curves_section(study: &StudyData) -> Result<Section, ReportError> 
          σ at each radius."
             .into(),
     );
+    if study.cert.iter().any(|c| c.sequential_radii().is_some()) {
+        sec.notes.push(SEQUENTIAL_NOTE.into());
+    }
     let mut envelope: BTreeMap<String, Vec<Vec<(f64, f64)>>> = BTreeMap::new();
     for sigma in study.sigmas() {
         let jobs: Vec<&CertJob> = diagonal(study).filter(|c| c.sigma == sigma).collect();
@@ -28,17 +38,20 @@ pub(crate) fn curves_section(study: &StudyData) -> Result<Section, ReportError> 
         let colors = plot::figure_colors(&methods);
         let mut series = Vec::new();
         for (c, color) in jobs.iter().zip(colors) {
-            let pts = stats::curve(&c.rows);
-            envelope
-                .entry(c.method.clone())
-                .or_default()
-                .push(pts.clone());
+            let (pts, points_only) = c.curve();
+            if !points_only {
+                envelope
+                    .entry(c.method.clone())
+                    .or_default()
+                    .push(pts.clone());
+            }
             series.push(Series {
                 name: job_name(c, &study.swept),
                 color,
                 points: pts,
                 dashed: !c.complete(),
                 error_bars: None,
+                points_only,
             });
         }
         let p = accuracy_plot(
@@ -60,6 +73,7 @@ pub(crate) fn curves_section(study: &StudyData) -> Result<Section, ReportError> 
                 points: upper_envelope(curves),
                 dashed: false,
                 error_bars: None,
+                points_only: false,
             })
             .collect();
         let p = accuracy_plot(

@@ -149,6 +149,7 @@ fn method_views(
                 points: pts,
                 dashed: false,
                 error_bars: Some(bars),
+                points_only: false,
             });
         }
         let p = LinePlot {

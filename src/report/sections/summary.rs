@@ -48,21 +48,35 @@ pub(crate) fn summary_section(
                 ));
             }
             r.push(Cell::text(c.rows.len().to_string()));
-            // Imported logs without counts have n = 0: unknown, not zero samples.
-            r.push(Cell::text(
-                c.rows
+            let seq = c.sequential_radii();
+            r.push(Cell::text(match seq {
+                // Draws vary per image: the mean used, and the budget.
+                Some(_) => {
+                    let mean =
+                        c.rows.iter().map(|x| x.n as f64).sum::<f64>() / c.rows.len().max(1) as f64;
+                    let n_max = c
+                        .rows
+                        .iter()
+                        .find_map(|x| x.sequential.as_ref())
+                        .map_or(0, |q| q.n_max);
+                    format!("seq: mean {mean:.0} of ≤ {n_max}")
+                }
+                // Imported logs without counts have n = 0: unknown, not zero samples.
+                None => c
+                    .rows
                     .first()
                     .filter(|x| x.n > 0)
                     .map_or_else(|| "–".to_string(), |x| x.n.to_string()),
-            ));
+            }));
             for &rad in radii {
-                r.push(if c.rows.is_empty() {
+                let decided = seq.is_none_or(|s| s.contains(&rad));
+                r.push(if c.rows.is_empty() || !decided {
                     Cell::missing()
                 } else {
                     Cell::num(stats::certified_accuracy(&c.rows, rad), 3)
                 });
             }
-            r.push(if c.rows.is_empty() {
+            r.push(if c.rows.is_empty() || seq.is_some() {
                 Cell::missing()
             } else {
                 Cell::num(stats::acr(&c.rows), 3)
@@ -79,8 +93,29 @@ pub(crate) fn summary_section(
             },
         ));
     }
+    if study.cert.iter().any(|c| c.sequential_radii().is_some()) {
+        sec.notes.push(format!(
+            "{} In the tables it has values only at its requested radii (– elsewhere, and for \
+             ACR), and n shows the mean estimation draws it used and its budget n_max.",
+            super::curves::SEQUENTIAL_NOTE
+        ));
+    }
     for c in &study.cert {
         let m = tables::csv_field(&c.method);
+        // A sequential job: its own radii, and no ACR row (see the note).
+        if let Some(seq) = c.sequential_radii() {
+            for &rad in seq {
+                let _ = writeln!(
+                    acc_csv,
+                    "{},{m},{},{rad},{},{}",
+                    c.job,
+                    c.sigma,
+                    stats::certified_accuracy(&c.rows, rad),
+                    c.rows.len()
+                );
+            }
+            continue;
+        }
         for &rad in radii {
             let _ = writeln!(
                 acc_csv,

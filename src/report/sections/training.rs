@@ -43,6 +43,7 @@ pub(crate) fn training_section(study: &StudyData) -> Result<Option<Section>, Rep
                     .collect(),
                 dashed: false,
                 error_bars: None,
+                points_only: false,
             })
             .collect();
         let p = LinePlot {

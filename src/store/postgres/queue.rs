@@ -8,7 +8,11 @@ use sqlx::{AssertSqlSafe, QueryBuilder, Row};
 
 use super::PgStore;
 use crate::plan::JobId;
-use crate::queue::{Abandoned, Artifact, Claimed, FailOutcome, Queue, StudyId, WorkerId};
+use crate::queue::{
+    interruption_cap_error, Abandoned, Artifact, Claimed, FailOutcome, Lease, Queue, StudyId,
+    WorkerId, WorkerInfo,
+};
+use crate::store::rows::studies_json;
 use crate::store::rows::BLOCKED_CTE;
 use crate::store::{QueryContext, StoreError};
 use crate::util::now_unix;
@@ -16,25 +20,48 @@ use crate::util::now_unix;
 impl Queue for PgStore {
     type Error = StoreError;
 
+    fn is_transient(e: &StoreError) -> bool {
+        e.is_transient()
+    }
+
     async fn register_worker(
         &self,
         worker: &WorkerId,
-        host: &str,
-        pid: u32,
+        info: &WorkerInfo,
     ) -> Result<(), StoreError> {
         let now = now_unix();
         sqlx::query(
-            "INSERT INTO workers (id, host, pid, started_at, last_seen) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen",
+            "INSERT INTO workers (id, host, pid, started_at, last_seen, cpu, device, slurm_job_id,
+                 slurm_array_job_id, slurm_array_task_id, studies)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen, stopped_at = NULL",
         )
         .bind(&worker.0)
-        .bind(host)
-        .bind(pid as i64)
+        .bind(&info.host)
+        .bind(info.pid as i64)
         .bind(now)
         .bind(now)
+        .bind(&info.cpu)
+        .bind(&info.device)
+        .bind(&info.slurm_job_id)
+        .bind(&info.slurm_array_job_id)
+        .bind(&info.slurm_array_task_id)
+        .bind(studies_json(info))
         .execute(&self.pool)
         .await
         .ctx("registering the worker")?;
+        Ok(())
+    }
+
+    async fn worker_stopped(&self, worker: &WorkerId) -> Result<(), StoreError> {
+        let now = now_unix();
+        sqlx::query("UPDATE workers SET stopped_at = $1, last_seen = $2 WHERE id = $3")
+            .bind(now)
+            .bind(now)
+            .bind(&worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("recording that the worker stopped")?;
         Ok(())
     }
 
@@ -48,6 +75,11 @@ impl Queue for PgStore {
         if kinds.is_empty() {
             return Ok(None);
         }
+        // Looked up first, not as a subquery of the claim (as SQLite's claim does): with the
+        // revision as a bound value PostgreSQL's planner sees how many rows the study has and
+        // joins study_jobs by job id; with a subquery it guessed one row and scanned the
+        // study's whole job list for every pending job (1000 no-op jobs, 8 workers: 16 jobs/s
+        // instead of hundreds).
         let rev = self.current_revision(study).await?;
         let now = now_unix();
         // The inner SELECT locks its candidate and skips rows other claimers hold, so
@@ -89,6 +121,13 @@ impl Queue for PgStore {
             .fetch_optional(&self.pool)
             .await
             .ctx("claiming a job")?;
+        // An idle worker's claims are its sign of life in `caf status`.
+        sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
+            .bind(now)
+            .bind(&worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("updating the worker heartbeat")?;
         let Some(row) = row else { return Ok(None) };
         let get_err = |e: sqlx::Error| StoreError::Query {
             context: "reading a claimed job",
@@ -135,12 +174,16 @@ impl Queue for PgStore {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE jobs SET status = 'done', result = $1, error = NULL, finished_at = $2, lease_owner = NULL,
-                 lease_expires = NULL, run_seconds = run_seconds + $3
+                 lease_expires = NULL, run_seconds = run_seconds + $3,
+                 ran_host = (SELECT host FROM workers w WHERE w.id = $5),
+                 ran_cpu = (SELECT cpu FROM workers w WHERE w.id = $5),
+                 ran_device = $6
              WHERE id = $4 AND status = 'running' AND lease_owner = $5",
         )
         .bind(result.to_string())
@@ -148,6 +191,7 @@ impl Queue for PgStore {
         .bind(seconds)
         .bind(job.as_str())
         .bind(&worker.0)
+        .bind(device)
         .execute(&self.pool)
         .await
         .ctx("completing a job")?;
@@ -196,20 +240,35 @@ impl Queue for PgStore {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        reason: &str,
         seconds: f64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE jobs SET status = 'pending', attempts = GREATEST(attempts - 1, 0), lease_owner = NULL,
-                 lease_expires = NULL, run_seconds = run_seconds + $1
-             WHERE id = $2 AND status = 'running' AND lease_owner = $3",
+    ) -> Result<FailOutcome, StoreError> {
+        let row = sqlx::query(
+            "UPDATE jobs SET
+                 status = CASE WHEN interruptions + 1 < max_interruptions THEN 'pending' ELSE 'failed' END,
+                 error = CASE WHEN interruptions + 1 < max_interruptions THEN $1 ELSE $2 END,
+                 attempts = GREATEST(attempts - 1, 0), interruptions = interruptions + 1,
+                 lease_owner = NULL, lease_expires = NULL, run_seconds = run_seconds + $3
+             WHERE id = $4 AND status = 'running' AND lease_owner = $5
+             RETURNING status",
         )
+        .bind(reason)
+        .bind(interruption_cap_error(reason, self.max_interruptions(job).await?))
         .bind(seconds)
         .bind(job.as_str())
         .bind(&worker.0)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .ctx("releasing a lease")?;
-        Ok(())
+        match row.map(|r| r.try_get::<String, _>("status")) {
+            Some(Ok(s)) if s == "failed" => Ok(FailOutcome::Failed),
+            // Pending, or no longer ours (whoever holds it now decides).
+            Some(Ok(_)) | None => Ok(FailOutcome::WillRetry),
+            Some(Err(source)) => Err(StoreError::Query {
+                context: "reading a release outcome",
+                source,
+            }),
+        }
     }
 
     async fn reap_expired(&self) -> Result<Vec<Abandoned>, StoreError> {
@@ -218,8 +277,10 @@ impl Queue for PgStore {
         // statement holds right now (a heartbeat racing the reap; the next reap sees it).
         let rows = sqlx::query(
             "UPDATE jobs SET
-                 status = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'failed' END,
-                 error = 'abandoned: runner ' || COALESCE(lease_owner, '?') || ' stopped renewing its lease',
+                 status = CASE WHEN interruptions + 1 < max_interruptions THEN 'pending' ELSE 'failed' END,
+                 error = CASE WHEN interruptions + 1 < max_interruptions THEN '' ELSE 'interrupted ' || max_interruptions || ' times (the cap), the last time: ' END
+                     || 'interrupted: runner ' || COALESCE(lease_owner, '?') || ' stopped renewing its lease',
+                 attempts = GREATEST(attempts - 1, 0), interruptions = interruptions + 1,
                  lease_owner = NULL, lease_expires = NULL
              WHERE status = 'running' AND lease_expires < $1 AND id IN (
                  SELECT id FROM jobs WHERE status = 'running' AND lease_expires < $1
@@ -273,15 +334,19 @@ impl Queue for PgStore {
         Ok((running as u64, pending as u64))
     }
 
-    async fn set_progress(&self, job: &JobId, done: u64, total: u64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE jobs SET progress_done = $1, progress_total = $2 WHERE id = $3")
-            .bind(done as i64)
-            .bind(total as i64)
-            .bind(job.as_str())
-            .execute(&self.pool)
-            .await
-            .ctx("recording progress")?;
-        Ok(())
+    async fn set_progress(&self, lease: &Lease, done: u64, total: u64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET progress_done = $1, progress_total = $2
+             WHERE id = $3 AND status = 'running' AND lease_owner = $4",
+        )
+        .bind(done as i64)
+        .bind(total as i64)
+        .bind(lease.job.as_str())
+        .bind(&lease.worker.0)
+        .execute(&self.pool)
+        .await
+        .ctx("recording progress")?;
+        Ok(r.rows_affected() == 1)
     }
 
     async fn log_event(
@@ -305,22 +370,27 @@ impl Queue for PgStore {
         Ok(())
     }
 
-    async fn record_artifact(&self, job: &JobId, a: &Artifact) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO artifacts (job_id, name, path, sha256, bytes, created_at) VALUES ($1, $2, $3, $4, $5, $6)
+    async fn record_artifact(&self, lease: &Lease, a: &Artifact) -> Result<bool, StoreError> {
+        let sql = format!(
+            "INSERT INTO artifacts (job_id, name, path, sha256, bytes, created_at)
+             SELECT $1, $2, $3, $4, $5, $6 WHERE {}
              ON CONFLICT (job_id, name) DO UPDATE SET path = excluded.path, sha256 = excluded.sha256,
                  bytes = excluded.bytes, created_at = excluded.created_at",
-        )
-        .bind(job.as_str())
-        .bind(&a.name)
-        .bind(&a.path)
-        .bind(&a.sha256)
-        .bind(a.bytes as i64)
-        .bind(now_unix())
-        .execute(&self.pool)
-        .await
-        .ctx("recording an artifact")?;
-        Ok(())
+            super::holds_lease(7)
+        );
+        let r = sqlx::query(AssertSqlSafe(sql))
+            .bind(lease.job.as_str())
+            .bind(&a.name)
+            .bind(&a.path)
+            .bind(&a.sha256)
+            .bind(a.bytes as i64)
+            .bind(now_unix())
+            .bind(lease.job.as_str())
+            .bind(&lease.worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("recording an artifact")?;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError> {
@@ -343,5 +413,18 @@ impl Queue for PgStore {
             sha256: r.try_get("sha256").map_err(g)?,
             bytes: r.try_get::<i64, _>("bytes").map_err(g)? as u64,
         }))
+    }
+}
+
+impl PgStore {
+    /// The job's interruption cap, for the error of the release that reaches it.
+    async fn max_interruptions(&self, job: &JobId) -> Result<u32, StoreError> {
+        let cap: Option<i64> =
+            sqlx::query_scalar("SELECT max_interruptions FROM jobs WHERE id = $1")
+                .bind(job.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .ctx("reading the interruption cap")?;
+        Ok(cap.unwrap_or(crate::queue::DEFAULT_MAX_INTERRUPTIONS as i64) as u32)
     }
 }

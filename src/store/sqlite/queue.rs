@@ -7,7 +7,11 @@ use sqlx::{AssertSqlSafe, QueryBuilder, Row};
 
 use super::SqliteStore;
 use crate::plan::JobId;
-use crate::queue::{Abandoned, Artifact, Claimed, FailOutcome, Queue, StudyId, WorkerId};
+use crate::queue::{
+    interruption_cap_error, Abandoned, Artifact, Claimed, FailOutcome, Lease, Queue, StudyId,
+    WorkerId, WorkerInfo,
+};
+use crate::store::rows::studies_json;
 use crate::store::rows::BLOCKED_CTE;
 use crate::store::{QueryContext, StoreError};
 use crate::util::now_unix;
@@ -15,25 +19,48 @@ use crate::util::now_unix;
 impl Queue for SqliteStore {
     type Error = StoreError;
 
+    fn is_transient(e: &StoreError) -> bool {
+        e.is_transient()
+    }
+
     async fn register_worker(
         &self,
         worker: &WorkerId,
-        host: &str,
-        pid: u32,
+        info: &WorkerInfo,
     ) -> Result<(), StoreError> {
         let now = now_unix();
         sqlx::query(
-            "INSERT INTO workers (id, host, pid, started_at, last_seen) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen",
+            "INSERT INTO workers (id, host, pid, started_at, last_seen, cpu, device, slurm_job_id,
+                 slurm_array_job_id, slurm_array_task_id, studies)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen, stopped_at = NULL",
         )
         .bind(&worker.0)
-        .bind(host)
-        .bind(pid as i64)
+        .bind(&info.host)
+        .bind(info.pid as i64)
         .bind(now)
         .bind(now)
+        .bind(&info.cpu)
+        .bind(&info.device)
+        .bind(&info.slurm_job_id)
+        .bind(&info.slurm_array_job_id)
+        .bind(&info.slurm_array_task_id)
+        .bind(studies_json(info))
         .execute(&self.pool)
         .await
         .ctx("registering the worker")?;
+        Ok(())
+    }
+
+    async fn worker_stopped(&self, worker: &WorkerId) -> Result<(), StoreError> {
+        let now = now_unix();
+        sqlx::query("UPDATE workers SET stopped_at = ?, last_seen = ? WHERE id = ?")
+            .bind(now)
+            .bind(now)
+            .bind(&worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("recording that the worker stopped")?;
         Ok(())
     }
 
@@ -47,7 +74,6 @@ impl Queue for SqliteStore {
         if kinds.is_empty() {
             return Ok(None);
         }
-        let rev = self.current_revision(study).await?;
         let now = now_unix();
         let mut q = QueryBuilder::new("UPDATE jobs SET status = 'running', lease_owner = ");
         q.push_bind(&worker.0)
@@ -57,8 +83,11 @@ impl Queue for SqliteStore {
             .push_bind(now)
             .push(") WHERE status = 'pending' AND id = (SELECT j.id FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id WHERE sj.study_id = ")
             .push_bind(study.0)
-            .push(" AND sj.spec_sha256 = ")
-            .push_bind(rev.clone())
+            // The study's current revision, read by the claim itself: one round trip less
+            // per job than looking it up first.
+            .push(" AND sj.spec_sha256 = (SELECT s.spec_sha256 FROM studies s WHERE s.id = ")
+            .push_bind(study.0)
+            .push(")")
             .push(" AND j.status = 'pending' AND j.attempts < j.max_attempts AND j.not_before <= ")
             .push_bind(now)
             .push(" AND j.kind IN (");
@@ -76,14 +105,22 @@ impl Queue for SqliteStore {
         // The claiming study's own name for the job, which another study sharing it may word
         // differently.
         q.push_bind(study.0)
-            .push(" AND sj.spec_sha256 = ")
-            .push_bind(rev)
+            .push(" AND sj.spec_sha256 = (SELECT s.spec_sha256 FROM studies s WHERE s.id = ")
+            .push_bind(study.0)
+            .push(")")
             .push("), label) AS label");
         let row = q
             .build()
             .fetch_optional(&self.pool)
             .await
             .ctx("claiming a job")?;
+        // An idle worker's claims are its sign of life in `caf status`.
+        sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
+            .bind(now)
+            .bind(&worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("updating the worker heartbeat")?;
         let Some(row) = row else { return Ok(None) };
         let get_err = |e: sqlx::Error| StoreError::Query {
             context: "reading a claimed job",
@@ -130,17 +167,22 @@ impl Queue for SqliteStore {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE jobs SET status = 'done', result = ?, error = NULL, finished_at = ?, lease_owner = NULL,
-                 lease_expires = NULL, run_seconds = run_seconds + ?
+                 lease_expires = NULL, run_seconds = run_seconds + ?,
+                 ran_host = (SELECT host FROM workers w WHERE w.id = jobs.lease_owner),
+                 ran_cpu = (SELECT cpu FROM workers w WHERE w.id = jobs.lease_owner),
+                 ran_device = ?
              WHERE id = ? AND status = 'running' AND lease_owner = ?",
         )
         .bind(result.to_string())
         .bind(now_unix())
         .bind(seconds)
+        .bind(device)
         .bind(job.as_str())
         .bind(&worker.0)
         .execute(&self.pool)
@@ -191,28 +233,45 @@ impl Queue for SqliteStore {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        reason: &str,
         seconds: f64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE jobs SET status = 'pending', attempts = MAX(attempts - 1, 0), lease_owner = NULL,
-                 lease_expires = NULL, run_seconds = run_seconds + ?
-             WHERE id = ? AND status = 'running' AND lease_owner = ?",
+    ) -> Result<FailOutcome, StoreError> {
+        let row = sqlx::query(
+            "UPDATE jobs SET
+                 status = CASE WHEN interruptions + 1 < max_interruptions THEN 'pending' ELSE 'failed' END,
+                 error = CASE WHEN interruptions + 1 < max_interruptions THEN ? ELSE ? END,
+                 attempts = MAX(attempts - 1, 0), interruptions = interruptions + 1,
+                 lease_owner = NULL, lease_expires = NULL, run_seconds = run_seconds + ?
+             WHERE id = ? AND status = 'running' AND lease_owner = ?
+             RETURNING status",
         )
+        .bind(reason)
+        .bind(interruption_cap_error(reason, self.max_interruptions(job).await?))
         .bind(seconds)
         .bind(job.as_str())
         .bind(&worker.0)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .ctx("releasing a lease")?;
-        Ok(())
+        match row.map(|r| r.try_get::<String, _>("status")) {
+            Some(Ok(s)) if s == "failed" => Ok(FailOutcome::Failed),
+            // Pending, or no longer ours (whoever holds it now decides).
+            Some(Ok(_)) | None => Ok(FailOutcome::WillRetry),
+            Some(Err(source)) => Err(StoreError::Query {
+                context: "reading a release outcome",
+                source,
+            }),
+        }
     }
 
     async fn reap_expired(&self) -> Result<Vec<Abandoned>, StoreError> {
         let now = now_unix();
         let rows = sqlx::query(
             "UPDATE jobs SET
-                 status = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'failed' END,
-                 error = 'abandoned: runner ' || COALESCE(lease_owner, '?') || ' stopped renewing its lease',
+                 status = CASE WHEN interruptions + 1 < max_interruptions THEN 'pending' ELSE 'failed' END,
+                 error = CASE WHEN interruptions + 1 < max_interruptions THEN '' ELSE 'interrupted ' || max_interruptions || ' times (the cap), the last time: ' END
+                     || 'interrupted: runner ' || COALESCE(lease_owner, '?') || ' stopped renewing its lease',
+                 attempts = MAX(attempts - 1, 0), interruptions = interruptions + 1,
                  lease_owner = NULL, lease_expires = NULL
              WHERE status = 'running' AND lease_expires < ?
              RETURNING id, status, error",
@@ -264,15 +323,19 @@ impl Queue for SqliteStore {
         Ok((running as u64, pending as u64))
     }
 
-    async fn set_progress(&self, job: &JobId, done: u64, total: u64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?")
-            .bind(done as i64)
-            .bind(total as i64)
-            .bind(job.as_str())
-            .execute(&self.pool)
-            .await
-            .ctx("recording progress")?;
-        Ok(())
+    async fn set_progress(&self, lease: &Lease, done: u64, total: u64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET progress_done = ?, progress_total = ?
+             WHERE id = ? AND status = 'running' AND lease_owner = ?",
+        )
+        .bind(done as i64)
+        .bind(total as i64)
+        .bind(lease.job.as_str())
+        .bind(&lease.worker.0)
+        .execute(&self.pool)
+        .await
+        .ctx("recording progress")?;
+        Ok(r.rows_affected() == 1)
     }
 
     async fn log_event(
@@ -296,22 +359,27 @@ impl Queue for SqliteStore {
         Ok(())
     }
 
-    async fn record_artifact(&self, job: &JobId, a: &Artifact) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO artifacts (job_id, name, path, sha256, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)
+    async fn record_artifact(&self, lease: &Lease, a: &Artifact) -> Result<bool, StoreError> {
+        let sql = format!(
+            "INSERT INTO artifacts (job_id, name, path, sha256, bytes, created_at)
+             SELECT ?, ?, ?, ?, ?, ? WHERE {}
              ON CONFLICT (job_id, name) DO UPDATE SET path = excluded.path, sha256 = excluded.sha256,
                  bytes = excluded.bytes, created_at = excluded.created_at",
-        )
-        .bind(job.as_str())
-        .bind(&a.name)
-        .bind(&a.path)
-        .bind(&a.sha256)
-        .bind(a.bytes as i64)
-        .bind(now_unix())
-        .execute(&self.pool)
-        .await
-        .ctx("recording an artifact")?;
-        Ok(())
+            super::holds_lease(7)
+        );
+        let r = sqlx::query(AssertSqlSafe(sql))
+            .bind(lease.job.as_str())
+            .bind(&a.name)
+            .bind(&a.path)
+            .bind(&a.sha256)
+            .bind(a.bytes as i64)
+            .bind(now_unix())
+            .bind(lease.job.as_str())
+            .bind(&lease.worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("recording an artifact")?;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn artifact(&self, job: &JobId, name: &str) -> Result<Option<Artifact>, StoreError> {
@@ -334,5 +402,18 @@ impl Queue for SqliteStore {
             sha256: r.try_get("sha256").map_err(g)?,
             bytes: r.try_get::<i64, _>("bytes").map_err(g)? as u64,
         }))
+    }
+}
+
+impl SqliteStore {
+    /// The job's interruption cap, for the error of the release that reaches it.
+    async fn max_interruptions(&self, job: &JobId) -> Result<u32, StoreError> {
+        let cap: Option<i64> =
+            sqlx::query_scalar("SELECT max_interruptions FROM jobs WHERE id = ?")
+                .bind(job.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .ctx("reading the interruption cap")?;
+        Ok(cap.unwrap_or(crate::queue::DEFAULT_MAX_INTERRUPTIONS as i64) as u32)
     }
 }
