@@ -593,10 +593,12 @@ pub async fn run_studies<Q: Queue>(
                 let fut = run_one(
                     store.clone(),
                     worker.clone(),
-                    job,
+                    Placed {
+                        job,
+                        device: devices[slot],
+                    },
                     handler,
                     cfg.clone(),
-                    devices[slot],
                     shutdown.clone(),
                     progress.clone(),
                 );
@@ -708,13 +710,18 @@ impl Outcome {
     }
 }
 
+/// A claimed job and where it runs: the device of the slot it took.
+struct Placed {
+    job: Claimed,
+    device: DeviceSpec,
+}
+
 async fn run_one<Q: Queue>(
     store: Q,
     worker: WorkerId,
-    job: Claimed,
+    Placed { job, device }: Placed,
     handler: Arc<dyn JobHandler>,
     cfg: SchedConfig,
-    device: DeviceSpec,
     shutdown: CancelFlag,
     progress: Arc<dyn Progress>,
 ) -> Result<Outcome, SchedError> {
