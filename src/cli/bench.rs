@@ -208,7 +208,7 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         std: None,
         data: DatasetArg::Cifar10,
         data_root: PathBuf::new(),
-        device: caf::sched::DeviceSpec::Cpu,
+        device: f.device,
     };
     let (mut model, device) = load_classifier(&m)?;
     model
@@ -226,7 +226,9 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         }
         _ => None,
     };
+    // The share of the CPU's sgemm peak means nothing for a GPU run.
     let share = flops
+        .filter(|_| device.is_cpu())
         .map(|fl| peak_share(report.images_per_sec_median, fl, f.seconds))
         .transpose()?;
     if f.json {
@@ -258,7 +260,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
     if !t.seconds.is_finite() || t.seconds <= 0.0 {
         bail!(usage("--seconds must be positive"));
     }
-    let device = candle_core::Device::Cpu;
+    let device = t.device.open()?;
     let normalize = Normalize::IMAGENET;
     let varmap = candle_nn::VarMap::new();
     let backbone_flops = models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image;
@@ -345,7 +347,11 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
         }
     };
     outln!("images/s: {:.1}", report.images_per_sec_median);
-    let share = peak_share(report.images_per_sec_median, flops, t.seconds)?;
+    let share = if device.is_cpu() {
+        Some(peak_share(report.images_per_sec_median, flops, t.seconds)?)
+    } else {
+        None
+    };
     if t.json {
         outln!(
             "{}",
