@@ -199,3 +199,119 @@ fn vit_cost_counts_every_parameter() {
     assert_eq!(p, 86_567_656);
     assert!((17.5e9..17.7e9).contains(&(f as f64 / 2.0)), "{f}");
 }
+
+/// The micro ViT of the fixture with formula weights, as a detached backbone.
+fn micro_backbone() -> VisionTransformer {
+    let (cfg, _) = micro();
+    let named =
+        record_tensors(|vb| VisionTransformer::new(cfg, 10, Normalize::HALF, vb).map(|_| ()))
+            .expect("names");
+    let vb = formula::var_builder(&named, &Device::Cpu).expect("weights");
+    VisionTransformer::new(cfg, 10, Normalize::HALF, vb).expect("vit")
+}
+
+#[test]
+fn caf_on_a_vit_trains_adapter_and_head_only_for_both_adapter_types() {
+    use candle_core::{Module, ModuleT};
+    use candle_nn::VarMap;
+
+    let backbone = micro_backbone();
+    let dev = Device::Cpu;
+    let x = formula::images(32, 3, &dev).expect("x");
+    let phi = backbone.features(&x).expect("phi");
+    assert_eq!(phi.dims(), [3, 32]);
+    for spec in ["cnn:8:2", "vit:16:1:8", "vit:16:2:4:2"] {
+        let arch: adapter::AdapterArch = spec.parse().expect(spec);
+        assert_eq!(arch.to_string(), spec);
+        let vm = VarMap::new();
+        let (model, vars) =
+            caf::build_caf_seeded(backbone.clone(), &arch, 10, &vm, &dev, 3).expect(spec);
+        // Every trained parameter is counted by `cost` (plus the head), and only those.
+        let c = adapter::cost(&arch, 32).expect("cost");
+        let n: usize = vars.iter().map(|v| v.elem_count()).sum();
+        assert_eq!(c.params + 32 * 10 + 10, n as u64, "{spec}");
+        let expected = caf::caf_expected_tensors_for(&arch, 32, 10).expect("names");
+        assert!(expected
+            .iter()
+            .all(|(k, _)| k.starts_with("adapter.") || k.starts_with("head.")));
+
+        // Step 0: the adapter's last layer is zero, so logits are the new head on φ alone.
+        let logits = model.logits(&x).expect("logits");
+        let head_only = model.head().forward(&phi).expect("head");
+        let d = (logits - head_only)
+            .expect("diff")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar");
+        assert!(d < 1e-5, "{spec}: {d}");
+
+        // Gradients reach adapter and head, never the backbone (it has no vars at all).
+        let y = model.forward_t(&x, true).expect("train forward");
+        let loss = y.sqr().expect("sq").sum_all().expect("sum");
+        let grads = loss.backward().expect("backward");
+        let head_w = vars.last().expect("head bias");
+        assert!(grads.get(head_w.as_tensor()).is_some(), "{spec}");
+        let with_grad = vars
+            .iter()
+            .filter(|v| grads.get(v.as_tensor()).is_some())
+            .count();
+        // All of the head's and the adapter's last layer's; the deeper adapter layers get
+        // gradients once the zero-initialised last layer has moved (second step).
+        assert!(with_grad >= 4, "{spec}: {with_grad}");
+        assert!(!model.backbone().features(&x).expect("phi").track_op());
+    }
+}
+
+#[test]
+fn a_vit_adapter_learns_through_every_layer_after_one_step() {
+    use candle_core::ModuleT;
+    use candle_nn::{Optimizer, VarMap};
+
+    let backbone = micro_backbone();
+    let dev = Device::Cpu;
+    let x = formula::images(32, 4, &dev).expect("x");
+    let arch: adapter::AdapterArch = "vit:16:1:8".parse().expect("arch");
+    let vm = VarMap::new();
+    let (model, vars) = caf::build_caf_seeded(backbone, &arch, 10, &vm, &dev, 1).expect("build");
+    let mut opt = candle_nn::AdamW::new_lr(vars.clone(), 1e-2).expect("adam");
+    for _ in 0..2 {
+        let loss = model
+            .forward_t(&x, true)
+            .expect("fwd")
+            .sqr()
+            .expect("sq")
+            .mean_all()
+            .expect("mean");
+        opt.backward_step(&loss).expect("step");
+    }
+    let loss = model
+        .forward_t(&x, true)
+        .expect("fwd")
+        .sqr()
+        .expect("sq")
+        .mean_all()
+        .expect("m");
+    let grads = loss.backward().expect("backward");
+    for v in &vars {
+        assert!(
+            grads.get(v.as_tensor()).is_some(),
+            "no gradient for {:?}",
+            v.dims()
+        );
+    }
+    // Eval through candle's fused kernels equals the differentiable composition.
+    let fused = model.logits(&x).expect("eval");
+    let composed = model.forward_t(&x, false).expect("composed");
+    let d = (fused - composed)
+        .expect("d")
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("s");
+    assert!(d < 1e-4, "{d}");
+}

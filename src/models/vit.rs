@@ -94,17 +94,33 @@ impl VitConfig {
     /// Parameters and FLOPs per image (2 × multiply-adds of the matmuls, attention's two
     /// included; LayerNorm, softmax and GELU not counted), with a `classes`-way head.
     pub fn cost(&self, classes: usize) -> (u64, u64) {
-        let (d, n, p) = (self.dim as u64, self.patches() as u64, self.patch as u64);
-        let t = n + 1;
-        let h = d * self.mlp_ratio as u64;
-        let mut params = 3 * p * p * d + d + d + t * d;
-        let mut macs = n * 3 * p * p * d;
-        let block_params = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (h * d + h) + (d * h + d);
-        let block_macs = t * (3 * d * d + d * d + 2 * h * d) + 2 * t * t * d;
-        params += self.depth as u64 * block_params + 2 * d + classes as u64 * (d + 1);
-        macs += self.depth as u64 * block_macs + classes as u64 * d;
-        (params, 2 * macs)
+        let n = self.patches() as u64;
+        let d = self.dim as u64;
+        let (params, flops) =
+            encoder_cost(self.dim, self.depth, self.mlp_ratio, self.patch, n, n + 1);
+        // Class token and position embedding; the head.
+        let params = params + d + (n + 1) * d + classes as u64 * (d + 1);
+        (params, flops + 2 * classes as u64 * d)
     }
+}
+
+/// Parameters and FLOPs of patch embedding (on `patches` patches), `depth` blocks over `tokens`
+/// tokens and the final LayerNorm: what a ViT backbone and a ViT adapter share.
+pub(crate) fn encoder_cost(
+    dim: usize,
+    depth: usize,
+    mlp_ratio: usize,
+    patch: usize,
+    patches: u64,
+    tokens: u64,
+) -> (u64, u64) {
+    let (d, p, t) = (dim as u64, patch as u64, tokens);
+    let h = d * mlp_ratio as u64;
+    let block_params = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (h * d + h) + (d * h + d);
+    let block_macs = t * (3 * d * d + d * d + 2 * h * d) + 2 * t * t * d;
+    let params = 3 * p * p * d + d + depth as u64 * block_params + 2 * d;
+    let macs = patches * 3 * p * p * d + depth as u64 * block_macs;
+    (params, 2 * macs)
 }
 
 /// y = x·Wᵀ + b over the last dimension, as one 2-D matmul whatever the leading dimensions.
@@ -265,8 +281,14 @@ pub(crate) struct PatchEmbed {
 
 impl PatchEmbed {
     pub(crate) fn new(patch: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
-        let w = vb.get((dim, 3, patch, patch), "weight")?;
-        let b = vb.get(dim, "bias")?;
+        // PyTorch's Conv2d default init, for a new (adapter) patch embedding; loading ignores it.
+        let bound = 1.0 / ((3 * patch * patch) as f64).sqrt();
+        let init = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let w = vb.get_with_hints((dim, 3, patch, patch), "weight", init)?;
+        let b = vb.get_with_hints(dim, "bias", init)?;
         Ok(Self {
             proj: Linear::new(w.reshape((dim, 3 * patch * patch))?, Some(b)),
             patch,
@@ -419,5 +441,89 @@ impl Classifier for VisionTransformer {
     }
     fn num_classes(&self) -> usize {
         self.num_classes
+    }
+}
+
+/// MAE's fixed 2-D sine-cosine position embedding [1, gh·gw, dim] (dim a multiple of 4): half
+/// the channels encode the row, half the column, so an adapter needs no parameter tied to one
+/// image size.
+fn sincos_2d(gh: usize, gw: usize, dim: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
+        .collect();
+    let mut v = Vec::with_capacity(gh * gw * dim);
+    for y in 0..gh {
+        for x in 0..gw {
+            for pos in [y as f64, x as f64] {
+                v.extend(omega.iter().map(|o| (pos * o).sin() as f32));
+                v.extend(omega.iter().map(|o| (pos * o).cos() as f32));
+            }
+        }
+    }
+    Tensor::from_vec(v, (1, gh * gw, dim), device)
+}
+
+/// The body of a ViT-style CAF adapter: patch embedding, fixed sine-cosine positions, `depth`
+/// pre-norm blocks (the backbone's [`Block`]), a final LayerNorm and the mean over tokens.
+/// Names: `patch_embed.proj.*`, `blocks.{i}.*` as timm's, `norm.*`.
+#[derive(Clone, Debug)]
+pub(crate) struct VitEncoder {
+    patch_embed: PatchEmbed,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    dim: usize,
+    patch: usize,
+}
+
+impl VitEncoder {
+    pub(crate) fn new(
+        dim: usize,
+        depth: usize,
+        heads: usize,
+        patch: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if dim == 0 || !dim.is_multiple_of(4) || heads == 0 || !dim.is_multiple_of(heads) {
+            candle_core::bail!(
+                "ViT adapter width {dim} must be a multiple of 4 and of {heads} heads"
+            );
+        }
+        Ok(Self {
+            patch_embed: PatchEmbed::new(patch, dim, vb.pp("patch_embed").pp("proj"))?,
+            blocks: (0..depth)
+                .map(|i| Block::new(dim, heads, 4, vb.pp("blocks").pp(i)))
+                .collect::<Result<_>>()?,
+            norm: layer_norm(dim, vb.pp("norm"))?,
+            dim,
+            patch,
+        })
+    }
+
+    /// Mean of the normalised tokens [B, dim] of already-normalised images [B, 3, H, W].
+    pub(crate) fn pooled(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let pos = sincos_2d(h / self.patch, w / self.patch, self.dim, x.device())?;
+        let mut t = self.patch_embed.forward(x)?.broadcast_add(&pos)?;
+        for block in &self.blocks {
+            t = block.forward(&t, grad)?;
+        }
+        norm_fwd(&self.norm, &t, grad)?.mean(1)
+    }
+
+    pub(crate) fn tracks_grad(&self) -> bool {
+        self.patch_embed.proj.weight().track_op()
+            || self.norm.weight().track_op()
+            || self.blocks.iter().any(Block::tracks_grad)
+    }
+
+    pub(crate) fn detached(&self) -> Self {
+        Self {
+            patch_embed: self.patch_embed.detached(),
+            blocks: self.blocks.iter().map(Block::detached).collect(),
+            norm: detach_norm(&self.norm),
+            dim: self.dim,
+            patch: self.patch,
+        }
     }
 }
