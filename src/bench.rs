@@ -35,8 +35,20 @@ pub fn bench_forward(
     sigma: f32,
     device: &Device,
 ) -> candle_core::Result<BenchReport> {
-    if batch == 0 {
-        candle_core::bail!("bench batch must be at least 1");
+    bench_forward_sized(model, 32, batch, seconds, sigma, device)
+}
+
+/// [`bench_forward`] on `size`×`size` images (e.g. 224 for the ImageNet backbones).
+pub fn bench_forward_sized(
+    model: &dyn Classifier,
+    size: usize,
+    batch: usize,
+    seconds: f64,
+    sigma: f32,
+    device: &Device,
+) -> candle_core::Result<BenchReport> {
+    if batch == 0 || size == 0 {
+        candle_core::bail!("bench batch and image size must be at least 1");
     }
     if !(seconds.is_finite() && seconds > 0.0) {
         candle_core::bail!("bench seconds must be positive, got {seconds}");
@@ -46,13 +58,11 @@ pub fn bench_forward(
     }
     // The image's content does not change the work; a fixed pseudo-random one keeps runs alike.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let pixels: Vec<f32> = (0..crate::data::IMAGE_BYTES)
-        .map(|_| rng.random::<f32>())
-        .collect();
-    let image = Tensor::from_vec(pixels, (1, 3, 32, 32), device)?;
+    let pixels: Vec<f32> = (0..3 * size * size).map(|_| rng.random::<f32>()).collect();
+    let image = Tensor::from_vec(pixels, (1, 3, size, size), device)?;
 
     let step = || -> candle_core::Result<()> {
-        let noise = Tensor::randn(0f32, sigma, (batch, 3, 32, 32), device)?;
+        let noise = Tensor::randn(0f32, sigma, (batch, 3, size, size), device)?;
         let x = noise.broadcast_add(&image)?;
         let preds = model.logits(&x)?.argmax(D::Minus1)?;
         // Reading the predictions back is part of the loop (counts are kept on the host), and

@@ -145,6 +145,32 @@ pub fn load_backbone(
     })
 }
 
+/// `arch` with [`formula`] weights (deterministic, not trained): for benchmarks and tests of
+/// architectures with no checkpoint on the machine.
+pub fn formula_backbone(
+    arch: Arch,
+    num_classes: usize,
+    normalize: Normalize,
+    device: &Device,
+) -> Result<Backbone, ModelError> {
+    let vb = formula::var_builder(&expected_tensors(arch, num_classes)?, device)?;
+    Ok(match arch {
+        Arch::Linear => {
+            return Err(ModelError::Invalid {
+                context: format!("backbone {arch}"),
+                message: "a linear classifier has no features to serve as a backbone".into(),
+            })
+        }
+        Arch::CifarResNet { depth } => CifarResNet::new(depth, num_classes, normalize, vb)?.into(),
+        Arch::Vit(name) => {
+            VisionTransformer::new(VitConfig::named(name), num_classes, normalize, vb)?.into()
+        }
+        Arch::ResNet50 => {
+            TvResNet::new(resnet50::RESNET50_LAYERS, num_classes, normalize, vb)?.into()
+        }
+    })
+}
+
 /// A timm ViT of any configuration `cfg` from a checkpoint under timm's names (the named
 /// architectures are [`VitConfig::named`]).
 pub fn load_vit(
