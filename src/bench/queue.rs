@@ -113,7 +113,7 @@ async fn drain<S: Store>(
                 let Some(job) = store.claim(study, &me, &[KIND], lease).await? else {
                     break;
                 };
-                if !store.complete(&job.id, &me, &result, 0.0).await? {
+                if !store.complete(&job.id, &me, "cpu", &result, 0.0).await? {
                     return Err(QueueBenchError::Invalid(format!(
                         "job {} was claimed twice: its lease was lost",
                         job.id

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use caf::sched::DeviceSpec;
+use caf::sched::{DeviceList, DeviceSpec};
 
 /// caf: certified adversarial robustness experiments (randomized smoothing, certifying adapters).
 #[derive(Debug, Parser)]
@@ -87,12 +87,14 @@ pub struct RunArgs {
     pub spec: PathBuf,
     #[command(flatten)]
     pub db: DbArg,
-    /// Concurrent job slots in this process.
-    #[arg(long, default_value_t = 1)]
+    /// Concurrent job slots per device (on the CPU: in this process); several jobs may share
+    /// one GPU for small models.
+    #[arg(long, visible_alias = "slots-per-device", default_value_t = 1)]
     pub workers: usize,
-    /// cpu, or cuda:N (needs a build with `--features cuda`).
+    /// cpu; cuda (one slot per visible GPU, respecting CUDA_VISIBLE_DEVICES); cuda:N; or a
+    /// list such as cuda:0,cuda:2 (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
+    pub device: DeviceList,
     /// Give failed jobs a fresh set of attempts.
     #[arg(long)]
     pub retry_failed: bool,
@@ -158,12 +160,13 @@ pub struct SubmitArgs {
     /// Print the sbatch script and command without recording, writing or submitting anything.
     #[arg(long)]
     pub dry_run: bool,
-    /// Concurrent job slots in each worker.
-    #[arg(long, default_value_t = 1)]
+    /// Concurrent job slots per device in each worker.
+    #[arg(long, visible_alias = "slots-per-device", default_value_t = 1)]
     pub slots: usize,
-    /// Each worker's device: cpu, or cuda:N (with --gres gpu:1, cuda:0 is the GPU Slurm gave).
+    /// Each worker's devices: cpu; cuda (every GPU of the task: with --gres gpu:N, N slots'
+    /// worth of GPUs); cuda:N; or a list such as cuda:0,cuda:1.
     #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
+    pub device: DeviceList,
     /// Where jobs write files: a directory on the filesystem every node shares.
     #[arg(long, default_value = "runs/artifacts")]
     pub artifacts: PathBuf,
@@ -196,12 +199,14 @@ pub struct WorkerArgs {
     /// Only jobs of this study (repeatable; default: every study in the database).
     #[arg(long = "study", value_name = "NAME")]
     pub studies: Vec<String>,
-    /// Concurrent job slots in this process.
-    #[arg(long, default_value_t = 1)]
+    /// Concurrent job slots per device; several jobs may share one GPU for small models.
+    #[arg(long, visible_alias = "slots-per-device", default_value_t = 1)]
     pub slots: usize,
-    /// cpu, or cuda:N (needs a build with `--features cuda`).
+    /// cpu; cuda (one slot set per visible GPU, respecting CUDA_VISIBLE_DEVICES, so a Slurm
+    /// task with --gres gpu:N gets N); cuda:N; or a list such as cuda:0,cuda:2 (CUDA needs a
+    /// build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
+    pub device: DeviceList,
     /// Where jobs write files (checkpoints, weights): a directory every worker sees.
     #[arg(long, default_value = "runs/artifacts")]
     pub artifacts: PathBuf,
@@ -495,6 +500,9 @@ pub enum BenchMethod {
 
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
+    /// cpu, or cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
     #[arg(long, value_enum)]
     pub method: BenchMethod,
     #[arg(long, default_value = "resnet20")]
@@ -527,6 +535,9 @@ fn parse_precision(s: &str) -> Result<caf::models::Precision, String> {
 pub struct BenchForwardArgs {
     #[arg(long, default_value = "resnet20")]
     pub arch: String,
+    /// cpu, or cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
     /// Weights (default: the akamaster file of the arch under ../shared/data/pretrained).
     #[arg(long)]
     pub weights: Option<PathBuf>,

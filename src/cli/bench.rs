@@ -202,7 +202,7 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
             std: None,
             data: DatasetArg::Cifar10,
             data_root: PathBuf::new(),
-            device: caf::sched::DeviceSpec::Cpu,
+            device: f.device,
         })?,
         // The ViTs and ResNet-50 have no checkpoint on these machines: their speed does not
         // depend on the weights' values, so deterministic formula weights stand in.
@@ -212,7 +212,7 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
             } else {
                 1000
             };
-            let device = candle_core::Device::Cpu;
+            let device = f.device.open()?;
             eprintln!("note: no --weights: {arch} with formula (seeded, untrained) weights");
             let m = models::formula_backbone(arch, classes, arch.default_normalize(), &device)?;
             (Box::new(m) as Box<dyn models::Classifier>, device)
@@ -245,7 +245,9 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         Arch::Vit(name) => Some(models::VitConfig::named(name).cost(model.num_classes()).1 as f64),
         _ => None,
     };
+    // The share of the CPU's sgemm peak means nothing for a GPU run.
     let share = flops
+        .filter(|_| device.is_cpu())
         .map(|fl| peak_share(report.images_per_sec_median, fl, f.seconds))
         .transpose()?;
     if f.json {
@@ -277,7 +279,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
     if !t.seconds.is_finite() || t.seconds <= 0.0 {
         bail!(usage("--seconds must be positive"));
     }
-    let device = candle_core::Device::Cpu;
+    let device = t.device.open()?;
     let normalize = Normalize::IMAGENET;
     let varmap = candle_nn::VarMap::new();
     let backbone_flops = models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image;
@@ -364,7 +366,11 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
         }
     };
     outln!("images/s: {:.1}", report.images_per_sec_median);
-    let share = peak_share(report.images_per_sec_median, flops, t.seconds)?;
+    let share = if device.is_cpu() {
+        Some(peak_share(report.images_per_sec_median, flops, t.seconds)?)
+    } else {
+        None
+    };
     if t.json {
         outln!(
             "{}",

@@ -25,7 +25,7 @@ use super::study::{load_plan, record};
 /// The scheduler settings `run` and `worker` share; bad values are usage errors.
 fn sched_config(
     slots: usize,
-    device: sched::DeviceSpec,
+    device: &sched::DeviceList,
     lease_secs: f64,
     artifacts: &Path,
     slots_flag: &str,
@@ -36,10 +36,11 @@ fn sched_config(
     if !(lease_secs.is_finite() && lease_secs >= 1.0) {
         bail!(usage("--lease-secs must be at least 1"));
     }
+    let devices = device.resolve().map_err(usage)?;
     let lease = Duration::from_secs_f64(lease_secs);
     Ok(SchedConfig {
         workers: slots,
-        device,
+        devices,
         lease,
         heartbeat: lease / 4,
         poll: Duration::from_millis(500),
@@ -83,7 +84,13 @@ async fn work(
 
 pub async fn run(a: RunArgs) -> Result<i32> {
     let plan = load_plan(&a.spec)?;
-    let cfg = sched_config(a.workers, a.device, a.lease_secs, &a.artifacts, "--workers")?;
+    let cfg = sched_config(
+        a.workers,
+        &a.device,
+        a.lease_secs,
+        &a.artifacts,
+        "--workers",
+    )?;
     let (store, study) = record(&plan, &a.db.db, a.retry_failed).await?;
     let summary = work(&store, &[study], cfg, a.quiet).await?;
     let jobs = store.study_jobs(study).await?;
@@ -130,7 +137,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
 /// until nothing is runnable and nothing it waits on is running. Exit 0 then (failed jobs are
 /// in the store, for `caf status`), 130 when a signal stopped it.
 pub async fn worker(a: WorkerArgs) -> Result<i32> {
-    let cfg = sched_config(a.slots, a.device, a.lease_secs, &a.artifacts, "--slots")?;
+    let cfg = sched_config(a.slots, &a.device, a.lease_secs, &a.artifacts, "--slots")?;
     let store = open_existing_store(&a.db.db).await?;
     let studies = if a.studies.is_empty() {
         store.studies().await?

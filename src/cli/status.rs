@@ -138,9 +138,22 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         }
         writeln!(
             out,
-            "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  NOTE",
-            "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "RATE/S", "ETA", "TRY", "INT"
+            "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  {:<7}  NOTE",
+            "JOB", "KIND", "LABEL", "STATE", "PROGRESS", "RATE/S", "ETA", "TRY", "INT", "DEVICE"
         )?;
+        // Where a job ran (finished) or runs (its lease holder's device: exact for a worker on
+        // one device, the worker's list otherwise).
+        let device = |j: &JobStatus| -> String {
+            if j.state == JobState::Running {
+                let holder = j.lease_owner.as_deref();
+                workers
+                    .iter()
+                    .find(|w| Some(w.id.as_str()) == holder)
+                    .map_or_else(|| "-".to_string(), |w| w.info.device.clone())
+            } else {
+                j.ran_device.clone().unwrap_or_else(|| "-".into())
+            }
+        };
         for j in jobs {
             let (rate, eta) = rate_eta(j);
             let state = if j.blocked {
@@ -161,7 +174,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
             };
             writeln!(
                 out,
-                "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  {}",
+                "  {:<16}  {:<13}  {:<30}  {:<8}  {:>11}  {:>7}  {:>7}  {:>3}  {:>3}  {:<7}  {}",
                 j.id,
                 j.kind,
                 j.label.chars().take(30).collect::<String>(),
@@ -171,6 +184,7 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
                 eta.map_or("-".into(), fmt_secs),
                 j.attempts,
                 j.interruptions,
+                device(j),
                 note
             )?;
         }

@@ -369,7 +369,8 @@ pub fn job(params: CertifyParams, label: String) -> Job {
     .counted_in(unit)
 }
 
-/// Puts `model` in `precision`, which only the CPU's fused path offers.
+/// Puts `model` in `precision`: the fused CPU path's bf16 GEMM on the CPU, candle's bf16
+/// tensors on the generic path (CUDA).
 pub fn set_precision(
     model: &mut dyn Classifier,
     precision: Precision,
@@ -378,13 +379,8 @@ pub fn set_precision(
     if precision.is_f32() {
         return Ok(());
     }
-    if !device.is_cpu() {
-        return Err(JobError::fatal(format!(
-            "precision {precision} runs on the CPU's fused path only; use --device cpu"
-        )));
-    }
     model.set_precision(precision).map_err(JobError::fatal)?;
-    if !crate::models::gemm::bf16_kernel_available() {
+    if crate::models::path::fused(device) && !crate::models::gemm::bf16_kernel_available() {
         tracing::warn!("this CPU has no AVX-512 BF16: bf16 runs the emulated (f32) GEMM");
     }
     Ok(())

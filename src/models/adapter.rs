@@ -734,17 +734,21 @@ impl Adapter {
     pub fn forward_no_grad(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x)?;
         if let Some(vit) = &self.vit {
-            // candle's fused LayerNorm / softmax kernels; nothing is recorded.
+            // candle's fused LayerNorm / softmax kernels (any device); nothing is recorded.
             let pooled = vit.pooled(&self.norm.forward(&x.detach())?, false)?;
             return Ok(self.linear.forward(&pooled.detach())?.detach());
         }
-        if x.device().is_cpu() && !x.track_op() {
+        if super::path::fused(x.device()) && !x.track_op() {
             return Ok(self.forward_fast(x)?.detach());
         }
-        Ok(self.forward_candle(x, false)?.detach())
+        let bf16 = !x.track_op() && self.precision == Precision::Bf16;
+        Ok(self.forward_candle_in(x, false, bf16)?.detach())
     }
 
-    fn forward_candle(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// candle's ops, in bf16 tensors when `bf16` (the generic path's bf16, e.g. on CUDA: input
+    /// rounded once after normalising, pooled features back in f32 for the f32 linear layer).
+    /// A ViT adapter always runs in f32.
+    fn forward_candle_in(&self, x: &Tensor, train: bool, bf16: bool) -> Result<Tensor> {
         if let Some(vit) = &self.vit {
             let grad = x.track_op() || self.tracks_grad();
             return self
@@ -752,10 +756,17 @@ impl Adapter {
                 .forward(&vit.pooled(&self.norm.forward(x)?, grad)?);
         }
         let mut h = self.norm.forward(x)?;
+        if bf16 {
+            h = h.to_dtype(candle_core::DType::BF16)?;
+        }
         for unit in &self.units {
             h = unit.forward_t(&h, train)?;
         }
-        self.linear.forward(&h.flatten_from(2)?.mean(2)?)
+        self.linear.forward(
+            &h.to_dtype(candle_core::DType::F32)?
+                .flatten_from(2)?
+                .mean(2)?,
+        )
     }
 
     fn forward_fast(&self, x: &Tensor) -> Result<Tensor> {
@@ -780,15 +791,11 @@ impl ModuleT for Adapter {
     /// a(x); BatchNorm uses batch statistics and updates its running statistics when `train`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         check_input(x)?;
-        if self.vit.is_none()
-            && !train
-            && x.device().is_cpu()
-            && !x.track_op()
-            && !self.tracks_grad()
-        {
+        let no_grad = !train && !x.track_op() && !self.tracks_grad();
+        if self.vit.is_none() && no_grad && super::path::fused(x.device()) {
             return self.forward_fast(x);
         }
-        self.forward_candle(x, train)
+        self.forward_candle_in(x, train, no_grad && self.precision == Precision::Bf16)
     }
 }
 

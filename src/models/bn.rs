@@ -10,7 +10,7 @@
 //! `momentum`. Statistics are summed per channel in a fixed order (image, then pixel) in f64, so
 //! results do not depend on the thread count.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
@@ -22,7 +22,7 @@ pub fn forward_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
     let Some((gamma, beta)) = bn.weight_and_bias() else {
         return candle_nn::ModuleT::forward_t(bn, x, true);
     };
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || x.rank() != 4 {
+    if !super::path::fused(x.device()) || x.dtype() != DType::F32 || x.rank() != 4 {
         return candle_nn::ModuleT::forward_t(bn, x, true);
     }
     let (n, c, h, w) = x.dims4()?;
@@ -237,7 +237,7 @@ impl CustomOp3 for BnBackward {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::ModuleT;
+    use candle_core::{Device, ModuleT};
     use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
 
     use super::*;

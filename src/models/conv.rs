@@ -17,7 +17,7 @@
 //!
 //! Other devices and dtypes fall back to candle's own `conv2d`.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Images per partial weight gradient. Fixed (not derived from the thread count) so the
@@ -27,7 +27,7 @@ const WGRAD_CHUNK: usize = 8;
 /// `conv2d(x, w)` with square kernel, zero padding `pad` and stride `stride`, no bias;
 /// x is [N, C_in, H, W], w is [C_out, C_in, K, K].
 pub fn conv2d(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> Result<Tensor> {
-    let cpu_f32 = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32;
+    let cpu_f32 = super::path::fused(x.device()) && x.dtype() == DType::F32;
     if !cpu_f32 || w.dtype() != DType::F32 {
         return x.conv2d(w, pad, stride, 1, 1);
     }
@@ -411,7 +411,7 @@ impl CustomOp2 for WeightGradOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn randn(seed: u64, shape: &[usize]) -> Tensor {
         use rand::{RngExt, SeedableRng};
@@ -445,6 +445,8 @@ mod tests {
             // Sizes where candle's own backward (the reference) has no output padding to lose.
             (2, 2, 5, 8, 3, 3, 2, 3),
             (17, 5, 6, 6, 7, 3, 1, 1),
+            (12, 32, 16, 16, 32, 3, 1, 1),
+            (12, 16, 32, 32, 32, 3, 1, 2),
         ];
         for (i, &(n, c_in, h, wd, c_out, k, pad, stride)) in cases.iter().enumerate() {
             let seed = 10 * i as u64;

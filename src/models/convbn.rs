@@ -151,7 +151,9 @@ impl ConvBn {
             let y = super::conv::conv2d(x, &self.weight, self.k / 2, self.stride)?;
             return super::bn::forward_train(&self.bn, &y);
         }
+        // In the input's dtype: the generic path runs bf16 models as candle bf16 tensors.
         let (w, shift) = self.folded()?;
+        let (w, shift) = (w.to_dtype(x.dtype())?, shift.to_dtype(x.dtype())?);
         let y = super::conv::conv2d(x, &w, self.k / 2, self.stride)?;
         y.broadcast_add(&shift.reshape((1, shift.dim(0)?, 1, 1))?)
     }

@@ -29,6 +29,7 @@ pub mod formula;
 pub mod gemm;
 pub mod init;
 mod linear;
+pub mod path;
 mod pickle;
 mod precision;
 pub mod relu;
@@ -488,3 +489,9 @@ pub(crate) fn test_resnet20() -> CifarResNet {
         .and_then(|m| m.detached().map_err(ModelError::from))
         .expect("pretrained ResNet-20 from ../shared/data")
 }
+
+#[cfg(test)]
+mod generic_tests;
+
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;

@@ -8,7 +8,7 @@
 //!
 //! Other devices and dtypes fall back to candle's own `relu`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::conv::f32_slice;
@@ -18,7 +18,7 @@ const CHUNK: usize = 1 << 15;
 
 /// max(x, 0), differentiable, with the fused kernels on CPU f32.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
+    if !super::path::fused(x.device()) || x.dtype() != DType::F32 {
         return x.relu();
     }
     x.contiguous()?.apply_op1(ReluOp)
@@ -96,7 +96,7 @@ impl CustomOp2 for ReluGradOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     /// Values and gradients bitwise equal to candle's relu, including exact zeros (where both
     /// let the gradient through) and a non-contiguous input.

@@ -216,10 +216,26 @@ impl CifarResNet {
     /// runs candle's differentiable ops.
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         check_input(x)?;
-        if !train && x.device().is_cpu() && !x.track_op() && !self.tracks_grad() {
+        let no_grad = !train && !x.track_op() && !self.tracks_grad();
+        if no_grad && super::path::fused(x.device()) {
             return self.features_fast(x);
         }
+        if no_grad && self.precision == Precision::Bf16 {
+            return self.features_candle_bf16(x);
+        }
         self.features_candle(x, train)
+    }
+
+    /// Eval-mode φ(x) with candle's ops in bf16 (the generic path's bf16, e.g. on CUDA): the
+    /// input is normalised in f32 and rounded once, every convolution, BatchNorm shift and ReLU
+    /// runs on bf16 tensors, and the pooled features come back as f32 for the f32 head.
+    fn features_candle_bf16(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(x)?.to_dtype(DType::BF16)?;
+        let mut h = relu(&self.stem.forward_t(&x, false)?)?;
+        for block in &self.blocks {
+            h = block.forward_t(&h, false)?;
+        }
+        h.to_dtype(DType::F32)?.flatten_from(2)?.mean(2)
     }
 
     /// The arithmetic of the fused CPU inference path (eval mode, untracked CPU inputs).
@@ -227,8 +243,8 @@ impl CifarResNet {
         self.precision
     }
 
-    /// Runs the fused CPU inference path in `precision` from now on; the candle path
-    /// (training, autograd, other devices) stays f32.
+    /// Runs eval-mode inference in `precision` from now on: the fused CPU path, or candle's bf16
+    /// tensors on the generic path (other devices); training and autograd stay f32.
     pub fn set_precision(&mut self, precision: Precision) {
         self.precision = precision;
     }

@@ -31,6 +31,8 @@ pub struct QueuedJob {
     pub result: Option<serde_json::Value>,
     pub progress: (u64, u64),
     pub run_seconds: f64,
+    /// The device the finished attempt ran on.
+    pub ran_device: Option<String>,
     lease: Option<(WorkerId, Instant)>,
     not_before: Instant,
 }
@@ -149,6 +151,7 @@ impl MemoryQueue {
                         result: None,
                         progress: (0, 0),
                         run_seconds: 0.0,
+                        ran_device: None,
                         lease: None,
                         not_before: now,
                     });
@@ -294,6 +297,7 @@ impl Queue for MemoryQueue {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> Result<bool, Infallible> {
@@ -305,6 +309,7 @@ impl Queue for MemoryQueue {
                 j.error = None;
                 j.lease = None;
                 j.run_seconds += seconds;
+                j.ran_device = Some(device.to_string());
                 true
             }
             None => false,
@@ -476,13 +481,14 @@ mod tests {
             .complete(
                 &a.id,
                 &WorkerId("other".into()),
+                "cpu",
                 &serde_json::json!({}),
                 0.0
             )
             .await
             .unwrap());
         assert!(q
-            .complete(&a.id, &w, &serde_json::json!({}), 0.0)
+            .complete(&a.id, &w, "cpu", &serde_json::json!({}), 0.0)
             .await
             .unwrap());
         let second = q.claim(study, &w, &["probe"], lease).await.unwrap();

@@ -180,12 +180,13 @@ pub trait Queue: Clone + Send + Sync + 'static {
         worker: &WorkerId,
         lease: Duration,
     ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
-    /// Marks the job done and records the worker's host, CPU and device with it; `false` when
-    /// the lease was lost meanwhile (nothing recorded).
+    /// Marks the job done and records the worker's host and CPU and the `device` the job ran
+    /// on with it; `false` when the lease was lost meanwhile (nothing recorded).
     fn complete(
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> impl Future<Output = Result<bool, Self::Error>> + Send;

@@ -24,7 +24,7 @@ use crate::queue::{Artifact, Claimed, FailOutcome, Lease, Queue, StudyId, Worker
 pub use progress::{LogProgress, Progress, TerminalProgress};
 
 /// Where jobs run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DeviceSpec {
     Cpu,
     Cuda(usize),
@@ -63,6 +63,111 @@ impl DeviceSpec {
             DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n),
         }
     }
+}
+
+/// The devices a worker runs jobs on: `cpu`, `cuda` (every GPU the process sees when it
+/// starts, which respects `CUDA_VISIBLE_DEVICES`: under Slurm, the GPUs `--gres gpu:N` gave the
+/// task), `cuda:N`, or a list such as `cuda:0,cuda:2`. Parsing checks the syntax only, so
+/// `caf submit` can pass `cuda` on to workers on nodes it cannot see; [`DeviceList::resolve`]
+/// turns it into devices where the worker runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceList {
+    /// Every visible GPU (`cuda`).
+    Visible,
+    Listed(Vec<DeviceSpec>),
+}
+
+impl DeviceList {
+    /// The devices, one entry per device (each gets the worker's slots).
+    pub fn resolve(&self) -> Result<Vec<DeviceSpec>, String> {
+        match self {
+            DeviceList::Visible => visible_cuda_devices(),
+            DeviceList::Listed(l) => Ok(l.clone()),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s == "cuda" {
+            return Ok(DeviceList::Visible);
+        }
+        let mut list = Vec::new();
+        for part in s.split(',') {
+            let d: DeviceSpec = part.trim().parse()?;
+            if list.contains(&d) {
+                return Err(format!("device `{d}` is listed twice in `{s}`"));
+            }
+            list.push(d);
+        }
+        if list.len() > 1 && list.contains(&DeviceSpec::Cpu) {
+            return Err(format!(
+                "`{s}`: list GPUs only (cuda:0,cuda:2); the CPU runs alone"
+            ));
+        }
+        Ok(DeviceList::Listed(list))
+    }
+}
+
+impl std::fmt::Display for DeviceList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceList::Visible => f.write_str("cuda"),
+            DeviceList::Listed(l) => {
+                let names: Vec<String> = l.iter().map(ToString::to_string).collect();
+                f.write_str(&names.join(","))
+            }
+        }
+    }
+}
+
+/// `cuda:0 … cuda:N−1` for the GPUs this process can see: the entries of `CUDA_VISIBLE_DEVICES`
+/// where it is set (the driver renumbers them from 0), else as many as the driver opens.
+pub fn visible_cuda_devices() -> Result<Vec<DeviceSpec>, String> {
+    let count = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) => parse_visible_devices(&v),
+        Err(_) => (0..)
+            .take_while(|&i| candle_core::Device::new_cuda(i).is_ok())
+            .count(),
+    };
+    if count == 0 {
+        return Err(
+            "`--device cuda` found no GPU (CUDA_VISIBLE_DEVICES is empty, no driver, or caf \
+             was built without `--features cuda`)"
+                .to_string(),
+        );
+    }
+    Ok((0..count).map(DeviceSpec::Cuda).collect())
+}
+
+/// How many GPUs a `CUDA_VISIBLE_DEVICES` value shows: its entries up to the first invalid
+/// one (`-1`, an empty entry), as the driver reads it.
+pub fn parse_visible_devices(v: &str) -> usize {
+    v.split(',')
+        .map(str::trim)
+        .take_while(|e| !e.is_empty() && !e.starts_with('-'))
+        .count()
+}
+
+/// Whether a job's error is the GPU running out of memory (cuBLAS, the driver and candle's
+/// allocator each word it their own way).
+pub fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("out of memory") || m.contains("out_of_memory") || m.contains("alloc_failed")
+}
+
+/// An out-of-memory failure: said plainly, with what to change, and retried with the same
+/// settings only once (a second failure is the batch, not a neighbour's transient use).
+fn out_of_memory_failure(message: &str, attempt: u32) -> (String, bool) {
+    (
+        format!(
+            "{message} (the GPU ran out of memory: use a smaller `batch`, or fewer \
+             --slots-per-device)"
+        ),
+        attempt <= 1,
+    )
 }
 
 /// A cooperative stop signal shared by the scheduler and a running job.
@@ -277,9 +382,10 @@ impl StoreRetry {
 
 #[derive(Clone, Debug)]
 pub struct SchedConfig {
-    /// Concurrent job slots in this process.
+    /// Concurrent job slots per device (on the CPU: in this process).
     pub workers: usize,
-    pub device: DeviceSpec,
+    /// Every device gets `workers` slots; each job runs on the device of the slot it took.
+    pub devices: Vec<DeviceSpec>,
     /// A lease not renewed for this long is taken back and the job re-run.
     pub lease: Duration,
     /// How often a running job renews its lease.
@@ -295,7 +401,7 @@ impl Default for SchedConfig {
     fn default() -> Self {
         Self {
             workers: 1,
-            device: DeviceSpec::Cpu,
+            devices: vec![DeviceSpec::Cpu],
             lease: Duration::from_secs(60),
             heartbeat: Duration::from_secs(10),
             poll: Duration::from_millis(500),
@@ -360,14 +466,14 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// This process as a worker of `studies` on `device`, with its Slurm ids when Slurm started it.
-pub fn worker_info(device: DeviceSpec, studies: &[StudyId]) -> WorkerInfo {
+/// This process as a worker of `studies` on `devices`, with its Slurm ids when Slurm started it.
+pub fn worker_info(devices: &[DeviceSpec], studies: &[StudyId]) -> WorkerInfo {
     let slurm = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     WorkerInfo {
         host: hostname(),
         pid: std::process::id(),
         cpu: cpu_model(),
-        device: device.to_string(),
+        device: DeviceList::Listed(devices.to_vec()).to_string(),
         slurm_job_id: slurm("SLURM_JOB_ID"),
         slurm_array_job_id: slurm("SLURM_ARRAY_JOB_ID"),
         slurm_array_task_id: slurm("SLURM_ARRAY_TASK_ID"),
@@ -401,7 +507,12 @@ pub async fn run_studies<Q: Queue>(
 ) -> Result<RunSummary, SchedError> {
     let worker = worker_id();
     let retry = cfg.store_retry;
-    let info = worker_info(cfg.device, studies);
+    let devices = if cfg.devices.is_empty() {
+        vec![DeviceSpec::Cpu]
+    } else {
+        cfg.devices.clone()
+    };
+    let info = worker_info(&devices, studies);
     let span = tracing::info_span!("worker", id = %worker);
     async move {
         let store = &store;
@@ -415,7 +526,10 @@ pub async fn run_studies<Q: Queue>(
         log(store, &retry, None, worker, "info", "worker started").await?;
         let kinds = registry.kinds();
         let mut summary = RunSummary::default();
-        let mut running: JoinSet<(JobId, String, Result<Outcome, SchedError>)> = JoinSet::new();
+        // Jobs running on each device, by index into `devices`.
+        let mut busy = vec![0usize; devices.len()];
+        let mut running: JoinSet<(usize, JobId, String, Result<Outcome, SchedError>)> =
+            JoinSet::new();
         let mut reaped_at: Option<Instant> = None;
         loop {
             // A lease expires only after `cfg.lease` without a heartbeat, so looking once per
@@ -440,7 +554,14 @@ pub async fn run_studies<Q: Queue>(
                 warn!(job = %a.id, "{message}");
                 log(store, &retry, Some(&a.id), worker, "warn", &message).await?;
             }
-            'slots: while !shutdown.is_cancelled() && running.len() < cfg.workers.max(1) {
+            'slots: while !shutdown.is_cancelled() {
+                // The least busy device with a free slot (the first on ties).
+                let Some(slot) = (0..devices.len())
+                    .filter(|&i| busy[i] < cfg.workers.max(1))
+                    .min_by_key(|&i| busy[i])
+                else {
+                    break 'slots;
+                };
                 let mut claimed = None;
                 for &study in studies {
                     claimed = retry
@@ -472,13 +593,17 @@ pub async fn run_studies<Q: Queue>(
                 let fut = run_one(
                     store.clone(),
                     worker.clone(),
-                    job,
+                    Placed {
+                        job,
+                        device: devices[slot],
+                    },
                     handler,
                     cfg.clone(),
                     shutdown.clone(),
                     progress.clone(),
                 );
-                running.spawn(async move { (id, label, fut.await) });
+                busy[slot] += 1;
+                running.spawn(async move { (slot, id, label, fut.await) });
             }
             if running.is_empty() {
                 if shutdown.is_cancelled() {
@@ -504,10 +629,19 @@ pub async fn run_studies<Q: Queue>(
             tokio::select! {
                 joined = running.join_next() => {
                     if let Some(joined) = joined {
-                        let (id, label, outcome) = match joined {
+                        let (slot, id, label, outcome) = match joined {
                             Ok(v) => v,
-                            Err(e) => { warn!("a job task ended abnormally: {e}"); continue; }
+                            Err(e) => {
+                                // The slot's device is unknown here; free the busiest one so
+                                // the worker keeps its capacity.
+                                warn!("a job task ended abnormally: {e}");
+                                if let Some(i) = (0..busy.len()).max_by_key(|&i| busy[i]) {
+                                    busy[i] = busy[i].saturating_sub(1);
+                                }
+                                continue;
+                            }
                         };
+                        busy[slot] = busy[slot].saturating_sub(1);
                         let outcome = outcome?;
                         progress.job_finished(&id, &label, &outcome.describe());
                         match outcome {
@@ -576,16 +710,23 @@ impl Outcome {
     }
 }
 
+/// A claimed job and where it runs: the device of the slot it took.
+struct Placed {
+    job: Claimed,
+    device: DeviceSpec,
+}
+
 async fn run_one<Q: Queue>(
     store: Q,
     worker: WorkerId,
-    job: Claimed,
+    Placed { job, device }: Placed,
     handler: Arc<dyn JobHandler>,
     cfg: SchedConfig,
     shutdown: CancelFlag,
     progress: Arc<dyn Progress>,
 ) -> Result<Outcome, SchedError> {
-    let span = tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt);
+    let span =
+        tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = job.attempt, %device);
     async move {
         info!(label = %job.label, "started");
         let retry = cfg.store_retry;
@@ -599,7 +740,7 @@ async fn run_one<Q: Queue>(
                 Some(&job.id),
                 &worker,
                 "info",
-                &format!("attempt {} started", job.attempt),
+                &format!("attempt {} started on {device}", job.attempt),
             )
             .await?;
         }
@@ -624,7 +765,7 @@ async fn run_one<Q: Queue>(
             params: job.params.clone(),
             attempt: job.attempt,
             lease,
-            device: cfg.device,
+            device,
             artifacts_dir: cfg.artifacts_dir.join(job.id.as_str()),
             sink,
             cancel: cancel.clone(),
@@ -663,9 +804,10 @@ async fn run_one<Q: Queue>(
         }
         let outcome = match result {
             Ok(Ok(JobOutput::Done(summary))) => {
+                let device = device.to_string();
                 if retry
                     .run::<Q, _, _, _>("completing a job", || {
-                        store.complete(&job.id, &worker, &summary, seconds)
+                        store.complete(&job.id, &worker, &device, &summary, seconds)
                     })
                     .await
                     .map_err(SchedError::queue)?
@@ -696,16 +838,12 @@ async fn run_one<Q: Queue>(
                 }
             }
             Ok(Err(e)) => {
-                record_failure(
-                    &store,
-                    &job,
-                    &worker,
-                    &cfg,
-                    &e.message,
-                    e.retryable,
-                    seconds,
-                )
-                .await?
+                let (message, retryable) = if is_out_of_memory(&e.message) {
+                    out_of_memory_failure(&e.message, job.attempt)
+                } else {
+                    (e.message.clone(), e.retryable)
+                };
+                record_failure(&store, &job, &worker, &cfg, &message, retryable, seconds).await?
             }
             Err(join) => {
                 let msg = if join.is_panic() {

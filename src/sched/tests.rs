@@ -15,6 +15,9 @@ use crate::queue::{JobState, MemoryQueue};
 struct Probe {
     runs: Mutex<HashMap<String, usize>>,
     active: AtomicUsize,
+    /// The device each job last ran on, and each device's (running now, most at once).
+    devices: Mutex<HashMap<String, DeviceSpec>>,
+    per_device: Mutex<HashMap<DeviceSpec, (usize, usize)>>,
 }
 
 impl JobHandler for Arc<Probe> {
@@ -26,6 +29,22 @@ impl JobHandler for Arc<Probe> {
         *self.runs.lock().unwrap().entry(name.clone()).or_default() += 1;
         self.active.fetch_add(1, Ordering::SeqCst);
         let _guard = Decrement(&self.active);
+        self.devices
+            .lock()
+            .unwrap()
+            .insert(name.clone(), ctx.device);
+        {
+            let mut per = self.per_device.lock().unwrap();
+            let e = per.entry(ctx.device).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(e.0);
+        }
+        let _device = LeaveDevice(self, ctx.device);
+        if name.starts_with("oom") {
+            return Err(JobError::retryable(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            ));
+        }
         if name.starts_with("fail") {
             return Err(JobError::retryable(format!("{name} always fails")));
         }
@@ -55,6 +74,15 @@ impl JobHandler for Arc<Probe> {
         }
         ctx.sink.event("info", "ran")?;
         Ok(JobOutput::Done(serde_json::json!({ "name": name })))
+    }
+}
+
+struct LeaveDevice<'a>(&'a Probe, DeviceSpec);
+impl Drop for LeaveDevice<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.0.per_device.lock().unwrap().get_mut(&self.1) {
+            e.0 -= 1;
+        }
     }
 }
 
@@ -402,4 +430,118 @@ fn device_specs_parse() {
     assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
     assert!("gpu".parse::<DeviceSpec>().is_err());
     assert!("cuda:x".parse::<DeviceSpec>().is_err());
+}
+
+#[test]
+fn device_lists_parse_and_cuda_visible_devices_is_read_as_the_driver_reads_it() {
+    let parse = |s: &str| {
+        s.parse::<DeviceList>().map(|d| match d {
+            DeviceList::Listed(l) => l,
+            DeviceList::Visible => panic!("`{s}` is not `cuda`"),
+        })
+    };
+    assert_eq!("cuda".parse::<DeviceList>(), Ok(DeviceList::Visible));
+    assert_eq!(DeviceList::Visible.to_string(), "cuda");
+    assert_eq!(parse("cpu"), Ok(vec![DeviceSpec::Cpu]));
+    assert_eq!(parse("cuda:1"), Ok(vec![DeviceSpec::Cuda(1)]));
+    assert_eq!(
+        parse("cuda:0, cuda:2"),
+        Ok(vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(2)])
+    );
+    assert!(parse("cuda:0,cuda:0").unwrap_err().contains("twice"));
+    assert!(parse("cpu,cuda:0").is_err());
+    assert!(parse("gpu:0").unwrap_err().contains("unknown device"));
+    assert_eq!(
+        DeviceList::Listed(vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(2)]).to_string(),
+        "cuda:0,cuda:2"
+    );
+    assert_eq!(parse_visible_devices("0,2,3"), 3);
+    assert_eq!(parse_visible_devices("GPU-5a1c,GPU-77e0"), 2);
+    assert_eq!(parse_visible_devices(""), 0);
+    assert_eq!(parse_visible_devices("1,-1,2"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_gpu_gets_its_slots_and_each_job_the_device_of_its_slot() {
+    let store = MemoryQueue::new();
+    let jobs: Vec<Job> = (0..12).map(|i| job(&format!("slow{i}"), &[])).collect();
+    let study = store.add_study(&jobs, 1);
+    let probe = Arc::new(Probe::default());
+    let gpus = vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(2)];
+    let summary = run_study(
+        store.clone(),
+        study,
+        registry(&probe),
+        SchedConfig {
+            devices: gpus.clone(),
+            ..cfg(2)
+        },
+        CancelFlag::new(),
+        Arc::new(progress::NoProgress),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.completed, 12);
+    let per = probe.per_device.lock().unwrap().clone();
+    // Two slots per GPU, both GPUs used, never more than two jobs on one.
+    assert_eq!(
+        per.keys()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        2
+    );
+    for g in &gpus {
+        let (now, peak) = per[g];
+        assert_eq!(now, 0);
+        assert!(peak <= 2, "{g}: {peak} jobs at once");
+    }
+    assert!(
+        per.values().any(|&(_, peak)| peak == 2),
+        "slots per device unused: {per:?}"
+    );
+    let on: Vec<DeviceSpec> = probe.devices.lock().unwrap().values().copied().collect();
+    assert!(on.iter().all(|d| gpus.contains(d)));
+    // Each finished job records the device it ran on (what `caf status` and the report show).
+    let seen = probe.devices.lock().unwrap().clone();
+    for j in store.jobs(study) {
+        let ran = seen[j.params["name"].as_str().unwrap()].to_string();
+        assert_eq!(j.ran_device.as_deref(), Some(ran.as_str()), "{}", j.label);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_says_so_with_a_hint_and_is_retried_once() {
+    let store = MemoryQueue::new();
+    let study = store.add_study(&[job("oom", &[])], 5);
+    let probe = Arc::new(Probe::default());
+    let summary = run_study(
+        store.clone(),
+        study,
+        registry(&probe),
+        SchedConfig {
+            backoff: Backoff {
+                first: Duration::from_millis(1),
+                max: Duration::from_millis(1),
+            },
+            ..cfg(1)
+        },
+        CancelFlag::new(),
+        Arc::new(progress::NoProgress),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.failed, 1);
+    assert_eq!(
+        probe.runs.lock().unwrap()["oom"],
+        2,
+        "one retry of five attempts"
+    );
+    let j = store.jobs(study).into_iter().next().unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    let err = j.error.unwrap_or_default();
+    assert!(
+        err.contains("out of memory") && err.contains("smaller `batch`"),
+        "{err}"
+    );
 }

@@ -140,10 +140,11 @@ impl Queue for AnyStore {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> Result<bool, StoreError> {
-        delegate!(self, s => s.complete(job, worker, result, seconds))
+        delegate!(self, s => s.complete(job, worker, device, result, seconds))
     }
 
     async fn fail(
@@ -420,7 +421,7 @@ mod tests {
             .unwrap();
         assert_eq!(c.id, a.id);
         assert!(s
-            .complete(&a.id, &me, &serde_json::json!({}), 1.0)
+            .complete(&a.id, &me, "cpu", &serde_json::json!({}), 1.0)
             .await
             .unwrap());
         assert_eq!(s.study_jobs(study).await.unwrap()[0].state, JobState::Done);

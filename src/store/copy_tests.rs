@@ -129,7 +129,13 @@ async fn populate(s: &impl Store) -> StudyId {
         .await
         .unwrap();
     assert!(s
-        .complete(&train.id, &me, &serde_json::json!({"epochs": 1}), 3.0)
+        .complete(
+            &train.id,
+            &me,
+            "cpu",
+            &serde_json::json!({"epochs": 1}),
+            3.0
+        )
         .await
         .unwrap());
     claim(&cert_a.id).await;
@@ -144,7 +150,13 @@ async fn populate(s: &impl Store) -> StudyId {
     }
     s.set_progress(&lease(&cert_a.id, &me), 3, 3).await.unwrap();
     assert!(s
-        .complete(&cert_a.id, &me, &serde_json::json!({"images": 3}), 1.5)
+        .complete(
+            &cert_a.id,
+            &me,
+            "cpu",
+            &serde_json::json!({"images": 3}),
+            1.5
+        )
         .await
         .unwrap());
     claim(&cert_b.id).await;
@@ -164,7 +176,7 @@ async fn populate(s: &impl Store) -> StudyId {
     .await
     .unwrap();
     assert!(s
-        .complete(&ev.id, &me, &serde_json::json!({}), 0.2)
+        .complete(&ev.id, &me, "cpu", &serde_json::json!({}), 0.2)
         .await
         .unwrap());
     claim(&running.id).await;
@@ -315,7 +327,7 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
         .await
         .unwrap();
     origin
-        .complete(&a.id, &me, &serde_json::json!({}), 1.0)
+        .complete(&a.id, &me, "cpu", &serde_json::json!({}), 1.0)
         .await
         .unwrap();
     let dst = f.open().await;
@@ -356,7 +368,7 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
         .await
         .unwrap();
     other
-        .complete(&a.id, &me, &serde_json::json!({}), 1.0)
+        .complete(&a.id, &me, "cpu", &serde_json::json!({}), 1.0)
         .await
         .unwrap();
     let err = dst
@@ -384,7 +396,7 @@ async fn a_study_with_other_content_or_a_disagreeing_shared_job_is_refused(f: im
     same.record_cert(&lease(&a.id, &me), &a.id, &cert(0, 0.5))
         .await
         .unwrap();
-    same.complete(&a.id, &me, &serde_json::json!({}), 9.0)
+    same.complete(&a.id, &me, "cpu", &serde_json::json!({}), 9.0)
         .await
         .unwrap();
     let out = dst

@@ -101,7 +101,7 @@ async fn claims_follow_dependencies_and_plan_order(f: impl Fixture) {
         .unwrap()
         .is_none());
     assert!(s
-        .complete(&a.id, &w("w1"), &serde_json::json!({}), 1.0)
+        .complete(&a.id, &w("w1"), "cpu", &serde_json::json!({}), 1.0)
         .await
         .unwrap());
     let third = s
@@ -137,7 +137,7 @@ async fn registering_the_same_plan_twice_keeps_results_and_state(f: impl Fixture
         .await
         .unwrap()
         .unwrap();
-    s.complete(&a.id, &w("w"), &serde_json::json!({"x": 1}), 2.0)
+    s.complete(&a.id, &w("w"), "cpu", &serde_json::json!({"x": 1}), 2.0)
         .await
         .unwrap();
     let again = s.register_plan(&p).await.unwrap();
@@ -167,12 +167,12 @@ async fn only_the_lease_owner_can_complete_or_heartbeat(f: impl Fixture) {
         .unwrap();
     assert!(!s.heartbeat(&a.id, &w("intruder"), LEASE).await.unwrap());
     assert!(!s
-        .complete(&a.id, &w("intruder"), &serde_json::json!({}), 0.0)
+        .complete(&a.id, &w("intruder"), "cpu", &serde_json::json!({}), 0.0)
         .await
         .unwrap());
     assert!(s.heartbeat(&a.id, &w("owner"), LEASE).await.unwrap());
     assert!(s
-        .complete(&a.id, &w("owner"), &serde_json::json!({}), 0.0)
+        .complete(&a.id, &w("owner"), "cpu", &serde_json::json!({}), 0.0)
         .await
         .unwrap());
 }
@@ -363,7 +363,7 @@ async fn workers_are_listed_with_their_jobs_and_finished_jobs_name_their_machine
     assert_eq!(w2.info, idle);
     assert!(w2.jobs.is_empty());
     assert!(s
-        .complete(&a.id, &w("w1"), &serde_json::json!({}), 1.0)
+        .complete(&a.id, &w("w1"), "cpu", &serde_json::json!({}), 1.0)
         .await
         .unwrap());
     s.worker_stopped(&w("w2")).await.unwrap();

@@ -174,6 +174,7 @@ impl Queue for PgStore {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> Result<bool, StoreError> {
@@ -182,7 +183,7 @@ impl Queue for PgStore {
                  lease_expires = NULL, run_seconds = run_seconds + $3,
                  ran_host = (SELECT host FROM workers w WHERE w.id = $5),
                  ran_cpu = (SELECT cpu FROM workers w WHERE w.id = $5),
-                 ran_device = (SELECT device FROM workers w WHERE w.id = $5)
+                 ran_device = $6
              WHERE id = $4 AND status = 'running' AND lease_owner = $5",
         )
         .bind(result.to_string())
@@ -190,6 +191,7 @@ impl Queue for PgStore {
         .bind(seconds)
         .bind(job.as_str())
         .bind(&worker.0)
+        .bind(device)
         .execute(&self.pool)
         .await
         .ctx("completing a job")?;

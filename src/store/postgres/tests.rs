@@ -247,7 +247,7 @@ async fn concurrent_workers_run_every_job_exactly_once() {
                         assert!(s.heartbeat(&c.id, &me, LEASE).await.unwrap());
                         done.lock().unwrap().push(c.id.clone());
                         assert!(s
-                            .complete(&c.id, &me, &serde_json::json!({}), 0.0)
+                            .complete(&c.id, &me, "cpu", &serde_json::json!({}), 0.0)
                             .await
                             .unwrap());
                     }

@@ -167,6 +167,7 @@ impl Queue for SqliteStore {
         &self,
         job: &JobId,
         worker: &WorkerId,
+        device: &str,
         result: &serde_json::Value,
         seconds: f64,
     ) -> Result<bool, StoreError> {
@@ -175,12 +176,13 @@ impl Queue for SqliteStore {
                  lease_expires = NULL, run_seconds = run_seconds + ?,
                  ran_host = (SELECT host FROM workers w WHERE w.id = jobs.lease_owner),
                  ran_cpu = (SELECT cpu FROM workers w WHERE w.id = jobs.lease_owner),
-                 ran_device = (SELECT device FROM workers w WHERE w.id = jobs.lease_owner)
+                 ran_device = ?
              WHERE id = ? AND status = 'running' AND lease_owner = ?",
         )
         .bind(result.to_string())
         .bind(now_unix())
         .bind(seconds)
+        .bind(device)
         .bind(job.as_str())
         .bind(&worker.0)
         .execute(&self.pool)

@@ -31,7 +31,7 @@ async fn an_in_memory_store_is_a_whole_store() {
         .unwrap();
     assert_eq!(c.id, a.id);
     assert!(s
-        .complete(&a.id, &w("w"), &serde_json::json!({}), 1.0)
+        .complete(&a.id, &w("w"), "cpu", &serde_json::json!({}), 1.0)
         .await
         .unwrap());
     assert_eq!(s.outstanding(study).await.unwrap(), (0, 0));
