@@ -5,8 +5,13 @@ B copies, runs the eval-mode model and takes the argmax. A warm-up of seconds/10
 5 timed windows of seconds/5 each (at least one batch); each window's rate counts the whole
 batches it ran. Prints `images/s: X` (the median window) and, with --json, the details.
 
+The timm ViTs and torchvision's ResNet-50 (`--arch vit_cifar_tiny_patch4_32`, ...) are built as
+in make_backbone_fixtures.py with torch's seeded random init (speed does not depend on the
+weights), on the arch's input size, with the same normalisation caf applies inside its model.
+
 Usage (from the repository root):
     bench/.venv/bin/python bench/pytorch_forward.py --arch resnet20 --batch 400 --seconds 20 --threads 2
+    bench/.venv/bin/python bench/pytorch_forward.py --arch vit_cifar_tiny_patch4_32 --batch 100
 """
 
 import argparse
@@ -17,13 +22,15 @@ import time
 import torch
 
 from akamaster import EXACT100, WEIGHTS, build, read_cifar_batch
+from make_backbone_fixtures import ARCHS as BACKBONES
+from make_backbone_fixtures import normalise
 
 WINDOWS = 5
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", choices=sorted(WEIGHTS), default="resnet20")
+    ap.add_argument("--arch", choices=sorted(WEIGHTS) + sorted(BACKBONES), default="resnet20")
     ap.add_argument("--batch", type=int, default=400)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=2)
@@ -36,10 +43,21 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
-    model = build(args.arch, WEIGHTS[args.arch])
-    images, _ = read_cifar_batch(EXACT100)
-    image = images[:1]
-    batch_shape = (args.batch, 3, 32, 32)
+    if args.arch in BACKBONES:
+        make, size = BACKBONES[args.arch]
+        net = make().eval()
+        arch = args.arch
+
+        def model(x):
+            return net(normalise(arch, x))
+
+        image = torch.rand(1, 3, size, size) if size != 32 else read_cifar_batch(EXACT100)[0][:1]
+        batch_shape = (args.batch, 3, size, size)
+    else:
+        model = build(args.arch, WEIGHTS[args.arch])
+        images, _ = read_cifar_batch(EXACT100)
+        image = images[:1]
+        batch_shape = (args.batch, 3, 32, 32)
 
     def step():
         x = image + torch.randn(batch_shape) * args.sigma

@@ -10,11 +10,88 @@ pub enum Arch {
     Linear,
     /// He et al. 2016 CIFAR ResNet with `depth` = 6n + 2 (20, 32, 44, 56, 110).
     CifarResNet { depth: usize },
+    /// A timm VisionTransformer under timm's parameter names (see [`VitName`]).
+    Vit(VitName),
+    /// torchvision's ResNet-50 (Bottleneck v1.5, 224×224 ImageNet input) under its names.
+    ResNet50,
+}
+
+/// The ViT configurations caf knows by name; `models::vit::VitConfig` holds their numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VitName {
+    /// timm `vit_tiny_patch16_224`: width 192, 12 blocks, 3 heads, 224×224.
+    Tiny16,
+    /// timm `vit_small_patch16_224`: width 384, 12 blocks, 6 heads.
+    Small16,
+    /// timm `vit_base_patch16_224`: width 768, 12 blocks, 12 heads.
+    Base16,
+    /// timm `VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=6,
+    /// num_heads=3)`: a CIFAR-sized ViT for CPU-scale studies.
+    CifarTiny4,
+}
+
+impl VitName {
+    pub const ALL: [VitName; 4] = [
+        VitName::Tiny16,
+        VitName::Small16,
+        VitName::Base16,
+        VitName::CifarTiny4,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VitName::Tiny16 => "vit_tiny_patch16_224",
+            VitName::Small16 => "vit_small_patch16_224",
+            VitName::Base16 => "vit_base_patch16_224",
+            VitName::CifarTiny4 => "vit_cifar_tiny_patch4_32",
+        }
+    }
+}
+
+impl Arch {
+    /// Every architecture name a spec or `--arch` accepts.
+    pub const NAMES: &'static [&'static str] = &[
+        "linear",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "resnet50",
+        "vit_tiny_patch16_224",
+        "vit_small_patch16_224",
+        "vit_base_patch16_224",
+        "vit_cifar_tiny_patch4_32",
+    ];
+
+    /// The square input size the network is built for, where it has one (the ViTs' position
+    /// embeddings fix it; ResNet-50 takes any size but was designed for 224).
+    pub fn input_size(&self) -> Option<usize> {
+        match self {
+            Arch::Linear | Arch::CifarResNet { .. } => Some(32),
+            Arch::Vit(VitName::CifarTiny4) => Some(32),
+            Arch::Vit(_) | Arch::ResNet50 => Some(224),
+        }
+    }
+
+    /// The input normalisation the architecture's reference weights use: timm's ViTs 0.5/0.5
+    /// (their `default_cfg`), torchvision's ResNet-50 and the CIFAR ResNets ImageNet's.
+    pub fn default_normalize(&self) -> Normalize {
+        match self {
+            Arch::Linear => Normalize::IDENTITY,
+            Arch::Vit(_) => Normalize::HALF,
+            Arch::CifarResNet { .. } | Arch::ResNet50 => Normalize::IMAGENET,
+        }
+    }
 }
 
 /// An architecture name caf does not know.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown architecture `{0}` (expected linear or resnet20/32/44/56/110)")]
+#[error(
+    "unknown architecture `{0}` (expected linear, resnet20/32/44/56/110, resnet50, \
+     vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224 or \
+     vit_cifar_tiny_patch4_32)"
+)]
 pub struct UnknownArch(pub String);
 
 impl std::str::FromStr for Arch {
@@ -27,7 +104,12 @@ impl std::str::FromStr for Arch {
             "resnet44" => Ok(Arch::CifarResNet { depth: 44 }),
             "resnet56" => Ok(Arch::CifarResNet { depth: 56 }),
             "resnet110" => Ok(Arch::CifarResNet { depth: 110 }),
-            other => Err(UnknownArch(other.to_string())),
+            "resnet50" => Ok(Arch::ResNet50),
+            other => VitName::ALL
+                .into_iter()
+                .find(|v| v.as_str() == other)
+                .map(Arch::Vit)
+                .ok_or_else(|| UnknownArch(other.to_string())),
         }
     }
 }
@@ -37,6 +119,8 @@ impl std::fmt::Display for Arch {
         match self {
             Arch::Linear => write!(f, "linear"),
             Arch::CifarResNet { depth } => write!(f, "resnet{depth}"),
+            Arch::Vit(v) => f.write_str(v.as_str()),
+            Arch::ResNet50 => write!(f, "resnet50"),
         }
     }
 }
@@ -59,4 +143,24 @@ impl Normalize {
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],
     };
+    /// timm's ViT default (`IMAGENET_INCEPTION_MEAN/STD`): [0,1] mapped to [-1,1].
+    pub const HALF: Normalize = Normalize {
+        mean: [0.5; 3],
+        std: [0.5; 3],
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_name_parses_and_prints_back() {
+        for name in Arch::NAMES {
+            let arch: Arch = name.parse().expect(name);
+            assert_eq!(arch.to_string(), *name);
+        }
+        let e = "vit_huge".parse::<Arch>().unwrap_err();
+        assert!(e.to_string().contains("vit_cifar_tiny_patch4_32"), "{e}");
+    }
 }

@@ -193,37 +193,62 @@ fn peak_share(
 
 fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
     let arch = parse_arch(&f.arch)?;
-    let Some(weights) = f.weights.clone().or_else(|| default_weights(arch)) else {
-        bail!(usage(format!(
-            "no default weights for {arch}: pass --weights"
-        )));
-    };
     if f.batch == 0 || !f.seconds.is_finite() || f.seconds <= 0.0 {
         bail!(usage("--batch and --seconds must be positive"));
     }
-    let m = ModelArgs {
-        arch: f.arch.clone(),
-        weights,
-        mean: None,
-        std: None,
-        data: DatasetArg::Cifar10,
-        data_root: PathBuf::new(),
-        device: f.device,
+    let (mut model, device) = match f.weights.clone().or_else(|| default_weights(arch)) {
+        Some(weights) => load_classifier(&ModelArgs {
+            arch: f.arch.clone(),
+            weights,
+            mean: None,
+            std: None,
+            data: DatasetArg::Cifar10,
+            data_root: PathBuf::new(),
+            device: f.device,
+        })?,
+        // The ViTs and ResNet-50 have no checkpoint on these machines: their speed does not
+        // depend on the weights' values, so deterministic formula weights stand in.
+        None if matches!(arch, Arch::Vit(_) | Arch::ResNet50) => {
+            let classes = if arch.input_size() == Some(32) {
+                10
+            } else {
+                1000
+            };
+            let device = f.device.open()?;
+            eprintln!("note: no --weights: {arch} with formula (seeded, untrained) weights");
+            let m = models::formula_backbone(arch, classes, arch.default_normalize(), &device)?;
+            (Box::new(m) as Box<dyn models::Classifier>, device)
+        }
+        None => bail!(usage(format!(
+            "no default weights for {arch}: pass --weights"
+        ))),
     };
-    let (mut model, device) = load_classifier(&m)?;
     model
         .set_precision(f.precision)
         .map_err(|e| usage(e.to_string()))?;
     if f.precision == models::Precision::Bf16 && !models::gemm::bf16_kernel_available() {
         eprintln!("note: this CPU has no AVX-512 BF16; bf16 runs the emulated (f32) GEMM");
     }
-    let report = caf::bench::bench_forward(model.as_ref(), f.batch, f.seconds, f.sigma, &device)?;
+    let size = arch.input_size().unwrap_or(32);
+    let report = caf::bench::bench_forward_shaped(
+        model.as_ref(),
+        caf::data::augment::Chw {
+            c: 3,
+            h: size,
+            w: size,
+        },
+        f.batch,
+        f.seconds,
+        f.sigma,
+        &device,
+    )?;
     outln!("images/s: {:.1}", report.images_per_sec_median);
     // Forward FLOPs of the network (convolutions + linear layer).
     let flops = match arch {
         Arch::CifarResNet { depth } => {
             Some(models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image as f64)
         }
+        Arch::Vit(name) => Some(models::VitConfig::named(name).cost(model.num_classes()).1 as f64),
         _ => None,
     };
     // The share of the CPU's sgemm peak means nothing for a GPU run.
@@ -284,7 +309,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 t.sigma,
                 &device,
             )?;
-            let flops = budget::caf_train_flops(backbone_flops, &adapter)
+            let flops = budget::caf_train_flops(backbone_flops, &adapter, models::FEATURE_DIM)
                 .ok_or_else(|| usage(format!("no FLOP count for adapter {adapter}")))?;
             (report, flops.0)
         }

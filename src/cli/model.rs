@@ -9,12 +9,10 @@ use caf::models::{self, Arch, Normalize};
 use super::args::{DatasetArg, ModelArgs};
 use super::exit::usage;
 
-/// Mean/std from flags, defaulting to the akamaster convention for ResNets.
+/// Mean/std from flags, defaulting to what the arch's reference weights use (ImageNet's for
+/// the ResNets, timm's 0.5/0.5 for the ViTs).
 fn normalize_of(m: &ModelArgs, arch: Arch) -> Result<Normalize> {
-    let mut n = match arch {
-        Arch::Linear => Normalize::IDENTITY,
-        _ => Normalize::IMAGENET,
-    };
+    let mut n = arch.default_normalize();
     if let Some(v) = &m.mean {
         n.mean = [v[0], v[1], v[2]];
     }

@@ -18,6 +18,7 @@ use super::train::TrainConfig;
 use crate::models::adapter::{cifar_resnet_cost, cost, AdapterArch};
 use crate::models::dncnn::DnCnnArch;
 use crate::models::Arch;
+use crate::models::{VitConfig, FEATURE_DIM};
 use crate::plan::{Job, PlanContext};
 use crate::spec::{Cell, SpecError};
 
@@ -52,6 +53,23 @@ pub fn epochs_for(tflops: f64, flops_per_image: f64, cfg: &TrainConfig) -> usize
     ((tflops * 1e12 / per_epoch).round() as usize).max(1)
 }
 
+/// (params, forward FLOPs per image, feature width) of a backbone; `None` where caf has no
+/// count (ResNet-50 and trained models other than `rs`).
+fn backbone_cost(source: &ModelSource) -> Option<(u64, u64, usize)> {
+    let arch = match source {
+        ModelSource::Pretrained { model } => model.arch.clone(),
+        ModelSource::Rs { arch, .. } => arch.clone(),
+        _ => return None,
+    };
+    match arch.parse::<Arch>() {
+        Ok(Arch::Vit(name)) => {
+            let (params, flops) = VitConfig::named(name).cost(NUM_CLASSES);
+            Some((params, flops, VitConfig::named(name).dim))
+        }
+        _ => resnet_flops(source).map(|(p, f)| (p, f, FEATURE_DIM)),
+    }
+}
+
 fn resnet_flops(source: &ModelSource) -> Option<(u64, u64)> {
     let arch = match source {
         ModelSource::Pretrained { model } => model.arch.clone(),
@@ -67,12 +85,17 @@ fn resnet_flops(source: &ModelSource) -> Option<(u64, u64)> {
 }
 
 /// Training FLOPs per image of CAF: the frozen backbone forward, the adapter and head forward
-/// and backward. Every CIFAR ResNet ends in 64 features.
-pub fn caf_train_flops(backbone_flops: u64, adapter: &AdapterArch) -> Option<(f64, u64, u64)> {
-    let a = cost(adapter, 64).ok()?;
-    let head = 2 * 64 * NUM_CLASSES as u64;
+/// and backward, on a backbone of feature width `d` (64 for every CIFAR ResNet).
+pub fn caf_train_flops(
+    backbone_flops: u64,
+    adapter: &AdapterArch,
+    d: usize,
+) -> Option<(f64, u64, u64)> {
+    let a = cost(adapter, d).ok()?;
+    let d = d as u64;
+    let head = 2 * d * NUM_CLASSES as u64;
     let trained = a.flops_per_image + head;
-    let params = a.params + 64 * NUM_CLASSES as u64 + NUM_CLASSES as u64;
+    let params = a.params + d * NUM_CLASSES as u64 + NUM_CLASSES as u64;
     Some((
         backbone_flops as f64 + 3.0 * trained as f64,
         params,
@@ -119,8 +142,8 @@ pub fn per_image(kind: &str, params: &serde_json::Value) -> Option<(f64, u64, u6
     match kind {
         super::caf::KIND => {
             let p: TrainCafParams = serde_json::from_value(params.clone()).ok()?;
-            let (_, backbone) = resnet_flops(&p.backbone)?;
-            caf_train_flops(backbone, &p.adapter)
+            let (_, backbone, d) = backbone_cost(&p.backbone)?;
+            caf_train_flops(backbone, &p.adapter, d)
         }
         super::denoised::KIND => {
             let p: TrainDenoisedParams = serde_json::from_value(params.clone()).ok()?;

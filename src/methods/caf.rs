@@ -23,7 +23,7 @@ use super::train::{OptimizerConfig, Schedule, TrainConfig};
 use super::train_job::{self, TrainRun};
 use crate::models::adapter::AdapterArch;
 use crate::models::caf::build_caf_seeded;
-use crate::models::{CafModel, CifarResNet};
+use crate::models::{Backbone, CafModel};
 use crate::plan::{Job, JobBuilder, PlanContext, ProgressUnit};
 use crate::sched::{JobContext, JobError, JobOutput};
 use crate::spec::{Cell, SpecError};
@@ -91,6 +91,25 @@ fn adapter_arch(cell: &Cell, ctx: &PlanContext<'_>) -> Result<AdapterArch, SpecE
                     depth,
                 }
             }
+            AdapterArch::Vit {
+                depth,
+                patch,
+                heads,
+                ..
+            } => {
+                if w.fract() != 0.0 || w < 1.0 {
+                    return Err(ctx.error_at(
+                        p.span,
+                        format!("a vit adapter's width is a channel count ≥ 1, found {w}"),
+                    ));
+                }
+                AdapterArch::Vit {
+                    dim: w as usize,
+                    depth,
+                    patch,
+                    heads,
+                }
+            }
         };
     }
     if let Some((d, _)) = common::integer(cell, ctx, "adapter_depth")? {
@@ -102,6 +121,14 @@ fn adapter_arch(cell: &Cell, ctx: &PlanContext<'_>) -> Result<AdapterArch, SpecE
             AdapterArch::SmallCnn { width, .. } => AdapterArch::SmallCnn {
                 width,
                 depth: d as usize,
+            },
+            AdapterArch::Vit {
+                dim, patch, heads, ..
+            } => AdapterArch::Vit {
+                dim,
+                depth: d as usize,
+                patch,
+                heads,
             },
         };
     }
@@ -284,13 +311,13 @@ pub fn plan_ensemble(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>,
 /// Adapters and head on the frozen backbone `phi`, initialised from `seed`; only they are
 /// trainable. Shared by the handler and `caf bench train-step`.
 pub fn trainable_model(
-    phi: CifarResNet,
+    phi: impl Into<Backbone>,
     adapter: &AdapterArch,
     varmap: &candle_nn::VarMap,
     device: &candle_core::Device,
     seed: u64,
 ) -> Result<(CafModel, Vec<candle_core::Var>), JobError> {
-    let phi = phi.detached().map_err(JobError::fatal)?;
+    let phi = phi.into().detached().map_err(JobError::fatal)?;
     build_caf_seeded(phi, adapter, NUM_CLASSES, varmap, device, seed).map_err(JobError::fatal)
 }
 
@@ -309,7 +336,7 @@ impl TypedHandler for TrainCafHandler {
         p: TrainCafParams,
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
-        let phi = p.backbone.load_resnet(ctx.sink.as_ref(), device)?;
+        let phi = p.backbone.load_backbone(ctx.sink.as_ref(), device)?;
         let varmap = candle_nn::VarMap::new();
         let (model, trainable) = trainable_model(phi, &p.adapter, &varmap, device, p.train.seed)?;
         let data = p.data.load()?;

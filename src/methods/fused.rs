@@ -23,7 +23,7 @@ use super::results::Results;
 use super::slice::{certify_slice, SliceEnd, SliceProgress, SliceRun};
 use super::source::ModelSource;
 use crate::certify::{ClassifierSet, Settings, Smooth};
-use crate::models::{CafModel, CifarResNet, Precision};
+use crate::models::{Backbone, CafModel, Precision};
 use crate::plan::{Job, JobBuilder, JobId, ProgressUnit};
 use crate::sched::{JobContext, JobError, JobOutput};
 
@@ -158,7 +158,7 @@ pub fn fuse(jobs: &mut Vec<Job>) {
 
 /// The members as one [`ClassifierSet`] over a single backbone pass.
 struct Members {
-    backbone: CifarResNet,
+    backbone: Backbone,
     members: Vec<Member>,
 }
 
@@ -232,7 +232,7 @@ impl TypedHandler for FusedHandler {
         let sink = ctx.sink.as_ref();
         let mut backbone = p
             .backbone
-            .load_resnet(sink, device)?
+            .load_backbone(sink, device)?
             .detached()
             .map_err(JobError::fatal)?;
         set_precision(&mut backbone, p.precision, device)?;

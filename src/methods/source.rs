@@ -12,7 +12,7 @@ use super::common::ModelRef;
 use crate::models::adapter::AdapterArch;
 use crate::models::caf::{load_caf, CafModel};
 use crate::models::dncnn::{self, Denoised, DnCnnArch};
-use crate::models::{self, Arch, CifarResNet, Classifier, Normalize};
+use crate::models::{self, Arch, Backbone, CifarResNet, Classifier, Normalize};
 use crate::plan::JobId;
 use crate::sched::{JobError, JobSink};
 
@@ -118,6 +118,23 @@ impl ModelSource {
         }
     }
 
+    /// The model as a frozen feature extractor of any architecture (a CAF backbone): a
+    /// pretrained file of any backbone arch, or an rs-trained CIFAR ResNet.
+    pub fn load_backbone(&self, sink: &dyn JobSink, device: &Device) -> Result<Backbone, JobError> {
+        match self {
+            ModelSource::Pretrained { model } => {
+                let arch: Arch = model.arch.parse().map_err(JobError::fatal)?;
+                if matches!(arch, Arch::CifarResNet { .. }) {
+                    return Ok(self.load_resnet(sink, device)?.into());
+                }
+                model.check()?;
+                models::load_backbone(arch, &model.weights, model.normalize, device)
+                    .map_err(JobError::fatal)
+            }
+            _ => Ok(self.load_resnet(sink, device)?.into()),
+        }
+    }
+
     /// The model as a CAF model (backbone + adapter + head).
     pub fn load_caf(&self, sink: &dyn JobSink, device: &Device) -> Result<CafModel, JobError> {
         match self {
@@ -127,7 +144,7 @@ impl ModelSource {
                 adapter,
             } => {
                 let phi = backbone
-                    .load_resnet(sink, device)?
+                    .load_backbone(sink, device)?
                     .detached()
                     .map_err(JobError::fatal)?;
                 let path = trained_weights(sink, job)?;

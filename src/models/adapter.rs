@@ -11,6 +11,13 @@
 //!   `width` channels, each of the next three at stride 2 doubling the channels, later ones at
 //!   stride 1; global average pooling, linear to d. A cheap ablation.
 //!
+//! - [`AdapterArch::Vit`]: a few transformer blocks on patches (the sensitivity study's other
+//!   adapter *type*): a `patch`×`patch` patch embedding of width `dim`, MAE's fixed 2-D
+//!   sine-cosine position embedding (no parameter tied to an image size), `depth` pre-norm
+//!   blocks exactly as the ViT backbones' (`heads` heads, MLP ratio 4, erf GELU), a final
+//!   LayerNorm, the mean over tokens, linear to d. Names as timm's (`patch_embed.proj.*`,
+//!   `blocks.{i}.attn.qkv.*`, …, `norm.*`) and `linear.*`.
+//!
 //! Parameter names follow the PyTorch module tree of `resnet.py` (`conv1.weight`,
 //! `layer2.0.shortcut.0.weight`, `layer2.0.shortcut.1.running_mean`, `linear.bias`, …) so the
 //! released code's adapters could be loaded; the small CNN uses `layers.{i}.conv.weight`,
@@ -62,6 +69,7 @@ use super::convbn::{conv_out, ConvBn, FoldedConv};
 use super::precision::Precision;
 use super::relu::{relu, relu_in_place};
 use super::resnet::{check_input, InputNorm};
+use super::vit::VitEncoder;
 use super::{ModelError, Normalize};
 
 /// Bounds that keep a typo in a spec from allocating gigabytes.
@@ -96,6 +104,23 @@ pub enum AdapterArch {
     /// `depth` conv-BN-ReLU layers starting at `width` channels (see the module docs).
     #[serde(rename = "small_cnn")]
     SmallCnn { width: usize, depth: usize },
+    /// `depth` transformer blocks of width `dim` on `patch`×`patch` patches (module docs).
+    #[serde(rename = "vit")]
+    Vit {
+        dim: usize,
+        depth: usize,
+        patch: usize,
+        heads: usize,
+    },
+}
+
+/// Heads of a ViT adapter when the spec names none: one per 32 channels (timm's ViTs have 64
+/// per head; narrower adapters keep more heads), at least one, dividing `dim`.
+pub fn default_vit_heads(dim: usize) -> usize {
+    (1..=(dim / 32).max(1))
+        .rev()
+        .find(|h| dim.is_multiple_of(*h))
+        .unwrap_or(1)
 }
 
 impl AdapterArch {
@@ -141,6 +166,31 @@ impl AdapterArch {
                 }
                 if depth == 0 || depth > MAX_CNN_DEPTH {
                     return bad(format!("depth must be in 1..={MAX_CNN_DEPTH}, got {depth}"));
+                }
+            }
+            AdapterArch::Vit {
+                dim,
+                depth,
+                patch,
+                heads,
+            } => {
+                if dim == 0 || dim > MAX_CNN_WIDTH || !dim.is_multiple_of(4) {
+                    return bad(format!(
+                        "width must be a multiple of 4 in 4..={MAX_CNN_WIDTH}, got {dim}"
+                    ));
+                }
+                if depth == 0 || depth > MAX_STAGE_DEPTH {
+                    return bad(format!(
+                        "depth must be in 1..={MAX_STAGE_DEPTH}, got {depth}"
+                    ));
+                }
+                if patch == 0 || patch > 32 || !32usize.is_multiple_of(patch) {
+                    return bad(format!(
+                        "patch must divide 32 (1, 2, 4, 8, 16, 32), got {patch}"
+                    ));
+                }
+                if heads == 0 || !dim.is_multiple_of(heads) {
+                    return bad(format!("{heads} heads do not divide the width {dim}"));
                 }
             }
         }
@@ -193,11 +243,16 @@ impl AdapterArch {
                 }
                 units
             }
+            // No convolutions: see `VitEncoder`.
+            AdapterArch::Vit { .. } => Vec::new(),
         }
     }
 
     /// Channels entering the final linear layer.
     fn pooled_channels(&self) -> usize {
+        if let AdapterArch::Vit { dim, .. } = self {
+            return *dim;
+        }
         match self.plan().last() {
             Some(PlanUnit::Plain(c)) | Some(PlanUnit::Basic { b: c, .. }) => c.c_out,
             None => 3,
@@ -220,6 +275,18 @@ impl fmt::Display for AdapterArch {
                 Ok(())
             }
             AdapterArch::SmallCnn { width, depth } => write!(f, "cnn:{width}:{depth}"),
+            AdapterArch::Vit {
+                dim,
+                depth,
+                patch,
+                heads,
+            } => {
+                write!(f, "vit:{dim}:{depth}:{patch}")?;
+                if *heads != default_vit_heads(*dim) {
+                    write!(f, ":{heads}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -261,9 +328,26 @@ impl FromStr for AdapterArch {
                     .parse()
                     .map_err(|_| bad(format!("depth `{depth}` is not an integer")))?,
             },
+            ["vit", dim, depth, patch, rest @ ..] if rest.len() <= 1 => {
+                let int = |what: &str, v: &str| {
+                    v.parse::<usize>()
+                        .map_err(|_| bad(format!("{what} `{v}` is not an integer")))
+                };
+                let dim = int("width", dim)?;
+                AdapterArch::Vit {
+                    dim,
+                    depth: int("depth", depth)?,
+                    patch: int("patch", patch)?,
+                    heads: match rest.first() {
+                        Some(h) => int("heads", h)?,
+                        None => default_vit_heads(dim),
+                    },
+                }
+            }
             _ => {
                 return Err(bad("expected default, resnet18, resnet18:<width>, \
-                     resnet18:<width>:<d1>,<d2>,<d3>,<d4> or cnn:<width>:<depth>"
+                     resnet18:<width>:<d1>,<d2>,<d3>,<d4>, cnn:<width>:<depth> or \
+                     vit:<width>:<depth>:<patch>[:<heads>]"
                     .into()))
             }
         };
@@ -319,6 +403,20 @@ pub struct AdapterCost {
 /// [`AdapterCost`] of `arch` with output width `d`, on a 32×32 image.
 pub fn cost(arch: &AdapterArch, d: usize) -> std::result::Result<AdapterCost, ModelError> {
     arch.validate()?;
+    if let AdapterArch::Vit {
+        dim, depth, patch, ..
+    } = *arch
+    {
+        let n = ((32 / patch) * (32 / patch)) as u64;
+        let (params, flops) = super::vit::encoder_cost(dim, depth, 4, patch, n, n);
+        let mut c = CostSum(AdapterCost {
+            params,
+            buffers: 0,
+            flops_per_image: flops,
+        });
+        c.linear(dim, d);
+        return Ok(c.0);
+    }
     let mut c = CostSum::default();
     let mut size = 32;
     for unit in arch.plan() {
@@ -479,6 +577,8 @@ pub struct Adapter {
     normalize: Normalize,
     norm: InputNorm,
     units: Vec<Unit>,
+    /// The transformer body of a [`AdapterArch::Vit`] adapter (then `units` is empty).
+    vit: Option<VitEncoder>,
     linear: Linear,
     out_dim: usize,
     /// The arithmetic of the fused CPU inference path (training is always f32).
@@ -548,6 +648,16 @@ impl Adapter {
                     }
                 })
                 .collect::<Result<_>>()?,
+            AdapterArch::Vit { .. } => Vec::new(),
+        };
+        let vit = match *arch {
+            AdapterArch::Vit {
+                dim,
+                depth,
+                patch,
+                heads,
+            } => Some(VitEncoder::new(dim, depth, heads, patch, vb.clone())?),
+            _ => None,
         };
         // Zero-initialised so that a(x) = 0 at step 0 (see the module docs).
         let c = arch.pooled_channels();
@@ -559,6 +669,7 @@ impl Adapter {
             normalize,
             norm,
             units,
+            vit,
             linear: Linear::new(weight, Some(bias)),
             out_dim,
             precision: Precision::F32,
@@ -590,6 +701,7 @@ impl Adapter {
             .iter()
             .flat_map(Unit::convs)
             .any(ConvBn::tracks_grad)
+            || self.vit.as_ref().is_some_and(VitEncoder::tracks_grad)
             || self.linear.weight().track_op()
             || self.linear.bias().is_some_and(Tensor::track_op)
     }
@@ -606,6 +718,7 @@ impl Adapter {
                 .iter()
                 .map(Unit::detached)
                 .collect::<Result<_>>()?,
+            vit: self.vit.as_ref().map(VitEncoder::detached),
             linear: Linear::new(
                 self.linear.weight().detach(),
                 self.linear.bias().map(Tensor::detach),
@@ -620,6 +733,11 @@ impl Adapter {
     /// the parameters are tracked (folding copies them out of the graph).
     pub fn forward_no_grad(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x)?;
+        if let Some(vit) = &self.vit {
+            // candle's fused LayerNorm / softmax kernels (any device); nothing is recorded.
+            let pooled = vit.pooled(&self.norm.forward(&x.detach())?, false)?;
+            return Ok(self.linear.forward(&pooled.detach())?.detach());
+        }
         if super::path::fused(x.device()) && !x.track_op() {
             return Ok(self.forward_fast(x)?.detach());
         }
@@ -629,7 +747,14 @@ impl Adapter {
 
     /// candle's ops, in bf16 tensors when `bf16` (the generic path's bf16, e.g. on CUDA: input
     /// rounded once after normalising, pooled features back in f32 for the f32 linear layer).
+    /// A ViT adapter always runs in f32.
     fn forward_candle_in(&self, x: &Tensor, train: bool, bf16: bool) -> Result<Tensor> {
+        if let Some(vit) = &self.vit {
+            let grad = x.track_op() || self.tracks_grad();
+            return self
+                .linear
+                .forward(&vit.pooled(&self.norm.forward(x)?, grad)?);
+        }
         let mut h = self.norm.forward(x)?;
         if bf16 {
             h = h.to_dtype(candle_core::DType::BF16)?;
@@ -667,7 +792,7 @@ impl ModuleT for Adapter {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         check_input(x)?;
         let no_grad = !train && !x.track_op() && !self.tracks_grad();
-        if no_grad && super::path::fused(x.device()) {
+        if self.vit.is_none() && no_grad && super::path::fused(x.device()) {
             return self.forward_fast(x);
         }
         self.forward_candle_in(x, train, no_grad && self.precision == Precision::Bf16)

@@ -23,7 +23,7 @@ use candle_nn::{Init, Linear, VarBuilder, VarMap};
 use super::adapter::{Adapter, AdapterArch};
 use super::precision::Precision;
 use super::{
-    compare_names, expected_tensors, is_ignored, load_state_dict, record_tensors, Arch,
+    compare_names, expected_tensors, is_ignored, load_state_dict, record_tensors, Arch, Backbone,
     CifarResNet, Classifier, ModelError, Normalize, FEATURE_DIM,
 };
 
@@ -40,28 +40,43 @@ fn new_head(d: usize, num_classes: usize, vb: VarBuilder) -> Result<Linear> {
 }
 
 /// Builds adapter and head over `vb` with the names of the module docs.
+/// `d` is the backbone's feature width: the adapter's output is projected to it and added to
+/// φ(x), whatever the backbone (a CIFAR ResNet's 64, a ViT's embedding width, ResNet-50's 2048).
 fn adapter_and_head(
     arch: &AdapterArch,
     normalize: Normalize,
+    d: usize,
     num_classes: usize,
     vb: &VarBuilder,
 ) -> Result<(Adapter, Linear)> {
     if num_classes == 0 {
         candle_core::bail!("a classifier needs at least one class");
     }
-    let adapter = Adapter::new(arch, FEATURE_DIM, normalize, vb.pp("adapter"))?;
-    let head = new_head(FEATURE_DIM, num_classes, vb.pp("head"))?;
+    let adapter = Adapter::new(arch, d, normalize, vb.pp("adapter"))?;
+    let head = new_head(d, num_classes, vb.pp("head"))?;
     Ok((adapter, head))
 }
 
 /// Names and shapes of every tensor a CAF model's adapter and head hold (running statistics
-/// included), in construction order: what [`build_caf`] creates and [`load_caf`] expects.
+/// included), in construction order, on a CIFAR ResNet backbone (feature width 64).
 pub fn caf_expected_tensors(
     arch: &AdapterArch,
     num_classes: usize,
 ) -> std::result::Result<Vec<(String, Vec<usize>)>, ModelError> {
+    caf_expected_tensors_for(arch, FEATURE_DIM, num_classes)
+}
+
+/// [`caf_expected_tensors`] on a backbone of feature width `d`: what [`build_caf`] creates and
+/// [`load_caf`] expects.
+pub fn caf_expected_tensors_for(
+    arch: &AdapterArch,
+    d: usize,
+    num_classes: usize,
+) -> std::result::Result<Vec<(String, Vec<usize>)>, ModelError> {
     arch.validate()?;
-    record_tensors(|vb| adapter_and_head(arch, Normalize::IDENTITY, num_classes, &vb).map(|_| ()))
+    record_tensors(|vb| {
+        adapter_and_head(arch, Normalize::IDENTITY, d, num_classes, &vb).map(|_| ())
+    })
 }
 
 fn is_running_stat(name: &str) -> bool {
@@ -94,11 +109,12 @@ fn head_on(head: &Linear, phi: &Tensor, a: &Tensor) -> Result<Tensor> {
     head.forward(&(phi + a)?)
 }
 
-fn check_members(backbone: &CifarResNet, adapter: &Adapter, head: &Linear) -> Result<usize> {
+fn check_members(backbone: &Backbone, adapter: &Adapter, head: &Linear) -> Result<usize> {
     let (classes, d) = head.weight().dims2()?;
-    if adapter.out_dim() != FEATURE_DIM || d != FEATURE_DIM {
+    let want = backbone.feature_dim();
+    if adapter.out_dim() != want || d != want {
         candle_core::bail!(
-            "CAF needs adapter and head of the backbone's feature width {FEATURE_DIM}, got \
+            "CAF needs adapter and head of the backbone's feature width {want}, got \
              adapter {} and head input {d}",
             adapter.out_dim()
         );
@@ -116,8 +132,8 @@ fn check_members(backbone: &CifarResNet, adapter: &Adapter, head: &Linear) -> Re
 /// logits = head(φ(x) + a(x)) with φ frozen.
 #[derive(Clone, Debug)]
 pub struct CafModel {
-    /// Detached: plain tensors, always run in eval mode (the fused CPU path).
-    backbone: CifarResNet,
+    /// Detached: plain tensors, always run in eval mode (the fused CPU path where it has one).
+    backbone: Backbone,
     adapter: Adapter,
     head: Linear,
     num_classes: usize,
@@ -126,7 +142,8 @@ pub struct CafModel {
 impl CafModel {
     /// Puts the parts together. The backbone is detached here, so nothing the caller does
     /// with its own copy can make gradients reach it.
-    pub fn new(backbone: CifarResNet, adapter: Adapter, head: Linear) -> Result<Self> {
+    pub fn new(backbone: impl Into<Backbone>, adapter: Adapter, head: Linear) -> Result<Self> {
+        let backbone = backbone.into();
         let num_classes = check_members(&backbone, &adapter, &head)?;
         Ok(Self {
             backbone: backbone.detached()?,
@@ -136,7 +153,7 @@ impl CafModel {
         })
     }
 
-    pub fn backbone(&self) -> &CifarResNet {
+    pub fn backbone(&self) -> &Backbone {
         &self.backbone
     }
 
@@ -199,7 +216,7 @@ impl Classifier for CafModel {
     }
 
     fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
-        self.backbone.set_precision(precision);
+        Classifier::set_precision(&mut self.backbone, precision)?;
         self.adapter.set_precision(precision);
         Ok(())
     }
@@ -212,7 +229,7 @@ impl Classifier for CafModel {
 /// bias of adapter and head, BatchNorm γ/β included, running statistics not. Names already in
 /// `varmap` (e.g. loaded to resume) are reused, not re-initialised.
 pub fn build_caf(
-    backbone: CifarResNet,
+    backbone: impl Into<Backbone>,
     arch: &AdapterArch,
     num_classes: usize,
     varmap: &VarMap,
@@ -224,7 +241,7 @@ pub fn build_caf(
 /// [`build_caf`] with new variables drawn reproducibly from `seed` (see [`super::init`]), so a
 /// training job's starting point is a function of its parameters.
 pub fn build_caf_seeded(
-    backbone: CifarResNet,
+    backbone: impl Into<Backbone>,
     arch: &AdapterArch,
     num_classes: usize,
     varmap: &VarMap,
@@ -232,10 +249,12 @@ pub fn build_caf_seeded(
     seed: u64,
 ) -> std::result::Result<(CafModel, Vec<Var>), ModelError> {
     arch.validate()?;
+    let backbone = backbone.into();
+    let d = backbone.feature_dim();
     let vb = super::init::seeded_var_builder(varmap, seed, device);
-    let (adapter, head) = adapter_and_head(arch, backbone.normalize(), num_classes, &vb)?;
+    let (adapter, head) = adapter_and_head(arch, backbone.normalize(), d, num_classes, &vb)?;
     let model = CafModel::new(backbone, adapter, head)?;
-    let vars = trainable_vars(varmap, &caf_expected_tensors(arch, num_classes)?)?;
+    let vars = trainable_vars(varmap, &caf_expected_tensors_for(arch, d, num_classes)?)?;
     Ok((model, vars))
 }
 
@@ -289,30 +308,33 @@ fn to_f32(
 /// from `num_batches_tracked`); otherwise the error lists the missing, unexpected and
 /// mis-shaped tensors.
 pub fn load_caf(
-    backbone: CifarResNet,
+    backbone: impl Into<Backbone>,
     arch: &AdapterArch,
     num_classes: usize,
     weights: &Path,
     device: &Device,
 ) -> std::result::Result<CafModel, ModelError> {
+    let backbone = backbone.into();
     let (adapter, head) = load_member(&backbone, arch, num_classes, weights, device)?;
     Ok(CafModel::new(backbone, adapter, head)?)
 }
 
 fn load_member(
-    backbone: &CifarResNet,
+    backbone: &Backbone,
     arch: &AdapterArch,
     num_classes: usize,
     weights: &Path,
     device: &Device,
 ) -> std::result::Result<(Adapter, Linear), ModelError> {
-    let expected = caf_expected_tensors(arch, num_classes)?;
-    let what = format!("CAF adapter {arch} with a {num_classes}-class head");
+    let d = backbone.feature_dim();
+    let expected = caf_expected_tensors_for(arch, d, num_classes)?;
+    let what = format!("CAF adapter {arch} with a {num_classes}-class head on width {d}");
     let tensors = read_checked(weights, &expected, &what, device)?;
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     Ok(adapter_and_head(
         arch,
         backbone.normalize(),
+        d,
         num_classes,
         &vb,
     )?)
@@ -322,7 +344,7 @@ fn load_member(
 /// per batch and shared.
 #[derive(Clone, Debug)]
 pub struct FusedCaf {
-    backbone: CifarResNet,
+    backbone: Backbone,
     members: Vec<(Adapter, Linear)>,
     num_classes: usize,
 }
@@ -331,9 +353,10 @@ impl FusedCaf {
     /// All members must share the backbone's feature width and normalisation and have the
     /// same number of classes.
     pub fn new(
-        backbone: CifarResNet,
+        backbone: impl Into<Backbone>,
         members: Vec<(Adapter, Linear)>,
     ) -> std::result::Result<Self, ModelError> {
+        let backbone = backbone.into();
         let mut num_classes = None;
         for (i, (adapter, head)) in members.iter().enumerate() {
             let classes =
@@ -360,11 +383,12 @@ impl FusedCaf {
 
     /// Loads one adapter + head per `(arch, weights)` pair, as [`load_caf`] does.
     pub fn load(
-        backbone: CifarResNet,
+        backbone: impl Into<Backbone>,
         members: &[(AdapterArch, &Path)],
         num_classes: usize,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
+        let backbone = backbone.into();
         let loaded = members
             .iter()
             .map(|(arch, path)| load_member(&backbone, arch, num_classes, path, device))
@@ -384,12 +408,14 @@ impl FusedCaf {
         self.num_classes
     }
 
-    /// Runs the backbone and every adapter in `precision` from now on.
-    pub fn set_precision(&mut self, precision: Precision) {
-        self.backbone.set_precision(precision);
+    /// Runs the backbone and every adapter in `precision` from now on (bf16 needs a
+    /// backbone with a fused CPU path: a CIFAR ResNet).
+    pub fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
+        Classifier::set_precision(&mut self.backbone, precision)?;
         for (adapter, _) in &mut self.members {
             adapter.set_precision(precision);
         }
+        Ok(())
     }
 
     /// Member `i` as a stand-alone model (sharing tensors), e.g. to certify one σ alone.

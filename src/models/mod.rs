@@ -7,6 +7,10 @@
 //!   [`CifarResNet::features`] / [`CifarResNet::head`] to split off the final linear layer.
 //!   Eval mode on the CPU runs a fused inference path (BatchNorm folded, im2col + GEMM per
 //!   image) unless autograd needs the graph; see [`CifarResNet::features_t`].
+//! - [`VisionTransformer`] (timm's ViTs, [`vit`]) and [`TvResNet`] (torchvision's ResNet-50,
+//!   [`resnet50`]) under their libraries' parameter names; [`Backbone`] is any of the three
+//!   networks as a frozen feature extractor for CAF.
+//! - [`formula`]: deterministic weights that Python reproduces, for tests without checkpoints.
 //! - [`LinearClassifier`]: logits = W·x + b (raw pixels with [`Normalize::IDENTITY`]).
 //! - [`adapter`] / [`caf`]: certifying adapters a(·) and CAF models h(φ(x) + a(x)) on a frozen
 //!   ResNet backbone, with fused multi-adapter inference ([`FusedCaf`]); also
@@ -15,11 +19,13 @@
 //! - [`load_classifier`]: both together, with names and shapes checked against the arch.
 
 pub mod adapter;
+pub mod backbone;
 pub mod bn;
 pub mod caf;
 pub mod conv;
 mod convbn;
 pub mod dncnn;
+pub mod formula;
 pub mod gemm;
 pub mod init;
 mod linear;
@@ -28,7 +34,9 @@ mod pickle;
 mod precision;
 pub mod relu;
 mod resnet;
+pub mod resnet50;
 mod resnet_eval;
+pub mod vit;
 mod weights;
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,12 +47,15 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-pub use crate::arch::{Arch, Normalize};
+pub use crate::arch::{Arch, Normalize, VitName};
 pub use adapter::{Adapter, AdapterArch, AdapterCost};
+pub use backbone::Backbone;
 pub use caf::{build_caf, build_trainable_resnet, load_caf, CafModel, FusedCaf};
 pub use linear::LinearClassifier;
 pub use precision::Precision;
 pub use resnet::{BasicBlock, CifarResNet, FEATURE_DIM};
+pub use resnet50::TvResNet;
+pub use vit::{VisionTransformer, VitConfig};
 pub use weights::{detect_format, load_state_dict, WeightFormat};
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +118,79 @@ pub fn load_classifier(
         Arch::CifarResNet { depth } => {
             Box::new(load_cifar_resnet(depth, weights, normalize, device)?)
         }
+        Arch::Vit(_) | Arch::ResNet50 => Box::new(load_backbone(arch, weights, normalize, device)?),
     })
+}
+
+/// Loads any architecture that can serve as a frozen backbone (not `linear`).
+pub fn load_backbone(
+    arch: Arch,
+    weights: &Path,
+    normalize: Normalize,
+    device: &Device,
+) -> Result<Backbone, ModelError> {
+    Ok(match arch {
+        Arch::Linear => {
+            return Err(ModelError::Invalid {
+                context: format!("backbone {arch}"),
+                message: "a linear classifier has no features to serve as a backbone".into(),
+            })
+        }
+        Arch::CifarResNet { depth } => load_cifar_resnet(depth, weights, normalize, device)?.into(),
+        Arch::Vit(name) => load_vit(VitConfig::named(name), weights, normalize, device)?.into(),
+        Arch::ResNet50 => {
+            let vb = checked_var_builder(arch, weights, device)?;
+            let classes = classes_in(arch, &vb.1).unwrap_or(0);
+            TvResNet::new(resnet50::RESNET50_LAYERS, classes, normalize, vb.0)?.into()
+        }
+    })
+}
+
+/// `arch` with [`formula`] weights (deterministic, not trained): for benchmarks and tests of
+/// architectures with no checkpoint on the machine.
+pub fn formula_backbone(
+    arch: Arch,
+    num_classes: usize,
+    normalize: Normalize,
+    device: &Device,
+) -> Result<Backbone, ModelError> {
+    let vb = formula::var_builder(&expected_tensors(arch, num_classes)?, device)?;
+    Ok(match arch {
+        Arch::Linear => {
+            return Err(ModelError::Invalid {
+                context: format!("backbone {arch}"),
+                message: "a linear classifier has no features to serve as a backbone".into(),
+            })
+        }
+        Arch::CifarResNet { depth } => CifarResNet::new(depth, num_classes, normalize, vb)?.into(),
+        Arch::Vit(name) => {
+            VisionTransformer::new(VitConfig::named(name), num_classes, normalize, vb)?.into()
+        }
+        Arch::ResNet50 => {
+            TvResNet::new(resnet50::RESNET50_LAYERS, num_classes, normalize, vb)?.into()
+        }
+    })
+}
+
+/// A timm ViT of any configuration `cfg` from a checkpoint under timm's names (the named
+/// architectures are [`VitConfig::named`]).
+pub fn load_vit(
+    cfg: VitConfig,
+    weights: &Path,
+    normalize: Normalize,
+    device: &Device,
+) -> Result<VisionTransformer, ModelError> {
+    let what = format!("ViT {cfg:?}");
+    let vb = checked_var_builder_with(&what, "head.weight", weights, device, |classes| {
+        record_tensors(|vb| {
+            VisionTransformer::new(cfg, classes, Normalize::IDENTITY, vb).map(|_| ())
+        })
+    })?;
+    let classes =
+        vb.1.get("head.weight")
+            .and_then(|d| d.first().copied())
+            .unwrap_or(0);
+    Ok(VisionTransformer::new(cfg, classes, normalize, vb.0)?)
 }
 
 /// [`load_classifier`] for a ResNet, keeping the concrete type (for `features` / `head`).
@@ -139,6 +222,8 @@ fn class_tensor(arch: Arch) -> &'static str {
     match arch {
         Arch::Linear => "weight",
         Arch::CifarResNet { .. } => "linear.weight",
+        Arch::Vit(_) => "head.weight",
+        Arch::ResNet50 => "fc.weight",
     }
 }
 
@@ -160,16 +245,39 @@ fn checked_var_builder(
     weights: &Path,
     device: &Device,
 ) -> Result<(VarBuilder<'static>, HashMap<String, Vec<usize>>), ModelError> {
+    checked_var_builder_with(
+        &arch.to_string(),
+        class_tensor(arch),
+        weights,
+        device,
+        |c| expected_tensors(arch, c),
+    )
+}
+
+/// [`checked_var_builder`] for the network `what` whose class count is the first dimension
+/// of `class_tensor` and whose tensors with `classes` classes are `expected(classes)`.
+fn checked_var_builder_with(
+    what: &str,
+    class_tensor: &str,
+    weights: &Path,
+    device: &Device,
+    expected: impl FnOnce(usize) -> Result<NamedShapes, ModelError>,
+) -> Result<(VarBuilder<'static>, HashMap<String, Vec<usize>>), ModelError> {
+    let arch = what;
     let mut tensors = load_state_dict(weights, device)?;
     tensors.retain(|name, _| !is_ignored(name));
     let shapes: HashMap<String, Vec<usize>> = tensors
         .iter()
         .map(|(k, t)| (k.clone(), t.dims().to_vec()))
         .collect();
-    let classes = match classes_in(arch, &shapes) {
+    let classes = match shapes
+        .get(class_tensor)
+        .and_then(|d| d.first().copied())
+        .filter(|&c| c > 0)
+    {
         Some(c) => c,
         None => {
-            let found = match shapes.get(class_tensor(arch)) {
+            let found = match shapes.get(class_tensor) {
                 Some(dims) => format!("has shape {dims:?}"),
                 None => "is missing".to_string(),
             };
@@ -177,13 +285,13 @@ fn checked_var_builder(
                 weights,
                 format!(
                     "cannot read the number of classes for {arch}: `{}` {found}{}",
-                    class_tensor(arch),
+                    class_tensor,
                     describe_names(&shapes)
                 ),
             ));
         }
     };
-    let expected = expected_tensors(arch, classes)?;
+    let expected = expected(classes)?;
     if let Some(problems) = compare_names(&expected, &shapes) {
         return Err(ModelError::weights(
             weights,
@@ -244,6 +352,17 @@ pub fn expected_tensors(
         }
         Arch::CifarResNet { depth } => {
             CifarResNet::new(depth, num_classes, Normalize::IDENTITY, vb)?;
+        }
+        Arch::Vit(name) => {
+            VisionTransformer::new(VitConfig::named(name), num_classes, Normalize::IDENTITY, vb)?;
+        }
+        Arch::ResNet50 => {
+            TvResNet::new(
+                resnet50::RESNET50_LAYERS,
+                num_classes,
+                Normalize::IDENTITY,
+                vb,
+            )?;
         }
     }
     let seen = recorder
@@ -353,6 +472,9 @@ pub fn compare_names(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod backbone_tests;
 
 /// The pretrained akamaster ResNet-20 from `../shared/data`, detached (tests of frozen use).
 #[cfg(test)]

@@ -24,7 +24,7 @@ pub const FEATURE_DIM: usize = 64;
 /// Input normalisation as the model's first op, so callers work in [0,1] pixel space.
 #[derive(Clone, Debug)]
 pub(crate) struct InputNorm {
-    normalize: Normalize,
+    pub(crate) normalize: Normalize,
     /// `None` for the identity, which then costs nothing.
     mean_std: Option<(Tensor, Tensor)>,
 }

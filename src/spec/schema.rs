@@ -19,14 +19,7 @@ const TOP_KEYS: &[&str] = &[
     "grid",
     "report",
 ];
-const ARCHS: &[&str] = &[
-    "linear",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "resnet56",
-    "resnet110",
-];
+const ARCHS: &[&str] = Arch::NAMES;
 
 pub fn build(
     path: &Path,

@@ -11,4 +11,5 @@ mod sequential;
 mod slurm_cli;
 mod spec_cli;
 mod train;
+mod vit;
 mod worker_cli;

@@ -1,0 +1,529 @@
+//! Vision transformers in timm's `VisionTransformer` form and under its parameter names, so timm
+//! checkpoints (safetensors or PyTorch) load as they are.
+//!
+//! Patch embedding (a `patch`×`patch` convolution at stride `patch`, run as one matmul over the
+//! flattened patches), a class token, a learned position embedding over class token + patches,
+//! `depth` pre-norm blocks — x + attn(LN(x)), then x + mlp(LN(x)) with multi-head
+//! self-attention (qkv with bias, scale 1/√head_dim) and an MLP of ratio 4 with erf GELU;
+//! LayerNorm ε = 1e-6 — a final LayerNorm and a linear head on the class token (timm's
+//! `global_pool='token'`). That class token after the final norm is the feature φ(x) CAF reads,
+//! the same one timm's head reads.
+//!
+//! Names: `cls_token` [1, 1, D], `pos_embed` [1, N + 1, D], `patch_embed.proj.{weight,bias}`
+//! ([D, 3, P, P], [D]), `blocks.{i}.norm1.*`, `blocks.{i}.attn.qkv.*` ([3D, D]),
+//! `blocks.{i}.attn.proj.*`, `blocks.{i}.norm2.*`, `blocks.{i}.mlp.fc1.*` ([4D, D]),
+//! `blocks.{i}.mlp.fc2.*`, `norm.*`, `head.*` ([classes, D]).
+//!
+//! Every op is candle's (device-generic); the CPU-heavy ones are already fused kernels in candle
+//! (LayerNorm, softmax over the last dimension, erf GELU, GEMM). Linear layers run as one 2-D
+//! matmul over batch × tokens, and attention as two batched matmuls over batch × heads.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder};
+
+use super::resnet::{check_input, InputNorm};
+use super::{Classifier, Normalize, VitName};
+
+/// timm's LayerNorm epsilon for ViTs.
+const LN_EPS: f64 = 1e-6;
+
+/// Bounds that keep a typo from allocating gigabytes.
+const MAX_DIM: usize = 4096;
+const MAX_DEPTH: usize = 64;
+
+/// The numbers of a ViT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VitConfig {
+    /// Square input size; the position embedding is built for it.
+    pub img_size: usize,
+    pub patch: usize,
+    /// Embedding width D.
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    /// MLP hidden width = `mlp_ratio` × D.
+    pub mlp_ratio: usize,
+}
+
+impl VitConfig {
+    pub fn named(name: VitName) -> Self {
+        let (img_size, patch, dim, depth, heads) = match name {
+            VitName::Tiny16 => (224, 16, 192, 12, 3),
+            VitName::Small16 => (224, 16, 384, 12, 6),
+            VitName::Base16 => (224, 16, 768, 12, 12),
+            VitName::CifarTiny4 => (32, 4, 192, 6, 3),
+        };
+        Self {
+            img_size,
+            patch,
+            dim,
+            depth,
+            heads,
+            mlp_ratio: 4,
+        }
+    }
+
+    /// Patches per image (tokens without the class token).
+    pub fn patches(&self) -> usize {
+        (self.img_size / self.patch).pow(2)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.patch == 0 || self.img_size == 0 || !self.img_size.is_multiple_of(self.patch) {
+            return Err(format!(
+                "image size {} must be a positive multiple of the patch size {}",
+                self.img_size, self.patch
+            ));
+        }
+        if self.dim == 0 || self.dim > MAX_DIM || self.depth > MAX_DEPTH || self.mlp_ratio == 0 {
+            return Err(format!(
+                "width must be in 1..={MAX_DIM}, depth in 0..={MAX_DEPTH}, mlp ratio ≥ 1; got \
+                 {} / {} / {}",
+                self.dim, self.depth, self.mlp_ratio
+            ));
+        }
+        if self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
+            return Err(format!(
+                "width {} must be a multiple of the {} heads",
+                self.dim, self.heads
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parameters and FLOPs per image (2 × multiply-adds of the matmuls, attention's two
+    /// included; LayerNorm, softmax and GELU not counted), with a `classes`-way head.
+    pub fn cost(&self, classes: usize) -> (u64, u64) {
+        let n = self.patches() as u64;
+        let d = self.dim as u64;
+        let (params, flops) =
+            encoder_cost(self.dim, self.depth, self.mlp_ratio, self.patch, n, n + 1);
+        // Class token and position embedding; the head.
+        let params = params + d + (n + 1) * d + classes as u64 * (d + 1);
+        (params, flops + 2 * classes as u64 * d)
+    }
+}
+
+/// Parameters and FLOPs of patch embedding (on `patches` patches), `depth` blocks over `tokens`
+/// tokens and the final LayerNorm: what a ViT backbone and a ViT adapter share.
+pub(crate) fn encoder_cost(
+    dim: usize,
+    depth: usize,
+    mlp_ratio: usize,
+    patch: usize,
+    patches: u64,
+    tokens: u64,
+) -> (u64, u64) {
+    let (d, p, t) = (dim as u64, patch as u64, tokens);
+    let h = d * mlp_ratio as u64;
+    let block_params = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (h * d + h) + (d * h + d);
+    let block_macs = t * (3 * d * d + d * d + 2 * h * d) + 2 * t * t * d;
+    let params = 3 * p * p * d + d + depth as u64 * block_params + 2 * d;
+    let macs = patches * 3 * p * p * d + depth as u64 * block_macs;
+    (params, 2 * macs)
+}
+
+/// y = x·Wᵀ + b over the last dimension, as one 2-D matmul whatever the leading dimensions.
+pub(crate) fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (last, lead) = match dims.split_last() {
+        Some((last, lead)) => (*last, lead),
+        None => candle_core::bail!("linear layer on a scalar"),
+    };
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, last))?.matmul(&l.weight().t()?)?;
+    let y = match l.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(y.dim(1)?);
+    y.reshape(out)
+}
+
+fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear(c_in, c_out, vb)
+}
+
+fn layer_norm(d: usize, vb: VarBuilder) -> Result<LayerNorm> {
+    candle_nn::layer_norm(
+        d,
+        LayerNormConfig {
+            eps: LN_EPS,
+            ..Default::default()
+        },
+        vb,
+    )
+}
+
+fn detach_linear(l: &Linear) -> Linear {
+    Linear::new(l.weight().detach(), l.bias().map(Tensor::detach))
+}
+
+fn detach_norm(n: &LayerNorm) -> LayerNorm {
+    match n.bias() {
+        Some(b) => LayerNorm::new(n.weight().detach(), b.detach(), n.eps()),
+        None => LayerNorm::new_no_bias(n.weight().detach(), n.eps()),
+    }
+}
+
+/// LayerNorm over the last dimension. candle's fused kernel has no backward pass, so when
+/// autograd needs the graph (`grad`) the same formula runs as differentiable ops.
+pub(crate) fn norm_fwd(n: &LayerNorm, x: &Tensor, grad: bool) -> Result<Tensor> {
+    if !grad {
+        return n.forward(&x.contiguous()?);
+    }
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc
+        .broadcast_div(&(var + n.eps())?.sqrt()?)?
+        .broadcast_mul(n.weight())?;
+    match n.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Softmax over the last dimension: candle's fused kernel (no backward) unless `grad`.
+fn softmax_fwd(x: &Tensor, grad: bool) -> Result<Tensor> {
+    if grad {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// One pre-norm transformer block (timm's `Block`).
+#[derive(Clone, Debug)]
+pub(crate) struct Block {
+    norm1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl Block {
+    pub(crate) fn new(dim: usize, heads: usize, mlp_ratio: usize, vb: VarBuilder) -> Result<Self> {
+        let hidden = dim * mlp_ratio;
+        Ok(Self {
+            norm1: layer_norm(dim, vb.pp("norm1"))?,
+            qkv: linear(dim, 3 * dim, vb.pp("attn").pp("qkv"))?,
+            proj: linear(dim, dim, vb.pp("attn").pp("proj"))?,
+            norm2: layer_norm(dim, vb.pp("norm2"))?,
+            fc1: linear(dim, hidden, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(hidden, dim, vb.pp("mlp").pp("fc2"))?,
+            heads,
+        })
+    }
+
+    fn attention(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        // [B, N, 3, H, hd] → [3, B·H, N, hd]: q, k, v as contiguous batches of matrices.
+        let qkv = linear_nd(&self.qkv, x)?
+            .reshape((b, n, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?
+            .reshape((3, b * self.heads, n, hd))?;
+        let q = (qkv.get(0)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = qkv.get(1)?;
+        let v = qkv.get(2)?;
+        let attn = q.matmul(&k.t()?)?;
+        let attn = softmax_fwd(&attn, grad)?;
+        let out = attn
+            .matmul(&v)?
+            .reshape((b, self.heads, n, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, n, d))?;
+        linear_nd(&self.proj, &out)
+    }
+
+    /// x + attn(LN(x)), then + mlp(LN(·)); `grad`: autograd needs the graph.
+    pub(crate) fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let x = (x + self.attention(&norm_fwd(&self.norm1, x, grad)?, grad)?)?;
+        let h = linear_nd(&self.fc1, &norm_fwd(&self.norm2, &x, grad)?)?.gelu_erf()?;
+        x + linear_nd(&self.fc2, &h)?
+    }
+
+    pub(crate) fn detached(&self) -> Self {
+        Self {
+            norm1: detach_norm(&self.norm1),
+            qkv: detach_linear(&self.qkv),
+            proj: detach_linear(&self.proj),
+            norm2: detach_norm(&self.norm2),
+            fc1: detach_linear(&self.fc1),
+            fc2: detach_linear(&self.fc2),
+            heads: self.heads,
+        }
+    }
+
+    pub(crate) fn tracks_grad(&self) -> bool {
+        [&self.qkv, &self.proj, &self.fc1, &self.fc2]
+            .iter()
+            .any(|l| l.weight().track_op())
+            || self.norm1.weight().track_op()
+            || self.norm2.weight().track_op()
+    }
+}
+
+/// Patch embedding: a `patch`×`patch` convolution at stride `patch` as one matmul.
+#[derive(Clone, Debug)]
+pub(crate) struct PatchEmbed {
+    /// [D, 3·P·P] (the convolution's weight, flattened in its (c, ky, kx) order).
+    proj: Linear,
+    patch: usize,
+}
+
+impl PatchEmbed {
+    pub(crate) fn new(patch: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        // PyTorch's Conv2d default init, for a new (adapter) patch embedding; loading ignores it.
+        let bound = 1.0 / ((3 * patch * patch) as f64).sqrt();
+        let init = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let w = vb.get_with_hints((dim, 3, patch, patch), "weight", init)?;
+        let b = vb.get_with_hints(dim, "bias", init)?;
+        Ok(Self {
+            proj: Linear::new(w.reshape((dim, 3 * patch * patch))?, Some(b)),
+            patch,
+        })
+    }
+
+    /// [B, 3, H, W] → [B, (H/P)·(W/P), D], patches in row-major order as timm flattens them.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let p = self.patch;
+        if !h.is_multiple_of(p) || !w.is_multiple_of(p) {
+            candle_core::bail!("image {h}×{w} is not a whole number of {p}×{p} patches");
+        }
+        let (gh, gw) = (h / p, w / p);
+        let patches = x
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        linear_nd(&self.proj, &patches)
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            proj: detach_linear(&self.proj),
+            patch: self.patch,
+        }
+    }
+}
+
+/// A timm VisionTransformer with its input normalisation; input [B, 3, S, S] in [0,1] with S
+/// the config's image size.
+#[derive(Clone, Debug)]
+pub struct VisionTransformer {
+    cfg: VitConfig,
+    norm_in: InputNorm,
+    patch_embed: PatchEmbed,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    head: Linear,
+    num_classes: usize,
+}
+
+impl VisionTransformer {
+    /// Builds the network with parameters from `vb` under timm's names (module docs).
+    pub fn new(
+        cfg: VitConfig,
+        num_classes: usize,
+        normalize: Normalize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if let Err(e) = cfg.validate() {
+            candle_core::bail!("ViT config {cfg:?}: {e}");
+        }
+        if num_classes == 0 {
+            candle_core::bail!("a classifier needs at least one class");
+        }
+        let d = cfg.dim;
+        let norm_in = InputNorm::new(normalize, vb.device())?;
+        let cls_token = vb.get((1, 1, d), "cls_token")?;
+        let pos_embed = vb.get((1, cfg.patches() + 1, d), "pos_embed")?;
+        let patch_embed = PatchEmbed::new(cfg.patch, d, vb.pp("patch_embed").pp("proj"))?;
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(d, cfg.heads, cfg.mlp_ratio, vb.pp("blocks").pp(i)))
+            .collect::<Result<_>>()?;
+        let norm = layer_norm(d, vb.pp("norm"))?;
+        let head = linear(d, num_classes, vb.pp("head"))?;
+        Ok(Self {
+            cfg,
+            norm_in,
+            patch_embed,
+            cls_token,
+            pos_embed,
+            blocks,
+            norm,
+            head,
+            num_classes,
+        })
+    }
+
+    pub fn config(&self) -> VitConfig {
+        self.cfg
+    }
+
+    pub fn normalize(&self) -> Normalize {
+        self.norm_in.normalize
+    }
+
+    /// Width D of φ(x).
+    pub fn feature_dim(&self) -> usize {
+        self.cfg.dim
+    }
+
+    /// φ(x): the class token after the final LayerNorm, [B, D].
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        check_input(x)?;
+        let (b, _, h, w) = x.dims4()?;
+        let s = self.cfg.img_size;
+        if (h, w) != (s, s) {
+            candle_core::bail!(
+                "this ViT takes {s}×{s} images (its position embedding), got {h}×{w}"
+            );
+        }
+        let tokens = self.patch_embed.forward(&self.norm_in.forward(x)?)?;
+        let cls = self.cls_token.broadcast_as((b, 1, self.cfg.dim))?;
+        let grad = x.track_op() || self.tracks_grad();
+        let mut t = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.pos_embed)?;
+        for block in &self.blocks {
+            t = block.forward(&t, grad)?;
+        }
+        // Only the class token is read: normalise it alone (LayerNorm is per token).
+        norm_fwd(&self.norm, &t.narrow(1, 0, 1)?.squeeze(1)?, grad)
+    }
+
+    /// The linear head: logits [B, classes] from features [B, D].
+    pub fn head(&self, features: &Tensor) -> Result<Tensor> {
+        self.head.forward(features)
+    }
+
+    /// Whether autograd tracks any parameter.
+    pub fn tracks_grad(&self) -> bool {
+        self.cls_token.track_op()
+            || self.pos_embed.track_op()
+            || self.patch_embed.proj.weight().track_op()
+            || self.blocks.iter().any(Block::tracks_grad)
+            || self.head.weight().track_op()
+    }
+
+    /// A copy with every parameter detached from autograd (sharing storage).
+    pub fn detached(&self) -> Self {
+        Self {
+            cfg: self.cfg,
+            norm_in: self.norm_in.clone(),
+            patch_embed: self.patch_embed.detached(),
+            cls_token: self.cls_token.detach(),
+            pos_embed: self.pos_embed.detach(),
+            blocks: self.blocks.iter().map(Block::detached).collect(),
+            norm: detach_norm(&self.norm),
+            head: detach_linear(&self.head),
+            num_classes: self.num_classes,
+        }
+    }
+}
+
+impl Classifier for VisionTransformer {
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.head(&self.features(x)?)
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+}
+
+/// MAE's fixed 2-D sine-cosine position embedding [1, gh·gw, dim] (dim a multiple of 4): half
+/// the channels encode the row, half the column, so an adapter needs no parameter tied to one
+/// image size.
+fn sincos_2d(gh: usize, gw: usize, dim: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
+        .collect();
+    let mut v = Vec::with_capacity(gh * gw * dim);
+    for y in 0..gh {
+        for x in 0..gw {
+            for pos in [y as f64, x as f64] {
+                v.extend(omega.iter().map(|o| (pos * o).sin() as f32));
+                v.extend(omega.iter().map(|o| (pos * o).cos() as f32));
+            }
+        }
+    }
+    Tensor::from_vec(v, (1, gh * gw, dim), device)
+}
+
+/// The body of a ViT-style CAF adapter: patch embedding, fixed sine-cosine positions, `depth`
+/// pre-norm blocks (the backbone's [`Block`]), a final LayerNorm and the mean over tokens.
+/// Names: `patch_embed.proj.*`, `blocks.{i}.*` as timm's, `norm.*`.
+#[derive(Clone, Debug)]
+pub(crate) struct VitEncoder {
+    patch_embed: PatchEmbed,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    dim: usize,
+    patch: usize,
+}
+
+impl VitEncoder {
+    pub(crate) fn new(
+        dim: usize,
+        depth: usize,
+        heads: usize,
+        patch: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if dim == 0 || !dim.is_multiple_of(4) || heads == 0 || !dim.is_multiple_of(heads) {
+            candle_core::bail!(
+                "ViT adapter width {dim} must be a multiple of 4 and of {heads} heads"
+            );
+        }
+        Ok(Self {
+            patch_embed: PatchEmbed::new(patch, dim, vb.pp("patch_embed").pp("proj"))?,
+            blocks: (0..depth)
+                .map(|i| Block::new(dim, heads, 4, vb.pp("blocks").pp(i)))
+                .collect::<Result<_>>()?,
+            norm: layer_norm(dim, vb.pp("norm"))?,
+            dim,
+            patch,
+        })
+    }
+
+    /// Mean of the normalised tokens [B, dim] of already-normalised images [B, 3, H, W].
+    pub(crate) fn pooled(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let pos = sincos_2d(h / self.patch, w / self.patch, self.dim, x.device())?;
+        let mut t = self.patch_embed.forward(x)?.broadcast_add(&pos)?;
+        for block in &self.blocks {
+            t = block.forward(&t, grad)?;
+        }
+        norm_fwd(&self.norm, &t, grad)?.mean(1)
+    }
+
+    pub(crate) fn tracks_grad(&self) -> bool {
+        self.patch_embed.proj.weight().track_op()
+            || self.norm.weight().track_op()
+            || self.blocks.iter().any(Block::tracks_grad)
+    }
+
+    pub(crate) fn detached(&self) -> Self {
+        Self {
+            patch_embed: self.patch_embed.detached(),
+            blocks: self.blocks.iter().map(Block::detached).collect(),
+            norm: detach_norm(&self.norm),
+            dim: self.dim,
+            patch: self.patch,
+        }
+    }
+}
