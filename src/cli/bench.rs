@@ -6,13 +6,13 @@ use anyhow::{bail, Result};
 
 use caf::models::{self, Arch, Normalize};
 
-use caf::store::{AnyStore, DbLocation, PgStore};
+use caf::store::DbLocation;
 
 use super::args::{
     BenchArgs, BenchCertifyArgs, BenchForwardArgs, BenchLoadArgs, BenchMethod, BenchQueueArgs,
     BenchTrainArgs, BenchWhat, DatasetArg, ModelArgs, SplitArg,
 };
-use super::db::{open_store, shown};
+use super::db::{open_store_with, shown};
 use super::exit::usage;
 use super::model::{load_classifier, load_data, parse_arch};
 
@@ -35,14 +35,9 @@ pub async fn bench_queue(q: BenchQueueArgs) -> Result<i32> {
     if q.workers == 0 || q.jobs == 0 {
         bail!(usage("--workers and --jobs must be at least 1"));
     }
-    let store =
-        match DbLocation::parse(&q.db.to_string_lossy()).map_err(|e| usage(e.to_string()))? {
-            // One connection per claim loop, and one for the scheduler's heartbeats.
-            DbLocation::Postgres(url) => {
-                AnyStore::Postgres(PgStore::open_with(&url, q.workers as u32 + 1).await?)
-            }
-            DbLocation::Sqlite(_) => open_store(&q.db).await?,
-        };
+    DbLocation::parse(&q.db.to_string_lossy()).map_err(|e| usage(e.to_string()))?;
+    // One connection per claim loop, and one for the scheduler's heartbeats.
+    let store = open_store_with(&q.db, u32::try_from(q.workers + 1).unwrap_or(u32::MAX)).await?;
     let r = caf::bench::queue::bench_queue(store.clone(), q.workers, q.jobs, !q.queue_only)
         .await
         .map_err(|e| match e {

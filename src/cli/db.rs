@@ -21,17 +21,27 @@ pub fn shown(db: &Path) -> String {
 /// Opens the database, creating an SQLite file and its folder if missing: for commands that
 /// write a study. A PostgreSQL database must exist (caf creates its tables, not the database).
 pub async fn open_store(db: &Path) -> Result<AnyStore> {
+    open_store_with(db, caf::store::DEFAULT_CONNECTIONS).await
+}
+
+/// As [`open_store`], with at most `connections` pooled connections (a worker: its slots + 1).
+pub async fn open_store_with(db: &Path, connections: u32) -> Result<AnyStore> {
     if let DbLocation::Sqlite(path) = location(db)? {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
-    Ok(caf::store::open(&db.to_string_lossy()).await?)
+    Ok(caf::store::open_with(&db.to_string_lossy(), connections).await?)
 }
 
 /// Opens an existing database for reading commands; a missing SQLite file is a usage error,
 /// since creating an empty one would only hide a mistyped `--db`.
 pub async fn open_existing_store(db: &Path) -> Result<AnyStore> {
+    open_existing_store_with(db, caf::store::DEFAULT_CONNECTIONS).await
+}
+
+/// As [`open_existing_store`], with at most `connections` pooled connections.
+pub async fn open_existing_store_with(db: &Path, connections: u32) -> Result<AnyStore> {
     if let DbLocation::Sqlite(path) = location(db)? {
         if !path.exists() {
             bail!(usage(format!(
@@ -40,7 +50,7 @@ pub async fn open_existing_store(db: &Path) -> Result<AnyStore> {
             )));
         }
     }
-    open_store(db).await
+    open_store_with(db, connections).await
 }
 
 /// The named study, or the only one in the database.

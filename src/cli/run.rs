@@ -17,7 +17,7 @@ use caf::sched::{
 use caf::store::{AnyStore, JobState, Store, StudyId};
 
 use super::args::{PlanArgs, RetryArgs, RunArgs, WorkerArgs};
-use super::db::open_existing_store;
+use super::db::{open_existing_store, open_existing_store_with};
 use super::exit::{self, usage};
 use super::signals::{self, Notices};
 use super::study::{load_plan, record};
@@ -47,6 +47,12 @@ fn sched_config(
         artifacts_dir: artifacts.to_path_buf(),
         ..SchedConfig::default()
     })
+}
+
+/// Pooled store connections for a process running `cfg`'s slots: one per job slot, whose
+/// results and progress it writes, and one for claims and heartbeats.
+fn connections(cfg: &SchedConfig) -> u32 {
+    u32::try_from(cfg.workers * cfg.devices.len().max(1) + 1).unwrap_or(u32::MAX)
 }
 
 /// Runs jobs of `studies` in this process until none is left to run here or a signal asks it
@@ -91,7 +97,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         &a.artifacts,
         "--workers",
     )?;
-    let (store, study) = record(&plan, &a.db.db, a.retry_failed).await?;
+    let (store, study) = record(&plan, &a.db.db, a.retry_failed, connections(&cfg)).await?;
     let summary = work(&store, &[study], cfg, a.quiet).await?;
     let jobs = store.study_jobs(study).await?;
     let done = jobs.iter().filter(|j| j.state == JobState::Done).count();
@@ -138,7 +144,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
 /// in the store, for `caf status`), 130 when a signal stopped it.
 pub async fn worker(a: WorkerArgs) -> Result<i32> {
     let cfg = sched_config(a.slots, &a.device, a.lease_secs, &a.artifacts, "--slots")?;
-    let store = open_existing_store(&a.db.db).await?;
+    let store = open_existing_store_with(&a.db.db, connections(&cfg)).await?;
     let studies = if a.studies.is_empty() {
         store.studies().await?
     } else {
@@ -176,7 +182,7 @@ pub async fn worker(a: WorkerArgs) -> Result<i32> {
 /// `caf plan --record`: prints the plan and records it in --db without running anything.
 pub async fn plan_record(a: PlanArgs) -> Result<i32> {
     let plan = load_plan(&a.spec)?;
-    record(&plan, &a.db.db, false).await?;
+    record(&plan, &a.db.db, false, caf::store::DEFAULT_CONNECTIONS).await?;
     print_plan(&plan, a.json)?;
     eprintln!(
         "recorded study {} ({} jobs) in {}; run it with: caf worker --db {} --study {}",

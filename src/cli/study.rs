@@ -10,7 +10,7 @@ use caf::plan::Plan;
 use caf::spec::Spec;
 use caf::store::{AnyStore, Store, StudyId};
 
-use super::db::open_store;
+use super::db::open_store_with;
 use super::exit::usage;
 
 /// Loads and plans a spec; any problem with it is a usage error (exit 2, nothing written).
@@ -21,8 +21,14 @@ pub fn load_plan(path: &Path) -> Result<Plan> {
 
 /// Records `plan` in the database `db` names (created if it is an SQLite file), and with
 /// `retry_failed` gives its failed jobs fresh attempts.
-pub async fn record(plan: &Plan, db: &Path, retry_failed: bool) -> Result<(AnyStore, StudyId)> {
-    let store = open_store(db).await?;
+/// The store is opened with `connections` pooled connections (see [`open_store_with`]).
+pub async fn record(
+    plan: &Plan,
+    db: &Path,
+    retry_failed: bool,
+    connections: u32,
+) -> Result<(AnyStore, StudyId)> {
+    let store = open_store_with(db, connections).await?;
     let study = store.register_plan(plan).await?;
     if retry_failed {
         let n = store.retry_failed(study).await?;

@@ -352,7 +352,13 @@ pub async fn submit(a: SubmitArgs) -> Result<i32> {
         return Ok(0);
     }
 
-    let (store, study_id) = record(&plan, &a.db.db, a.retry_failed).await?;
+    let (store, study_id) = record(
+        &plan,
+        &a.db.db,
+        a.retry_failed,
+        caf::store::DEFAULT_CONNECTIONS,
+    )
+    .await?;
     let jobs = store.study_jobs(study_id).await?;
     let runnable = jobs
         .iter()

@@ -72,9 +72,20 @@ impl DbLocation {
 
 /// Opens the database `db` names (see [`DbLocation::parse`]), applying pending migrations.
 pub async fn open(db: &str) -> Result<AnyStore, StoreError> {
+    open_with(db, DEFAULT_CONNECTIONS).await
+}
+
+/// As [`open`], with at most `connections` pooled connections: a worker running `slots` jobs
+/// at once wants `slots + 1` (each job's writes, and the claims and heartbeats), no more, since
+/// a cluster's workers share one PostgreSQL server's connection limit.
+pub async fn open_with(db: &str, connections: u32) -> Result<AnyStore, StoreError> {
     match DbLocation::parse(db)? {
-        DbLocation::Sqlite(path) => Ok(AnyStore::Sqlite(SqliteStore::open(&path).await?)),
-        DbLocation::Postgres(url) => Ok(AnyStore::Postgres(PgStore::open(&url).await?)),
+        DbLocation::Sqlite(path) => Ok(AnyStore::Sqlite(
+            SqliteStore::open_with(&path, connections).await?,
+        )),
+        DbLocation::Postgres(url) => Ok(AnyStore::Postgres(
+            PgStore::open_with(&url, connections).await?,
+        )),
     }
 }
 

@@ -331,6 +331,8 @@ pub(crate) const NOT_COPIED: &[&str] = &[
     "workers",
     "studies.id",
     "events.id",
+    // Derived from the job's status by triggers (migration 10) wherever a row is written.
+    "study_jobs.open",
 ];
 
 /// Every row of one study, backend-neutral. `tables` holds the rows of [`TABLES`] by name.

@@ -31,7 +31,12 @@ pub use crate::queue::{
     Abandoned, Artifact, Claimed, FailOutcome, JobState, Lease, Queue, StudyId, WorkerId,
     WorkerInfo,
 };
-pub use any::{open, AnyStore, DbLocation};
+pub use any::{open, open_with, AnyStore, DbLocation};
+
+/// Pooled connections per process unless the caller asks otherwise (see [`open_with`]): a
+/// process claims, heartbeats and records results, a handful of statements at a time, and a
+/// cluster's workers share one server's connection limit.
+pub const DEFAULT_CONNECTIONS: u32 = 4;
 pub use copy::{CopyOutcome, StudyDump};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -28,10 +28,6 @@ mod copy_io {
 /// version, so both backends report the same schema version.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// Connections per process unless the caller asks otherwise: a worker claims, heartbeats and
-/// records results, a handful of statements at a time; many workers share one server.
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
-
 /// Key of the transaction-level advisory lock that serializes plan registrations and imports
 /// (what SQLite's `BEGIN IMMEDIATE` gives the SQLite backend): both read a study's revision
 /// before rewriting its job list, and two interleaved ones would deadlock on shared job rows or
@@ -45,9 +41,9 @@ pub struct PgStore {
 
 impl PgStore {
     /// Connects to `url` (`postgres://user[:password]@host[:port]/database[?…]`) with
-    /// [`DEFAULT_MAX_CONNECTIONS`] and applies pending migrations.
+    /// [`super::DEFAULT_CONNECTIONS`] and applies pending migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        Self::open_with(url, DEFAULT_MAX_CONNECTIONS).await
+        Self::open_with(url, super::DEFAULT_CONNECTIONS).await
     }
 
     /// As [`PgStore::open`], with at most `max_connections` pooled connections (at least 1).

@@ -35,6 +35,11 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, super::DEFAULT_CONNECTIONS).await
+    }
+
+    /// As [`SqliteStore::open`], with at most `connections` pooled connections (at least 1).
+    pub async fn open_with(path: &Path, connections: u32) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -42,7 +47,7 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(60))
             .foreign_keys(true);
-        Self::connect(opts, &path.display().to_string()).await
+        Self::connect(opts, &path.display().to_string(), connections).await
     }
 
     /// A private in-memory database (tests).
@@ -53,18 +58,22 @@ impl SqliteStore {
                 source,
             })?
             .foreign_keys(true);
-        Self::connect(opts, ":memory:").await
+        Self::connect(opts, ":memory:", 1).await
     }
 
     /// Opens and migrates, retrying while another process is creating or migrating the same
     /// file: SQLite answers "database is locked" to a journal-mode switch or a schema change
     /// that races another one, without waiting on the busy timeout, and sqlx takes no lock
     /// around SQLite migrations. A retry then finds the schema in place.
-    async fn connect(opts: SqliteConnectOptions, shown: &str) -> Result<Self, StoreError> {
+    async fn connect(
+        opts: SqliteConnectOptions,
+        shown: &str,
+        connections: u32,
+    ) -> Result<Self, StoreError> {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut wait = Duration::from_millis(20);
         loop {
-            match Self::connect_once(opts.clone(), shown).await {
+            match Self::connect_once(opts.clone(), shown, connections).await {
                 Ok(store) => return Ok(store),
                 Err(Opening { error: e, raced })
                     if std::time::Instant::now() < deadline && (raced || is_contention(&e)) =>
@@ -78,11 +87,15 @@ impl SqliteStore {
         }
     }
 
-    async fn connect_once(opts: SqliteConnectOptions, shown: &str) -> Result<Self, Opening> {
+    async fn connect_once(
+        opts: SqliteConnectOptions,
+        shown: &str,
+        connections: u32,
+    ) -> Result<Self, Opening> {
         let memory = shown == ":memory:";
         let pool = SqlitePoolOptions::new()
             // An in-memory database exists once per connection: keep exactly one.
-            .max_connections(if memory { 1 } else { 4 })
+            .max_connections(if memory { 1 } else { connections.max(1) })
             .min_connections(if memory { 1 } else { 0 })
             .idle_timeout(if memory {
                 None

@@ -40,7 +40,46 @@ on_every_backend!(
     a_jobs_precision_comes_from_its_params,
     slurm_jobs_are_recorded_once_per_study_in_order,
     sequential_rows_keep_what_recomputes_them,
+    claims_pass_over_finished_jobs_and_retried_ones_come_back,
 );
+
+/// Claims walk only a study's open jobs (migration 10's triggers keep `study_jobs.open` in
+/// step with the job's status): done and failed jobs are passed over, a failed job given fresh
+/// attempts is claimable again, and a job another study finished is not claimed by a new one.
+async fn claims_pass_over_finished_jobs_and_retried_ones_come_back(f: impl Fixture) {
+    let s = f.open().await;
+    let (a, b, c) = (job("a", &[]), job("b", &[]), job("c", &[]));
+    let study = s
+        .register_plan(&plan("p", vec![a.clone(), b.clone(), c.clone()]))
+        .await
+        .unwrap();
+    let claim = || async { s.claim(study, &w("w"), &["test"], LEASE).await.unwrap() };
+    assert_eq!(claim().await.unwrap().id, a.id);
+    assert!(s
+        .complete(&a.id, &w("w"), "cpu", &serde_json::json!({}), 0.0)
+        .await
+        .unwrap());
+    assert_eq!(claim().await.unwrap().id, b.id);
+    let o = s.fail(&b.id, &w("w"), "boom", None, 0.0).await.unwrap();
+    assert_eq!(o, FailOutcome::Failed);
+    assert_eq!(claim().await.unwrap().id, c.id);
+    assert!(claim().await.is_none());
+    assert_eq!(s.retry_failed(study).await.unwrap(), 1);
+    assert_eq!(claim().await.unwrap().id, b.id);
+    // A second study sharing the finished job `a` runs only its own new job.
+    let d = job("d", &[]);
+    let other = s
+        .register_plan(&plan("q", vec![a.clone(), d.clone()]))
+        .await
+        .unwrap();
+    let got = s.claim(other, &w("w2"), &["test"], LEASE).await.unwrap();
+    assert_eq!(got.unwrap().id, d.id);
+    assert!(s
+        .claim(other, &w("w2"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .is_none());
+}
 
 async fn slurm_jobs_are_recorded_once_per_study_in_order(f: impl Fixture) {
     let s = f.open().await;

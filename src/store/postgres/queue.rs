@@ -96,7 +96,9 @@ impl Queue for PgStore {
             .push_bind(study.0)
             .push(" AND sj.spec_sha256 = ")
             .push_bind(rev.clone())
-            .push(" AND j.status = 'pending' AND j.attempts < j.max_attempts AND j.not_before <= ")
+            // Open jobs only (not done, not failed): the partial index study_jobs_open walks
+            // them in plan order without passing the finished ones.
+            .push(" AND sj.open AND j.status = 'pending' AND j.attempts < j.max_attempts AND j.not_before <= ")
             .push_bind(now)
             .push(" AND j.kind IN (");
         let mut sep = q.separated(", ");

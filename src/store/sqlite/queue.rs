@@ -88,7 +88,9 @@ impl Queue for SqliteStore {
             .push(" AND sj.spec_sha256 = (SELECT s.spec_sha256 FROM studies s WHERE s.id = ")
             .push_bind(study.0)
             .push(")")
-            .push(" AND j.status = 'pending' AND j.attempts < j.max_attempts AND j.not_before <= ")
+            // Open jobs only (not done, not failed): the partial index study_jobs_open walks
+            // them in plan order without passing the finished ones.
+            .push(" AND sj.open = 1 AND j.status = 'pending' AND j.attempts < j.max_attempts AND j.not_before <= ")
             .push_bind(now)
             .push(" AND j.kind IN (");
         let mut sep = q.separated(", ");
