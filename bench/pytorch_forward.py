@@ -9,23 +9,25 @@ The timm ViTs and torchvision's ResNet-50 (`--arch vit_cifar_tiny_patch4_32`, ..
 in make_backbone_fixtures.py with torch's seeded random init (speed does not depend on the
 weights), on the arch's input size, with the same normalisation caf applies inside its model.
 
+PyTorch at its best: `--layout auto` (the default) measures the default (contiguous) layout and
+channels_last and reports the faster, naming it; `--precision bf16` runs under bf16 autocast;
+`--device cuda` runs on a GPU (see torch_best.py).
+
 Usage (from the repository root):
     bench/.venv/bin/python bench/pytorch_forward.py --arch resnet20 --batch 400 --seconds 20 --threads 2
     bench/.venv/bin/python bench/pytorch_forward.py --arch vit_cifar_tiny_patch4_32 --batch 100
+    bench/.venv/bin/python bench/pytorch_forward.py --arch resnet20 --precision bf16 --device cuda
 """
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from akamaster import EXACT100, WEIGHTS, build, read_cifar_batch
 from make_backbone_fixtures import ARCHS as BACKBONES
 from make_backbone_fixtures import normalise
-
-WINDOWS = 5
+import torch_best
 
 
 def main():
@@ -36,16 +38,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sigma", type=float, default=0.25)
     ap.add_argument("--json", action="store_true", help="also print the details as JSON")
+    torch_best.add_arguments(ap)
     args = ap.parse_args()
     if args.batch < 1 or args.seconds <= 0 or args.sigma < 0:
         ap.error("--batch must be >= 1, --seconds > 0, --sigma >= 0")
+    dev = torch_best.device_of(args, ap)
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     torch.manual_seed(0)
     if args.arch in BACKBONES:
         make, size = BACKBONES[args.arch]
-        net = make().eval()
+        net = make().eval().to(dev)
         arch = args.arch
 
         def model(x):
@@ -54,37 +58,39 @@ def main():
         image = torch.rand(1, 3, size, size) if size != 32 else read_cifar_batch(EXACT100)[0][:1]
         batch_shape = (args.batch, 3, size, size)
     else:
-        model = build(args.arch, WEIGHTS[args.arch])
+        net = build(args.arch, WEIGHTS[args.arch]).to(dev)
+        model = net
         images, _ = read_cifar_batch(EXACT100)
         image = images[:1]
         batch_shape = (args.batch, 3, 32, 32)
 
-    def step():
-        x = image + torch.randn(batch_shape) * args.sigma
-        preds = model(x).argmax(dim=1)
-        # The counts live on the host in caf too; this also forces the work to finish.
-        preds = preds.tolist()
-        assert len(preds) == args.batch
+    image = image.to(dev)
+    results = []
+    for layout in torch_best.layouts(args):
+        torch_best.to_layout(net, layout)
+        img = torch_best.to_layout(image, layout)
 
-    def run_for(budget):
-        start = time.perf_counter()
-        batches = 0
-        while True:
-            step()
-            batches += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= budget:
-                return batches * args.batch / elapsed
+        def step():
+            noise = torch.randn(batch_shape, device=dev) * args.sigma
+            x = torch_best.to_layout(img + noise, layout)
+            with torch_best.autocast(dev, args.precision):
+                preds = model(x).argmax(dim=1)
+            # The counts live on the host in caf too; this also forces the work to finish.
+            preds = preds.tolist()
+            assert len(preds) == args.batch
 
-    with torch.inference_mode():
-        run_for(args.seconds / 10)
-        windows = [run_for(args.seconds / WINDOWS) for _ in range(WINDOWS)]
-    median = statistics.median(windows)
-    print(f"images/s: {median:.1f}")
+        with torch.inference_mode():
+            median, windows = torch_best.measure(step, args.batch, args.seconds, dev)
+        results.append({"layout": layout, "images_per_sec_median": median, "windows": windows})
+    best = torch_best.report(results, dev, args.precision)
     if args.json:
         details = {
-            "images_per_sec_median": median,
-            "windows": windows,
+            "images_per_sec_median": best["images_per_sec_median"],
+            "layout": best["layout"],
+            "precision": args.precision,
+            "device": str(dev),
+            "device_name": torch_best.device_name(dev),
+            "configurations": results,
             "batch": args.batch,
             "threads": torch.get_num_threads(),
             "arch": args.arch,

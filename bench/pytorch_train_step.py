@@ -9,7 +9,9 @@ mode, cross-entropy on logits, backward, optimizer update:
   --method denoised: a DnCNN (5 x 16, caf's CPU default; residual: x - net(x)) in front of the
                 frozen ResNet (eval mode, weights without grad), stability loss: cross-entropy
                 between f(D(x + noise)) and f's prediction on the clean batch; Adam (lr 1e-3).
-Warm-up of seconds/10, then 5 windows of seconds/5; prints `images/s: X` (median window).
+Warm-up of seconds/10, then 5 windows of seconds/5; prints `images/s: X` (median window) for
+the best of the contiguous and channels_last layouts (`--layout auto`, the default), naming it;
+`--precision bf16` trains under bf16 autocast, `--device cuda` on a GPU (see torch_best.py).
 
 Usage (from the repository root):
     bench/.venv/bin/python bench/pytorch_train_step.py --method caf --batch 128 --seconds 20 --threads 2
@@ -17,16 +19,13 @@ Usage (from the repository root):
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from akamaster import MEAN, STD, WEIGHTS, build
-
-WINDOWS = 5
+import torch_best
 
 
 class Block(nn.Module):
@@ -98,14 +97,33 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sigma", type=float, default=0.25)
     ap.add_argument("--json", action="store_true")
+    torch_best.add_arguments(ap)
     args = ap.parse_args()
     if args.batch < 2 or args.seconds <= 0:
         ap.error("--batch must be >= 2 and --seconds > 0")
+    dev = torch_best.device_of(args, ap)
     torch.set_num_threads(args.threads)
+    results = []
+    for layout in torch_best.layouts(args):
+        median, windows = run(args, dev, layout)
+        results.append({"layout": layout, "images_per_sec_median": median, "windows": windows})
+    best = torch_best.report(results, dev, args.precision)
+    if args.json:
+        print(json.dumps({"images_per_sec_median": best["images_per_sec_median"],
+                          "layout": best["layout"], "precision": args.precision,
+                          "device": str(dev), "device_name": torch_best.device_name(dev),
+                          "configurations": results, "batch": args.batch,
+                          "threads": torch.get_num_threads(), "method": args.method,
+                          "arch": args.arch, "torch_version": torch.__version__}))
+
+
+def run(args, dev, layout):
+    """Builds the models afresh (same seed) in `layout` and measures their training step."""
     torch.manual_seed(0)
-    backbone = build(args.arch, WEIGHTS[args.arch])
-    images = torch.rand(args.batch, 3, 32, 32)
-    labels = torch.randint(0, 10, (args.batch,))
+    cl = lambda t: torch_best.to_layout(t, layout)  # noqa: E731
+    backbone = cl(build(args.arch, WEIGHTS[args.arch]).to(dev))
+    images = cl(torch.rand(args.batch, 3, 32, 32).to(dev))
+    labels = torch.randint(0, 10, (args.batch,)).to(dev)
 
     if args.method == "rs":
         model = backbone.train()
@@ -117,7 +135,7 @@ def main():
         backbone.eval()
         for p in backbone.parameters():
             p.requires_grad_(False)
-        denoiser = DnCNN().train()
+        denoiser = cl(DnCNN().train().to(dev))
         opt = torch.optim.Adam(denoiser.parameters(), lr=1e-3)
 
         def logits(x):
@@ -126,7 +144,7 @@ def main():
         backbone.eval()
         for p in backbone.parameters():
             p.requires_grad_(False)
-        adapter, head = Adapter().train(), nn.Linear(64, 10)
+        adapter, head = cl(Adapter().train().to(dev)), nn.Linear(64, 10).to(dev)
         opt = torch.optim.Adam(list(adapter.parameters()) + list(head.parameters()), lr=1e-3)
 
         def logits(x):
@@ -135,35 +153,19 @@ def main():
             return head(phi + adapter(x))
 
     def step():
-        x = images + torch.randn_like(images) * args.sigma
+        x = cl(images + torch.randn_like(images) * args.sigma)
         y = labels
-        if args.method == "denoised":
-            # The stability target is recomputed per batch, as in training (caf does the same).
-            with torch.no_grad():
-                y = backbone(images).argmax(1)
-        loss = F.cross_entropy(logits(x), y)
+        with torch_best.autocast(dev, args.precision):
+            if args.method == "denoised":
+                # The stability target is recomputed per batch, as in training (caf does too).
+                with torch.no_grad():
+                    y = backbone(images).argmax(1)
+            loss = F.cross_entropy(logits(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    def run_for(budget):
-        start = time.perf_counter()
-        batches = 0
-        while True:
-            step()
-            batches += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= budget:
-                return batches * args.batch / elapsed
-
-    run_for(args.seconds / 10)
-    windows = [run_for(args.seconds / WINDOWS) for _ in range(WINDOWS)]
-    median = statistics.median(windows)
-    print(f"images/s: {median:.1f}")
-    if args.json:
-        print(json.dumps({"images_per_sec_median": median, "windows": windows, "batch": args.batch,
-                          "threads": torch.get_num_threads(), "method": args.method,
-                          "arch": args.arch, "torch_version": torch.__version__}))
+    return torch_best.measure(step, args.batch, args.seconds, dev)
 
 
 if __name__ == "__main__":

@@ -318,3 +318,103 @@ mod tests {
         println!("{}", serde_json::to_string(&report).expect("json"));
     }
 }
+
+/// What a bench ran on, for its output and README rows: figures are only comparable on the
+/// same CPU, and the kernels caf dispatches to at run time differ between CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MachineInfo {
+    /// The CPU model (`/proc/cpuinfo`'s model name) or the GPU device.
+    pub device: String,
+    /// The instruction sets caf's kernels use on this CPU, as they are chosen at run time.
+    pub kernels: String,
+}
+
+impl MachineInfo {
+    pub fn of(device: &Device) -> Self {
+        match device {
+            Device::Cpu => Self {
+                device: crate::sched::cpu_model(),
+                kernels: cpu_kernels(&cpu_flags()),
+            },
+            other => Self {
+                device: format!("{other:?}"),
+                kernels: "candle's CUDA kernels and cuBLAS".into(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for MachineInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; kernels: {}", self.device, self.kernels)
+    }
+}
+
+/// The CPU's feature flags as Linux lists them (empty elsewhere).
+fn cpu_flags() -> Vec<String> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("flags"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.split_whitespace().map(str::to_string).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// The kernels' instruction sets for CPU `flags`: the f32 GEMM (the `gemm` crate picks AVX-512
+/// or AVX2+FMA at run time), caf's bf16 GEMM (AVX-512 BF16, else emulated through the f32 one),
+/// and AMX where present (not used by caf yet).
+fn cpu_kernels(flags: &[String]) -> String {
+    let has = |f: &str| flags.iter().any(|x| x == f);
+    let f32_gemm = if has("avx512f") {
+        "f32 GEMM AVX-512"
+    } else if has("avx2") && has("fma") {
+        "f32 GEMM AVX2+FMA"
+    } else {
+        "f32 GEMM scalar/SSE"
+    };
+    let bf16 = if has("avx512f") && has("avx512_bf16") {
+        "bf16 GEMM AVX-512 BF16"
+    } else {
+        "bf16 GEMM emulated in f32"
+    };
+    let mut s = format!("{f32_gemm}, {bf16}");
+    if has("amx_bf16") && has("amx_tile") {
+        s.push_str("; AMX-BF16 present, unused");
+    }
+    s
+}
+
+#[cfg(test)]
+mod machine_tests {
+    use super::*;
+
+    fn flags(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn kernels_follow_the_cpus_flags() {
+        assert_eq!(
+            cpu_kernels(&flags("sse2 avx2 fma avx512f avx512_bf16")),
+            "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16"
+        );
+        assert_eq!(
+            cpu_kernels(&flags("sse2 avx2 fma")),
+            "f32 GEMM AVX2+FMA, bf16 GEMM emulated in f32"
+        );
+        assert_eq!(
+            cpu_kernels(&flags("avx2 fma avx512f avx512_bf16 amx_tile amx_bf16")),
+            "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16; AMX-BF16 present, unused"
+        );
+        assert_eq!(
+            cpu_kernels(&[]),
+            "f32 GEMM scalar/SSE, bf16 GEMM emulated in f32"
+        );
+        // This machine's line names its CPU and some GEMM.
+        let here = MachineInfo::of(&Device::Cpu).to_string();
+        assert!(here.contains("f32 GEMM"), "{here}");
+    }
+}

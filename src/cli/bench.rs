@@ -238,6 +238,8 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         &device,
     )?;
     outln!("images/s: {:.1}", report.images_per_sec_median);
+    let machine = caf::bench::MachineInfo::of(&device);
+    outln!("machine: {machine}");
     // Forward FLOPs of the network (convolutions + linear layer).
     let flops = match arch {
         Arch::CifarResNet { depth } => {
@@ -255,7 +257,8 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "throughput": report, "peak": share, "precision": f.precision
+                "throughput": report, "peak": share, "precision": f.precision,
+                "machine": machine
             }))?
         );
     }
@@ -367,6 +370,8 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
         }
     };
     outln!("images/s: {:.1}", report.images_per_sec_median);
+    let machine = caf::bench::MachineInfo::of(&device);
+    outln!("machine: {machine}");
     let share = if device.is_cpu() {
         Some(peak_share(report.images_per_sec_median, flops, t.seconds)?)
     } else {
@@ -376,7 +381,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
         outln!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({ "throughput": report, "peak": share })
+                &serde_json::json!({ "throughput": report, "peak": share, "machine": machine })
             )?
         );
     }
