@@ -85,7 +85,11 @@ pub fn load_data(
             )));
         }
     }
-    caf::methods::common::check_classes(model.num_classes(), &set)
-        .map_err(|e| usage(e.to_string()))?;
+    // A study refuses this (its reports would score predictions against labels they cannot
+    // match); a one-model command may mean it (a two-class model certified for its radii), so it
+    // warns that the `correct` column and the accuracy are meaningless.
+    if let Err(e) = caf::methods::common::check_classes(model.num_classes(), &set) {
+        eprintln!("warning: {e}; `correct` and accuracy below are meaningless");
+    }
     Ok(set)
 }

@@ -177,6 +177,10 @@ impl Default for CertifySettings {
     }
 }
 
+/// The interruption cap of a spec without `retries.interruptions` (and of the migration that
+/// added the column).
+pub const DEFAULT_INTERRUPTIONS: u32 = 20;
+
 /// How often a job of the study may run before it counts as failed: `attempts` caps the runs
 /// that ended in the job's own error; `interruptions` caps the runs stopped from outside
 /// (SIGUSR2/SIGTERM at a walltime or preemption, a lost lease), counted apart so a job longer
@@ -191,7 +195,7 @@ impl Default for Retries {
     fn default() -> Self {
         Self {
             attempts: 3,
-            interruptions: crate::queue::DEFAULT_MAX_INTERRUPTIONS,
+            interruptions: DEFAULT_INTERRUPTIONS,
         }
     }
 }
