@@ -147,3 +147,37 @@ async fn migration_6_marks_training_and_imported_jobs_of_older_databases() {
         ]
     );
 }
+
+/// The plan SQLite picks for `sql`, one line per step.
+async fn query_plan(s: &SqliteStore, sql: &str) -> String {
+    let rows = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+        .fetch_all(&s.pool)
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| r.get::<String, _>("detail"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn a_finished_job_finds_its_study_rows_by_index_not_by_scanning_them() {
+    // The statement of the jobs_status_keeps_open trigger, which runs once per finished job:
+    // a scan here made a short-job sweep's per-job overhead grow with the study's size.
+    let s = SqliteStore::in_memory().await.unwrap();
+    let plan = query_plan(
+        &s,
+        "UPDATE study_jobs SET open = ('done' NOT IN ('done', 'failed')) WHERE job_id = 'x'",
+    )
+    .await;
+    assert!(
+        plan.contains("USING INDEX study_jobs_job") && !plan.contains("SCAN"),
+        "{plan}"
+    );
+    // What the blocked-job walk joins on, from a failed job to its dependents.
+    let plan = query_plan(&s, "SELECT job_id FROM job_deps WHERE dep_id = 'x'").await;
+    assert!(
+        plan.contains("job_deps_dep") && !plan.contains("SCAN"),
+        "{plan}"
+    );
+}
