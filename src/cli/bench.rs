@@ -97,6 +97,7 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
     let m = ModelArgs {
         arch: c.arch.clone(),
         weights,
+        onnx_logits: None,
         mean: None,
         std: None,
         data: DatasetArg::Cifar10,
@@ -195,6 +196,7 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         Some(weights) => load_classifier(&ModelArgs {
             arch: f.arch.clone(),
             weights,
+            onnx_logits: None,
             mean: None,
             std: None,
             data: DatasetArg::Cifar10,
@@ -353,7 +355,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
             let objective = DenoiserObjective::Stability;
             let loss = caf::methods::denoised::DenoiserLoss {
                 denoiser: &denoiser,
-                classifier: &classifier,
+                classifier: (&classifier).into(),
                 objective,
             };
             let report = caf::bench::bench_train_step(

@@ -41,8 +41,21 @@ pub fn load_classifier(
             m.weights.display()
         )));
     }
+    if m.onnx_logits.is_some() && arch != Arch::Onnx {
+        bail!(usage(
+            "--onnx-logits names an output of an ONNX graph: it needs --arch onnx"
+        ));
+    }
     let device = m.device.open()?;
-    let model = models::load_classifier(arch, &m.weights, normalize, &device)?;
+    let model: Box<dyn models::Classifier> = if arch == Arch::Onnx {
+        let outputs = models::OnnxOutputs {
+            feature: None,
+            logits: m.onnx_logits.clone(),
+        };
+        Box::new(models::load_onnx(&m.weights, &outputs, normalize)?)
+    } else {
+        models::load_classifier(arch, &m.weights, normalize, &device)?
+    };
     Ok((model, device))
 }
 

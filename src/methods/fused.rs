@@ -169,6 +169,17 @@ enum Member {
     Caf(Box<CafModel>),
 }
 
+impl Members {
+    /// The backbone's own logits: its head on `phi`, or for an ONNX graph (whose head is
+    /// inside it) the graph's logits output, a second run of the graph.
+    fn plain(&self, x: &Tensor, phi: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.backbone {
+            Backbone::Onnx(m) => crate::models::Classifier::logits(m, x),
+            b => b.head(phi),
+        }
+    }
+}
+
 impl ClassifierSet for Members {
     fn members(&self) -> usize {
         self.members.len()
@@ -181,7 +192,7 @@ impl ClassifierSet for Members {
         self.members
             .iter()
             .map(|m| match m {
-                Member::Plain => self.backbone.head(&phi),
+                Member::Plain => self.plain(x, &phi),
                 Member::Caf(c) => c.logits_from_features(&phi, x),
             })
             .collect()
@@ -205,7 +216,7 @@ impl ClassifierSet for Members {
                     return Ok(None);
                 }
                 match m {
-                    Member::Plain => self.backbone.head(&phi),
+                    Member::Plain => self.plain(x, &phi),
                     Member::Caf(c) => c.logits_from_features(&phi, x),
                 }
                 .map(Some)
