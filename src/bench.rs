@@ -334,7 +334,7 @@ impl MachineInfo {
         match device {
             Device::Cpu => Self {
                 device: crate::sched::cpu_model(),
-                kernels: cpu_kernels(&cpu_flags()),
+                kernels: cpu_kernels(&cpu_flags(), crate::models::gemm::kernel_level()),
             },
             other => Self {
                 device: format!("{other:?}"),
@@ -366,8 +366,10 @@ fn cpu_flags() -> Vec<String> {
 /// The kernels' instruction sets for CPU `flags`: the f32 GEMM (the `gemm` crate picks AVX-512
 /// or AVX2+FMA at run time), caf's bf16 GEMM (AVX-512 BF16, else emulated through the f32 one),
 /// and AMX where present (not used by caf yet).
-fn cpu_kernels(flags: &[String]) -> String {
+/// `level` is `CAF_KERNELS`: `portable` turns caf's own ISA-specific kernel off.
+fn cpu_kernels(flags: &[String], level: crate::models::gemm::KernelLevel) -> String {
     let has = |f: &str| flags.iter().any(|x| x == f);
+    let native = level == crate::models::gemm::KernelLevel::Native;
     let f32_gemm = if has("avx512f") {
         "f32 GEMM AVX-512"
     } else if has("avx2") && has("fma") {
@@ -375,8 +377,10 @@ fn cpu_kernels(flags: &[String]) -> String {
     } else {
         "f32 GEMM scalar/SSE"
     };
-    let bf16 = if has("avx512f") && has("avx512_bf16") {
+    let bf16 = if has("avx512f") && has("avx512_bf16") && native {
         "bf16 GEMM AVX-512 BF16"
+    } else if !native {
+        "bf16 GEMM emulated in f32 (CAF_KERNELS=portable)"
     } else {
         "bf16 GEMM emulated in f32"
     };
@@ -390,6 +394,7 @@ fn cpu_kernels(flags: &[String]) -> String {
 #[cfg(test)]
 mod machine_tests {
     use super::*;
+    use crate::models::gemm::KernelLevel::{Native, Portable};
 
     fn flags(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
@@ -398,19 +403,26 @@ mod machine_tests {
     #[test]
     fn kernels_follow_the_cpus_flags() {
         assert_eq!(
-            cpu_kernels(&flags("sse2 avx2 fma avx512f avx512_bf16")),
+            cpu_kernels(&flags("sse2 avx2 fma avx512f avx512_bf16"), Native),
             "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16"
         );
         assert_eq!(
-            cpu_kernels(&flags("sse2 avx2 fma")),
+            cpu_kernels(&flags("sse2 avx2 fma avx512f avx512_bf16"), Portable),
+            "f32 GEMM AVX-512, bf16 GEMM emulated in f32 (CAF_KERNELS=portable)"
+        );
+        assert_eq!(
+            cpu_kernels(&flags("sse2 avx2 fma"), Native),
             "f32 GEMM AVX2+FMA, bf16 GEMM emulated in f32"
         );
         assert_eq!(
-            cpu_kernels(&flags("avx2 fma avx512f avx512_bf16 amx_tile amx_bf16")),
+            cpu_kernels(
+                &flags("avx2 fma avx512f avx512_bf16 amx_tile amx_bf16"),
+                Native
+            ),
             "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16; AMX-BF16 present, unused"
         );
         assert_eq!(
-            cpu_kernels(&[]),
+            cpu_kernels(&[], Native),
             "f32 GEMM scalar/SSE, bf16 GEMM emulated in f32"
         );
         // This machine's line names its CPU and some GEMM.

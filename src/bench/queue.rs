@@ -77,6 +77,7 @@ fn plan(jobs: usize, phase: &str) -> Plan {
             spec_path: "(caf bench queue)".into(),
             spec_text: format!("# caf bench queue: {} no-op jobs\n", jobs.len()),
             spec_sha256: crate::util::sha256_bytes(name.as_bytes()),
+            retries: Default::default(),
         },
         jobs,
         cells: Vec::new(),

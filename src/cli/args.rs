@@ -318,6 +318,8 @@ pub struct ExportArgs {
 pub enum DatasetArg {
     Cifar10,
     Cifar100,
+    /// `train/CLASS/*` and `val/CLASS/*` of PNG or JPEG images (torchvision's ImageFolder).
+    Imagefolder,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -328,7 +330,8 @@ pub enum SplitArg {
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// linear | resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | resnet50 | a ViT name |
+    /// linear | resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | resnet50 |
+    /// vit_tiny_patch16_224 | vit_small_patch16_224 | vit_base_patch16_224 | vit_cifar_tiny_patch4_32 |
     /// onnx (a graph exported with `torch.onnx.export`, as `--weights`)
     #[arg(long)]
     pub arch: String,
@@ -347,9 +350,16 @@ pub struct ModelArgs {
     pub std: Option<Vec<f32>>,
     #[arg(long, value_enum, default_value = "cifar10")]
     pub data: DatasetArg,
-    /// Folder holding `cifar-10-batches-bin`, or that folder itself.
+    /// Folder holding `cifar-10-batches-bin` (`cifar-100-binary`), or that folder itself; for
+    /// imagefolder the folder holding `train/` and `val/`.
     #[arg(long, default_value = "../shared/data/cifar10-jpeg")]
     pub data_root: PathBuf,
+    /// imagefolder: the centre crop's side (default: the arch's input size).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// imagefolder: the shorter side before the crop (default: image size / 0.875, as timm).
+    #[arg(long)]
+    pub resize: Option<usize>,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
 }

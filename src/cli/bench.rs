@@ -102,10 +102,12 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
         std: None,
         data: DatasetArg::Cifar10,
         data_root: c.data_root.clone(),
+        image_size: None,
+        resize: None,
         device: caf::sched::DeviceSpec::Cpu,
     };
     let (model, device) = load_classifier(&m)?;
-    let set = load_data(&m, caf::data::Split::Test)?;
+    let set = load_data(&m, caf::data::Split::Test, model.as_ref())?;
     let indices: Vec<usize> = caf::methods::common::Slice {
         skip: c.skip,
         max: None,
@@ -201,6 +203,8 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
             std: None,
             data: DatasetArg::Cifar10,
             data_root: PathBuf::new(),
+            image_size: None,
+            resize: None,
             device: f.device,
         })?,
         // The ViTs and ResNet-50 have no checkpoint on these machines: their speed does not

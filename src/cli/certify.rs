@@ -64,7 +64,7 @@ pub fn certify(a: CertifyArgs) -> Result<i32> {
         bail!(usage("--skip must be at least 1"));
     }
     let (model, device) = load_classifier(&a.model)?;
-    let set = load_data(&a.model, Split::Test)?;
+    let set = load_data(&a.model, Split::Test, model.as_ref())?;
     let indices = Slice {
         skip: a.skip,
         max: a.max,

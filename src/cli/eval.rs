@@ -19,7 +19,7 @@ pub fn eval(a: EvalArgs) -> Result<i32> {
         SplitArg::Train => Split::Train,
         SplitArg::Test => Split::Test,
     };
-    let set = load_data(&a.model, split)?;
+    let set = load_data(&a.model, split, model.as_ref())?;
     let indices = Slice {
         skip: a.skip,
         max: a.max,

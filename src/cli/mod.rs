@@ -54,6 +54,8 @@ pub fn main() -> i32 {
 }
 
 fn dispatch(cli: Cli) -> Result<i32> {
+    // A mistyped kernel level must not silently run other kernels than the user asked for.
+    caf::models::gemm::kernel_level_from_env().map_err(exit::usage)?;
     match cli.command {
         Command::Run(a) => runtime()?.block_on(run::run(a)),
         Command::Submit(a) => runtime()?.block_on(submit::submit(a)),

@@ -59,9 +59,50 @@ pub fn load_classifier(
     Ok((model, device))
 }
 
-pub fn load_data(m: &ModelArgs, split: Split) -> Result<data::ImageSet> {
-    match m.data {
-        DatasetArg::Cifar10 => Ok(data::load_cifar10(&m.data_root, split)?),
-        DatasetArg::Cifar100 => Ok(data::load_cifar100(&m.data_root, split)?),
+/// The split `--data` names, checked against the model it will be scored with: images of the
+/// arch's input size and labels within the model's outputs.
+pub fn load_data(
+    m: &ModelArgs,
+    split: Split,
+    model: &dyn models::Classifier,
+) -> Result<data::ImageSet> {
+    let arch = parse_arch(&m.arch)?;
+    if m.data != DatasetArg::Imagefolder && (m.image_size.is_some() || m.resize.is_some()) {
+        bail!(usage(
+            "--image-size and --resize apply to --data imagefolder only"
+        ));
     }
+    let set = match m.data {
+        DatasetArg::Cifar10 => data::load_cifar10(&m.data_root, split)?,
+        DatasetArg::Cifar100 => data::load_cifar100(&m.data_root, split)?,
+        DatasetArg::Imagefolder => {
+            let image_size = m.image_size.or(arch.input_size()).unwrap_or(224);
+            let resize = m
+                .resize
+                .unwrap_or_else(|| data::imagefolder::Preprocess::default_resize(image_size));
+            if image_size == 0 || resize < image_size {
+                bail!(usage(format!(
+                    "--resize {resize} must be at least --image-size {image_size} (> 0)"
+                )));
+            }
+            let pre = data::imagefolder::Preprocess { resize, image_size };
+            data::imagefolder::load(&m.data_root, split, pre)?
+        }
+    };
+    let side = set.shape().h;
+    if let Some(want) = arch.input_size() {
+        if set.shape().h != want || set.shape().w != want {
+            bail!(usage(format!(
+                "{arch} takes {want}×{want} images but the data set's are {side}×{}",
+                set.shape().w
+            )));
+        }
+    }
+    // A study refuses this (its reports would score predictions against labels they cannot
+    // match); a one-model command may mean it (a two-class model certified for its radii), so it
+    // warns that the `correct` column and the accuracy are meaningless.
+    if let Err(e) = caf::methods::common::check_classes(model.num_classes(), &set) {
+        eprintln!("warning: {e}; `correct` and accuracy below are meaningless");
+    }
+    Ok(set)
 }

@@ -86,6 +86,32 @@ impl DataRef {
     }
 }
 
+/// Refuses to score `model_classes` logits against a data set whose labels reach past them: such
+/// an image could never be predicted correctly, and certified accuracy would be silently wrong
+/// (a CIFAR-10 model on CIFAR-100, or an ImageNet model on a folder of other classes). Fewer
+/// classes in the data than outputs is allowed (a subset of the model's classes, as an ImageNet
+/// validation folder of some classes) when the labels still fit; the job's log says so.
+pub fn check_classes(model_classes: usize, set: &ImageSet) -> Result<(), JobError> {
+    let data_classes = set.classes().len();
+    let top = set.labels().iter().copied().max().map_or(0, usize::from);
+    if data_classes > model_classes || (!set.is_empty() && top >= model_classes) {
+        return Err(JobError::fatal(format!(
+            "the model has {model_classes} outputs but the data set has {data_classes} classes \
+             (labels up to {top}): its predictions cannot be scored against these labels; \
+             use a model trained on this data set"
+        )));
+    }
+    if data_classes < model_classes {
+        tracing::warn!(
+            model_classes,
+            data_classes,
+            "the data set has fewer classes than the model has outputs: labels are read as the \
+             model's first class indices"
+        );
+    }
+    Ok(())
+}
+
 /// Cohen's `--skip`/`--max`: images 0, skip, 2·skip, … below `max`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slice {
@@ -349,6 +375,24 @@ pub fn identity_of(params: &serde_json::Value, drop: &[&str]) -> serde_json::Val
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_past_the_models_outputs_are_refused() {
+        let names = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>();
+        let set = |labels: Vec<u8>, classes: usize| {
+            let pixels = vec![0u8; labels.len() * crate::data::Chw::CIFAR.len()];
+            ImageSet::new(pixels, labels, names(classes))
+        };
+        assert!(check_classes(10, &set(vec![0, 9, 3], 10)).is_ok());
+        // A 10-class model on a 100-class set, even on images whose labels happen to fit.
+        let e = check_classes(10, &set(vec![0, 1], 100))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10 outputs") && e.contains("100 classes"), "{e}");
+        assert!(check_classes(10, &set(vec![0, 12], 10)).is_err());
+        // A subset of the model's classes is fine.
+        assert!(check_classes(1000, &set(vec![0, 4], 5)).is_ok());
+    }
 
     #[test]
     fn cifar_data_refs_serialise_as_before_image_folders_existed() {

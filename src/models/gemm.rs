@@ -9,8 +9,54 @@
 
 use super::precision::Precision;
 
-/// Whether this CPU runs the bf16 kernel (otherwise bf16 GEMMs take the emulated path).
-pub fn bf16_kernel_available() -> bool {
+/// Environment variable that caps caf's own instruction-set-specific CPU kernels, for the whole
+/// process: `native` (the default) lets each kernel use what the CPU has; `portable` forces
+/// every fall-back (today: the bf16 GEMM's emulated path instead of the AVX-512 BF16 kernel), so
+/// the fall-backs are tested on any CPU (`.ci/run` runs the library tests both ways). The f32
+/// GEMM is the `gemm` crate's, which picks AVX-512, AVX2+FMA or scalar code itself.
+pub const KERNELS_ENV: &str = "CAF_KERNELS";
+
+/// The kernel levels [`KERNELS_ENV`] accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelLevel {
+    /// Every kernel the CPU supports.
+    Native,
+    /// Only the portable fall-backs.
+    Portable,
+}
+
+impl std::str::FromStr for KernelLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "native" => Ok(Self::Native),
+            "portable" => Ok(Self::Portable),
+            other => Err(format!(
+                "{KERNELS_ENV}={other:?}: expected `native` (the default) or `portable`"
+            )),
+        }
+    }
+}
+
+/// [`KERNELS_ENV`]'s level, or the error naming a value it does not accept (the CLI checks it
+/// before any work starts).
+pub fn kernel_level_from_env() -> Result<KernelLevel, String> {
+    match std::env::var(KERNELS_ENV) {
+        Ok(v) => v.parse(),
+        Err(std::env::VarError::NotPresent) => Ok(KernelLevel::Native),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{KERNELS_ENV} is not valid UTF-8")),
+    }
+}
+
+/// The level in force for this process (read once). A library user's unreadable value falls
+/// back to the portable kernels, which are correct on every CPU.
+pub fn kernel_level() -> KernelLevel {
+    static LEVEL: std::sync::OnceLock<KernelLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| kernel_level_from_env().unwrap_or(KernelLevel::Portable))
+}
+
+/// Whether this CPU has the bf16 kernel's instructions (AVX-512 F and BF16).
+pub fn cpu_has_bf16_kernel() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -20,6 +66,12 @@ pub fn bf16_kernel_available() -> bool {
     {
         false
     }
+}
+
+/// Whether bf16 GEMMs run the bf16 kernel (otherwise they take the emulated path): the CPU has
+/// it and [`KERNELS_ENV`] does not force the fall-back.
+pub fn bf16_kernel_available() -> bool {
+    cpu_has_bf16_kernel() && kernel_level() == KernelLevel::Native
 }
 
 /// f32 → bf16 bits, rounding to nearest even (NaN stays a quiet NaN).
@@ -392,6 +444,26 @@ mod tests {
         GemmWeight::new(a.clone(), m, k, Precision::F32).accumulate(n, &b, &mut c);
         for (got, (want, abs)) in c.iter().zip(reference(m, n, k, &a, &b, &vec![0.0; m * n])) {
             assert!((*got as f64 - want).abs() <= 1e-6 * abs + 1e-7);
+        }
+    }
+
+    #[test]
+    fn kernel_levels_parse_and_bad_values_are_named() {
+        assert_eq!("native".parse::<KernelLevel>(), Ok(KernelLevel::Native));
+        assert_eq!("".parse::<KernelLevel>(), Ok(KernelLevel::Native));
+        assert_eq!(
+            " portable".parse::<KernelLevel>(),
+            Ok(KernelLevel::Portable)
+        );
+        let e = "avx512".parse::<KernelLevel>().unwrap_err();
+        assert!(
+            e.contains("CAF_KERNELS=\"avx512\"") && e.contains("portable"),
+            "{e}"
+        );
+        // Forcing the fall-back never claims the kernel; the kernel needs the CPU's support.
+        assert!(!bf16_kernel_available() || cpu_has_bf16_kernel());
+        if kernel_level() == KernelLevel::Portable {
+            assert!(!bf16_kernel_available());
         }
     }
 

@@ -129,6 +129,8 @@ pub struct StudyMeta {
     pub spec_path: PathBuf,
     pub spec_text: String,
     pub spec_sha256: String,
+    /// The caps recording gives the study's jobs.
+    pub retries: crate::spec::Retries,
 }
 
 /// A study's jobs in dependency order (every job after its deps).
@@ -274,6 +276,7 @@ impl Plan {
                 spec_path: spec.path.clone(),
                 spec_text: spec.text.clone(),
                 spec_sha256: spec.sha256.clone(),
+                retries: spec.retries,
             },
             jobs,
             cells,
@@ -364,6 +367,7 @@ pub(crate) mod testing {
                 spec_path: "spec.yaml".into(),
                 spec_text: format!("name: {name}"),
                 spec_sha256: crate::util::sha256_bytes(format!("{name}{}", jobs.len()).as_bytes()),
+                retries: Default::default(),
             },
             jobs,
             cells: Vec::new(),

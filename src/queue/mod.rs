@@ -17,7 +17,7 @@ use crate::plan::JobId;
 pub use memory::MemoryQueue;
 
 /// How many interruptions a job survives before it fails, unless its row says otherwise.
-pub const DEFAULT_MAX_INTERRUPTIONS: u32 = 20;
+pub const DEFAULT_MAX_INTERRUPTIONS: u32 = crate::spec::DEFAULT_INTERRUPTIONS;
 
 /// The error a job that reached its interruption cap fails with.
 pub fn interruption_cap_error(reason: &str, cap: u32) -> String {

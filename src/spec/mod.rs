@@ -179,6 +179,29 @@ impl Default for CertifySettings {
     }
 }
 
+/// The interruption cap of a spec without `retries.interruptions` (and of the migration that
+/// added the column).
+pub const DEFAULT_INTERRUPTIONS: u32 = 20;
+
+/// How often a job of the study may run before it counts as failed: `attempts` caps the runs
+/// that ended in the job's own error; `interruptions` caps the runs stopped from outside
+/// (SIGUSR2/SIGTERM at a walltime or preemption, a lost lease), counted apart so a job longer
+/// than a walltime resumes across allocations but cannot loop forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Retries {
+    pub attempts: u32,
+    pub interruptions: u32,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            interruptions: DEFAULT_INTERRUPTIONS,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReportSettings {
     pub radii: Vec<f64>,
@@ -221,6 +244,8 @@ pub struct Spec {
     pub backbones: BTreeMap<String, Backbone>,
     pub certify: CertifySettings,
     pub report: ReportSettings,
+    /// `retries:` (not part of any job id: changing it re-caps the recorded jobs).
+    pub retries: Retries,
     /// The expanded grid, in a stable order.
     pub cells: Vec<Cell>,
 }

@@ -7,7 +7,7 @@ use super::read::{as_int, as_map, as_number, as_seq, as_str, check_name, fields,
 use super::yaml::{abbreviate, Kind, Node, Scalar, Value};
 use super::{
     grid, Arch, Backbone, CertifyMode, CertifySettings, DataSpec, Dataset, Normalize,
-    ReportSettings, Spec, SpecError,
+    ReportSettings, Retries, Spec, SpecError,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -18,6 +18,7 @@ const TOP_KEYS: &[&str] = &[
     "certify",
     "grid",
     "report",
+    "retries",
 ];
 const ARCHS: &[&str] = Arch::NAMES;
 
@@ -42,6 +43,10 @@ pub fn build(
         Some(node) => report(cx, node)?,
         None => ReportSettings::default(),
     };
+    let retries = match top.get("retries") {
+        Some(node) => retries(cx, node)?,
+        None => Retries::default(),
+    };
     let grid_node = top.required(cx, "grid")?;
     let grid_at = top.key_span("grid").unwrap_or(grid_node.span);
     let cells = grid::expand(cx, grid_node, grid_at, &backbones)?;
@@ -55,8 +60,21 @@ pub fn build(
         backbones,
         certify,
         report,
+        retries,
         cells,
     })
+}
+
+fn retries(cx: Cx, node: &Node) -> Result<Retries, SpecError> {
+    let f = fields(cx, node, "retries", &["attempts", "interruptions"])?;
+    let mut r = Retries::default();
+    if let Some(n) = f.get("attempts") {
+        r.attempts = as_int(cx, n, "retries.attempts", 1, 1000)? as u32;
+    }
+    if let Some(n) = f.get("interruptions") {
+        r.interruptions = as_int(cx, n, "retries.interruptions", 1, 100_000)? as u32;
+    }
+    Ok(r)
 }
 
 fn data(cx: Cx, top: &Fields, base_dir: &Path) -> Result<DataSpec, SpecError> {
@@ -255,7 +273,13 @@ fn backbones(
         }
 
         let normalize = match f.get("normalize") {
-            None => Normalize::IDENTITY,
+            // The CIFAR ResNets and the linear model keep "none" (the default before the other
+            // archs existed: changing it would change the ids of recorded jobs); the ViTs and
+            // ResNet-50 default to their reference weights' normalisation, as `caf certify` does.
+            None => match arch {
+                Arch::Linear | Arch::CifarResNet { .. } => Normalize::IDENTITY,
+                _ => arch.default_normalize(),
+            },
             Some(n) => {
                 let nf = fields(cx, n, &f.name("normalize"), &["mean", "std"])?;
                 let mean = triple(cx, nf.required(cx, "mean")?, &nf.name("mean"), false)?;

@@ -1346,3 +1346,35 @@ fn onnx_backbones_take_feature_and_logits_keys() {
     );
     fail_at(&text, 8, 5, "did you mean `feature`");
 }
+
+#[test]
+fn a_vit_or_resnet50_without_normalize_gets_its_reference_normalisation() {
+    let text = format!(
+        "name: t\nseed: 0\ndata: {{dataset: cifar10, root: {DATA}}}\nbackbones:\n  v:\n    arch: vit_cifar_tiny_patch4_32\n    weights: {WEIGHTS}\n  r:\n    arch: resnet50\n    weights: {WEIGHTS}\n  c:\n    arch: resnet20\n    weights: {WEIGHTS}\ngrid:\n  params: {{method: smooth, backbone: c}}\n  axes:\n    sigma: [0.25]\n"
+    );
+    let spec = ok(&text);
+    assert_eq!(spec.backbones["v"].normalize.mean, [0.5, 0.5, 0.5]);
+    assert_eq!(spec.backbones["v"].normalize.std, [0.5, 0.5, 0.5]);
+    assert_eq!(spec.backbones["r"].normalize.std, [0.229, 0.224, 0.225]);
+    // The CIFAR ResNets keep "none", so recorded job ids do not change.
+    assert_eq!(spec.backbones["c"].normalize, Normalize::IDENTITY);
+}
+
+#[test]
+fn retries_are_read_and_bad_caps_are_located() {
+    let body = "  params: {method: smooth}\n  axes:\n    sigma: [0.25]\n";
+    assert_eq!(ok(&grid(body)).retries, crate::spec::Retries::default());
+    let text = format!(
+        "retries: {{attempts: 5, interruptions: 40}}\n{}",
+        grid(body)
+    );
+    let r = ok(&text).retries;
+    assert_eq!((r.attempts, r.interruptions), (5, 40));
+    let text = format!("retries: {{interruptions: 0}}\n{}", grid(body));
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.span, Some(crate::spec::Span { line: 1, col: 26 }), "{e}");
+    assert!(e.message.contains("retries.interruptions"), "{e}");
+    let text = format!("retries: {{attempt: 5}}\n{}", grid(body));
+    let e = parse(&text).unwrap_err();
+    assert!(e.message.contains("attempts"), "did you mean: {e}");
+}

@@ -372,9 +372,13 @@ impl Store for SqliteStore {
         for (seq, job) in plan.jobs.iter().enumerate() {
             // Params may carry paths that moved; the id (content) is what decides reuse.
             sqlx::query(
-                "INSERT INTO jobs (id, kind, label, params, created_at, unit) VALUES (?, ?, ?, ?, ?, ?)
+                "INSERT INTO jobs (id, kind, label, params, created_at, unit, max_attempts, max_interruptions)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                  ON CONFLICT (id) DO UPDATE SET label = excluded.label, params = excluded.params,
-                     unit = excluded.unit",
+                     unit = excluded.unit, max_interruptions = excluded.max_interruptions,
+                     max_attempts = CASE WHEN jobs.status = 'pending'
+                         THEN MAX(excluded.max_attempts, jobs.attempts + 1)
+                         ELSE excluded.max_attempts END",
             )
             .bind(job.id.as_str())
             .bind(&job.kind)
@@ -382,6 +386,8 @@ impl Store for SqliteStore {
             .bind(job.params.to_string())
             .bind(now)
             .bind(job.unit.as_str())
+            .bind(i64::from(plan.study.retries.attempts))
+            .bind(i64::from(plan.study.retries.interruptions))
             .execute(&mut *tx)
             .await
             .ctx("recording a job")?;

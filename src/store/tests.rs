@@ -26,6 +26,7 @@ on_every_backend!(
     registering_the_same_plan_twice_keeps_results_and_state,
     only_the_lease_owner_can_complete_or_heartbeat,
     expired_leases_are_interruptions_until_their_cap,
+    the_specs_attempt_cap_applies_and_never_strands_a_pending_job,
     failures_back_off_then_fail_for_good,
     release_is_an_interruption_not_an_attempt,
     workers_are_listed_with_their_jobs_and_finished_jobs_name_their_machine,
@@ -220,11 +221,10 @@ async fn expired_leases_are_interruptions_until_their_cap(f: impl Fixture) {
     let s = f.open().await;
     let a = job("a", &[]);
     let b = job("b", &[&a]);
-    let study = s
-        .register_plan(&plan("p", vec![a.clone(), b.clone()]))
-        .await
-        .unwrap();
-    f.execute("UPDATE jobs SET max_interruptions = 3").await;
+    // The cap comes from the spec's `retries.interruptions`.
+    let mut p = plan("p", vec![a.clone(), b.clone()]);
+    p.study.retries.interruptions = 3;
+    let study = s.register_plan(&p).await.unwrap();
     for round in 1..=3u32 {
         let c = s
             .claim(study, &w("dead"), &["test"], Duration::from_millis(1))
@@ -258,6 +258,39 @@ async fn expired_leases_are_interruptions_until_their_cap(f: impl Fixture) {
     assert_eq!(s.retry_failed(study).await.unwrap(), 1);
     assert_eq!(s.outstanding(study).await.unwrap(), (0, 2));
     assert_eq!(s.study_jobs(study).await.unwrap()[0].interruptions, 0);
+}
+
+async fn the_specs_attempt_cap_applies_and_never_strands_a_pending_job(f: impl Fixture) {
+    let s = f.open().await;
+    let a = job("a", &[]);
+    let mut p = plan("p", vec![a.clone()]);
+    p.study.retries.attempts = 2;
+    let study = s.register_plan(&p).await.unwrap();
+    s.claim(study, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let o = s
+        .fail(&a.id, &w("w"), "boom", Some(Duration::ZERO), 0.0)
+        .await
+        .unwrap();
+    assert_eq!(o, FailOutcome::WillRetry);
+    // Lowered to 1 below the attempt already spent: the pending job keeps one more run
+    // instead of becoming unclaimable.
+    p.study.retries.attempts = 1;
+    s.register_plan(&p).await.unwrap();
+    let c = s
+        .claim(study, &w("w"), &["test"], LEASE)
+        .await
+        .unwrap()
+        .expect("still claimable");
+    assert_eq!(c.attempt, 2);
+    let o = s
+        .fail(&a.id, &w("w"), "boom", Some(Duration::ZERO), 0.0)
+        .await
+        .unwrap();
+    assert_eq!(o, FailOutcome::Failed);
+    assert_eq!(s.outstanding(study).await.unwrap(), (0, 0));
 }
 
 async fn failures_back_off_then_fail_for_good(f: impl Fixture) {

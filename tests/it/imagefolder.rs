@@ -172,3 +172,97 @@ fn imagefolder_errors_point_at_the_data_section() {
     assert!(err.contains("s.yaml:4:3"), "{err}");
     assert!(err.contains("no class folders"), "{err}");
 }
+
+/// `root/val/CLASS/NNNN.png` with all 100 exact images, so folder index i is binary record i.
+fn exact100_val_folder(root: &Path) {
+    let set = caf::data::load_cifar10(
+        &shared_data().join("cifar10-exact100"),
+        caf::data::Split::Test,
+    )
+    .expect("exact100");
+    for class in set.classes() {
+        std::fs::create_dir_all(root.join("val").join(class)).expect("mkdir");
+    }
+    for i in 0..set.len() {
+        let class = &set.classes()[usize::from(set.label(i))];
+        write_png(
+            &root.join("val").join(class).join(format!("{i:04}.png")),
+            set.image_u8(i),
+        );
+    }
+}
+
+#[test]
+fn eval_and_certify_read_an_image_folder_as_the_binary_batches() {
+    let dir = Dir::new();
+    exact100_val_folder(&dir.join("folder"));
+    let weights = resnet20_weights();
+    let exact = shared_data().join("cifar10-exact100");
+    let (w, exact) = (
+        weights.to_str().expect("utf-8"),
+        exact.to_str().expect("utf-8"),
+    );
+    let run = |parts: &[&[&str]]| ok(&dir.run(&parts.concat()));
+    let model: &[&str] = &["--arch", "resnet20", "--weights", w];
+    let folder: &[&str] = &[
+        "--data",
+        "imagefolder",
+        "--data-root",
+        "folder",
+        "--image-size",
+        "32",
+        "--resize",
+        "32",
+    ];
+    let binary: &[&str] = &["--data-root", exact];
+    // The same 100 images and labels: the same accuracy.
+    let a = run(&[&["eval"], model, folder]);
+    let b = run(&[&["eval"], model, binary]);
+    assert!(a.contains("(94/100)"), "{a}");
+    assert_eq!(a, b);
+    // Certification reads the folder in torchvision's order (class folders sorted, then files):
+    // the same rows as certifying those images, so labels come class by class.
+    let cert: &[&str] = &["--sigma", "0.25", "--n0", "10", "--n", "50", "--max", "12"];
+    run(&[&["certify"], model, folder, cert, &["--out", "folder.tsv"]]);
+    let t = std::fs::read_to_string(dir.join("folder.tsv")).expect("tsv");
+    assert!(
+        t.starts_with("idx\tlabel\tpredict\tradius\tcorrect\ttime"),
+        "{t}"
+    );
+    let labels: Vec<u32> = t
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split('\t')
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .expect("label")
+        })
+        .collect();
+    assert_eq!(labels.len(), 12, "{t}");
+    assert!(labels.windows(2).all(|w| w[0] <= w[1]), "{labels:?}");
+    assert!(labels.iter().any(|&l| l > 0), "{labels:?}");
+    // Labels past the model's 10 outputs: a warning naming both counts (a study refuses it).
+    for extra in ["k_extra", "l_extra"] {
+        std::fs::create_dir_all(dir.join("folder").join("val").join(extra)).expect("mkdir");
+    }
+    let out = dir.run(&[&["eval"], model, folder].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("10 outputs") && err.contains("12 classes"),
+        "{err}"
+    );
+    // A crop of another size than the network takes (the default follows the arch).
+    let out = dir.run(
+        &[
+            &["eval"],
+            model,
+            &["--data", "imagefolder", "--data-root", "folder"],
+            &["--image-size", "40"],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("32×32"), "{}", text(&out.stderr));
+}

@@ -263,3 +263,28 @@ fn precision_is_a_per_job_flag() {
         "{err}"
     );
 }
+
+#[test]
+fn a_mistyped_kernel_level_is_a_usage_error_before_anything_runs() {
+    let dir = Dir::new();
+    dir.write("good.yaml", &resnet_spec("good", "0.25", 10, 100, 50));
+    let out = dir
+        .cmd(&["run", "good.yaml", "--db", "x.db"])
+        .env("CAF_KERNELS", "avx9000")
+        .output()
+        .expect("caf runs");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("CAF_KERNELS=\"avx9000\"") && err.contains("portable"),
+        "{err}"
+    );
+    assert!(!dir.join("x.db").exists(), "the store was touched");
+    // The portable level is accepted.
+    let out = dir
+        .cmd(&["plan", "good.yaml"])
+        .env("CAF_KERNELS", "portable")
+        .output()
+        .expect("caf runs");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
