@@ -32,15 +32,16 @@ impl ModelRef {
         let arch: Arch = self.arch.parse().map_err(JobError::fatal)?;
         self.check()?;
         if arch == Arch::Onnx {
-            return Ok(Box::new(self.load_onnx()?));
+            return Ok(Box::new(self.load_onnx(device)?));
         }
         models::load_classifier(arch, &self.weights, self.normalize, device)
             .map_err(JobError::fatal)
     }
 
     /// The ONNX graph with the outputs the spec named (hash checked by the caller).
-    pub fn load_onnx(&self) -> Result<models::OnnxNet, JobError> {
-        models::load_onnx(&self.weights, &self.onnx, self.normalize).map_err(JobError::fatal)
+    pub fn load_onnx(&self, device: &candle_core::Device) -> Result<models::OnnxNet, JobError> {
+        models::load_onnx(&self.weights, &self.onnx, self.normalize, device)
+            .map_err(JobError::fatal)
     }
 
     /// Refuses a weights file whose contents changed since planning.

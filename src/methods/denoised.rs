@@ -297,7 +297,7 @@ impl TypedHandler for TrainDenoisedHandler {
                 if matches!(model.arch.parse::<Arch>(), Ok(Arch::Onnx)) =>
             {
                 model.check()?;
-                Some(model.load_onnx()?)
+                Some(model.load_onnx(device)?)
             }
             _ => None,
         };

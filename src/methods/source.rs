@@ -129,7 +129,7 @@ impl ModelSource {
                 }
                 model.check()?;
                 if arch == Arch::Onnx {
-                    return Ok(model.load_onnx()?.into());
+                    return Ok(model.load_onnx(device)?.into());
                 }
                 models::load_backbone(arch, &model.weights, model.normalize, device)
                     .map_err(JobError::fatal)

@@ -130,6 +130,13 @@ impl Classifier for Backbone {
         }
     }
 
+    fn input_size(&self) -> Option<usize> {
+        match self {
+            Backbone::Onnx(m) => m.input_size(),
+            _ => None,
+        }
+    }
+
     fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
         match self {
             Backbone::CifarResNet(m) => {

@@ -82,6 +82,12 @@ pub enum ModelError {
         op: String,
         node: String,
     },
+    /// An ONNX model asked for on a device other than the CPU: tract runs on the CPU only.
+    #[error(
+        "{path}: an ONNX graph runs on the CPU only (tract, caf's ONNX runtime), not on \
+         {device}; run it with `--device cpu`"
+    )]
+    OnnxNeedsCpu { path: PathBuf, device: String },
 }
 
 impl ModelError {
@@ -98,6 +104,12 @@ pub trait Classifier: Send + Sync {
     /// Logits [B, classes].
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor>;
     fn num_classes(&self) -> usize;
+
+    /// The square image side the model takes where only the loaded model knows it (an ONNX
+    /// graph's fixed input); the built architectures' is `Arch::input_size`.
+    fn input_size(&self) -> Option<usize> {
+        None
+    }
 
     /// Runs [`logits`](Classifier::logits) in `precision` from now on. Only models with a
     /// fused CPU inference path (CIFAR ResNets, CAF models) have a bf16 mode; the others accept
@@ -131,7 +143,12 @@ pub fn load_classifier(
             Box::new(load_cifar_resnet(depth, weights, normalize, device)?)
         }
         Arch::Vit(_) | Arch::ResNet50 => Box::new(load_backbone(arch, weights, normalize, device)?),
-        Arch::Onnx => Box::new(load_onnx(weights, &OnnxOutputs::default(), normalize)?),
+        Arch::Onnx => Box::new(load_onnx(
+            weights,
+            &OnnxOutputs::default(),
+            normalize,
+            device,
+        )?),
     })
 }
 
@@ -157,7 +174,7 @@ pub fn load_backbone(
             TvResNet::new(resnet50::RESNET50_LAYERS, classes, normalize, vb.0)?.into()
         }
         // The outputs under their default names; `load_onnx` takes others.
-        Arch::Onnx => load_onnx(weights, &OnnxOutputs::default(), normalize)?.into(),
+        Arch::Onnx => load_onnx(weights, &OnnxOutputs::default(), normalize, device)?.into(),
     })
 }
 

@@ -1,6 +1,8 @@
 //! ONNX backbones against PyTorch: `tests/fixtures/onnx/` from `bench/make_onnx_fixtures.py`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor, D};
 
@@ -56,6 +58,7 @@ fn check_against_pytorch(name: &str, feature_dim: usize) {
         &fixture(&format!("{name}.onnx")),
         &OnnxOutputs::default(),
         Normalize::IDENTITY,
+        &Device::Cpu,
     )
     .expect("load");
     assert_eq!((net.num_classes(), net.feature_dim()), (10, feature_dim));
@@ -124,20 +127,20 @@ fn outputs_are_chosen_by_name() {
         logits: Some("logits".into()),
     };
     // An explicit `logits:` alone still finds `feature` by its default name.
-    let net = load_onnx(&path, &only_logits, Normalize::IDENTITY).expect("load");
+    let net = load_onnx(&path, &only_logits, Normalize::IDENTITY, &Device::Cpu).expect("load");
     assert_eq!(net.feature_dim(), 64);
     // Named outputs swapped: the widths follow the names.
     let swapped = OnnxOutputs {
         feature: Some("logits".into()),
         logits: Some("feature".into()),
     };
-    let net = load_onnx(&path, &swapped, Normalize::IDENTITY).expect("load");
+    let net = load_onnx(&path, &swapped, Normalize::IDENTITY, &Device::Cpu).expect("load");
     assert_eq!((net.feature_dim(), net.num_classes()), (10, 64));
     let missing = OnnxOutputs {
         feature: Some("penultimate".into()),
         logits: None,
     };
-    let e = load_onnx(&path, &missing, Normalize::IDENTITY).unwrap_err();
+    let e = load_onnx(&path, &missing, Normalize::IDENTITY, &Device::Cpu).unwrap_err();
     let msg = e.to_string();
     assert!(
         msg.contains("no output `penultimate`") && msg.contains("feature, logits"),
@@ -154,8 +157,14 @@ fn normalize_is_applied_before_the_graph() {
         mean: [0.5; 3],
         std: [0.25; 3],
     };
-    let net = load_onnx(&path, &OnnxOutputs::default(), shift).expect("load");
-    let plain = load_onnx(&path, &OnnxOutputs::default(), Normalize::IDENTITY).expect("load");
+    let net = load_onnx(&path, &OnnxOutputs::default(), shift, &Device::Cpu).expect("load");
+    let plain = load_onnx(
+        &path,
+        &OnnxOutputs::default(),
+        Normalize::IDENTITY,
+        &Device::Cpu,
+    )
+    .expect("load");
     let by_hand = ((x.clone() - 0.5).expect("sub") / 0.25).expect("div");
     let a = net.logits(&x).expect("a");
     let b = plain.logits(&by_hand).expect("b");
@@ -169,6 +178,7 @@ fn unsupported_operator_is_named_with_its_node() {
         &fixture("unsupported.onnx"),
         &OnnxOutputs::default(),
         Normalize::IDENTITY,
+        &Device::Cpu,
     )
     .unwrap_err();
     assert!(
@@ -187,7 +197,13 @@ fn a_file_that_is_not_onnx_is_a_located_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("model.onnx");
     std::fs::write(&path, b"not a protobuf").expect("write");
-    let e = load_onnx(&path, &OnnxOutputs::default(), Normalize::IDENTITY).unwrap_err();
+    let e = load_onnx(
+        &path,
+        &OnnxOutputs::default(),
+        Normalize::IDENTITY,
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("model.onnx"), "{e}");
 }
 
@@ -204,6 +220,7 @@ fn torchvision_resnet18() {
         &dir.join("resnet18.onnx"),
         &OnnxOutputs::default(),
         Normalize::IDENTITY,
+        &Device::Cpu,
     )
     .expect("load");
     assert_eq!((net.num_classes(), net.feature_dim()), (1000, 512));
@@ -223,4 +240,164 @@ fn torchvision_resnet18() {
     );
     eprintln!("resnet18: max |caf - pytorch| logits {l:e}, features {f:e}");
     assert!(l < 1e-4 && f < 1e-4, "resnet18: logits {l}, features {f}");
+}
+
+/// Row `i` of `a` against row `i` of `b`, over the rows both have: the largest difference.
+fn max_diff_rows(a: &Tensor, b: &Tensor) -> f32 {
+    let n = a.dim(0).expect("a").min(b.dim(0).expect("b"));
+    let (a, b) = (a.narrow(0, 0, n).expect("a"), b.narrow(0, 0, n).expect("b"));
+    let d = (a - b).expect("sub").abs().expect("abs");
+    d.max_all().expect("max").to_scalar::<f32>().expect("s")
+}
+
+#[test]
+fn images_run_one_at_a_time_through_one_plan_and_agree_with_a_batch() {
+    // The export's batch dimension is symbolic: every batch size runs its images through the
+    // one plan for a single image, and an image gets the same logits whatever batch it is in.
+    let dev = Device::Cpu;
+    let net = load_onnx(
+        &fixture("resnet20.onnx"),
+        &OnnxOutputs::default(),
+        Normalize::IDENTITY,
+        &dev,
+    )
+    .expect("load");
+    assert_eq!(net.chunk(), 1);
+    // Only the batch is symbolic in this export: the image side is the graph's.
+    assert_eq!(net.input_size(), Some(32));
+    let x = exact100(&dev);
+    let all = net.logits(&x).expect("100");
+    for b in [1, 4, 7] {
+        let got = net.logits(&x.narrow(0, 0, b).expect("b")).expect("b");
+        assert_eq!(got.dims(), &[b, 10]);
+        assert!(max_diff_rows(&all, &got) < 1e-5, "batch {b}");
+    }
+    let none = net.logits(&x.narrow(0, 0, 0).expect("0")).expect("empty");
+    assert_eq!(none.dims(), &[0, 10]);
+    assert_eq!(net.planned_shapes(), vec![vec![1, 3, 32, 32]]);
+    // A clone shares the cache (fused certification clones backbones).
+    assert_eq!(net.clone().planned_shapes().len(), 1);
+
+    // The image size is fixed by the graph: another is refused, naming the input it takes.
+    let small = Tensor::zeros((2, 3, 16, 16), candle_core::DType::F32, &dev).expect("zeros");
+    let e = net.logits(&small).unwrap_err().to_string();
+    assert!(
+        e.contains("3, 32, 32]") && e.contains("[1, 3, 16, 16]") && e.contains("resnet20.onnx"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_graph_exported_with_a_fixed_batch_runs_in_padded_chunks() {
+    // What `torch.onnx.export` without dynamic shapes gives: the batch fixed at the example's
+    // size (here 3, set on the loaded graph), so 7 images run as 3 + 3 + 1 padded with 2.
+    let dev = Device::Cpu;
+    let mut net = load_onnx(
+        &fixture("resnet20.onnx"),
+        &OnnxOutputs::default(),
+        Normalize::IDENTITY,
+        &dev,
+    )
+    .expect("load");
+    let reference = net.clone();
+    let Dim::Symbol(batch) = net.input[0].clone() else {
+        panic!("the fixture's batch is symbolic: {:?}", net.input)
+    };
+    let fixed = net
+        .model
+        .set_symbols(&HashMap::from([(batch, TDim::Val(3))]))
+        .expect("fix the batch");
+    net.model = Arc::new(fixed);
+    net.input[0] = Dim::Fixed(3);
+    net.plans = Arc::new(Mutex::new(Cache::new(MAX_PLANS)));
+    assert_eq!(net.chunk(), 3);
+    let x = exact100(&dev).narrow(0, 0, 7).expect("7");
+    let (phi, logits) = net.outputs(&x, true, true).expect("run");
+    let (phi, logits) = (phi.expect("phi"), logits.expect("logits"));
+    assert_eq!((phi.dims(), logits.dims()), (&[7, 64][..], &[7, 10][..]));
+    assert!(max_diff_rows(&logits, &reference.logits(&x).expect("ref")) < 1e-5);
+    assert!(max_diff_rows(&phi, &reference.features(&x).expect("ref")) < 1e-5);
+    assert_eq!(net.planned_shapes(), vec![vec![3, 3, 32, 32]]);
+}
+
+#[test]
+fn the_plan_cache_keeps_the_newest_and_makes_each_once() {
+    let mut cache: Cache<u32, u32> = Cache::new(2);
+    let mut made = 0;
+    let mut get = |cache: &mut Cache<u32, u32>, k: u32| {
+        cache
+            .get_or_try_insert(k, || {
+                made += 1;
+                Ok::<_, String>(k * 10)
+            })
+            .expect("made")
+    };
+    assert_eq!(get(&mut cache, 1), 10);
+    assert_eq!(get(&mut cache, 1), 10);
+    assert_eq!(get(&mut cache, 2), 20);
+    assert_eq!(get(&mut cache, 3), 30);
+    assert_eq!(cache.keys().copied().collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(made, 3);
+    // A failure is returned and nothing is kept.
+    let e = cache.get_or_try_insert(4, || Err("no".to_string()));
+    assert_eq!(e, Err("no".to_string()));
+    assert_eq!(cache.keys().copied().collect::<Vec<_>>(), [2, 3]);
+}
+
+#[test]
+fn outputs_come_from_one_run_and_only_as_asked() {
+    let dev = Device::Cpu;
+    let net = load_onnx(
+        &fixture("vit_small_cifar.onnx"),
+        &OnnxOutputs::default(),
+        Normalize::IDENTITY,
+        &dev,
+    )
+    .expect("load");
+    let x = exact100(&dev).narrow(0, 0, 3).expect("3");
+    let (phi, logits) = net.outputs(&x, true, true).expect("both");
+    let (phi, logits) = (phi.expect("phi"), logits.expect("logits"));
+    assert_eq!((phi.dims(), logits.dims()), (&[3, 64][..], &[3, 10][..]));
+    assert_eq!(max_diff_rows(&phi, &net.features(&x).expect("f")), 0.0);
+    assert_eq!(max_diff_rows(&logits, &net.logits(&x).expect("l")), 0.0);
+    let (none, some) = net.outputs(&x, false, true).expect("logits only");
+    assert!(none.is_none() && some.is_some());
+    let (none, none2) = net.outputs(&x, false, false).expect("nothing");
+    assert!(none.is_none() && none2.is_none());
+}
+
+#[test]
+fn unsupported_operators_inside_subgraphs_are_found() {
+    use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto};
+    let node = |op: &str, name: &str, output: &str| NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        output: vec![output.into()],
+        ..Default::default()
+    };
+    // A supported `If` whose else branch holds an unnamed `Det`: named by its output.
+    let branch = GraphProto {
+        node: vec![node("Relu", "r1", "a"), node("Det", "", "det_out")],
+        ..Default::default()
+    };
+    let mut cond = node("If", "cond", "y");
+    cond.attribute = vec![AttributeProto {
+        name: "else_branch".into(),
+        g: Some(branch),
+        ..Default::default()
+    }];
+    let graph = GraphProto {
+        node: vec![node("Relu", "r0", "x"), cond],
+        ..Default::default()
+    };
+    let onnx = tract_onnx::onnx();
+    assert_eq!(
+        unsupported_op(&onnx, &graph),
+        Some(("Det".to_string(), "det_out".to_string()))
+    );
+    let fine = GraphProto {
+        node: vec![node("Relu", "r0", "x")],
+        ..Default::default()
+    };
+    assert_eq!(unsupported_op(&onnx, &fine), None);
 }

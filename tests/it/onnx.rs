@@ -82,6 +82,8 @@ fn certify_an_onnx_export_as_its_checkpoint() {
         "scores",
         "--sigma",
         "0.25",
+        "--out",
+        "scores.tsv",
     ]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
@@ -89,6 +91,44 @@ fn certify_an_onnx_export_as_its_checkpoint() {
         err.contains("no output `scores`") && err.contains("feature, logits"),
         "{err}"
     );
+
+    // A graph with an operator tract lacks is refused before anything runs, naming both.
+    let bad = onnx.with_file_name("unsupported.onnx");
+    let out = dir.run(&[
+        "certify",
+        "--arch",
+        "onnx",
+        "--weights",
+        bad.to_str().unwrap(),
+        "--sigma",
+        "0.25",
+        "--out",
+        "bad.tsv",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("operator `Det`") && err.contains("node `det0`"),
+        "{err}"
+    );
+    assert!(!dir.join("bad.tsv").exists());
+
+    // --onnx-logits on another arch is a usage error.
+    let out = dir.run(&[
+        "certify",
+        "--arch",
+        "resnet20",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--onnx-logits",
+        "logits",
+        "--sigma",
+        "0.25",
+        "--out",
+        "r.tsv",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--arch onnx"));
 }
 
 #[test]
@@ -150,4 +190,28 @@ grid:
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn an_image_folder_is_read_at_the_graphs_input_size() {
+    // The graph fixes 32×32 inputs: without --image-size the folder is cropped to that, as for
+    // the built archs, and the export scores the same 94/100 as its checkpoint.
+    let dir = Dir::new();
+    super::imagefolder::exact100_val_folder(&dir.join("folder"));
+    let onnx = onnx_resnet20();
+    let model = ["--arch", "onnx", "--weights", onnx.to_str().unwrap()];
+    let folder = ["--data", "imagefolder", "--data-root", "folder"];
+    let out = ok(&dir.run(&[&["eval"][..], &model, &folder, &["--resize", "32"]].concat()));
+    assert!(out.contains("(94/100)"), "{out}");
+    let out = dir.run(
+        &[
+            &["eval"][..],
+            &model,
+            &folder,
+            &["--image-size", "40", "--resize", "40"],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("32×32"), "{}", text(&out.stderr));
 }
