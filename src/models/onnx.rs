@@ -2,7 +2,7 @@
 //!
 //! The graph runs in tract (pure Rust, CPU), not candle: tract runs the fixtures' opset-18
 //! exports (3-input `Pad`, `LayerNormalization`, `ReduceMean` with its axes as an input), which
-//! candle-onnx 0.11 does not; README's "Bring your own backbone" has the measured comparison.
+//! candle-onnx 0.11 does not; README's "Bring your own backbone" has the comparison.
 //! Inputs are copied out of candle and the outputs back in, so what the graph returns is a
 //! constant to autograd: gradients never enter the frozen graph, as CAF wants. tract runs on the
 //! CPU only, so an ONNX model is refused on any other device rather than silently copying every
@@ -18,8 +18,8 @@
 //! while multiplying) but materialises and repacks the whole im2col matrix for a batch of
 //! several, and inside a batched run its matrix products are split across threads layer by
 //! layer. `perf` put over half of a batched ResNet-20 run in that packing; one image per thread
-//! measured about 1.5× the batched throughput on ResNet-20 and the same on the CIFAR ViT
-//! (README, "Bring your own backbone"). Leaving the batch dimension symbolic or fixing it made
+//! measured 1.4–2× the batched throughput on ResNet-20 and 1.2–1.6× on the small ViT (README,
+//! "Bring your own backbone"). Leaving the batch dimension symbolic or fixing it made
 //! no difference of its own. A graph exported with a fixed batch size b runs in chunks of b
 //! (the last padded).
 
@@ -397,7 +397,7 @@ impl OnnxNet {
         let plan = self.plan(&shape).map_err(err)?;
         let mut data = x.flatten_all()?.to_vec1::<f32>()?;
         let per_run: usize = shape.iter().product();
-        // A fixed batch size: the last chunk padded with black images, their outputs dropped.
+        // A fixed batch size: the last chunk padded with zeros, their outputs dropped.
         data.resize(batch.div_ceil(chunk) * per_run, 0.0);
         let runs: Vec<TVec<TValue>> = data
             .par_chunks(per_run)
