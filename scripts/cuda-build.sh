@@ -14,8 +14,10 @@
 # this script adds the unversioned link names and a link-time stub libcuda.so (soname
 # libcuda.so.1, like the toolkit's own lib64/stubs), which the real driver replaces at run time.
 #
-# Usage: scripts/cuda-build.sh [--no-clippy] [--tests] [--env]
+# Usage: scripts/cuda-build.sh [--no-clippy | --check] [--tests] [--env]
 #   --no-clippy  build only          --tests  also build (not run) the test binaries
+#   --check      clippy only (type-checks and lints every target, runs candle's kernel build
+#                through nvcc, but generates no code and links nothing): what CI runs, ~half the time
 #   --env        only set up the toolkit and print the exports, e.g. eval "$(scripts/cuda-build.sh --env)"
 # Environment: CUDA_COMPUTE_CAP (default 80: PTX for sm_80 is JIT-compiled for newer GPUs too;
 #   bf16 kernels need >= 80), CAF_CUDA_TARGET_DIR (default target/cuda, apart from the CPU build).
@@ -24,14 +26,16 @@ cd "$(dirname "$0")/.."
 
 CUDA_VERSION_PIN="13.0"
 clippy=1
+build=1
 tests=0
 env_only=0
 for arg in "$@"; do
     case "$arg" in
         --no-clippy) clippy=0 ;;
+        --check) build=0 ;;
         --tests) tests=1 ;;
         --env) env_only=1 ;;
-        *) echo "usage: $0 [--no-clippy] [--tests] [--env]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--no-clippy | --check] [--tests] [--env]" >&2; exit 2 ;;
     esac
 done
 
@@ -115,9 +119,15 @@ eval "$exports"
 unset CUDA_HOME CUDA_PATH CUDA_TOOLKIT_ROOT_DIR
 log "toolkit $root (nvcc $nvcc_version), compute capability $CUDA_COMPUTE_CAP, target dir $CARGO_TARGET_DIR"
 
+if [ "$build" = 0 ] && [ "$clippy" = 0 ]; then
+    log "error: --check and --no-clippy leave nothing to do"
+    exit 2
+fi
 start=$(date +%s)
-cargo build --release --features cuda
-log "cargo build --release --features cuda: $(($(date +%s) - start)) s"
+if [ "$build" = 1 ]; then
+    cargo build --release --features cuda
+    log "cargo build --release --features cuda: $(($(date +%s) - start)) s"
+fi
 if [ "$tests" = 1 ]; then
     t=$(date +%s)
     cargo test --release --features cuda --no-run

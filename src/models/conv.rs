@@ -177,11 +177,24 @@ pub(crate) fn gemm(
     c: &mut [f32],
     accumulate: bool,
 ) {
+    gemm_into(m, n, k, a, b, (c, n), accumulate)
+}
+
+/// [`gemm`] into m rows of n values spaced `c.1` apart (a block of columns of a wider c).
+pub(crate) fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    (c, c_rs): (&mut [f32], usize),
+    accumulate: bool,
+) {
     let fits = |(data, rs, cs): View, rows: usize, cols: usize| {
         rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < data.len()
     };
     assert!(
-        fits(a, m, k) && fits(b, k, n) && c.len() >= m * n,
+        fits(a, m, k) && fits(b, k, n) && c_rs >= n && fits((c, c_rs, 1), m, n),
         "gemm operand sizes"
     );
     if m == 0 || n == 0 {
@@ -189,12 +202,14 @@ pub(crate) fn gemm(
     }
     if k == 0 {
         if !accumulate {
-            c[..m * n].fill(0.0);
+            for row in c.chunks_mut(c_rs).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return;
     }
     // SAFETY: the assert bounds every element read: a's (i, l) at i·rs + l·cs for i < m,
-    // l < k, b's likewise, and c is m dense rows of n. c is a distinct &mut borrow, so it
+    // l < k, b's likewise, and c's (i, j) at i·c_rs + j. c is a distinct &mut borrow, so it
     // aliases neither a nor b.
     unsafe {
         gemm::gemm(
@@ -203,7 +218,7 @@ pub(crate) fn gemm(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            c_rs as isize,
             accumulate,
             a.0.as_ptr(),
             a.2 as isize,

@@ -151,6 +151,48 @@ impl GemmWeight {
         self.accumulate_rows(n, |r, dst| dst.copy_from_slice(&b[r * n..(r + 1) * n]), c);
     }
 
+    /// `c[m×n] += self · B` one block of B's columns at a time: `fill(j0, j1, dst)` writes
+    /// columns [j0, j1) of B into `dst` (k rows of j1 − j0 values, every value written), for
+    /// the blocks `blocks` lists (covering 0..n). A block's operand stays in cache between being
+    /// written and being read (a whole im2col of a ResNet's first stage is larger than L2).
+    /// bf16 weights take [`accumulate_rows`](Self::accumulate_rows)'s path instead.
+    pub(crate) fn accumulate_blocks(
+        &self,
+        n: usize,
+        blocks: impl Iterator<Item = (usize, usize)>,
+        mut fill: impl FnMut(usize, usize, &mut [f32]),
+        c: &mut [f32],
+    ) {
+        let (m, k) = (self.m, self.k);
+        assert!(c.len() >= m * n, "gemm operand sizes");
+        debug_assert!(self.pairs.is_none(), "f32 weights only");
+        COLS.with_borrow_mut(|cols| {
+            for (j0, j1) in blocks {
+                let nb = j1 - j0;
+                if cols.len() < k * nb {
+                    cols.resize(k * nb, 0.0);
+                }
+                let cols = &mut cols[..k * nb];
+                fill(j0, j1, cols);
+                let c_block = &mut c[j0..(m - 1) * n + j1];
+                super::conv::gemm_into(
+                    m,
+                    nb,
+                    k,
+                    (&self.values, k, 1),
+                    (cols, nb, 1),
+                    (c_block, n),
+                    true,
+                );
+            }
+        });
+    }
+
+    /// Whether this weight runs in f32 (not bf16).
+    pub(crate) fn is_f32(&self) -> bool {
+        self.pairs.is_none()
+    }
+
     /// `c[m×n] += self · B` where `row(r, dst)` writes row r (of k) of B into `dst` (n values;
     /// every value must be written). The bf16 kernel packs B two rows at a time as they are
     /// produced, so an im2col never goes through a full f32 matrix first.
@@ -191,8 +233,12 @@ impl GemmWeight {
             }
         }
         COLS.with_borrow_mut(|cols| {
-            cols.clear();
-            cols.resize(k * n, 0.0);
+            // `row` writes every value: grow the buffer, never clear it (zeroing k·n values
+            // per layer cost ~4% of a forward pass).
+            if cols.len() < k * n {
+                cols.resize(k * n, 0.0);
+            }
+            let cols = &mut cols[..k * n];
             for (r, dst) in cols.chunks_exact_mut(n).enumerate() {
                 row(r, dst);
             }

@@ -14,6 +14,7 @@ pub mod any;
 pub mod copy;
 #[cfg(test)]
 mod copy_tests;
+mod liveness;
 pub mod postgres;
 mod rows;
 pub mod sqlite;

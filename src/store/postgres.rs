@@ -37,6 +37,8 @@ const PLAN_LOCK: i64 = 0x6361_665f_706c_616e; // "caf_plan"
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// Throttles the `last_seen` writes of claims that hand out jobs (shared by clones).
+    claim_liveness: std::sync::Arc<liveness::ClaimLiveness>,
 }
 
 impl PgStore {
@@ -105,7 +107,10 @@ impl PgStore {
             .connect_with(opts)
             .await
             .map_err(open_err)?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            claim_liveness: Default::default(),
+        })
     }
 
     /// Closes the pool's connections (tests drop their database afterwards).

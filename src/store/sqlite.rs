@@ -30,6 +30,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Throttles the `last_seen` writes of claims that hand out jobs (shared by clones).
+    claim_liveness: std::sync::Arc<liveness::ClaimLiveness>,
 }
 
 impl SqliteStore {
@@ -153,7 +155,10 @@ impl SqliteStore {
                 raced,
             });
         }
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            claim_liveness: Default::default(),
+        })
     }
 
     /// Whether `lease.worker` still runs `lease.job`.

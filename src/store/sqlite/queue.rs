@@ -116,13 +116,16 @@ impl Queue for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .ctx("claiming a job")?;
-        // An idle worker's claims are its sign of life in `caf status`.
-        sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
-            .bind(now)
-            .bind(&worker.0)
-            .execute(&self.pool)
-            .await
-            .ctx("updating the worker heartbeat")?;
+        // An idle worker's claims are its sign of life in `caf status` (throttled while it
+        // is handed jobs: see ClaimLiveness).
+        if self.claim_liveness.due(now, row.is_some()) {
+            sqlx::query("UPDATE workers SET last_seen = ? WHERE id = ?")
+                .bind(now)
+                .bind(&worker.0)
+                .execute(&self.pool)
+                .await
+                .ctx("updating the worker heartbeat")?;
+        }
         let Some(row) = row else { return Ok(None) };
         let get_err = |e: sqlx::Error| StoreError::Query {
             context: "reading a claimed job",
