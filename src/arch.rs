@@ -14,6 +14,28 @@ pub enum Arch {
     Vit(VitName),
     /// torchvision's ResNet-50 (Bottleneck v1.5, 224×224 ImageNet input) under its names.
     ResNet50,
+    /// Any network exported with `torch.onnx.export`, run as it is by tract; which of its
+    /// outputs are the features and the logits is an [`OnnxOutputs`].
+    Onnx,
+}
+
+/// The outputs of an ONNX graph caf reads, by their graph names. Absent names fall back to an
+/// output called `feature` / `logits` (the logits also to a graph's only output), so a graph
+/// exported as README's "Bring your own backbone" shows needs neither.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct OnnxOutputs {
+    /// The features φ(x) [B, D] a CAF adapter is added to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<String>,
+    /// The logits [B, classes] smoothed as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits: Option<String>,
+}
+
+impl OnnxOutputs {
+    pub fn is_default(&self) -> bool {
+        self.feature.is_none() && self.logits.is_none()
+    }
 }
 
 /// The ViT configurations caf knows by name; `models::vit::VitConfig` holds their numbers.
@@ -62,6 +84,7 @@ impl Arch {
         "vit_small_patch16_224",
         "vit_base_patch16_224",
         "vit_cifar_tiny_patch4_32",
+        "onnx",
     ];
 
     /// The square input size the network is built for, where it has one (the ViTs' position
@@ -71,14 +94,17 @@ impl Arch {
             Arch::Linear | Arch::CifarResNet { .. } => Some(32),
             Arch::Vit(VitName::CifarTiny4) => Some(32),
             Arch::Vit(_) | Arch::ResNet50 => Some(224),
+            // The graph fixes it, and it is only known once the graph is read.
+            Arch::Onnx => None,
         }
     }
 
     /// The input normalisation the architecture's reference weights use: timm's ViTs 0.5/0.5
-    /// (their `default_cfg`), torchvision's ResNet-50 and the CIFAR ResNets ImageNet's.
+    /// (their `default_cfg`), torchvision's ResNet-50 and the CIFAR ResNets ImageNet's; an
+    /// ONNX graph none, as an exported model normalises inside its graph.
     pub fn default_normalize(&self) -> Normalize {
         match self {
-            Arch::Linear => Normalize::IDENTITY,
+            Arch::Linear | Arch::Onnx => Normalize::IDENTITY,
             Arch::Vit(_) => Normalize::HALF,
             Arch::CifarResNet { .. } | Arch::ResNet50 => Normalize::IMAGENET,
         }
@@ -90,7 +116,7 @@ impl Arch {
 #[error(
     "unknown architecture `{0}` (expected linear, resnet20/32/44/56/110, resnet50, \
      vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224 or \
-     vit_cifar_tiny_patch4_32)"
+     vit_cifar_tiny_patch4_32, or onnx for an exported graph)"
 )]
 pub struct UnknownArch(pub String);
 
@@ -105,6 +131,7 @@ impl std::str::FromStr for Arch {
             "resnet56" => Ok(Arch::CifarResNet { depth: 56 }),
             "resnet110" => Ok(Arch::CifarResNet { depth: 110 }),
             "resnet50" => Ok(Arch::ResNet50),
+            "onnx" => Ok(Arch::Onnx),
             other => VitName::ALL
                 .into_iter()
                 .find(|v| v.as_str() == other)
@@ -121,6 +148,7 @@ impl std::fmt::Display for Arch {
             Arch::CifarResNet { depth } => write!(f, "resnet{depth}"),
             Arch::Vit(v) => f.write_str(v.as_str()),
             Arch::ResNet50 => write!(f, "resnet50"),
+            Arch::Onnx => write!(f, "onnx"),
         }
     }
 }

@@ -331,13 +331,18 @@ pub enum SplitArg {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// linear | resnet20 | resnet32 | resnet44 | resnet56 | resnet110 | resnet50 |
-    /// vit_tiny_patch16_224 | vit_small_patch16_224 | vit_base_patch16_224 | vit_cifar_tiny_patch4_32
+    /// vit_tiny_patch16_224 | vit_small_patch16_224 | vit_base_patch16_224 | vit_cifar_tiny_patch4_32 |
+    /// onnx (a graph exported with `torch.onnx.export`, as `--weights`)
     #[arg(long)]
     pub arch: String,
     /// safetensors, PyTorch zip (torch ≥ 1.6) or legacy PyTorch pickle file.
     #[arg(long)]
     pub weights: PathBuf,
-    /// Per-channel input mean, e.g. 0.485,0.456,0.406 (default: akamaster's for ResNets, none for linear).
+    /// `--arch onnx`: the graph output holding the logits (default: the output named `logits`,
+    /// or the graph's only output).
+    #[arg(long, value_name = "NAME")]
+    pub onnx_logits: Option<String>,
+    /// Per-channel input mean, e.g. 0.485,0.456,0.406 (default: akamaster's for ResNets, none for linear and onnx).
     #[arg(long, value_delimiter = ',', num_args = 3)]
     pub mean: Option<Vec<f32>>,
     /// Per-channel input std, e.g. 0.229,0.224,0.225.

@@ -97,6 +97,7 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
     let m = ModelArgs {
         arch: c.arch.clone(),
         weights,
+        onnx_logits: None,
         mean: None,
         std: None,
         data: DatasetArg::Cifar10,
@@ -197,6 +198,7 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         Some(weights) => load_classifier(&ModelArgs {
             arch: f.arch.clone(),
             weights,
+            onnx_logits: None,
             mean: None,
             std: None,
             data: DatasetArg::Cifar10,
@@ -228,7 +230,7 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
     if f.precision == models::Precision::Bf16 && !models::gemm::bf16_kernel_available() {
         eprintln!("note: this CPU has no AVX-512 BF16; bf16 runs the emulated (f32) GEMM");
     }
-    let size = arch.input_size().unwrap_or(32);
+    let size = arch.input_size().or(model.input_size()).unwrap_or(32);
     let report = caf::bench::bench_forward_shaped(
         model.as_ref(),
         caf::data::augment::Chw {
@@ -357,7 +359,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
             let objective = DenoiserObjective::Stability;
             let loss = caf::methods::denoised::DenoiserLoss {
                 denoiser: &denoiser,
-                classifier: &classifier,
+                classifier: (&classifier).into(),
                 objective,
             };
             let report = caf::bench::bench_train_step(

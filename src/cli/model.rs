@@ -41,19 +41,34 @@ pub fn load_classifier(
             m.weights.display()
         )));
     }
+    if m.onnx_logits.is_some() && arch != Arch::Onnx {
+        bail!(usage(
+            "--onnx-logits names an output of an ONNX graph: it needs --arch onnx"
+        ));
+    }
     let device = m.device.open()?;
-    let model = models::load_classifier(arch, &m.weights, normalize, &device)?;
+    let model: Box<dyn models::Classifier> = if arch == Arch::Onnx {
+        let outputs = models::OnnxOutputs {
+            feature: None,
+            logits: m.onnx_logits.clone(),
+        };
+        Box::new(models::load_onnx(&m.weights, &outputs, normalize, &device)?)
+    } else {
+        models::load_classifier(arch, &m.weights, normalize, &device)?
+    };
     Ok((model, device))
 }
 
 /// The split `--data` names, checked against the model it will be scored with: images of the
-/// arch's input size and labels within the model's outputs.
+/// arch's input size (an ONNX graph's, read from the graph) and labels within the model's
+/// outputs.
 pub fn load_data(
     m: &ModelArgs,
     split: Split,
     model: &dyn models::Classifier,
 ) -> Result<data::ImageSet> {
     let arch = parse_arch(&m.arch)?;
+    let input_size = arch.input_size().or(model.input_size());
     if m.data != DatasetArg::Imagefolder && (m.image_size.is_some() || m.resize.is_some()) {
         bail!(usage(
             "--image-size and --resize apply to --data imagefolder only"
@@ -63,7 +78,7 @@ pub fn load_data(
         DatasetArg::Cifar10 => data::load_cifar10(&m.data_root, split)?,
         DatasetArg::Cifar100 => data::load_cifar100(&m.data_root, split)?,
         DatasetArg::Imagefolder => {
-            let image_size = m.image_size.or(arch.input_size()).unwrap_or(224);
+            let image_size = m.image_size.or(input_size).unwrap_or(224);
             let resize = m
                 .resize
                 .unwrap_or_else(|| data::imagefolder::Preprocess::default_resize(image_size));
@@ -77,7 +92,7 @@ pub fn load_data(
         }
     };
     let side = set.shape().h;
-    if let Some(want) = arch.input_size() {
+    if let Some(want) = input_size {
         if set.shape().h != want || set.shape().w != want {
             bail!(usage(format!(
                 "{arch} takes {want}×{want} images but the data set's are {side}×{}",

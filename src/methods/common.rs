@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, ImageSet, Split};
-use crate::models::{self, Arch, Classifier, Normalize};
+use crate::models::{self, Arch, Classifier, Normalize, OnnxOutputs};
 use crate::plan::PlanContext;
 use crate::sched::JobError;
 use crate::spec::{Cell, Dataset, Param, SpecError};
@@ -19,6 +19,10 @@ pub struct ModelRef {
     pub weights: PathBuf,
     pub weights_sha256: String,
     pub normalize: Normalize,
+    /// `arch: onnx` only (absent otherwise, so other models' job ids did not change): the
+    /// graph outputs the spec named as features and logits.
+    #[serde(default, flatten)]
+    pub onnx: OnnxOutputs,
 }
 
 impl ModelRef {
@@ -27,7 +31,16 @@ impl ModelRef {
     pub fn load(&self, device: &candle_core::Device) -> Result<Box<dyn Classifier>, JobError> {
         let arch: Arch = self.arch.parse().map_err(JobError::fatal)?;
         self.check()?;
+        if arch == Arch::Onnx {
+            return Ok(Box::new(self.load_onnx(device)?));
+        }
         models::load_classifier(arch, &self.weights, self.normalize, device)
+            .map_err(JobError::fatal)
+    }
+
+    /// The ONNX graph with the outputs the spec named (hash checked by the caller).
+    pub fn load_onnx(&self, device: &candle_core::Device) -> Result<models::OnnxNet, JobError> {
+        models::load_onnx(&self.weights, &self.onnx, self.normalize, device)
             .map_err(JobError::fatal)
     }
 
@@ -184,6 +197,7 @@ pub fn backbone_ref(
         ));
     };
     let (arch, weights, normalize) = (b.arch.to_string(), b.weights.clone(), b.normalize);
+    let onnx = b.onnx.clone();
     let weights_sha256 = ctx.file_sha256(&weights)?;
     Ok((
         name.to_string(),
@@ -192,6 +206,7 @@ pub fn backbone_ref(
             weights,
             weights_sha256,
             normalize,
+            onnx,
         },
     ))
 }
@@ -408,6 +423,42 @@ mod tests {
         );
         let back: DataRef = serde_json::from_value(v).expect("back");
         assert_eq!(back, folder);
+    }
+
+    #[test]
+    fn model_refs_serialise_as_before_onnx_existed() {
+        // Job ids hash these params: a non-ONNX reference keeps exactly its four keys.
+        let r = ModelRef {
+            arch: "resnet20".into(),
+            weights: PathBuf::from("/w"),
+            weights_sha256: "ab".into(),
+            normalize: Normalize::IDENTITY,
+            onnx: OnnxOutputs::default(),
+        };
+        let v = serde_json::to_value(&r).expect("json");
+        let keys: Vec<&str> = v
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["arch", "weights", "weights_sha256", "normalize"]);
+        let back: ModelRef =
+            serde_json::from_value(serde_json::to_value(&r).expect("json")).expect("back");
+        assert_eq!(back, r);
+        let onnx = ModelRef {
+            arch: "onnx".into(),
+            onnx: OnnxOutputs {
+                feature: Some("penultimate".into()),
+                logits: None,
+            },
+            ..r
+        };
+        let v = serde_json::to_value(&onnx).expect("json");
+        assert_eq!(v["feature"], "penultimate");
+        assert!(v.get("logits").is_none(), "{v}");
+        let back: ModelRef = serde_json::from_value(v).expect("back");
+        assert_eq!(back, onnx);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use super::train::batches::Batch;
 use super::train::{Objective, OptimizerConfig, Schedule, StepKey, TrainConfig};
 use super::train_job::{self, TrainRun};
 use crate::models::dncnn::{self, DnCnnArch};
-use crate::models::CifarResNet;
+use crate::models::{Arch, CifarResNet, Classifier, OnnxNet};
 use crate::plan::{Job, JobBuilder, JobId, PlanContext, ProgressUnit};
 use crate::sched::{JobContext, JobError, JobOutput};
 use crate::spec::{Cell, SpecError};
@@ -124,7 +124,8 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
             .parse::<DnCnnArch>()
             .map_err(|e| ctx.error_at(p.span, e.to_string()))?,
     };
-    let objectives: &[DenoiserObjective] = match common::string(cell, ctx, "objective")? {
+    let objective_param = common::string(cell, ctx, "objective")?;
+    let objectives: &[DenoiserObjective] = match &objective_param {
         None => &[DenoiserObjective::Stability],
         Some((o, p)) => match o.as_str() {
             "mse" => &[DenoiserObjective::Mse],
@@ -141,6 +142,23 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
             }
         },
     };
+    // An ONNX graph runs outside autograd: only `mse` (no gradient through the classifier).
+    if let ModelSource::Pretrained { model } = &classifier {
+        if matches!(model.arch.parse::<Arch>(), Ok(Arch::Onnx))
+            && objectives.contains(&DenoiserObjective::Stability)
+        {
+            let message = "an ONNX backbone is frozen outside autograd, so the stability \
+                           objective (which backpropagates through the classifier) cannot train \
+                           on it; use `objective: mse`";
+            return Err(match &objective_param {
+                Some((_, p)) => ctx.error_at(p.span, message),
+                None => match cell.params.get("backbone") {
+                    Some(p) => ctx.error_at(p.span, message),
+                    None => SpecError::whole_file(&ctx.spec.path, message),
+                },
+            });
+        }
+    }
     let mut train = train_job::train_config(cell, ctx, "", default_config())?;
     train.sigma = sigma;
     let data = common::train_data_ref(ctx)?;
@@ -188,10 +206,25 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     Ok(jobs)
 }
 
+/// The frozen classifier behind a denoiser in training.
+#[derive(Clone, Copy)]
+pub enum Frozen<'a> {
+    /// A CIFAR ResNet (weights detached): every objective.
+    ResNet(&'a CifarResNet),
+    /// An ONNX graph, outside autograd: `mse` only (its logits are only logged).
+    Onnx(&'a OnnxNet),
+}
+
+impl<'a> From<&'a CifarResNet> for Frozen<'a> {
+    fn from(c: &'a CifarResNet) -> Self {
+        Frozen::ResNet(c)
+    }
+}
+
 /// The training objectives over a frozen classifier (its weights detached).
 pub struct DenoiserLoss<'a> {
     pub denoiser: &'a dncnn::DnCnn,
-    pub classifier: &'a CifarResNet,
+    pub classifier: Frozen<'a>,
     pub objective: DenoiserObjective,
 }
 
@@ -207,15 +240,24 @@ impl Objective for DenoiserLoss<'_> {
             DenoiserObjective::Mse => {
                 let loss = (&out - &batch.clean)?.sqr()?.mean_all()?;
                 // Accuracy of f on the denoised images, for the epoch log; no gradient.
-                let logits = self.classifier.forward_t(&out.detach(), false)?;
+                let logits = match self.classifier {
+                    Frozen::ResNet(c) => c.forward_t(&out.detach(), false)?,
+                    Frozen::Onnx(m) => m.logits(&out.detach())?,
+                };
                 Ok((loss, logits))
             }
             DenoiserObjective::Stability => {
-                let target = self
-                    .classifier
+                let Frozen::ResNet(classifier) = self.classifier else {
+                    return Err(candle_core::Error::Msg(
+                        "the stability objective needs gradients through the classifier, and \
+                         an ONNX graph runs outside autograd: use objective mse"
+                            .into(),
+                    ));
+                };
+                let target = classifier
                     .forward_t(&batch.clean, false)?
                     .argmax(D::Minus1)?;
-                let logits = self.classifier.forward_t(&out, false)?;
+                let logits = classifier.forward_t(&out, false)?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
                 Ok((loss, logits))
             }
@@ -249,11 +291,30 @@ impl TypedHandler for TrainDenoisedHandler {
         p: TrainDenoisedParams,
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
-        let classifier = p
-            .classifier
-            .load_resnet(ctx.sink.as_ref(), device)?
-            .detached()
-            .map_err(JobError::fatal)?;
+        // An ONNX classifier: `plan` allowed it with `mse` only.
+        let onnx = match &p.classifier {
+            ModelSource::Pretrained { model }
+                if matches!(model.arch.parse::<Arch>(), Ok(Arch::Onnx)) =>
+            {
+                model.check()?;
+                Some(model.load_onnx(device)?)
+            }
+            _ => None,
+        };
+        let resnet = match onnx {
+            Some(_) => None,
+            None => Some(
+                p.classifier
+                    .load_resnet(ctx.sink.as_ref(), device)?
+                    .detached()
+                    .map_err(JobError::fatal)?,
+            ),
+        };
+        let classifier = match (&onnx, &resnet) {
+            (Some(m), _) => Frozen::Onnx(m),
+            (None, Some(c)) => Frozen::ResNet(c),
+            (None, None) => return Err(JobError::fatal("no classifier was loaded")),
+        };
         let varmap = candle_nn::VarMap::new();
         let (denoiser, trainable) = trainable_denoiser(p.denoiser, &varmap, device, p.train.seed)?;
         if let Some(init) = &p.init {
@@ -274,7 +335,7 @@ impl TypedHandler for TrainDenoisedHandler {
         }
         .objective(&DenoiserLoss {
             denoiser: &denoiser,
-            classifier: &classifier,
+            classifier,
             objective: p.objective,
         })
     }
@@ -326,7 +387,7 @@ mod tests {
                     .expect("denoiser");
             let loss = DenoiserLoss {
                 denoiser: &denoiser,
-                classifier: &classifier,
+                classifier: (&classifier).into(),
                 objective,
             };
             let at = StepKey {

@@ -169,6 +169,44 @@ enum Member {
     Caf(Box<CafModel>),
 }
 
+impl Members {
+    /// One backbone pass over `x` for the members `active` marks: φ(x) (always, but for an ONNX
+    /// graph only when an active CAF member needs it) and, for an ONNX graph, whose head is
+    /// inside it, its own logits from the same run of the graph.
+    fn pass(
+        &self,
+        x: &Tensor,
+        active: &[bool],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let any = |caf: bool| {
+            self.members
+                .iter()
+                .zip(active)
+                .any(|(m, &a)| a && matches!(m, Member::Caf(_)) == caf)
+        };
+        match &self.backbone {
+            Backbone::Onnx(m) => m.outputs(x, any(true), any(false)),
+            b => Ok((Some(b.features_t(x, false)?.detach()), None)),
+        }
+    }
+
+    /// What `member` says about `x`, from the pass's φ(x) and the graph's own logits.
+    fn member_logits(
+        &self,
+        member: &Member,
+        x: &Tensor,
+        phi: Option<&Tensor>,
+        own: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let no_phi = || candle_core::Error::Msg("the backbone pass gave no features".into());
+        match (member, own) {
+            (Member::Plain, Some(logits)) => Ok(logits.clone()),
+            (Member::Plain, None) => self.backbone.head(phi.ok_or_else(no_phi)?),
+            (Member::Caf(c), _) => c.logits_from_features(phi.ok_or_else(no_phi)?, x),
+        }
+    }
+}
+
 impl ClassifierSet for Members {
     fn members(&self) -> usize {
         self.members.len()
@@ -177,13 +215,10 @@ impl ClassifierSet for Members {
         crate::models::Classifier::num_classes(&self.backbone)
     }
     fn logits_all(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let phi = self.backbone.features_t(x, false)?.detach();
+        let (phi, own) = self.pass(x, &vec![true; self.members.len()])?;
         self.members
             .iter()
-            .map(|m| match m {
-                Member::Plain => self.backbone.head(&phi),
-                Member::Caf(c) => c.logits_from_features(&phi, x),
-            })
+            .map(|m| self.member_logits(m, x, phi.as_ref(), own.as_ref()))
             .collect()
     }
     /// A member that has stopped (sequential certification) costs nothing more: its head or
@@ -196,7 +231,7 @@ impl ClassifierSet for Members {
         if !active.iter().any(|&a| a) {
             return Ok(vec![None; self.members.len()]);
         }
-        let phi = self.backbone.features_t(x, false)?.detach();
+        let (phi, own) = self.pass(x, active)?;
         self.members
             .iter()
             .zip(active.iter().chain(std::iter::repeat(&false)))
@@ -204,11 +239,8 @@ impl ClassifierSet for Members {
                 if !a {
                     return Ok(None);
                 }
-                match m {
-                    Member::Plain => self.backbone.head(&phi),
-                    Member::Caf(c) => c.logits_from_features(&phi, x),
-                }
-                .map(Some)
+                self.member_logits(m, x, phi.as_ref(), own.as_ref())
+                    .map(Some)
             })
             .collect()
     }

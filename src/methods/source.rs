@@ -128,6 +128,9 @@ impl ModelSource {
                     return Ok(self.load_resnet(sink, device)?.into());
                 }
                 model.check()?;
+                if arch == Arch::Onnx {
+                    return Ok(model.load_onnx(device)?.into());
+                }
                 models::load_backbone(arch, &model.weights, model.normalize, device)
                     .map_err(JobError::fatal)
             }

@@ -1,8 +1,9 @@
 //! A frozen feature extractor φ of any architecture caf builds, for the roles that need φ and
-//! the head apart (CAF): a CIFAR ResNet, a timm ViT or torchvision's ResNet-50.
+//! the head apart (CAF): a CIFAR ResNet, a timm ViT, torchvision's ResNet-50 or an ONNX graph.
 
 use candle_core::{Result, Tensor};
 
+use super::onnx::OnnxNet;
 use super::precision::Precision;
 use super::resnet50::TvResNet;
 use super::vit::VisionTransformer;
@@ -13,6 +14,15 @@ pub enum Backbone {
     CifarResNet(CifarResNet),
     Vit(VisionTransformer),
     ResNet50(TvResNet),
+    /// An exported graph: its features are constants (autograd never enters it) and its head
+    /// is inside the graph, so [`Backbone::head`] refuses and its logits come from the graph.
+    Onnx(OnnxNet),
+}
+
+impl From<OnnxNet> for Backbone {
+    fn from(m: OnnxNet) -> Self {
+        Backbone::Onnx(m)
+    }
 }
 
 impl From<CifarResNet> for Backbone {
@@ -40,6 +50,8 @@ impl Backbone {
             Backbone::CifarResNet(m) => m.features_t(x, train),
             Backbone::Vit(m) => m.features(x),
             Backbone::ResNet50(m) => m.features_t(x, train),
+            // Frozen in every mode: the graph is run as exported (BatchNorm in eval).
+            Backbone::Onnx(m) => m.features(x),
         }
     }
 
@@ -54,6 +66,11 @@ impl Backbone {
             Backbone::CifarResNet(m) => m.head(features),
             Backbone::Vit(m) => m.head(features),
             Backbone::ResNet50(m) => m.head(features),
+            Backbone::Onnx(m) => Err(candle_core::Error::Msg(format!(
+                "{}: the head of an ONNX backbone is inside its graph; caf reads its logits \
+                 output instead of applying the head to other features",
+                m.path().display()
+            ))),
         }
     }
 
@@ -63,6 +80,7 @@ impl Backbone {
             Backbone::CifarResNet(_) => super::FEATURE_DIM,
             Backbone::Vit(m) => m.feature_dim(),
             Backbone::ResNet50(m) => m.feature_dim(),
+            Backbone::Onnx(m) => m.feature_dim(),
         }
     }
 
@@ -71,6 +89,7 @@ impl Backbone {
             Backbone::CifarResNet(m) => m.normalize(),
             Backbone::Vit(m) => m.normalize(),
             Backbone::ResNet50(m) => m.normalize(),
+            Backbone::Onnx(m) => m.normalize(),
         }
     }
 
@@ -80,6 +99,8 @@ impl Backbone {
             Backbone::CifarResNet(m) => Backbone::CifarResNet(m.detached()?),
             Backbone::Vit(m) => Backbone::Vit(m.detached()),
             Backbone::ResNet50(m) => Backbone::ResNet50(m.detached()?),
+            // Its outputs are constants already.
+            Backbone::Onnx(m) => Backbone::Onnx(m.clone()),
         })
     }
 
@@ -94,7 +115,10 @@ impl Backbone {
 
 impl Classifier for Backbone {
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.head(&self.features(x)?)
+        match self {
+            Backbone::Onnx(m) => m.logits(x),
+            _ => self.head(&self.features(x)?),
+        }
     }
 
     fn num_classes(&self) -> usize {
@@ -102,6 +126,14 @@ impl Classifier for Backbone {
             Backbone::CifarResNet(m) => m.num_classes(),
             Backbone::Vit(m) => m.num_classes(),
             Backbone::ResNet50(m) => m.num_classes(),
+            Backbone::Onnx(m) => m.num_classes(),
+        }
+    }
+
+    fn input_size(&self) -> Option<usize> {
+        match self {
+            Backbone::Onnx(m) => m.input_size(),
+            _ => None,
         }
     }
 
@@ -113,6 +145,7 @@ impl Classifier for Backbone {
             }
             Backbone::Vit(m) => m.set_precision(precision),
             Backbone::ResNet50(m) => m.set_precision(precision),
+            Backbone::Onnx(m) => m.set_precision(precision),
         }
     }
 }

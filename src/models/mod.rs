@@ -29,6 +29,7 @@ pub mod formula;
 pub mod gemm;
 pub mod init;
 mod linear;
+pub mod onnx;
 pub mod path;
 mod pickle;
 mod precision;
@@ -47,11 +48,12 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-pub use crate::arch::{Arch, Normalize, VitName};
+pub use crate::arch::{Arch, Normalize, OnnxOutputs, VitName};
 pub use adapter::{Adapter, AdapterArch, AdapterCost};
 pub use backbone::Backbone;
 pub use caf::{build_caf, build_trainable_resnet, load_caf, CafModel, FusedCaf};
 pub use linear::LinearClassifier;
+pub use onnx::{load_onnx, OnnxNet};
 pub use precision::Precision;
 pub use resnet::{BasicBlock, CifarResNet, FEATURE_DIM};
 pub use resnet50::TvResNet;
@@ -70,6 +72,22 @@ pub enum ModelError {
     Invalid { context: String, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// An ONNX graph with an operator tract cannot run; found before anything runs.
+    #[error(
+        "{path}: ONNX operator `{op}` (node `{node}`) is not supported by tract, caf's ONNX \
+         runtime; re-export the model without it, or replace it by supported operators"
+    )]
+    UnsupportedOnnxOp {
+        path: PathBuf,
+        op: String,
+        node: String,
+    },
+    /// An ONNX model asked for on a device other than the CPU: tract runs on the CPU only.
+    #[error(
+        "{path}: an ONNX graph runs on the CPU only (tract, caf's ONNX runtime), not on \
+         {device}; run it with `--device cpu`"
+    )]
+    OnnxNeedsCpu { path: PathBuf, device: String },
 }
 
 impl ModelError {
@@ -86,6 +104,12 @@ pub trait Classifier: Send + Sync {
     /// Logits [B, classes].
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor>;
     fn num_classes(&self) -> usize;
+
+    /// The square image side the model takes where only the loaded model knows it (an ONNX
+    /// graph's fixed input); the built architectures' is `Arch::input_size`.
+    fn input_size(&self) -> Option<usize> {
+        None
+    }
 
     /// Runs [`logits`](Classifier::logits) in `precision` from now on. Only models with a
     /// fused CPU inference path (CIFAR ResNets, CAF models) have a bf16 mode; the others accept
@@ -119,6 +143,12 @@ pub fn load_classifier(
             Box::new(load_cifar_resnet(depth, weights, normalize, device)?)
         }
         Arch::Vit(_) | Arch::ResNet50 => Box::new(load_backbone(arch, weights, normalize, device)?),
+        Arch::Onnx => Box::new(load_onnx(
+            weights,
+            &OnnxOutputs::default(),
+            normalize,
+            device,
+        )?),
     })
 }
 
@@ -143,6 +173,8 @@ pub fn load_backbone(
             let classes = classes_in(arch, &vb.1).unwrap_or(0);
             TvResNet::new(resnet50::RESNET50_LAYERS, classes, normalize, vb.0)?.into()
         }
+        // The outputs under their default names; `load_onnx` takes others.
+        Arch::Onnx => load_onnx(weights, &OnnxOutputs::default(), normalize, device)?.into(),
     })
 }
 
@@ -168,6 +200,12 @@ pub fn formula_backbone(
         }
         Arch::ResNet50 => {
             TvResNet::new(resnet50::RESNET50_LAYERS, num_classes, normalize, vb)?.into()
+        }
+        Arch::Onnx => {
+            return Err(ModelError::Invalid {
+                context: format!("backbone {arch}"),
+                message: "an ONNX graph has no formula weights".into(),
+            })
         }
     })
 }
@@ -224,6 +262,8 @@ fn class_tensor(arch: Arch) -> &'static str {
         Arch::CifarResNet { .. } => "linear.weight",
         Arch::Vit(_) => "head.weight",
         Arch::ResNet50 => "fc.weight",
+        // Never asked: an ONNX graph is not read as a state dict.
+        Arch::Onnx => "",
     }
 }
 
@@ -344,6 +384,12 @@ pub fn expected_tensors(
     arch: Arch,
     num_classes: usize,
 ) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
+    if arch == Arch::Onnx {
+        return Err(ModelError::Invalid {
+            context: format!("backbone {arch}"),
+            message: "an ONNX graph holds its own weights; there are no tensors to name".into(),
+        });
+    }
     let recorder = Recorder::default();
     let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
     match arch {
@@ -364,6 +410,7 @@ pub fn expected_tensors(
                 vb,
             )?;
         }
+        Arch::Onnx => {}
     }
     let seen = recorder
         .0

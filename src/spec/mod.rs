@@ -119,6 +119,8 @@ pub struct Backbone {
     /// Resolved against the working directory; checked to exist.
     pub weights: PathBuf,
     pub normalize: Normalize,
+    /// `feature:` / `logits:`, only for `arch: onnx`.
+    pub onnx: crate::arch::OnnxOutputs,
     pub span: Span,
 }
 

@@ -212,7 +212,12 @@ fn backbones(
     for (key, value) in entries {
         let name = check_name(cx, key, "a backbone name")?;
         let field = format!("backbones.{name}");
-        let f = fields(cx, value, &field, &["arch", "weights", "normalize"])?;
+        let f = fields(
+            cx,
+            value,
+            &field,
+            &["arch", "weights", "normalize", "feature", "logits"],
+        )?;
 
         let arch_node = f.required(cx, "arch")?;
         let arch_name = as_str(cx, arch_node, &f.name("arch"))?;
@@ -226,6 +231,28 @@ fn backbones(
                 ),
             )
         })?;
+
+        // The graph outputs to read: names inside an ONNX graph, meaningless for other archs
+        // (whose features and head caf builds itself), so refused there.
+        let mut onnx = crate::arch::OnnxOutputs::default();
+        for (key, slot) in [("feature", &mut onnx.feature), ("logits", &mut onnx.logits)] {
+            let Some(node) = f.get(key) else { continue };
+            if arch != Arch::Onnx {
+                return Err(cx.err(
+                    node.span,
+                    format!(
+                        "{} names an output of an ONNX graph; it is only valid with `arch: \
+                         onnx` (this backbone is {arch})",
+                        f.name(key)
+                    ),
+                ));
+            }
+            let name = as_str(cx, node, &f.name(key))?;
+            if name.is_empty() {
+                return Err(cx.err(node.span, format!("{} is empty", f.name(key))));
+            }
+            *slot = Some(name.to_string());
+        }
 
         let weights_node = f.required(cx, "weights")?;
         let weights = resolve(cx, weights_node, &f.name("weights"), base_dir)?;
@@ -266,6 +293,7 @@ fn backbones(
                 arch,
                 weights,
                 normalize,
+                onnx,
                 span: value.span,
             },
         );

@@ -1315,6 +1315,39 @@ fn sequential_certification_settings_parse() {
 }
 
 #[test]
+fn onnx_backbones_take_feature_and_logits_keys() {
+    let onnx = "tests/fixtures/onnx/resnet20.onnx";
+    let text = format!(
+        "name: t\nseed: 0\ndata: {{dataset: cifar10, root: {DATA}}}\nbackbones:\n  mine:\n    arch: onnx\n    weights: {onnx}\n    feature: feature\n    logits: logits\n  bare:\n    arch: onnx\n    weights: {onnx}\ngrid:\n  params: {{method: smooth, backbone: mine}}\n"
+    );
+    let spec = ok(&text);
+    let mine = &spec.backbones["mine"];
+    assert_eq!(mine.arch, Arch::Onnx);
+    assert_eq!(
+        (mine.onnx.feature.as_deref(), mine.onnx.logits.as_deref()),
+        (Some("feature"), Some("logits"))
+    );
+    // Identity by default: an exported graph normalises inside.
+    assert_eq!(mine.normalize, Normalize::IDENTITY);
+    assert!(spec.backbones["bare"].onnx.is_default());
+
+    // Only ONNX graphs have named outputs: on another arch the key is an error at the key's value.
+    let text = format!(
+        "{}    feature: feature\ngrid:\n  params: {{method: smooth, backbone: resnet20}}\n",
+        head()
+    );
+    fail_at(&text, 10, 14, "only valid with `arch: onnx`");
+    let text = format!(
+        "name: t\nseed: 0\ndata: {{dataset: cifar10, root: {DATA}}}\nbackbones:\n  mine:\n    arch: onnx\n    weights: {onnx}\n    logits: [a]\ngrid:\n  params: {{method: smooth, backbone: mine}}\n"
+    );
+    fail_at(&text, 8, 13, "backbones.mine.logits");
+    let text = format!(
+        "name: t\nseed: 0\ndata: {{dataset: cifar10, root: {DATA}}}\nbackbones:\n  mine:\n    arch: onnx\n    weights: {onnx}\n    featur: x\ngrid:\n  params: {{method: smooth, backbone: mine}}\n"
+    );
+    fail_at(&text, 8, 5, "did you mean `feature`");
+}
+
+#[test]
 fn a_vit_or_resnet50_without_normalize_gets_its_reference_normalisation() {
     let text = format!(
         "name: t\nseed: 0\ndata: {{dataset: cifar10, root: {DATA}}}\nbackbones:\n  v:\n    arch: vit_cifar_tiny_patch4_32\n    weights: {WEIGHTS}\n  r:\n    arch: resnet50\n    weights: {WEIGHTS}\n  c:\n    arch: resnet20\n    weights: {WEIGHTS}\ngrid:\n  params: {{method: smooth, backbone: c}}\n  axes:\n    sigma: [0.25]\n"

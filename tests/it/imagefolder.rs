@@ -174,7 +174,7 @@ fn imagefolder_errors_point_at_the_data_section() {
 }
 
 /// `root/val/CLASS/NNNN.png` with all 100 exact images, so folder index i is binary record i.
-fn exact100_val_folder(root: &Path) {
+pub(super) fn exact100_val_folder(root: &Path) {
     let set = caf::data::load_cifar10(
         &shared_data().join("cifar10-exact100"),
         caf::data::Split::Test,

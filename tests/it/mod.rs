@@ -4,6 +4,7 @@ mod certify_cli;
 mod copy_cli;
 mod imagefolder;
 mod layering;
+mod onnx;
 mod postgres_cli;
 mod report_cli;
 mod resume;
