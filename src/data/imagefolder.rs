@@ -19,7 +19,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use sha2::{Digest, Sha256};
 
 use super::resize::{centre_crop, resize_bilinear, shorter_side_size};
-use super::{Chw, DataError, ImageSet, Split, TrainAugment};
+use super::{Chw, DataError, ImageSet, RecordOrder, Split, TrainAugment};
 
 /// Extensions torchvision's `ImageFolder` accepts; files with others are not images and are
 /// skipped as torchvision skips them.
@@ -514,7 +514,8 @@ pub fn default_workers() -> usize {
 }
 
 /// Loads a whole split, decoded and preprocessed in parallel, as an in-memory [`ImageSet`]
-/// whose training augmentation is the random-resized crop.
+/// whose training augmentation is the random-resized crop and whose records are grouped by
+/// class (torchvision's order).
 pub fn load(root: &Path, split: Split, pre: Preprocess) -> Result<ImageSet, DataError> {
     let index = Arc::new(scan(root, split)?);
     let n = index.len();
@@ -528,7 +529,8 @@ pub fn load(root: &Path, split: Split, pre: Preprocess) -> Result<ImageSet, Data
         labels.extend_from_slice(&b.labels);
     }
     Ok(ImageSet::with_shape(pre.shape(), pixels, labels, classes)
-        .with_train_augment(TrainAugment::ResizedCropFlip))
+        .with_train_augment(TrainAugment::ResizedCropFlip)
+        .with_record_order(RecordOrder::ByClass))
 }
 
 #[cfg(test)]

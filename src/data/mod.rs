@@ -77,6 +77,19 @@ pub struct ImageSet {
     classes: Vec<String>,
     shape: Chw,
     augment: TrainAugment,
+    order: RecordOrder,
+}
+
+/// How a set's records are ordered, which decides how the trainer holds images out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordOrder {
+    /// Classes interleaved (CIFAR's training batches): the last images are a fair held-out
+    /// sample and the first `max_train` a fair subset.
+    Mixed,
+    /// Grouped by class (an image folder: every image of the first class, then the next): the
+    /// trainer holds out and subsamples through a fixed shuffle, else its validation images
+    /// would all come from the last classes.
+    ByClass,
 }
 
 /// How the trainer augments a set's training images (see `methods::train::batches`).
@@ -121,6 +134,7 @@ impl ImageSet {
             classes,
             shape,
             augment: TrainAugment::PadCropFlip,
+            order: RecordOrder::Mixed,
         }
     }
 
@@ -128,6 +142,17 @@ impl ImageSet {
     pub fn with_train_augment(mut self, augment: TrainAugment) -> Self {
         self.augment = augment;
         self
+    }
+
+    /// The same set, its records ordered as `order` says.
+    pub fn with_record_order(mut self, order: RecordOrder) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// How the records are ordered.
+    pub fn record_order(&self) -> RecordOrder {
+        self.order
     }
 
     /// How training augments these images.

@@ -65,6 +65,12 @@ pub struct DataRef {
     pub image_size: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize: Option<usize>,
+    /// An image folder's training split only: how the trainer holds images out of a split
+    /// grouped by class (`shuffled-v1`, see `methods::train::batches::SplitPlan`). Part of the
+    /// job id, so training jobs planned when the held-out images were the split's tail (all of
+    /// its last classes) are not taken for these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<String>,
 }
 
 impl DataRef {
@@ -263,6 +269,7 @@ fn data_ref(ctx: &mut PlanContext<'_>, split: Split) -> Result<DataRef, SpecErro
                 sha256,
                 image_size: None,
                 resize: None,
+                holdout: None,
             })
         }
         Dataset::ImageFolder => {
@@ -281,6 +288,7 @@ fn data_ref(ctx: &mut PlanContext<'_>, split: Split) -> Result<DataRef, SpecErro
                 sha256,
                 image_size: Some(spec.image_size),
                 resize: spec.resize,
+                holdout: (split == Split::Train).then(|| "shuffled-v1".to_string()),
             })
         }
     }
@@ -405,6 +413,7 @@ mod tests {
             sha256: "ab".into(),
             image_size: None,
             resize: None,
+            holdout: None,
         };
         assert_eq!(
             crate::util::canonical_json(&serde_json::to_value(&r).expect("json")),

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::data::augment::{self, CropFlip, ResizedCrop};
-use crate::data::{Chw, ImageSet, TrainAugment};
+use crate::data::{Chw, ImageSet, RecordOrder, TrainAugment};
 
 /// Zero padding of the random crop, as in the standard CIFAR recipe.
 pub const CROP_PADDING: usize = 4;
@@ -34,20 +34,30 @@ pub const CROP_PADDING: usize = 4;
 /// The training and validation indices of one run within the training split.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SplitPlan {
-    /// Training images: the first `min(max_train, len − val_size)` of the split.
-    pub train: Range<usize>,
-    /// Validation images: the last `val_size` of the split.
-    pub val: Range<usize>,
+    /// Training images: the first `min(max_train, len − val_size)` of the holdout order.
+    pub train: Vec<usize>,
+    /// Validation images: the last `val_size` of the holdout order.
+    pub val: Vec<usize>,
 }
 
 impl SplitPlan {
-    /// Assumes `val_size <= len` (checked by the config's validation).
-    pub fn new(len: usize, val_size: usize, max_train: Option<usize>) -> Self {
+    /// Assumes `val_size <= len` (checked by the config's validation). The holdout order is
+    /// the records' own for a [`RecordOrder::Mixed`] set (CIFAR: the last 5,000 training
+    /// images, as always); for a set grouped by class it is a fixed shuffle of the split, keyed
+    /// by its size only, so every run, seed and σ on that data holds out the same images.
+    pub fn new(len: usize, val_size: usize, max_train: Option<usize>, order: RecordOrder) -> Self {
+        let mut holdout: Vec<usize> = (0..len).collect();
+        if order == RecordOrder::ByClass {
+            let mut rng = keyed_rng(b"caf-train-holdout-v1", &[len as u64]);
+            fisher_yates(&mut holdout, &mut rng);
+        }
         let val_start = len.saturating_sub(val_size);
         let train_end = max_train.map_or(val_start, |m| m.min(val_start));
+        let val = holdout.split_off(val_start);
+        holdout.truncate(train_end);
         Self {
-            train: 0..train_end,
-            val: val_start..len,
+            train: holdout,
+            val,
         }
     }
 }
@@ -65,16 +75,20 @@ pub fn keyed_rng(domain: &[u8], words: &[u64]) -> ChaCha12Rng {
 }
 
 /// The order in which epoch `epoch` visits the training images.
-pub fn epoch_order(seed: u64, epoch: usize, train: Range<usize>) -> Vec<usize> {
-    let mut order: Vec<usize> = train.collect();
+pub fn epoch_order(seed: u64, epoch: usize, train: &[usize]) -> Vec<usize> {
+    let mut order = train.to_vec();
     let mut rng = keyed_rng(b"caf-train-shuffle-v1", &[seed, epoch as u64]);
-    // Fisher–Yates spelled out (rather than `SliceRandom::shuffle`) so the order is fixed by
-    // this code, not by a helper's implementation.
-    for i in (1..order.len()).rev() {
-        let j = rng.random_range(0..=i);
-        order.swap(i, j);
-    }
+    fisher_yates(&mut order, &mut rng);
     order
+}
+
+/// Fisher–Yates spelled out (rather than `SliceRandom::shuffle`) so the order is fixed by this
+/// code, not by a helper's implementation.
+fn fisher_yates(v: &mut [usize], rng: &mut ChaCha12Rng) {
+    for i in (1..v.len()).rev() {
+        let j = rng.random_range(0..=i);
+        v.swap(i, j);
+    }
 }
 
 /// Number of optimizer steps of an epoch over `n` images: full batches plus the remainder,
@@ -253,30 +267,59 @@ mod tests {
             (100, 0, None),
             (7, 3, None),
         ] {
-            let plan = SplitPlan::new(len, val, max);
-            assert_eq!(plan.val, len - val..len);
-            assert_eq!(plan.train.start, 0);
-            assert!(plan.train.end <= plan.val.start, "{plan:?}");
-            assert_eq!(
-                plan.train.len(),
-                max.map_or(len - val, |m| m.min(len - val))
-            );
-            // Every epoch's order is a permutation of the training range only.
+            let plan = SplitPlan::new(len, val, max, RecordOrder::Mixed);
+            assert_eq!(plan.val, (len - val..len).collect::<Vec<_>>());
+            let n_train = max.map_or(len - val, |m| m.min(len - val));
+            assert_eq!(plan.train, (0..n_train).collect::<Vec<_>>());
+            // Every epoch's order is a permutation of the training images only.
             for epoch in 0..3 {
-                let mut order = epoch_order(9, epoch, plan.train.clone());
+                let mut order = epoch_order(9, epoch, &plan.train);
                 order.sort_unstable();
-                assert_eq!(order, plan.train.clone().collect::<Vec<_>>());
+                assert_eq!(order, plan.train);
             }
         }
     }
 
     #[test]
+    fn a_class_sorted_set_holds_out_a_fixed_sample_of_every_class() {
+        // 10 classes of 100 images, grouped: the tail would be class 9 alone.
+        let (len, val) = (1000, 100);
+        let plan = SplitPlan::new(len, val, None, RecordOrder::ByClass);
+        assert_eq!(plan, SplitPlan::new(len, val, None, RecordOrder::ByClass));
+        assert_eq!((plan.train.len(), plan.val.len()), (900, 100));
+        let mut all: Vec<usize> = plan.train.iter().chain(&plan.val).copied().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..len).collect::<Vec<_>>(),
+            "a partition of the split"
+        );
+        let mut per_class = [0usize; 10];
+        for &i in &plan.val {
+            per_class[i / 100] += 1;
+        }
+        // Hypergeometric: each class expects 10 of the 100; 2..=20 is far beyond 4 sd.
+        assert!(
+            per_class.iter().all(|&c| (2..=20).contains(&c)),
+            "{per_class:?}"
+        );
+        // `max_train` takes a sample across classes too, disjoint from validation.
+        let small = SplitPlan::new(len, val, Some(50), RecordOrder::ByClass);
+        assert_eq!(small.val, plan.val);
+        assert_eq!(small.train[..], plan.train[..50]);
+        let classes: std::collections::HashSet<usize> =
+            small.train.iter().map(|i| i / 100).collect();
+        assert!(classes.len() >= 8, "{classes:?}");
+    }
+
+    #[test]
     fn epochs_and_seeds_shuffle_differently_and_reproducibly() {
-        let a = epoch_order(1, 0, 0..1000);
-        assert_eq!(a, epoch_order(1, 0, 0..1000));
-        assert_ne!(a, epoch_order(1, 1, 0..1000));
-        assert_ne!(a, epoch_order(2, 0, 0..1000));
-        assert_ne!(a, (0..1000).collect::<Vec<_>>());
+        let train: Vec<usize> = (0..1000).collect();
+        let a = epoch_order(1, 0, &train);
+        assert_eq!(a, epoch_order(1, 0, &train));
+        assert_ne!(a, epoch_order(1, 1, &train));
+        assert_ne!(a, epoch_order(2, 0, &train));
+        assert_ne!(a, train);
     }
 
     #[test]

@@ -103,7 +103,7 @@ pub fn train_objective(
     hooks: &mut dyn TrainHooks,
 ) -> Result<TrainEnd, TrainError> {
     cfg.validate(data.len())?;
-    let plan = SplitPlan::new(data.len(), cfg.val_size, cfg.max_train);
+    let plan = SplitPlan::new(data.len(), cfg.val_size, cfg.max_train, data.record_order());
     let n_train = plan.train.len();
     let steps_per_epoch = batches::steps_per_epoch(n_train, cfg.batch);
     let schedule = LrSchedule::new(
@@ -149,7 +149,7 @@ pub fn train_objective(
 
     while run.state.epoch < cfg.epochs && !run.stopped_early() {
         let epoch = run.state.epoch;
-        let order = batches::epoch_order(cfg.seed, epoch, plan.train.clone());
+        let order = batches::epoch_order(cfg.seed, epoch, &plan.train);
         let spec = SampleSpec {
             seed: cfg.seed,
             epoch,
@@ -575,7 +575,7 @@ fn validate(
     if plan.val.is_empty() {
         return Ok(Validation::NoSplit);
     }
-    let idx: Vec<usize> = plan.val.clone().collect();
+    let idx = &plan.val;
     let mut loss_sum = 0f64;
     let mut correct = 0u64;
     for chunk in idx.chunks(cfg.batch) {
