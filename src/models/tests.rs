@@ -424,6 +424,56 @@ fn module_prefix_and_other_dtypes_load_into_a_model() {
     assert_eq!(model.num_classes(), 10);
 }
 
+#[test]
+fn cohen_style_sequential_prefix_is_removed_only_when_every_name_has_it() {
+    // Cohen et al.'s checkpoints: Sequential(NormalizeLayer, DataParallel(net)) names every
+    // tensor `1.module.…`.
+    let dev = Device::Cpu;
+    let sd = load_state_dict(&akamaster("resnet20.safetensors"), &dev).expect("load");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let save = |name: &str, map: HashMap<String, Tensor>| {
+        let path = dir.path().join(name);
+        candle_core::safetensors::save(&map, &path).expect("save");
+        path
+    };
+    let cohen = save(
+        "cohen.safetensors",
+        sd.iter()
+            .map(|(k, t)| (format!("1.module.{k}"), t.clone()))
+            .collect(),
+    );
+    let back = load_state_dict(&cohen, &dev).expect("load");
+    assert_eq!(back.len(), sd.len());
+    assert!(
+        back.contains_key("conv1.weight"),
+        "{:?}",
+        back.keys().take(3).collect::<Vec<_>>()
+    );
+    let model = load_cifar_resnet(20, &cohen, Normalize::IMAGENET, &dev).expect("model");
+    assert_eq!(model.num_classes(), 10);
+
+    // One name without the prefix: nothing is stripped.
+    let mut mixed: HashMap<String, Tensor> = sd
+        .iter()
+        .map(|(k, t)| (format!("1.module.{k}"), t.clone()))
+        .collect();
+    let (k, t) = sd.iter().next().expect("a tensor");
+    mixed.remove(&format!("1.module.{k}"));
+    mixed.insert(k.clone(), t.clone());
+    let back = load_state_dict(&save("mixed.safetensors", mixed), &dev).expect("load");
+    assert!(back.keys().filter(|n| n.starts_with("1.module.")).count() == sd.len() - 1);
+
+    // A numbered prefix without `module.` is the network's own naming: kept.
+    let seq = save(
+        "seq.safetensors",
+        sd.iter()
+            .map(|(k, t)| (format!("0.{k}"), t.clone()))
+            .collect(),
+    );
+    let back = load_state_dict(&seq, &dev).expect("load");
+    assert!(back.keys().all(|n| n.starts_with("0.")));
+}
+
 fn exact100() -> crate::data::ImageSet {
     load_cifar10(&manifest("../shared/data/cifar10-exact100"), Split::Test).expect("exact100")
 }

@@ -66,8 +66,9 @@ pub fn detect_format(bytes: &[u8]) -> Option<WeightFormat> {
 /// Reads every tensor of a state dict, whatever the format, on `device`.
 ///
 /// Tensors keep their stored dtype. A checkpoint wrapped as `{'state_dict': …, …}` is unwrapped
-/// (other entries such as `best_prec1` are ignored), and a `module.` prefix that every name
-/// carries (from `nn.DataParallel`) is removed.
+/// (other entries such as `best_prec1` are ignored), and a wrapper's prefix that every name
+/// carries (`module.` from `nn.DataParallel`, `1.module.` from Cohen et al.'s checkpoints) is
+/// removed.
 pub fn load_state_dict(
     path: &Path,
     device: &Device,
@@ -90,7 +91,32 @@ pub fn load_state_dict(
             format!("{format} file holds no tensors"),
         ));
     }
-    Ok(strip_common_prefix(tensors, "module."))
+    Ok(strip_wrapper_prefix(tensors))
+}
+
+/// Removes the name prefix a training wrapper put on every tensor: `module.` (from
+/// `nn.DataParallel`), or `N.module.` where the data-parallel network is item N of an
+/// `nn.Sequential` (Cohen et al.'s and Salman et al.'s released checkpoints are
+/// `Sequential(NormalizeLayer, DataParallel(net))`, so every name starts with `1.module.`; the
+/// normalisation layer holds no tensors). Only a prefix that every name carries is removed.
+fn strip_wrapper_prefix(tensors: Vec<(String, Tensor)>) -> HashMap<String, Tensor> {
+    let index_prefix = |k: &str| -> Option<String> {
+        let (head, rest) = k.split_once('.')?;
+        if head.is_empty() || !head.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let mut p = format!("{head}.");
+        if rest.starts_with("module.") {
+            p.push_str("module.");
+        }
+        Some(p)
+    };
+    let first = tensors.first().and_then(|(k, _)| index_prefix(k));
+    let prefix = match first {
+        Some(p) if p.ends_with("module.") && tensors.iter().all(|(k, _)| k.starts_with(&p)) => p,
+        _ => "module.".to_string(),
+    };
+    strip_common_prefix(tensors, &prefix)
 }
 
 fn unrecognised_format(bytes: &[u8]) -> String {
