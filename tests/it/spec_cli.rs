@@ -119,7 +119,11 @@ fn every_shipped_experiment_plans() {
     let mut n = 0;
     for entry in std::fs::read_dir(root.join("experiments")).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
+        // The ImageNet study reads the user's data and weights from the working directory:
+        // the_imagenet_study_plans_from_a_users_folder_and_weight_files plans it.
+        if path.extension().is_some_and(|e| e == "yaml")
+            && !path.ends_with("paper-imagenet-full.yaml")
+        {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_caf"))
                 .args(["plan", "--json"])
                 .arg(&path)
@@ -287,4 +291,73 @@ fn a_mistyped_kernel_level_is_a_usage_error_before_anything_runs() {
         .output()
         .expect("caf runs");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn the_imagenet_study_plans_from_a_users_folder_and_weight_files() {
+    // experiments/paper-imagenet-full.yaml reads `imagenet/` and `weights/` from the working
+    // directory: here two classes of ImageNet-named files and stand-in weight files (planning
+    // hashes them; nothing is decoded or loaded).
+    let dir = Dir::new();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    };
+    for split in ["train", "val"] {
+        for class in ["n01440764", "n01443537"] {
+            for i in 0..3 {
+                write(
+                    &format!("imagenet/{split}/{class}/{split}_{class}_{i}.JPEG"),
+                    &format!("{split}{class}{i}"),
+                );
+            }
+        }
+    }
+    for w in [
+        "resnet50-0676ba61.pth",
+        "vit_base_patch16_224.safetensors",
+        "cohen/noise_0.25/checkpoint.pth.tar",
+        "cohen/noise_0.50/checkpoint.pth.tar",
+        "cohen/noise_1.00/checkpoint.pth.tar",
+    ] {
+        write(&format!("weights/{w}"), w);
+    }
+    let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("experiments/paper-imagenet-full.yaml")
+        .display()
+        .to_string();
+    let plan: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["plan", &spec, "--json"]))).expect("plan JSON");
+    let jobs = plan["jobs"].as_array().expect("a job list");
+    let count = |kind: &str| jobs.iter().filter(|j| j["kind"] == kind).count();
+    // Smoothing: ResNet-50 and ViT-B at 3 σ, Cohen's 3 models at their own; CAF on the same
+    // two at 3 σ and on Cohen's 3; denoised at 3 σ. Smoothing a ResNet-50 and CAF on it at one
+    // σ share their noisy forward passes (a fused job per pair: the clean one and Cohen's, at
+    // 3 σ each; ViT backbones are not fused), and each backbone has a clean-accuracy job.
+    assert_eq!(count("certify"), 6 + 3 + 6 + 3 + 3, "{jobs:#?}");
+    assert_eq!(count("certify-fused"), 3 + 3);
+    assert_eq!(count("train-caf"), 9);
+    assert_eq!(count("train-denoised"), 3);
+    assert_eq!(count("eval"), 5);
+    assert_eq!(jobs.len(), 44);
+    let certify = jobs
+        .iter()
+        .find(|j| j["kind"] == "certify")
+        .expect("a certify job");
+    let params = &certify["params"];
+    assert_eq!(params["n"], 100000, "{params:#}");
+    assert_eq!(params["slice"]["skip"], 100, "{params:#}");
+    assert!(
+        jobs.iter()
+            .filter(|j| j["kind"] == "certify")
+            .all(|j| j["params"]["data"]["split"] == "test"),
+        "certification reads the val/ folder"
+    );
+
+    // Without the data, planning names what is missing.
+    std::fs::remove_dir_all(dir.join("imagenet/val")).expect("rm");
+    let out = dir.run(&["plan", &spec]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("val"), "{}", text(&out.stderr));
 }
