@@ -126,12 +126,7 @@ impl Queue for PgStore {
         // An idle worker's claims are its sign of life in `caf status` (throttled while it
         // is handed jobs: see ClaimLiveness).
         if self.claim_liveness.due(now, row.is_some()) {
-            sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
-                .bind(now)
-                .bind(&worker.0)
-                .execute(&self.pool)
-                .await
-                .ctx("updating the worker heartbeat")?;
+            self.touch_worker(worker, now).await?;
         }
         let Some(row) = row else { return Ok(None) };
         let get_err = |e: sqlx::Error| StoreError::Query {
@@ -166,12 +161,7 @@ impl Queue for PgStore {
         .execute(&self.pool)
         .await
         .ctx("extending a lease")?;
-        sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
-            .bind(now)
-            .bind(&worker.0)
-            .execute(&self.pool)
-            .await
-            .ctx("updating the worker heartbeat")?;
+        self.touch_worker(worker, now).await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -422,6 +412,17 @@ impl Queue for PgStore {
 }
 
 impl PgStore {
+    /// The worker's sign of life for `caf status` (claims and lease heartbeats).
+    async fn touch_worker(&self, worker: &WorkerId, now: f64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE workers SET last_seen = $1 WHERE id = $2")
+            .bind(now)
+            .bind(&worker.0)
+            .execute(&self.pool)
+            .await
+            .ctx("updating the worker heartbeat")?;
+        Ok(())
+    }
+
     /// The job's interruption cap, for the error of the release that reaches it.
     async fn max_interruptions(&self, job: &JobId) -> Result<u32, StoreError> {
         let cap: Option<i64> =
