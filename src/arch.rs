@@ -99,6 +99,12 @@ impl Arch {
         }
     }
 
+    /// Whether the network has features φ(x) apart from its head, so that it can serve as a
+    /// frozen backbone (CAF's, and one pass shared by fused certification): all but `linear`.
+    pub fn has_features(&self) -> bool {
+        !matches!(self, Arch::Linear)
+    }
+
     /// The input normalisation the architecture's reference weights use: timm's ViTs 0.5/0.5
     /// (their `default_cfg`), torchvision's ResNet-50 and the CIFAR ResNets ImageNet's; an
     /// ONNX graph none, as an exported model normalises inside its graph.

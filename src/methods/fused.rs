@@ -22,6 +22,7 @@ use super::handler::TypedHandler;
 use super::results::Results;
 use super::slice::{certify_slice, SliceEnd, SliceProgress, SliceRun};
 use super::source::ModelSource;
+use crate::arch::Arch;
 use crate::certify::{ClassifierSet, Settings, Smooth};
 use crate::models::{Backbone, CafModel, Precision};
 use crate::plan::{Job, JobBuilder, JobId, ProgressUnit};
@@ -59,10 +60,12 @@ pub struct FusedParams {
 /// The frozen backbone a certify job's model is built on, if it can share one.
 fn shared_backbone(model: &ModelSource) -> Option<ModelSource> {
     match model {
-        ModelSource::Pretrained { model } if model.arch.starts_with("resnet") => {
-            Some(ModelSource::Pretrained {
-                model: model.clone(),
-            })
+        // Any architecture with features: a CIFAR ResNet, a ViT, ResNet-50, an ONNX graph (whose
+        // logits come from the same run of the graph as its features).
+        ModelSource::Pretrained { model: m }
+            if m.arch.parse::<Arch>().is_ok_and(|a| a.has_features()) =>
+        {
+            Some(model.clone())
         }
         ModelSource::Rs { .. } => Some(model.clone()),
         ModelSource::Caf { backbone, .. } => Some((**backbone).clone()),

@@ -171,12 +171,26 @@ grid:
         (1, 1),
         "{jobs:#?}"
     );
+    // The graph smoothed as it is and its adapter share each run of the graph.
+    assert_eq!(kinds("certify-fused"), 1, "{jobs:#?}");
     for j in jobs {
         assert_eq!(j["state"], "done", "{j}");
     }
     let rows = ok(&dir.run(&["export", "--db", "o.db"]));
     // Header + 3 certified models × 4 images (skip 2500 over the 10,000 test images).
     assert_eq!(rows.lines().count(), 1 + 3 * 4, "{rows}");
+    // The graph's logits from the fused run (read with its features) equal smoothing it alone.
+    let smooth_only = spec.split("  methods:\n").next().unwrap_or_default();
+    dir.write(
+        "smooth.yaml",
+        &smooth_only.replace("[smooth, caf, denoised]", "[smooth]"),
+    );
+    ok(&dir.run(&["run", "smooth.yaml", "--db", "s.db", "--artifacts", "art-s"]));
+    let alone = ok(&dir.run(&["export", "--db", "s.db"]));
+    assert_eq!(alone.lines().count(), 1 + 4, "{alone}");
+    for r in alone.lines().skip(1) {
+        assert!(rows.lines().any(|l| l == r), "the fused run lacks {r}");
+    }
 
     // The stability objective would backpropagate through the graph: refused at plan time.
     dir.write(

@@ -17,32 +17,19 @@ fn vit_weights(dir: &Dir) -> std::path::PathBuf {
 }
 
 #[test]
-fn caf_on_a_cifar_vit_runs_end_to_end_and_plan_counts_its_cost() {
+fn caf_on_a_cifar_vit_runs_end_to_end_fused_as_alone_and_plan_counts_its_cost() {
     let dir = Dir::new();
     let weights = vit_weights(&dir);
-    let spec = format!(
-        "name: vit-smoke
-seed: 5
-data:
-  dataset: cifar10
-  root: {data}
-backbones:
-  vit:
-    arch: vit_cifar_tiny_patch4_32
-    weights: {weights}
-    normalize: {{mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}
-certify: {{n0: 10, n: 100, batch: 110, skip: 2000}}
-grid:
-  params: {{backbone: vit, sigma: 0.25}}
+    let spec = vit_spec(
+        &weights,
+        "  params: {backbone: vit, sigma: 0.25}
   axes:
     method: [smooth, caf]
   methods:
     caf:
-      params: {{epochs: 1, max_train: 256, val_size: 128, train_batch: 64}}
-      axes: {{adapter: [\"cnn:8:2\", \"vit:48:1:4\"]}}
+      params: {epochs: 1, max_train: 256, val_size: 128, train_batch: 64}
+      axes: {adapter: [\"cnn:8:2\", \"vit:48:1:4\"]}
 ",
-        data = shared_data().join("cifar10-jpeg").display(),
-        weights = weights.display(),
     );
     dir.write("vit.yaml", &spec);
 
@@ -71,10 +58,66 @@ grid:
     let kinds = |k: &str| jobs.iter().filter(|j| j["kind"] == k).count();
     assert_eq!(kinds("train-caf"), 2, "{jobs:#?}");
     assert_eq!(kinds("certify"), 3, "{jobs:#?}");
+    // The plain ViT and its two adapters share one backbone pass per noise batch.
+    assert_eq!(kinds("certify-fused"), 1, "{jobs:#?}");
     for j in jobs {
         assert_eq!(j["state"], "done", "{j}");
     }
     let rows = ok(&dir.run(&["export", "--db", "v.db"]));
     // Header + 3 certify jobs × 5 images (skip 2000 over the 10,000 test images).
     assert_eq!(rows.lines().count(), 1 + 3 * 5, "{rows}");
+
+    // Fusion is a way of running the jobs, not another result: the smoothed ViT and the CNN
+    // adapter each alone (no group to fuse), in fresh databases, give the same jobs' same rows.
+    for (name, grid) in [
+        (
+            "smooth",
+            "  params: {backbone: vit, sigma: 0.25, method: smooth}\n",
+        ),
+        (
+            "caf",
+            "  params: {backbone: vit, sigma: 0.25, method: caf, epochs: 1, max_train: 256, \
+             val_size: 128, train_batch: 64, adapter: \"cnn:8:2\"}\n",
+        ),
+    ] {
+        dir.write(&format!("{name}.yaml"), &vit_spec(&weights, grid));
+        let db = format!("{name}.db");
+        ok(&dir.run(&[
+            "run",
+            &format!("{name}.yaml"),
+            "--db",
+            &db,
+            "--artifacts",
+            &format!("art-{name}"),
+        ]));
+        let alone = ok(&dir.run(&["export", "--db", &db]));
+        let alone: Vec<&str> = alone.lines().skip(1).collect();
+        assert_eq!(alone.len(), 5, "{name}");
+        for r in alone {
+            assert!(
+                rows.lines().any(|l| l == r),
+                "the fused run lacks {name}'s {r}"
+            );
+        }
+    }
+}
+
+fn vit_spec(weights: &std::path::Path, grid: &str) -> String {
+    format!(
+        "name: vit-smoke
+seed: 5
+data:
+  dataset: cifar10
+  root: {data}
+backbones:
+  vit:
+    arch: vit_cifar_tiny_patch4_32
+    weights: {weights}
+    normalize: {{mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}
+certify: {{n0: 10, n: 100, batch: 110, skip: 2000}}
+grid:
+{grid}",
+        data = shared_data().join("cifar10-jpeg").display(),
+        weights = weights.display(),
+    )
 }
