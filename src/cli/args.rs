@@ -343,10 +343,12 @@ pub struct ModelArgs {
     #[arg(long, value_name = "NAME")]
     pub onnx_logits: Option<String>,
     /// Per-channel input mean, e.g. 0.485,0.456,0.406 (default: akamaster's for ResNets, none for linear and onnx).
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    // Not `num_args = 3`: clap counts that before splitting at the commas, so it refused the
+    // documented `--mean 0.5,0.5,0.5`; the three values are checked where they are read.
+    #[arg(long, value_delimiter = ',')]
     pub mean: Option<Vec<f32>>,
     /// Per-channel input std, e.g. 0.229,0.224,0.225.
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    #[arg(long, value_delimiter = ',')]
     pub std: Option<Vec<f32>>,
     #[arg(long, value_enum, default_value = "cifar10")]
     pub data: DatasetArg,

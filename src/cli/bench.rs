@@ -351,15 +351,17 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 .denoiser
                 .parse()
                 .map_err(|e: models::ModelError| usage(e.to_string()))?;
-            let classifier =
-                models::load_cifar_resnet(depth, &weights, normalize, &device)?.detached()?;
+            let classifier: models::Backbone =
+                models::load_cifar_resnet(depth, &weights, normalize, &device)?
+                    .detached()?
+                    .into();
             // The `train-denoised` handler's construction, in front of the frozen classifier.
             let (denoiser, vars) =
                 caf::methods::denoised::trainable_denoiser(arch, &varmap, &device, 0)?;
             let objective = DenoiserObjective::Stability;
             let loss = caf::methods::denoised::DenoiserLoss {
                 denoiser: &denoiser,
-                classifier: (&classifier).into(),
+                classifier: &classifier,
                 objective,
             };
             let report = caf::bench::bench_train_step(

@@ -14,15 +14,27 @@ use super::exit::usage;
 fn normalize_of(m: &ModelArgs, arch: Arch) -> Result<Normalize> {
     let mut n = arch.default_normalize();
     if let Some(v) = &m.mean {
-        n.mean = [v[0], v[1], v[2]];
+        n.mean = three("--mean", v)?;
     }
     if let Some(v) = &m.std {
         if v.iter().any(|s| !s.is_finite() || *s <= 0.0) {
             bail!(usage("--std values must be > 0"));
         }
-        n.std = [v[0], v[1], v[2]];
+        n.std = three("--std", v)?;
     }
     Ok(n)
+}
+
+/// One value per RGB channel, e.g. `--mean 0.485,0.456,0.406`.
+fn three(flag: &str, v: &[f32]) -> Result<[f32; 3]> {
+    match v {
+        [r, g, b] => Ok([*r, *g, *b]),
+        _ => bail!(usage(format!(
+            "{flag} takes three comma-separated values, one per channel (e.g. {flag} \
+             0.5,0.5,0.5); found {}",
+            v.len()
+        ))),
+    }
 }
 
 pub fn parse_arch(arch: &str) -> Result<Arch> {
@@ -107,4 +119,38 @@ pub fn load_data(
         eprintln!("warning: {e}; `correct` and accuracy below are meaningless");
     }
     Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::args::{Cli, Command};
+
+    fn normalize(flags: &[&str]) -> Result<Normalize> {
+        let mut argv = vec!["caf", "certify", "--arch", "resnet20", "--weights", "w"];
+        argv.extend_from_slice(flags);
+        argv.extend_from_slice(&["--sigma", "0.25", "--out", "o.tsv"]);
+        let cli = Cli::try_parse_from(argv)?;
+        let Command::Certify(c) = cli.command else {
+            bail!("not certify");
+        };
+        normalize_of(&c.model, Arch::CifarResNet { depth: 20 })
+    }
+
+    #[test]
+    fn mean_and_std_take_three_comma_separated_values() {
+        let n = normalize(&["--mean", "0.5,0.4,0.3", "--std", "0.2,0.2,0.25"]).expect("parsed");
+        assert_eq!((n.mean, n.std), ([0.5, 0.4, 0.3], [0.2, 0.2, 0.25]));
+        assert_eq!(normalize(&[]).expect("default"), Normalize::IMAGENET);
+        let err = normalize(&["--mean", "0.5,0.5"])
+            .expect_err("two values")
+            .to_string();
+        assert!(
+            err.contains("--mean takes three comma-separated values"),
+            "{err}"
+        );
+        assert!(normalize(&["--std", "0.5,0,0.5"]).is_err());
+    }
 }

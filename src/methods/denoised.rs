@@ -26,7 +26,7 @@ use super::train::batches::Batch;
 use super::train::{Objective, OptimizerConfig, Schedule, StepKey, TrainConfig};
 use super::train_job::{self, TrainRun};
 use crate::models::dncnn::{self, DnCnnArch};
-use crate::models::{Arch, CifarResNet, Classifier, OnnxNet};
+use crate::models::{Arch, Backbone};
 use crate::plan::{Job, JobBuilder, JobId, PlanContext, ProgressUnit};
 use crate::sched::{JobContext, JobError, JobOutput};
 use crate::spec::{Cell, SpecError};
@@ -206,25 +206,11 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     Ok(jobs)
 }
 
-/// The frozen classifier behind a denoiser in training.
-#[derive(Clone, Copy)]
-pub enum Frozen<'a> {
-    /// A CIFAR ResNet (weights detached): every objective.
-    ResNet(&'a CifarResNet),
-    /// An ONNX graph, outside autograd: `mse` only (its logits are only logged).
-    Onnx(&'a OnnxNet),
-}
-
-impl<'a> From<&'a CifarResNet> for Frozen<'a> {
-    fn from(c: &'a CifarResNet) -> Self {
-        Frozen::ResNet(c)
-    }
-}
-
 /// The training objectives over a frozen classifier (its weights detached).
 pub struct DenoiserLoss<'a> {
     pub denoiser: &'a dncnn::DnCnn,
-    pub classifier: Frozen<'a>,
+    /// Weights detached; an ONNX graph (outside autograd) trains with `mse` only.
+    pub classifier: &'a Backbone,
     pub objective: DenoiserObjective,
 }
 
@@ -240,20 +226,18 @@ impl Objective for DenoiserLoss<'_> {
             DenoiserObjective::Mse => {
                 let loss = (&out - &batch.clean)?.sqr()?.mean_all()?;
                 // Accuracy of f on the denoised images, for the epoch log; no gradient.
-                let logits = match self.classifier {
-                    Frozen::ResNet(c) => c.forward_t(&out.detach(), false)?,
-                    Frozen::Onnx(m) => m.logits(&out.detach())?,
-                };
+                let logits = self.classifier.forward_t(&out.detach(), false)?;
                 Ok((loss, logits))
             }
             DenoiserObjective::Stability => {
-                let Frozen::ResNet(classifier) = self.classifier else {
+                let classifier = self.classifier;
+                if matches!(classifier, Backbone::Onnx(_)) {
                     return Err(candle_core::Error::Msg(
                         "the stability objective needs gradients through the classifier, and \
                          an ONNX graph runs outside autograd: use objective mse"
                             .into(),
                     ));
-                };
+                }
                 let target = classifier
                     .forward_t(&batch.clean, false)?
                     .argmax(D::Minus1)?;
@@ -291,30 +275,12 @@ impl TypedHandler for TrainDenoisedHandler {
         p: TrainDenoisedParams,
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
-        // An ONNX classifier: `plan` allowed it with `mse` only.
-        let onnx = match &p.classifier {
-            ModelSource::Pretrained { model }
-                if matches!(model.arch.parse::<Arch>(), Ok(Arch::Onnx)) =>
-            {
-                model.check()?;
-                Some(model.load_onnx(device)?)
-            }
-            _ => None,
-        };
-        let resnet = match onnx {
-            Some(_) => None,
-            None => Some(
-                p.classifier
-                    .load_resnet(ctx.sink.as_ref(), device)?
-                    .detached()
-                    .map_err(JobError::fatal)?,
-            ),
-        };
-        let classifier = match (&onnx, &resnet) {
-            (Some(m), _) => Frozen::Onnx(m),
-            (None, Some(c)) => Frozen::ResNet(c),
-            (None, None) => return Err(JobError::fatal("no classifier was loaded")),
-        };
+        // Any backbone architecture; an ONNX graph `plan` allowed with `mse` only.
+        let classifier = p
+            .classifier
+            .load_backbone(ctx.sink.as_ref(), device)?
+            .detached()
+            .map_err(JobError::fatal)?;
         let varmap = candle_nn::VarMap::new();
         let (denoiser, trainable) = trainable_denoiser(p.denoiser, &varmap, device, p.train.seed)?;
         if let Some(init) = &p.init {
@@ -335,7 +301,7 @@ impl TypedHandler for TrainDenoisedHandler {
         }
         .objective(&DenoiserLoss {
             denoiser: &denoiser,
-            classifier,
+            classifier: &classifier,
             objective: p.objective,
         })
     }
@@ -349,8 +315,8 @@ mod tests {
     use super::*;
     use crate::methods::train::{Optimizer, OptimizerConfig};
 
-    fn classifier() -> CifarResNet {
-        crate::models::test_resnet20()
+    fn classifier() -> Backbone {
+        crate::models::test_resnet20().into()
     }
 
     fn batch() -> Batch {
@@ -367,7 +333,7 @@ mod tests {
     }
 
     /// The classifier's features of a fixed input: a fingerprint of its weights.
-    fn weights_of(c: &CifarResNet) -> Vec<f32> {
+    fn weights_of(c: &Backbone) -> Vec<f32> {
         let t = c
             .features(&Tensor::ones((1, 3, 32, 32), DType::F32, &Device::Cpu).expect("ones"))
             .expect("features");
@@ -387,7 +353,7 @@ mod tests {
                     .expect("denoiser");
             let loss = DenoiserLoss {
                 denoiser: &denoiser,
-                classifier: (&classifier).into(),
+                classifier: &classifier,
                 objective,
             };
             let at = StepKey {

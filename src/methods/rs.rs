@@ -1,4 +1,4 @@
-//! Method `rs` (Cohen et al. 2019): train a whole CIFAR ResNet under Gaussian noise at σ, from
+//! Method `rs` (Cohen et al. 2019): train a whole CIFAR ResNet or ViT under Gaussian noise at σ, from
 //! scratch or fine-tuning the backbone's pretrained weights, then certify it at σ. Method
 //! `smoothadv` (Salman et al. 2019) is the same job kind with adversarial training
 //! ([`super::smoothadv`]).
@@ -17,7 +17,7 @@ use super::smoothadv::{SmoothAdvConfig, SmoothAdvLoss};
 use super::source::{ModelSource, NUM_CLASSES};
 use super::train::{OptimizerConfig, Schedule, TrainConfig};
 use super::train_job::{self, TrainRun};
-use crate::models::{self, Arch, CifarResNet, Normalize};
+use crate::models::{self, Arch, Backbone, Normalize};
 use crate::plan::{Job, JobBuilder, PlanContext, ProgressUnit};
 use crate::sched::{JobContext, JobError, JobOutput};
 use crate::spec::{Cell, SpecError};
@@ -107,8 +107,8 @@ pub fn plan_training(
     smoothadv: Option<SmoothAdvConfig>,
 ) -> Result<(Job, ModelSource), SpecError> {
     let (backbone, model) = common::backbone_ref(cell, ctx)?;
-    let depth = match model.arch.parse::<Arch>() {
-        Ok(Arch::CifarResNet { depth }) => depth,
+    let arch = match model.arch.parse::<Arch>() {
+        Ok(a @ (Arch::CifarResNet { .. } | Arch::Vit(_))) => a,
         _ => {
             let span = cell
                 .params
@@ -118,7 +118,8 @@ pub fn plan_training(
             return Err(ctx.error_at(
                 span,
                 format!(
-                    "rs training needs a CIFAR ResNet backbone, `{backbone}` is {}",
+                    "rs and smoothadv train the whole network: a CIFAR ResNet or a ViT, \
+                     `{backbone}` is {} (use it frozen with method caf, or smooth it as it is)",
                     model.arch
                 ),
             ));
@@ -140,7 +141,7 @@ pub fn plan_training(
     let data = common::train_data_ref(ctx)?;
     let params = TrainRsParams {
         backbone: backbone.clone(),
-        arch: format!("resnet{depth}"),
+        arch: arch.to_string(),
         normalize: model.normalize,
         init,
         data,
@@ -211,20 +212,17 @@ pub fn plan_smoothadv(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>
     Ok(vec![train_job, cert])
 }
 
-/// A whole CIFAR ResNet to train, from `init`'s weights or from scratch; its parameters are
-/// all trainable. Shared by the handler and `caf bench train-step`.
+/// The whole network to train (a CIFAR ResNet or a ViT), from `init`'s weights or from scratch;
+/// its parameters are all trainable. Shared by the handler and `caf bench train-step`.
 pub fn trainable_network(
     arch: &str,
     normalize: Normalize,
     init: Option<&HashMap<String, candle_core::Tensor>>,
     varmap: &candle_nn::VarMap,
     device: &candle_core::Device,
-) -> Result<(CifarResNet, Vec<candle_core::Var>), JobError> {
-    let depth = match arch.parse::<Arch>() {
-        Ok(Arch::CifarResNet { depth }) => depth,
-        _ => return Err(JobError::fatal(format!("{arch} is not a CIFAR ResNet"))),
-    };
-    models::build_trainable_resnet(depth, NUM_CLASSES, normalize, varmap, device, init)
+) -> Result<(Backbone, Vec<candle_core::Var>), JobError> {
+    let arch: Arch = arch.parse().map_err(JobError::fatal)?;
+    models::build_trainable(arch, NUM_CLASSES, normalize, varmap, device, init)
         .map_err(JobError::fatal)
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::train::batches::{keyed_rng, Batch};
 use super::train::{Objective, StepKey};
-use crate::models::CifarResNet;
+use crate::models::Backbone;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SmoothAdvConfig {
@@ -74,7 +74,7 @@ impl SmoothAdvConfig {
 
 /// The SmoothAdv training objective of a trainable CIFAR ResNet at noise level `sigma`.
 pub struct SmoothAdvLoss<'a> {
-    pub model: &'a CifarResNet,
+    pub model: &'a Backbone,
     pub cfg: &'a SmoothAdvConfig,
     pub sigma: f32,
 }
@@ -112,7 +112,7 @@ fn norms(t: &Tensor) -> candle_core::Result<Tensor> {
 
 /// PGD on the smoothed soft classifier: returns δ with ‖δ_i‖ ≤ ε and x + δ ∈ [0, 1].
 pub fn attack(
-    frozen: &CifarResNet,
+    frozen: &dyn ModuleT,
     clean: &Tensor,
     labels: &Tensor,
     noise: &Tensor,
@@ -195,6 +195,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::models::CifarResNet;
 
     fn resnet() -> CifarResNet {
         crate::models::test_resnet20()

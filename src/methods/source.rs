@@ -27,7 +27,7 @@ pub const NUM_CLASSES: usize = 10;
 pub enum ModelSource {
     /// A weights file, used as it is.
     Pretrained { model: ModelRef },
-    /// A CIFAR ResNet trained by a `train-rs` job.
+    /// A whole network (CIFAR ResNet or ViT) trained by a `train-rs` job.
     Rs {
         job: JobId,
         arch: String,
@@ -74,7 +74,7 @@ impl ModelSource {
     ) -> Result<Box<dyn Classifier>, JobError> {
         match self {
             ModelSource::Pretrained { model } => model.load(device),
-            ModelSource::Rs { .. } => Ok(Box::new(self.load_resnet(sink, device)?)),
+            ModelSource::Rs { .. } => Ok(Box::new(self.load_backbone(sink, device)?)),
             ModelSource::Caf { .. } => Ok(Box::new(self.load_caf(sink, device)?)),
             ModelSource::Denoised {
                 classifier,
@@ -119,7 +119,7 @@ impl ModelSource {
     }
 
     /// The model as a frozen feature extractor of any architecture (a CAF backbone): a
-    /// pretrained file of any backbone arch, or an rs-trained CIFAR ResNet.
+    /// pretrained file of any backbone arch, or an rs-trained CIFAR ResNet or ViT.
     pub fn load_backbone(&self, sink: &dyn JobSink, device: &Device) -> Result<Backbone, JobError> {
         match self {
             ModelSource::Pretrained { model } => {
@@ -134,7 +134,20 @@ impl ModelSource {
                 models::load_backbone(arch, &model.weights, model.normalize, device)
                     .map_err(JobError::fatal)
             }
-            _ => Ok(self.load_resnet(sink, device)?.into()),
+            ModelSource::Rs {
+                job,
+                arch,
+                normalize,
+            } => match arch.parse::<Arch>().map_err(JobError::fatal)? {
+                Arch::CifarResNet { .. } => Ok(self.load_resnet(sink, device)?.into()),
+                other => {
+                    let path = trained_weights(sink, job)?;
+                    models::load_backbone(other, &path, *normalize, device).map_err(JobError::fatal)
+                }
+            },
+            ModelSource::Caf { .. } | ModelSource::Denoised { .. } => Err(JobError::fatal(
+                "a CAF or denoised model cannot serve as a frozen backbone",
+            )),
         }
     }
 

@@ -113,6 +113,18 @@ impl Backbone {
     }
 }
 
+/// The whole network's logits, as a network to train (`train` sets BatchNorm's mode) or a
+/// frozen classifier gradients pass through (SmoothAdv's attack, a denoiser's stability
+/// objective). An ONNX graph's logits are constants: autograd never enters it.
+impl candle_core::ModuleT for Backbone {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Backbone::Onnx(m) => m.logits(x),
+            _ => self.head(&self.features_t(x, train)?),
+        }
+    }
+}
+
 impl Classifier for Backbone {
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         match self {

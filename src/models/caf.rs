@@ -12,7 +12,7 @@
 //! bias U(±1/√d), i.e. kaiming_uniform with a = √5. With the adapter's zero-initialised last
 //! layer, step 0 is a fresh linear probe on φ.
 //!
-//! [`build_trainable_resnet`] is the full-network counterpart for RS / SmoothAdv training.
+//! [`super::trainable`] holds the full-network counterpart for RS / SmoothAdv / clean training.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,8 +23,8 @@ use candle_nn::{Init, Linear, VarBuilder, VarMap};
 use super::adapter::{Adapter, AdapterArch};
 use super::precision::Precision;
 use super::{
-    compare_names, expected_tensors, is_ignored, load_state_dict, record_tensors, Arch, Backbone,
-    CifarResNet, Classifier, ModelError, Normalize, FEATURE_DIM,
+    compare_names, is_ignored, load_state_dict, record_tensors, Backbone, Classifier, ModelError,
+    Normalize, FEATURE_DIM,
 };
 
 /// The new linear head d → classes with PyTorch's default initialisation.
@@ -79,12 +79,12 @@ pub fn caf_expected_tensors_for(
     })
 }
 
-fn is_running_stat(name: &str) -> bool {
+pub(crate) fn is_running_stat(name: &str) -> bool {
     name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
 /// The VarMap's vars named in `expected`, minus BatchNorm running statistics, in that order.
-fn trainable_vars(
+pub(crate) fn trainable_vars(
     varmap: &VarMap,
     expected: &[(String, Vec<usize>)],
 ) -> std::result::Result<Vec<Var>, ModelError> {
@@ -286,7 +286,7 @@ fn read_checked(
     })
 }
 
-fn to_f32(
+pub(crate) fn to_f32(
     tensors: HashMap<String, Tensor>,
     not_float: impl Fn(&str, DType) -> ModelError,
 ) -> std::result::Result<HashMap<String, Tensor>, ModelError> {
@@ -438,91 +438,6 @@ impl FusedCaf {
             .map(|(adapter, head)| Ok(head_on(head, &phi, &adapter.forward_no_grad(x)?)?.detach()))
             .collect()
     }
-}
-
-/// A CIFAR ResNet of `depth` whose parameters live in `varmap` (names at the root, as in
-/// akamaster's checkpoints, so the saved VarMap loads with
-/// [`load_cifar_resnet`](super::load_cifar_resnet)), for RS / SmoothAdv training.
-///
-/// From scratch (`init = None`) the initialisation is akamaster's: conv and linear weights
-/// kaiming-normal (fan-in, gain √2), linear bias U(±1/√64), BN γ = 1, β = 0. With `init` (a
-/// pretrained state dict of the same arch and classes) every tensor, running statistics
-/// included, is copied into the vars; the names must match exactly (apart from
-/// `num_batches_tracked`), otherwise the error lists what differs.
-///
-/// Returns the network and its trainable variables (weights and biases, BN γ/β; not the
-/// running statistics) in construction order. In train mode the network runs candle's ops
-/// and BatchNorm updates the running statistics in `varmap`; in eval mode with tracked
-/// parameters it also runs candle's ops. For certification after training, take
-/// [`CifarResNet::detached`], which runs the fused CPU path.
-pub fn build_trainable_resnet(
-    depth: usize,
-    num_classes: usize,
-    normalize: Normalize,
-    varmap: &VarMap,
-    device: &Device,
-    init: Option<&HashMap<String, Tensor>>,
-) -> std::result::Result<(CifarResNet, Vec<Var>), ModelError> {
-    let arch = Arch::CifarResNet { depth };
-    if num_classes == 0 {
-        return Err(ModelError::Invalid {
-            context: format!("trainable {arch}"),
-            message: "a classifier needs at least one class".into(),
-        });
-    }
-    if depth < 8 || !(depth - 2).is_multiple_of(6) {
-        return Err(ModelError::Invalid {
-            context: format!("trainable {arch}"),
-            message: "CIFAR ResNet depth must be 6n + 2 with n >= 1".into(),
-        });
-    }
-    let expected = expected_tensors(arch, num_classes)?;
-    let context = || format!("initial weights for {arch} with {num_classes} classes");
-    let init = match init {
-        None => None,
-        Some(tensors) => {
-            let tensors: HashMap<String, Tensor> = tensors
-                .iter()
-                .filter(|(name, _)| !is_ignored(name))
-                .map(|(k, t)| (k.clone(), t.clone()))
-                .collect();
-            let shapes = tensors
-                .iter()
-                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
-                .collect();
-            if let Some(problems) = compare_names(&expected, &shapes) {
-                return Err(ModelError::Invalid {
-                    context: context(),
-                    message: problems,
-                });
-            }
-            Some(to_f32(tensors, |name, dtype| ModelError::Invalid {
-                context: context(),
-                message: format!("tensor `{name}` has dtype {dtype:?}; expected floating point"),
-            })?)
-        }
-    };
-    // Seeded so that training from scratch starts from the same weights in every run.
-    let vb = super::init::seeded_var_builder(varmap, 0, device);
-    let model = CifarResNet::new(depth, num_classes, normalize, vb)?;
-    if let Some(init) = init {
-        let data = varmap.data().lock().map_err(|_| ModelError::Invalid {
-            context: context(),
-            message: "the VarMap's lock is poisoned (a thread panicked while holding it)".into(),
-        })?;
-        for (name, _) in &expected {
-            let (Some(var), Some(t)) = (data.get(name), init.get(name)) else {
-                return Err(ModelError::Invalid {
-                    context: context(),
-                    message: format!("`{name}` is missing from the VarMap or the state dict"),
-                });
-            };
-            // The model's BatchNorm shares these vars, so setting them in place is enough.
-            var.set(&t.to_device(device)?.contiguous()?)?;
-        }
-    }
-    let vars = trainable_vars(varmap, &expected)?;
-    Ok((model, vars))
 }
 
 #[cfg(test)]

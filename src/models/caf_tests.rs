@@ -10,7 +10,9 @@ use rand::{RngExt, SeedableRng};
 
 use super::*;
 use crate::models::adapter::{cifar_resnet_cost, cost, AdapterCost};
-use crate::models::{load_cifar_resnet, Classifier};
+use crate::models::{
+    build_trainable_resnet, expected_tensors, load_cifar_resnet, Arch, CifarResNet, Classifier,
+};
 
 const CLASSES: usize = 10;
 

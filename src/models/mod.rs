@@ -13,8 +13,8 @@
 //! - [`formula`]: deterministic weights that Python reproduces, for tests without checkpoints.
 //! - [`LinearClassifier`]: logits = W·x + b (raw pixels with [`Normalize::IDENTITY`]).
 //! - [`adapter`] / [`caf`]: certifying adapters a(·) and CAF models h(φ(x) + a(x)) on a frozen
-//!   ResNet backbone, with fused multi-adapter inference ([`FusedCaf`]); also
-//!   [`build_trainable_resnet`] for training whole networks.
+//!   ResNet backbone, with fused multi-adapter inference ([`FusedCaf`]).
+//! - [`trainable`]: whole networks (CIFAR ResNets, ViTs) to train: [`build_trainable`].
 //! - [`load_state_dict`]: safetensors, PyTorch zip or legacy PyTorch pickle checkpoints.
 //! - [`load_classifier`]: both together, with names and shapes checked against the arch.
 
@@ -37,6 +37,7 @@ pub mod relu;
 mod resnet;
 pub mod resnet50;
 mod resnet_eval;
+pub mod trainable;
 pub mod vit;
 mod weights;
 
@@ -51,12 +52,13 @@ use candle_nn::VarBuilder;
 pub use crate::arch::{Arch, Normalize, OnnxOutputs, VitName};
 pub use adapter::{Adapter, AdapterArch, AdapterCost};
 pub use backbone::Backbone;
-pub use caf::{build_caf, build_trainable_resnet, load_caf, CafModel, FusedCaf};
+pub use caf::{build_caf, load_caf, CafModel, FusedCaf};
 pub use linear::LinearClassifier;
 pub use onnx::{load_onnx, OnnxNet};
 pub use precision::Precision;
 pub use resnet::{BasicBlock, CifarResNet, FEATURE_DIM};
 pub use resnet50::TvResNet;
+pub use trainable::{build_trainable, build_trainable_resnet};
 pub use vit::{VisionTransformer, VitConfig};
 pub use weights::{detect_format, load_state_dict, WeightFormat};
 

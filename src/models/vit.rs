@@ -141,9 +141,32 @@ pub(crate) fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
-fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(c_in, c_out, vb)
+/// How a new (not loaded) linear layer starts; loading a checkpoint ignores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LinearInit {
+    /// candle's `linear`: Kaiming-normal weights, U(±1/√fan_in) biases (the ViT adapter's).
+    Candle,
+    /// timm's `init_weights_vit_timm`: weights N(0, 0.02²) (timm truncates at ±2σ; untruncated
+    /// here), zero biases; for training a whole ViT from scratch.
+    Timm,
 }
+
+fn linear(c_in: usize, c_out: usize, vb: VarBuilder, init: LinearInit) -> Result<Linear> {
+    match init {
+        LinearInit::Candle => candle_nn::linear(c_in, c_out, vb),
+        LinearInit::Timm => {
+            let w = vb.get_with_hints((c_out, c_in), "weight", TIMM_NORMAL)?;
+            let b = vb.get_with_hints(c_out, "bias", candle_nn::Init::Const(0.0))?;
+            Ok(Linear::new(w, Some(b)))
+        }
+    }
+}
+
+/// timm's N(0, 0.02²) for linear weights and the position embedding.
+const TIMM_NORMAL: candle_nn::Init = candle_nn::Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
 
 fn layer_norm(d: usize, vb: VarBuilder) -> Result<LayerNorm> {
     candle_nn::layer_norm(
@@ -207,15 +230,21 @@ pub(crate) struct Block {
 }
 
 impl Block {
-    pub(crate) fn new(dim: usize, heads: usize, mlp_ratio: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        dim: usize,
+        heads: usize,
+        mlp_ratio: usize,
+        vb: VarBuilder,
+        init: LinearInit,
+    ) -> Result<Self> {
         let hidden = dim * mlp_ratio;
         Ok(Self {
             norm1: layer_norm(dim, vb.pp("norm1"))?,
-            qkv: linear(dim, 3 * dim, vb.pp("attn").pp("qkv"))?,
-            proj: linear(dim, dim, vb.pp("attn").pp("proj"))?,
+            qkv: linear(dim, 3 * dim, vb.pp("attn").pp("qkv"), init)?,
+            proj: linear(dim, dim, vb.pp("attn").pp("proj"), init)?,
             norm2: layer_norm(dim, vb.pp("norm2"))?,
-            fc1: linear(dim, hidden, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(hidden, dim, vb.pp("mlp").pp("fc2"))?,
+            fc1: linear(dim, hidden, vb.pp("mlp").pp("fc1"), init)?,
+            fc2: linear(hidden, dim, vb.pp("mlp").pp("fc2"), init)?,
             heads,
         })
     }
@@ -350,14 +379,26 @@ impl VisionTransformer {
         }
         let d = cfg.dim;
         let norm_in = InputNorm::new(normalize, vb.device())?;
-        let cls_token = vb.get((1, 1, d), "cls_token")?;
-        let pos_embed = vb.get((1, cfg.patches() + 1, d), "pos_embed")?;
+        // The initialisation (timm's) only matters when the network is trained from scratch
+        // (`super::trainable`); loading a checkpoint ignores it.
+        let cls_token = vb.get_with_hints(
+            (1, 1, d),
+            "cls_token",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1e-6,
+            },
+        )?;
+        let pos_embed = vb.get_with_hints((1, cfg.patches() + 1, d), "pos_embed", TIMM_NORMAL)?;
         let patch_embed = PatchEmbed::new(cfg.patch, d, vb.pp("patch_embed").pp("proj"))?;
         let blocks = (0..cfg.depth)
-            .map(|i| Block::new(d, cfg.heads, cfg.mlp_ratio, vb.pp("blocks").pp(i)))
+            .map(|i| {
+                let vb = vb.pp("blocks").pp(i);
+                Block::new(d, cfg.heads, cfg.mlp_ratio, vb, LinearInit::Timm)
+            })
             .collect::<Result<_>>()?;
         let norm = layer_norm(d, vb.pp("norm"))?;
-        let head = linear(d, num_classes, vb.pp("head"))?;
+        let head = linear(d, num_classes, vb.pp("head"), LinearInit::Timm)?;
         Ok(Self {
             cfg,
             norm_in,
@@ -435,6 +476,13 @@ impl VisionTransformer {
     }
 }
 
+/// Logits; a ViT has no BatchNorm or dropout, so `train` changes nothing.
+impl candle_core::ModuleT for VisionTransformer {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        self.head(&self.features(x)?)
+    }
+}
+
 impl Classifier for VisionTransformer {
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         self.head(&self.features(x)?)
@@ -492,7 +540,7 @@ impl VitEncoder {
         Ok(Self {
             patch_embed: PatchEmbed::new(patch, dim, vb.pp("patch_embed").pp("proj"))?,
             blocks: (0..depth)
-                .map(|i| Block::new(dim, heads, 4, vb.pp("blocks").pp(i)))
+                .map(|i| Block::new(dim, heads, 4, vb.pp("blocks").pp(i), LinearInit::Candle))
                 .collect::<Result<_>>()?,
             norm: layer_norm(dim, vb.pp("norm"))?,
             dim,

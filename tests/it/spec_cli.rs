@@ -332,15 +332,15 @@ fn the_imagenet_study_plans_from_a_users_folder_and_weight_files() {
     let jobs = plan["jobs"].as_array().expect("a job list");
     let count = |kind: &str| jobs.iter().filter(|j| j["kind"] == kind).count();
     // Smoothing: ResNet-50 and ViT-B at 3 σ, Cohen's 3 models at their own; CAF on the same
-    // two at 3 σ and on Cohen's 3; denoised at 3 σ. Smoothing a ResNet-50 and CAF on it at one
-    // σ share their noisy forward passes (a fused job per pair: the clean one and Cohen's, at
-    // 3 σ each; ViT backbones are not fused), and each backbone has a clean-accuracy job.
+    // two at 3 σ and on Cohen's 3; denoised at 3 σ. Smoothing a backbone and CAF on it at one
+    // σ share their noisy forward passes (a fused job per pair: ResNet-50, ViT-B/16 and Cohen's
+    // ResNet-50s, at 3 σ each), and each backbone has a clean-accuracy job.
     assert_eq!(count("certify"), 6 + 3 + 6 + 3 + 3, "{jobs:#?}");
-    assert_eq!(count("certify-fused"), 3 + 3);
+    assert_eq!(count("certify-fused"), 3 + 3 + 3);
     assert_eq!(count("train-caf"), 9);
     assert_eq!(count("train-denoised"), 3);
     assert_eq!(count("eval"), 5);
-    assert_eq!(jobs.len(), 44);
+    assert_eq!(jobs.len(), 47);
     let certify = jobs
         .iter()
         .find(|j| j["kind"] == "certify")

@@ -121,3 +121,84 @@ grid:
         weights = weights.display(),
     )
 }
+
+/// The paper's baselines on a transformer: Gaussian augmentation (`rs`) and SmoothAdv fine-tune
+/// the whole ViT, denoised smoothing trains a DnCNN in front of it (both objectives), each
+/// certified; the trained ViT loads as a timm checkpoint.
+#[test]
+fn rs_smoothadv_and_denoised_smoothing_train_and_certify_a_vit() {
+    let dir = Dir::new();
+    let weights = vit_weights(&dir);
+    let small = "epochs: 1, max_train: 64, val_size: 32, train_batch: 32";
+    let spec = vit_spec(
+        &weights,
+        &format!(
+            "  params: {{backbone: vit, sigma: 0.25, {small}}}
+  axes:
+    method: [rs, smoothadv, denoised]
+  methods:
+    smoothadv: {{params: {{pgd_steps: 1, eps_warmup_epochs: 0}}}}
+    denoised: {{params: {{objective: mse-then-stability, denoiser: \"dncnn:3:8\"}}}}
+"
+        ),
+    );
+    dir.write("base.yaml", &spec);
+    ok(&dir.run(&["run", "base.yaml", "--db", "b.db", "--artifacts", "art"]));
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "b.db"]))).unwrap();
+    let jobs = v[0]["jobs"].as_array().unwrap();
+    let kinds = |k: &str| jobs.iter().filter(|j| j["kind"] == k).count();
+    assert_eq!(
+        (kinds("train-rs"), kinds("train-denoised"), kinds("certify")),
+        (2, 2, 3),
+        "{jobs:#?}"
+    );
+    for j in jobs {
+        assert_eq!(j["state"], "done", "{j}");
+    }
+    let rows = ok(&dir.run(&["export", "--db", "b.db"]));
+    assert_eq!(rows.lines().count(), 1 + 3 * 5, "{rows}");
+
+    // The rs-trained ViT is a timm checkpoint: `caf certify --arch` takes it as it is.
+    let trained = jobs
+        .iter()
+        .find(|j| j["kind"] == "train-rs" && !j["label"].as_str().unwrap().contains("smoothadv"))
+        .and_then(|j| j["weights"]["path"].as_str())
+        .expect("the rs job's weights")
+        .to_string();
+    let out = dir.run(&[
+        "certify",
+        "--arch",
+        "vit_cifar_tiny_patch4_32",
+        "--weights",
+        &trained,
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.5,0.5,0.5",
+        "--data",
+        "cifar10",
+        "--data-root",
+        shared_data().join("cifar10-jpeg").to_str().unwrap(),
+        "--sigma",
+        "0.25",
+        "--n0",
+        "10",
+        "--n",
+        "100",
+        "--batch",
+        "110",
+        "--skip",
+        "2000",
+        "--out",
+        "one.tsv",
+    ]);
+    ok(&out);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("one.tsv"))
+            .unwrap()
+            .lines()
+            .count(),
+        1 + 5
+    );
+}
