@@ -16,6 +16,7 @@ use crate::models::Classifier;
 pub use noise::{NoiseKey, NoiseStream, Phase};
 pub use sequential::{
     sequential_certificate_from_counts, BetaPrior, SequentialCertificate, SequentialSettings,
+    StagedSettings,
 };
 
 /// Default settings of Cohen's `certify.py`.
@@ -312,6 +313,47 @@ impl<'m> Smooth<'m> {
         };
         sequential::certify_mixture_shared(&starts, self.sigma, s, |k, active| {
             hits_of(k, active).map_err(sequential::SequentialError::from)
+        })
+    }
+
+    /// Staged Clopper–Pearson CERTIFY for the first member ([`sequential::certify_staged`]):
+    /// the simplest valid alternative to the mixture, for comparisons (`caf bench certify
+    /// --mode staged`). It reads the same noise streams as [`Self::certify`], so at each stage
+    /// it has seen exactly CERTIFY's first draws.
+    pub fn certify_staged(
+        &self,
+        image: &[f32],
+        key: NoiseKey,
+        s: &sequential::StagedSettings,
+    ) -> Result<sequential::SequentialCertificate, sequential::SequentialError> {
+        s.validate()?;
+        let counts0 = self.sample_counts(image, key, Phase::Selection, s.n0, s.batch)?;
+        let c_hat = argmax_count(
+            counts0
+                .first()
+                .ok_or(CertifyError::BatchMismatch { got: 0, want: 1 })?,
+        );
+        let mut stream = NoiseStream::new(key, Phase::Estimation);
+        let mut buf = Vec::new();
+        let mut hits_of = |k: usize| -> Result<u64, CertifyError> {
+            stream.fill_noisy(image, k, &mut buf);
+            let (c, h, w) = self.input;
+            let x = Tensor::from_slice(&buf, (k, c, h, w), &self.device)?;
+            let logits = self.set.logits_all(&x)?;
+            let first = logits
+                .first()
+                .ok_or(CertifyError::BatchMismatch { got: 0, want: 1 })?;
+            let preds = first.argmax(1)?.to_vec1::<u32>()?;
+            if preds.len() != k {
+                return Err(CertifyError::BatchMismatch {
+                    got: preds.len(),
+                    want: k,
+                });
+            }
+            Ok(preds.iter().filter(|&&p| p == c_hat).count() as u64)
+        };
+        sequential::certify_staged(c_hat, self.sigma, s, |k| {
+            hits_of(k).map_err(sequential::SequentialError::from)
         })
     }
 

@@ -483,3 +483,48 @@ fn sequential_radii_stay_below_the_exact_radius_and_approach_it_as_n_max_grows()
     assert!(small < large && large < 0.3, "{small} {large}");
     assert!(0.3 - large < 0.06, "{large}");
 }
+
+#[test]
+fn staged_certification_reads_cohens_draws_at_each_stage() {
+    // A margin near r = 0.25 keeps the staged run going to its last stage; there its count
+    // is CERTIFY's count at n = that stage (same streams, another batch size), and the bound
+    // is Clopper–Pearson at α split over the stages.
+    let (a, x) = model_with_margin(0.27);
+    let smooth = Smooth::new(&a, 0.25, Device::Cpu);
+    let key = NoiseKey {
+        seed: 4,
+        sigma: 0.25,
+        idx: 2,
+    };
+    let staged = StagedSettings {
+        n0: 50,
+        stages: vec![300, 3_000],
+        batch: 170,
+        alpha: 0.001,
+        radii: vec![0.25],
+    };
+    let cert = smooth.certify_staged(&x, key, &staged).unwrap();
+    assert_eq!(cert.draws, 3_000, "undecided at the first stage");
+    let cohen = smooth
+        .certify(
+            &x,
+            key,
+            &Settings {
+                n0: 50,
+                n: 3_000,
+                alpha: 0.001,
+                batch: 200,
+            },
+        )
+        .unwrap();
+    assert_eq!((cert.c_hat, cert.n_a), (cohen.c_hat, cohen.n_a));
+    let (lower, _) = sequential::staged_lower_upper(cert.n_a, 3_000, 0.001, 2);
+    assert_eq!(cert.lower, lower);
+    // A clear margin decides at the first stage.
+    let (b, y) = model_with_margin(0.9);
+    let early = Smooth::new(&b, 0.25, Device::Cpu)
+        .certify_staged(&y, key, &staged)
+        .unwrap();
+    assert_eq!(early.draws, 300);
+    assert!(early.radius > 0.25, "{early:?}");
+}

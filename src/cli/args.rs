@@ -403,6 +403,9 @@ pub enum CertifyModeArg {
     Cohen,
     /// Anytime-valid sequential certification: stop once every --radii is decided.
     Sequential,
+    /// `caf bench certify` only: Clopper–Pearson at the fixed --stages, α split over them, the
+    /// simplest valid alternative to `sequential`, to compare with it.
+    Staged,
 }
 
 /// Sequential certification options shared by `caf certify` and `caf bench certify`.
@@ -419,6 +422,9 @@ pub struct CertifyModeArgs {
     /// Sequential: stop after selection when the selected class is not the label.
     #[arg(long)]
     pub stop_if_wrong: bool,
+    /// Staged: cumulative estimation-draw counts, comma-separated (default: n/100, n/10, n).
+    #[arg(long, value_delimiter = ',')]
+    pub stages: Vec<u64>,
 }
 
 #[derive(Debug, Args)]

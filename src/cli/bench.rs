@@ -10,7 +10,7 @@ use caf::store::DbLocation;
 
 use super::args::{
     BenchArgs, BenchCertifyArgs, BenchForwardArgs, BenchLoadArgs, BenchMethod, BenchQueueArgs,
-    BenchTrainArgs, BenchWhat, DatasetArg, ModelArgs, SplitArg,
+    BenchTrainArgs, BenchWhat, CertifyModeArg, DatasetArg, ModelArgs, SplitArg,
 };
 use super::db::{open_store_with, shown};
 use super::exit::usage;
@@ -93,7 +93,14 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
         alpha: c.alpha,
         batch: c.batch,
     };
-    let procedure = super::certify::procedure(settings, &c.mode)?;
+    let staged = match c.mode.mode {
+        CertifyModeArg::Staged => Some(staged_settings(&c)?),
+        _ => None,
+    };
+    let procedure = match &staged {
+        Some(_) => None,
+        None => Some(super::certify::procedure(settings, &c.mode)?),
+    };
     let m = ModelArgs {
         arch: c.arch.clone(),
         weights,
@@ -116,24 +123,41 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
     .into_iter()
     .take(c.images)
     .collect();
-    let done = [Default::default()];
-    let run = caf::methods::slice::SliceRun {
-        data: &set,
-        indices: &indices,
-        done: &done,
-        seed: c.seed,
-        sigma: c.sigma,
-        procedure,
-    };
     let smooth = caf::certify::Smooth::new(model.as_ref(), c.sigma, device.clone())
         .with_input(set.shape().tuple());
     let mut rows = Vec::new();
     let start = std::time::Instant::now();
-    caf::methods::slice::certify_slice(&smooth, &run, &|| false, &mut |r| {
-        rows.extend(r.into_iter().map(|(_, row)| row));
-        Ok(())
-    })
-    .map_err(|e| anyhow::anyhow!(e.message))?;
+    match (procedure, &staged) {
+        (Some(procedure), _) => {
+            let done = [Default::default()];
+            let run = caf::methods::slice::SliceRun {
+                data: &set,
+                indices: &indices,
+                done: &done,
+                seed: c.seed,
+                sigma: c.sigma,
+                procedure,
+            };
+            caf::methods::slice::certify_slice(&smooth, &run, &|| false, &mut |r| {
+                rows.extend(r.into_iter().map(|(_, row)| row));
+                Ok(())
+            })
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        }
+        (None, Some(s)) => {
+            for &idx in &indices {
+                let key = caf::certify::NoiseKey {
+                    seed: c.seed,
+                    sigma: c.sigma,
+                    idx: idx as u64,
+                };
+                let t = std::time::Instant::now();
+                let cert = smooth.certify_staged(&set.image_f32(idx), key, s)?;
+                rows.push(staged_row(idx, set.label(idx) as u32, &cert, s, c.sigma, t));
+            }
+        }
+        (None, None) => bail!("no procedure"),
+    }
     let seconds = start.elapsed().as_secs_f64();
     let images = rows.len().max(1) as f64;
     let passes: u64 = rows.iter().map(|r| r.n0 + r.n).sum();
@@ -145,6 +169,13 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
     outln!("images/s: {:.3}", images / seconds);
     outln!("forward passes/s: {:.0}", passes as f64 / seconds);
     outln!("correct and certified (R > 0): {certified}");
+    for &r in &c.mode.radii {
+        let at = rows
+            .iter()
+            .filter(|row| row.correct && row.radius >= r)
+            .count();
+        outln!("certified at r = {r}: {at}/{}", rows.len());
+    }
     if c.json {
         outln!(
             "{}",
@@ -154,11 +185,64 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
                 "forward_passes_per_image": per_image,
                 "images_per_sec": images / seconds,
                 "seconds": seconds,
+                "stages": staged.as_ref().map(|s| s.stages.clone()),
                 "rows": rows,
             }))?
         );
     }
     Ok(0)
+}
+
+/// `--mode staged`: Clopper–Pearson at `--stages` (default n/100, n/10, n) for `--radii`.
+fn staged_settings(c: &BenchCertifyArgs) -> Result<caf::certify::StagedSettings> {
+    let stages = match c.mode.stages.as_slice() {
+        [] => vec![c.n / 100, c.n / 10, c.n],
+        s => s.to_vec(),
+    };
+    if c.mode.n_max.is_some() || c.mode.stop_if_wrong {
+        bail!(usage(
+            "--n-max and --stop-if-wrong apply to --mode sequential; staged stops at its last \
+             stage"
+        ));
+    }
+    let s = caf::certify::StagedSettings {
+        n0: c.n0,
+        stages,
+        batch: c.batch,
+        alpha: c.alpha,
+        radii: c.mode.radii.clone(),
+    };
+    s.validate().map_err(|e| usage(e.to_string()))?;
+    Ok(s)
+}
+
+/// A staged certificate as a row, for the same summary and JSON as the other modes: `n` is the
+/// estimation draws used (a stage), so (`n_a`, `n`, α, the number of stages) recompute the
+/// bound with `certify::sequential::staged_lower_upper`.
+fn staged_row(
+    idx: usize,
+    label: u32,
+    cert: &caf::certify::SequentialCertificate,
+    s: &caf::certify::StagedSettings,
+    sigma: f64,
+    start: std::time::Instant,
+) -> caf::store::CertRow {
+    let predict = cert.predict.map_or(-1, i64::from);
+    caf::store::CertRow {
+        idx: idx as u64,
+        label,
+        predict,
+        radius: cert.radius,
+        correct: predict == label as i64,
+        c_hat: cert.c_hat,
+        n_a: cert.n_a,
+        n: cert.draws,
+        n0: s.n0,
+        alpha: s.alpha,
+        sigma,
+        seconds: start.elapsed().as_secs_f64(),
+        sequential: None,
+    }
 }
 
 fn default_weights(arch: Arch) -> Option<PathBuf> {

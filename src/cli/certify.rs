@@ -22,6 +22,13 @@ use super::signals::{self, Notices};
 /// at most `--n-max` (default `--n`) estimation draws.
 pub fn procedure(settings: Settings, m: &CertifyModeArgs) -> Result<Procedure> {
     let sequential = match m.mode {
+        _ if !m.stages.is_empty() && m.mode != CertifyModeArg::Staged => {
+            bail!(usage("--stages applies to --mode staged only"));
+        }
+        CertifyModeArg::Staged => bail!(usage(
+            "--mode staged is a comparison run by `caf bench certify --mode staged`; a \
+             certification takes --mode cohen or sequential"
+        )),
         CertifyModeArg::Cohen => {
             if !m.radii.is_empty() || m.n_max.is_some() || m.stop_if_wrong {
                 bail!(usage(

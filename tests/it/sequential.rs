@@ -99,3 +99,63 @@ fn a_sequential_study_runs_exports_recomputable_rows_and_reports_its_radii() {
     );
     assert!(!acr.contains(seq_id), "{acr}");
 }
+
+/// The staged Clopper–Pearson comparison of `caf bench certify`: each image stops at a stage,
+/// and its radius recomputes from (n_A, n, α, number of stages); `caf certify` refuses it.
+#[test]
+fn bench_certify_staged_stops_at_a_stage_with_a_recomputable_radius() {
+    let dir = Dir::new();
+    let weights = resnet20_weights().display().to_string();
+    let data = shared_data().join("cifar10-jpeg").display().to_string();
+    let common = [
+        "--weights",
+        &weights,
+        "--data-root",
+        &data,
+        "--sigma",
+        "0.25",
+        "--n0",
+        "20",
+    ];
+    let mut args = vec!["bench", "certify", "--images", "3", "--skip", "700"];
+    args.extend(common);
+    args.extend([
+        "--n", "2000", "--batch", "200", "--mode", "staged", "--stages", "200,2000", "--radii",
+        "0.1,0.25", "--json",
+    ]);
+    let out = ok(&dir.run(&args));
+    assert!(out.contains("certified at r = 0.25: "), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&out[out.find('{').expect("JSON after the summary")..]).unwrap();
+    assert_eq!(json["stages"], serde_json::json!([200, 2000]));
+    let rows = json["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        let (n_a, n) = (r["n_a"].as_u64().unwrap(), r["n"].as_u64().unwrap());
+        assert!(n == 200 || n == 2000, "{r}");
+        let (lower, _) = caf::certify::sequential::staged_lower_upper(n_a, n, 0.001, 2);
+        let want = if lower > 0.5 {
+            caf::certify::stats::radius(0.25, lower)
+        } else {
+            0.0
+        };
+        assert!((r["radius"].as_f64().unwrap() - want).abs() < 1e-12, "{r}");
+    }
+
+    // A certification run takes cohen or sequential; --stages belongs to staged.
+    let mut args = vec!["certify", "--arch", "resnet20", "--out", "o.tsv"];
+    args.extend(common);
+    let mut staged = args.clone();
+    staged.extend(["--mode", "staged"]);
+    let out = dir.run(&staged);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("caf bench certify --mode staged"),
+        "{}",
+        text(&out.stderr)
+    );
+    args.extend(["--mode", "sequential", "--radii", "0.25", "--stages", "100"]);
+    let out = dir.run(&args);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--stages applies to --mode staged only"));
+}
