@@ -285,9 +285,7 @@ impl<'m> Smooth<'m> {
         let mut stream = NoiseStream::new(key, Phase::Estimation);
         let mut buf = Vec::new();
         let mut hits_of = |k: usize, active: &[bool]| -> Result<Vec<u64>, CertifyError> {
-            stream.fill_noisy(image, k, &mut buf);
-            let (c, h, w) = self.input;
-            let x = Tensor::from_slice(&buf, (k, c, h, w), &self.device)?;
+            let x = self.noisy_batch(&mut stream, image, k, &mut buf)?;
             let logits = self.set.logits_active(&x, active)?;
             if logits.len() != starts.len() {
                 return Err(CertifyError::BatchMismatch {
@@ -300,14 +298,7 @@ impl<'m> Smooth<'m> {
                 let (Some(l), Start::Estimate(c_hat)) = (l, st) else {
                     continue;
                 };
-                let preds = l.argmax(1)?.to_vec1::<u32>()?;
-                if preds.len() != k {
-                    return Err(CertifyError::BatchMismatch {
-                        got: preds.len(),
-                        want: k,
-                    });
-                }
-                *h = preds.iter().filter(|&&p| p == *c_hat).count() as u64;
+                *h = predictions(l, k)?.iter().filter(|&&p| p == *c_hat).count() as u64;
             }
             Ok(hits)
         };
@@ -336,21 +327,15 @@ impl<'m> Smooth<'m> {
         let mut stream = NoiseStream::new(key, Phase::Estimation);
         let mut buf = Vec::new();
         let mut hits_of = |k: usize| -> Result<u64, CertifyError> {
-            stream.fill_noisy(image, k, &mut buf);
-            let (c, h, w) = self.input;
-            let x = Tensor::from_slice(&buf, (k, c, h, w), &self.device)?;
+            let x = self.noisy_batch(&mut stream, image, k, &mut buf)?;
             let logits = self.set.logits_all(&x)?;
             let first = logits
                 .first()
                 .ok_or(CertifyError::BatchMismatch { got: 0, want: 1 })?;
-            let preds = first.argmax(1)?.to_vec1::<u32>()?;
-            if preds.len() != k {
-                return Err(CertifyError::BatchMismatch {
-                    got: preds.len(),
-                    want: k,
-                });
-            }
-            Ok(preds.iter().filter(|&&p| p == c_hat).count() as u64)
+            Ok(predictions(first, k)?
+                .iter()
+                .filter(|&&p| p == c_hat)
+                .count() as u64)
         };
         sequential::certify_staged(c_hat, self.sigma, s, |k| {
             hits_of(k).map_err(sequential::SequentialError::from)
@@ -385,6 +370,19 @@ impl<'m> Smooth<'m> {
     }
 
     /// Class counts of every member over `num` noisy copies of `image`.
+    /// The next `k` noisy copies of `image` from `stream`, as a batch on the device.
+    fn noisy_batch(
+        &self,
+        stream: &mut NoiseStream,
+        image: &[f32],
+        k: usize,
+        buf: &mut Vec<f32>,
+    ) -> Result<Tensor, CertifyError> {
+        stream.fill_noisy(image, k, buf);
+        let (c, h, w) = self.input;
+        Ok(Tensor::from_slice(buf, (k, c, h, w), &self.device)?)
+    }
+
     fn sample_counts(
         &self,
         image: &[f32],
@@ -399,9 +397,7 @@ impl<'m> Smooth<'m> {
         let mut remaining = num;
         while remaining > 0 {
             let this = remaining.min(batch as u64) as usize;
-            stream.fill_noisy(image, this, &mut buf);
-            let (c, h, w) = self.input;
-            let x = Tensor::from_slice(&buf, (this, c, h, w), &self.device)?;
+            let x = self.noisy_batch(&mut stream, image, this, &mut buf)?;
             let logits = self.set.logits_all(&x)?;
             if logits.len() != counts.len() {
                 return Err(CertifyError::BatchMismatch {
@@ -410,14 +406,7 @@ impl<'m> Smooth<'m> {
                 });
             }
             for (member, l) in counts.iter_mut().zip(logits) {
-                let preds = l.argmax(1)?.to_vec1::<u32>()?;
-                if preds.len() != this {
-                    return Err(CertifyError::BatchMismatch {
-                        got: preds.len(),
-                        want: this,
-                    });
-                }
-                for p in preds {
+                for p in predictions(&l, this)? {
                     if let Some(c) = member.get_mut(p as usize) {
                         *c += 1;
                     }
@@ -461,6 +450,18 @@ pub fn certificate_from_counts(
 /// argmax of the logits per row.
 pub fn predict_classes(model: &dyn Classifier, x: &Tensor) -> candle_core::Result<Vec<u32>> {
     model.logits(x)?.argmax(1)?.to_vec1::<u32>()
+}
+
+/// The predicted class of each of the `k` rows of `logits`.
+fn predictions(logits: &Tensor, k: usize) -> Result<Vec<u32>, CertifyError> {
+    let preds = logits.argmax(1)?.to_vec1::<u32>()?;
+    if preds.len() != k {
+        return Err(CertifyError::BatchMismatch {
+            got: preds.len(),
+            want: k,
+        });
+    }
+    Ok(preds)
 }
 
 /// Index of the largest count; ties go to the lowest index (numpy's argmax).

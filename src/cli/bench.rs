@@ -227,22 +227,21 @@ fn staged_row(
     sigma: f64,
     start: std::time::Instant,
 ) -> caf::store::CertRow {
-    let predict = cert.predict.map_or(-1, i64::from);
-    caf::store::CertRow {
-        idx: idx as u64,
-        label,
-        predict,
+    let as_cohen = caf::certify::Certificate {
+        predict: cert.predict,
         radius: cert.radius,
-        correct: predict == label as i64,
         c_hat: cert.c_hat,
         n_a: cert.n_a,
         n: cert.draws,
+    };
+    let settings = caf::certify::Settings {
         n0: s.n0,
+        n: cert.draws,
         alpha: s.alpha,
-        sigma,
-        seconds: start.elapsed().as_secs_f64(),
-        sequential: None,
-    }
+        batch: s.batch,
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    caf::methods::slice::cert_row(idx, label, &as_cohen, &settings, sigma, seconds)
 }
 
 fn default_weights(arch: Arch) -> Option<PathBuf> {
