@@ -15,6 +15,7 @@ pub mod copy;
 #[cfg(test)]
 mod copy_tests;
 mod liveness;
+mod migrations;
 pub mod postgres;
 mod rows;
 pub mod sqlite;

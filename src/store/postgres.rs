@@ -24,9 +24,7 @@ mod copy_io {
     ));
 }
 
-/// The PostgreSQL dialect of `migrations/sqlite`: one file per SQLite migration with the same
-/// version, so both backends report the same schema version.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+pub use super::migrations::POSTGRES_MIGRATOR as MIGRATOR;
 
 /// Key of the transaction-level advisory lock that serializes plan registrations and imports
 /// (what SQLite's `BEGIN IMMEDIATE` gives the SQLite backend): both read a study's revision

@@ -25,7 +25,7 @@ mod copy_io {
     ));
 }
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+pub use super::migrations::SQLITE_MIGRATOR as MIGRATOR;
 
 #[derive(Clone)]
 pub struct SqliteStore {
