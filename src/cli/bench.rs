@@ -425,7 +425,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 t.sigma,
                 &device,
             )?;
-            let flops = budget::rs_train_flops(depth, None)
+            let flops = budget::rs_train_flops(Arch::CifarResNet { depth }, None)
                 .ok_or_else(|| usage(format!("no FLOP count for resnet{depth}")))?;
             (report, flops.0)
         }

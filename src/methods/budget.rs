@@ -119,13 +119,18 @@ pub fn denoised_train_flops(
     (frozen + 3.0 * dflops as f64, dparams, dflops)
 }
 
-/// Training FLOPs per image of a whole CIFAR ResNet, with or without SmoothAdv's attack.
-pub fn rs_train_flops(
-    depth: usize,
-    smoothadv: Option<&SmoothAdvConfig>,
-) -> Option<(f64, u64, u64)> {
-    let c = cifar_resnet_cost(depth, NUM_CLASSES).ok()?;
-    let f = c.flops_per_image as f64;
+/// Training FLOPs per image and (params, forward FLOPs) of a whole CIFAR ResNet or ViT, with or
+/// without SmoothAdv's attack (backward ≈ twice the forward).
+pub fn rs_train_flops(arch: Arch, smoothadv: Option<&SmoothAdvConfig>) -> Option<(f64, u64, u64)> {
+    let (params, forward) = match arch {
+        Arch::CifarResNet { depth } => {
+            let c = cifar_resnet_cost(depth, NUM_CLASSES).ok()?;
+            (c.params, c.flops_per_image)
+        }
+        Arch::Vit(name) => VitConfig::named(name).cost(NUM_CLASSES),
+        _ => return None,
+    };
+    let f = forward as f64;
     let per = match smoothadv {
         None => 3.0 * f,
         // m noisy copies trained, and T attack steps of forward + input backward on them.
@@ -134,7 +139,7 @@ pub fn rs_train_flops(
             3.0 * f * m + 2.0 * f * m * a.steps as f64
         }
     };
-    Some((per, c.params, c.flops_per_image))
+    Some((per, params, forward))
 }
 
 /// Training FLOPs per image and trained (params, forward FLOPs) of a training job's params.
@@ -152,10 +157,7 @@ pub fn per_image(kind: &str, params: &serde_json::Value) -> Option<(f64, u64, u6
         }
         super::rs::KIND => {
             let p: TrainRsParams = serde_json::from_value(params.clone()).ok()?;
-            match p.arch.parse::<Arch>() {
-                Ok(Arch::CifarResNet { depth }) => rs_train_flops(depth, p.smoothadv.as_ref()),
-                _ => None,
-            }
+            rs_train_flops(p.arch.parse().ok()?, p.smoothadv.as_ref())
         }
         _ => None,
     }

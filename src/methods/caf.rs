@@ -150,11 +150,11 @@ fn plan_training(
     ctx: &mut PlanContext<'_>,
     sigma: f64,
 ) -> Result<(Vec<Job>, ModelSource), SpecError> {
-    let (backbone_name, model) = common::backbone_ref(cell, ctx)?;
+    let (backbone_name, model) = super::backbone::of_cell(cell, ctx)?;
     let mut jobs = Vec::new();
     let backbone = match common::string(cell, ctx, "base")? {
-        None => ModelSource::Pretrained { model },
-        Some((b, _)) if b == "clean" => ModelSource::Pretrained { model },
+        None => model,
+        Some((b, _)) if b == "clean" => model,
         Some((b, _)) if b == "rs" => {
             let (job, source) = rs::plan_training(cell, ctx, "rs_", sigma, None)?;
             jobs.push(job);
@@ -283,7 +283,7 @@ pub fn plan_ensemble(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>,
             ))
         }
     };
-    let (backbone, _) = common::backbone_ref(cell, ctx)?;
+    let (backbone, _) = super::backbone::of_cell(cell, ctx)?;
     let mut jobs = Vec::new();
     let mut members = Vec::new();
     for &s in &sigmas {

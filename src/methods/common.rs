@@ -183,40 +183,6 @@ pub fn check_known(
     Ok(())
 }
 
-/// The backbone a cell names, as a [`ModelRef`].
-pub fn backbone_ref(
-    cell: &Cell,
-    ctx: &mut PlanContext<'_>,
-) -> Result<(String, ModelRef), SpecError> {
-    let p = cell.params.get("backbone").ok_or_else(|| {
-        SpecError::whole_file(&ctx.spec.path, "a grid cell has no `backbone` parameter")
-    })?;
-    let name = p
-        .value
-        .as_str()
-        .ok_or_else(|| ctx.error_at(p.span, "expected a backbone name (string)"))?;
-    let Some(b) = ctx.spec.backbones.get(name) else {
-        let names: Vec<&str> = ctx.spec.backbones.keys().map(String::as_str).collect();
-        return Err(ctx.error_at(
-            p.span,
-            format!("unknown backbone `{name}` (defined: {})", names.join(", ")),
-        ));
-    };
-    let (arch, weights, normalize) = (b.arch.to_string(), b.weights.clone(), b.normalize);
-    let onnx = b.onnx.clone();
-    let weights_sha256 = ctx.file_sha256(&weights)?;
-    Ok((
-        name.to_string(),
-        ModelRef {
-            arch,
-            weights,
-            weights_sha256,
-            normalize,
-            onnx,
-        },
-    ))
-}
-
 /// The spec's test split as a [`DataRef`].
 pub fn test_data_ref(ctx: &mut PlanContext<'_>) -> Result<DataRef, SpecError> {
     data_ref(ctx, Split::Test)

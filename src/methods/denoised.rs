@@ -116,8 +116,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         &allowed.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     let sigma = certify_job::cell_sigma(cell, ctx, "denoised")?;
-    let (backbone_name, model) = common::backbone_ref(cell, ctx)?;
-    let classifier = ModelSource::Pretrained { model };
+    let (backbone_name, classifier) = super::backbone::of_cell(cell, ctx)?;
     let denoiser = match common::string(cell, ctx, "denoiser")? {
         None => DnCnnArch::CPU_DEFAULT,
         Some((s, p)) => s

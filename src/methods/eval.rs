@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::backbone;
 use super::certify_job::cell_precision;
-use super::common::{self, DataRef, ModelRef, Slice};
+use super::common::{self, DataRef, Slice};
 use super::handler::TypedHandler;
 use super::loaded::Loaded;
 use super::results::Results;
@@ -26,7 +27,8 @@ pub const VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalParams {
     pub backbone: String,
-    pub model: ModelRef,
+    #[serde(with = "super::source::bare")]
+    pub model: ModelSource,
     pub data: DataRef,
     pub slice: Slice,
     pub batch: usize,
@@ -41,7 +43,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
         "clean",
         &["backbone", "batch", "skip", "max", "precision"],
     )?;
-    let (backbone, model) = common::backbone_ref(cell, ctx)?;
+    let (backbone, model) = backbone::of_cell(cell, ctx)?;
     let data = common::test_data_ref(ctx)?;
     let c = &ctx.spec.certify;
     let mut slice = Slice {
@@ -70,12 +72,13 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
 
 pub fn job(
     backbone: &str,
-    model: ModelRef,
+    model: ModelSource,
     data: DataRef,
     slice: Slice,
     batch: usize,
     precision: Precision,
 ) -> Job {
+    let deps = model.deps();
     let params = EvalParams {
         backbone: backbone.to_string(),
         model,
@@ -96,7 +99,7 @@ pub fn job(
         // shared between cells that certify with different batches.
         identity: common::identity_of(&value, &["weights", "root", "backbone", "batch"]),
         params: value,
-        deps: vec![],
+        deps,
     }
     .build()
 }
@@ -138,14 +141,11 @@ impl TypedHandler for EvalHandler {
         p: EvalParams,
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
-        // Named like a certify job's pretrained model, so the two share one load.
-        let source = ModelSource::Pretrained {
-            model: p.model.clone(),
-        };
+        // Keyed like a certify job's model, so the two share one load.
         let model = self
             .loaded
-            .model(&source, p.precision, ctx.device, device, || {
-                p.model.load(device)
+            .model(&p.model, p.precision, ctx.device, device, || {
+                p.model.load(ctx.sink.as_ref(), device)
             })?;
         let data = self.loaded.data(&p.data)?;
         super::common::check_classes(model.num_classes(), &data)?;

@@ -5,7 +5,8 @@
 //! [`registry`] if it brings a job kind of its own); the planner, the scheduler and the store
 //! stay untouched, since they reach methods only through [`planner`] and [`registry`].
 //!
-//! Methods: `smooth` (certify the backbone as it is), `clean` (only its clean accuracy), `rs`
+//! A cell's backbone is a checkpoint file or a network the study trains clean first
+//! ([`backbone`]). Methods: `smooth` (certify the backbone as it is), `clean` (only its clean accuracy), `rs`
 //! (Gaussian-augmentation training), `smoothadv` (SmoothAdv adversarial training), `caf`
 //! (certifying adapters on a frozen backbone, clean or rs- or smoothadv-trained),
 //! `caf-ensemble` (one adapter per σ, certified across all σ) and `denoised` (denoised
@@ -17,6 +18,7 @@
 //! `train-denoised` (training under noise, resumable from checkpoints; [`train_job`] runs the
 //! loop of [`train`] inside a job).
 
+pub mod backbone;
 pub mod budget;
 pub mod caf;
 pub mod certify_job;
@@ -138,7 +140,12 @@ impl CellPlanner for Planner {
                 ),
             ));
         };
-        let jobs = (m.plan)(cell, ctx)?;
+        let mut jobs = (m.plan)(cell, ctx)?;
+        // A backbone the study trains is trained before anything uses it: its job belongs to
+        // every cell that names it (the plan keeps one).
+        if let Some(training) = backbone::training_of_cell(cell, ctx)? {
+            jobs.insert(0, training);
+        }
         let outputs = cell_outputs(&jobs);
         Ok(PlannedCell {
             method,

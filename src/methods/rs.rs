@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::backbone;
 use super::certify_job;
-use super::common::{self, DataRef, ModelRef};
+use super::common::{self, DataRef};
 use super::handler::TypedHandler;
 use super::results::Results;
 use super::smoothadv::{SmoothAdvConfig, SmoothAdvLoss};
@@ -30,8 +31,10 @@ pub struct TrainRsParams {
     pub backbone: String,
     pub arch: String,
     pub normalize: Normalize,
-    /// Start from these weights (fine-tuning); `None` = from scratch.
-    pub init: Option<ModelRef>,
+    /// Start from these weights (fine-tuning): a file, or a backbone the study trained;
+    /// `None` = from scratch. A file is stored as the bare [`ModelRef`] it always was.
+    #[serde(with = "super::source::bare_option")]
+    pub init: Option<ModelSource>,
     pub data: DataRef,
     pub train: TrainConfig,
     /// SmoothAdv's adversarial training instead of plain Gaussian augmentation. Absent from
@@ -106,9 +109,9 @@ pub fn plan_training(
     sigma: f64,
     smoothadv: Option<SmoothAdvConfig>,
 ) -> Result<(Job, ModelSource), SpecError> {
-    let (backbone, model) = common::backbone_ref(cell, ctx)?;
-    let arch = match model.arch.parse::<Arch>() {
-        Ok(a @ (Arch::CifarResNet { .. } | Arch::Vit(_))) => a,
+    let (backbone, model) = backbone::of_cell(cell, ctx)?;
+    let (arch, normalize) = match (model.arch().map(str::parse::<Arch>), model.normalize()) {
+        (Some(Ok(a @ (Arch::CifarResNet { .. } | Arch::Vit(_)))), Some(n)) => (a, n),
         _ => {
             let span = cell
                 .params
@@ -120,7 +123,7 @@ pub fn plan_training(
                 format!(
                     "rs and smoothadv train the whole network: a CIFAR ResNet or a ViT, \
                      `{backbone}` is {} (use it frozen with method caf, or smooth it as it is)",
-                    model.arch
+                    model.arch().unwrap_or("not a single network")
                 ),
             ));
         }
@@ -139,20 +142,18 @@ pub fn plan_training(
     let mut train = train_job::train_config(cell, ctx, prefix, default_config())?;
     train.sigma = sigma;
     let data = common::train_data_ref(ctx)?;
-    let params = TrainRsParams {
+    let mut params = TrainRsParams {
         backbone: backbone.clone(),
         arch: arch.to_string(),
-        normalize: model.normalize,
+        normalize,
         init,
         data,
         train,
         smoothadv,
     };
-    let mut params = params;
-    let mut value = serde_json::to_value(&params).unwrap_or_default();
+    let value = serde_json::to_value(&params).unwrap_or_default();
     if let Some(e) = super::budget::budget_epochs(cell, ctx, prefix, KIND, &value, &params.train)? {
         params.train.epochs = e;
-        value = serde_json::to_value(&params).unwrap_or_default();
     }
     let label = match &params.smoothadv {
         None => format!("train-rs {backbone} σ={sigma}"),
@@ -161,7 +162,21 @@ pub fn plan_training(
             a.epsilon, a.steps, a.noise_draws
         ),
     };
-    let job = JobBuilder {
+    let arch = params.arch.clone();
+    let job = training_job(params, label);
+    let source = ModelSource::Rs {
+        job: job.id.clone(),
+        arch,
+        normalize,
+    };
+    Ok((job, source))
+}
+
+/// The `train-rs` job of `params`: it depends on the job that trained its initial weights,
+/// if any.
+pub fn training_job(params: TrainRsParams, label: String) -> Job {
+    let value = serde_json::to_value(&params).unwrap_or_default();
+    JobBuilder {
         kind: KIND,
         version: VERSION,
         label,
@@ -170,16 +185,14 @@ pub fn plan_training(
             &["weights", "root", "backbone", "checkpoint_every_steps"],
         ),
         params: value,
-        deps: vec![],
+        deps: params
+            .init
+            .as_ref()
+            .map(ModelSource::deps)
+            .unwrap_or_default(),
     }
     .build()
-    .counted_in(ProgressUnit::Epochs);
-    let source = ModelSource::Rs {
-        job: job.id.clone(),
-        arch: params.arch,
-        normalize: model.normalize,
-    };
-    Ok((job, source))
+    .counted_in(ProgressUnit::Epochs)
 }
 
 pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecError> {
@@ -190,7 +203,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     common::check_known(cell, ctx, "rs", &allowed_ref)?;
     let sigma = certify_job::cell_sigma(cell, ctx, "rs")?;
     let (train_job, source) = plan_training(cell, ctx, "", sigma, None)?;
-    let (backbone, _) = common::backbone_ref(cell, ctx)?;
+    let (backbone, _) = backbone::of_cell(cell, ctx)?;
     let cert =
         certify_job::certify_job(cell, ctx, source, format!("rs {backbone} σ={sigma}"), sigma)?;
     Ok(vec![train_job, cert])
@@ -242,10 +255,7 @@ impl TypedHandler for TrainRsHandler {
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
         let init = match &p.init {
-            Some(m) => {
-                m.check()?;
-                Some(models::load_state_dict(&m.weights, device).map_err(JobError::fatal)?)
-            }
+            Some(m) => Some(m.state_dict(ctx.sink.as_ref(), device)?),
             None => None,
         };
         let varmap = candle_nn::VarMap::new();

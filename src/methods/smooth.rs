@@ -3,7 +3,6 @@
 
 use super::certify_job::{self, cell_precision, cell_settings, cell_sigma, CERTIFY_KEYS};
 use super::common;
-use super::source::ModelSource;
 use crate::plan::{Job, PlanContext};
 use crate::spec::{Cell, SpecError};
 
@@ -11,7 +10,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     let mut allowed = vec!["backbone", "sigma"];
     allowed.extend(CERTIFY_KEYS);
     common::check_known(cell, ctx, "smooth", &allowed)?;
-    let (backbone, model) = common::backbone_ref(cell, ctx)?;
+    let (backbone, model) = super::backbone::of_cell(cell, ctx)?;
     let data = common::test_data_ref(ctx)?;
     let sigma = cell_sigma(cell, ctx, "smooth")?;
     let (s, slice) = cell_settings(cell, ctx)?;
@@ -20,7 +19,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     let cert = certify_job::certify_job(
         cell,
         ctx,
-        ModelSource::Pretrained { model },
+        model,
         format!("smooth {backbone} σ={sigma}"),
         sigma,
     )?;

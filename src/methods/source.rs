@@ -3,10 +3,11 @@
 //! frozen classifier behind a DnCNN trained by a `train-denoised` job. Trained weights are found
 //! through the artifacts their jobs recorded and checked against their recorded SHA-256.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::Device;
-use serde::{Deserialize, Serialize};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::common::ModelRef;
 use crate::models::adapter::AdapterArch;
@@ -64,6 +65,47 @@ impl ModelSource {
                 d
             }
         }
+    }
+
+    /// The architecture of a single network (a file or an rs-trained one); `None` for a
+    /// composite model (backbone + adapter, denoiser + classifier).
+    pub fn arch(&self) -> Option<&str> {
+        match self {
+            ModelSource::Pretrained { model } => Some(&model.arch),
+            ModelSource::Rs { arch, .. } => Some(arch),
+            ModelSource::Caf { .. } | ModelSource::Denoised { .. } => None,
+        }
+    }
+
+    /// The input normalisation of a single network; `None` for a composite model.
+    pub fn normalize(&self) -> Option<Normalize> {
+        match self {
+            ModelSource::Pretrained { model } => Some(model.normalize),
+            ModelSource::Rs { normalize, .. } => Some(*normalize),
+            ModelSource::Caf { .. } | ModelSource::Denoised { .. } => None,
+        }
+    }
+
+    /// The weights of a single network as a state dict (to start training from): a file,
+    /// checked against its planned hash, or a training job's recorded weights.
+    pub fn state_dict(
+        &self,
+        sink: &dyn JobSink,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>, JobError> {
+        let path = match self {
+            ModelSource::Pretrained { model } => {
+                model.check()?;
+                model.weights.clone()
+            }
+            ModelSource::Rs { job, .. } => trained_weights(sink, job)?,
+            ModelSource::Caf { .. } | ModelSource::Denoised { .. } => {
+                return Err(JobError::fatal(
+                    "a CAF or denoised model cannot initialise a whole network",
+                ))
+            }
+        };
+        models::load_state_dict(&path, device).map_err(JobError::fatal)
     }
 
     /// The model as a classifier (frozen, eval mode).
@@ -181,6 +223,62 @@ fn resnet_depth(arch: &str) -> Result<usize, JobError> {
     }
 }
 
+/// Serde of a [`ModelSource`] in params that held a bare [`ModelRef`] before backbones could
+/// be trained by a study (`eval`'s model, `train-rs`'s init): a file is written as that
+/// `ModelRef`, so the ids of every job planned before stay, and a trained model as the tagged
+/// `ModelSource`. Reading accepts both.
+pub mod bare {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    pub(super) enum Either {
+        Tagged(ModelSource),
+        File(ModelRef),
+    }
+
+    impl From<Either> for ModelSource {
+        fn from(e: Either) -> Self {
+            match e {
+                Either::Tagged(m) => m,
+                Either::File(model) => ModelSource::Pretrained { model },
+            }
+        }
+    }
+
+    pub fn serialize<S: Serializer>(m: &ModelSource, s: S) -> Result<S::Ok, S::Error> {
+        match m {
+            ModelSource::Pretrained { model } => model.serialize(s),
+            other => other.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ModelSource, D::Error> {
+        Either::deserialize(d).map(Into::into)
+    }
+}
+
+/// [`bare`] for an optional model (`None` is `null`).
+pub mod bare_option {
+    use super::*;
+
+    struct Bare<'a>(&'a ModelSource);
+
+    impl Serialize for Bare<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            bare::serialize(self.0, s)
+        }
+    }
+
+    pub fn serialize<S: Serializer>(m: &Option<ModelSource>, s: S) -> Result<S::Ok, S::Error> {
+        m.as_ref().map(Bare).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ModelSource>, D::Error> {
+        Ok(Option::<bare::Either>::deserialize(d)?.map(Into::into))
+    }
+}
+
 /// The recorded weights of a finished training job, checked against their SHA-256.
 ///
 /// The store's artifact row is the truth; the file is only trusted if its bytes hash to what
@@ -281,5 +379,46 @@ mod tests {
             "{e}"
         );
         assert!(e.message.contains("every worker sees"), "{e}");
+    }
+
+    #[test]
+    fn a_file_keeps_its_bare_form_and_a_trained_model_is_tagged() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct P {
+            #[serde(with = "bare")]
+            model: ModelSource,
+            #[serde(with = "bare_option")]
+            init: Option<ModelSource>,
+        }
+        let file = ModelRef {
+            arch: "resnet20".into(),
+            weights: "/w.th".into(),
+            weights_sha256: "ab".into(),
+            normalize: Normalize::IDENTITY,
+            onnx: Default::default(),
+        };
+        let trained = ModelSource::Rs {
+            job: JobId::new("0123456789abcdef".to_string()),
+            arch: "resnet20".into(),
+            normalize: Normalize::IDENTITY,
+        };
+        let p = P {
+            model: ModelSource::Pretrained {
+                model: file.clone(),
+            },
+            init: Some(trained.clone()),
+        };
+        let v = serde_json::to_value(&p).expect("serialize");
+        // Exactly the ModelRef's own form, as params held before.
+        assert_eq!(v["model"], serde_json::to_value(&file).expect("ref"));
+        assert_eq!(v["init"]["kind"], "rs");
+        assert_eq!(serde_json::from_value::<P>(v).expect("read back"), p);
+        let none = P {
+            model: trained,
+            init: None,
+        };
+        let v = serde_json::to_value(&none).expect("serialize");
+        assert!(v["init"].is_null());
+        assert_eq!(serde_json::from_value::<P>(v).expect("read back"), none);
     }
 }

@@ -14,8 +14,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::Value as Json;
 
-use super::read::{as_map, as_number, as_seq, did_you_mean, fields, join_names, Cx, Fields};
-use super::yaml::{abbreviate, Kind, Node, Scalar, Value};
+use super::read::{
+    as_json, as_map, as_number, as_seq, did_you_mean, fields, join_names, Cx, Fields,
+};
+use super::yaml::{abbreviate, Kind, Node};
 use super::{Backbone, Cell, Param, Span, SpecError, MAX_CELLS};
 
 /// Most rule-entry comparisons exclusion may cost (cells × total key/value pairs in `exclude`);
@@ -426,52 +428,8 @@ impl GridCx<'_> {
         })
     }
 
-    /// Arbitrary JSON-like value. Recursion is bounded by the YAML layer's depth limit.
     fn json(&self, name: &str, node: &Node) -> Result<Json, SpecError> {
-        Ok(match &node.kind {
-            Kind::Scalar(Scalar { text, value }) => match value {
-                Value::Null => Json::Null,
-                Value::Bool(b) => Json::Bool(*b),
-                Value::Int(i) => match (i64::try_from(*i), u64::try_from(*i)) {
-                    (Ok(v), _) => Json::from(v),
-                    (_, Ok(v)) => Json::from(v),
-                    // The YAML layer only produces integers in i64::MIN..=u64::MAX.
-                    _ => {
-                        return Err(self.cx.err(
-                            node.span,
-                            format!("integer out of range in parameter `{name}`"),
-                        ))
-                    }
-                },
-                Value::Float(f) => match serde_json::Number::from_f64(*f) {
-                    Some(n) => Json::Number(n),
-                    None => {
-                        return Err(self.cx.expected(
-                            node,
-                            "a finite number",
-                            &format!("parameter `{name}`"),
-                        ))
-                    }
-                },
-                Value::Str => Json::String(text.clone()),
-            },
-            Kind::Seq(items) => Json::Array(
-                items
-                    .iter()
-                    .map(|i| self.json(name, i))
-                    .collect::<Result<_, _>>()?,
-            ),
-            Kind::Map(entries) => {
-                let mut map = serde_json::Map::new();
-                for (k, v) in entries {
-                    map.insert(
-                        k.as_str().unwrap_or_default().to_string(),
-                        self.json(name, v)?,
-                    );
-                }
-                Json::Object(map)
-            }
-        })
+        as_json(self.cx, name, node)
     }
 
     fn rules(

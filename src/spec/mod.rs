@@ -116,8 +116,13 @@ pub struct DataSpec {
 #[derive(Clone, Debug)]
 pub struct Backbone {
     pub arch: Arch,
-    /// Resolved against the working directory; checked to exist.
-    pub weights: PathBuf,
+    /// Resolved against the working directory; checked to exist. `None` only for a backbone
+    /// the study trains from scratch (`train:` without `weights:`).
+    pub weights: Option<PathBuf>,
+    /// `train:`: the study trains this backbone itself, clean (cross-entropy without noise),
+    /// from `weights` when given, else from scratch. Its keys are the training keys of a grid
+    /// cell (`epochs`, `lr`, `optimizer`, …), checked when the study is planned.
+    pub train: Option<Cell>,
     pub normalize: Normalize,
     /// `feature:` / `logits:`, only for `arch: onnx`.
     pub onnx: crate::arch::OnnxOutputs,

@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use serde_json::Value as Json;
+
 use super::yaml::{abbreviate, Kind, Node, Scalar, Value};
 use super::{Span, SpecError};
 
@@ -23,6 +25,54 @@ impl Cx<'_> {
             format!("expected {what} for {field}, found {}", node.describe()),
         )
     }
+}
+
+/// A parameter's value as JSON. Recursion is bounded by the YAML layer's depth limit.
+pub fn as_json(cx: Cx, name: &str, node: &Node) -> Result<Json, SpecError> {
+    Ok(match &node.kind {
+        Kind::Scalar(Scalar { text, value }) => match value {
+            Value::Null => Json::Null,
+            Value::Bool(b) => Json::Bool(*b),
+            Value::Int(i) => match (i64::try_from(*i), u64::try_from(*i)) {
+                (Ok(v), _) => Json::from(v),
+                (_, Ok(v)) => Json::from(v),
+                // The YAML layer only produces integers in i64::MIN..=u64::MAX.
+                _ => {
+                    return Err(cx.err(
+                        node.span,
+                        format!("integer out of range in parameter `{name}`"),
+                    ))
+                }
+            },
+            Value::Float(f) => match serde_json::Number::from_f64(*f) {
+                Some(n) => Json::Number(n),
+                None => {
+                    return Err(cx.expected(
+                        node,
+                        "a finite number",
+                        &format!("parameter `{name}`"),
+                    ))
+                }
+            },
+            Value::Str => Json::String(text.clone()),
+        },
+        Kind::Seq(items) => Json::Array(
+            items
+                .iter()
+                .map(|i| as_json(cx, name, i))
+                .collect::<Result<_, _>>()?,
+        ),
+        Kind::Map(entries) => {
+            let mut map = serde_json::Map::new();
+            for (k, v) in entries {
+                map.insert(
+                    k.as_str().unwrap_or_default().to_string(),
+                    as_json(cx, name, v)?,
+                );
+            }
+            Json::Object(map)
+        }
+    })
 }
 
 /// A mapping with a fixed set of keys.

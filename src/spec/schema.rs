@@ -3,10 +3,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::read::{as_int, as_map, as_number, as_seq, as_str, check_name, fields, Cx, Fields};
+use super::read::{
+    as_int, as_json, as_map, as_number, as_seq, as_str, check_name, fields, Cx, Fields,
+};
 use super::yaml::{abbreviate, Kind, Node, Scalar, Value};
 use super::{
-    grid, Arch, Backbone, CertifyMode, CertifySettings, DataSpec, Dataset, Normalize,
+    grid, Arch, Backbone, Cell, CertifyMode, CertifySettings, DataSpec, Dataset, Normalize, Param,
     ReportSettings, Retries, Spec, SpecError,
 };
 
@@ -216,7 +218,7 @@ fn backbones(
             cx,
             value,
             &field,
-            &["arch", "weights", "normalize", "feature", "logits"],
+            &["arch", "weights", "train", "normalize", "feature", "logits"],
         )?;
 
         let arch_node = f.required(cx, "arch")?;
@@ -254,23 +256,64 @@ fn backbones(
             *slot = Some(name.to_string());
         }
 
-        let weights_node = f.required(cx, "weights")?;
-        let weights = resolve(cx, weights_node, &f.name("weights"), base_dir)?;
-        match std::fs::metadata(&weights) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => {
-                return Err(cx.err(
-                    weights_node.span,
-                    format!("weights path is not a file: {}", weights.display()),
-                ));
+        let train = match f.get("train") {
+            None => None,
+            Some(node) => {
+                if !matches!(arch, Arch::CifarResNet { .. } | Arch::Vit(_)) {
+                    return Err(cx.err(
+                        f.key_span("train").unwrap_or(node.span),
+                        format!(
+                            "{} trains the whole network, which caf can do for a CIFAR ResNet \
+                             or a ViT; this backbone is {arch} (give its `weights:` and use it \
+                             frozen)",
+                            f.name("train")
+                        ),
+                    ));
+                }
+                let mut params = BTreeMap::new();
+                for (key, value) in as_map(cx, node, &f.name("train"))? {
+                    let k = check_name(cx, key, "a training setting")?;
+                    let value = as_json(cx, &k, value).map(|v| Param {
+                        value: v,
+                        span: value.span,
+                    })?;
+                    params.insert(k, value);
+                }
+                Some(Cell { params })
             }
-            Err(_) => {
+        };
+
+        let weights = match (f.get("weights"), &train) {
+            (None, Some(_)) => None,
+            (None, None) => {
                 return Err(cx.err(
-                    weights_node.span,
-                    format!("weights file not found: {}", weights.display()),
-                ));
+                    value.span,
+                    format!(
+                        "{field} needs `weights:` (a checkpoint file) or `train:` (the study \
+                         trains it, clean)"
+                    ),
+                ))
             }
-        }
+            (Some(weights_node), _) => {
+                let weights = resolve(cx, weights_node, &f.name("weights"), base_dir)?;
+                match std::fs::metadata(&weights) {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => {
+                        return Err(cx.err(
+                            weights_node.span,
+                            format!("weights path is not a file: {}", weights.display()),
+                        ));
+                    }
+                    Err(_) => {
+                        return Err(cx.err(
+                            weights_node.span,
+                            format!("weights file not found: {}", weights.display()),
+                        ));
+                    }
+                }
+                Some(weights)
+            }
+        };
 
         let normalize = match f.get("normalize") {
             // The CIFAR ResNets and the linear model keep "none" (the default before the other
@@ -292,6 +335,7 @@ fn backbones(
             Backbone {
                 arch,
                 weights,
+                train,
                 normalize,
                 onnx,
                 span: value.span,

@@ -208,7 +208,7 @@ fn full_example_round_trip() {
     assert_eq!(spec.backbones.len(), 1);
     let b = &spec.backbones["resnet20"];
     assert_eq!(b.arch, Arch::CifarResNet { depth: 20 });
-    assert_eq!(b.weights, base().join(WEIGHTS));
+    assert_eq!(b.weights, Some(base().join(WEIGHTS)));
     assert_eq!(
         b.normalize,
         Normalize {
@@ -306,7 +306,7 @@ fn load_resolves_relative_paths_against_the_working_directory() {
     let rel = Path::new("tests/spec_corpus/valid/minimal.yaml");
     let spec = Spec::load(rel).unwrap();
     assert_eq!(spec.path, cwd.join(rel));
-    assert_eq!(spec.backbones["resnet20"].weights, cwd.join(WEIGHTS));
+    assert_eq!(spec.backbones["resnet20"].weights, Some(cwd.join(WEIGHTS)));
     assert_eq!(spec.data.root, cwd.join(DATA));
 }
 
@@ -353,7 +353,7 @@ fn absolute_paths_are_used_as_given() {
     let abs = base().join(WEIGHTS);
     let text =
         head().replace(WEIGHTS, abs.to_str().unwrap()) + "grid:\n  params: {method: smooth}\n";
-    assert_eq!(ok(&text).backbones["resnet20"].weights, abs);
+    assert_eq!(ok(&text).backbones["resnet20"].weights, Some(abs));
 }
 
 // ---------------------------------------------------------------------------- hostile input
@@ -1377,4 +1377,37 @@ fn retries_are_read_and_bad_caps_are_located() {
     let text = format!("retries: {{attempt: 5}}\n{}", grid(body));
     let e = parse(&text).unwrap_err();
     assert!(e.message.contains("attempts"), "did you mean: {e}");
+}
+
+#[test]
+fn a_backbone_has_weights_or_training_and_only_trainable_archs_train() {
+    let text = format!(
+        "name: t\nseed: 0\ndata: {{dataset: cifar10, root: {DATA}}}\nbackbones:\n  v:\n    arch: vit_cifar_tiny_patch4_32\n    train: {{epochs: 3, lr: 0.001}}\n  r:\n    arch: resnet20\n    weights: {WEIGHTS}\n    train: {{epochs: 1}}\ngrid:\n  params: {{method: smooth, backbone: v}}\n"
+    );
+    let spec = ok(&text);
+    let v = &spec.backbones["v"];
+    assert_eq!(v.weights, None);
+    let train = v.train.as_ref().expect("train");
+    assert_eq!(train.params["epochs"].value, json!(3));
+    assert_eq!(train.params["lr"].value, json!(0.001));
+    assert_eq!(train.params["lr"].span, Span { line: 7, col: 28 });
+    assert!(spec.backbones["r"].weights.is_some() && spec.backbones["r"].train.is_some());
+
+    let neither = format!(
+        "name: t\nseed: 0\ndata: {{dataset: cifar10, root: {DATA}}}\nbackbones:\n  v:\n    arch: vit_cifar_tiny_patch4_32\ngrid:\n  params: {{method: smooth, backbone: v}}\n"
+    );
+    fail_at(
+        &neither,
+        6,
+        5,
+        "needs `weights:` (a checkpoint file) or `train:`",
+    );
+    let frozen_only = format!(
+        "name: t\nseed: 0\ndata: {{dataset: cifar10, root: {DATA}}}\nbackbones:\n  r:\n    arch: resnet50\n    weights: {WEIGHTS}\n    train: {{epochs: 1}}\ngrid:\n  params: {{method: smooth, backbone: r}}\n"
+    );
+    fail_at(&frozen_only, 8, 5, "a CIFAR ResNet or a ViT");
+    let not_a_map = format!(
+        "name: t\nseed: 0\ndata: {{dataset: cifar10, root: {DATA}}}\nbackbones:\n  v:\n    arch: vit_cifar_tiny_patch4_32\n    train: 3\ngrid:\n  params: {{method: smooth, backbone: v}}\n"
+    );
+    fail_at(&not_a_map, 7, 12, "backbones.v.train");
 }

@@ -202,3 +202,86 @@ fn rs_smoothadv_and_denoised_smoothing_train_and_certify_a_vit() {
         1 + 5
     );
 }
+
+/// A backbone the study trains itself (the ViT CPU demonstration's first step): `train:` in
+/// place of `weights:` trains it clean from scratch, once, and then it is smoothed, RS-fine-tuned
+/// and frozen under an adapter like any checkpoint; its weights load as a timm checkpoint.
+#[test]
+fn a_backbone_trained_clean_by_the_study_serves_smooth_rs_and_caf() {
+    let dir = Dir::new();
+    let small = "epochs: 1, max_train: 64, val_size: 32, train_batch: 32";
+    let spec = format!(
+        "name: vit-trained
+seed: 5
+data:
+  dataset: cifar10
+  root: {data}
+backbones:
+  vit:
+    arch: vit_cifar_tiny_patch4_32
+    train: {{{small}, optimizer: adamw, lr: 0.001}}
+certify: {{n0: 10, n: 100, batch: 110, skip: 2000}}
+grid:
+  params: {{backbone: vit, sigma: 0.25}}
+  axes:
+    method: [smooth, rs, caf]
+  methods:
+    rs: {{params: {{{small}}}}}
+    caf: {{params: {{adapter: \"cnn:8:2\", {small}}}}}
+",
+        data = shared_data().join("cifar10-jpeg").display(),
+    );
+    dir.write("trained.yaml", &spec);
+    let plan = ok(&dir.run(&["plan", "trained.yaml"]));
+    assert!(plan.contains("train-clean vit from scratch"), "{plan}");
+    ok(&dir.run(&["run", "trained.yaml", "--db", "t.db", "--artifacts", "art"]));
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "t.db"]))).unwrap();
+    let jobs = v[0]["jobs"].as_array().unwrap();
+    let clean: Vec<&serde_json::Value> = jobs
+        .iter()
+        .filter(|j| j["label"] == "train-clean vit from scratch")
+        .collect();
+    assert_eq!(clean.len(), 1, "{jobs:#?}");
+    let kinds = |k: &str| jobs.iter().filter(|j| j["kind"] == k).count();
+    // The clean training, rs's noisy fine-tuning of it, the adapter.
+    assert_eq!(
+        (kinds("train-rs"), kinds("train-caf"), kinds("eval")),
+        (2, 1, 1),
+        "{jobs:#?}"
+    );
+    for j in jobs {
+        assert_eq!(j["state"], "done", "{j}");
+    }
+    let rows = ok(&dir.run(&["export", "--db", "t.db"]));
+    // smooth, rs and caf: 5 certified images each.
+    assert_eq!(rows.lines().count(), 1 + 3 * 5, "{rows}");
+
+    // The clean network is an ordinary timm checkpoint.
+    let weights = clean[0]["weights"]["path"].as_str().expect("weights");
+    let net = models::load_backbone(
+        Arch::Vit(VitName::CifarTiny4),
+        std::path::Path::new(weights),
+        models::Normalize {
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        },
+        &candle_core::Device::Cpu,
+    );
+    assert!(net.is_ok(), "{:?}", net.err());
+
+    // Run again: everything is recorded, nothing retrains (same weights, same attempt).
+    let before = clean[0].clone();
+    ok(&dir.run(&["run", "trained.yaml", "--db", "t.db", "--artifacts", "art"]));
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "t.db"]))).unwrap();
+    let after = v[0]["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == before["id"])
+        .expect("the clean job")
+        .clone();
+    assert_eq!(after["weights"], before["weights"]);
+    assert_eq!(after["attempts"], before["attempts"]);
+}
