@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
+use caf::methods::source::NUM_CLASSES;
 use caf::models::{self, Arch, Normalize};
 
 use caf::store::DbLocation;
@@ -385,8 +386,14 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 .map_err(|e: models::ModelError| usage(e.to_string()))?;
             // The `train-caf` handler's construction: adapters and head on the frozen backbone.
             let phi = models::load_cifar_resnet(depth, &weights, normalize, &device)?;
-            let (model, vars) =
-                caf::methods::caf::trainable_model(phi, &adapter, &varmap, &device, 0)?;
+            let (model, vars) = caf::methods::caf::trainable_model(
+                phi,
+                &adapter,
+                NUM_CLASSES,
+                &varmap,
+                &device,
+                0,
+            )?;
             let report = caf::bench::bench_train_step(
                 &Classification { model: &model },
                 vars,
@@ -407,6 +414,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 &t.arch,
                 normalize,
                 Some(&init),
+                NUM_CLASSES,
                 &varmap,
                 &device,
             )?;

@@ -19,7 +19,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use sha2::{Digest, Sha256};
 
 use super::resize::{centre_crop, resize_bilinear, shorter_side_size};
-use super::{Chw, DataError, ImageSet, RecordOrder, Split, TrainAugment};
+use super::{Chw, DataError, ImageSet, Images, RecordOrder, Split, TrainAugment};
 
 /// Extensions torchvision's `ImageFolder` accepts; files with others are not images and are
 /// skipped as torchvision skips them.
@@ -533,8 +533,52 @@ pub fn load(root: &Path, split: Split, pre: Preprocess) -> Result<ImageSet, Data
         .with_record_order(RecordOrder::ByClass))
 }
 
+/// A split read from its files batch by batch, for training: nothing but the index and the
+/// labels stays in memory, and each batch's images are decoded in parallel (rayon) when the
+/// trainer asks for them. Preprocessed, augmented and ordered exactly as [`load`]'s set.
+pub struct Streamed {
+    index: FolderIndex,
+    pre: Preprocess,
+    labels: Vec<u16>,
+}
+
+impl Streamed {
+    /// Scans the split (no image is decoded here).
+    pub fn open(root: &Path, split: Split, pre: Preprocess) -> Result<Self, DataError> {
+        let index = scan(root, split)?;
+        let labels = index.files.iter().map(|(_, l)| *l).collect();
+        Ok(Self { index, pre, labels })
+    }
+}
+
+impl Images for Streamed {
+    fn labels(&self) -> &[u16] {
+        &self.labels
+    }
+    fn classes(&self) -> &[String] {
+        &self.index.classes
+    }
+    fn shape(&self) -> Chw {
+        self.pre.shape()
+    }
+    fn train_augment(&self) -> TrainAugment {
+        TrainAugment::ResizedCropFlip
+    }
+    fn record_order(&self) -> RecordOrder {
+        RecordOrder::ByClass
+    }
+    fn bytes(&self, idx: &[usize]) -> Result<Vec<u8>, DataError> {
+        use rayon::prelude::*;
+        let images: Vec<Vec<u8>> = idx
+            .par_iter()
+            .map(|&i| self.index.load(i, self.pre))
+            .collect::<Result<_, _>>()?;
+        Ok(images.concat())
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data::{load_cifar10, IMAGE_BYTES};
 
@@ -638,6 +682,40 @@ mod tests {
         let train = load(tmp.path(), Split::Train, pre).expect("train");
         assert_eq!(train.len(), 50);
         assert_eq!(train.train_augment(), TrainAugment::ResizedCropFlip);
+    }
+
+    #[test]
+    fn a_streamed_split_gives_the_bytes_labels_and_order_of_the_loaded_one() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        exact100_folder(tmp.path());
+        let pre = Preprocess {
+            resize: 36,
+            image_size: 32,
+        };
+        for split in [Split::Train, Split::Test] {
+            let loaded = load(tmp.path(), split, pre).expect("load");
+            let streamed = Streamed::open(tmp.path(), split, pre).expect("open");
+            let loaded: &dyn Images = &loaded;
+            assert_eq!(streamed.labels(), loaded.labels());
+            assert_eq!(streamed.classes(), loaded.classes());
+            assert_eq!(streamed.shape(), loaded.shape());
+            assert_eq!(streamed.train_augment(), loaded.train_augment());
+            assert_eq!(streamed.record_order(), loaded.record_order());
+            assert_eq!(streamed.labels_digest_bytes(), loaded.labels_digest_bytes());
+            // Any order, repeats included: a batch is whatever indices the trainer asks for.
+            let n = loaded.len();
+            let idx: Vec<usize> = (0..n).rev().chain([0, n / 2, 0]).collect();
+            assert_eq!(
+                streamed.bytes(&idx).expect("decode"),
+                loaded.bytes(&idx).expect("copy")
+            );
+        }
+        // A file that went missing is an error naming it, not a panic.
+        let streamed = Streamed::open(tmp.path(), Split::Train, pre).expect("open");
+        let gone = tmp.path().join("train").join(&streamed.classes()[0]);
+        std::fs::remove_dir_all(&gone).expect("remove");
+        let e = streamed.bytes(&[0]).unwrap_err().to_string();
+        assert!(e.contains(&gone.display().to_string()), "{e}");
     }
 
     #[test]

@@ -184,11 +184,7 @@ impl ImageSet {
     /// a byte (so CIFAR checkpoints written before labels widened still match), else two
     /// little-endian bytes each.
     pub fn labels_digest_bytes(&self) -> Vec<u8> {
-        if self.labels.iter().all(|&l| l <= u16::from(u8::MAX)) {
-            self.labels.iter().map(|&l| l as u8).collect()
-        } else {
-            self.labels.iter().flat_map(|l| l.to_le_bytes()).collect()
-        }
+        labels_digest_bytes(&self.labels)
     }
     pub fn classes(&self) -> &[String] {
         &self.classes
@@ -209,6 +205,69 @@ impl ImageSet {
             buf.extend(self.image_u8(i).iter().map(|&b| b as f32 / 255.0));
         }
         Tensor::from_vec(buf, self.shape.batch_dims(idx.len()), device)
+    }
+}
+
+/// A training split's images by index: held in memory ([`ImageSet`]), or decoded from their
+/// files batch by batch ([`imagefolder::Streamed`]) so that a split larger than memory (ImageNet's
+/// 1.28 M images are 190 GB at 224 × 224) still trains. Both give a batch the same bytes.
+pub trait Images: Sync {
+    /// Every image's label, in record order (known without decoding anything).
+    fn labels(&self) -> &[u16];
+    /// Class names, by label: a trained head has one output per class.
+    fn classes(&self) -> &[String];
+    /// (C, H, W) of every image.
+    fn shape(&self) -> Chw;
+    fn train_augment(&self) -> TrainAugment;
+    fn record_order(&self) -> RecordOrder;
+    /// The (C, H, W) bytes of images `idx`, concatenated in that order.
+    fn bytes(&self, idx: &[usize]) -> Result<Vec<u8>, DataError>;
+
+    fn len(&self) -> usize {
+        self.labels().len()
+    }
+    fn is_empty(&self) -> bool {
+        self.labels().is_empty()
+    }
+    fn label(&self, i: usize) -> u16 {
+        self.labels()[i]
+    }
+    /// See [`ImageSet::labels_digest_bytes`].
+    fn labels_digest_bytes(&self) -> Vec<u8> {
+        labels_digest_bytes(self.labels())
+    }
+}
+
+impl Images for ImageSet {
+    fn labels(&self) -> &[u16] {
+        &self.labels
+    }
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+    fn shape(&self) -> Chw {
+        self.shape
+    }
+    fn train_augment(&self) -> TrainAugment {
+        self.augment
+    }
+    fn record_order(&self) -> RecordOrder {
+        self.order
+    }
+    fn bytes(&self, idx: &[usize]) -> Result<Vec<u8>, DataError> {
+        let mut out = Vec::with_capacity(idx.len() * self.shape.len());
+        for &i in idx {
+            out.extend_from_slice(self.image_u8(i));
+        }
+        Ok(out)
+    }
+}
+
+fn labels_digest_bytes(labels: &[u16]) -> Vec<u8> {
+    if labels.iter().all(|&l| l <= u16::from(u8::MAX)) {
+        labels.iter().map(|&l| l as u8).collect()
+    } else {
+        labels.iter().flat_map(|l| l.to_le_bytes()).collect()
     }
 }
 

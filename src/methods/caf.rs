@@ -18,7 +18,7 @@ use super::common::{self, DataRef};
 use super::handler::TypedHandler;
 use super::results::Results;
 use super::rs;
-use super::source::{ModelSource, NUM_CLASSES};
+use super::source::ModelSource;
 use super::train::{OptimizerConfig, Schedule, TrainConfig};
 use super::train_job::{self, TrainRun};
 use crate::models::adapter::AdapterArch;
@@ -313,12 +313,13 @@ pub fn plan_ensemble(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>,
 pub fn trainable_model(
     phi: impl Into<Backbone>,
     adapter: &AdapterArch,
+    num_classes: usize,
     varmap: &candle_nn::VarMap,
     device: &candle_core::Device,
     seed: u64,
 ) -> Result<(CafModel, Vec<candle_core::Var>), JobError> {
     let phi = phi.into().detached().map_err(JobError::fatal)?;
-    build_caf_seeded(phi, adapter, NUM_CLASSES, varmap, device, seed).map_err(JobError::fatal)
+    build_caf_seeded(phi, adapter, num_classes, varmap, device, seed).map_err(JobError::fatal)
 }
 
 /// Runs `train-caf` jobs.
@@ -337,15 +338,19 @@ impl TypedHandler for TrainCafHandler {
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
         let phi = p.backbone.load_backbone(ctx.sink.as_ref(), device)?;
+        let data = p.data.load_train()?;
+        // The head is new: one output per class of the training data.
+        let classes = data.classes().len();
+        common::check_classes(classes, data.as_ref())?;
         let varmap = candle_nn::VarMap::new();
-        let (model, trainable) = trainable_model(phi, &p.adapter, &varmap, device, p.train.seed)?;
-        let data = p.data.load()?;
+        let (model, trainable) =
+            trainable_model(phi, &p.adapter, classes, &varmap, device, p.train.seed)?;
         TrainRun {
             ctx,
             results: self.results.as_ref(),
             varmap: &varmap,
             trainable,
-            data: &data,
+            data: data.as_ref(),
             cfg: &p.train,
             device,
         }

@@ -409,7 +409,7 @@ impl TypedHandler for CertifyHandler {
                 p.model.load(ctx.sink.as_ref(), device)
             })?;
         let data = self.loaded.data(&p.data)?;
-        super::common::check_classes(model.num_classes(), &data)?;
+        super::common::check_classes(model.num_classes(), data.as_ref())?;
         let indices = p.slice.indices(data.len());
         let done: BTreeSet<u64> = self.results.cert_done(&ctx.id)?.into_iter().collect();
         let done = [done];

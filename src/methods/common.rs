@@ -91,6 +91,20 @@ impl DataRef {
         };
         set.map_err(JobError::fatal)
     }
+
+    /// The split for training: an image folder is read from its files batch by batch (see
+    /// [`data::imagefolder::Streamed`]), anything else is loaded into memory as by [`Self::load`].
+    pub fn load_train(&self) -> Result<Box<dyn data::Images>, JobError> {
+        match (self.dataset.as_str(), self.image_size, self.resize) {
+            ("imagefolder", Some(image_size), Some(resize)) => {
+                let pre = data::imagefolder::Preprocess { resize, image_size };
+                let set = data::imagefolder::Streamed::open(&self.root, self.split, pre)
+                    .map_err(JobError::fatal)?;
+                Ok(Box::new(set))
+            }
+            _ => Ok(Box::new(self.load()?)),
+        }
+    }
 }
 
 /// Refuses to score `model_classes` logits against a data set whose labels reach past them: such
@@ -98,7 +112,7 @@ impl DataRef {
 /// (a CIFAR-10 model on CIFAR-100, or an ImageNet model on a folder of other classes). Fewer
 /// classes in the data than outputs is allowed (a subset of the model's classes, as an ImageNet
 /// validation folder of some classes) when the labels still fit; the job's log says so.
-pub fn check_classes(model_classes: usize, set: &ImageSet) -> Result<(), JobError> {
+pub fn check_classes(model_classes: usize, set: &dyn data::Images) -> Result<(), JobError> {
     let data_classes = set.classes().len();
     let top = set.labels().iter().copied().max().map_or(0, usize::from);
     if data_classes > model_classes || (!set.is_empty() && top >= model_classes) {

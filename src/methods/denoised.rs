@@ -288,13 +288,13 @@ impl TypedHandler for TrainDenoisedHandler {
             vm.load(&path)
                 .map_err(|e| JobError::fatal(format!("{}: {e}", path.display())))?;
         }
-        let data = p.data.load()?;
+        let data = p.data.load_train()?;
         TrainRun {
             ctx,
             results: self.results.as_ref(),
             varmap: &varmap,
             trainable,
-            data: &data,
+            data: data.as_ref(),
             cfg: &p.train,
             device,
         }

@@ -148,7 +148,7 @@ impl TypedHandler for EvalHandler {
                 p.model.load(ctx.sink.as_ref(), device)
             })?;
         let data = self.loaded.data(&p.data)?;
-        super::common::check_classes(model.num_classes(), &data)?;
+        super::common::check_classes(model.num_classes(), data.as_ref())?;
         let indices = p.slice.indices(data.len());
         let done: BTreeSet<u64> = self.results.eval_done(&ctx.id)?.into_iter().collect();
         let todo: Vec<usize> = indices

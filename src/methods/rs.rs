@@ -15,7 +15,7 @@ use super::common::{self, DataRef};
 use super::handler::TypedHandler;
 use super::results::Results;
 use super::smoothadv::{SmoothAdvConfig, SmoothAdvLoss};
-use super::source::{ModelSource, NUM_CLASSES};
+use super::source::ModelSource;
 use super::train::{OptimizerConfig, Schedule, TrainConfig};
 use super::train_job::{self, TrainRun};
 use crate::models::{self, Arch, Backbone, Normalize};
@@ -231,11 +231,12 @@ pub fn trainable_network(
     arch: &str,
     normalize: Normalize,
     init: Option<&HashMap<String, candle_core::Tensor>>,
+    num_classes: usize,
     varmap: &candle_nn::VarMap,
     device: &candle_core::Device,
 ) -> Result<(Backbone, Vec<candle_core::Var>), JobError> {
     let arch: Arch = arch.parse().map_err(JobError::fatal)?;
-    models::build_trainable(arch, NUM_CLASSES, normalize, varmap, device, init)
+    models::build_trainable(arch, num_classes, normalize, varmap, device, init)
         .map_err(JobError::fatal)
 }
 
@@ -258,16 +259,30 @@ impl TypedHandler for TrainRsHandler {
             Some(m) => Some(m.state_dict(ctx.sink.as_ref(), device)?),
             None => None,
         };
+        let data = p.data.load_train()?;
+        // Fine-tuning keeps the initial network's outputs; from scratch there is one per class
+        // of the training data (10 for CIFAR-10, 1,000 for ImageNet). The labels must fit.
+        let arch: Arch = p.arch.parse().map_err(JobError::fatal)?;
+        let classes = init
+            .as_ref()
+            .and_then(|sd| models::init_classes(arch, sd))
+            .unwrap_or(data.classes().len());
+        common::check_classes(classes, data.as_ref())?;
         let varmap = candle_nn::VarMap::new();
-        let (model, trainable) =
-            trainable_network(&p.arch, p.normalize, init.as_ref(), &varmap, device)?;
-        let data = p.data.load()?;
+        let (model, trainable) = trainable_network(
+            &p.arch,
+            p.normalize,
+            init.as_ref(),
+            classes,
+            &varmap,
+            device,
+        )?;
         let run = TrainRun {
             ctx,
             results: self.results.as_ref(),
             varmap: &varmap,
             trainable,
-            data: &data,
+            data: data.as_ref(),
             cfg: &p.train,
             device,
         };

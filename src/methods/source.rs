@@ -20,7 +20,8 @@ use crate::sched::{JobError, JobSink};
 /// Name of the artifact every training job records for its selected weights.
 pub const WEIGHTS: &str = "weights";
 
-/// CIFAR-10 has ten classes; the only dataset so far.
+/// CIFAR-10's ten classes: the class count of the FLOP counts in plans and of the benchmarks.
+/// Training jobs give their heads one output per class of their training data.
 pub const NUM_CLASSES: usize = 10;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -206,7 +207,9 @@ impl ModelSource {
                     .detached()
                     .map_err(JobError::fatal)?;
                 let path = trained_weights(sink, job)?;
-                load_caf(phi, adapter, NUM_CLASSES, &path, device).map_err(JobError::fatal)
+                // The head was trained with one output per class of its training data.
+                let classes = models::caf::head_classes(&path).map_err(JobError::fatal)?;
+                load_caf(phi, adapter, classes, &path, device).map_err(JobError::fatal)
             }
             _ => Err(JobError::fatal("not a CAF model")),
         }

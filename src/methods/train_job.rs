@@ -12,7 +12,7 @@ use super::source::WEIGHTS;
 use super::train::{
     self, OptimizerConfig, Schedule, TrainConfig, TrainEnd, TrainError, TrainHooks,
 };
-use crate::data::ImageSet;
+use crate::data::Images;
 use crate::plan::PlanContext;
 use crate::sched::{JobContext, JobError, JobOutput};
 use crate::spec::{Cell, SpecError};
@@ -175,7 +175,7 @@ pub struct TrainRun<'a> {
     pub results: &'a dyn Results,
     pub varmap: &'a VarMap,
     pub trainable: Vec<Var>,
-    pub data: &'a ImageSet,
+    pub data: &'a dyn Images,
     pub cfg: &'a TrainConfig,
     pub device: &'a Device,
 }

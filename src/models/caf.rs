@@ -307,6 +307,18 @@ pub(crate) fn to_f32(
 /// top of `backbone`. Names and shapes must match `arch` with `num_classes` exactly (apart
 /// from `num_batches_tracked`); otherwise the error lists the missing, unexpected and
 /// mis-shaped tensors.
+/// The number of classes of a saved CAF model: the rows of its `head.weight`.
+pub fn head_classes(weights: &Path) -> std::result::Result<usize, ModelError> {
+    let tensors = load_state_dict(weights, &Device::Cpu)?;
+    match tensors.get("head.weight").map(|t| t.dims()) {
+        Some([classes, _]) => Ok(*classes),
+        _ => Err(ModelError::Weights {
+            path: weights.to_path_buf(),
+            message: "no two-dimensional head.weight: not a CAF adapter + head file".into(),
+        }),
+    }
+}
+
 pub fn load_caf(
     backbone: impl Into<Backbone>,
     arch: &AdapterArch,

@@ -58,7 +58,7 @@ pub use onnx::{load_onnx, OnnxNet};
 pub use precision::Precision;
 pub use resnet::{BasicBlock, CifarResNet, FEATURE_DIM};
 pub use resnet50::TvResNet;
-pub use trainable::{build_trainable, build_trainable_resnet};
+pub use trainable::{build_trainable, build_trainable_resnet, init_classes};
 pub use vit::{VisionTransformer, VitConfig};
 pub use weights::{detect_format, load_state_dict, WeightFormat};
 

@@ -51,6 +51,20 @@ pub fn build_trainable(
     }
 }
 
+/// The classes of a state dict of `arch` to train from: the rows of its classifier's weight
+/// (`linear.weight` in akamaster's CIFAR ResNets, `head.weight` in timm's ViTs).
+pub fn init_classes(arch: Arch, init: &HashMap<String, Tensor>) -> Option<usize> {
+    let name = match arch {
+        Arch::CifarResNet { .. } => "linear.weight",
+        Arch::Vit(_) => "head.weight",
+        Arch::Linear | Arch::ResNet50 | Arch::Onnx => return None,
+    };
+    match init.get(name).map(Tensor::dims) {
+        Some(&[classes, _]) => Some(classes),
+        _ => None,
+    }
+}
+
 /// A CIFAR ResNet of `depth` whose parameters live in `varmap` (names at the root, as in
 /// akamaster's checkpoints, so the saved VarMap loads with
 /// [`load_cifar_resnet`](super::load_cifar_resnet)), for RS / SmoothAdv training.

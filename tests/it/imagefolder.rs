@@ -266,3 +266,70 @@ fn eval_and_certify_read_an_image_folder_as_the_binary_batches() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("32×32"), "{}", text(&out.stderr));
 }
+
+/// Heads a study trains have one output per class of its data: on a folder of three classes,
+/// CAF's new head and an `rs` network from scratch have three outputs (trained on images
+/// streamed from the files), and both certify; fine-tuning keeps the initial network's ten.
+#[test]
+fn trained_heads_have_the_classes_of_the_training_folder() {
+    let dir = Dir::new();
+    let root = dir.join("three");
+    exact100_folder(&root);
+    // Keep the first three classes (sorted names) in both splits.
+    for split in ["train", "val"] {
+        let mut classes: Vec<_> = std::fs::read_dir(root.join(split))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        classes.sort();
+        for extra in &classes[3..] {
+            std::fs::remove_dir_all(extra).unwrap();
+        }
+    }
+    let spec = spec("three")
+        .replace("    method: [smooth, rs, caf]\n", "    method: [rs, caf]\n")
+        .replace(
+            "    rs: {params:",
+            "    rs: {axes: {init: [scratch, pretrained]}, params:",
+        )
+        // About 24 training images in three classes.
+        .replace(
+            "val_size: 16, train_batch: 32",
+            "val_size: 4, train_batch: 8",
+        );
+    dir.write("three.yaml", &spec);
+    let out = dir.run(&["run", "three.yaml", "--db", "t.db", "--artifacts", "art"]);
+    ok(&out);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&dir.run(&["status", "--json", "--db", "t.db"]))).unwrap();
+    let jobs = v[0]["jobs"].as_array().expect("jobs");
+    let rows = |label_has: &str, kind: &str, tensor: &str| -> usize {
+        let job = jobs
+            .iter()
+            .find(|j| j["kind"] == kind && j["label"].as_str().unwrap().contains(label_has))
+            .unwrap_or_else(|| panic!("a {kind} job with {label_has}: {jobs:#?}"));
+        let path = job["weights"]["path"].as_str().expect("weights");
+        let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).expect("load");
+        t[tensor].dims()[0]
+    };
+    assert_eq!(rows("train-caf", "train-caf", "head.weight"), 3);
+    let rs: Vec<&serde_json::Value> = jobs.iter().filter(|j| j["kind"] == "train-rs").collect();
+    assert_eq!(rs.len(), 2, "{jobs:#?}");
+    let mut outputs: Vec<usize> = rs
+        .iter()
+        .map(|j| {
+            let path = j["weights"]["path"].as_str().expect("weights");
+            let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+            t["linear.weight"].dims()[0]
+        })
+        .collect();
+    outputs.sort_unstable();
+    assert_eq!(
+        outputs,
+        vec![3, 10],
+        "from scratch: 3 classes; fine-tuned: the init's 10"
+    );
+    for j in jobs {
+        assert_eq!(j["state"], "done", "{j}");
+    }
+}

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::data::augment::{self, CropFlip, ResizedCrop};
-use crate::data::{Chw, ImageSet, RecordOrder, TrainAugment};
+use crate::data::{Chw, Images, RecordOrder, TrainAugment};
 
 /// Zero padding of the random crop, as in the standard CIFAR recipe.
 pub const CROP_PADDING: usize = 4;
@@ -129,24 +129,25 @@ pub struct SampleSpec {
 
 /// Builds the training batch of `indices`: crop + flip (when enabled), then + σ·z.
 pub fn train_batch(
-    data: &ImageSet,
+    data: &dyn Images,
     indices: &[usize],
     spec: SampleSpec,
     device: &Device,
 ) -> candle_core::Result<Batch> {
-    let n = data.image_len();
     let (shape, how) = (data.shape(), data.train_augment());
+    let n = shape.len();
+    let bytes = data.bytes(indices).map_err(candle_core::Error::wrap)?;
     let mut buf = vec![0f32; indices.len() * n];
     let mut clean = vec![0f32; indices.len() * n];
     let no_noise = SampleSpec { sigma: 0.0, ..spec };
     buf.par_chunks_mut(n)
         .zip(clean.par_chunks_mut(n))
-        .zip(indices.par_iter())
-        .for_each(|((out, cl), &i)| {
-            sample_into(data.image_u8(i), shape, how, i, spec, out);
+        .zip(bytes.par_chunks(n).zip(indices.par_iter()))
+        .for_each(|((out, cl), (image, &i))| {
+            sample_into(image, shape, how, i, spec, out);
             // The crop and flip are drawn before the noise from the same keyed stream, so
             // this is exactly the noisy image's clean version.
-            sample_into(data.image_u8(i), shape, how, i, no_noise, cl);
+            sample_into(image, shape, how, i, no_noise, cl);
         });
     finish(data, indices, buf, clean, device)
 }
@@ -195,20 +196,21 @@ pub fn sample_into(
 /// Builds the validation batch of `indices`: clean pixels + σ·z with per-image noise that is the
 /// same in every epoch, so accuracy changes between epochs come from the model only.
 pub fn val_batch(
-    data: &ImageSet,
+    data: &dyn Images,
     indices: &[usize],
     seed: u64,
     sigma: f32,
     device: &Device,
 ) -> candle_core::Result<Batch> {
-    let n = data.image_len();
+    let n = data.shape().len();
+    let bytes = data.bytes(indices).map_err(candle_core::Error::wrap)?;
     let mut buf = vec![0f32; indices.len() * n];
     let mut clean = vec![0f32; indices.len() * n];
     buf.par_chunks_mut(n)
         .zip(clean.par_chunks_mut(n))
-        .zip(indices.par_iter())
-        .for_each(|((out, cl), &i)| {
-            for (o, &b) in out.iter_mut().zip(data.image_u8(i)) {
+        .zip(bytes.par_chunks(n).zip(indices.par_iter()))
+        .for_each(|((out, cl), (image, &i))| {
+            for (o, &b) in out.iter_mut().zip(image) {
                 *o = b as f32 / 255.0;
             }
             cl.copy_from_slice(out);
@@ -228,7 +230,7 @@ fn add_noise<R: Rng + ?Sized>(rng: &mut R, sigma: f32, out: &mut [f32]) {
 }
 
 fn finish(
-    data: &ImageSet,
+    data: &dyn Images,
     indices: &[usize],
     buf: Vec<f32>,
     clean: Vec<f32>,
@@ -250,7 +252,7 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::IMAGE_BYTES;
+    use crate::data::{ImageSet, IMAGE_BYTES};
 
     fn synthetic(n: usize) -> ImageSet {
         let pixels = (0..n * IMAGE_BYTES).map(|i| (i * 7 % 256) as u8).collect();

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{EpochMetrics, TrainConfig, TrainError};
-use crate::data::ImageSet;
+use crate::data::Images;
 
 pub const CHECKPOINT_JSON: &str = "checkpoint.json";
 pub const CHECKPOINT_TENSORS: &str = "checkpoint.safetensors";
@@ -43,7 +43,7 @@ pub struct DataFingerprint {
 }
 
 impl DataFingerprint {
-    pub fn of(data: &ImageSet) -> Self {
+    pub fn of(data: &dyn Images) -> Self {
         Self {
             images: data.len(),
             labels_sha256: hex::encode(Sha256::digest(data.labels_digest_bytes())),

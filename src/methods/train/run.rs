@@ -14,7 +14,7 @@ use super::checkpoint::{
 use super::optim::Optimizer;
 use super::schedule::LrSchedule;
 use super::{CandleContext, EpochMetrics, Select, TrainConfig, TrainEnd, TrainError, TrainHooks};
-use crate::data::ImageSet;
+use crate::data::Images;
 
 /// Trains `model` on `data` (the whole CIFAR-10 training split) as `cfg` says, checkpointing to
 /// `dir`, and resuming from the checkpoint there if one exists.
@@ -39,7 +39,7 @@ pub fn train(
     model: &dyn ModuleT,
     varmap: &VarMap,
     trainable: Vec<Var>,
-    data: &ImageSet,
+    data: &dyn Images,
     cfg: &TrainConfig,
     dir: &Path,
     device: &Device,
@@ -96,7 +96,7 @@ pub fn train_objective(
     model: &dyn Objective,
     varmap: &VarMap,
     trainable: Vec<Var>,
-    data: &ImageSet,
+    data: &dyn Images,
     cfg: &TrainConfig,
     dir: &Path,
     device: &Device,
@@ -566,7 +566,7 @@ enum Validation {
 /// Noisy validation in eval mode, with the same noise for each image in every epoch.
 fn validate(
     model: &dyn Objective,
-    data: &ImageSet,
+    data: &dyn Images,
     plan: &SplitPlan,
     cfg: &TrainConfig,
     device: &Device,

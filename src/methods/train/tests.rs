@@ -178,7 +178,7 @@ impl TrainHooks for Script {
 fn run_tiny(
     init: &HashMap<String, Tensor>,
     fresh_init: bool,
-    data: &ImageSet,
+    data: &dyn crate::data::Images,
     cfg: &TrainConfig,
     dir: &Path,
     hooks: &mut dyn TrainHooks,
@@ -930,4 +930,32 @@ fn the_loop_learns_a_learnable_task() {
     assert!(last.train_loss < first.train_loss, "{metrics:#?}");
     let best_acc = metrics[best.expect("best")].val_acc.expect("val");
     assert!(best_acc >= 0.9, "{metrics:#?}");
+}
+
+/// An image folder read batch by batch trains to the same bits as the folder held in memory:
+/// same batches, same augmentation draws, same checkpoint fingerprint.
+#[test]
+fn a_streamed_image_folder_trains_exactly_as_the_folder_in_memory() {
+    use crate::data::imagefolder::{self, Preprocess, Streamed};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    imagefolder::tests::exact100_folder(tmp.path());
+    let pre = Preprocess {
+        resize: 32,
+        image_size: 32,
+    };
+    let memory = imagefolder::load(tmp.path(), Split::Train, pre).expect("load");
+    let streamed = Streamed::open(tmp.path(), Split::Train, pre).expect("open");
+    let (_, vm) = tiny(None);
+    let init = contents(&vm);
+    let cfg = small_cfg();
+    let run = |data: &dyn crate::data::Images, dir: &str| {
+        let mut hooks = Script::default();
+        let end =
+            run_tiny(&init, false, data, &cfg, &tmp.path().join(dir), &mut hooks).expect("train");
+        finished(end)
+    };
+    let (a, _, ma) = run(&memory, "memory");
+    let (b, _, mb) = run(&streamed, "streamed");
+    assert_bitwise_equal(&load(&a), &load(&b));
+    same_metrics(&ma, &mb);
 }
