@@ -15,31 +15,20 @@ use sqlx::SqlStr;
 /// One migration file: its name (`VERSION_DESCRIPTION.sql`) and its text.
 type Embedded = (&'static str, &'static str);
 
+/// Both backends' migrations, from one list of file names: every SQLite migration has a
+/// PostgreSQL twin of the same name (so both report the same schema version). Adding a
+/// migration means adding its name here; a unit test compares the lists with the directories,
+/// so a file left out fails the tests rather than a user's database.
 macro_rules! embed {
-    ($dir:literal: $($name:literal),+ $(,)?) => {
-        &[$(($name, include_str!(concat!("../../migrations/", $dir, "/", $name)))),+]
+    ($($name:literal),+ $(,)?) => {
+        const SQLITE: &[Embedded] =
+            &[$(($name, include_str!(concat!("../../migrations/sqlite/", $name)))),+];
+        const POSTGRES: &[Embedded] =
+            &[$(($name, include_str!(concat!("../../migrations/postgres/", $name)))),+];
     };
 }
 
-/// Adding a migration means adding its file here as well; a unit test compares these lists
-/// with the directories, so a file left out fails the tests rather than a user's database.
-const SQLITE: &[Embedded] = embed!("sqlite":
-    "20261125000001_init.sql",
-    "20261125000002_train_metrics.sql",
-    "20261125000003_study_cells.sql",
-    "20261125000004_job_precision.sql",
-    "20261126000005_study_job_labels.sql",
-    "20261128000006_job_unit_external.sql",
-    "20261128000007_interruptions_workers.sql",
-    "20261128000008_sequential_certification.sql",
-    "20261128000009_slurm_jobs.sql",
-    "20261128000010_claim_index.sql",
-    "20261129000011_job_lookup_indexes.sql",
-);
-
-/// The PostgreSQL dialect of [`SQLITE`]: one file per SQLite migration with the same version,
-/// so both backends report the same schema version.
-const POSTGRES: &[Embedded] = embed!("postgres":
+embed!(
     "20261125000001_init.sql",
     "20261125000002_train_metrics.sql",
     "20261125000003_study_cells.sql",
