@@ -534,12 +534,20 @@ pub fn load(root: &Path, split: Split, pre: Preprocess) -> Result<ImageSet, Data
 }
 
 /// A split read from its files batch by batch, for training: nothing but the index and the
-/// labels stays in memory, and each batch's images are decoded in parallel (rayon) when the
-/// trainer asks for them. Preprocessed, augmented and ordered exactly as [`load`]'s set.
+/// labels stays in memory. Each batch's images are decoded in parallel (rayon), and the batch
+/// the trainer announces with [`Images::read_ahead`] is decoded on a background thread while
+/// the model computes. Preprocessed, augmented and ordered exactly as [`load`]'s set.
 pub struct Streamed {
-    index: FolderIndex,
+    index: Arc<FolderIndex>,
     pre: Preprocess,
     labels: Vec<u16>,
+    ahead: Mutex<Option<Ahead>>,
+}
+
+/// A batch being decoded ahead: its indices and the thread decoding them.
+struct Ahead {
+    idx: Vec<usize>,
+    thread: std::thread::JoinHandle<Result<Vec<u8>, DataError>>,
 }
 
 impl Streamed {
@@ -547,7 +555,25 @@ impl Streamed {
     pub fn open(root: &Path, split: Split, pre: Preprocess) -> Result<Self, DataError> {
         let index = scan(root, split)?;
         let labels = index.files.iter().map(|(_, l)| *l).collect();
-        Ok(Self { index, pre, labels })
+        Ok(Self {
+            index: Arc::new(index),
+            pre,
+            labels,
+            ahead: Mutex::new(None),
+        })
+    }
+
+    fn decode(index: &FolderIndex, pre: Preprocess, idx: &[usize]) -> Result<Vec<u8>, DataError> {
+        use rayon::prelude::*;
+        let images: Vec<Vec<u8>> = idx
+            .par_iter()
+            .map(|&i| index.load(i, pre))
+            .collect::<Result<_, _>>()?;
+        Ok(images.concat())
+    }
+
+    fn take_ahead(&self) -> Option<Ahead> {
+        self.ahead.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -568,12 +594,32 @@ impl Images for Streamed {
         RecordOrder::ByClass
     }
     fn bytes(&self, idx: &[usize]) -> Result<Vec<u8>, DataError> {
-        use rayon::prelude::*;
-        let images: Vec<Vec<u8>> = idx
-            .par_iter()
-            .map(|&i| self.index.load(i, self.pre))
-            .collect::<Result<_, _>>()?;
-        Ok(images.concat())
+        if let Some(ahead) = self.take_ahead() {
+            // Another batch than announced is decoded here; the announced one is dropped.
+            let done = ahead.thread.join();
+            if ahead.idx == idx {
+                if let Ok(result) = done {
+                    return result;
+                }
+                // A decoding thread that panicked: decode here, where an error has a name.
+            }
+        }
+        Self::decode(&self.index, self.pre, idx)
+    }
+    fn read_ahead(&self, idx: &[usize]) {
+        let (index, pre, batch) = (self.index.clone(), self.pre, idx.to_vec());
+        let thread = std::thread::spawn(move || Self::decode(&index, pre, &batch));
+        let old = self
+            .ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(Ahead {
+                idx: idx.to_vec(),
+                thread,
+            });
+        if let Some(old) = old {
+            let _ = old.thread.join();
+        }
     }
 }
 
@@ -710,10 +756,25 @@ pub(crate) mod tests {
                 loaded.bytes(&idx).expect("copy")
             );
         }
-        // A file that went missing is an error naming it, not a panic.
+        // Read-ahead changes nothing but when the decoding happens: the announced batch, or
+        // another one if the caller asks for another.
+        let loaded = load(tmp.path(), Split::Train, pre).expect("load");
         let streamed = Streamed::open(tmp.path(), Split::Train, pre).expect("open");
+        let (a, b) = (vec![3, 1, 4], vec![1, 5, 9, 2]);
+        streamed.read_ahead(&a);
+        assert_eq!(streamed.bytes(&a).expect("a"), loaded.bytes(&a).expect("a"));
+        streamed.read_ahead(&a);
+        streamed.read_ahead(&b);
+        assert_eq!(streamed.bytes(&a).expect("a"), loaded.bytes(&a).expect("a"));
+        streamed.read_ahead(&b);
+        assert_eq!(streamed.bytes(&b).expect("b"), loaded.bytes(&b).expect("b"));
+
+        // A file that went missing is an error naming it, not a panic, read ahead or not.
         let gone = tmp.path().join("train").join(&streamed.classes()[0]);
         std::fs::remove_dir_all(&gone).expect("remove");
+        let e = streamed.bytes(&[0]).unwrap_err().to_string();
+        assert!(e.contains(&gone.display().to_string()), "{e}");
+        streamed.read_ahead(&[0]);
         let e = streamed.bytes(&[0]).unwrap_err().to_string();
         assert!(e.contains(&gone.display().to_string()), "{e}");
     }

@@ -222,6 +222,9 @@ pub trait Images: Sync {
     fn record_order(&self) -> RecordOrder;
     /// The (C, H, W) bytes of images `idx`, concatenated in that order.
     fn bytes(&self, idx: &[usize]) -> Result<Vec<u8>, DataError>;
+    /// A hint that `bytes(idx)` comes next: a source that reads files starts on it in the
+    /// background while the caller computes. The answer is the same with or without it.
+    fn read_ahead(&self, _idx: &[usize]) {}
 
     fn len(&self) -> usize {
         self.labels().len()

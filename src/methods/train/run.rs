@@ -165,6 +165,10 @@ pub fn train_objective(
             let lr = schedule.lr(run.state.global_step);
             let idx = &order[batches::step_range(n_train, cfg.batch, step)];
             let batch = batches::train_batch(data, idx, spec, device).ctx("building a batch")?;
+            // Image files of the next step are decoded while this one computes.
+            if step + 1 < steps_per_epoch {
+                data.read_ahead(&order[batches::step_range(n_train, cfg.batch, step + 1)]);
+            }
             let at = StepKey {
                 seed: cfg.seed,
                 epoch,
