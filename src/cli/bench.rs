@@ -403,7 +403,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 t.sigma,
                 &device,
             )?;
-            let flops = budget::caf_train_flops(backbone_flops, &adapter, models::FEATURE_DIM)
+            let flops = budget::caf_train_flops(backbone_flops, &adapter, models::FEATURE_DIM, 32)
                 .ok_or_else(|| usage(format!("no FLOP count for adapter {adapter}")))?;
             (report, flops.0)
         }

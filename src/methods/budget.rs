@@ -15,7 +15,7 @@ use super::rs::TrainRsParams;
 use super::smoothadv::SmoothAdvConfig;
 use super::source::{ModelSource, NUM_CLASSES};
 use super::train::TrainConfig;
-use crate::models::adapter::{cifar_resnet_cost, cost, AdapterArch};
+use crate::models::adapter::{cifar_resnet_cost, cost_at, resnet50_cost, AdapterArch};
 use crate::models::dncnn::DnCnnArch;
 use crate::models::Arch;
 use crate::models::{VitConfig, FEATURE_DIM};
@@ -53,9 +53,10 @@ pub fn epochs_for(tflops: f64, flops_per_image: f64, cfg: &TrainConfig) -> usize
     ((tflops * 1e12 / per_epoch).round() as usize).max(1)
 }
 
-/// (params, forward FLOPs per image, feature width) of a backbone; `None` where caf has no
-/// count (ResNet-50 and trained models other than `rs`).
-fn backbone_cost(source: &ModelSource) -> Option<(u64, u64, usize)> {
+/// (params, forward FLOPs per image, feature width) of a backbone on `size`×`size` images (the
+/// CIFAR ResNets and ViTs have their one input size); `None` where caf has no count (an ONNX
+/// graph, trained models other than `rs`).
+fn backbone_cost(source: &ModelSource, size: usize) -> Option<(u64, u64, usize)> {
     let arch = match source {
         ModelSource::Pretrained { model } => model.arch.clone(),
         ModelSource::Rs { arch, .. } => arch.clone(),
@@ -65,6 +66,10 @@ fn backbone_cost(source: &ModelSource) -> Option<(u64, u64, usize)> {
         Ok(Arch::Vit(name)) => {
             let (params, flops) = VitConfig::named(name).cost(NUM_CLASSES);
             Some((params, flops, VitConfig::named(name).dim))
+        }
+        Ok(Arch::ResNet50) => {
+            let c = resnet50_cost(NUM_CLASSES, size);
+            Some((c.params, c.flops_per_image, 2048))
         }
         _ => resnet_flops(source).map(|(p, f)| (p, f, FEATURE_DIM)),
     }
@@ -85,13 +90,15 @@ fn resnet_flops(source: &ModelSource) -> Option<(u64, u64)> {
 }
 
 /// Training FLOPs per image of CAF: the frozen backbone forward, the adapter and head forward
-/// and backward, on a backbone of feature width `d` (64 for every CIFAR ResNet).
+/// and backward, on a backbone of feature width `d` (64 for every CIFAR ResNet), on
+/// `size`×`size` images (the adapter reads the image).
 pub fn caf_train_flops(
     backbone_flops: u64,
     adapter: &AdapterArch,
     d: usize,
+    size: usize,
 ) -> Option<(f64, u64, u64)> {
-    let a = cost(adapter, d).ok()?;
+    let a = cost_at(adapter, d, size).ok()?;
     let d = d as u64;
     let head = 2 * d * NUM_CLASSES as u64;
     let trained = a.flops_per_image + head;
@@ -147,8 +154,10 @@ pub fn per_image(kind: &str, params: &serde_json::Value) -> Option<(f64, u64, u6
     match kind {
         super::caf::KIND => {
             let p: TrainCafParams = serde_json::from_value(params.clone()).ok()?;
-            let (_, backbone, d) = backbone_cost(&p.backbone)?;
-            caf_train_flops(backbone, &p.adapter, d)
+            // CIFAR's 32×32 unless an image folder says otherwise.
+            let size = p.data.image_size.unwrap_or(32);
+            let (_, backbone, d) = backbone_cost(&p.backbone, size)?;
+            caf_train_flops(backbone, &p.adapter, d, size)
         }
         super::denoised::KIND => {
             let p: TrainDenoisedParams = serde_json::from_value(params.clone()).ok()?;

@@ -402,12 +402,21 @@ pub struct AdapterCost {
 
 /// [`AdapterCost`] of `arch` with output width `d`, on a 32×32 image.
 pub fn cost(arch: &AdapterArch, d: usize) -> std::result::Result<AdapterCost, ModelError> {
+    cost_at(arch, d, 32)
+}
+
+/// [`cost`] on a `size`×`size` image (224 for ImageNet): the adapter reads the image itself.
+pub fn cost_at(
+    arch: &AdapterArch,
+    d: usize,
+    size: usize,
+) -> std::result::Result<AdapterCost, ModelError> {
     arch.validate()?;
     if let AdapterArch::Vit {
         dim, depth, patch, ..
     } = *arch
     {
-        let n = ((32 / patch) * (32 / patch)) as u64;
+        let n = ((size / patch) * (size / patch)) as u64;
         let (params, flops) = super::vit::encoder_cost(dim, depth, 4, patch, n, n);
         let mut c = CostSum(AdapterCost {
             params,
@@ -418,7 +427,7 @@ pub fn cost(arch: &AdapterArch, d: usize) -> std::result::Result<AdapterCost, Mo
         return Ok(c.0);
     }
     let mut c = CostSum::default();
-    let mut size = 32;
+    let mut size = size;
     for unit in arch.plan() {
         match unit {
             PlanUnit::Plain(conv) => size = c.conv_bn(conv, size),
@@ -462,6 +471,41 @@ pub fn cifar_resnet_cost(
     }
     c.linear(64, num_classes);
     Ok(c.0)
+}
+
+/// [`AdapterCost`] of torchvision's ResNet-50 (Bottleneck v1.5) with `num_classes` outputs on a
+/// `size`×`size` image: convolutions (with their BatchNorms' parameters) and the classifier;
+/// pooling, additions and activations are not counted as compute.
+pub fn resnet50_cost(num_classes: usize, size: usize) -> AdapterCost {
+    let conv = |c_in, c_out, k, stride| PlanConv {
+        c_in,
+        c_out,
+        k,
+        stride,
+    };
+    let mut c = CostSum::default();
+    let stem = c.conv_bn(conv(3, 64, 7, 2), size);
+    // The 3×3, stride-2 max pool (padding 1) has a 3×3 conv's output size.
+    let mut size = super::convbn::conv_out(stem, 3, 2);
+    let mut in_planes = 64;
+    for (stage, (planes, blocks)) in [(64, 3), (128, 4), (256, 6), (512, 3)]
+        .into_iter()
+        .enumerate()
+    {
+        for i in 0..blocks {
+            let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+            c.conv_bn(conv(in_planes, planes, 1, 1), size);
+            let out = c.conv_bn(conv(planes, planes, 3, stride), size);
+            c.conv_bn(conv(planes, 4 * planes, 1, 1), out);
+            if i == 0 {
+                c.conv_bn(conv(in_planes, 4 * planes, 1, stride), size);
+            }
+            in_planes = 4 * planes;
+            size = out;
+        }
+    }
+    c.linear(2048, num_classes);
+    c.0
 }
 
 #[derive(Default)]

@@ -833,3 +833,23 @@ fn trainable_resnet_fine_tunes_from_a_state_dict() {
     );
     assert!(err.contains("missing: layer1.3.bn1.bias [16]"), "{err}");
 }
+
+#[test]
+fn resnet50_cost_counts_torchvisions_parameters_and_scales_with_the_image() {
+    use crate::models::adapter::resnet50_cost;
+    // torchvision's resnet50(): sum(p.numel() for p in m.parameters()) = 25,557,032.
+    let c = resnet50_cost(1000, 224);
+    assert_eq!(c.params, 25_557_032);
+    // About 4.1 G multiply-adds at 224, as usually quoted (convolutions and classifier only).
+    assert_eq!(
+        c.flops_per_image / 2 / 100_000_000,
+        40,
+        "{}",
+        c.flops_per_image
+    );
+    // The classifier's FLOPs do not scale with the image; everything else goes with the area
+    // (448 = 2 × 224 keeps every stage's size exactly doubled).
+    let fc = 2 * 2048 * 1000;
+    let at_448 = resnet50_cost(1000, 448).flops_per_image;
+    assert_eq!(at_448 - fc, 4 * (c.flops_per_image - fc));
+}
