@@ -105,6 +105,12 @@ impl Arch {
         !matches!(self, Arch::Linear)
     }
 
+    /// Whether caf can train the whole network (rs, SmoothAdv, a backbone's clean training):
+    /// the CIFAR ResNets and the ViTs. The others serve frozen only.
+    pub fn is_trainable(&self) -> bool {
+        matches!(self, Arch::CifarResNet { .. } | Arch::Vit(_))
+    }
+
     /// The input normalisation the architecture's reference weights use: timm's ViTs 0.5/0.5
     /// (their `default_cfg`), torchvision's ResNet-50 and the CIFAR ResNets ImageNet's; an
     /// ONNX graph none, as an exported model normalises inside its graph.

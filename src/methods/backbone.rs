@@ -8,7 +8,6 @@ use super::common::{self, ModelRef};
 use super::rs;
 use super::source::ModelSource;
 use super::train_job;
-use crate::models::Arch;
 use crate::plan::{Job, PlanContext};
 use crate::spec::{self, Cell, SpecError};
 
@@ -16,19 +15,24 @@ use crate::spec::{self, Cell, SpecError};
 /// its training job's output, so jobs that use it depend on that job).
 pub fn of_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<(String, ModelSource), SpecError> {
     let (name, b) = named(cell, ctx)?;
-    let source = match training(&name, &b, ctx)? {
+    let source = match training(&name, b, ctx)? {
         Some(job) => ModelSource::Rs {
             job: job.id,
             arch: b.arch.to_string(),
             normalize: b.normalize,
         },
         None => ModelSource::Pretrained {
-            model: file(&b, ctx)?.ok_or_else(|| {
+            model: file(b, ctx)?.ok_or_else(|| {
                 SpecError::at(&ctx.spec.path, b.span, "this backbone has no weights file")
             })?,
         },
     };
     Ok((name, source))
+}
+
+/// The name of the backbone a cell names (checked to be defined), for labels and params.
+pub fn name_of(cell: &Cell, ctx: &PlanContext<'_>) -> Result<String, SpecError> {
+    named(cell, ctx).map(|(name, _)| name)
 }
 
 /// The job that trains the cell's backbone, if the study trains it. The planner adds it to
@@ -38,10 +42,16 @@ pub fn training_of_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Option
         return Ok(None);
     }
     let (name, b) = named(cell, ctx)?;
-    training(&name, &b, ctx)
+    training(&name, b, ctx)
 }
 
-fn named(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(String, spec::Backbone), SpecError> {
+/// The cell's backbone name and spec entry. The entry borrows the spec, not `ctx`, so the
+/// caller can still hash files through `ctx`.
+fn named<'s>(
+    cell: &Cell,
+    ctx: &PlanContext<'s>,
+) -> Result<(String, &'s spec::Backbone), SpecError> {
+    let spec = ctx.spec;
     let p = cell.params.get("backbone").ok_or_else(|| {
         SpecError::whole_file(&ctx.spec.path, "a grid cell has no `backbone` parameter")
     })?;
@@ -49,14 +59,14 @@ fn named(cell: &Cell, ctx: &PlanContext<'_>) -> Result<(String, spec::Backbone),
         .value
         .as_str()
         .ok_or_else(|| ctx.error_at(p.span, "expected a backbone name (string)"))?;
-    let Some(b) = ctx.spec.backbones.get(name) else {
-        let names: Vec<&str> = ctx.spec.backbones.keys().map(String::as_str).collect();
+    let Some(b) = spec.backbones.get(name) else {
+        let names: Vec<&str> = spec.backbones.keys().map(String::as_str).collect();
         return Err(ctx.error_at(
             p.span,
             format!("unknown backbone `{name}` (defined: {})", names.join(", ")),
         ));
     };
-    Ok((name.to_string(), b.clone()))
+    Ok((name.to_string(), b))
 }
 
 /// The backbone's weights file as a [`ModelRef`] (hashed once per plan), if it has one.
@@ -80,17 +90,10 @@ fn training(
     b: &spec::Backbone,
     ctx: &mut PlanContext<'_>,
 ) -> Result<Option<Job>, SpecError> {
+    // The spec refuses `train:` on an arch caf cannot train (Arch::is_trainable).
     let Some(settings) = &b.train else {
         return Ok(None);
     };
-    // Checked when the spec is read; an arch that cannot be trained never gets here.
-    if !matches!(b.arch, Arch::CifarResNet { .. } | Arch::Vit(_)) {
-        return Err(SpecError::at(
-            &ctx.spec.path,
-            b.span,
-            format!("backbone `{name}` is {}, which caf cannot train", b.arch),
-        ));
-    }
     // The training keys of a grid cell, unprefixed.
     let allowed = train_job::TRAIN_KEYS;
     for (k, p) in &settings.params {

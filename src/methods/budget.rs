@@ -2,8 +2,8 @@
 //! every training job's trained parameters, FLOPs per training image and total compute, and a
 //! cell may state `budget_tflops` instead of `epochs` to get the epoch count that spends it.
 //!
-//! FLOPs count 2 × multiply-adds of convolutions and linear layers for one 32×32 image
-//! ([`crate::models::adapter::cost`]); a training step is counted as forward + 2 × forward for
+//! FLOPs count 2 × multiply-adds of convolutions and linear layers for one image of the data's
+//! size, 32×32 for CIFAR ([`crate::models::adapter::cost_at`]); a training step is counted as forward + 2 × forward for
 //! the backward of the trained part, and forward (+ forward for input gradients where they are
 //! needed) for frozen parts. The figures compare methods; they are not a profiler's.
 
@@ -53,38 +53,45 @@ pub fn epochs_for(tflops: f64, flops_per_image: f64, cfg: &TrainConfig) -> usize
     ((tflops * 1e12 / per_epoch).round() as usize).max(1)
 }
 
-/// (params, forward FLOPs per image, feature width) of a backbone on `size`×`size` images (the
+/// (params, forward FLOPs per image) of the whole network `arch` on `size`×`size` images (the
 /// CIFAR ResNets and ViTs have their one input size); `None` where caf has no count (an ONNX
-/// graph, trained models other than `rs`).
-fn backbone_cost(source: &ModelSource, size: usize) -> Option<(u64, u64, usize)> {
-    let arch = match source {
-        ModelSource::Pretrained { model } => model.arch.clone(),
-        ModelSource::Rs { arch, .. } => arch.clone(),
-        _ => return None,
-    };
-    match arch.parse::<Arch>() {
-        Ok(Arch::Vit(name)) => {
-            let (params, flops) = VitConfig::named(name).cost(NUM_CLASSES);
-            Some((params, flops, VitConfig::named(name).dim))
-        }
-        Ok(Arch::ResNet50) => {
+/// graph, the linear model).
+fn network_cost(arch: Arch, size: usize) -> Option<(u64, u64)> {
+    match arch {
+        Arch::CifarResNet { depth } => cifar_resnet_cost(depth, NUM_CLASSES)
+            .ok()
+            .map(|c| (c.params, c.flops_per_image)),
+        Arch::Vit(name) => Some(VitConfig::named(name).cost(NUM_CLASSES)),
+        Arch::ResNet50 => {
             let c = resnet50_cost(NUM_CLASSES, size);
-            Some((c.params, c.flops_per_image, 2048))
+            Some((c.params, c.flops_per_image))
         }
-        _ => resnet_flops(source).map(|(p, f)| (p, f, FEATURE_DIM)),
+        Arch::Linear | Arch::Onnx => None,
     }
 }
 
-fn resnet_flops(source: &ModelSource) -> Option<(u64, u64)> {
-    let arch = match source {
-        ModelSource::Pretrained { model } => model.arch.clone(),
-        ModelSource::Rs { arch, .. } => arch.clone(),
-        _ => return None,
+/// The architecture of a single network (a file or an rs-trained one); `None` for composite
+/// models (trained models other than `rs`).
+fn arch_of(source: &ModelSource) -> Option<Arch> {
+    source.arch()?.parse().ok()
+}
+
+/// (params, forward FLOPs per image, feature width) of a backbone on `size`×`size` images.
+fn backbone_cost(source: &ModelSource, size: usize) -> Option<(u64, u64, usize)> {
+    let arch = arch_of(source)?;
+    let width = match arch {
+        Arch::Vit(name) => VitConfig::named(name).dim,
+        Arch::ResNet50 => 2048,
+        _ => FEATURE_DIM,
     };
-    match arch.parse::<Arch>() {
-        Ok(Arch::CifarResNet { depth }) => cifar_resnet_cost(depth, NUM_CLASSES)
-            .ok()
-            .map(|c| (c.params, c.flops_per_image)),
+    let (params, flops) = network_cost(arch, size)?;
+    Some((params, flops, width))
+}
+
+/// (params, forward FLOPs) of a CIFAR ResNet classifier (denoised smoothing's counted case).
+fn resnet_flops(source: &ModelSource) -> Option<(u64, u64)> {
+    match arch_of(source)? {
+        arch @ Arch::CifarResNet { .. } => network_cost(arch, 32),
         _ => None,
     }
 }
@@ -129,14 +136,10 @@ pub fn denoised_train_flops(
 /// Training FLOPs per image and (params, forward FLOPs) of a whole CIFAR ResNet or ViT, with or
 /// without SmoothAdv's attack (backward ≈ twice the forward).
 pub fn rs_train_flops(arch: Arch, smoothadv: Option<&SmoothAdvConfig>) -> Option<(f64, u64, u64)> {
-    let (params, forward) = match arch {
-        Arch::CifarResNet { depth } => {
-            let c = cifar_resnet_cost(depth, NUM_CLASSES).ok()?;
-            (c.params, c.flops_per_image)
-        }
-        Arch::Vit(name) => VitConfig::named(name).cost(NUM_CLASSES),
-        _ => return None,
-    };
+    if !arch.is_trainable() {
+        return None;
+    }
+    let (params, forward) = network_cost(arch, 32)?;
     let f = forward as f64;
     let per = match smoothadv {
         None => 3.0 * f,

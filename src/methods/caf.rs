@@ -283,7 +283,7 @@ pub fn plan_ensemble(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>,
             ))
         }
     };
-    let (backbone, _) = super::backbone::of_cell(cell, ctx)?;
+    let backbone = super::backbone::name_of(cell, ctx)?;
     let mut jobs = Vec::new();
     let mut members = Vec::new();
     for &s in &sigmas {

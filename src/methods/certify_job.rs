@@ -316,7 +316,7 @@ pub fn certify_job(
     label: String,
     sigma: f64,
 ) -> Result<Job, SpecError> {
-    let (backbone, _) = super::backbone::of_cell(cell, ctx)?;
+    let backbone = super::backbone::name_of(cell, ctx)?;
     let data = common::test_data_ref(ctx)?;
     let (s, slice, sequential) = cell_certify(cell, ctx)?;
     let precision = cell_precision(cell, ctx)?;

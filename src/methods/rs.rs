@@ -111,7 +111,7 @@ pub fn plan_training(
 ) -> Result<(Job, ModelSource), SpecError> {
     let (backbone, model) = backbone::of_cell(cell, ctx)?;
     let (arch, normalize) = match (model.arch().map(str::parse::<Arch>), model.normalize()) {
-        (Some(Ok(a @ (Arch::CifarResNet { .. } | Arch::Vit(_)))), Some(n)) => (a, n),
+        (Some(Ok(a)), Some(n)) if a.is_trainable() => (a, n),
         _ => {
             let span = cell
                 .params
@@ -203,7 +203,7 @@ pub fn plan(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Vec<Job>, SpecErro
     common::check_known(cell, ctx, "rs", &allowed_ref)?;
     let sigma = certify_job::cell_sigma(cell, ctx, "rs")?;
     let (train_job, source) = plan_training(cell, ctx, "", sigma, None)?;
-    let (backbone, _) = backbone::of_cell(cell, ctx)?;
+    let backbone = backbone::name_of(cell, ctx)?;
     let cert =
         certify_job::certify_job(cell, ctx, source, format!("rs {backbone} σ={sigma}"), sigma)?;
     Ok(vec![train_job, cert])

@@ -303,10 +303,6 @@ pub(crate) fn to_f32(
         .collect()
 }
 
-/// Loads a trained adapter + head (names as [`build_caf`] writes them) for certification on
-/// top of `backbone`. Names and shapes must match `arch` with `num_classes` exactly (apart
-/// from `num_batches_tracked`); otherwise the error lists the missing, unexpected and
-/// mis-shaped tensors.
 /// The number of classes of a saved CAF model: the rows of its `head.weight`.
 pub fn head_classes(weights: &Path) -> std::result::Result<usize, ModelError> {
     let tensors = load_state_dict(weights, &Device::Cpu)?;
@@ -319,6 +315,10 @@ pub fn head_classes(weights: &Path) -> std::result::Result<usize, ModelError> {
     }
 }
 
+/// Loads a trained adapter + head (names as [`build_caf`] writes them) for certification on
+/// top of `backbone`. Names and shapes must match `arch` with `num_classes` exactly (apart
+/// from `num_batches_tracked`); otherwise the error lists the missing, unexpected and
+/// mis-shaped tensors.
 pub fn load_caf(
     backbone: impl Into<Backbone>,
     arch: &AdapterArch,

@@ -259,7 +259,7 @@ fn backbones(
         let train = match f.get("train") {
             None => None,
             Some(node) => {
-                if !matches!(arch, Arch::CifarResNet { .. } | Arch::Vit(_)) {
+                if !arch.is_trainable() {
                     return Err(cx.err(
                         f.key_span("train").unwrap_or(node.span),
                         format!(
