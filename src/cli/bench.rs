@@ -132,7 +132,7 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
         (Some(procedure), _) => {
             let done = [Default::default()];
             let run = caf::methods::slice::SliceRun {
-                data: &set,
+                data: set.as_ref(),
                 indices: &indices,
                 done: &done,
                 seed: c.seed,
@@ -153,7 +153,7 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
                     idx: idx as u64,
                 };
                 let t = std::time::Instant::now();
-                let cert = smooth.certify_staged(&set.image_f32(idx), key, s)?;
+                let cert = smooth.certify_staged(&set.floats(&[idx])?, key, s)?;
                 rows.push(staged_row(idx, set.label(idx) as u32, &cert, s, c.sigma, t));
             }
         }

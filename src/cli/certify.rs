@@ -93,7 +93,7 @@ pub fn certify(a: CertifyArgs) -> Result<i32> {
     let mut count = 0usize;
     let done = [Default::default()];
     let run = SliceRun {
-        data: &set,
+        data: set.as_ref(),
         indices: &indices,
         done: &done,
         seed: a.seed,

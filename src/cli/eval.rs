@@ -27,7 +27,7 @@ pub fn eval(a: EvalArgs) -> Result<i32> {
     .indices(set.len());
     let mut correct = 0usize;
     for chunk in indices.chunks(a.batch) {
-        let rows = predict_indices(model.as_ref(), &device, &set, chunk)?;
+        let rows = predict_indices(model.as_ref(), &device, set.as_ref(), chunk)?;
         correct += rows.iter().filter(|r| r.label == r.predict).count();
     }
     let total = indices.len();

@@ -78,7 +78,7 @@ pub fn load_data(
     m: &ModelArgs,
     split: Split,
     model: &dyn models::Classifier,
-) -> Result<data::ImageSet> {
+) -> Result<Box<dyn data::Images>> {
     let arch = parse_arch(&m.arch)?;
     let input_size = arch.input_size().or(model.input_size());
     if m.data != DatasetArg::Imagefolder && (m.image_size.is_some() || m.resize.is_some()) {
@@ -86,9 +86,9 @@ pub fn load_data(
             "--image-size and --resize apply to --data imagefolder only"
         ));
     }
-    let set = match m.data {
-        DatasetArg::Cifar10 => data::load_cifar10(&m.data_root, split)?,
-        DatasetArg::Cifar100 => data::load_cifar100(&m.data_root, split)?,
+    let set: Box<dyn data::Images> = match m.data {
+        DatasetArg::Cifar10 => Box::new(data::load_cifar10(&m.data_root, split)?),
+        DatasetArg::Cifar100 => Box::new(data::load_cifar100(&m.data_root, split)?),
         DatasetArg::Imagefolder => {
             let image_size = m.image_size.or(input_size).unwrap_or(224);
             let resize = m
@@ -100,7 +100,8 @@ pub fn load_data(
                 )));
             }
             let pre = data::imagefolder::Preprocess { resize, image_size };
-            data::imagefolder::load(&m.data_root, split, pre)?
+            // Only the images of the slice are decoded, when they are certified.
+            Box::new(data::imagefolder::Streamed::open(&m.data_root, split, pre)?)
         }
     };
     let side = set.shape().h;
@@ -115,7 +116,7 @@ pub fn load_data(
     // A study refuses this (its reports would score predictions against labels they cannot
     // match); a one-model command may mean it (a two-class model certified for its radii), so it
     // warns that the `correct` column and the accuracy are meaningless.
-    if let Err(e) = caf::methods::common::check_classes(model.num_classes(), &set) {
+    if let Err(e) = caf::methods::common::check_classes(model.num_classes(), set.as_ref()) {
         eprintln!("warning: {e}; `correct` and accuracy below are meaningless");
     }
     Ok(set)

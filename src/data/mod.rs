@@ -208,10 +208,11 @@ impl ImageSet {
     }
 }
 
-/// A training split's images by index: held in memory ([`ImageSet`]), or decoded from their
-/// files batch by batch ([`imagefolder::Streamed`]) so that a split larger than memory (ImageNet's
-/// 1.28 M images are 190 GB at 224 × 224) still trains. Both give a batch the same bytes.
-pub trait Images: Sync {
+/// A split's images by index: held in memory ([`ImageSet`]), or decoded from their files batch
+/// by batch ([`imagefolder::Streamed`]) so that a split larger than memory (ImageNet's 1.28 M
+/// training images are 190 GB at 224 × 224) still trains, and certifying every 100th of its
+/// 50,000 validation images decodes those 500 only. Both give a batch the same bytes.
+pub trait Images: Send + Sync {
     /// Every image's label, in record order (known without decoding anything).
     fn labels(&self) -> &[u16];
     /// Class names, by label: a trained head has one output per class.
@@ -225,6 +226,15 @@ pub trait Images: Sync {
     /// A hint that `bytes(idx)` comes next: a source that reads files starts on it in the
     /// background while the caller computes. The answer is the same with or without it.
     fn read_ahead(&self, _idx: &[usize]) {}
+
+    /// Images `idx` as f32 in [0,1], concatenated: exactly byte / 255, as [`ImageSet::image_f32`].
+    fn floats(&self, idx: &[usize]) -> Result<Vec<f32>, DataError> {
+        Ok(self
+            .bytes(idx)?
+            .into_iter()
+            .map(|b| b as f32 / 255.0)
+            .collect())
+    }
 
     fn len(&self) -> usize {
         self.labels().len()

@@ -338,7 +338,7 @@ impl TypedHandler for TrainCafHandler {
         device: &candle_core::Device,
     ) -> Result<JobOutput, JobError> {
         let phi = p.backbone.load_backbone(ctx.sink.as_ref(), device)?;
-        let data = p.data.load_train()?;
+        let data = p.data.open()?;
         // The head is new: one output per class of the training data.
         let classes = data.classes().len();
         common::check_classes(classes, data.as_ref())?;

@@ -418,7 +418,7 @@ impl TypedHandler for CertifyHandler {
         let mut progress =
             SliceProgress::resume_counting(ctx, &indices, &done, "certified", counted)?;
         let run = SliceRun {
-            data: &data,
+            data: data.as_ref(),
             indices: &indices,
             done: &done,
             seed: p.seed,

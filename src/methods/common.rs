@@ -92,9 +92,10 @@ impl DataRef {
         set.map_err(JobError::fatal)
     }
 
-    /// The split for training: an image folder is read from its files batch by batch (see
-    /// [`data::imagefolder::Streamed`]), anything else is loaded into memory as by [`Self::load`].
-    pub fn load_train(&self) -> Result<Box<dyn data::Images>, JobError> {
+    /// The split as its jobs read it: an image folder from its files batch by batch (see
+    /// [`data::imagefolder::Streamed`]; training reads each epoch's batches, certification and
+    /// evaluation only their slice), anything else loaded into memory as by [`Self::load`].
+    pub fn open(&self) -> Result<Box<dyn data::Images>, JobError> {
         match (self.dataset.as_str(), self.image_size, self.resize) {
             ("imagefolder", Some(image_size), Some(resize)) => {
                 let pre = data::imagefolder::Preprocess { resize, image_size };

@@ -288,7 +288,7 @@ impl TypedHandler for TrainDenoisedHandler {
             vm.load(&path)
                 .map_err(|e| JobError::fatal(format!("{}: {e}", path.display())))?;
         }
-        let data = p.data.load_train()?;
+        let data = p.data.open()?;
         TrainRun {
             ctx,
             results: self.results.as_ref(),

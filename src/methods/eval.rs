@@ -14,7 +14,7 @@ use super::results::Results;
 use super::slice::SliceProgress;
 use super::source::ModelSource;
 use crate::certify::predict_classes;
-use crate::data::ImageSet;
+use crate::data::Images;
 use crate::models::{Classifier, Precision};
 use crate::plan::{Job, JobBuilder, PlanContext};
 use crate::sched::{JobContext, JobError, JobOutput};
@@ -108,11 +108,13 @@ pub fn job(
 pub fn predict_indices(
     model: &dyn Classifier,
     device: &candle_core::Device,
-    data: &ImageSet,
+    data: &dyn Images,
     indices: &[usize],
-) -> candle_core::Result<Vec<EvalRow>> {
-    let x = data.batch_tensor(indices, device)?;
-    let preds = predict_classes(model, &x)?;
+) -> Result<Vec<EvalRow>, JobError> {
+    let pixels = data.floats(indices).map_err(JobError::fatal)?;
+    let x = candle_core::Tensor::from_vec(pixels, data.shape().batch_dims(indices.len()), device)
+        .map_err(JobError::fatal)?;
+    let preds = predict_classes(model, &x).map_err(JobError::retryable)?;
     Ok(indices
         .iter()
         .zip(preds)
@@ -161,8 +163,7 @@ impl TypedHandler for EvalHandler {
             if ctx.cancelled() {
                 return Ok(JobOutput::Interrupted);
             }
-            let rows = predict_indices(model.as_ref(), device, &data, chunk)
-                .map_err(JobError::retryable)?;
+            let rows = predict_indices(model.as_ref(), device, data.as_ref(), chunk)?;
             self.results.record_eval(&ctx.lease, &ctx.id, &rows)?;
             progress.advance(ctx, rows.len() as u64)?;
         }

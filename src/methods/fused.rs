@@ -283,7 +283,7 @@ impl TypedHandler for FusedHandler {
             });
         }
         let set = Members { backbone, members };
-        let data = p.data.load()?;
+        let data = p.data.open()?;
         let indices = p.slice.indices(data.len());
         let done: Vec<BTreeSet<u64>> = p
             .members
@@ -313,7 +313,7 @@ impl TypedHandler for FusedHandler {
         let mut progress =
             SliceProgress::resume_counting(ctx, &indices, &done, "certified", counted)?;
         let run = SliceRun {
-            data: &data,
+            data: data.as_ref(),
             indices: &indices,
             done: &done,
             seed: p.seed,

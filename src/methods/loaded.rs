@@ -13,14 +13,14 @@ use std::sync::{Arc, Mutex};
 use super::certify_job::set_precision;
 use super::common::DataRef;
 use super::source::ModelSource;
-use crate::data::ImageSet;
+use crate::data::Images;
 use crate::models::{Classifier, Precision};
 use crate::sched::{DeviceSpec, JobError};
 
 /// What a worker keeps loaded between jobs.
 pub struct Loaded {
     pub models: LoadCache<dyn Classifier>,
-    pub data: LoadCache<ImageSet>,
+    pub data: LoadCache<dyn Images>,
 }
 
 impl Loaded {
@@ -50,10 +50,10 @@ impl Loaded {
         })
     }
 
-    /// The data split `data` names, read only when no earlier job did.
-    pub fn data(&self, data: &DataRef) -> Result<Arc<ImageSet>, JobError> {
+    /// The data split `data` names, opened (see [`DataRef::open`]) only when no earlier job did.
+    pub fn data(&self, data: &DataRef) -> Result<Arc<dyn Images>, JobError> {
         self.data
-            .get_or_load(&data_key(data), || data.load().map(Arc::new))
+            .get_or_load(&data_key(data), || data.open().map(Arc::from))
     }
 }
 

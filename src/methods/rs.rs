@@ -259,7 +259,7 @@ impl TypedHandler for TrainRsHandler {
             Some(m) => Some(m.state_dict(ctx.sink.as_ref(), device)?),
             None => None,
         };
-        let data = p.data.load_train()?;
+        let data = p.data.open()?;
         // Fine-tuning keeps the initial network's outputs; from scratch there is one per class
         // of the training data (10 for CIFAR-10, 1,000 for ImageNet). The labels must fit.
         let arch: Arch = p.arch.parse().map_err(JobError::fatal)?;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::certify::{
     Certificate, NoiseKey, SequentialCertificate, SequentialSettings, Settings, Smooth,
 };
-use crate::data::ImageSet;
+use crate::data::Images;
 use crate::sched::{JobContext, JobError};
 use crate::store::{CertRow, SequentialRow};
 
@@ -56,7 +56,7 @@ pub enum SliceEnd {
 /// What to certify: images `indices` of `data`, for each member of the smoothed set those its
 /// `done` does not contain.
 pub struct SliceRun<'a> {
-    pub data: &'a ImageSet,
+    pub data: &'a dyn Images,
     pub indices: &'a [usize],
     /// One set per member of the smoothed classifier set, in member order.
     pub done: &'a [BTreeSet<u64>],
@@ -89,7 +89,10 @@ pub fn certify_slice(
             return Ok(SliceEnd::Interrupted);
         }
         let start = Instant::now();
-        let image = run.data.image_f32(idx);
+        let image = run
+            .data
+            .floats(&[idx])
+            .map_err(|e| JobError::fatal(format!("image {idx}: {e}")))?;
         let label = run.data.label(idx) as u32;
         let key = NoiseKey {
             seed: run.seed,

@@ -333,3 +333,47 @@ fn trained_heads_have_the_classes_of_the_training_folder() {
         assert_eq!(j["state"], "done", "{j}");
     }
 }
+
+/// `caf eval` and `caf certify` decode only the images of their slice: a damaged file outside it
+/// (ImageNet's validation folder certified at `--skip 100` reads 500 of 50,000 files) does not
+/// stop them, and one inside it is named.
+#[test]
+fn eval_and_certify_decode_only_their_slice() {
+    let dir = Dir::new();
+    exact100_val_folder(&dir.join("folder"));
+    let truck = dir.join("folder").join("val").join("truck");
+    let mut last: Vec<_> = std::fs::read_dir(&truck)
+        .expect("truck folder")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    last.sort();
+    let damaged = last.pop().expect("a truck image");
+    std::fs::write(&damaged, b"not a PNG").expect("damage");
+    let weights = resnet20_weights();
+    let w = weights.to_str().expect("utf-8");
+    let args = |cmd: &str, extra: &[&str]| {
+        let mut v = vec![cmd, "--arch", "resnet20", "--weights", w];
+        v.extend(["--data", "imagefolder", "--data-root", "folder"]);
+        v.extend(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| dir.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    // Folder index 99 (the last file of the last class) is outside both slices.
+    let out = ok(&run(args("eval", &["--max", "10"])));
+    assert!(out.contains("/10)"), "{out}");
+    let cert = [
+        "--sigma", "0.25", "--n0", "10", "--n", "20", "--skip", "10", "--max", "99",
+    ];
+    ok(&run(args(
+        "certify",
+        &[&cert[..], &["--out", "c.tsv"]].concat(),
+    )));
+    let rows = std::fs::read_to_string(dir.join("c.tsv")).expect("tsv");
+    assert_eq!(rows.lines().count(), 1 + 10, "{rows}");
+    // Evaluating every image reaches it: the error names the file.
+    let out = run(args("eval", &[]));
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    let name = damaged.file_name().and_then(|n| n.to_str()).expect("name");
+    assert!(err.contains(name), "{err}");
+}
