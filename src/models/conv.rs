@@ -10,6 +10,11 @@
 //! result does not depend on how rayon schedules the work (bitwise-reproducible training with
 //! the same thread count, which the resume test relies on).
 //!
+//! Same-size convolutions (stride 1, odd k, padding k/2: all but the downsampling layers) build
+//! their im2col a band of output rows at a time from shifted copies of the input planes, as the
+//! fused eval path does (`models::im2col`), and compute the input gradient as the same
+//! convolution of the output gradient with the flipped kernel, so no col2im runs for them.
+//!
 //! Frozen operands cost nothing in the backward pass: the weight gradient is computed only when
 //! the weight is tracked by autograd, the input gradient only when the input is (a network's
 //! first layer reads data, so it never needs one; a frozen classifier behind a denoiser needs
@@ -20,6 +25,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::im2col;
+
 /// Images per partial weight gradient. Fixed (not derived from the thread count) so the
 /// summation order, hence the rounding, is the same on every run.
 const WGRAD_CHUNK: usize = 8;
@@ -27,6 +34,17 @@ const WGRAD_CHUNK: usize = 8;
 /// `conv2d(x, w)` with square kernel, zero padding `pad` and stride `stride`, no bias;
 /// x is [N, C_in, H, W], w is [C_out, C_in, K, K].
 pub fn conv2d(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> Result<Tensor> {
+    conv2d_blocked(x, w, pad, stride, im2col::BLOCK_VALUES)
+}
+
+/// [`conv2d`] whose same-size convolutions build their im2col `block_values` values at a time.
+fn conv2d_blocked(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+    block_values: usize,
+) -> Result<Tensor> {
     let cpu_f32 = super::path::fused(x.device()) && x.dtype() == DType::F32;
     if !cpu_f32 || w.dtype() != DType::F32 {
         return x.conv2d(w, pad, stride, 1, 1);
@@ -47,6 +65,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> Result<Tenso
         k,
         pad,
         stride,
+        block_values,
     };
     if h + 2 * pad < k || wd + 2 * pad < k {
         candle_core::bail!("conv2d: kernel {k} larger than the padded input {h}×{wd}");
@@ -64,9 +83,87 @@ struct Geom {
     k: usize,
     pad: usize,
     stride: usize,
+    /// Values per band of a same-size convolution's im2col (see [`im2col::BLOCK_VALUES`]).
+    block_values: usize,
 }
 
 impl Geom {
+    /// Stride 1, odd k, padding k/2: the output plane is the input's, each im2col row a shifted
+    /// copy of an input plane, and the input gradient the same convolution with the kernel
+    /// flipped, channels swapped (every layer of the CIFAR ResNets but the two downsampling
+    /// ones, DnCNN, the adapters).
+    fn same_size(&self) -> bool {
+        self.stride == 1 && self.k % 2 == 1 && self.pad == self.k / 2
+    }
+
+    /// y[c_out × plane] = w[c_out × rows] · im2col(x) for one image x[c_in × h × w] of a
+    /// same-size convolution, a band of output rows at a time so each band of the operand is
+    /// still in L2 when the GEMM reads it; `col` is scratch.
+    fn same_conv(&self, x: &[f32], w: &[f32], c_out: usize, col: &mut Vec<f32>, y: &mut [f32]) {
+        let (rows, plane) = (self.rows(), self.h * self.w);
+        let band = im2col::band(rows, (self.h, self.w), self.block_values);
+        for y0 in (0..self.h).step_by(band) {
+            let y1 = (y0 + band).min(self.h);
+            let nb = (y1 - y0) * self.w;
+            col.resize(col.len().max(rows * nb), 0.0);
+            let cb = &mut col[..rows * nb];
+            let at = (self.h, self.w);
+            im2col::same_block(x, (self.c_in, self.k), (1, 0), at, (y0, y1), cb);
+            let out = (&mut y[y0 * self.w..], plane);
+            gemm_into(c_out, nb, rows, (w, rows, 1), (cb, nb, 1), out, false);
+        }
+    }
+
+    /// gwᵀ[rows × c_out] += im2col(x) · gyᵀ for one image of a same-size convolution, band by
+    /// band as [`same_conv`](Self::same_conv).
+    fn same_weight_grad(
+        &self,
+        x: &[f32],
+        gy: &[f32],
+        c_out: usize,
+        col: &mut Vec<f32>,
+        gw_t: &mut [f32],
+    ) {
+        let (rows, plane) = (self.rows(), self.h * self.w);
+        let band = im2col::band(rows, (self.h, self.w), self.block_values);
+        for y0 in (0..self.h).step_by(band) {
+            let y1 = (y0 + band).min(self.h);
+            let nb = (y1 - y0) * self.w;
+            col.resize(col.len().max(rows * nb), 0.0);
+            let cb = &mut col[..rows * nb];
+            let at = (self.h, self.w);
+            im2col::same_block(x, (self.c_in, self.k), (1, 0), at, (y0, y1), cb);
+            // gyᵀ's band is [nb × c_out]: element (p, o) at gy[o·plane + y0·w + p].
+            let gy_t = (&gy[y0 * self.w..], 1, plane);
+            gemm(rows, c_out, nb, (cb, nb, 1), gy_t, gw_t, true);
+        }
+    }
+
+    /// The input gradient's geometry of a same-size convolution and its weight: the same
+    /// convolution over the output gradient (c_out channels) with w'[c][o][ky][kx] =
+    /// w[o][c][k−1−ky][k−1−kx], since padding k/2 = k − 1 − k/2 for odd k.
+    fn transposed(&self, w: &[f32], c_out: usize) -> (Geom, Vec<f32>) {
+        let (c_in, k) = (self.c_in, self.k);
+        let mut flipped = vec![0f32; w.len()];
+        for o in 0..c_out {
+            for c in 0..c_in {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        flipped[((c * c_out + o) * k + (k - 1 - ky)) * k + (k - 1 - kx)] =
+                            w[((o * c_in + c) * k + ky) * k + kx];
+                    }
+                }
+            }
+        }
+        (
+            Geom {
+                c_in: c_out,
+                ..*self
+            },
+            flipped,
+        )
+    }
+
     fn out_hw(&self) -> (usize, usize) {
         (
             (self.h + 2 * self.pad - self.k) / self.stride + 1,
@@ -273,6 +370,12 @@ impl CustomOp2 for Conv2dOp {
         let (ho, wo) = g.out_hw();
         let plane = g.plane_out();
         let mut y = vec![0f32; n_img * c_out * plane];
+        if g.same_size() {
+            y.par_chunks_mut(c_out * plane)
+                .zip(x.par_chunks(g.image_len()))
+                .for_each_init(Vec::new, |col, (yi, xi)| g.same_conv(xi, w, c_out, col, yi));
+            return Ok((CpuStorage::F32(y), Shape::from((n_img, c_out, ho, wo))));
+        }
         y.par_chunks_mut(c_out * plane)
             .zip(x.par_chunks(g.image_len()))
             .for_each_init(
@@ -340,6 +443,16 @@ impl CustomOp2 for InputGradOp {
         let plane = g.plane_out();
         let rows = g.rows();
         let mut gx = vec![0f32; n_img * g.image_len()];
+        if g.same_size() {
+            let (t, flipped) = g.transposed(w, c_out);
+            gx.par_chunks_mut(g.image_len())
+                .zip(gy.par_chunks(c_out * plane))
+                .for_each_init(Vec::new, |col, (gxi, gyi)| {
+                    t.same_conv(gyi, &flipped, g.c_in, col, gxi)
+                });
+            let shape = Shape::from((n_img, g.c_in, g.h, g.w));
+            return Ok((CpuStorage::F32(gx), shape));
+        }
         gx.par_chunks_mut(g.image_len())
             .zip(gy.par_chunks(c_out * plane))
             .for_each_init(
@@ -390,11 +503,18 @@ impl CustomOp2 for WeightGradOp {
             .par_chunks(img * WGRAD_CHUNK)
             .zip(gy.par_chunks(c_out * plane * WGRAD_CHUNK))
             .map(|(xc, gyc)| {
-                let mut col = vec![0f32; rows * plane];
                 // Accumulated transposed, gwᵀ = col·gyᵀ ([rows × c_out]): the long side
                 // (rows) then runs along the GEMM kernel's wide register dimension; with the
                 // few output channels there (8–64), the kernel idled most of its lanes.
                 let mut gw_t = vec![0f32; rows * c_out];
+                if g.same_size() {
+                    let mut col = Vec::new();
+                    for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
+                        g.same_weight_grad(xi, gyi, c_out, &mut col, &mut gw_t);
+                    }
+                    return gw_t;
+                }
+                let mut col = vec![0f32; rows * plane];
                 for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
                     g.im2col(xi, &mut col);
                     // gyᵀ is [plane × c_out]: element (p, o) at gy[o·plane + p].
@@ -447,9 +567,16 @@ mod tests {
 
     /// Forward values and both gradients of L = Σ r ⊙ conv(x, w) against candle's conv2d and
     /// its autograd, for every kernel/stride/padding combination caf's networks use and a few
-    /// they do not (odd sizes, padding wider than needed, kernel without padding).
+    /// they do not (odd sizes, padding wider than needed, kernel without padding), with
+    /// same-size convolutions banded as in use, one output row per band, and a few rows.
     #[test]
     fn forward_and_gradients_match_candles_conv2d() {
+        for block_values in [im2col::BLOCK_VALUES, 1, 200] {
+            matches_candle(block_values);
+        }
+    }
+
+    fn matches_candle(block_values: usize) {
         let cases = [
             // (n, c_in, h, w, c_out, k, pad, stride)
             (3, 3, 8, 8, 4, 3, 1, 1),
@@ -462,18 +589,26 @@ mod tests {
             (17, 5, 6, 6, 7, 3, 1, 1),
             (12, 32, 16, 16, 32, 3, 1, 1),
             (12, 16, 32, 32, 32, 3, 1, 2),
+            // Same-size convolutions: 5×5, 1×1, planes of one row or column, a kernel wider
+            // than the plane.
+            (2, 3, 9, 11, 4, 5, 2, 1),
+            (2, 3, 1, 6, 2, 3, 1, 1),
+            (2, 2, 5, 1, 3, 3, 1, 1),
+            (1, 2, 2, 3, 2, 7, 3, 1),
         ];
         for (i, &(n, c_in, h, wd, c_out, k, pad, stride)) in cases.iter().enumerate() {
             let seed = 10 * i as u64;
             let x = Var::from_tensor(&randn(seed, &[n, c_in, h, wd])).expect("var");
             let w = Var::from_tensor(&randn(seed + 1, &[c_out, c_in, k, k])).expect("var");
-            let ours = conv2d(x.as_tensor(), w.as_tensor(), pad, stride).expect("ours");
+            let ours = conv2d_blocked(x.as_tensor(), w.as_tensor(), pad, stride, block_values)
+                .expect("ours");
             let theirs = x
                 .as_tensor()
                 .conv2d(w.as_tensor(), pad, stride, 1, 1)
                 .expect("candle");
             assert_eq!(ours.dims(), theirs.dims(), "case {i}");
-            assert!(max_abs_diff(&ours, &theirs) < 1e-4, "forward, case {i}");
+            let d = max_abs_diff(&ours, &theirs);
+            assert!(d < 1e-4, "forward, case {i}, block {block_values}: {d}");
 
             let r = randn(seed + 2, ours.dims());
             let g_ours = (&ours * &r)
@@ -487,7 +622,10 @@ mod tests {
                 let a = g_ours.get(v.as_tensor()).expect("gradient");
                 let b = g_theirs.get(v.as_tensor()).expect("gradient");
                 let d = max_abs_diff(a, b);
-                assert!(d < 1e-4, "{name} gradient, case {i}: max |Δ| = {d}");
+                assert!(
+                    d < 1e-4,
+                    "{name} gradient, case {i}, block {block_values}: max |Δ| = {d}"
+                );
             }
         }
     }

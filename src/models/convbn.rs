@@ -7,6 +7,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, VarBuilder};
 
 use super::gemm::GemmWeight;
+use super::im2col::{self, shifted_rows, BLOCK_VALUES};
 use super::precision::Precision;
 
 /// PyTorch's BatchNorm2d defaults, which akamaster's checkpoints were trained with.
@@ -97,7 +98,7 @@ impl FoldedConv {
         block_values: usize,
     ) {
         let n = g * h * w;
-        let rows = (block_values / (self.c_in * self.k * self.k * w)).clamp(1, h);
+        let rows = im2col::band(self.c_in * self.k * self.k, (h, w), block_values);
         let blocks = (0..g).flat_map(|gi| {
             (0..h)
                 .step_by(rows)
@@ -110,30 +111,17 @@ impl FoldedConv {
         self.weight.accumulate_blocks(n, blocks, fill, out);
     }
 
-    /// Output rows [y0, y1) of image `gi` of the im2col matrix of a same-size (stride 1, odd
-    /// k) convolution: `dst` holds c_in·k·k rows of (y1 − y0)·w values.
+    /// Output rows [y0, y1) of image `gi` of the im2col matrix (see [`im2col::same_block`]).
     fn im2col_block(
         &self,
         x: &[f32],
         g: usize,
         (h, w): (usize, usize),
         gi: usize,
-        (y0, y1): (usize, usize),
+        rows: (usize, usize),
         dst: &mut [f32],
     ) {
-        let (k, p) = (self.k, (self.k / 2) as isize);
-        let nb = (y1 - y0) * w;
-        for (r, d) in dst.chunks_exact_mut(nb).enumerate() {
-            let (c, ky, kx) = (r / (k * k), (r % (k * k)) / k, r % k);
-            let src_plane = &x[(c * g + gi) * h * w..][..h * w];
-            shifted_rows(
-                src_plane,
-                (h, w),
-                (ky as isize - p, kx as isize - p),
-                (y0, y1),
-                d,
-            );
-        }
+        im2col::same_block(x, (self.c_in, self.k), (g, gi), (h, w), rows, dst)
     }
 
     /// Row `r` = (c, ky, kx) of the im2col matrix: input channel c shifted by (ky − p, kx − p)
@@ -194,53 +182,6 @@ impl FoldedConv {
                             .map_or(0.0, |ix| src[ix]);
                     }
                 }
-            }
-        }
-    }
-}
-
-/// Values of an im2col operand block: 64K f32 (256 KiB) leave room in a 512 KiB L2 (Zen 3; 1
-/// MiB on Zen 4, 2 MiB on Sapphire Rapids) for the GEMM's packed copy of it. ResNet-20 forward
-/// on the Zen 3, alternated runs, images/s: 8K values 445–494, 16K 706–731, 32K 693–784, 64K
-/// 773–881, 128K 711–847, unblocked 581–656.
-const BLOCK_VALUES: usize = 64 * 1024;
-
-/// `dst[y − y0][x] = src[y + dy][x + dx]` for rows y in [y0, y1) of an h×w plane, zero where
-/// that falls outside it.
-fn shifted_rows(
-    src: &[f32],
-    (h, w): (usize, usize),
-    (dy, dx): (isize, isize),
-    (y0, y1): (usize, usize),
-    dst: &mut [f32],
-) {
-    let hw = (h * w) as isize;
-    let (i0, i1) = ((y0 * w) as isize, (y1 * w) as isize);
-    let off = dy * w as isize + dx;
-    // Every in-image position reads inside [0, hw): copy the whole overlapping run at once (it
-    // also carries values wrapped from the neighbouring row, zeroed below).
-    let a = (-off).clamp(i0, i1);
-    let b = (hw - off).clamp(a, i1);
-    let (a, b) = ((a - i0) as usize, (b - i0) as usize);
-    dst[..a].fill(0.0);
-    if a < b {
-        let start = (a as isize + i0 + off) as usize;
-        dst[a..b].copy_from_slice(&src[start..start + (b - a)]);
-    }
-    dst[b..].fill(0.0);
-    // Rows whose source row is outside the image.
-    let inside_lo = ((-dy).clamp(0, h as isize) as usize).clamp(y0, y1);
-    let inside_hi = ((h as isize - dy).clamp(0, h as isize) as usize).clamp(inside_lo, y1);
-    dst[..(inside_lo - y0) * w].fill(0.0);
-    dst[(inside_hi - y0) * w..].fill(0.0);
-    // Columns whose source column is outside the image (the wrapped values): at most k/2 per
-    // row, so plain stores (a memset call per row cost more than the copy).
-    let cols_lo = (-dx).clamp(0, w as isize) as usize;
-    let cols_hi = ((w as isize - dx).clamp(0, w as isize) as usize).max(cols_lo);
-    if cols_lo > 0 || cols_hi < w {
-        for row in dst.chunks_exact_mut(w) {
-            for x in (0..cols_lo).chain(cols_hi..w) {
-                row[x] = 0.0;
             }
         }
     }

@@ -27,6 +27,7 @@ mod convbn;
 pub mod dncnn;
 pub mod formula;
 pub mod gemm;
+mod im2col;
 pub mod init;
 mod linear;
 pub mod onnx;
