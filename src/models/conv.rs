@@ -96,11 +96,16 @@ impl Geom {
         self.stride == 1 && self.k % 2 == 1 && self.pad == self.k / 2
     }
 
-    /// y[c_out × plane] = w[c_out × rows] · im2col(x) for one image x[c_in × h × w] of a
-    /// same-size convolution, a band of output rows at a time so each band of the operand is
-    /// still in L2 when the GEMM reads it; `col` is scratch.
-    fn same_conv(&self, x: &[f32], w: &[f32], c_out: usize, col: &mut Vec<f32>, y: &mut [f32]) {
-        let (rows, plane) = (self.rows(), self.h * self.w);
+    /// Calls `f(first value of the band in the plane, band values, im2col band)` for the bands
+    /// of output rows of one image x[c_in × h × w] of a same-size convolution, each band of the
+    /// operand built just before `f`'s GEMM reads it, so it is still in L2; `col` is scratch.
+    fn for_each_band(
+        &self,
+        x: &[f32],
+        col: &mut Vec<f32>,
+        mut f: impl FnMut(usize, usize, &[f32]),
+    ) {
+        let rows = self.rows();
         let band = im2col::band(rows, (self.h, self.w), self.block_values);
         for y0 in (0..self.h).step_by(band) {
             let y1 = (y0 + band).min(self.h);
@@ -109,13 +114,20 @@ impl Geom {
             let cb = &mut col[..rows * nb];
             let at = (self.h, self.w);
             im2col::same_block(x, (self.c_in, self.k), (1, 0), at, (y0, y1), cb);
-            let out = (&mut y[y0 * self.w..], plane);
-            gemm_into(c_out, nb, rows, (w, rows, 1), (cb, nb, 1), out, false);
+            f(y0 * self.w, nb, cb);
         }
     }
 
-    /// gwᵀ[rows × c_out] += im2col(x) · gyᵀ for one image of a same-size convolution, band by
-    /// band as [`same_conv`](Self::same_conv).
+    /// y[c_out × plane] = w[c_out × rows] · im2col(x) for one image of a same-size convolution.
+    fn same_conv(&self, x: &[f32], w: &[f32], c_out: usize, col: &mut Vec<f32>, y: &mut [f32]) {
+        let (rows, plane) = (self.rows(), self.h * self.w);
+        self.for_each_band(x, col, |j0, nb, cb| {
+            let out = (&mut y[j0..], plane);
+            gemm_into(c_out, nb, rows, (w, rows, 1), (cb, nb, 1), out, false);
+        });
+    }
+
+    /// gwᵀ[rows × c_out] += im2col(x) · gyᵀ for one image of a same-size convolution.
     fn same_weight_grad(
         &self,
         x: &[f32],
@@ -125,18 +137,11 @@ impl Geom {
         gw_t: &mut [f32],
     ) {
         let (rows, plane) = (self.rows(), self.h * self.w);
-        let band = im2col::band(rows, (self.h, self.w), self.block_values);
-        for y0 in (0..self.h).step_by(band) {
-            let y1 = (y0 + band).min(self.h);
-            let nb = (y1 - y0) * self.w;
-            col.resize(col.len().max(rows * nb), 0.0);
-            let cb = &mut col[..rows * nb];
-            let at = (self.h, self.w);
-            im2col::same_block(x, (self.c_in, self.k), (1, 0), at, (y0, y1), cb);
-            // gyᵀ's band is [nb × c_out]: element (p, o) at gy[o·plane + y0·w + p].
-            let gy_t = (&gy[y0 * self.w..], 1, plane);
+        self.for_each_band(x, col, |j0, nb, cb| {
+            // gyᵀ's band is [nb × c_out]: element (p, o) at gy[o·plane + j0 + p].
+            let gy_t = (&gy[j0..], 1, plane);
             gemm(rows, c_out, nb, (cb, nb, 1), gy_t, gw_t, true);
-        }
+        });
     }
 
     /// The input gradient's geometry of a same-size convolution and its weight: the same
