@@ -194,13 +194,13 @@ impl PeakShare {
 
 /// Throughput of one training step as the training loop runs it: a batch of noisy images
 /// (σ), forward in train mode, cross-entropy on logits, backward, optimizer update of
-/// `trainable` only. Images and labels are fixed pseudo-random data: their content does not
-/// change the work.
+/// `trainable` only, on batches of `batch` images of `shape`. Images and labels are fixed
+/// pseudo-random data: their content does not change the work.
 pub fn bench_train_step(
     objective: &dyn crate::methods::train::Objective,
     trainable: Vec<candle_core::Var>,
     optimizer: crate::methods::train::OptimizerConfig,
-    batch: usize,
+    (shape, batch): (Chw, usize),
     seconds: f64,
     sigma: f32,
     device: &Device,
@@ -214,9 +214,9 @@ pub fn bench_train_step(
     let lr = optimizer.lr();
     let mut opt = crate::methods::train::Optimizer::new(optimizer, trainable)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let n = batch * Chw::CIFAR.len();
+    let n = batch * shape.len();
     let pixels: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
-    let images = Tensor::from_vec(pixels, Chw::CIFAR.batch_dims(batch), device)?;
+    let images = Tensor::from_vec(pixels, shape.batch_dims(batch), device)?;
     let labels: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10u32)).collect();
     let label_vec = labels.clone();
     let labels = Tensor::from_vec(labels, batch, device)?;
@@ -224,7 +224,7 @@ pub fn bench_train_step(
         let noise = Tensor::randn(
             0f32,
             sigma.max(f32::MIN_POSITIVE),
-            Chw::CIFAR.batch_dims(batch),
+            shape.batch_dims(batch),
             device,
         )?;
         let batch = crate::methods::train::batches::Batch {

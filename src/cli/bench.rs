@@ -360,23 +360,49 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
     use caf::methods::denoised::DenoiserObjective;
     use caf::methods::train::{Classification, OptimizerConfig};
     let arch = parse_arch(&t.arch)?;
-    let Arch::CifarResNet { depth } = arch else {
+    if !arch.is_trainable() {
         bail!(usage(format!(
-            "train-step needs a CIFAR ResNet, not {arch}"
+            "train-step needs a CIFAR ResNet or a ViT, not {arch}"
         )));
-    };
-    let Some(weights) = t.weights.clone().or_else(|| default_weights(arch)) else {
-        bail!(usage(format!(
-            "no default weights for {arch}: pass --weights"
-        )));
-    };
+    }
+    // A ViT has no weights on these machines: formula weights serve (a step costs the same).
+    let weights = t.weights.clone().or_else(|| default_weights(arch));
     if !t.seconds.is_finite() || t.seconds <= 0.0 {
         bail!(usage("--seconds must be positive"));
     }
     let device = t.device.open()?;
-    let normalize = Normalize::IMAGENET;
+    let normalize = match arch {
+        Arch::Vit(_) => arch.default_normalize(),
+        _ => Normalize::IMAGENET,
+    };
     let varmap = candle_nn::VarMap::new();
-    let backbone_flops = models::adapter::cifar_resnet_cost(depth, 10)?.flops_per_image;
+    let (backbone_flops, feature_dim) = match arch {
+        Arch::Vit(name) => {
+            let c = models::VitConfig::named(name);
+            (c.cost(NUM_CLASSES).1, c.dim)
+        }
+        Arch::CifarResNet { depth } => (
+            models::adapter::cifar_resnet_cost(depth, NUM_CLASSES)?.flops_per_image,
+            models::FEATURE_DIM,
+        ),
+        _ => bail!(usage(format!("no FLOP count for {arch}"))),
+    };
+    let size = arch.input_size().unwrap_or(32);
+    let shape = caf::data::augment::Chw {
+        c: 3,
+        h: size,
+        w: size,
+    };
+    // The frozen network of `caf` and `denoised`: the weights file, or formula weights.
+    let frozen = || -> Result<models::Backbone> {
+        Ok(match &weights {
+            Some(w) => models::load_backbone(arch, w, normalize, &device)?,
+            None => {
+                eprintln!("note: no --weights: {arch} with formula (seeded, untrained) weights");
+                models::formula_backbone(arch, NUM_CLASSES, normalize, &device)?
+            }
+        })
+    };
     // Each arm returns the throughput and the training FLOPs per image (`methods::budget`).
     let (report, flops) = match t.method {
         BenchMethod::Caf => {
@@ -385,7 +411,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 .parse()
                 .map_err(|e: models::ModelError| usage(e.to_string()))?;
             // The `train-caf` handler's construction: adapters and head on the frozen backbone.
-            let phi = models::load_cifar_resnet(depth, &weights, normalize, &device)?;
+            let phi = frozen()?;
             let (model, vars) = caf::methods::caf::trainable_model(
                 phi,
                 &adapter,
@@ -398,22 +424,29 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 &Classification { model: &model },
                 vars,
                 OptimizerConfig::adam(1e-3),
-                t.batch,
+                (shape, t.batch),
                 t.seconds,
                 t.sigma,
                 &device,
             )?;
-            let flops = budget::caf_train_flops(backbone_flops, &adapter, models::FEATURE_DIM, 32)
+            let flops = budget::caf_train_flops(backbone_flops, &adapter, feature_dim, size)
                 .ok_or_else(|| usage(format!("no FLOP count for adapter {adapter}")))?;
             (report, flops.0)
         }
         BenchMethod::Rs => {
-            // The `train-rs` handler's construction: the whole network, fine-tuned from `weights`.
-            let init = models::load_state_dict(&weights, &device)?;
+            // The `train-rs` handler's construction: the whole network, fine-tuned from
+            // `weights`, or from scratch without them.
+            let init = match &weights {
+                Some(w) => Some(models::load_state_dict(w, &device)?),
+                None => {
+                    eprintln!("note: no --weights: {arch} trained from its initialisation");
+                    None
+                }
+            };
             let (model, vars) = caf::methods::rs::trainable_network(
                 &t.arch,
                 normalize,
-                Some(&init),
+                init.as_ref(),
                 NUM_CLASSES,
                 &varmap,
                 &device,
@@ -428,13 +461,13 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 &Classification { model: &model },
                 vars,
                 sgd,
-                t.batch,
+                (shape, t.batch),
                 t.seconds,
                 t.sigma,
                 &device,
             )?;
-            let flops = budget::rs_train_flops(Arch::CifarResNet { depth }, None)
-                .ok_or_else(|| usage(format!("no FLOP count for resnet{depth}")))?;
+            let flops = budget::rs_train_flops(arch, None)
+                .ok_or_else(|| usage(format!("no FLOP count for {arch}")))?;
             (report, flops.0)
         }
         BenchMethod::Denoised => {
@@ -442,10 +475,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 .denoiser
                 .parse()
                 .map_err(|e: models::ModelError| usage(e.to_string()))?;
-            let classifier: models::Backbone =
-                models::load_cifar_resnet(depth, &weights, normalize, &device)?
-                    .detached()?
-                    .into();
+            let classifier = frozen()?.detached()?;
             // The `train-denoised` handler's construction, in front of the frozen classifier.
             let (denoiser, vars) =
                 caf::methods::denoised::trainable_denoiser(arch, &varmap, &device, 0)?;
@@ -459,7 +489,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 &loss,
                 vars,
                 OptimizerConfig::adam(1e-3),
-                t.batch,
+                (shape, t.batch),
                 t.seconds,
                 t.sigma,
                 &device,

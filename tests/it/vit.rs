@@ -285,3 +285,52 @@ grid:
     assert_eq!(after["weights"], before["weights"]);
     assert_eq!(after["attempts"], before["attempts"]);
 }
+
+/// `caf bench train-step` measures a ViT's training step: the whole network from scratch
+/// (`rs`) and adapters on it frozen (`caf`), with formula weights when none are given, and
+/// refuses an architecture caf cannot train.
+#[test]
+fn bench_train_step_runs_on_a_cifar_vit() {
+    let dir = Dir::new();
+    for method in ["rs", "caf"] {
+        let out = dir.run(&[
+            "bench",
+            "train-step",
+            "--method",
+            method,
+            "--arch",
+            "vit_cifar_tiny_patch4_32",
+            "--adapter",
+            "cnn:8:1",
+            "--batch",
+            "4",
+            "--seconds",
+            "0.5",
+            "--json",
+        ]);
+        let stdout = ok(&out);
+        assert!(
+            text(&out.stderr).contains("note: no --weights: vit_cifar_tiny_patch4_32"),
+            "{}",
+            text(&out.stderr)
+        );
+        let json = &stdout[stdout.find('{').expect("json")..];
+        let v: serde_json::Value = serde_json::from_str(json).expect("json");
+        let rate = v["throughput"]["images_per_sec_median"]
+            .as_f64()
+            .expect("rate");
+        assert!(rate > 0.0, "{method}: {v}");
+        // FLOPs per image are counted for the ViT (forward + backward of what trains).
+        assert!(v["peak"]["gflops"].as_f64().is_some_and(|g| g > 0.0), "{v}");
+    }
+    let out = dir.run(&[
+        "bench",
+        "train-step",
+        "--method",
+        "rs",
+        "--arch",
+        "resnet50",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("CIFAR ResNet or a ViT"));
+}
