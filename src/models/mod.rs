@@ -38,6 +38,7 @@ pub mod relu;
 mod resnet;
 pub mod resnet50;
 mod resnet_eval;
+mod rowwise;
 pub mod trainable;
 pub mod vit;
 mod weights;

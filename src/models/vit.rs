@@ -133,7 +133,7 @@ pub(crate) fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let rows: usize = lead.iter().product();
     let y = x.reshape((rows, last))?.matmul(&l.weight().t()?)?;
     let y = match l.bias() {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => super::rowwise::add_bias(&y, b)?,
         None => y,
     };
     let mut out = lead.to_vec();
@@ -199,13 +199,8 @@ pub(crate) fn norm_fwd(n: &LayerNorm, x: &Tensor, grad: bool) -> Result<Tensor> 
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc
-        .broadcast_div(&(var + n.eps())?.sqrt()?)?
-        .broadcast_mul(n.weight())?;
-    match n.bias() {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    let xhat = xc.broadcast_div(&(var + n.eps())?.sqrt()?)?;
+    super::rowwise::scale_shift(&xhat, n.weight(), n.bias())
 }
 
 /// Softmax over the last dimension: candle's fused kernel (no backward) unless `grad`.
