@@ -26,6 +26,7 @@ pub mod conv;
 mod convbn;
 pub mod dncnn;
 pub mod formula;
+mod gelu;
 pub mod gemm;
 mod im2col;
 pub mod init;

@@ -270,7 +270,7 @@ impl Block {
     /// x + attn(LN(x)), then + mlp(LN(·)); `grad`: autograd needs the graph.
     pub(crate) fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
         let x = (x + self.attention(&norm_fwd(&self.norm1, x, grad)?, grad)?)?;
-        let h = linear_nd(&self.fc1, &norm_fwd(&self.norm2, &x, grad)?)?.gelu_erf()?;
+        let h = super::gelu::gelu(&linear_nd(&self.fc1, &norm_fwd(&self.norm2, &x, grad)?)?)?;
         x + linear_nd(&self.fc2, &h)?
     }
 
