@@ -549,11 +549,12 @@ impl CustomOp2 for WeightGradOp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    /// Uniform(−1, 1) values of `shape`, seeded.
+    pub(in crate::models) fn randn(seed: u64, shape: &[usize]) -> Tensor {
         use rand::{RngExt, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
@@ -561,7 +562,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).expect("shape matches the data")
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(in crate::models) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .and_then(|d| d.abs())
             .and_then(|d| d.flatten_all())

@@ -9,14 +9,10 @@
 //!
 //! Other devices and dtypes fall back to candle's own `gelu_erf`.
 
+use super::conv::f32_slice;
+use super::pointwise;
 use candle_core::cpu::erf::erf_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-
-use super::conv::f32_slice;
-
-/// Elements per rayon task: large enough that scheduling costs nothing next to the pass.
-const CHUNK: usize = 1 << 14;
 
 /// 1/√(2π), as candle's backward writes it.
 const INV_SQRT_2PI: f32 = 0.398942;
@@ -49,15 +45,10 @@ impl CustomOp1 for GeluOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu input")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = gelu_value(x);
-                }
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(pointwise::map(x, gelu_value)),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -90,14 +81,7 @@ impl CustomOp2 for GeluGradOp {
                 l2.dims()
             );
         }
-        let mut gx = vec![0f32; x.len()];
-        gx.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
-            .for_each(|(gx, (g, x))| {
-                for ((o, &g), &x) in gx.iter_mut().zip(g).zip(x) {
-                    *o = g * gelu_slope(x);
-                }
-            });
+        let gx = pointwise::map2(g, x, |g, x| g * gelu_slope(x));
         Ok((CpuStorage::F32(gx), l1.shape().clone()))
     }
 }
@@ -112,7 +96,7 @@ mod tests {
     /// also against a central difference in f64.
     #[test]
     fn matches_candles_gelu_erf_and_its_gradient() {
-        let n = 2 * CHUNK + 10;
+        let n = 70_000;
         let xs: Vec<f32> = (0..n)
             .map(|i| -8.0 + 16.0 * i as f32 / (n - 1) as f32)
             .collect();

@@ -34,6 +34,7 @@ mod linear;
 pub mod onnx;
 pub mod path;
 mod pickle;
+mod pointwise;
 mod precision;
 pub mod relu;
 mod resnet;

@@ -8,13 +8,9 @@
 //!
 //! Other devices and dtypes fall back to candle's own `relu`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-
 use super::conv::f32_slice;
-
-/// Elements per rayon task: large enough that scheduling costs nothing next to the pass.
-const CHUNK: usize = 1 << 15;
+use super::pointwise;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// max(x, 0), differentiable, with the fused kernels on CPU f32.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
@@ -40,15 +36,10 @@ impl CustomOp1 for ReluOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "relu input")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x.max(0.0);
-                }
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(pointwise::map(x, |x| x.max(0.0))),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -81,14 +72,7 @@ impl CustomOp2 for ReluGradOp {
                 l2.dims()
             );
         }
-        let mut gx = vec![0f32; x.len()];
-        gx.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
-            .for_each(|(gx, (g, x))| {
-                for ((o, &g), &x) in gx.iter_mut().zip(g).zip(x) {
-                    *o = if x >= 0.0 { g } else { 0.0 };
-                }
-            });
+        let gx = pointwise::map2(g, x, |g, x| if x >= 0.0 { g } else { 0.0 });
         Ok((CpuStorage::F32(gx), l1.shape().clone()))
     }
 }
@@ -102,7 +86,7 @@ mod tests {
     /// let the gradient through) and a non-contiguous input.
     #[test]
     fn matches_candles_relu_and_its_gradient_exactly() {
-        let n = 3 * CHUNK + 18;
+        let n = 3 * (1 << 15) + 18;
         let xs: Vec<f32> = (0..n)
             .map(|i| match i % 7 {
                 0 => 0.0,

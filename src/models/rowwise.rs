@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::conv::f32_slice;
+use super::pointwise;
 
 /// Rows per partial sum. Fixed (not derived from the thread count) so the summation order,
 /// hence the rounding, is the same on every run.
@@ -119,15 +120,7 @@ impl CustomOp2 for BiasOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "bias input")?;
         let b = f32_slice(s2, l2, "bias")?;
-        let d = b.len().max(1);
-        let mut y = x.to_vec();
-        y.par_chunks_mut(ROWS_PER_PART * d).for_each(|yc| {
-            for row in yc.chunks_exact_mut(d) {
-                for (v, bv) in row.iter_mut().zip(b) {
-                    *v += bv;
-                }
-            }
-        });
+        let y = pointwise::map_rows(x, b, |x, b| x + b);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -228,15 +221,7 @@ impl CustomOp2 for RowScaleOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = f32_slice(s1, l1, "gradient")?;
         let gamma = f32_slice(s2, l2, "scale")?;
-        let d = gamma.len().max(1);
-        let mut y = g.to_vec();
-        y.par_chunks_mut(ROWS_PER_PART * d).for_each(|yc| {
-            for row in yc.chunks_exact_mut(d) {
-                for (v, s) in row.iter_mut().zip(gamma) {
-                    *v *= s;
-                }
-            }
-        });
+        let y = pointwise::map_rows(g, gamma, |g, s| g * s);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
@@ -269,24 +254,8 @@ impl CustomOp2 for RowSumOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn randn(seed: u64, shape: &[usize]) -> Tensor {
-        use rand::{RngExt, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).expect("shape matches the data")
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("same shapes")
-    }
+    use crate::models::conv::tests::{max_abs_diff, randn};
+    use candle_core::Var;
 
     /// Values and every gradient of L = Σ r ⊙ f(x, …) against candle's broadcast ops and their
     /// autograd, for shapes with fewer rows than a chunk, several chunks and a ragged last one.

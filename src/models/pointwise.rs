@@ -1,0 +1,50 @@
+//! Element-wise passes of caf's training kernels (ReLU, GELU, per-feature shifts and scales),
+//! in parallel over fixed chunks: each output element depends on its inputs only, so the result
+//! is the same whatever the thread count.
+
+use rayon::prelude::*;
+
+/// Elements per rayon task: large enough that scheduling costs nothing next to the pass.
+const CHUNK: usize = 1 << 15;
+
+/// f(x) for every element.
+pub(crate) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = f(x);
+            }
+        });
+    y
+}
+
+/// f(a, b) for every pair of elements; a and b must have the same length.
+pub(crate) fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    debug_assert_eq!(a.len(), b.len());
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| {
+            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                *y = f(a, b);
+            }
+        });
+    y
+}
+
+/// f(x, v) for every element of a [rows, d] matrix x and the element of the per-feature vector
+/// v (length d) in its column.
+pub(crate) fn map_rows(x: &[f32], v: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let d = v.len().max(1);
+    let mut y = x.to_vec();
+    y.par_chunks_mut(CHUNK.div_ceil(d) * d).for_each(|yc| {
+        for row in yc.chunks_exact_mut(d) {
+            for (y, &v) in row.iter_mut().zip(v) {
+                *y = f(*y, v);
+            }
+        }
+    });
+    y
+}
