@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 
 use caf::methods::source::NUM_CLASSES;
-use caf::models::{self, Arch, Normalize};
+use caf::models::{self, Arch};
 
 use caf::store::DbLocation;
 
@@ -371,23 +371,11 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
         bail!(usage("--seconds must be positive"));
     }
     let device = t.device.open()?;
-    let normalize = match arch {
-        Arch::Vit(_) => arch.default_normalize(),
-        _ => Normalize::IMAGENET,
-    };
+    let normalize = arch.default_normalize();
     let varmap = candle_nn::VarMap::new();
-    let (backbone_flops, feature_dim) = match arch {
-        Arch::Vit(name) => {
-            let c = models::VitConfig::named(name);
-            (c.cost(NUM_CLASSES).1, c.dim)
-        }
-        Arch::CifarResNet { depth } => (
-            models::adapter::cifar_resnet_cost(depth, NUM_CLASSES)?.flops_per_image,
-            models::FEATURE_DIM,
-        ),
-        _ => bail!(usage(format!("no FLOP count for {arch}"))),
-    };
     let size = arch.input_size().unwrap_or(32);
+    let (_, backbone_flops) = budget::network_cost(arch, size)
+        .ok_or_else(|| usage(format!("no FLOP count for {arch}")))?;
     let shape = caf::data::augment::Chw {
         c: 3,
         h: size,
@@ -412,6 +400,7 @@ fn bench_train_step(t: BenchTrainArgs) -> Result<i32> {
                 .map_err(|e: models::ModelError| usage(e.to_string()))?;
             // The `train-caf` handler's construction: adapters and head on the frozen backbone.
             let phi = frozen()?;
+            let feature_dim = phi.feature_dim();
             let (model, vars) = caf::methods::caf::trainable_model(
                 phi,
                 &adapter,

@@ -100,7 +100,7 @@ pub fn load_data(
                 )));
             }
             let pre = data::imagefolder::Preprocess { resize, image_size };
-            // Only the images of the slice are decoded, when they are certified.
+            // Only the images of the slice are decoded, when they are read.
             Box::new(data::imagefolder::Streamed::open(&m.data_root, split, pre)?)
         }
     };

@@ -3,9 +3,9 @@
 //! cell may state `budget_tflops` instead of `epochs` to get the epoch count that spends it.
 //!
 //! FLOPs count 2 × multiply-adds of convolutions and linear layers for one image of the data's
-//! size, 32×32 for CIFAR ([`crate::models::adapter::cost_at`]); a training step is counted as forward + 2 × forward for
-//! the backward of the trained part, and forward (+ forward for input gradients where they are
-//! needed) for frozen parts. The figures compare methods; they are not a profiler's.
+//! size, 32×32 for CIFAR ([`crate::models::adapter::cost_at`]); a training step is counted as
+//! forward + 2 × forward for the backward of the trained part, and forward (+ forward for input
+//! gradients where they are needed) for frozen parts. The figures compare methods; they are not a profiler's.
 
 use serde::Serialize;
 
@@ -56,7 +56,7 @@ pub fn epochs_for(tflops: f64, flops_per_image: f64, cfg: &TrainConfig) -> usize
 /// (params, forward FLOPs per image) of the whole network `arch` on `size`×`size` images (the
 /// CIFAR ResNets and ViTs have their one input size); `None` where caf has no count (an ONNX
 /// graph, the linear model).
-fn network_cost(arch: Arch, size: usize) -> Option<(u64, u64)> {
+pub fn network_cost(arch: Arch, size: usize) -> Option<(u64, u64)> {
     match arch {
         Arch::CifarResNet { depth } => cifar_resnet_cost(depth, NUM_CLASSES)
             .ok()
