@@ -67,7 +67,7 @@ use rayon::prelude::*;
 
 use super::convbn::{conv_out, ConvBn, FoldedConv};
 use super::precision::Precision;
-use super::relu::{relu, relu_in_place};
+use super::relu::{add_relu, relu_in_place};
 use super::resnet::{check_input, InputNorm};
 use super::vit::VitEncoder;
 use super::{ModelError, Normalize};
@@ -562,16 +562,14 @@ enum Unit {
 impl Unit {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            Unit::Plain(c) => relu(&c.forward_t(x, train)?),
+            Unit::Plain(c) => c.forward_relu_t(x, train),
             Unit::Basic(blk) => {
-                let out = blk
-                    .b
-                    .forward_t(&relu(&blk.a.forward_t(x, train)?)?, train)?;
+                let out = blk.b.forward_t(&blk.a.forward_relu_t(x, train)?, train)?;
                 let short = match &blk.shortcut {
                     Some(s) => s.forward_t(x, train)?,
                     None => x.clone(),
                 };
-                relu(&(out + short)?)
+                add_relu(&out, &short)
             }
         }
     }

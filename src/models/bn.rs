@@ -19,11 +19,32 @@ use super::conv::f32_slice;
 /// `bn.forward_t(x, true)` with the fused kernels on the CPU (f32, affine BatchNorm); candle_nn's
 /// own implementation elsewhere.
 pub fn forward_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
+    train(bn, x, false)
+}
+
+/// `relu(bn.forward_t(x, true))` as one op on the CPU fused path: the ReLU is applied as the
+/// normalised value is written, and its mask (pre-activation ≥ 0, candle's convention) is
+/// recomputed from x inside the BatchNorm backward, so neither the pre-activation tensor, a ReLU
+/// pass each way, nor candle's gradient accumulation for it exists. Values and gradients are
+/// those of `relu(forward_train(bn, x))`.
+pub fn forward_train_relu(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
+    train(bn, x, true)
+}
+
+fn train(bn: &BatchNorm, x: &Tensor, relu: bool) -> Result<Tensor> {
+    let unfused = |x: &Tensor| {
+        let y = candle_nn::ModuleT::forward_t(bn, x, true)?;
+        if relu {
+            super::relu::relu(&y)
+        } else {
+            Ok(y)
+        }
+    };
     let Some((gamma, beta)) = bn.weight_and_bias() else {
-        return candle_nn::ModuleT::forward_t(bn, x, true);
+        return unfused(x);
     };
     if !super::path::fused(x.device()) || x.dtype() != DType::F32 || x.rank() != 4 {
-        return candle_nn::ModuleT::forward_t(bn, x, true);
+        return unfused(x);
     }
     let (n, c, h, w) = x.dims4()?;
     let m = n * h * w;
@@ -74,6 +95,7 @@ pub fn forward_train(bn: &BatchNorm, x: &Tensor) -> Result<Tensor> {
         n,
         c,
         hw: h * w,
+        relu,
     };
     x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
 }
@@ -98,13 +120,28 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
         .unzip()
 }
 
-/// y = (x − μ)·invstd·γ + β with the batch statistics fixed in the op.
+/// y = (x − μ)·invstd·γ + β with the batch statistics fixed in the op; then max(y, 0) if
+/// `relu`.
 struct BnTrain {
     mean: Vec<f32>,
     invstd: Vec<f32>,
     n: usize,
     c: usize,
     hw: usize,
+    relu: bool,
+}
+
+impl BnTrain {
+    /// The per-channel affine map y = x·a + b the forward pass applies (f32, as it computes it,
+    /// so the backward's ReLU mask sees the forward's exact pre-activations).
+    fn affine(&self, gamma: &[f32], beta: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        (0..self.c)
+            .map(|ch| {
+                let a = self.invstd[ch] * gamma[ch];
+                (a, beta[ch] - self.mean[ch] * a)
+            })
+            .unzip()
+    }
 }
 
 impl CustomOp3 for BnTrain {
@@ -124,16 +161,21 @@ impl CustomOp3 for BnTrain {
         let x = f32_slice(s1, l1, "batch norm input")?;
         let gamma = f32_slice(s2, l2, "batch norm γ")?;
         let beta = f32_slice(s3, l3, "batch norm β")?;
+        let (a, b) = self.affine(gamma, beta);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(self.hw)
             .zip(x.par_chunks(self.hw))
             .enumerate()
             .for_each(|(i, (yo, xi))| {
-                let ch = i % self.c;
-                let a = self.invstd[ch] * gamma[ch];
-                let b = beta[ch] - self.mean[ch] * a;
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = v * a + b;
+                let (a, b) = (a[i % self.c], b[i % self.c]);
+                if self.relu {
+                    for (o, &v) in yo.iter_mut().zip(xi) {
+                        *o = (v * a + b).max(0.0);
+                    }
+                } else {
+                    for (o, &v) in yo.iter_mut().zip(xi) {
+                        *o = v * a + b;
+                    }
                 }
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -143,11 +185,16 @@ impl CustomOp3 for BnTrain {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        let relu = if self.relu {
+            Some(self.affine(&gamma.to_vec1()?, &beta.to_vec1()?))
+        } else {
+            None
+        };
         let grads = x.apply_op3_no_bwd(
             gamma,
             &dy,
@@ -157,6 +204,7 @@ impl CustomOp3 for BnTrain {
                 n: self.n,
                 c: self.c,
                 hw: self.hw,
+                relu,
             },
         )?;
         let len = self.n * self.c * self.hw;
@@ -174,6 +222,28 @@ struct BnBackward {
     n: usize,
     c: usize,
     hw: usize,
+    /// For a BatchNorm fused with a ReLU, the forward's per-channel affine map (a, b): dy is
+    /// the ReLU's output gradient, let through where x·a + b ≥ 0.
+    relu: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl BnBackward {
+    /// The BatchNorm output's gradient as a function of (dy, x) for channel `ch`: dy itself, or
+    /// with a fused ReLU dy where the pre-activation is ≥ 0 and 0 elsewhere (NaN included), as
+    /// the ReLU's own backward does.
+    fn output_grad(&self, ch: usize) -> impl Fn(f32, f32) -> f32 {
+        let (relu, a, b) = match &self.relu {
+            Some((a, b)) => (true, a[ch], b[ch]),
+            None => (false, 1.0, 0.0),
+        };
+        move |g, v| {
+            if !relu || v * a + b >= 0.0 {
+                g
+            } else {
+                0.0
+            }
+        }
+    }
 }
 
 impl CustomOp3 for BnBackward {
@@ -199,10 +269,12 @@ impl CustomOp3 for BnBackward {
             .into_par_iter()
             .map(|ch| {
                 let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                let out_grad = self.output_grad(ch);
                 let (mut sb, mut sg) = (0f64, 0f64);
                 for img in 0..n {
                     let off = (img * c + ch) * hw;
                     for (&g, &v) in dy[off..off + hw].iter().zip(&x[off..off + hw]) {
+                        let g = out_grad(g, v);
                         sb += f64::from(g);
                         sg += f64::from(g) * f64::from((v - mu) * is);
                     }
@@ -219,12 +291,13 @@ impl CustomOp3 for BnBackward {
             let (mu, is) = (self.mean[ch], self.invstd[ch]);
             let k = gamma[ch] * is / m;
             let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
+            let out_grad = self.output_grad(ch);
             for ((o, &g), &v) in dxo
                 .iter_mut()
                 .zip(&dy[off..off + hw])
                 .zip(&x[off..off + hw])
             {
-                *o = k * (m * g - db - (v - mu) * is * dg);
+                *o = k * (m * out_grad(g, v) - db - (v - mu) * is * dg);
             }
         });
         for ch in 0..c {
@@ -307,6 +380,57 @@ mod tests {
         assert!(max_diff(&a.3, &b.3) < 1e-3, "dβ");
         assert!(max_diff(&a.4, &b.4) < 1e-5, "running mean");
         assert!(max_diff(&a.5, &b.5) < 1e-4, "running var");
+    }
+
+    /// The fused BatchNorm + ReLU gives relu(forward_train) exactly, values and the gradients of
+    /// x, γ and β, including a channel whose pre-activations are all exactly 0 (γ = β = 0: the
+    /// gradient passes, as candle's ReLU lets it through at 0) and one the ReLU zeroes.
+    #[test]
+    fn the_fused_relu_gives_relu_of_batch_norm_exactly() {
+        let (n, c, h, w) = (6, 4, 5, 7);
+        let x0 = (Tensor::randn(0f32, 1f32, (n, c, h, w), &Device::Cpu).expect("x") * 2.0)
+            .and_then(|t| t - 0.5)
+            .expect("x");
+        let r = Tensor::randn(0f32, 1f32, (n, c, h, w), &Device::Cpu).expect("r");
+        let run = |fused: bool| {
+            let varmap = VarMap::new();
+            let layer = bn(&varmap, c);
+            let (g, b) = layer.weight_and_bias().expect("affine");
+            Var::from_tensor(g)
+                .and_then(|v| v.set(&Tensor::new(&[0.5f32, 0.0, -1.5, 0.1], &Device::Cpu)?))
+                .expect("γ");
+            Var::from_tensor(b)
+                .and_then(|v| v.set(&Tensor::new(&[0.1f32, 0.0, 0.3, -9.0], &Device::Cpu)?))
+                .expect("β");
+            let x = Var::from_tensor(&x0).expect("x var");
+            let y = if fused {
+                forward_train_relu(&layer, x.as_tensor()).expect("fused")
+            } else {
+                forward_train(&layer, x.as_tensor())
+                    .and_then(|t| super::super::relu::relu(&t))
+                    .expect("unfused")
+            };
+            let grads = (&y * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward");
+            let v = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+            let gx = v(grads.get(x.as_tensor()).expect("dx"));
+            (v(&y), gx, v(grads.get(g).expect("dγ")), v(grads.get(b).expect("dβ")))
+        };
+        let (fused, unfused) = (run(true), run(false));
+        assert_eq!(fused, unfused);
+        let (y, gx, _, gb) = fused;
+        let plane = h * w;
+        let channel = |v: &[f32], ch: usize| -> Vec<f32> {
+            (0..n)
+                .flat_map(|i| v[(i * c + ch) * plane..][..plane].to_vec())
+                .collect()
+        };
+        assert!(channel(&y, 1).iter().all(|&v| v == 0.0), "γ = β = 0");
+        assert!(channel(&gx, 3).iter().all(|&v| v == 0.0), "all masked");
+        assert_ne!(gb[1], 0.0, "exact zeros let the gradient through");
+        assert_eq!(gb[3], 0.0, "a fully masked channel has no dβ");
     }
 
     #[test]

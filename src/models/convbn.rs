@@ -225,6 +225,16 @@ impl ConvBn {
         y.broadcast_add(&shift.reshape((1, shift.dim(0)?, 1, 1))?)
     }
 
+    /// `relu(self.forward_t(x, train))`; in train mode on the fused CPU path the ReLU runs inside
+    /// the BatchNorm op (see [`super::bn::forward_train_relu`]).
+    pub(crate) fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            let y = super::conv::conv2d(x, &self.weight, self.k / 2, self.stride)?;
+            return super::bn::forward_train_relu(&self.bn, &y);
+        }
+        super::relu::relu(&self.forward_t(x, false)?)
+    }
+
     /// Eval mode folds BatchNorm into the convolution: weight w·s and bias β − μ·s with
     /// s = γ/√(σ²+ε), saving three passes over the activations. It is recomputed on each call
     /// (a few thousand weights), so it always reflects the current parameters, and gradients

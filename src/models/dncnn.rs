@@ -190,16 +190,20 @@ impl ModuleT for DnCnn {
             if let Some(b) = &l.bias {
                 h = h.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
             }
-            if let Some(bn) = &l.bn {
-                h = if train {
-                    super::bn::forward_train(bn, &h)?
-                } else {
-                    bn.forward_t(&h, false)?
-                };
-            }
-            if i != last {
-                h = relu(&h)?;
-            }
+            h = match (&l.bn, train, i != last) {
+                (Some(bn), true, true) => super::bn::forward_train_relu(bn, &h)?,
+                (Some(bn), true, false) => super::bn::forward_train(bn, &h)?,
+                (Some(bn), false, with_relu) => {
+                    let h = bn.forward_t(&h, false)?;
+                    if with_relu {
+                        relu(&h)?
+                    } else {
+                        h
+                    }
+                }
+                (None, _, true) => relu(&h)?,
+                (None, _, false) => h,
+            };
         }
         x - h
     }

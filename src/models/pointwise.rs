@@ -34,6 +34,25 @@ pub(crate) fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> 
     y
 }
 
+/// f(a, b, c) for every triple of elements; a, b and c must have the same length.
+pub(crate) fn map3(
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+) -> Vec<f32> {
+    debug_assert!(a.len() == b.len() && b.len() == c.len());
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))))
+        .for_each(|(y, (a, (b, c)))| {
+            for (((y, &a), &b), &c) in y.iter_mut().zip(a).zip(b).zip(c) {
+                *y = f(a, b, c);
+            }
+        });
+    y
+}
+
 /// f(x, v) for every element of a [rows, d] matrix x and the element of the per-feature vector
 /// v (length d) in its column.
 pub(crate) fn map_rows(x: &[f32], v: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {

@@ -10,7 +10,9 @@
 
 use super::conv::f32_slice;
 use super::pointwise;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 
 /// max(x, 0), differentiable, with the fused kernels on CPU f32.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
@@ -18,6 +20,18 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
         return x.relu();
     }
     x.contiguous()?.apply_op1(ReluOp)
+}
+
+/// relu(a + b) as one op on CPU f32 (a residual block's output): one pass forward, and one
+/// backward that masks the gradient by a + b ≥ 0 (recomputed from a and b, the same float sum)
+/// and hands it to both summands, so the sum is never stored and candle accumulates no gradient
+/// for it. Values and gradients are those of `relu(&(a + b)?)`.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fused = super::path::fused(a.device()) && a.dtype() == DType::F32;
+    if !fused || b.dtype() != DType::F32 || a.shape() != b.shape() {
+        return relu(&(a + b)?);
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddReluOp)
 }
 
 /// max(x, 0) in place, for the fused eval paths (no autograd).
@@ -77,10 +91,114 @@ impl CustomOp2 for ReluGradOp {
     }
 }
 
+/// (a, b) ↦ max(a + b, 0).
+struct AddReluOp;
+
+impl CustomOp2 for AddReluOp {
+    fn name(&self) -> &'static str {
+        "caf-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, "add-relu summand")?;
+        let b = f32_slice(s2, l2, "add-relu summand")?;
+        if a.len() != b.len() {
+            candle_core::bail!("add-relu: {:?} and {:?} differ", l1.dims(), l2.dims());
+        }
+        let y = pointwise::map2(a, b, |a, b| (a + b).max(0.0));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad_res.contiguous()?.apply_op3_no_bwd(a, b, &AddReluGradOp)?;
+        Ok((Some(g.clone()), Some(g)))
+    }
+}
+
+/// (∂L/∂y, a, b) ↦ ∂L/∂y where a + b ≥ 0, else 0.
+struct AddReluGradOp;
+
+impl CustomOp3 for AddReluGradOp {
+    fn name(&self) -> &'static str {
+        "caf-add-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "add-relu output gradient")?;
+        let a = f32_slice(s2, l2, "add-relu summand")?;
+        let b = f32_slice(s3, l3, "add-relu summand")?;
+        if g.len() != a.len() || a.len() != b.len() {
+            candle_core::bail!("add-relu gradient {:?} does not match its input", l1.dims());
+        }
+        let gx = pointwise::map3(g, a, b, |g, a, b| if a + b >= 0.0 { g } else { 0.0 });
+        Ok((CpuStorage::F32(gx), l1.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// add_relu(a, b) is relu(a + b) exactly, values and both gradients, with sums that are
+    /// exactly 0 (the gradient passes) and a non-contiguous summand.
+    #[test]
+    fn add_relu_is_relu_of_the_sum_exactly() {
+        let n = 2 * (1 << 15) + 10;
+        let av: Vec<f32> = (0..n).map(|i| ((i * 13) % 17) as f32 * 0.25 - 2.0).collect();
+        let bv: Vec<f32> = (0..n)
+            .map(|i| match i % 5 {
+                0 => -av[i],
+                k => (k as f32 - 2.5) * 0.7,
+            })
+            .collect();
+        let r: Vec<f32> = (0..n).map(|i| ((i * 7) % 9) as f32 - 4.0).collect();
+        let r = Tensor::from_vec(r, n, &Device::Cpu).unwrap();
+        let run = |fused: bool| {
+            let a = Var::from_vec(av.clone(), (n / 2, 2), &Device::Cpu).unwrap();
+            // b is stored [2, n/2] and used transposed (a non-contiguous operand) as the values
+            // bv laid out [n/2, 2].
+            let b_stored: Vec<f32> = (0..n).map(|k| bv[(k % (n / 2)) * 2 + k / (n / 2)]).collect();
+            let b = Var::from_vec(b_stored, (2, n / 2), &Device::Cpu).unwrap();
+            let bt = b.as_tensor().t().unwrap();
+            assert!(!bt.is_contiguous());
+            let y = if fused {
+                add_relu(a.as_tensor(), &bt).unwrap()
+            } else {
+                relu(&(a.as_tensor() + &bt).unwrap()).unwrap()
+            };
+            let y = y.flatten_all().unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (v(&y), v(g.get(a.as_tensor()).unwrap()), v(g.get(b.as_tensor()).unwrap()))
+        };
+        let (fused, unfused) = (run(true), run(false));
+        assert_eq!(fused, unfused);
+        assert!(fused.1.iter().any(|&g| g == 0.0) && fused.1.iter().any(|&g| g != 0.0));
+        let gb_t: Vec<f32> = (0..n).map(|i| fused.2[(i % 2) * (n / 2) + i / 2]).collect();
+        assert_eq!(fused.1, gb_t, "both summands get the same gradient");
+        assert!(fused.0.iter().zip(&av).zip(&bv).all(|((&y, &a), &b)| y == (a + b).max(0.0)));
+    }
 
     /// Values and gradients bitwise equal to candle's relu, including exact zeros (where both
     /// let the gradient through) and a non-contiguous input.

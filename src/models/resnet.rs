@@ -14,7 +14,7 @@ use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use super::convbn::ConvBn;
 use super::precision::Precision;
-use super::relu::relu;
+use super::relu::{add_relu, relu};
 use super::resnet_eval::{FoldedBlock, FoldedResNet};
 use super::{Classifier, ModelError, Normalize};
 
@@ -131,13 +131,13 @@ impl BasicBlock {
 
 impl ModuleT for BasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let out = relu(&self.a.forward_t(x, train)?)?;
+        let out = self.a.forward_relu_t(x, train)?;
         let out = self.b.forward_t(&out, train)?;
         let short = match self.shortcut_pad {
             Some(pad) => shortcut_a(x, pad)?,
             None => x.clone(),
         };
-        relu(&(out + short)?)
+        add_relu(&out, &short)
     }
 }
 
@@ -319,7 +319,7 @@ impl CifarResNet {
     /// reference the fused path is tested against.
     pub(crate) fn features_candle(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         check_input(x)?;
-        let mut h = relu(&self.stem.forward_t(&self.norm.forward(x)?, train)?)?;
+        let mut h = self.stem.forward_relu_t(&self.norm.forward(x)?, train)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }

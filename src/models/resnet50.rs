@@ -18,7 +18,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::convbn::ConvBn;
-use super::relu::relu;
+use super::relu::add_relu;
 use super::resnet::{check_input, InputNorm};
 use super::{Classifier, Normalize};
 
@@ -74,14 +74,14 @@ impl Bottleneck {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = relu(&self.a.forward_t(x, train)?)?;
-        let h = relu(&self.b.forward_t(&h, train)?)?;
+        let h = self.a.forward_relu_t(x, train)?;
+        let h = self.b.forward_relu_t(&h, train)?;
         let h = self.c.forward_t(&h, train)?;
         let short = match &self.downsample {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),
         };
-        relu(&(h + short)?)
+        add_relu(&h, &short)
     }
 
     fn detached(&self) -> Result<Self> {
@@ -158,7 +158,7 @@ impl TvResNet {
     /// φ(x): [B, 2048] after global average pooling; BatchNorm in eval mode unless `train`.
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         check_input(x)?;
-        let h = relu(&self.stem.forward_t(&self.norm.forward(x)?, train)?)?;
+        let h = self.stem.forward_relu_t(&self.norm.forward(x)?, train)?;
         // Max-pool 3×3/2 with padding 1: after the ReLU every value is ≥ 0, so zero padding
         // selects exactly what PyTorch's −∞ padding does.
         let mut h = h.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
