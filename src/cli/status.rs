@@ -190,10 +190,20 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         }
         let ws = serving(s, jobs);
         let live: Vec<&&WorkerRow> = ws.iter().filter(|w| w.stopped_at.is_none()).collect();
+        // A worker of this host whose process is gone was killed without a word; the next
+        // `caf run` or `caf worker` here ends its leases.
+        let host = caf::sched::hostname();
+        let gone = |w: &WorkerRow| w.info.host == host && caf::sched::process_gone(w.info.pid);
+        let n_gone = live.iter().filter(|w| gone(w)).count();
         if !ws.is_empty() {
+            let gone_note = if n_gone > 0 {
+                format!(" ({n_gone} of them gone: killed without stopping)")
+            } else {
+                String::new()
+            };
             writeln!(
                 out,
-                "  workers: {} not stopped, {} stopped",
+                "  workers: {} not stopped{gone_note}, {} stopped",
                 live.len(),
                 ws.len() - live.len()
             )?;
@@ -201,18 +211,22 @@ pub async fn status(a: StatusArgs) -> Result<i32> {
         if !live.is_empty() {
             writeln!(
                 out,
-                "    {:<20}  {:>8}  {:<14}  {:<8}  {:>9}  {:<30}  JOBS",
+                "    {:<20}  {:>8}  {:<14}  {:<8}  {:>15}  {:<30}  JOBS",
                 "HOST", "PID", "SLURM", "DEVICE", "HEARTBEAT", "CPU"
             )?;
             for w in live {
                 writeln!(
                     out,
-                    "    {:<20}  {:>8}  {:<14}  {:<8}  {:>9}  {:<30}  {}",
+                    "    {:<20}  {:>8}  {:<14}  {:<8}  {:>15}  {:<30}  {}",
                     w.info.host,
                     w.info.pid,
                     slurm_id(w),
                     w.info.device,
-                    format!("{} ago", fmt_secs((now - w.last_seen).max(0.0))),
+                    format!(
+                        "{}{} ago",
+                        if gone(w) { "gone " } else { "" },
+                        fmt_secs((now - w.last_seen).max(0.0))
+                    ),
                     w.info.cpu.chars().take(30).collect::<String>(),
                     if w.jobs.is_empty() {
                         "-".to_string()

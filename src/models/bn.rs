@@ -416,7 +416,12 @@ mod tests {
                 .expect("backward");
             let v = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
             let gx = v(grads.get(x.as_tensor()).expect("dx"));
-            (v(&y), gx, v(grads.get(g).expect("dγ")), v(grads.get(b).expect("dβ")))
+            (
+                v(&y),
+                gx,
+                v(grads.get(g).expect("dγ")),
+                v(grads.get(b).expect("dβ")),
+            )
         };
         let (fused, unfused) = (run(true), run(false));
         assert_eq!(fused, unfused);

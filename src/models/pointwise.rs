@@ -44,7 +44,10 @@ pub(crate) fn map3(
     debug_assert!(a.len() == b.len() && b.len() == c.len());
     let mut y = vec![0f32; a.len()];
     y.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))))
+        .zip(
+            a.par_chunks(CHUNK)
+                .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))),
+        )
         .for_each(|(y, (a, (b, c)))| {
             for (((y, &a), &b), &c) in y.iter_mut().zip(a).zip(b).zip(c) {
                 *y = f(a, b, c);

@@ -122,7 +122,9 @@ impl CustomOp2 for AddReluOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad_res.contiguous()?.apply_op3_no_bwd(a, b, &AddReluGradOp)?;
+        let g = grad_res
+            .contiguous()?
+            .apply_op3_no_bwd(a, b, &AddReluGradOp)?;
         Ok((Some(g.clone()), Some(g)))
     }
 }
@@ -165,7 +167,9 @@ mod tests {
     #[test]
     fn add_relu_is_relu_of_the_sum_exactly() {
         let n = 2 * (1 << 15) + 10;
-        let av: Vec<f32> = (0..n).map(|i| ((i * 13) % 17) as f32 * 0.25 - 2.0).collect();
+        let av: Vec<f32> = (0..n)
+            .map(|i| ((i * 13) % 17) as f32 * 0.25 - 2.0)
+            .collect();
         let bv: Vec<f32> = (0..n)
             .map(|i| match i % 5 {
                 0 => -av[i],
@@ -178,7 +182,9 @@ mod tests {
             let a = Var::from_vec(av.clone(), (n / 2, 2), &Device::Cpu).unwrap();
             // b is stored [2, n/2] and used transposed (a non-contiguous operand) as the values
             // bv laid out [n/2, 2].
-            let b_stored: Vec<f32> = (0..n).map(|k| bv[(k % (n / 2)) * 2 + k / (n / 2)]).collect();
+            let b_stored: Vec<f32> = (0..n)
+                .map(|k| bv[(k % (n / 2)) * 2 + k / (n / 2)])
+                .collect();
             let b = Var::from_vec(b_stored, (2, n / 2), &Device::Cpu).unwrap();
             let bt = b.as_tensor().t().unwrap();
             assert!(!bt.is_contiguous());
@@ -190,14 +196,23 @@ mod tests {
             let y = y.flatten_all().unwrap();
             let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            (v(&y), v(g.get(a.as_tensor()).unwrap()), v(g.get(b.as_tensor()).unwrap()))
+            (
+                v(&y),
+                v(g.get(a.as_tensor()).unwrap()),
+                v(g.get(b.as_tensor()).unwrap()),
+            )
         };
         let (fused, unfused) = (run(true), run(false));
         assert_eq!(fused, unfused);
-        assert!(fused.1.iter().any(|&g| g == 0.0) && fused.1.iter().any(|&g| g != 0.0));
+        assert!(fused.1.contains(&0.0) && fused.1.iter().any(|&g| g != 0.0));
         let gb_t: Vec<f32> = (0..n).map(|i| fused.2[(i % 2) * (n / 2) + i / 2]).collect();
         assert_eq!(fused.1, gb_t, "both summands get the same gradient");
-        assert!(fused.0.iter().zip(&av).zip(&bv).all(|((&y, &a), &b)| y == (a + b).max(0.0)));
+        assert!(fused
+            .0
+            .iter()
+            .zip(&av)
+            .zip(&bv)
+            .all(|((&y, &a), &b)| y == (a + b).max(0.0)));
     }
 
     /// Values and gradients bitwise equal to candle's relu, including exact zeros (where both

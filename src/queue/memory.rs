@@ -236,6 +236,38 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
+    async fn unstopped_workers_on(&self, host: &str) -> Result<Vec<(WorkerId, u32)>, Infallible> {
+        let mut found: Vec<(WorkerId, u32)> = self
+            .lock()
+            .workers
+            .iter()
+            .filter(|(_, (info, stopped))| !stopped && info.host == host)
+            .map(|(w, (info, _))| (w.clone(), info.pid))
+            .collect();
+        found.sort_by(|a, b| a.0 .0.cmp(&b.0 .0));
+        Ok(found)
+    }
+
+    async fn worker_gone(&self, worker: &WorkerId) -> Result<u64, Infallible> {
+        let mut s = self.lock();
+        if let Some(w) = s.workers.get_mut(worker) {
+            w.1 = true;
+        }
+        let now = Instant::now();
+        let past = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+        let mut ended = 0;
+        for j in s.jobs.iter_mut() {
+            if let (JobState::Running, Some((owner, expires))) = (j.state, j.lease.as_mut()) {
+                if owner == worker {
+                    // Expired: `reap_expired` takes leases whose end is before its own now.
+                    *expires = past;
+                    ended += 1;
+                }
+            }
+        }
+        Ok(ended)
+    }
+
     async fn claim(
         &self,
         study: StudyId,

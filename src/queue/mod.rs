@@ -165,6 +165,20 @@ pub trait Queue: Clone + Send + Sync + 'static {
         &self,
         worker: &WorkerId,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// The workers registered on `host` that never said they stopped, with their process ids:
+    /// the scheduler asks at start-up which of them are gone (see [`Queue::worker_gone`]).
+    fn unstopped_workers_on(
+        &self,
+        host: &str,
+    ) -> impl Future<Output = Result<Vec<(WorkerId, u32)>, Self::Error>> + Send;
+    /// A worker known to have died without a word (its process no longer exists): marks it
+    /// stopped at its last sign of life and ends its leases now, so the next
+    /// [`Queue::reap_expired`] returns its jobs as interruptions instead of after the lease ran
+    /// out (up to `--lease-secs`). Returns how many leases it held.
+    fn worker_gone(
+        &self,
+        worker: &WorkerId,
+    ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
     /// Atomically leases one runnable job of `kinds` (pending, backoff over, every dep done).
     fn claim(
         &self,

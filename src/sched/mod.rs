@@ -524,6 +524,7 @@ pub async fn run_studies<Q: Queue>(
             .await
             .map_err(SchedError::queue)?;
         log(store, &retry, None, worker, "info", "worker started").await?;
+        take_back_gone_workers(store, &retry, worker, &info.host).await?;
         let kinds = registry.kinds();
         let mut summary = RunSummary::default();
         // Jobs running on each device, by index into `devices`.
@@ -667,6 +668,50 @@ pub async fn run_studies<Q: Queue>(
     }
     .instrument(span)
     .await
+}
+
+/// Ends the leases of workers of this host whose processes no longer exist (killed with
+/// SIGKILL, out of memory, the machine restarted), so their jobs run again now rather than
+/// after their leases run out: `caf run` after a crash does not wait `--lease-secs`. Only a
+/// process missing from this host's process table counts as gone; a worker elsewhere, or one
+/// whose pid is taken by another process, keeps its lease until it expires.
+async fn take_back_gone_workers<Q: Queue>(
+    store: &Q,
+    retry: &StoreRetry,
+    me: &WorkerId,
+    host: &str,
+) -> Result<(), SchedError> {
+    let here = retry
+        .run::<Q, _, _, _>("listing this host's workers", || {
+            store.unstopped_workers_on(host)
+        })
+        .await
+        .map_err(SchedError::queue)?;
+    for (w, pid) in here {
+        if &w == me || !process_gone(pid) {
+            continue;
+        }
+        let ended = retry
+            .run::<Q, _, _, _>("ending a gone worker's leases", || store.worker_gone(&w))
+            .await
+            .map_err(SchedError::queue)?;
+        if ended > 0 {
+            let message = format!(
+                "worker {w} (pid {pid} on this host) is gone without stopping: its {ended} \
+                 lease(s) end now"
+            );
+            warn!("{message}");
+            log(store, retry, None, me, "warn", &message).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether no process `pid` exists on this machine. `false` where that cannot be known (no
+/// `/proc`): a lease then ends only when it expires.
+pub fn process_gone(pid: u32) -> bool {
+    let proc = std::path::Path::new("/proc");
+    proc.join("self").exists() && !proc.join(pid.to_string()).exists()
 }
 
 /// Logs an event of the worker (and job), retrying a store outage.

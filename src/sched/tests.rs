@@ -545,3 +545,69 @@ async fn out_of_memory_says_so_with_a_hint_and_is_retried_once() {
         "{err}"
     );
 }
+
+/// `caf run` after a crash: a worker of this host whose process is gone holds a job's lease
+/// with an hour left; the next worker ends that lease at start-up and runs the job now, and a
+/// worker whose process exists (this one's pid) is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_local_workers_job_runs_at_once() {
+    let store = MemoryQueue::new();
+    let study = store.add_study(&[job("a", &[])], 3);
+    let host = hostname();
+    // Above any pid_max Linux allows (2^22), so never a live process.
+    let gone = WorkerId("crashed".into());
+    let gone_info = WorkerInfo {
+        host: host.clone(),
+        pid: 4_000_000_000,
+        ..WorkerInfo::default()
+    };
+    assert!(process_gone(gone_info.pid) && !process_gone(std::process::id()));
+    store.register_worker(&gone, &gone_info).await.unwrap();
+    let alive = WorkerId("alive".into());
+    let alive_info = WorkerInfo {
+        host,
+        pid: std::process::id(),
+        ..WorkerInfo::default()
+    };
+    store.register_worker(&alive, &alive_info).await.unwrap();
+    let hour = Duration::from_secs(3600);
+    store
+        .claim(study, &gone, &["probe"], hour)
+        .await
+        .unwrap()
+        .expect("the crashed worker held the job");
+    let probe = Arc::new(Probe::default());
+    let summary = tokio::time::timeout(
+        Duration::from_secs(30),
+        run_study(
+            store.clone(),
+            study,
+            registry(&probe),
+            cfg(1),
+            CancelFlag::new(),
+            Arc::new(progress::NoProgress),
+        ),
+    )
+    .await
+    .expect("the job ran without waiting for the lease")
+    .unwrap();
+    assert_eq!(summary.completed, 1);
+    let j = &store.jobs(study)[0];
+    assert_eq!(
+        (j.state, j.attempts, j.interruptions),
+        (JobState::Done, 1, 1)
+    );
+    let stopped: HashMap<String, bool> = store
+        .workers()
+        .into_iter()
+        .map(|(w, _, stopped)| (w.0, stopped))
+        .collect();
+    assert!(stopped["crashed"] && !stopped["alive"], "{stopped:?}");
+    assert!(
+        store.events().iter().any(|e| e
+            .message
+            .contains("worker crashed (pid 4000000000 on this host) is gone")),
+        "{:?}",
+        store.events()
+    );
+}

@@ -128,6 +128,14 @@ impl Queue for AnyStore {
         delegate!(self, s => s.worker_stopped(worker))
     }
 
+    async fn unstopped_workers_on(&self, host: &str) -> Result<Vec<(WorkerId, u32)>, StoreError> {
+        delegate!(self, s => s.unstopped_workers_on(host))
+    }
+
+    async fn worker_gone(&self, worker: &WorkerId) -> Result<u64, StoreError> {
+        delegate!(self, s => s.worker_gone(worker))
+    }
+
     async fn claim(
         &self,
         study: StudyId,

@@ -42,7 +42,104 @@ on_every_backend!(
     slurm_jobs_are_recorded_once_per_study_in_order,
     sequential_rows_keep_what_recomputes_them,
     claims_pass_over_finished_jobs_and_retried_ones_come_back,
+    a_gone_workers_leases_end_at_once,
 );
+
+/// A worker whose process is gone: `worker_gone` marks it stopped at its last sign of life and
+/// ends its leases, so the very next reap returns its job as an interruption though the lease
+/// had an hour left; workers of other hosts and stopped ones are not listed for the check.
+async fn a_gone_workers_leases_end_at_once(f: impl Fixture) {
+    let s = f.open().await;
+    let (a, b) = (job("a", &[]), job("b", &[]));
+    let study = s
+        .register_plan(&plan("p", vec![a.clone(), b.clone()]))
+        .await
+        .unwrap();
+    let hour = Duration::from_secs(3600);
+    s.register_worker(&w("dead"), &info("h1")).await.unwrap();
+    s.register_worker(
+        &w("alive"),
+        &WorkerInfo {
+            pid: 7,
+            ..info("h1")
+        },
+    )
+    .await
+    .unwrap();
+    s.register_worker(&w("elsewhere"), &info("h2"))
+        .await
+        .unwrap();
+    s.register_worker(&w("done"), &info("h1")).await.unwrap();
+    s.worker_stopped(&w("done")).await.unwrap();
+    assert_eq!(
+        s.claim(study, &w("dead"), &["test"], hour)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        a.id
+    );
+    assert_eq!(
+        s.claim(study, &w("alive"), &["test"], hour)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        b.id
+    );
+    assert_eq!(
+        s.unstopped_workers_on("h1").await.unwrap(),
+        vec![(w("alive"), 7), (w("dead"), 42)]
+    );
+    assert!(s.reap_expired().await.unwrap().is_empty(), "an hour left");
+    assert_eq!(s.worker_gone(&w("dead")).await.unwrap(), 1);
+    let reaped = s.reap_expired().await.unwrap();
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].id, a.id);
+    assert_eq!(reaped[0].outcome, FailOutcome::WillRetry);
+    let dead = s
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == "dead")
+        .unwrap();
+    assert_eq!(
+        dead.stopped_at,
+        Some(dead.last_seen),
+        "stopped at its last sign of life"
+    );
+    assert!(
+        !s.heartbeat(&a.id, &w("dead"), hour).await.unwrap(),
+        "its lease is over"
+    );
+    assert!(
+        s.heartbeat(&b.id, &w("alive"), hour).await.unwrap(),
+        "others keep theirs"
+    );
+    assert_eq!(
+        s.unstopped_workers_on("h1").await.unwrap(),
+        vec![(w("alive"), 7)]
+    );
+    let j = s.study_jobs(study).await.unwrap();
+    assert_eq!(
+        (j[0].state, j[0].attempts, j[0].interruptions),
+        (JobState::Pending, 0, 1)
+    );
+    assert_eq!(
+        s.claim(study, &w("new"), &["test"], hour)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        a.id
+    );
+    assert_eq!(
+        s.worker_gone(&w("dead")).await.unwrap(),
+        0,
+        "nothing left to end"
+    );
+}
 
 /// Claims walk only a study's open jobs (migration 10's triggers keep `study_jobs.open` in
 /// step with the job's status): done and failed jobs are passed over, a failed job given fresh

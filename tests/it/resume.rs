@@ -19,7 +19,9 @@ fn kill_9_then_resume_gives_bitwise_identical_results() {
     let want = export_csv(&dir, "ref.db");
     assert_eq!(want.lines().count(), 1 + 40, "{want}");
 
-    let mut child = dir.spawn(&["run", "s.yaml", "--db", "killed.db"]);
+    // An hour's lease: the resumed run must take back the killed worker's lease at once (its
+    // process is gone from this host), not wait it out.
+    let mut child = dir.spawn(&["run", "s.yaml", "--db", "killed.db", "--lease-secs", "3600"]);
     let mut before_kill = 0;
     let reached = wait_until(Duration::from_secs(300), || {
         before_kill = images_done(&dir, "killed.db");
@@ -30,9 +32,16 @@ fn kill_9_then_resume_gives_bitwise_identical_results() {
     child.wait().expect("reap");
     assert!(before_kill < 40, "killed too late to test anything");
 
-    let resumed = dir.run(&["run", "s.yaml", "--db", "killed.db"]);
+    let resumed = finish(
+        dir.spawn(&["run", "s.yaml", "--db", "killed.db"]),
+        Duration::from_secs(600),
+    );
     ok(&resumed);
     let log = text(&resumed.stderr);
+    assert!(
+        log.contains(&format!("(pid {} on this host) is gone", child.id())),
+        "{log}"
+    );
     // The resumed run starts from the recorded images, not from scratch.
     let resumed_from: u64 = log
         .lines()

@@ -134,3 +134,22 @@ pub fn images_done(dir: &Dir, db: &str) -> u64 {
         .map(|j| j["progress_done"].as_u64().unwrap_or(0))
         .sum()
 }
+
+/// Waits for a child with a deadline (a hung worker fails the test instead of hanging it),
+/// reading its output meanwhile so that a full pipe never blocks it.
+pub fn finish(child: Child, within: Duration) -> Output {
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.expect("wait for caf"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid])
+                .status();
+            panic!("caf {pid} still running after {within:?}");
+        }
+    }
+}

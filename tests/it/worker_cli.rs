@@ -89,25 +89,6 @@ fn worker(dir: &Dir, db: &str, extra: &[&str]) -> Child {
     dir.spawn(&args)
 }
 
-/// Waits for a child with a deadline (a hung worker fails the test instead of hanging it),
-/// reading its output meanwhile so that a full pipe never blocks it.
-fn finish(child: Child, within: Duration) -> Output {
-    let pid = child.id().to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(within) {
-        Ok(out) => out.expect("wait for caf worker"),
-        Err(_) => {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid])
-                .status();
-            panic!("caf worker {pid} still running after {within:?}");
-        }
-    }
-}
-
 fn signal(child: &Child, sig: &str) {
     let status = std::process::Command::new("kill")
         .args([sig, &child.id().to_string()])

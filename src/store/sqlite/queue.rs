@@ -64,6 +64,40 @@ impl Queue for SqliteStore {
         Ok(())
     }
 
+    async fn unstopped_workers_on(&self, host: &str) -> Result<Vec<(WorkerId, u32)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, pid FROM workers WHERE host = ? AND stopped_at IS NULL ORDER BY id",
+        )
+        .bind(host)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("listing this host's workers")?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, pid)| Some((WorkerId(id), u32::try_from(pid).ok()?)))
+            .collect())
+    }
+
+    async fn worker_gone(&self, worker: &WorkerId) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.ctx("starting a transaction")?;
+        sqlx::query(
+            "UPDATE workers SET stopped_at = last_seen WHERE id = ? AND stopped_at IS NULL",
+        )
+        .bind(&worker.0)
+        .execute(&mut *tx)
+        .await
+        .ctx("recording that a worker is gone")?;
+        let ended = sqlx::query(
+            "UPDATE jobs SET lease_expires = 0 WHERE status = 'running' AND lease_owner = ?",
+        )
+        .bind(&worker.0)
+        .execute(&mut *tx)
+        .await
+        .ctx("ending a gone worker's leases")?;
+        tx.commit().await.ctx("committing a gone worker")?;
+        Ok(ended.rows_affected())
+    }
+
     async fn claim(
         &self,
         study: StudyId,
