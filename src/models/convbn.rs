@@ -218,21 +218,27 @@ impl ConvBn {
             let y = super::conv::conv2d(x, &self.weight, self.k / 2, self.stride)?;
             return super::bn::forward_train(&self.bn, &y);
         }
+        self.eval_t(x, false)
+    }
+
+    /// Eval mode with BatchNorm folded: conv(x, w·s) + shift, then ReLU if `relu`, the shift
+    /// (and ReLU) one op on the fused CPU path (see [`super::channel::shift`]).
+    fn eval_t(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         // In the input's dtype: the generic path runs bf16 models as candle bf16 tensors.
         let (w, shift) = self.folded()?;
         let (w, shift) = (w.to_dtype(x.dtype())?, shift.to_dtype(x.dtype())?);
         let y = super::conv::conv2d(x, &w, self.k / 2, self.stride)?;
-        y.broadcast_add(&shift.reshape((1, shift.dim(0)?, 1, 1))?)
+        super::channel::shift(&y, &shift, relu)
     }
 
-    /// `relu(self.forward_t(x, train))`; in train mode on the fused CPU path the ReLU runs inside
-    /// the BatchNorm op (see [`super::bn::forward_train_relu`]).
+    /// `relu(self.forward_t(x, train))`; on the fused CPU path the ReLU runs inside the
+    /// BatchNorm op (see [`super::bn::forward_train_relu`]) or the folded shift.
     pub(crate) fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             let y = super::conv::conv2d(x, &self.weight, self.k / 2, self.stride)?;
             return super::bn::forward_train_relu(&self.bn, &y);
         }
-        super::relu::relu(&self.forward_t(x, false)?)
+        self.eval_t(x, true)
     }
 
     /// Eval mode folds BatchNorm into the convolution: weight w·s and bias β − μ·s with

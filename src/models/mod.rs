@@ -22,6 +22,7 @@ pub mod adapter;
 pub mod backbone;
 pub mod bn;
 pub mod caf;
+mod channel;
 pub mod conv;
 mod convbn;
 pub mod dncnn;
