@@ -248,6 +248,14 @@ fn train_error(e: TrainError) -> JobError {
     }
 }
 
+/// A store hiccup is transient: surfaced as I/O so the job is retried, not failed.
+fn store_error(what: &str, e: JobError) -> TrainError {
+    TrainError::Io {
+        path: "the store".into(),
+        source: std::io::Error::other(format!("{what}: {e}")),
+    }
+}
+
 struct ResultHooks<'a> {
     ctx: &'a JobContext,
     results: &'a dyn Results,
@@ -258,13 +266,17 @@ impl TrainHooks for ResultHooks<'_> {
     fn cancelled(&self) -> bool {
         self.ctx.cancelled()
     }
+    fn on_start(&mut self, epochs_done: usize) -> Result<(), TrainError> {
+        // `caf status` shows the job's epochs from its first step, not only after an epoch.
+        self.ctx
+            .sink
+            .progress(epochs_done as u64, self.epochs)
+            .map_err(|e| store_error("recording progress", e))
+    }
+
     fn on_epoch(&mut self, m: &train::EpochMetrics) -> Result<(), TrainError> {
         let v = serde_json::to_value(m).unwrap_or_default();
-        // A store hiccup is transient: surface it as I/O so the job is retried, not failed.
-        let store_err = |e: JobError| TrainError::Io {
-            path: "the store".into(),
-            source: std::io::Error::other(format!("recording epoch metrics: {e}")),
-        };
+        let store_err = |e: JobError| store_error("recording epoch metrics", e);
         self.results
             .record_epoch(&self.ctx.lease, &self.ctx.id, m.epoch as u64, &v)
             .map_err(store_err)?;

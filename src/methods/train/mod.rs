@@ -88,6 +88,11 @@ pub trait TrainHooks {
     /// Polled before every optimizer step and between validation batches; returning true makes
     /// the run checkpoint and return [`TrainEnd::Interrupted`].
     fn cancelled(&self) -> bool;
+    /// Called once before the first step, with the epochs already completed (a resumed run's
+    /// checkpoint; 0 for a fresh one).
+    fn on_start(&mut self, _epochs_done: usize) -> Result<(), TrainError> {
+        Ok(())
+    }
     /// Called once per completed epoch, before that epoch's checkpoint is written, so a crash in
     /// between repeats the epoch and reports it again (at least once, never lost).
     fn on_epoch(&mut self, metrics: &EpochMetrics) -> Result<(), TrainError>;

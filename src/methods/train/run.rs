@@ -146,6 +146,7 @@ pub fn train_objective(
     if let Some(loaded) = checkpoint::read(dir, device)? {
         run.resume(loaded, &mut opt)?;
     }
+    hooks.on_start(run.state.epoch)?;
 
     while run.state.epoch < cfg.epochs && !run.stopped_early() {
         let epoch = run.state.epoch;

@@ -156,9 +156,15 @@ struct Script {
     saw_epoch: bool,
     epochs: Vec<EpochMetrics>,
     checkpoints: Vec<PathBuf>,
+    /// The completed epochs `on_start` reported.
+    starts: Vec<usize>,
 }
 
 impl TrainHooks for Script {
+    fn on_start(&mut self, epochs_done: usize) -> Result<(), TrainError> {
+        self.starts.push(epochs_done);
+        Ok(())
+    }
     fn cancelled(&self) -> bool {
         let n = self.polls.get() + 1;
         self.polls.set(n);
@@ -304,6 +310,7 @@ fn resume_at_any_point_equals_an_uninterrupted_run() {
         };
         let end = run_tiny(&init, true, &data, &resumed_cfg, dir.path(), &mut h).expect("part 2");
         assert_eq!(interrupted_at(end), (1, 0));
+        assert_eq!(h.starts, [0], "resumed mid-epoch 0");
         // Polls 1–5 precede the 5 steps, 6 precedes validation, 7 its first batch.
         let mut h = Script {
             cancel_at_poll: Some(7),
@@ -311,6 +318,7 @@ fn resume_at_any_point_equals_an_uninterrupted_run() {
         };
         let end = run_tiny(&init, true, &data, &resumed_cfg, dir.path(), &mut h).expect("part 3");
         assert_eq!(interrupted_at(end), (1, 5));
+        assert_eq!(h.starts, [1], "one epoch done before this part");
         let end =
             run_tiny(&init, true, &data, &resumed_cfg, dir.path(), &mut NoHooks).expect("part 4");
         let (weights, best, metrics) = finished(end);
