@@ -162,22 +162,7 @@ impl CustomOp3 for BnTrain {
         let gamma = f32_slice(s2, l2, "batch norm γ")?;
         let beta = f32_slice(s3, l3, "batch norm β")?;
         let (a, b) = self.affine(gamma, beta);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(self.hw)
-            .zip(x.par_chunks(self.hw))
-            .enumerate()
-            .for_each(|(i, (yo, xi))| {
-                let (a, b) = (a[i % self.c], b[i % self.c]);
-                if self.relu {
-                    for (o, &v) in yo.iter_mut().zip(xi) {
-                        *o = (v * a + b).max(0.0);
-                    }
-                } else {
-                    for (o, &v) in yo.iter_mut().zip(xi) {
-                        *o = v * a + b;
-                    }
-                }
-            });
+        let y = super::pointwise::channel_affine(x, self.hw, &a, &b, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

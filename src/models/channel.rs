@@ -70,22 +70,10 @@ impl CustomOp2 for ShiftOp {
         let x = f32_slice(s1, l1, "channel shift input")?;
         let s = f32_slice(s2, l2, "channel shift")?;
         let (_, c, plane) = nc_plane(l1)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(plane.max(1))
-            .zip(x.par_chunks(plane.max(1)))
-            .enumerate()
-            .for_each(|(i, (yo, xi))| {
-                let b = s[i % c];
-                if self.relu {
-                    for (o, &v) in yo.iter_mut().zip(xi) {
-                        *o = (v + b).max(0.0);
-                    }
-                } else {
-                    for (o, &v) in yo.iter_mut().zip(xi) {
-                        *o = v + b;
-                    }
-                }
-            });
+        if s.len() != c {
+            candle_core::bail!("channel shift of {} values for {c} channels", s.len());
+        }
+        let y = super::pointwise::channel_affine(x, plane, &vec![1.0; c], s, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

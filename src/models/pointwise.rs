@@ -56,6 +56,37 @@ pub(crate) fn map3(
     y
 }
 
+/// x·a[ch] + b[ch] for every element of an NCHW buffer of planes of `plane` values, the channel
+/// ch of a plane being its index modulo `a.len()`; then max(·, 0) if `relu`. (A BatchNorm's
+/// affine step, or with a = 1 a shift: x·1 + b is x + b exactly.)
+pub(crate) fn channel_affine(
+    x: &[f32],
+    plane: usize,
+    a: &[f32],
+    b: &[f32],
+    relu: bool,
+) -> Vec<f32> {
+    debug_assert_eq!(a.len(), b.len());
+    let (plane, c) = (plane.max(1), a.len().max(1));
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(plane)
+        .zip(x.par_chunks(plane))
+        .enumerate()
+        .for_each(|(i, (yo, xi))| {
+            let (a, b) = (a[i % c], b[i % c]);
+            if relu {
+                for (o, &v) in yo.iter_mut().zip(xi) {
+                    *o = (v * a + b).max(0.0);
+                }
+            } else {
+                for (o, &v) in yo.iter_mut().zip(xi) {
+                    *o = v * a + b;
+                }
+            }
+        });
+    y
+}
+
 /// f(x, v) for every element of a [rows, d] matrix x and the element of the per-feature vector
 /// v (length d) in its column.
 pub(crate) fn map_rows(x: &[f32], v: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
