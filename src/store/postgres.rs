@@ -10,7 +10,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
-use super::rows::{self, BLOCKED_CTE, RUN_COLUMNS};
+use super::rows::{self, BLOCKED_CTE, RUN_COLUMNS, WORK_SECONDS};
 use super::*;
 use crate::plan::{CellRecord, Job};
 
@@ -630,7 +630,7 @@ impl Store for PgStore {
              SELECT j.id, j.kind, COALESCE(sj.label, j.label) AS label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
                     j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit, {RUN_COLUMNS},
                     CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END::bigint AS blocked,
-                    (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
+                    {WORK_SECONDS} AS work_seconds
              FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
              WHERE sj.study_id = $1 AND sj.spec_sha256 = $2 ORDER BY sj.seq"
         );

@@ -11,7 +11,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
-use super::rows::{self, BLOCKED_CTE, RUN_COLUMNS};
+use super::rows::{self, BLOCKED_CTE, RUN_COLUMNS, WORK_SECONDS};
 use super::*;
 use crate::plan::{CellRecord, Job};
 
@@ -652,7 +652,7 @@ impl Store for SqliteStore {
              SELECT j.id, j.kind, COALESCE(sj.label, j.label) AS label, j.status, j.attempts, j.max_attempts, j.progress_done, j.progress_total,
                     j.run_seconds, j.started_at, j.finished_at, j.lease_owner, j.error, j.result, j.precision, j.unit, {RUN_COLUMNS},
                     CASE WHEN j.status = 'pending' AND j.id IN (SELECT id FROM dead) THEN 1 ELSE 0 END AS blocked,
-                    (SELECT COALESCE(SUM(c.seconds), 0.0) FROM cert_results c WHERE c.job_id = j.id) AS work_seconds
+                    {WORK_SECONDS} AS work_seconds
              FROM jobs j JOIN study_jobs sj ON sj.job_id = j.id
              WHERE sj.study_id = ? AND sj.spec_sha256 = ? ORDER BY sj.seq"
         );

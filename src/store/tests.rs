@@ -43,7 +43,40 @@ on_every_backend!(
     sequential_rows_keep_what_recomputes_them,
     claims_pass_over_finished_jobs_and_retried_ones_come_back,
     a_gone_workers_leases_end_at_once,
+    a_fused_jobs_work_is_its_members_rows_once_per_image,
 );
+
+/// `caf status` rates a fused certification by the rows it wrote for its members: every member's
+/// row carries the shared pass's seconds, so each image counts once, at its longest row; the
+/// members keep their own rows' sum.
+async fn a_fused_jobs_work_is_its_members_rows_once_per_image(f: impl Fixture) {
+    let s = f.open().await;
+    let fused = job("fused", &[]);
+    let (a, b) = (job("a", &[&fused]), job("b", &[&fused]));
+    let study = s
+        .register_plan(&plan("p", vec![fused.clone(), a.clone(), b.clone()]))
+        .await
+        .unwrap();
+    let l = leased(&s, study).await;
+    assert_eq!(l.job, fused.id);
+    for (member, idx, seconds) in [(&a, 0, 2.0), (&b, 0, 2.0), (&a, 1, 3.0), (&b, 1, 1.0)] {
+        let row = CertRow {
+            seconds,
+            ..cert(idx, 0.5)
+        };
+        assert!(s.record_cert(&l, &member.id, &row).await.unwrap());
+    }
+    let work: std::collections::HashMap<JobId, f64> = s
+        .study_jobs(study)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.id, j.work_seconds))
+        .collect();
+    assert!((work[&fused.id] - 5.0).abs() < 1e-9, "{work:?}");
+    assert!((work[&a.id] - 5.0).abs() < 1e-9, "{work:?}");
+    assert!((work[&b.id] - 3.0).abs() < 1e-9, "{work:?}");
+}
 
 /// A worker whose process is gone: `worker_gone` marks it stopped at its last sign of life and
 /// ends its leases, so the very next reap returns its job as an interruption though the lease
