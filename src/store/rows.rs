@@ -102,15 +102,14 @@ where
 
 /// A job's compute seconds on its recorded per-image results, for `caf status`'s rate and time
 /// left: the seconds of its own rows, or, for a job that records rows for the jobs waiting on
-/// it (a fused certification writes its members'), each image's longest member row (every
-/// member's row carries the shared pass's time). 0 for training jobs, whose rate comes from
-/// their epochs. Valid in SQLite and PostgreSQL; `j` is the job.
+/// it (a fused certification writes its members'), of those rows (a fused certification splits
+/// each image's time among its members' rows, so they add up to the shared pass). 0 for
+/// training jobs, whose rate comes from their epochs. Valid in SQLite and PostgreSQL; `j` is the
+/// job.
 pub(crate) const WORK_SECONDS: &str = "CASE WHEN j.unit = 'epochs' THEN 0.0 ELSE COALESCE(
         (SELECT SUM(c.seconds) FROM cert_results c WHERE c.job_id = j.id),
-        (SELECT SUM(per_image.s) FROM (
-             SELECT MAX(c.seconds) AS s FROM cert_results c
-             JOIN job_deps d ON d.job_id = c.job_id
-             WHERE d.dep_id = j.id GROUP BY c.idx) per_image),
+        (SELECT SUM(c.seconds) FROM cert_results c
+             JOIN job_deps d ON d.job_id = c.job_id WHERE d.dep_id = j.id),
         0.0) END";
 
 /// The columns of `jobs` a claim sets and `study_jobs` reads beyond the original ones, for both
