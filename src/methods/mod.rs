@@ -167,14 +167,16 @@ fn cell_outputs(jobs: &[Job]) -> Vec<CellOutput> {
         .filter(|j| j.kind == certify_job::KIND || j.kind == eval::KIND)
         .map(|j| {
             // The trained model is the certify job's `model.job` dependency, whose own params
-            // say the σ it was trained at.
+            // say the σ it was trained at; σ = 0 is a clean training (a backbone the study
+            // trains itself), not a noise level.
             let trained_sigma = j
                 .params
                 .pointer("/model/job")
                 .and_then(|v| v.as_str())
                 .and_then(|id| by_id.get(&JobId::new(id)))
                 .and_then(|t| t.params.pointer("/train/sigma"))
-                .and_then(|v| v.as_f64());
+                .and_then(|v| v.as_f64())
+                .filter(|&s| s > 0.0);
             CellOutput {
                 job: j.id.clone(),
                 kind: j.kind.clone(),

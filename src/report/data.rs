@@ -125,7 +125,8 @@ impl StudyData {
                 cell: c.cell,
                 method: c.method.clone(),
                 sigma,
-                trained_sigma: c.trained_sigma,
+                // Plans before caf recorded clean trainings as σ = 0.
+                trained_sigma: c.trained_sigma.filter(|&t| t > 0.0),
                 values: c.values.clone(),
                 state: c.state,
                 planned: st.map_or(0, |s| s.progress_total),

@@ -256,6 +256,18 @@ grid:
     let rows = ok(&dir.run(&["export", "--db", "t.db"]));
     // smooth, rs and caf: 5 certified images each.
     assert_eq!(rows.lines().count(), 1 + 3 * 5, "{rows}");
+    // The clean training is not a noise level: the report's main table lists the smoothed clean
+    // ViT, which the paired comparison uses as its baseline, and draws no cross-σ matrix.
+    ok(&dir.run(&["report", "--db", "t.db", "--out", "rep"]));
+    let md = std::fs::read_to_string(dir.path().join("rep/report.md")).expect("report.md");
+    let table = md
+        .split("## Certified accuracy at chosen radii")
+        .nth(1)
+        .and_then(|t| t.split("\n## ").next())
+        .expect("the main table");
+    assert!(table.contains("| smooth |"), "{table}");
+    assert!(md.contains("## Paired comparison against smooth"), "{md}");
+    assert!(!md.contains("across noise levels"), "{md}");
 
     // The clean network is an ordinary timm checkpoint.
     let weights = clean[0]["weights"]["path"].as_str().expect("weights");

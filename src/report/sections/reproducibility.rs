@@ -62,7 +62,8 @@ pub(crate) fn reproducibility_section(study: &StudyData, opts: &Options) -> Sect
                 } else {
                     "no (no nA/n)"
                 }),
-                Cell::num(c.rows.iter().map(|r| r.seconds).sum::<f64>(), 1),
+                // From +0: an empty f64 sum is −0, which prints as "-0.0".
+                Cell::num(c.rows.iter().fold(0.0, |s, r| s + r.seconds), 1),
             ]
         })
         .collect();
