@@ -137,7 +137,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::plan::Plan;
+    use crate::plan::{JobId, Plan};
     use crate::spec::Spec;
 
     const WEIGHTS: &str = "../shared/data/pretrained/akamaster/resnet20-12fca82f.th";
@@ -194,6 +194,45 @@ mod tests {
             .iter()
             .filter(|j| j.kind == "certify" || j.kind == "certify-fused")
             .all(|j| !j.deps.is_empty()));
+    }
+
+    /// A fused certification's members follow it in the plan's order, before any job planned
+    /// between them (a member left behind a long training would show as pending with all its
+    /// rows recorded); and the clean training is no noise level for the report (no trained σ).
+    #[test]
+    fn fused_members_follow_their_fused_job_and_clean_training_has_no_trained_sigma() {
+        let grid =
+            "  params: {backbone: vit, sigma: 0.25}\n  axes:\n    method: [smooth, rs, caf]\n";
+        let p = plan(TRAINED, grid).expect("plans");
+        let at = |id: &JobId| p.jobs.iter().position(|j| &j.id == id).expect("planned");
+        let fused: Vec<usize> = (0..p.jobs.len())
+            .filter(|&i| p.jobs[i].kind == "certify-fused")
+            .collect();
+        assert!(!fused.is_empty(), "smooth and caf share the backbone pass");
+        for f in fused {
+            let members: Vec<usize> = p.jobs[f]
+                .params
+                .get("members")
+                .and_then(|m| m.as_array())
+                .expect("members")
+                .iter()
+                .map(|m| at(&JobId::new(m["job"].as_str().expect("member id"))))
+                .collect();
+            let want: Vec<usize> = (f + 1..=f + members.len()).collect();
+            assert_eq!(members, want, "members right after the fused job");
+        }
+        let smooth = p
+            .cells
+            .iter()
+            .find(|c| c.method == "smooth")
+            .expect("smooth cell");
+        assert!(smooth.outputs.iter().all(|o| o.trained_sigma.is_none()));
+        let rs = p.cells.iter().find(|c| c.method == "rs").expect("rs cell");
+        assert!(rs
+            .outputs
+            .iter()
+            .filter(|o| o.kind == "certify")
+            .all(|o| o.trained_sigma == Some(0.25)));
     }
 
     #[test]

@@ -75,7 +75,10 @@ fn shared_backbone(model: &ModelSource) -> Option<ModelSource> {
 }
 
 /// Adds a `certify-fused` job for every group of ≥ 2 certify jobs that can share a backbone,
-/// and makes the members wait for it.
+/// and makes the members wait for it. A group's members are moved next to its first one, so the
+/// plan's order (deps first, otherwise as planned) runs them right after the fused job: they
+/// only mark done what it recorded, and a member left behind a long training job would show
+/// as pending, its results reported partial, for the length of that job.
 pub fn fuse(jobs: &mut Vec<Job>) {
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, j) in jobs.iter().enumerate() {
@@ -98,6 +101,7 @@ pub fn fuse(jobs: &mut Vec<Job>) {
             .or_default()
             .push(i);
     }
+    let mut grouped: Vec<Vec<usize>> = Vec::new();
     for members in groups.into_values().filter(|m| m.len() >= 2) {
         let params: Vec<CertifyParams> = members
             .iter()
@@ -156,7 +160,32 @@ pub fn fuse(jobs: &mut Vec<Job>) {
             jobs[i].deps.push(job.id.clone());
         }
         jobs.push(job);
+        grouped.push(members);
     }
+    // Each group's later members move up behind its first (indices of `jobs` before the moves;
+    // the fused jobs were appended after them, so they stay valid).
+    let mut order: Vec<usize> = Vec::with_capacity(jobs.len());
+    let mut placed = vec![false; jobs.len()];
+    let group_of: BTreeMap<usize, usize> = grouped
+        .iter()
+        .enumerate()
+        .flat_map(|(g, m)| m.iter().map(move |&i| (i, g)))
+        .collect();
+    for i in 0..jobs.len() {
+        if placed[i] {
+            continue;
+        }
+        let alone = [i];
+        let together = group_of.get(&i).map_or(&alone[..], |&g| &grouped[g][..]);
+        for &k in together {
+            if !placed[k] {
+                placed[k] = true;
+                order.push(k);
+            }
+        }
+    }
+    let mut slots: Vec<Option<Job>> = std::mem::take(jobs).into_iter().map(Some).collect();
+    jobs.extend(order.into_iter().filter_map(|i| slots[i].take()));
 }
 
 /// The members as one [`ClassifierSet`] over a single backbone pass.
