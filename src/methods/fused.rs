@@ -162,28 +162,15 @@ pub fn fuse(jobs: &mut Vec<Job>) {
         jobs.push(job);
         grouped.push(members);
     }
-    // Each group's later members move up behind its first (indices of `jobs` before the moves;
-    // the fused jobs were appended after them, so they stay valid).
-    let mut order: Vec<usize> = Vec::with_capacity(jobs.len());
-    let mut placed = vec![false; jobs.len()];
-    let group_of: BTreeMap<usize, usize> = grouped
-        .iter()
-        .enumerate()
-        .flat_map(|(g, m)| m.iter().map(move |&i| (i, g)))
+    // Each group's later members move up behind its first. A group's indices ascend (collected
+    // in job order), a job is in one group at most, and the fused jobs were appended after
+    // every member, so the indices still name the same jobs.
+    let first: BTreeMap<usize, &[usize]> = grouped.iter().map(|m| (m[0], &m[..])).collect();
+    let later: BTreeSet<usize> = grouped.iter().flat_map(|m| m[1..].to_vec()).collect();
+    let order: Vec<usize> = (0..jobs.len())
+        .filter(|i| !later.contains(i))
+        .flat_map(|i| first.get(&i).map_or(vec![i], |m| m.to_vec()))
         .collect();
-    for i in 0..jobs.len() {
-        if placed[i] {
-            continue;
-        }
-        let alone = [i];
-        let together = group_of.get(&i).map_or(&alone[..], |&g| &grouped[g][..]);
-        for &k in together {
-            if !placed[k] {
-                placed[k] = true;
-                order.push(k);
-            }
-        }
-    }
     let mut slots: Vec<Option<Job>> = std::mem::take(jobs).into_iter().map(Some).collect();
     jobs.extend(order.into_iter().filter_map(|i| slots[i].take()));
 }

@@ -214,31 +214,31 @@ impl ConvBn {
 
     /// BatchNorm uses batch statistics and updates its running statistics when `train`.
     pub(crate) fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            let y = super::conv::conv2d(x, &self.weight, self.k / 2, self.stride)?;
-            return super::bn::forward_train(&self.bn, &y);
-        }
-        self.eval_t(x, false)
-    }
-
-    /// Eval mode with BatchNorm folded: conv(x, w·s) + shift, then ReLU if `relu`, the shift
-    /// (and ReLU) one op on the fused CPU path (see [`super::channel::shift`]).
-    fn eval_t(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        // In the input's dtype: the generic path runs bf16 models as candle bf16 tensors.
-        let (w, shift) = self.folded()?;
-        let (w, shift) = (w.to_dtype(x.dtype())?, shift.to_dtype(x.dtype())?);
-        let y = super::conv::conv2d(x, &w, self.k / 2, self.stride)?;
-        super::channel::shift(&y, &shift, relu)
+        self.forward_then(x, train, false)
     }
 
     /// `relu(self.forward_t(x, train))`; on the fused CPU path the ReLU runs inside the
     /// BatchNorm op (see [`super::bn::forward_train_relu`]) or the folded shift.
     pub(crate) fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_then(x, train, true)
+    }
+
+    /// conv + BatchNorm, then ReLU if `relu`. Eval mode folds BatchNorm: conv(x, w·s) + shift,
+    /// the shift (and ReLU) one op on the fused CPU path (see [`super::channel::shift`]).
+    fn forward_then(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if train {
             let y = super::conv::conv2d(x, &self.weight, self.k / 2, self.stride)?;
-            return super::bn::forward_train_relu(&self.bn, &y);
+            return if relu {
+                super::bn::forward_train_relu(&self.bn, &y)
+            } else {
+                super::bn::forward_train(&self.bn, &y)
+            };
         }
-        self.eval_t(x, true)
+        // In the input's dtype: the generic path runs bf16 models as candle bf16 tensors.
+        let (w, shift) = self.folded()?;
+        let (w, shift) = (w.to_dtype(x.dtype())?, shift.to_dtype(x.dtype())?);
+        let y = super::conv::conv2d(x, &w, self.k / 2, self.stride)?;
+        super::channel::shift(&y, &shift, relu)
     }
 
     /// Eval mode folds BatchNorm into the convolution: weight w·s and bias β − μ·s with
