@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor, D};
 use rand::{RngExt, SeedableRng};
 
 use crate::data::Chw;
+use crate::models::gemm::{Bf16Kernel, KernelLevel};
 use crate::models::Classifier;
 
 /// Number of timed windows; the report's figure is their median.
@@ -334,7 +335,11 @@ impl MachineInfo {
         match device {
             Device::Cpu => Self {
                 device: crate::sched::cpu_model(),
-                kernels: cpu_kernels(&cpu_flags(), crate::models::gemm::kernel_level()),
+                kernels: cpu_kernels(
+                    &cpu_flags(),
+                    crate::models::gemm::bf16_kernel(),
+                    crate::models::gemm::kernel_level(),
+                ),
             },
             other => Self {
                 device: format!("{other:?}"),
@@ -363,13 +368,11 @@ fn cpu_flags() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The kernels' instruction sets for CPU `flags`: the f32 GEMM (the `gemm` crate picks AVX-512
-/// or AVX2+FMA at run time), caf's bf16 GEMM (AVX-512 BF16, else emulated through the f32 one),
-/// and AMX where present (not used by caf yet).
-/// `level` is `CAF_KERNELS`: `portable` turns caf's own ISA-specific kernel off.
-fn cpu_kernels(flags: &[String], level: crate::models::gemm::KernelLevel) -> String {
+/// The kernels' instruction sets: the f32 GEMM's from the CPU's `flags` (the `gemm` crate picks
+/// AVX-512 or AVX2+FMA at run time) and caf's bf16 GEMM `bf16` (AMX, AVX-512 BF16 or emulated
+/// through the f32 one), naming `level` when `CAF_KERNELS` caps it.
+fn cpu_kernels(flags: &[String], bf16: Bf16Kernel, level: KernelLevel) -> String {
     let has = |f: &str| flags.iter().any(|x| x == f);
-    let native = level == crate::models::gemm::KernelLevel::Native;
     let f32_gemm = if has("avx512f") {
         "f32 GEMM AVX-512"
     } else if has("avx2") && has("fma") {
@@ -377,16 +380,15 @@ fn cpu_kernels(flags: &[String], level: crate::models::gemm::KernelLevel) -> Str
     } else {
         "f32 GEMM scalar/SSE"
     };
-    let bf16 = if has("avx512f") && has("avx512_bf16") && native {
-        "bf16 GEMM AVX-512 BF16"
-    } else if !native {
-        "bf16 GEMM emulated in f32 (CAF_KERNELS=portable)"
-    } else {
-        "bf16 GEMM emulated in f32"
-    };
-    let mut s = format!("{f32_gemm}, {bf16}");
-    if has("amx_bf16") && has("amx_tile") {
-        s.push_str("; AMX-BF16 present, unused");
+    let mut s = format!("{f32_gemm}, bf16 GEMM {bf16}");
+    match level {
+        KernelLevel::Native => {}
+        KernelLevel::Avx512 => s.push_str(" (CAF_KERNELS=avx512)"),
+        KernelLevel::Portable => s.push_str(" (CAF_KERNELS=portable)"),
+    }
+    if has("amx_bf16") && has("amx_tile") && bf16 != Bf16Kernel::Amx && level == KernelLevel::Native
+    {
+        s.push_str("; AMX-BF16 present, but the OS refused the tile state");
     }
     s
 }
@@ -394,7 +396,8 @@ fn cpu_kernels(flags: &[String], level: crate::models::gemm::KernelLevel) -> Str
 #[cfg(test)]
 mod machine_tests {
     use super::*;
-    use crate::models::gemm::KernelLevel::{Native, Portable};
+    use crate::models::gemm::Bf16Kernel::{Amx, Avx512Bf16, Emulated};
+    use crate::models::gemm::KernelLevel::{Avx512, Native, Portable};
 
     fn flags(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
@@ -402,27 +405,35 @@ mod machine_tests {
 
     #[test]
     fn kernels_follow_the_cpus_flags() {
+        let avx512 = flags("sse2 avx2 fma avx512f avx512_bf16");
         assert_eq!(
-            cpu_kernels(&flags("sse2 avx2 fma avx512f avx512_bf16"), Native),
+            cpu_kernels(&avx512, Avx512Bf16, Native),
             "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16"
         );
         assert_eq!(
-            cpu_kernels(&flags("sse2 avx2 fma avx512f avx512_bf16"), Portable),
+            cpu_kernels(&avx512, Emulated, Portable),
             "f32 GEMM AVX-512, bf16 GEMM emulated in f32 (CAF_KERNELS=portable)"
         );
         assert_eq!(
-            cpu_kernels(&flags("sse2 avx2 fma"), Native),
+            cpu_kernels(&flags("sse2 avx2 fma"), Emulated, Native),
             "f32 GEMM AVX2+FMA, bf16 GEMM emulated in f32"
         );
+        let amx = flags("avx2 fma avx512f avx512_bf16 amx_tile amx_bf16");
         assert_eq!(
-            cpu_kernels(
-                &flags("avx2 fma avx512f avx512_bf16 amx_tile amx_bf16"),
-                Native
-            ),
-            "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16; AMX-BF16 present, unused"
+            cpu_kernels(&amx, Amx, Native),
+            "f32 GEMM AVX-512, bf16 GEMM AMX-BF16"
         );
         assert_eq!(
-            cpu_kernels(&[], Native),
+            cpu_kernels(&amx, Avx512Bf16, Avx512),
+            "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16 (CAF_KERNELS=avx512)"
+        );
+        assert_eq!(
+            cpu_kernels(&amx, Avx512Bf16, Native),
+            "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16; AMX-BF16 present, but the OS refused \
+             the tile state"
+        );
+        assert_eq!(
+            cpu_kernels(&[], Emulated, Native),
             "f32 GEMM scalar/SSE, bf16 GEMM emulated in f32"
         );
         // This machine's line names its CPU and some GEMM.

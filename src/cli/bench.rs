@@ -312,7 +312,7 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
         .set_precision(f.precision)
         .map_err(|e| usage(e.to_string()))?;
     if f.precision == models::Precision::Bf16 && !models::gemm::bf16_kernel_available() {
-        eprintln!("note: this CPU has no AVX-512 BF16; bf16 runs the emulated (f32) GEMM");
+        eprintln!("note: this CPU has no AMX or AVX-512 BF16; bf16 runs the emulated (f32) GEMM");
     }
     let size = arch.input_size().or(model.input_size()).unwrap_or(32);
     let report = caf::bench::bench_forward_shaped(

@@ -381,7 +381,7 @@ pub fn set_precision(
     }
     model.set_precision(precision).map_err(JobError::fatal)?;
     if crate::models::path::fused(device) && !crate::models::gemm::bf16_kernel_available() {
-        tracing::warn!("this CPU has no AVX-512 BF16: bf16 runs the emulated (f32) GEMM");
+        tracing::warn!("this CPU has no AMX or AVX-512 BF16: bf16 runs the emulated (f32) GEMM");
     }
     Ok(())
 }

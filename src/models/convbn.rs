@@ -78,8 +78,16 @@ impl FoldedConv {
             // A 1×1 convolution at stride 1 reads the activations as they are.
             return self.weight.accumulate(n, x, out);
         }
-        if self.stride == 1 && self.k % 2 == 1 && self.weight.is_f32() {
-            return self.accumulate_blocked(x, g, (h, w), out, BLOCK_VALUES);
+        if self.stride == 1 && self.k % 2 == 1 {
+            if self.weight.is_f32() {
+                return self.accumulate_blocked(x, g, (h, w), out, BLOCK_VALUES);
+            }
+            let shape = (self.c_in, self.k);
+            return self.weight.accumulate_pair_rows(
+                n,
+                |p, dst| im2col::same_pair_row(x, shape, g, (h, w), p, dst),
+                out,
+            );
         }
         self.weight
             .accumulate_rows(n, |r, dst| self.im2col_row(x, g, (h, w), r, dst), out);

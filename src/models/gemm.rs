@@ -1,28 +1,32 @@
 //! The GEMMs of the fused CPU inference paths (CIFAR ResNets and adapters), in f32 or bf16.
 //!
 //! bf16 here means: weights and the im2col'd activations are rounded to bf16 (round to
-//! nearest even) and multiplied into f32 accumulators, as `vdpbf16ps` (AVX-512 BF16) does;
-//! biases, residual adds, ReLU and pooling stay in f32. On a CPU without AVX-512 BF16 the
-//! same rounded operands are multiplied by the f32 GEMM instead, which differs from the
-//! kernel only in summation order. A certificate computed in bf16 is a certificate of this
-//! rounded classifier, not of the f32 network; the store and the report say which one ran.
+//! nearest even) and multiplied into f32 accumulators, as AMX's `tdpbf16ps` and AVX-512 BF16's
+//! `vdpbf16ps` do; biases, residual adds, ReLU and pooling stay in f32. Three kernels compute
+//! it, picked at run time ([`bf16_kernel`]): AMX tiles (`super::amx`), AVX-512 BF16, and on
+//! other CPUs the f32 GEMM over the same rounded operands. They differ only in summation order.
+//! A certificate computed in bf16 is a certificate of this rounded classifier, not of the f32
+//! network; the store and the report say which one ran.
 
 use super::precision::Precision;
 
 /// Environment variable that caps caf's own instruction-set-specific CPU kernels, for the whole
-/// process: `native` (the default) lets each kernel use what the CPU has; `portable` forces
-/// every fall-back (today: the bf16 GEMM's emulated path instead of the AVX-512 BF16 kernel), so
-/// the fall-backs are tested on any CPU (`.ci/run` runs the library tests both ways). The f32
-/// GEMM is the `gemm` crate's, which picks AVX-512, AVX2+FMA or scalar code itself.
+/// process: `native` (the default) lets each kernel use what the CPU has; `avx512` keeps caf
+/// off AMX (the bf16 GEMM runs the AVX-512 BF16 kernel where the CPU has it); `portable` forces
+/// every fall-back (the bf16 GEMM's emulated path), so the fall-backs are tested on any CPU
+/// (`.ci/run` runs the library tests at each level). The f32 GEMM is the `gemm` crate's, which
+/// picks AVX-512, AVX2+FMA or scalar code itself.
 pub const KERNELS_ENV: &str = "CAF_KERNELS";
 
-/// The kernel levels [`KERNELS_ENV`] accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The kernel levels [`KERNELS_ENV`] accepts, from the most capable down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum KernelLevel {
-    /// Every kernel the CPU supports.
-    Native,
     /// Only the portable fall-backs.
     Portable,
+    /// Up to AVX-512 (BF16): no AMX tiles.
+    Avx512,
+    /// Every kernel the CPU supports.
+    Native,
 }
 
 impl std::str::FromStr for KernelLevel {
@@ -30,9 +34,11 @@ impl std::str::FromStr for KernelLevel {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.trim() {
             "" | "native" => Ok(Self::Native),
+            "avx512" => Ok(Self::Avx512),
             "portable" => Ok(Self::Portable),
             other => Err(format!(
-                "{KERNELS_ENV}={other:?}: expected `native` (the default) or `portable`"
+                "{KERNELS_ENV}={other:?}: expected `native` (the default), `avx512` (no AMX) or \
+                 `portable`"
             )),
         }
     }
@@ -55,7 +61,7 @@ pub fn kernel_level() -> KernelLevel {
     *LEVEL.get_or_init(|| kernel_level_from_env().unwrap_or(KernelLevel::Portable))
 }
 
-/// Whether this CPU has the bf16 kernel's instructions (AVX-512 F and BF16).
+/// Whether this CPU has the AVX-512 bf16 kernel's instructions (AVX-512 F and BF16).
 pub fn cpu_has_bf16_kernel() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -68,10 +74,51 @@ pub fn cpu_has_bf16_kernel() -> bool {
     }
 }
 
-/// Whether bf16 GEMMs run the bf16 kernel (otherwise they take the emulated path): the CPU has
-/// it and [`KERNELS_ENV`] does not force the fall-back.
+/// Whether this CPU has AMX-BF16 tiles and the OS lets caf use them.
+pub fn cpu_has_amx() -> bool {
+    super::amx::available()
+}
+
+/// Which kernel computes the bf16 GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Bf16Kernel {
+    /// The f32 GEMM over the rounded operands (any CPU).
+    Emulated,
+    /// `vdpbf16ps` (AVX-512 BF16).
+    Avx512Bf16,
+    /// `tdpbf16ps` on AMX tiles.
+    Amx,
+}
+
+impl std::fmt::Display for Bf16Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Emulated => "emulated in f32",
+            Self::Avx512Bf16 => "AVX-512 BF16",
+            Self::Amx => "AMX-BF16",
+        })
+    }
+}
+
+/// The bf16 kernel this process uses: the best the CPU has, capped by [`KERNELS_ENV`].
+pub fn bf16_kernel() -> Bf16Kernel {
+    best_bf16_kernel(kernel_level())
+}
+
+/// The best bf16 kernel this CPU has at `level`.
+pub fn best_bf16_kernel(level: KernelLevel) -> Bf16Kernel {
+    if level >= KernelLevel::Native && cpu_has_amx() {
+        Bf16Kernel::Amx
+    } else if level >= KernelLevel::Avx512 && cpu_has_bf16_kernel() {
+        Bf16Kernel::Avx512Bf16
+    } else {
+        Bf16Kernel::Emulated
+    }
+}
+
+/// Whether bf16 GEMMs run a bf16 kernel (otherwise they take the emulated path).
 pub fn bf16_kernel_available() -> bool {
-    cpu_has_bf16_kernel() && kernel_level() == KernelLevel::Native
+    bf16_kernel() != Bf16Kernel::Emulated
 }
 
 /// f32 → bf16 bits, rounding to nearest even (NaN stays a quiet NaN).
@@ -107,7 +154,9 @@ pub(crate) struct GemmWeight {
     k: usize,
     /// f32: the weights; bf16: the weights rounded to bf16 (for the emulated path).
     values: Vec<f32>,
-    /// bf16 only: row i, pair p holds bf16(a[i][2p]) | bf16(a[i][2p+1]) << 16 (zero past k).
+    /// bf16 only: row i, pair p holds bf16(a[i][2p]) | bf16(a[i][2p+1]) << 16, zero past k,
+    /// rows padded to a multiple of 16 and [`pair_stride`](Self::pair_stride) pairs each (the
+    /// AMX tiles' layout; the AVX-512 kernel reads the same rows and skips the padding).
     pairs: Option<Vec<u32>>,
 }
 
@@ -135,10 +184,16 @@ impl GemmWeight {
                     m,
                     k,
                     values: values.into_iter().map(round_bf16).collect(),
-                    pairs: Some(pairs),
+                    pairs: Some(super::amx::pad_rows(&pairs, m, k2)),
                 }
             }
         }
+    }
+
+    /// Pairs per row of the bf16 layout, and of each panel of the packed right operand: k/2
+    /// rounded up to a whole AMX tile.
+    fn pair_stride(&self) -> usize {
+        super::amx::padded(self.k.div_ceil(2), super::amx::TILE_PAIRS)
     }
 
     /// `c[m×n] += self · b[k×n]` in this weight's precision.
@@ -150,7 +205,6 @@ impl GemmWeight {
         assert!(b.len() >= k * n, "gemm operand sizes");
         self.accumulate_rows(n, |r, dst| dst.copy_from_slice(&b[r * n..(r + 1) * n]), c);
     }
-
     /// `c[m×n] += self · B` one block of B's columns at a time: `fill(j0, j1, dst)` writes
     /// columns [j0, j1) of B into `dst` (k rows of j1 − j0 values, every value written), for
     /// the blocks `blocks` lists (covering 0..n). A block's operand stays in cache between being
@@ -199,35 +253,70 @@ impl GemmWeight {
     pub(crate) fn accumulate_rows(
         &self,
         n: usize,
+        row: impl FnMut(usize, &mut [f32]),
+        c: &mut [f32],
+    ) {
+        self.accumulate_rows_with(bf16_kernel().min(forced_kernel()), n, row, c)
+    }
+
+    /// [`accumulate_rows`](Self::accumulate_rows) with bf16 weights computed by `kernel`, which
+    /// must be one this CPU has (at most [`best_bf16_kernel`]`(Native)`).
+    fn accumulate_rows_with(
+        &self,
+        kernel: Bf16Kernel,
+        n: usize,
         mut row: impl FnMut(usize, &mut [f32]),
         c: &mut [f32],
     ) {
         let (m, k) = (self.m, self.k);
         assert!(c.len() >= m * n, "gemm operand sizes");
+        assert!(
+            kernel <= best_bf16_kernel(KernelLevel::Native),
+            "{kernel} kernel requested on a CPU without it"
+        );
         #[cfg(target_arch = "x86_64")]
         if let Some(pairs) = &self.pairs {
-            if bf16_kernel_available() && !force_emulated() {
-                PACKED.with_borrow_mut(|(packed, rows)| {
-                    let k2 = k.div_ceil(2);
-                    packed.clear();
-                    packed.resize(k2 * n.div_ceil(16) * 16, 0);
+            if kernel == Bf16Kernel::Amx {
+                return ROWS.with_borrow_mut(|rows| {
                     rows.clear();
                     rows.resize(2 * n, 0.0);
                     let (lo, hi) = rows.split_at_mut(n);
-                    for p in 0..k2 {
+                    let pair_row = |p: usize, dst: &mut [u32]| {
                         row(2 * p, lo);
                         if 2 * p + 1 < k {
                             row(2 * p + 1, hi);
                         } else {
                             hi.fill(0.0);
                         }
-                        // SAFETY: the CPU has AVX-512 F (checked above).
-                        unsafe { kernel::pack_pair(k2, n, p, lo, hi, packed) };
-                    }
-                    // SAFETY: the CPU has AVX-512 F and BF16 (checked above); `pairs` is m
-                    // rows of k2 pairs, `packed` holds the k2 packed pairs of B, and the
-                    // assert bounds c to m rows of n.
-                    unsafe { kernel::gemm_bf16(m, n, k2, pairs, packed, c) }
+                        pair_bits(lo, hi, dst);
+                    };
+                    self.accumulate_pair_rows_with(kernel, n, pair_row, c)
+                });
+            }
+            if kernel == Bf16Kernel::Avx512Bf16 {
+                PACKED.with_borrow_mut(|packed| {
+                    let (k2, k2p) = (k.div_ceil(2), self.pair_stride());
+                    packed.clear();
+                    packed.resize(k2p * n.div_ceil(16) * 16, 0);
+                    ROWS.with_borrow_mut(|rows| {
+                        rows.clear();
+                        rows.resize(2 * n, 0.0);
+                        let (lo, hi) = rows.split_at_mut(n);
+                        for p in 0..k2 {
+                            row(2 * p, lo);
+                            if 2 * p + 1 < k {
+                                row(2 * p + 1, hi);
+                            } else {
+                                hi.fill(0.0);
+                            }
+                            // SAFETY: the AVX-512 BF16 kernel implies AVX-512 F.
+                            unsafe { kernel::pack_pair(k2p, n, p, lo, hi, packed) };
+                        }
+                    });
+                    // SAFETY: the CPU has AVX-512 F and BF16; `pairs` is padded(m, 16) rows of
+                    // k2p pairs, `packed` holds the packing of B with k2p pair rows per panel,
+                    // and the assert bounds c to m rows of n.
+                    unsafe { kernel::gemm_bf16(m, n, (k2, k2p), pairs, packed, c) }
                 });
                 return;
             }
@@ -250,32 +339,148 @@ impl GemmWeight {
             gemm_accumulate(m, n, k, &self.values, cols, c);
         });
     }
+
+    /// `c[m×n] += self · B` for bf16 weights, where `pair_row(p, dst)` writes B's rows 2p and
+    /// 2p + 1 already rounded and interleaved: dst[j] = bf16(B[2p][j]) | bf16(B[2p+1][j]) << 16
+    /// for j < n (row k, past an odd k, is zero). A convolution's im2col can write these
+    /// directly, without an f32 copy.
+    pub(crate) fn accumulate_pair_rows(
+        &self,
+        n: usize,
+        pair_row: impl FnMut(usize, &mut [u32]),
+        c: &mut [f32],
+    ) {
+        self.accumulate_pair_rows_with(bf16_kernel().min(forced_kernel()), n, pair_row, c)
+    }
+
+    /// [`accumulate_pair_rows`](Self::accumulate_pair_rows) computed by `kernel`.
+    fn accumulate_pair_rows_with(
+        &self,
+        kernel: Bf16Kernel,
+        n: usize,
+        mut pair_row: impl FnMut(usize, &mut [u32]),
+        c: &mut [f32],
+    ) {
+        let (m, k) = (self.m, self.k);
+        let (k2, k2p) = (k.div_ceil(2), self.pair_stride());
+        assert!(c.len() >= m * n, "gemm operand sizes");
+        assert!(
+            kernel <= best_bf16_kernel(KernelLevel::Native),
+            "{kernel} kernel requested on a CPU without it"
+        );
+        let Some(pairs) = &self.pairs else {
+            panic!("accumulate_pair_rows needs bf16 weights");
+        };
+        PACKED.with_borrow_mut(|packed| match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Amx => {
+                // Row-major pair rows, each padded to whole tiles: a B tile is 16 rows read at
+                // any stride. The padding rows must be zero (A's padding is, and 0 × NaN is
+                // not); the padding columns only reach C columns the kernel discards.
+                let ldb = super::amx::padded(n, super::amx::TILE_COLS);
+                if packed.len() < k2p * ldb {
+                    packed.resize(k2p * ldb, 0);
+                }
+                let packed = &mut packed[..k2p * ldb];
+                for (p, dst) in packed.chunks_exact_mut(ldb).enumerate() {
+                    if p < k2 {
+                        pair_row(p, &mut dst[..n]);
+                    } else {
+                        dst.fill(0);
+                    }
+                }
+                // SAFETY: AMX is available (the assert above); `pairs` is padded(m, 16) rows of
+                // k2p pairs, `packed` k2p rows of ldb ≥ padded(n, 16), c is m rows of n.
+                unsafe { super::amx::gemm(m, n, k2p, pairs, (packed, ldb), c) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Avx512Bf16 => {
+                packed.clear();
+                packed.resize(k2p * n.div_ceil(16) * 16, 0);
+                PAIR_ROW.with_borrow_mut(|row| {
+                    row.resize(n, 0);
+                    for p in 0..k2 {
+                        pair_row(p, row);
+                        place_pair_row(k2p, p, row, packed);
+                    }
+                });
+                // SAFETY: as in `accumulate_rows_with`.
+                unsafe { kernel::gemm_bf16(m, n, (k2, k2p), pairs, packed, c) }
+            }
+            _ => COLS.with_borrow_mut(|cols| {
+                if cols.len() < 2 * k2 * n {
+                    cols.resize(2 * k2 * n, 0.0);
+                }
+                let cols = &mut cols[..2 * k2 * n];
+                PAIR_ROW.with_borrow_mut(|row| {
+                    row.resize(n, 0);
+                    for (p, two) in cols.chunks_exact_mut(2 * n).enumerate() {
+                        pair_row(p, row);
+                        let (lo, hi) = two.split_at_mut(n);
+                        for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(row.iter()) {
+                            *l = f32::from_bits(v << 16);
+                            *h = f32::from_bits(v & 0xFFFF_0000);
+                        }
+                    }
+                });
+                gemm_accumulate(m, n, k, &self.values, &cols[..k * n], c);
+            }),
+        })
+    }
 }
 
-/// Tests compare the kernel with the emulated path inside whole networks.
+/// Tests compare the kernels with each other inside whole networks: the bf16 GEMMs use at most
+/// this kernel (0: emulated, 1: AVX-512 BF16, anything else: no cap).
 #[cfg(test)]
-pub(crate) static FORCE_EMULATED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+pub(crate) static FORCE_KERNEL: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(u8::MAX);
 
 #[inline]
-fn force_emulated() -> bool {
+fn forced_kernel() -> Bf16Kernel {
     #[cfg(test)]
     {
-        FORCE_EMULATED.load(std::sync::atomic::Ordering::Relaxed)
+        match FORCE_KERNEL.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Bf16Kernel::Emulated,
+            1 => Bf16Kernel::Avx512Bf16,
+            _ => Bf16Kernel::Amx,
+        }
     }
     #[cfg(not(test))]
     {
-        false
+        Bf16Kernel::Amx
     }
 }
 
 thread_local! {
-    /// The right operand packed for the bf16 kernel, reused across calls (no allocation per
+    /// The right operand packed for a bf16 kernel, reused across calls (no allocation per
     /// layer once it has grown).
-    static PACKED: std::cell::RefCell<(Vec<u32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-    /// The f32 right operand (f32 weights, or bf16 without the kernel).
+    static PACKED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Two f32 rows of the right operand, before they are rounded and interleaved.
+    static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One interleaved pair row, before it is placed into the AVX-512 kernel's panels.
+    static PAIR_ROW: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The f32 right operand (f32 weights, or bf16 without a bf16 kernel).
     static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `dst[j] = bf16(lo[j]) | bf16(hi[j]) << 16`: two rows of B rounded and interleaved.
+pub(crate) fn pair_bits(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
+    for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+        *d = bf16_bits(l) | (bf16_bits(h) << 16);
+    }
+}
+
+/// Copies pair row `p` (n interleaved values) into the AVX-512 kernel's panels (see
+/// `kernel::pack_pair`), `k2` pair rows per panel.
+fn place_pair_row(k2: usize, p: usize, row: &[u32], packed: &mut [u32]) {
+    let n = row.len();
+    let mut offset = 0;
+    for j0 in (0..n).step_by(PANEL) {
+        let width = (n - j0).min(PANEL);
+        let stride = width.div_ceil(16) * 16;
+        packed[offset + p * stride..][..width].copy_from_slice(&row[j0..j0 + width]);
+        offset += k2 * stride;
+    }
 }
 
 /// Columns per panel of the packed right operand (four AVX-512 vectors).
@@ -290,7 +495,7 @@ mod kernel {
     const MR: usize = 4;
 
     /// Writes pair `p` of B (its rows 2p and 2p+1, `lo` and `hi`) into `packed`: panels of up
-    /// to [`PANEL`] columns (the last one padded with zeros to a multiple of 16), each panel
+    /// to [`PANEL`] columns and `k2` pair rows (the last one padded with zeros to a multiple of 16), each panel
     /// pair-major, column j of pair p holding bf16(lo[j]) | bf16(hi[j]) << 16.
     ///
     /// # Safety
@@ -320,17 +525,17 @@ mod kernel {
         }
     }
 
-    /// `c[m×n] += A · B` with A as `pairs` (m rows of k2 bf16 pairs) and B as written by
-    /// [`pack_pair`].
+    /// `c[m×n] += A · B` with A as `pairs` (m rows of `lda` slots, the first k2 of them bf16
+    /// pairs) and B as written by [`pack_pair`] with `lda` pair rows per panel.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F and BF16; `pairs.len() ≥ m·k2`, `packed` must hold the
-    /// packing of a k×n matrix with k.div_ceil(2) = k2, and `c.len() ≥ m·n`.
+    /// The CPU must have AVX-512 F and BF16; `pairs.len() ≥ m·lda`, `packed` must hold the
+    /// packing of a k×n matrix with k.div_ceil(2) = k2 ≤ lda, and `c.len() ≥ m·n`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn gemm_bf16(
         m: usize,
         n: usize,
-        k2: usize,
+        (k2, lda): (usize, usize),
         pairs: &[u32],
         packed: &[u32],
         c: &mut [f32],
@@ -343,21 +548,21 @@ mod kernel {
             let mut i = 0;
             while i < m {
                 let rows = (m - i).min(MR);
-                let a = pairs[i * k2..].as_ptr();
+                let a = pairs[i * lda..].as_ptr();
                 let out = c[i * n + j0..].as_mut_ptr();
                 match (rows, vectors) {
-                    (4, 4) => tile::<4, 4>(k2, a, panel, out, n, width),
-                    (4, 3) => tile::<4, 3>(k2, a, panel, out, n, width),
-                    (4, 2) => tile::<4, 2>(k2, a, panel, out, n, width),
-                    (4, 1) => tile::<4, 1>(k2, a, panel, out, n, width),
-                    (_, 4) => tile::<1, 4>(k2, a, panel, out, n, width),
-                    (_, 3) => tile::<1, 3>(k2, a, panel, out, n, width),
-                    (_, 2) => tile::<1, 2>(k2, a, panel, out, n, width),
-                    _ => tile::<1, 1>(k2, a, panel, out, n, width),
+                    (4, 4) => tile::<4, 4>(k2, lda, a, panel, out, n, width),
+                    (4, 3) => tile::<4, 3>(k2, lda, a, panel, out, n, width),
+                    (4, 2) => tile::<4, 2>(k2, lda, a, panel, out, n, width),
+                    (4, 1) => tile::<4, 1>(k2, lda, a, panel, out, n, width),
+                    (_, 4) => tile::<1, 4>(k2, lda, a, panel, out, n, width),
+                    (_, 3) => tile::<1, 3>(k2, lda, a, panel, out, n, width),
+                    (_, 2) => tile::<1, 2>(k2, lda, a, panel, out, n, width),
+                    _ => tile::<1, 1>(k2, lda, a, panel, out, n, width),
                 }
                 i += if rows == MR { MR } else { 1 };
             }
-            offset += k2 * vectors * 16;
+            offset += lda * vectors * 16;
         }
     }
 
@@ -366,6 +571,7 @@ mod kernel {
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile<const R: usize, const V: usize>(
         k2: usize,
+        lda: usize,
         a: *const u32,
         panel: *const u32,
         c: *mut f32,
@@ -382,7 +588,7 @@ mod kernel {
             }
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let av: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*a.add(r * k2 + p) as i32));
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
                 for (v, acc_rv) in acc_r.iter_mut().enumerate() {
                     *acc_rv = _mm512_dpbf16_ps(
                         *acc_rv,
@@ -453,30 +659,65 @@ mod tests {
         }
     }
 
+    /// Every bf16 kernel this CPU has (the test names them, so a run shows what it covered).
+    fn kernels_here() -> Vec<Bf16Kernel> {
+        let best = best_bf16_kernel(KernelLevel::Native);
+        let all = [
+            Bf16Kernel::Emulated,
+            Bf16Kernel::Avx512Bf16,
+            Bf16Kernel::Amx,
+        ];
+        let here: Vec<_> = all.into_iter().filter(|k| *k <= best).collect();
+        eprintln!("bf16 kernels on this CPU: {here:?}");
+        here
+    }
+
     #[test]
     fn bf16_gemm_is_the_product_of_the_rounded_operands() {
-        // Odd k, n not a multiple of 16 or of the panel, m not a multiple of the row tile.
-        for &(m, n, k) in &[
-            (16, 1024, 27),
-            (7, 100, 9),
-            (64, 64, 576),
-            (5, 17, 1),
-            (32, 200, 288),
-        ] {
-            let a = random(m * k, 1);
-            let b = random(k * n, 2);
-            let c0 = random(m * n, 3);
-            let w = GemmWeight::new(a.clone(), m, k, Precision::Bf16);
-            let mut c = c0.clone();
-            w.accumulate(n, &b, &mut c);
-            let ar: Vec<f32> = a.iter().map(|&v| round_bf16(v)).collect();
-            let br: Vec<f32> = b.iter().map(|&v| round_bf16(v)).collect();
-            for (got, (want, abs)) in c.iter().zip(reference(m, n, k, &ar, &br, &c0)) {
-                // Products of bf16 values are exact in f32; only the f32 sums round.
-                assert!(
-                    (*got as f64 - want).abs() <= 1e-6 * abs + 1e-7,
-                    "({m},{n},{k}): {got} vs {want}"
-                );
+        // Odd k, n not a multiple of 16 or of the panel, m not a multiple of the row tile (nor
+        // of AMX's 16 or 32 rows), k/2 not a multiple of AMX's 16 pairs, and k = 1.
+        for kernel in kernels_here() {
+            for &(m, n, k) in &[
+                (16, 1024, 27),
+                (7, 100, 9),
+                (64, 64, 576),
+                (5, 17, 1),
+                (32, 200, 288),
+                (48, 80, 72),
+                (33, 130, 100),
+                (16, 16, 32),
+                (10, 1000, 576),
+            ] {
+                let a = random(m * k, 1);
+                let b = random(k * n, 2);
+                let c0 = random(m * n, 3);
+                let w = GemmWeight::new(a.clone(), m, k, Precision::Bf16);
+                let ar: Vec<f32> = a.iter().map(|&v| round_bf16(v)).collect();
+                let br: Vec<f32> = b.iter().map(|&v| round_bf16(v)).collect();
+                let want = reference(m, n, k, &ar, &br, &c0);
+                let zeros = vec![0f32; n];
+                let row = |r: usize| if r < k { &b[r * n..][..n] } else { &zeros[..] };
+                // B given as f32 rows, then as interleaved bf16 pair rows.
+                for via_pairs in [false, true] {
+                    let mut c = c0.clone();
+                    // Past the end of C: the kernel must leave it alone.
+                    c.extend([7.0; 40]);
+                    if via_pairs {
+                        let pair_row =
+                            |p: usize, d: &mut [u32]| pair_bits(row(2 * p), row(2 * p + 1), d);
+                        w.accumulate_pair_rows_with(kernel, n, pair_row, &mut c);
+                    } else {
+                        w.accumulate_rows_with(kernel, n, |r, d| d.copy_from_slice(row(r)), &mut c);
+                    }
+                    assert_eq!(c[m * n..], [7.0; 40], "{kernel} wrote past C");
+                    for (got, (want, abs)) in c.iter().zip(&want) {
+                        // Products of bf16 values are exact in f32; only the f32 sums round.
+                        assert!(
+                            (*got as f64 - want).abs() <= 1e-6 * abs + 1e-7,
+                            "{kernel} ({m},{n},{k}) pairs {via_pairs}: {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -501,9 +742,10 @@ mod tests {
             " portable".parse::<KernelLevel>(),
             Ok(KernelLevel::Portable)
         );
-        let e = "avx512".parse::<KernelLevel>().unwrap_err();
+        assert_eq!("avx512".parse::<KernelLevel>(), Ok(KernelLevel::Avx512));
+        let e = "amx".parse::<KernelLevel>().unwrap_err();
         assert!(
-            e.contains("CAF_KERNELS=\"avx512\"") && e.contains("portable"),
+            e.contains("CAF_KERNELS=\"amx\"") && e.contains("portable") && e.contains("avx512"),
             "{e}"
         );
         // Forcing the fall-back never claims the kernel; the kernel needs the CPU's support.
@@ -511,6 +753,16 @@ mod tests {
         if kernel_level() == KernelLevel::Portable {
             assert!(!bf16_kernel_available());
         }
+        // Each level caps the kernel; AMX only at `native`.
+        assert_eq!(
+            best_bf16_kernel(KernelLevel::Portable),
+            Bf16Kernel::Emulated
+        );
+        assert!(best_bf16_kernel(KernelLevel::Avx512) <= Bf16Kernel::Avx512Bf16);
+        assert_eq!(
+            best_bf16_kernel(KernelLevel::Native) == Bf16Kernel::Amx,
+            cpu_has_amx()
+        );
     }
 
     #[test]

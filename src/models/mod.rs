@@ -19,6 +19,7 @@
 //! - [`load_classifier`]: both together, with names and shapes checked against the arch.
 
 pub mod adapter;
+mod amx;
 pub mod backbone;
 pub mod bn;
 pub mod caf;

@@ -761,7 +761,7 @@ fn fused_cpu_path_matches_candle_ops() {
 
 #[test]
 fn bf16_path_runs_the_rounded_network() {
-    use super::gemm::{bf16_kernel_available, FORCE_EMULATED};
+    use super::gemm::{bf16_kernel, Bf16Kernel, FORCE_KERNEL};
     use std::sync::atomic::Ordering;
     let dev = Device::Cpu;
     let model = super::test_resnet20();
@@ -793,18 +793,21 @@ fn bf16_path_runs_the_rounded_network() {
         agree >= 95,
         "bf16 and f32 agree on only {agree}/100 predictions"
     );
-    // The AVX-512 BF16 kernel computes what the emulated path computes: the same rounded
-    // operands, f32 sums in another order. A different last bit can round an activation to
-    // the neighbouring bf16 value at the next layer, so the two differ a little, but far less
-    // than either differs from f32 (measured: 0.027 vs 0.23 at a logit scale of 35).
-    if bf16_kernel_available() {
-        FORCE_EMULATED.store(true, Ordering::Relaxed);
-        let emulated = half.logits(&x);
-        FORCE_EMULATED.store(false, Ordering::Relaxed);
-        let d = max_abs_diff(&rounded, &emulated.expect("emulated"));
+    // The bf16 kernels (AMX, AVX-512 BF16) compute what the emulated path computes: the same
+    // rounded operands, f32 sums in another order. A different last bit can round an
+    // activation to the neighbouring bf16 value at the next layer, so they differ a little,
+    // but far less than either differs from f32 (measured: 0.027 vs 0.23 at a logit scale of
+    // 35). Each kernel below the one in use is compared with it.
+    let lower = [(0u8, Bf16Kernel::Emulated), (1, Bf16Kernel::Avx512Bf16)];
+    for (cap, kernel) in lower.into_iter().filter(|(_, k)| *k < bf16_kernel()) {
+        FORCE_KERNEL.store(cap, Ordering::Relaxed);
+        let other = half.logits(&x);
+        FORCE_KERNEL.store(u8::MAX, Ordering::Relaxed);
+        let d = max_abs_diff(&rounded, &other.expect("capped kernel"));
         assert!(
             d / scale < 2e-3 && d < d_bf16 / 2.0,
-            "kernel vs emulated bf16 logits differ by {d} (bf16 vs f32: {d_bf16})"
+            "{} vs {kernel} bf16 logits differ by {d} (bf16 vs f32: {d_bf16})",
+            bf16_kernel()
         );
     }
     // The candle path (training, autograd) is untouched by the flag.
