@@ -90,6 +90,171 @@ pub(crate) fn padded(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
+/// How a same-size k×k convolution's input is laid out for [`conv_same`] ("pair planes"): per
+/// image, `pairs` planes (input channels 2q and 2q + 1 as interleaved bf16 pairs; c_in/2
+/// rounded up, then to whole tiles, zeros past the channels) of the zero-padded image, h + 2p
+/// rows of `wp` = w + 2p values, `stride` values apart. Outputs are computed at every position
+/// of the padded rows (`tiles` tiles of 16; the 2p columns past w of each row are discarded),
+/// so the input of output position o under kernel tap (ky, kx) is at o + ky·wp + kx: a tile of
+/// B is 16 pair planes at one offset, read in place, without an im2col.
+#[derive(Clone, Copy, Debug)]
+struct PlaneLayout {
+    h: usize,
+    w: usize,
+    k: usize,
+    wp: usize,
+    /// Pair planes per image, a multiple of `step`.
+    pairs: usize,
+    /// Pairs per tile multiply (see [`pair_tiles`]).
+    step: usize,
+    stride: usize,
+    tiles: usize,
+}
+
+/// Pairs per tile multiply and pair planes for `c_in` input channels: whole tiles of 16 pairs,
+/// or one narrower tile when there are fewer (a 16-channel layer's 8 pairs would otherwise
+/// multiply as many zeros as values).
+fn pair_tiles(c_in: usize) -> (usize, usize) {
+    let q = c_in.div_ceil(2);
+    let step = q.min(TILE_PAIRS);
+    (step, padded(q, step))
+}
+
+impl PlaneLayout {
+    fn new(c_in: usize, (h, w): (usize, usize), k: usize) -> Self {
+        let pad = k / 2;
+        let wp = w + 2 * pad;
+        let tiles = (h * wp).div_ceil(TILE_COLS);
+        // The last tile's last output reads (k − 1)·(wp + 1) past its own position; that also
+        // covers the padded image's (h + 2p)·wp values.
+        let stride = padded(tiles * TILE_COLS + (k - 1) * (wp + 1), TILE_COLS);
+        let (step, pairs) = pair_tiles(c_in);
+        Self {
+            h,
+            w,
+            k,
+            wp,
+            pairs,
+            step,
+            stride,
+            tiles,
+        }
+    }
+
+    /// Output values per channel and image, padded rows included.
+    fn out_values(&self) -> usize {
+        self.tiles * TILE_COLS
+    }
+}
+
+/// A same-size convolution's weights for [`conv_same`]: per kernel tap t = (ky, kx), an A
+/// operand of `c_out` rounded up to 16 rows and [`pair_tiles`]'s pairs, row o pair q
+/// holding bf16(w[o][2q][ky][kx]) | bf16(w[o][2q + 1][ky][kx]) << 16 (zero past the
+/// channels). `values` is [c_out, c_in·k·k] in PyTorch's (c, ky, kx) order.
+pub(crate) fn conv_taps(values: &[f32], c_out: usize, c_in: usize, k: usize) -> Vec<u32> {
+    use super::gemm::bf16_bits;
+    let (kk, mp) = (k * k, padded(c_out, TILE_ROWS));
+    let qp = pair_tiles(c_in).1;
+    let mut out = vec![0u32; kk * mp * qp];
+    for t in 0..kk {
+        for o in 0..c_out {
+            let row = &values[o * c_in * kk..][..c_in * kk];
+            let dst = &mut out[(t * mp + o) * qp..][..qp];
+            for (q, d) in dst.iter_mut().enumerate().take(c_in.div_ceil(2)) {
+                let lo = bf16_bits(row[2 * q * kk + t]);
+                let hi = if 2 * q + 1 < c_in {
+                    bf16_bits(row[(2 * q + 1) * kk + t])
+                } else {
+                    0
+                };
+                *d = lo | (hi << 16);
+            }
+        }
+    }
+    out
+}
+
+thread_local! {
+    /// The input as pair planes and the padded-row outputs, reused across calls.
+    static CONV_SCRATCH: std::cell::RefCell<(Vec<u32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `out += conv(x)` for a same-size (stride 1, odd k, padding k/2) convolution of `g` images
+/// on AMX tiles: `x` is [c_in, g, h, w] f32, rounded to bf16 here; `taps` as [`conv_taps`]
+/// writes them; `out` is [c_out, g, h, w]. Returns false, computing nothing, when AMX is not
+/// available.
+pub(crate) fn conv_same(
+    taps: &[u32],
+    (c_in, c_out, k): (usize, usize, usize),
+    g: usize,
+    (h, w): (usize, usize),
+    x: &[f32],
+    out: &mut [f32],
+) -> bool {
+    let layout = PlaneLayout::new(c_in, (h, w), k);
+    let mp = padded(c_out, TILE_ROWS);
+    assert!(k % 2 == 1 && taps.len() == k * k * mp * layout.pairs);
+    assert!(x.len() >= c_in * g * h * w && out.len() >= c_out * g * h * w);
+    if !available() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    CONV_SCRATCH.with_borrow_mut(|(planes, tmp)| {
+        pack_planes(x, c_in, g, &layout, planes);
+        let ld = g * layout.out_values();
+        if tmp.len() < mp * ld {
+            tmp.resize(mp * ld, 0.0);
+        }
+        // SAFETY: AMX is available; `taps` has k·k taps of mp rows of `pairs` pairs (asserted),
+        // `planes` g·pairs planes of `stride` values, `tmp` mp rows of g·tiles·16 values.
+        unsafe { kernel::conv(mp, g, &layout, taps, planes, &mut tmp[..mp * ld]) };
+        let (wp, plane_out) = (layout.wp, layout.out_values());
+        for (c, o) in out.chunks_exact_mut(g * h * w).take(c_out).enumerate() {
+            for (gi, img) in o.chunks_exact_mut(h * w).enumerate() {
+                let src = &tmp[c * ld + gi * plane_out..][..plane_out];
+                for (y, row) in img.chunks_exact_mut(w).enumerate() {
+                    for (d, &v) in row.iter_mut().zip(&src[y * wp..]) {
+                        *d += v;
+                    }
+                }
+            }
+        }
+    });
+    true
+}
+
+/// Writes `x` ([c_in, g, h, w] f32) as `layout`'s pair planes into `dst` (resized; zero borders,
+/// zero planes past the channels).
+fn pack_planes(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst: &mut Vec<u32>) {
+    use super::gemm::pair_bits;
+    let PlaneLayout {
+        h,
+        w,
+        k,
+        wp,
+        pairs,
+        stride,
+        ..
+    } = *layout;
+    let (hw, pad) = (h * w, k / 2);
+    dst.clear();
+    dst.resize(g * pairs * stride, 0);
+    let zeros = vec![0f32; w];
+    for gi in 0..g {
+        for q in 0..c_in.div_ceil(2) {
+            let plane = &mut dst[(gi * pairs + q) * stride..][..stride];
+            let lo = &x[(2 * q * g + gi) * hw..][..hw];
+            let hi = (2 * q + 1 < c_in).then(|| &x[((2 * q + 1) * g + gi) * hw..][..hw]);
+            for y in 0..h {
+                let row = &mut plane[(y + pad) * wp + pad..][..w];
+                let hi_row = hi.map_or(&zeros[..], |hi| &hi[y * w..][..w]);
+                pair_bits(&lo[y * w..][..w], hi_row, row);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) use kernel::gemm;
 
@@ -211,14 +376,14 @@ mod kernel {
                         }
                     };
                 }
+                let steps = (0..k2p).step_by(TILE_PAIRS).map(|p| (p, p * ldb));
                 block(
-                    mt,
-                    nt,
+                    (mt, nt),
                     &tiles,
-                    a.as_ptr().add(i0 * k2p),
-                    k2p,
-                    b.as_ptr().add(j0),
-                    ldb,
+                    true,
+                    (a.as_ptr().add(i0 * k2p), k2p),
+                    (b.as_ptr().add(j0), ldb),
+                    steps,
                 );
                 for (idx, (tile, buf)) in tiles.iter().zip(scratch.iter()).enumerate() {
                     if let Some((rows, cols)) = tile.partial {
@@ -234,47 +399,136 @@ mod kernel {
         asm!("tilerelease", options(nostack, nomem, preserves_flags));
     }
 
+    /// The tile loop of [`conv_same`](super::conv_same): `tmp` ([mp rows, g images × tiles ·
+    /// 16 padded-row outputs]) = Σ over taps and pair tiles of A_tap · B_tap.
+    ///
+    /// # Safety
+    /// [`available`](super::available) must have returned true; `taps` holds k·k taps of `mp`
+    /// rows of `layout.pairs` pairs, `planes` g·pairs planes of `layout.stride` values and
+    /// `tmp` mp·g·tiles·16 values.
+    pub(super) unsafe fn conv(
+        mp: usize,
+        g: usize,
+        layout: &super::PlaneLayout,
+        taps: &[u32],
+        planes: &[u32],
+        tmp: &mut [f32],
+    ) {
+        let (k, wp, qp, stride, step) = (
+            layout.k,
+            layout.wp,
+            layout.pairs,
+            layout.stride,
+            layout.step,
+        );
+        let plane_out = layout.out_values();
+        let ld = g * plane_out;
+        assert!(taps.len() >= k * k * mp * qp && planes.len() >= g * qp * stride);
+        assert!(tmp.len() >= mp * ld);
+        let steps = move || {
+            (0..k * k).flat_map(move |t| {
+                let shift = (t / k) * wp + t % k;
+                (0..qp)
+                    .step_by(step)
+                    .map(move |q| (t * mp * qp + q, q * stride + shift))
+            })
+        };
+        // A tiles of `step` pairs (4 bytes each) per row, B tiles of `step` pair rows.
+        let mut config = TileConfig(CONFIG.0);
+        for t in [4, 5] {
+            config.0[16 + 2 * t] = (step * 4) as u8;
+        }
+        for t in [6, 7] {
+            config.0[48 + t] = step as u8;
+        }
+        asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly, preserves_flags));
+        for gi in 0..g {
+            let b = planes.as_ptr().add(gi * qp * stride);
+            for o0 in (0..layout.tiles).step_by(2) {
+                let nt = (layout.tiles - o0).min(2);
+                for i0 in (0..mp).step_by(2 * TILE_ROWS) {
+                    let mt = if i0 + 2 * TILE_ROWS <= mp { 2 } else { 1 };
+                    let tiles: [CTile; 4] = std::array::from_fn(|idx| {
+                        let (mi, ni) = (idx / 2, idx % 2);
+                        let (i, o) = (i0 + mi * TILE_ROWS, (o0 + ni) * TILE_COLS);
+                        // Unused tiles (past mt, nt) are never stored.
+                        let at = if mi < mt && ni < nt {
+                            i * ld + gi * plane_out + o
+                        } else {
+                            0
+                        };
+                        CTile {
+                            ptr: tmp.as_mut_ptr().add(at),
+                            stride: ld * 4,
+                            partial: None,
+                        }
+                    });
+                    block(
+                        (mt, nt),
+                        &tiles,
+                        false,
+                        (taps.as_ptr().add(i0 * qp), qp),
+                        (b.add(o0 * TILE_COLS), stride),
+                        steps(),
+                    );
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem, preserves_flags));
+    }
+
     /// One block of `mt` × `nt` C tiles (tiles 0, 1 in the first row, 2, 3 in the second):
-    /// load them, add A's `mt` row tiles times B's `nt` column tiles over all `k2p` pairs, store.
+    /// load them (or start from zero), add A's `mt` row tiles times B's `nt` column tiles for
+    /// each step, store them. Step (da, db) reads A's first row tile at `a + da` (its second
+    /// 16 rows of `lda` pairs further) and B's first column tile at `b + db` (its second 16
+    /// columns further), B's rows `ldb` u32s apart.
     ///
     /// # Safety
     /// The tile configuration is loaded; `tiles` point at 16 × 16 f32 blocks with their
-    /// strides; `a` at 16·mt rows of `k2p` pairs; `b` at `k2p` rows of `b_stride` u32s, 16·nt
-    /// of which are read per row.
+    /// strides; every step's tiles lie inside A and B.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block(
-        mt: usize,
-        nt: usize,
+        (mt, nt): (usize, usize),
         tiles: &[CTile; 4],
-        a: *const u32,
-        k2p: usize,
-        b: *const u32,
-        b_stride: usize,
+        load_c: bool,
+        (a, lda): (*const u32, usize),
+        (b, ldb): (*const u32, usize),
+        steps: impl Iterator<Item = (usize, usize)>,
     ) {
-        let (a_stride, b_bytes) = (k2p * 4, b_stride * 4);
-        let a1 = a.add(TILE_ROWS * k2p);
+        let (a_bytes, b_bytes) = (lda * 4, ldb * 4);
+        let a1 = a.add(TILE_ROWS * lda);
         let b1 = b.add(TILE_COLS);
-        tile_load!("0", tiles[0].ptr, tiles[0].stride);
-        if nt == 2 {
-            tile_load!("1", tiles[1].ptr, tiles[1].stride);
-        }
-        if mt == 2 {
-            tile_load!("2", tiles[2].ptr, tiles[2].stride);
+        if load_c {
+            tile_load!("0", tiles[0].ptr, tiles[0].stride);
             if nt == 2 {
-                tile_load!("3", tiles[3].ptr, tiles[3].stride);
+                tile_load!("1", tiles[1].ptr, tiles[1].stride);
             }
+            if mt == 2 {
+                tile_load!("2", tiles[2].ptr, tiles[2].stride);
+                if nt == 2 {
+                    tile_load!("3", tiles[3].ptr, tiles[3].stride);
+                }
+            }
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem, preserves_flags)
+            );
         }
-        for p in (0..k2p).step_by(TILE_PAIRS) {
-            let (ap, bp) = (p, p * b_stride);
-            tile_load!("4", a.add(ap), a_stride);
-            tile_load!("6", b.add(bp), b_bytes);
+        for (da, db) in steps {
+            tile_load!("4", a.add(da), a_bytes);
+            tile_load!("6", b.add(db), b_bytes);
             tile_dot!("0", "4", "6");
             if nt == 2 {
-                tile_load!("7", b1.add(bp), b_bytes);
+                tile_load!("7", b1.add(db), b_bytes);
                 tile_dot!("1", "4", "7");
             }
             if mt == 2 {
-                tile_load!("5", a1.add(ap), a_stride);
+                tile_load!("5", a1.add(da), a_bytes);
                 tile_dot!("2", "5", "6");
                 if nt == 2 {
                     tile_dot!("3", "5", "7");
@@ -289,6 +543,87 @@ mod kernel {
             tile_store!("2", tiles[2].ptr, tiles[2].stride);
             if nt == 2 {
                 tile_store!("3", tiles[3].ptr, tiles[3].stride);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::gemm::round_bf16;
+
+    /// The tile convolution against an f64 direct sum over the rounded operands, for shapes that
+    /// leave every kind of partial tile: odd channel counts, fewer than 16 output channels,
+    /// planes narrower than a tile, 5×5 kernels, several images. Runs only where AMX is.
+    #[test]
+    fn tile_convolution_is_the_direct_sum_of_the_rounded_operands() {
+        if !available() {
+            eprintln!("no AMX on this CPU: the tile convolution is not run");
+            return;
+        }
+        for &(c_in, c_out, k, g, h, w) in &[
+            (16, 16, 3, 1, 32, 32),
+            (3, 16, 3, 2, 8, 8),
+            (32, 48, 3, 1, 8, 8),
+            (5, 7, 5, 2, 3, 6),
+            (64, 64, 3, 1, 8, 8),
+            (1, 1, 1, 1, 1, 1),
+            (33, 20, 3, 3, 2, 17),
+        ] {
+            let mut seed = 12345u64;
+            let mut next = move || {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            };
+            let weights: Vec<f32> = (0..c_out * c_in * k * k)
+                .map(|_| round_bf16(next()))
+                .collect();
+            let x: Vec<f32> = (0..c_in * g * h * w).map(|_| next()).collect();
+            let out0: Vec<f32> = (0..c_out * g * h * w).map(|_| next()).collect();
+            let taps = conv_taps(&weights, c_out, c_in, k);
+            let mut out = out0.clone();
+            out.extend([7.0; 9]);
+            assert!(conv_same(&taps, (c_in, c_out, k), g, (h, w), &x, &mut out));
+            assert_eq!(out[c_out * g * h * w..], [7.0; 9], "wrote past the output");
+            let p = (k / 2) as isize;
+            for o in 0..c_out {
+                for gi in 0..g {
+                    for y in 0..h {
+                        for xx in 0..w {
+                            let at = ((o * g + gi) * h + y) * w + xx;
+                            let (mut sum, mut abs) = (out0[at] as f64, out0[at].abs() as f64);
+                            for c in 0..c_in {
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        let (iy, ix) = (
+                                            y as isize + ky as isize - p,
+                                            xx as isize + kx as isize - p,
+                                        );
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize
+                                        {
+                                            continue;
+                                        }
+                                        let v = round_bf16(
+                                            x[((c * g + gi) * h + iy as usize) * w + ix as usize],
+                                        ) as f64;
+                                        let t =
+                                            weights[((o * c_in + c) * k + ky) * k + kx] as f64 * v;
+                                        sum += t;
+                                        abs += t.abs();
+                                    }
+                                }
+                            }
+                            let got = out[at] as f64;
+                            assert!(
+                                (got - sum).abs() <= 1e-6 * abs + 1e-7,
+                                "({c_in},{c_out},{k},{g},{h},{w}) at ({o},{gi},{y},{xx}): {got} vs {sum}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

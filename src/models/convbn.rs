@@ -82,6 +82,13 @@ impl FoldedConv {
             if self.weight.is_f32() {
                 return self.accumulate_blocked(x, g, (h, w), out, BLOCK_VALUES);
             }
+            if self.weight.on_amx() {
+                let taps = self.weight.conv_taps(self.c_in, self.k);
+                let shape = (self.c_in, self.c_out, self.k);
+                if super::amx::conv_same(taps, shape, g, (h, w), x, out) {
+                    return;
+                }
+            }
             let shape = (self.c_in, self.k);
             return self.weight.accumulate_pair_rows(
                 n,

@@ -158,6 +158,9 @@ pub(crate) struct GemmWeight {
     /// rows padded to a multiple of 16 and [`pair_stride`](Self::pair_stride) pairs each (the
     /// AMX tiles' layout; the AVX-512 kernel reads the same rows and skips the padding).
     pairs: Option<Vec<u32>>,
+    /// bf16 only, built on first use: the weights as a same-size convolution's AMX taps
+    /// (`amx::conv_taps`).
+    taps: std::sync::OnceLock<Vec<u32>>,
 }
 
 impl GemmWeight {
@@ -169,6 +172,7 @@ impl GemmWeight {
                 k,
                 values,
                 pairs: None,
+                taps: std::sync::OnceLock::new(),
             },
             Precision::Bf16 => {
                 let k2 = k.div_ceil(2);
@@ -185,6 +189,7 @@ impl GemmWeight {
                     k,
                     values: values.into_iter().map(round_bf16).collect(),
                     pairs: Some(super::amx::pad_rows(&pairs, m, k2)),
+                    taps: std::sync::OnceLock::new(),
                 }
             }
         }
@@ -245,6 +250,18 @@ impl GemmWeight {
     /// Whether this weight runs in f32 (not bf16).
     pub(crate) fn is_f32(&self) -> bool {
         self.pairs.is_none()
+    }
+
+    /// Whether this weight's GEMMs run on AMX tiles now (bf16, and AMX in use).
+    pub(crate) fn on_amx(&self) -> bool {
+        self.pairs.is_some() && bf16_kernel().min(forced_kernel()) == Bf16Kernel::Amx
+    }
+
+    /// This weight, [c_out, c_in·k·k], as a same-size convolution's AMX taps (built once).
+    pub(crate) fn conv_taps(&self, c_in: usize, k: usize) -> &[u32] {
+        debug_assert_eq!(c_in * k * k, self.k);
+        self.taps
+            .get_or_init(|| super::amx::conv_taps(&self.values, self.m, c_in, k))
     }
 
     /// `c[m×n] += self · B` where `row(r, dst)` writes row r (of k) of B into `dst` (n values;
