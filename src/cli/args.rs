@@ -600,7 +600,8 @@ pub struct BenchForwardArgs {
     pub seconds: f64,
     #[arg(long, default_value_t = 0.25)]
     pub sigma: f32,
-    /// Arithmetic of the fused CPU path: f32, or bf16 (AVX-512 BF16 dot products).
+    /// Arithmetic of the fused CPU path: f32, or bf16 (on AMX tiles or AVX-512 BF16 where the
+    /// CPU has them).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: caf::models::Precision,
     #[arg(long)]

@@ -90,20 +90,27 @@ pub(crate) fn padded(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
-/// How a same-size k×k convolution's input is laid out for [`conv_same`] ("pair planes"): per
-/// image, `pairs` planes (input channels 2q and 2q + 1 as interleaved bf16 pairs; c_in/2
-/// rounded up, then to whole tiles, zeros past the channels) of the zero-padded image, h + 2p
-/// rows of `wp` = w + 2p values, `stride` values apart. Outputs are computed at every position
-/// of the padded rows (`tiles` tiles of 16; the 2p columns past w of each row are discarded),
-/// so the input of output position o under kernel tap (ky, kx) is at o + ky·wp + kx: a tile of
-/// B is 16 pair planes at one offset, read in place, without an im2col.
+/// How a k×k convolution's input (padding k/2, stride s) is laid out for [`conv`] ("pair
+/// planes"). The zero-padded image is split into s² phase planes (phase (a, b) holds padded rows
+/// s·i + a and columns s·j + b; one phase at stride 1), each `wpp` columns wide; per image and
+/// phase, `pairs` planes (input channels 2q and 2q + 1 as interleaved bf16 pairs; c_in/2 rounded
+/// up, zeros past the channels) `stride` values apart. Outputs are computed at every position of
+/// rows `wpp` wide (`tiles` tiles of 16; the columns past the output width are discarded), so
+/// the input of output position o under tap (ky, kx) is in phase (ky mod s, kx mod s) at
+/// o + ⌊ky/s⌋·wpp + ⌊kx/s⌋: a tile of B is 16 pair planes at one offset, read in place, without
+/// an im2col.
 #[derive(Clone, Copy, Debug)]
 struct PlaneLayout {
     h: usize,
     w: usize,
     k: usize,
-    wp: usize,
-    /// Pair planes per image, a multiple of `step`.
+    s: usize,
+    /// Output size.
+    ho: usize,
+    wo: usize,
+    /// Columns of a phase plane.
+    wpp: usize,
+    /// Pair planes per image and phase, a multiple of `step`.
     pairs: usize,
     /// Pairs per tile multiply (see [`pair_tiles`]).
     step: usize,
@@ -121,19 +128,25 @@ fn pair_tiles(c_in: usize) -> (usize, usize) {
 }
 
 impl PlaneLayout {
-    fn new(c_in: usize, (h, w): (usize, usize), k: usize) -> Self {
+    fn new(c_in: usize, (h, w): (usize, usize), k: usize, s: usize) -> Self {
         let pad = k / 2;
-        let wp = w + 2 * pad;
-        let tiles = (h * wp).div_ceil(TILE_COLS);
-        // The last tile's last output reads (k − 1)·(wp + 1) past its own position; that also
-        // covers the padded image's (h + 2p)·wp values.
-        let stride = padded(tiles * TILE_COLS + (k - 1) * (wp + 1), TILE_COLS);
+        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        let (ho, wo) = ((hp - k) / s + 1, (wp - k) / s + 1);
+        let (hpp, wpp) = (hp.div_ceil(s), wp.div_ceil(s));
+        let tiles = (ho * wpp).div_ceil(TILE_COLS);
+        // The last tile's last output reads ⌊(k − 1)/s⌋·(wpp + 1) past its own position; the
+        // plane must also hold the phase's hpp·wpp values.
+        let reach = tiles * TILE_COLS + ((k - 1) / s) * (wpp + 1);
+        let stride = padded(reach.max(hpp * wpp), TILE_COLS);
         let (step, pairs) = pair_tiles(c_in);
         Self {
             h,
             w,
             k,
-            wp,
+            s,
+            ho,
+            wo,
+            wpp,
             pairs,
             step,
             stride,
@@ -145,9 +158,16 @@ impl PlaneLayout {
     fn out_values(&self) -> usize {
         self.tiles * TILE_COLS
     }
+
+    /// Tap t = (ky, kx): its phase plane's offset among an image's planes and its shift.
+    fn tap(&self, t: usize) -> usize {
+        let (ky, kx, s) = (t / self.k, t % self.k, self.s);
+        let phase = (ky % s) * s + kx % s;
+        phase * self.pairs * self.stride + (ky / s) * self.wpp + kx / s
+    }
 }
 
-/// A same-size convolution's weights for [`conv_same`]: per kernel tap t = (ky, kx), an A
+/// A convolution's weights for [`conv`]: per kernel tap t = (ky, kx), an A
 /// operand of `c_out` rounded up to 16 rows and [`pair_tiles`]'s pairs, row o pair q
 /// holding bf16(w[o][2q][ky][kx]) | bf16(w[o][2q + 1][ky][kx]) << 16 (zero past the
 /// channels). `values` is [c_out, c_in·k·k] in PyTorch's (c, ky, kx) order.
@@ -180,22 +200,22 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// `out += conv(x)` for a same-size (stride 1, odd k, padding k/2) convolution of `g` images
-/// on AMX tiles: `x` is [c_in, g, h, w] f32, rounded to bf16 here; `taps` as [`conv_taps`]
-/// writes them; `out` is [c_out, g, h, w]. Returns false, computing nothing, when AMX is not
-/// available.
-pub(crate) fn conv_same(
+/// `out += conv(x)` for a k×k convolution (padding k/2, stride s) of `g` images on AMX tiles:
+/// `x` is [c_in, g, h, w] f32, rounded to bf16 here; `taps` as [`conv_taps`] writes them; `out`
+/// is [c_out, g, ho, wo]. Returns false, computing nothing, when AMX is not available.
+pub(crate) fn conv(
     taps: &[u32],
-    (c_in, c_out, k): (usize, usize, usize),
+    (c_in, c_out, k, s): (usize, usize, usize, usize),
     g: usize,
     (h, w): (usize, usize),
     x: &[f32],
     out: &mut [f32],
 ) -> bool {
-    let layout = PlaneLayout::new(c_in, (h, w), k);
+    let layout = PlaneLayout::new(c_in, (h, w), k, s);
     let mp = padded(c_out, TILE_ROWS);
-    assert!(k % 2 == 1 && taps.len() == k * k * mp * layout.pairs);
-    assert!(x.len() >= c_in * g * h * w && out.len() >= c_out * g * h * w);
+    let (ho, wo) = (layout.ho, layout.wo);
+    assert!(s >= 1 && taps.len() == k * k * mp * layout.pairs);
+    assert!(x.len() >= c_in * g * h * w && out.len() >= c_out * g * ho * wo);
     if !available() {
         return false;
     }
@@ -207,14 +227,14 @@ pub(crate) fn conv_same(
             tmp.resize(mp * ld, 0.0);
         }
         // SAFETY: AMX is available; `taps` has k·k taps of mp rows of `pairs` pairs (asserted),
-        // `planes` g·pairs planes of `stride` values, `tmp` mp rows of g·tiles·16 values.
+        // `planes` g·s²·pairs planes of `stride` values, `tmp` mp rows of g·tiles·16 values.
         unsafe { kernel::conv(mp, g, &layout, taps, planes, &mut tmp[..mp * ld]) };
-        let (wp, plane_out) = (layout.wp, layout.out_values());
-        for (c, o) in out.chunks_exact_mut(g * h * w).take(c_out).enumerate() {
-            for (gi, img) in o.chunks_exact_mut(h * w).enumerate() {
+        let (wpp, plane_out) = (layout.wpp, layout.out_values());
+        for (c, o) in out.chunks_exact_mut(g * ho * wo).take(c_out).enumerate() {
+            for (gi, img) in o.chunks_exact_mut(ho * wo).enumerate() {
                 let src = &tmp[c * ld + gi * plane_out..][..plane_out];
-                for (y, row) in img.chunks_exact_mut(w).enumerate() {
-                    for (d, &v) in row.iter_mut().zip(&src[y * wp..]) {
+                for (y, row) in img.chunks_exact_mut(wo).enumerate() {
+                    for (d, &v) in row.iter_mut().zip(&src[y * wpp..]) {
                         *d += v;
                     }
                 }
@@ -227,29 +247,73 @@ pub(crate) fn conv_same(
 /// Writes `x` ([c_in, g, h, w] f32) as `layout`'s pair planes into `dst` (resized; zero borders,
 /// zero planes past the channels).
 fn pack_planes(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst: &mut Vec<u32>) {
+    let PlaneLayout {
+        s, pairs, stride, ..
+    } = *layout;
+    dst.clear();
+    dst.resize(g * s * s * pairs * stride, 0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { pack_planes_avx512(x, c_in, g, layout, dst) };
+    }
+    pack_planes_body(x, c_in, g, layout, dst)
+}
+
+/// [`pack_planes`]'s conversion compiled for AVX-512 (every CPU with AMX has it).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_planes_avx512(
+    x: &[f32],
+    c_in: usize,
+    g: usize,
+    layout: &PlaneLayout,
+    dst: &mut [u32],
+) {
+    pack_planes_body(x, c_in, g, layout, dst)
+}
+
+#[inline(always)]
+fn pack_planes_body(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst: &mut [u32]) {
     use super::gemm::pair_bits;
     let PlaneLayout {
         h,
         w,
         k,
-        wp,
+        s,
+        wpp,
         pairs,
         stride,
         ..
     } = *layout;
     let (hw, pad) = (h * w, k / 2);
-    dst.clear();
-    dst.resize(g * pairs * stride, 0);
     let zeros = vec![0f32; w];
+    let mut row = vec![0u32; w];
     for gi in 0..g {
         for q in 0..c_in.div_ceil(2) {
-            let plane = &mut dst[(gi * pairs + q) * stride..][..stride];
             let lo = &x[(2 * q * g + gi) * hw..][..hw];
             let hi = (2 * q + 1 < c_in).then(|| &x[((2 * q + 1) * g + gi) * hw..][..hw]);
             for y in 0..h {
-                let row = &mut plane[(y + pad) * wp + pad..][..w];
                 let hi_row = hi.map_or(&zeros[..], |hi| &hi[y * w..][..w]);
-                pair_bits(&lo[y * w..][..w], hi_row, row);
+                // Padded row y + pad is row ⌊(y + pad)/s⌋ of phase row (y + pad) mod s.
+                let (a, i) = ((y + pad) % s, (y + pad) / s);
+                let plane = |b: usize| ((gi * s * s + a * s + b) * pairs + q) * stride + i * wpp;
+                if s == 1 {
+                    pair_bits(&lo[y * w..][..w], hi_row, &mut dst[plane(0) + pad..][..w]);
+                    continue;
+                }
+                pair_bits(&lo[y * w..][..w], hi_row, &mut row);
+                // Padded column x + pad goes to phase column (x + pad) mod s, position ⌊·/s⌋.
+                for b in 0..s {
+                    let first = (s + b - pad % s) % s;
+                    let out = &mut dst[plane(b) + (first + pad) / s..];
+                    for (d, &v) in out.iter_mut().zip(row.iter().skip(first).step_by(s)) {
+                        *d = v;
+                    }
+                }
             }
         }
     }
@@ -399,12 +463,12 @@ mod kernel {
         asm!("tilerelease", options(nostack, nomem, preserves_flags));
     }
 
-    /// The tile loop of [`conv_same`](super::conv_same): `tmp` ([mp rows, g images × tiles ·
-    /// 16 padded-row outputs]) = Σ over taps and pair tiles of A_tap · B_tap.
+    /// The tile loop of [`conv`](super::conv): `tmp` ([mp rows, g images × tiles · 16
+    /// padded-row outputs]) = Σ over taps and pair tiles of A_tap · B_tap.
     ///
     /// # Safety
     /// [`available`](super::available) must have returned true; `taps` holds k·k taps of `mp`
-    /// rows of `layout.pairs` pairs, `planes` g·pairs planes of `layout.stride` values and
+    /// rows of `layout.pairs` pairs, `planes` g·s²·pairs planes of `layout.stride` values and
     /// `tmp` mp·g·tiles·16 values.
     pub(super) unsafe fn conv(
         mp: usize,
@@ -414,20 +478,15 @@ mod kernel {
         planes: &[u32],
         tmp: &mut [f32],
     ) {
-        let (k, wp, qp, stride, step) = (
-            layout.k,
-            layout.wp,
-            layout.pairs,
-            layout.stride,
-            layout.step,
-        );
+        let (k, qp, stride, step) = (layout.k, layout.pairs, layout.stride, layout.step);
+        let image = layout.s * layout.s * qp * stride;
         let plane_out = layout.out_values();
         let ld = g * plane_out;
-        assert!(taps.len() >= k * k * mp * qp && planes.len() >= g * qp * stride);
+        assert!(taps.len() >= k * k * mp * qp && planes.len() >= g * image);
         assert!(tmp.len() >= mp * ld);
         let steps = move || {
             (0..k * k).flat_map(move |t| {
-                let shift = (t / k) * wp + t % k;
+                let shift = layout.tap(t);
                 (0..qp)
                     .step_by(step)
                     .map(move |q| (t * mp * qp + q, q * stride + shift))
@@ -443,7 +502,7 @@ mod kernel {
         }
         asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly, preserves_flags));
         for gi in 0..g {
-            let b = planes.as_ptr().add(gi * qp * stride);
+            let b = planes.as_ptr().add(gi * image);
             for o0 in (0..layout.tiles).step_by(2) {
                 let nt = (layout.tiles - o0).min(2);
                 for i0 in (0..mp).step_by(2 * TILE_ROWS) {
@@ -555,21 +614,28 @@ mod tests {
 
     /// The tile convolution against an f64 direct sum over the rounded operands, for shapes that
     /// leave every kind of partial tile: odd channel counts, fewer than 16 output channels,
-    /// planes narrower than a tile, 5×5 kernels, several images. Runs only where AMX is.
+    /// planes narrower than a tile, 5×5 and even kernels, strides 2 and 3 on even and odd
+    /// planes, several images. Runs only where AMX is.
     #[test]
     fn tile_convolution_is_the_direct_sum_of_the_rounded_operands() {
         if !available() {
             eprintln!("no AMX on this CPU: the tile convolution is not run");
             return;
         }
-        for &(c_in, c_out, k, g, h, w) in &[
-            (16, 16, 3, 1, 32, 32),
-            (3, 16, 3, 2, 8, 8),
-            (32, 48, 3, 1, 8, 8),
-            (5, 7, 5, 2, 3, 6),
-            (64, 64, 3, 1, 8, 8),
-            (1, 1, 1, 1, 1, 1),
-            (33, 20, 3, 3, 2, 17),
+        for &(c_in, c_out, k, s, g, h, w) in &[
+            (16, 16, 3, 1, 1, 32, 32),
+            (3, 16, 3, 1, 2, 8, 8),
+            (32, 48, 3, 1, 1, 8, 8),
+            (5, 7, 5, 1, 2, 3, 6),
+            (64, 64, 3, 1, 1, 8, 8),
+            (1, 1, 1, 1, 1, 1, 1),
+            (33, 20, 3, 1, 3, 2, 17),
+            (16, 32, 3, 2, 1, 32, 32),
+            (32, 64, 3, 2, 2, 16, 16),
+            (5, 9, 3, 2, 1, 7, 9),
+            (16, 32, 1, 2, 1, 8, 8),
+            (4, 6, 2, 2, 1, 6, 5),
+            (3, 5, 5, 3, 2, 11, 10),
         ] {
             let mut seed = 12345u64;
             let mut next = move || {
@@ -578,39 +644,43 @@ mod tests {
                     .wrapping_add(1442695040888963407);
                 ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             };
+            let p = k / 2;
+            let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
             let weights: Vec<f32> = (0..c_out * c_in * k * k)
                 .map(|_| round_bf16(next()))
                 .collect();
             let x: Vec<f32> = (0..c_in * g * h * w).map(|_| next()).collect();
-            let out0: Vec<f32> = (0..c_out * g * h * w).map(|_| next()).collect();
+            let out0: Vec<f32> = (0..c_out * g * ho * wo).map(|_| next()).collect();
             let taps = conv_taps(&weights, c_out, c_in, k);
             let mut out = out0.clone();
             out.extend([7.0; 9]);
-            assert!(conv_same(&taps, (c_in, c_out, k), g, (h, w), &x, &mut out));
-            assert_eq!(out[c_out * g * h * w..], [7.0; 9], "wrote past the output");
-            let p = (k / 2) as isize;
+            assert!(conv(&taps, (c_in, c_out, k, s), g, (h, w), &x, &mut out));
+            assert_eq!(
+                out[c_out * g * ho * wo..],
+                [7.0; 9],
+                "wrote past the output"
+            );
             for o in 0..c_out {
                 for gi in 0..g {
-                    for y in 0..h {
-                        for xx in 0..w {
-                            let at = ((o * g + gi) * h + y) * w + xx;
+                    for y in 0..ho {
+                        for xx in 0..wo {
+                            let at = ((o * g + gi) * ho + y) * wo + xx;
                             let (mut sum, mut abs) = (out0[at] as f64, out0[at].abs() as f64);
                             for c in 0..c_in {
                                 for ky in 0..k {
                                     for kx in 0..k {
-                                        let (iy, ix) = (
-                                            y as isize + ky as isize - p,
-                                            xx as isize + kx as isize - p,
-                                        );
-                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize
-                                        {
+                                        let (Some(iy), Some(ix)) = (
+                                            (y * s + ky).checked_sub(p),
+                                            (xx * s + kx).checked_sub(p),
+                                        ) else {
+                                            continue;
+                                        };
+                                        if iy >= h || ix >= w {
                                             continue;
                                         }
-                                        let v = round_bf16(
-                                            x[((c * g + gi) * h + iy as usize) * w + ix as usize],
-                                        ) as f64;
-                                        let t =
-                                            weights[((o * c_in + c) * k + ky) * k + kx] as f64 * v;
+                                        let v = round_bf16(x[((c * g + gi) * h + iy) * w + ix]);
+                                        let t = weights[((o * c_in + c) * k + ky) * k + kx] as f64
+                                            * v as f64;
                                         sum += t;
                                         abs += t.abs();
                                     }
@@ -619,7 +689,8 @@ mod tests {
                             let got = out[at] as f64;
                             assert!(
                                 (got - sum).abs() <= 1e-6 * abs + 1e-7,
-                                "({c_in},{c_out},{k},{g},{h},{w}) at ({o},{gi},{y},{xx}): {got} vs {sum}"
+                                "({c_in},{c_out},{k},{s},{g},{h},{w}) at ({o},{gi},{y},{xx}): \
+                                 {got} vs {sum}"
                             );
                         }
                     }

@@ -78,16 +78,17 @@ impl FoldedConv {
             // A 1×1 convolution at stride 1 reads the activations as they are.
             return self.weight.accumulate(n, x, out);
         }
+        if self.weight.on_amx() {
+            // Every shape, without an im2col.
+            let taps = self.weight.conv_taps(self.c_in, self.k);
+            let shape = (self.c_in, self.c_out, self.k, self.stride);
+            if super::amx::conv(taps, shape, g, (h, w), x, out) {
+                return;
+            }
+        }
         if self.stride == 1 && self.k % 2 == 1 {
             if self.weight.is_f32() {
                 return self.accumulate_blocked(x, g, (h, w), out, BLOCK_VALUES);
-            }
-            if self.weight.on_amx() {
-                let taps = self.weight.conv_taps(self.c_in, self.k);
-                let shape = (self.c_in, self.c_out, self.k);
-                if super::amx::conv_same(taps, shape, g, (h, w), x, out) {
-                    return;
-                }
             }
             let shape = (self.c_in, self.k);
             return self.weight.accumulate_pair_rows(
