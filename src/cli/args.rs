@@ -520,6 +520,10 @@ pub struct BenchCertifyArgs {
     pub data_root: PathBuf,
     #[arg(long, default_value_t = 0.25)]
     pub sigma: f64,
+    /// Arithmetic of the fused CPU path (see `caf bench forward --precision`); a bf16 certificate
+    /// is one of the bf16 classifier.
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    pub precision: caf::models::Precision,
     /// Test images 0, skip, 2·skip, … (`--images` of them).
     #[arg(long, default_value_t = 10)]
     pub images: usize,

@@ -114,7 +114,10 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
         resize: None,
         device: caf::sched::DeviceSpec::Cpu,
     };
-    let (model, device) = load_classifier(&m)?;
+    let (mut model, device) = load_classifier(&m)?;
+    model
+        .set_precision(c.precision)
+        .map_err(|e| usage(e.to_string()))?;
     let set = load_data(&m, caf::data::Split::Test, model.as_ref())?;
     let indices: Vec<usize> = caf::methods::common::Slice {
         skip: c.skip,
@@ -165,6 +168,8 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
     let per_image = passes as f64 / images;
     let certified = rows.iter().filter(|r| r.predict >= 0 && r.correct).count();
     outln!("mode: {:?}", c.mode.mode);
+    outln!("precision: {}", c.precision);
+    outln!("machine: {}", caf::bench::MachineInfo::of(&device));
     outln!("images: {}", rows.len());
     outln!("forward passes per image: {per_image:.0}");
     outln!("images/s: {:.3}", images / seconds);
@@ -182,6 +187,7 @@ fn bench_certify(c: BenchCertifyArgs) -> Result<i32> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "mode": format!("{:?}", c.mode.mode).to_lowercase(),
+                "precision": c.precision,
                 "images": rows.len(),
                 "forward_passes_per_image": per_image,
                 "images_per_sec": images / seconds,
