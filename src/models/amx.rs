@@ -1,15 +1,17 @@
-//! The bf16 GEMM on AMX tiles (`TDPBF16PS`, Intel Sapphire Rapids and later).
+//! bf16 GEMMs and convolutions on AMX tiles (`TDPBF16PS`, Intel Sapphire Rapids and later).
 //!
 //! A tile multiply takes a 16 × 32 bf16 block of A (16 rows of 16 bf16 pairs), a 16-pair ×
 //! 16-column block of B in the pair-interleaved ("VNNI") layout (row p holds B's rows 2p and
-//! 2p + 1, interleaved), and adds their product into a 16 × 16 f32 block of C. Each bf16 product is exact in
-//! f32; the sums round in f32, in another order than the AVX-512 BF16 kernel's. So the AMX
-//! kernel computes the same rounded classifier as the other two bf16 paths, which differ from
-//! it only in summation order (tested against an f64 product of the rounded operands).
+//! 2p + 1, interleaved), and adds their product into a 16 × 16 f32 block of C. Each bf16
+//! product is exact in f32; the sums round in f32, in another order than the AVX-512 BF16
+//! kernel's. So the AMX kernels compute the same rounded classifier as the other two bf16 paths,
+//! which differ from them only in summation order (tested against f64 sums of the rounded
+//! operands).
 //!
-//! The operands are padded so that every tile is full: A to a multiple of 16 rows and of 16
-//! pairs (zeros), B to a multiple of 16 pairs (zero rows) and of 16 columns. C blocks that reach past the matrix go through a scratch block, so nothing outside
-//! C is read or written.
+//! [`gemm`] multiplies operands padded so that every tile is full (A to a multiple of 16 rows
+//! and of 16 pairs, B to a multiple of 16 pair rows and 16 columns); C blocks that reach past
+//! the matrix go through a scratch block, so nothing outside C is read or written. [`conv`]
+//! runs a convolution without an im2col (see [`PlaneLayout`]).
 //!
 //! Linux gives a process the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 //! XFEATURE_XTILEDATA)`); [`available`] asks once and says no when the kernel refuses, so the
@@ -72,17 +74,6 @@ fn request_tile_state() -> bool {
     {
         false
     }
-}
-
-/// A's pairs laid out for the tiles: `rows` rounded up to 16, `k2` pairs per row rounded up to
-/// 16, zeros in the padding. `pairs` holds `rows` rows of `k2` pairs.
-pub(crate) fn pad_rows(pairs: &[u32], rows: usize, k2: usize) -> Vec<u32> {
-    let (mp, k2p) = (padded(rows, TILE_ROWS), padded(k2, TILE_PAIRS));
-    let mut out = vec![0u32; mp * k2p];
-    for (src, dst) in pairs.chunks_exact(k2).zip(out.chunks_exact_mut(k2p)) {
-        dst[..k2].copy_from_slice(src);
-    }
-    out
 }
 
 /// `x` rounded up to a multiple of `to`.
@@ -384,8 +375,7 @@ mod kernel {
         partial: Option<(usize, usize)>,
     }
 
-    /// `c[m×n] += A · B`: A as [`pad_rows`](super::pad_rows) lays it out (m rounded up to 16
-    /// rows of `k2p` pairs), B as `k2p` rows of `ldb` interleaved pairs (row p holds B's rows
+    /// `c[m×n] += A · B`: A as m rows (rounded up to 16, zeros past m) of `k2p` pairs, B as `k2p` rows of `ldb` interleaved pairs (row p holds B's rows
     /// 2p and 2p + 1).
     ///
     /// # Safety

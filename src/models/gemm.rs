@@ -8,6 +8,7 @@
 //! A certificate computed in bf16 is a certificate of this rounded classifier, not of the f32
 //! network; the store and the report say which one ran.
 
+use super::amx;
 use super::precision::Precision;
 
 /// Environment variable that caps caf's own instruction-set-specific CPU kernels, for the whole
@@ -76,7 +77,7 @@ pub fn cpu_has_bf16_kernel() -> bool {
 
 /// Whether this CPU has AMX-BF16 tiles and the OS lets caf use them.
 pub fn cpu_has_amx() -> bool {
-    super::amx::available()
+    amx::available()
 }
 
 /// Which kernel computes the bf16 GEMMs.
@@ -121,6 +122,17 @@ pub fn bf16_kernel_available() -> bool {
     bf16_kernel() != Bf16Kernel::Emulated
 }
 
+/// The kernel the bf16 GEMMs run now: [`bf16_kernel`], under a test's cap.
+fn kernel_in_use() -> Bf16Kernel {
+    bf16_kernel().min(forced_kernel())
+}
+
+/// Pairs per row of the bf16 weights, and pair rows of each panel of the packed right operand:
+/// k/2 rounded up to a whole AMX tile.
+fn pair_stride(k: usize) -> usize {
+    amx::padded(k.div_ceil(2), amx::TILE_PAIRS)
+}
+
 /// f32 → bf16 bits, rounding to nearest even (NaN stays a quiet NaN).
 #[inline]
 pub(crate) fn bf16_bits(x: f32) -> u32 {
@@ -155,7 +167,7 @@ pub(crate) struct GemmWeight {
     /// f32: the weights; bf16: the weights rounded to bf16 (for the emulated path).
     values: Vec<f32>,
     /// bf16 only: row i, pair p holds bf16(a[i][2p]) | bf16(a[i][2p+1]) << 16, zero past k,
-    /// rows padded to a multiple of 16 and [`pair_stride`](Self::pair_stride) pairs each (the
+    /// rows padded to a multiple of 16 and [`pair_stride`] pairs each (the
     /// AMX tiles' layout; the AVX-512 kernel reads the same rows and skips the padding).
     pairs: Option<Vec<u32>>,
     /// bf16 only, built on first use: the weights as a same-size convolution's AMX taps
@@ -175,10 +187,10 @@ impl GemmWeight {
                 taps: std::sync::OnceLock::new(),
             },
             Precision::Bf16 => {
-                let k2 = k.div_ceil(2);
-                let mut pairs = vec![0u32; m * k2];
-                for (row, dst) in values.chunks_exact(k).zip(pairs.chunks_exact_mut(k2)) {
-                    for (p, d) in dst.iter_mut().enumerate() {
+                let (k2, k2p) = (k.div_ceil(2), pair_stride(k));
+                let mut pairs = vec![0u32; amx::padded(m, amx::TILE_ROWS) * k2p];
+                for (row, dst) in values.chunks_exact(k).zip(pairs.chunks_exact_mut(k2p)) {
+                    for (p, d) in dst[..k2].iter_mut().enumerate() {
                         let lo = bf16_bits(row[2 * p]);
                         let hi = row.get(2 * p + 1).map_or(0, |&v| bf16_bits(v));
                         *d = lo | (hi << 16);
@@ -188,17 +200,11 @@ impl GemmWeight {
                     m,
                     k,
                     values: values.into_iter().map(round_bf16).collect(),
-                    pairs: Some(super::amx::pad_rows(&pairs, m, k2)),
+                    pairs: Some(pairs),
                     taps: std::sync::OnceLock::new(),
                 }
             }
         }
-    }
-
-    /// Pairs per row of the bf16 layout, and of each panel of the packed right operand: k/2
-    /// rounded up to a whole AMX tile.
-    fn pair_stride(&self) -> usize {
-        super::amx::padded(self.k.div_ceil(2), super::amx::TILE_PAIRS)
     }
 
     /// `c[m×n] += self · b[k×n]` in this weight's precision.
@@ -210,6 +216,7 @@ impl GemmWeight {
         assert!(b.len() >= k * n, "gemm operand sizes");
         self.accumulate_rows(n, |r, dst| dst.copy_from_slice(&b[r * n..(r + 1) * n]), c);
     }
+
     /// `c[m×n] += self · B` one block of B's columns at a time: `fill(j0, j1, dst)` writes
     /// columns [j0, j1) of B into `dst` (k rows of j1 − j0 values, every value written), for
     /// the blocks `blocks` lists (covering 0..n). A block's operand stays in cache between being
@@ -254,14 +261,14 @@ impl GemmWeight {
 
     /// Whether this weight's GEMMs run on AMX tiles now (bf16, and AMX in use).
     pub(crate) fn on_amx(&self) -> bool {
-        self.pairs.is_some() && bf16_kernel().min(forced_kernel()) == Bf16Kernel::Amx
+        self.pairs.is_some() && kernel_in_use() == Bf16Kernel::Amx
     }
 
     /// This weight, [c_out, c_in·k·k], as a same-size convolution's AMX taps (built once).
     pub(crate) fn conv_taps(&self, c_in: usize, k: usize) -> &[u32] {
         debug_assert_eq!(c_in * k * k, self.k);
         self.taps
-            .get_or_init(|| super::amx::conv_taps(&self.values, self.m, c_in, k))
+            .get_or_init(|| amx::conv_taps(&self.values, self.m, c_in, k))
     }
 
     /// `c[m×n] += self · B` where `row(r, dst)` writes row r (of k) of B into `dst` (n values;
@@ -273,7 +280,7 @@ impl GemmWeight {
         row: impl FnMut(usize, &mut [f32]),
         c: &mut [f32],
     ) {
-        self.accumulate_rows_with(bf16_kernel().min(forced_kernel()), n, row, c)
+        self.accumulate_rows_with(kernel_in_use(), n, row, c)
     }
 
     /// [`accumulate_rows`](Self::accumulate_rows) with bf16 weights computed by `kernel`, which
@@ -291,52 +298,23 @@ impl GemmWeight {
             kernel <= best_bf16_kernel(KernelLevel::Native),
             "{kernel} kernel requested on a CPU without it"
         );
-        #[cfg(target_arch = "x86_64")]
-        if let Some(pairs) = &self.pairs {
-            if kernel == Bf16Kernel::Amx {
-                return ROWS.with_borrow_mut(|rows| {
-                    rows.clear();
-                    rows.resize(2 * n, 0.0);
-                    let (lo, hi) = rows.split_at_mut(n);
-                    let pair_row = |p: usize, dst: &mut [u32]| {
-                        row(2 * p, lo);
-                        if 2 * p + 1 < k {
-                            row(2 * p + 1, hi);
-                        } else {
-                            hi.fill(0.0);
-                        }
-                        pair_bits(lo, hi, dst);
-                    };
-                    self.accumulate_pair_rows_with(kernel, n, pair_row, c)
-                });
-            }
-            if kernel == Bf16Kernel::Avx512Bf16 {
-                PACKED.with_borrow_mut(|packed| {
-                    let (k2, k2p) = (k.div_ceil(2), self.pair_stride());
-                    packed.clear();
-                    packed.resize(k2p * n.div_ceil(16) * 16, 0);
-                    ROWS.with_borrow_mut(|rows| {
-                        rows.clear();
-                        rows.resize(2 * n, 0.0);
-                        let (lo, hi) = rows.split_at_mut(n);
-                        for p in 0..k2 {
-                            row(2 * p, lo);
-                            if 2 * p + 1 < k {
-                                row(2 * p + 1, hi);
-                            } else {
-                                hi.fill(0.0);
-                            }
-                            // SAFETY: the AVX-512 BF16 kernel implies AVX-512 F.
-                            unsafe { kernel::pack_pair(k2p, n, p, lo, hi, packed) };
-                        }
-                    });
-                    // SAFETY: the CPU has AVX-512 F and BF16; `pairs` is padded(m, 16) rows of
-                    // k2p pairs, `packed` holds the packing of B with k2p pair rows per panel,
-                    // and the assert bounds c to m rows of n.
-                    unsafe { kernel::gemm_bf16(m, n, (k2, k2p), pairs, packed, c) }
-                });
-                return;
-            }
+        if self.pairs.is_some() && kernel != Bf16Kernel::Emulated {
+            // The bf16 kernels take B two rows at a time, rounded and interleaved.
+            return ROWS.with_borrow_mut(|rows| {
+                rows.clear();
+                rows.resize(2 * n, 0.0);
+                let (lo, hi) = rows.split_at_mut(n);
+                let pair_row = |p: usize, dst: &mut [u32]| {
+                    row(2 * p, lo);
+                    if 2 * p + 1 < k {
+                        row(2 * p + 1, hi);
+                    } else {
+                        hi.fill(0.0);
+                    }
+                    pair_bits(lo, hi, dst);
+                };
+                self.accumulate_pair_rows_with(kernel, n, pair_row, c)
+            });
         }
         COLS.with_borrow_mut(|cols| {
             // `row` writes every value: grow the buffer, never clear it (zeroing k·n values
@@ -367,7 +345,7 @@ impl GemmWeight {
         pair_row: impl FnMut(usize, &mut [u32]),
         c: &mut [f32],
     ) {
-        self.accumulate_pair_rows_with(bf16_kernel().min(forced_kernel()), n, pair_row, c)
+        self.accumulate_pair_rows_with(kernel_in_use(), n, pair_row, c)
     }
 
     /// [`accumulate_pair_rows`](Self::accumulate_pair_rows) computed by `kernel`.
@@ -379,7 +357,7 @@ impl GemmWeight {
         c: &mut [f32],
     ) {
         let (m, k) = (self.m, self.k);
-        let (k2, k2p) = (k.div_ceil(2), self.pair_stride());
+        let (k2, k2p) = (k.div_ceil(2), pair_stride(self.k));
         assert!(c.len() >= m * n, "gemm operand sizes");
         assert!(
             kernel <= best_bf16_kernel(KernelLevel::Native),
@@ -394,7 +372,7 @@ impl GemmWeight {
                 // Row-major pair rows, each padded to whole tiles: a B tile is 16 rows read at
                 // any stride. The padding rows must be zero (A's padding is, and 0 × NaN is
                 // not); the padding columns only reach C columns the kernel discards.
-                let ldb = super::amx::padded(n, super::amx::TILE_COLS);
+                let ldb = amx::padded(n, amx::TILE_COLS);
                 if packed.len() < k2p * ldb {
                     packed.resize(k2p * ldb, 0);
                 }
@@ -408,7 +386,7 @@ impl GemmWeight {
                 }
                 // SAFETY: AMX is available (the assert above); `pairs` is padded(m, 16) rows of
                 // k2p pairs, `packed` k2p rows of ldb ≥ padded(n, 16), c is m rows of n.
-                unsafe { super::amx::gemm(m, n, k2p, pairs, (packed, ldb), c) }
+                unsafe { amx::gemm(m, n, k2p, pairs, (packed, ldb), c) }
             }
             #[cfg(target_arch = "x86_64")]
             Bf16Kernel::Avx512Bf16 => {
@@ -447,18 +425,26 @@ impl GemmWeight {
 }
 
 /// Tests compare the kernels with each other inside whole networks: the bf16 GEMMs use at most
-/// this kernel (0: emulated, 1: AVX-512 BF16, anything else: no cap).
+/// the kernel whose discriminant this holds (`u8::MAX`: no cap). Set it with [`cap_kernel`].
 #[cfg(test)]
-pub(crate) static FORCE_KERNEL: std::sync::atomic::AtomicU8 =
-    std::sync::atomic::AtomicU8::new(u8::MAX);
+static FORCE_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Caps the bf16 kernel of this test process at `cap` (`None` lifts the cap).
+#[cfg(test)]
+pub(crate) fn cap_kernel(cap: Option<Bf16Kernel>) {
+    let v = cap.map_or(u8::MAX, |k| k as u8);
+    FORCE_KERNEL.store(v, std::sync::atomic::Ordering::Relaxed)
+}
 
 #[inline]
 fn forced_kernel() -> Bf16Kernel {
     #[cfg(test)]
     {
+        const EMULATED: u8 = Bf16Kernel::Emulated as u8;
+        const AVX512: u8 = Bf16Kernel::Avx512Bf16 as u8;
         match FORCE_KERNEL.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => Bf16Kernel::Emulated,
-            1 => Bf16Kernel::Avx512Bf16,
+            EMULATED => Bf16Kernel::Emulated,
+            AVX512 => Bf16Kernel::Avx512Bf16,
             _ => Bf16Kernel::Amx,
         }
     }
@@ -487,8 +473,9 @@ pub(crate) fn pair_bits(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// Copies pair row `p` (n interleaved values) into the AVX-512 kernel's panels (see
-/// `kernel::pack_pair`), `k2` pair rows per panel.
+/// Copies pair row `p` (n interleaved values) into the AVX-512 kernel's panels: panels of up to
+/// [`PANEL`] columns (the last one padded with zeros to a multiple of 16), each `k2` pair rows,
+/// pair-major.
 fn place_pair_row(k2: usize, p: usize, row: &[u32], packed: &mut [u32]) {
     let n = row.len();
     let mut offset = 0;
@@ -511,39 +498,9 @@ mod kernel {
     /// Rows of `c` per micro-kernel call: 4 rows × 4 vectors = 16 accumulators.
     const MR: usize = 4;
 
-    /// Writes pair `p` of B (its rows 2p and 2p+1, `lo` and `hi`) into `packed`: panels of up
-    /// to [`PANEL`] columns and `k2` pair rows (the last one padded with zeros to a multiple of 16), each panel
-    /// pair-major, column j of pair p holding bf16(lo[j]) | bf16(hi[j]) << 16.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 F; `packed.len() ≥ k2 · n.div_ceil(16) · 16`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pack_pair(
-        k2: usize,
-        n: usize,
-        p: usize,
-        lo: &[f32],
-        hi: &[f32],
-        packed: &mut [u32],
-    ) {
-        let mut offset = 0;
-        for j0 in (0..n).step_by(PANEL) {
-            let width = (n - j0).min(PANEL);
-            let stride = width.div_ceil(16) * 16;
-            let dst = &mut packed[offset + p * stride..][..width];
-            for ((d, &l), &h) in dst
-                .iter_mut()
-                .zip(&lo[j0..j0 + width])
-                .zip(&hi[j0..j0 + width])
-            {
-                *d = super::bf16_bits(l) | (super::bf16_bits(h) << 16);
-            }
-            offset += k2 * stride;
-        }
-    }
-
     /// `c[m×n] += A · B` with A as `pairs` (m rows of `lda` slots, the first k2 of them bf16
-    /// pairs) and B as written by [`pack_pair`] with `lda` pair rows per panel.
+    /// pairs) and B as [`place_pair_row`](super::place_pair_row) lays it out with `lda` pair rows
+    /// per panel.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F and BF16; `pairs.len() ≥ m·lda`, `packed` must hold the

@@ -52,48 +52,27 @@ pub(crate) fn same_block(
 pub(crate) fn shifted_rows(
     src: &[f32],
     (h, w): (usize, usize),
-    (dy, dx): (isize, isize),
-    (y0, y1): (usize, usize),
+    shift: (isize, isize),
+    rows: (usize, usize),
     dst: &mut [f32],
 ) {
-    let hw = (h * w) as isize;
-    let (i0, i1) = ((y0 * w) as isize, (y1 * w) as isize);
-    let off = dy * w as isize + dx;
-    // Every in-image position reads inside [0, hw): copy the whole overlapping run at once (it
-    // also carries values wrapped from the neighbouring row, zeroed below).
-    let a = (-off).clamp(i0, i1);
-    let b = (hw - off).clamp(a, i1);
-    let (a, b) = ((a - i0) as usize, (b - i0) as usize);
+    // Every in-image position reads inside the plane: copy the whole overlapping run at once (it
+    // also carries values wrapped from the neighbouring row, zeroed by `outside`).
+    let (a, b, s0) = overlap((h, w), shift, rows);
     dst[..a].fill(0.0);
-    if a < b {
-        let start = (a as isize + i0 + off) as usize;
-        dst[a..b].copy_from_slice(&src[start..start + (b - a)]);
-    }
+    dst[a..b].copy_from_slice(&src[s0..s0 + (b - a)]);
     dst[b..].fill(0.0);
-    // Rows whose source row is outside the image.
-    let inside_lo = ((-dy).clamp(0, h as isize) as usize).clamp(y0, y1);
-    let inside_hi = ((h as isize - dy).clamp(0, h as isize) as usize).clamp(inside_lo, y1);
-    dst[..(inside_lo - y0) * w].fill(0.0);
-    dst[(inside_hi - y0) * w..].fill(0.0);
-    // Columns whose source column is outside the image (the wrapped values): at most k/2 per
-    // row, so plain stores (a memset call per row cost more than the copy).
-    let cols_lo = (-dx).clamp(0, w as isize) as usize;
-    let cols_hi = ((w as isize - dx).clamp(0, w as isize) as usize).max(cols_lo);
-    // Column by column with a stride of one row: no bounds check or iterator chain per value
-    // (per-row loops over `(0..lo).chain(hi..w)` were 5–9 % of a training step).
-    for x in (0..cols_lo).chain(cols_hi..w) {
-        for v in dst.iter_mut().skip(x).step_by(w) {
-            *v = 0.0;
-        }
-    }
+    outside((h, w), shift, rows, dst, |v| *v = 0.0);
 }
 
 /// Pair row `p` of a same-size convolution's im2col, rounded to bf16 and interleaved for the
 /// bf16 GEMM kernels: `dst[j] = bf16(row 2p)[j] | bf16(row 2p + 1)[j] << 16` for every image
 /// and output position j (row 2p + 1 is zero past the last row). `x` is [c_in, g, h, w];
 /// `dst` has g·h·w values, every one written. One pass per source row instead of an f32 im2col
-/// row written, read back, rounded and packed (those passes were 40 % of a bf16 ResNet-20
-/// forward on AMX).
+/// row written, read back and rounded: for the emulated bf16 path, ResNet-20's bf16 forward on
+/// the Intel Xeon of README's Performance section went from 1,181–1,263 to 1,462–1,559
+/// images/s (`CAF_KERNELS=portable`, alternated); the AVX-512 BF16 kernel runs as fast either
+/// way. (AMX convolutions need no im2col: `amx::conv`.)
 pub(crate) fn same_pair_row(
     x: &[f32],
     (c_in, k): (usize, usize),
@@ -146,50 +125,65 @@ fn same_pair_row_body(
     };
     for (gi, d) in dst.chunks_exact_mut(plane).enumerate() {
         let (src, shift) = source(2 * p, gi);
-        let (a, b, s0) = overlap((h, w), shift);
+        let (a, b, s0) = overlap((h, w), shift, (0, h));
         d[..a].fill(0);
         for (v, &s) in d[a..b].iter_mut().zip(&src[s0..]) {
             *v = bf16_bits(s);
         }
         d[b..].fill(0);
-        outside((h, w), shift, d, |v| *v = 0);
+        outside((h, w), shift, (0, h), d, |v| *v = 0);
         if 2 * p + 1 < c_in * k * k {
             let (src, shift) = source(2 * p + 1, gi);
-            let (a, b, s0) = overlap((h, w), shift);
+            let (a, b, s0) = overlap((h, w), shift, (0, h));
             for (v, &s) in d[a..b].iter_mut().zip(&src[s0..]) {
                 *v |= bf16_bits(s) << 16;
             }
-            outside((h, w), shift, d, |v| *v &= 0xFFFF);
+            outside((h, w), shift, (0, h), d, |v| *v &= 0xFFFF);
         }
     }
 }
 
-/// The run [a, b) of plane positions i whose source i + dy·w + dx lies inside the h×w plane,
-/// and the source of position a. Positions of the run may still read a neighbouring row's value
-/// (see [`outside`]).
+/// Of output rows [y0, y1) of an h×w plane shifted by (dy, dx): the run [a, b) of positions
+/// (counted from row y0) whose source, dy·w + dx further, lies inside the plane, and the
+/// source of position a. Positions of the run may still read a neighbouring row's value (see
+/// [`outside`]).
 #[inline(always)]
-fn overlap((h, w): (usize, usize), (dy, dx): (isize, isize)) -> (usize, usize, usize) {
+fn overlap(
+    (h, w): (usize, usize),
+    (dy, dx): (isize, isize),
+    (y0, y1): (usize, usize),
+) -> (usize, usize, usize) {
     let hw = (h * w) as isize;
+    let (i0, i1) = ((y0 * w) as isize, (y1 * w) as isize);
     let off = dy * w as isize + dx;
-    let a = (-off).clamp(0, hw);
-    let b = (hw - off).clamp(a, hw);
+    let a = (-off).clamp(i0, i1);
+    let b = (hw - off).clamp(a, i1);
     // (clamped: an empty run may start past a tiny plane)
-    (a as usize, b as usize, (a + off).clamp(0, hw) as usize)
+    (
+        (a - i0) as usize,
+        (b - i0) as usize,
+        (a + off).clamp(0, hw) as usize,
+    )
 }
 
-/// Applies `f` to every position of an h×w plane whose source, shifted by (dy, dx), is outside
-/// the image: whole rows above or below it, and up to k/2 wrapped columns per row.
+/// Applies `f` to every position of output rows [y0, y1) (`d`, counted from row y0) whose
+/// source, shifted by (dy, dx), is outside the h×w image: whole rows above or below it, and up
+/// to k/2 wrapped columns per row.
 #[inline(always)]
 fn outside<T>(
     (h, w): (usize, usize),
     (dy, dx): (isize, isize),
+    (y0, y1): (usize, usize),
     d: &mut [T],
     mut f: impl FnMut(&mut T),
 ) {
-    let lo = (-dy).clamp(0, h as isize) as usize;
-    let hi = ((h as isize - dy).clamp(0, h as isize) as usize).max(lo);
-    d[..lo * w].iter_mut().for_each(&mut f);
-    d[hi * w..].iter_mut().for_each(&mut f);
+    let inside_lo = ((-dy).clamp(0, h as isize) as usize).clamp(y0, y1);
+    let inside_hi = ((h as isize - dy).clamp(0, h as isize) as usize).clamp(inside_lo, y1);
+    d[..(inside_lo - y0) * w].iter_mut().for_each(&mut f);
+    d[(inside_hi - y0) * w..].iter_mut().for_each(&mut f);
+    // At most k/2 columns per row, so strided stores (a memset call per row cost more than the
+    // copy), column by column with a stride of one row: no bounds check or iterator chain per
+    // value (per-row loops over `(0..lo).chain(hi..w)` were 5–9 % of a training step).
     let cols_lo = (-dx).clamp(0, w as isize) as usize;
     let cols_hi = ((w as isize - dx).clamp(0, w as isize) as usize).max(cols_lo);
     for x in (0..cols_lo).chain(cols_hi..w) {

@@ -761,8 +761,7 @@ fn fused_cpu_path_matches_candle_ops() {
 
 #[test]
 fn bf16_path_runs_the_rounded_network() {
-    use super::gemm::{bf16_kernel, Bf16Kernel, FORCE_KERNEL};
-    use std::sync::atomic::Ordering;
+    use super::gemm::{bf16_kernel, cap_kernel, Bf16Kernel};
     let dev = Device::Cpu;
     let model = super::test_resnet20();
     let data = exact100();
@@ -798,11 +797,11 @@ fn bf16_path_runs_the_rounded_network() {
     // activation to the neighbouring bf16 value at the next layer, so they differ a little,
     // but far less than either differs from f32 (measured: 0.027 vs 0.23 at a logit scale of
     // 35). Each kernel below the one in use is compared with it.
-    let lower = [(0u8, Bf16Kernel::Emulated), (1, Bf16Kernel::Avx512Bf16)];
-    for (cap, kernel) in lower.into_iter().filter(|(_, k)| *k < bf16_kernel()) {
-        FORCE_KERNEL.store(cap, Ordering::Relaxed);
+    let lower = [Bf16Kernel::Emulated, Bf16Kernel::Avx512Bf16];
+    for kernel in lower.into_iter().filter(|k| *k < bf16_kernel()) {
+        cap_kernel(Some(kernel));
         let other = half.logits(&x);
-        FORCE_KERNEL.store(u8::MAX, Ordering::Relaxed);
+        cap_kernel(None);
         let d = max_abs_diff(&rounded, &other.expect("capped kernel"));
         assert!(
             d / scale < 2e-3 && d < d_bf16 / 2.0,
