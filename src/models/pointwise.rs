@@ -91,13 +91,18 @@ pub(crate) fn channel_affine(
 /// v (length d) in its column.
 pub(crate) fn map_rows(x: &[f32], v: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let d = v.len().max(1);
-    let mut y = x.to_vec();
-    y.par_chunks_mut(CHUNK.div_ceil(d) * d).for_each(|yc| {
-        for row in yc.chunks_exact_mut(d) {
-            for (y, &v) in row.iter_mut().zip(v) {
-                *y = f(*y, v);
+    let rows = CHUNK.div_ceil(d) * d;
+    // Written from x in the parallel pass (a copy of x first was a serial memcpy, 7 % of a
+    // CIFAR ViT's forward pass).
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(rows)
+        .zip(x.par_chunks(rows))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                for ((y, &x), &v) in yr.iter_mut().zip(xr).zip(v) {
+                    *y = f(x, v);
+                }
             }
-        }
-    });
+        });
     y
 }

@@ -18,7 +18,10 @@
 //! (LayerNorm, softmax over the last dimension, erf GELU, GEMM). Linear layers run as one 2-D
 //! matmul over batch × tokens, and attention as two batched matmuls over batch × heads.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::conv::{f32_slice, gemm};
 use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder};
 
 use super::resnet::{check_input, InputNorm};
@@ -131,14 +134,98 @@ pub(crate) fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
         None => candle_core::bail!("linear layer on a scalar"),
     };
     let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, last))?.matmul(&l.weight().t()?)?;
-    let y = match l.bias() {
-        Some(b) => super::rowwise::add_bias(&y, b)?,
-        None => y,
+    let x2 = x.reshape((rows, last))?;
+    let y = match linear_untracked(l, &x2)? {
+        Some(y) => y,
+        None => {
+            let y = x2.matmul(&l.weight().t()?)?;
+            match l.bias() {
+                Some(b) => super::rowwise::add_bias(&y, b)?,
+                None => y,
+            }
+        }
     };
     let mut out = lead.to_vec();
     out.push(y.dim(1)?);
     y.reshape(out)
+}
+
+/// Rows of x per GEMM of [`linear_untracked`] (a rayon task each).
+const LINEAR_ROWS: usize = 1024;
+
+/// x·Wᵀ + b for a 2-D x when nothing needs a gradient (a frozen backbone under certification)
+/// on the fused CPU path, f32: each block of rows starts as the bias and the GEMM adds into it,
+/// where candle's matmul zeroes its output and a bias pass follows (together 15 % of a CIFAR
+/// ViT's forward pass). `None` when the generic path must run.
+fn linear_untracked(l: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+    let w = l.weight();
+    let tracked = x.track_op() || w.track_op() || l.bias().is_some_and(Tensor::track_op);
+    let f32s = x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && l.bias().is_none_or(|b| b.dtype() == DType::F32);
+    if tracked || !f32s || !super::path::fused(x.device()) {
+        return Ok(None);
+    }
+    let (_, k) = x.dims2()?;
+    let (n, wk) = w.dims2()?;
+    let b = match l.bias() {
+        Some(b) => b.clone(),
+        None => Tensor::zeros(n, DType::F32, x.device())?,
+    };
+    if wk != k || b.dims() != [n] {
+        candle_core::bail!(
+            "linear layer: input {:?}, weight {:?}, bias {:?}",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        );
+    }
+    let y =
+        x.contiguous()?
+            .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &UntrackedLinear)?;
+    Ok(Some(y))
+}
+
+/// (x [rows, k], W [n, k], b [n]) ↦ x·Wᵀ + b, without autograd.
+struct UntrackedLinear;
+
+impl CustomOp3 for UntrackedLinear {
+    fn name(&self) -> &'static str {
+        "caf-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "linear input")?;
+        let w = f32_slice(s2, l2, "linear weight")?;
+        let bias = f32_slice(s3, l3, "linear bias")?;
+        let (rows, k) = l1.shape().dims2()?;
+        let n = l2.dims()[0];
+        let mut y = vec![0f32; rows * n];
+        if n > 0 && k > 0 {
+            y.par_chunks_mut(LINEAR_ROWS * n)
+                .zip(x.par_chunks(LINEAR_ROWS * k))
+                .for_each(|(yc, xc)| {
+                    for row in yc.chunks_exact_mut(n) {
+                        row.copy_from_slice(bias);
+                    }
+                    // Wᵀ's (i, o) is w[o·k + i].
+                    gemm(yc.len() / n, n, k, (xc, k, 1), (w, 1, k), yc, true);
+                });
+        } else {
+            for row in y.chunks_exact_mut(n.max(1)) {
+                row.copy_from_slice(&bias[..row.len()]);
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    }
 }
 
 /// How a new (not loaded) linear layer starts; loading a checkpoint ignores it.
@@ -567,6 +654,47 @@ impl VitEncoder {
             norm: detach_norm(&self.norm),
             dim: self.dim,
             patch: self.patch,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::conv::tests::{max_abs_diff, randn};
+
+    /// Without gradients, a linear layer takes the bias-first GEMM; it must agree with candle's
+    /// matmul plus bias (and with a tracked input, which keeps the generic path), for row counts
+    /// below, at and past a block, and without a bias.
+    #[test]
+    fn untracked_linear_matches_matmul_plus_bias() {
+        for (rows, k, n, with_bias) in [
+            (1, 3, 2, true),
+            (LINEAR_ROWS, 8, 5, true),
+            (2 * LINEAR_ROWS + 7, 33, 17, true),
+            (300, 192, 576, false),
+        ] {
+            let x = randn(1, &[rows, k]);
+            let w = randn(2, &[n, k]);
+            let b = with_bias.then(|| randn(3, &[n]));
+            let l = Linear::new(w.clone(), b.clone());
+            let fast = linear_untracked(&l, &x)
+                .expect("linear")
+                .expect("the untracked path runs");
+            let mut want = x.matmul(&w.t().expect("t")).expect("matmul");
+            if let Some(b) = &b {
+                want = want.broadcast_add(b).expect("bias");
+            }
+            assert_eq!(fast.dims(), [rows, n]);
+            assert!(max_abs_diff(&fast, &want) < 1e-4, "{rows}×{k}·{k}×{n}");
+            let tracked = candle_core::Var::from_tensor(&x).expect("var");
+            assert!(linear_untracked(&l, tracked.as_tensor())
+                .expect("linear")
+                .is_none());
+            let nd = linear_nd(&l, &x.reshape((1, rows, k)).expect("3-D")).expect("nd");
+            assert_eq!(nd.dims(), [1, rows, n]);
+            let nd = nd.reshape((rows, n)).expect("2-D");
+            assert_eq!(max_abs_diff(&nd, &fast), 0.0);
         }
     }
 }
