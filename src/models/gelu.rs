@@ -16,14 +16,11 @@
 use super::conv::f32_slice;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::{kernel_level, KernelLevel};
+use super::pointwise;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// 1/√(2π).
 const INV_SQRT_2PI: f32 = 0.398_942_3;
-
-/// Elements per rayon task.
-const CHUNK: usize = 1 << 14;
 
 /// x·Φ(x) = 0.5·x·(1 + erf(x/√2)), differentiable, with the fused kernels on CPU f32.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
@@ -92,11 +89,7 @@ fn gelu_slope(x: f32) -> f32 {
 /// `CAF_KERNELS=portable`. Same bits on every path: the body has no fused multiply-adds.
 fn map_vectorised(x: &[f32], g: &[f32], f: Body) -> Vec<f32> {
     let level = level();
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(y, (x, g))| f(level, x, g, y));
-    y
+    pointwise::map2_chunks(x, g, |x, g, y| f(level, x, g, y))
 }
 
 /// An element-wise body over (x, g) into y, in the build `Level` names.

@@ -22,15 +22,25 @@ pub(crate) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 
 /// f(a, b) for every pair of elements; a and b must have the same length.
 pub(crate) fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    map2_chunks(a, b, |a, b, y| {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = f(a, b);
+        }
+    })
+}
+
+/// [`map2`] a chunk at a time: `f(a chunk, b chunk, y chunk)` writes every element of its y
+/// chunk (for bodies compiled per instruction set, which dispatch once per chunk).
+pub(crate) fn map2_chunks(
+    a: &[f32],
+    b: &[f32],
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
     debug_assert_eq!(a.len(), b.len());
     let mut y = vec![0f32; a.len()];
     y.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(y, (a, b))| {
-            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                *y = f(a, b);
-            }
-        });
+        .for_each(|(y, (a, b))| f(a, b, y));
     y
 }
 

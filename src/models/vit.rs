@@ -209,21 +209,18 @@ impl CustomOp3 for UntrackedLinear {
         let (rows, k) = l1.shape().dims2()?;
         let n = l2.dims()[0];
         let mut y = vec![0f32; rows * n];
-        if n > 0 && k > 0 {
-            y.par_chunks_mut(LINEAR_ROWS * n)
-                .zip(x.par_chunks(LINEAR_ROWS * k))
-                .for_each(|(yc, xc)| {
-                    for row in yc.chunks_exact_mut(n) {
-                        row.copy_from_slice(bias);
-                    }
-                    // Wᵀ's (i, o) is w[o·k + i].
-                    gemm(yc.len() / n, n, k, (xc, k, 1), (w, 1, k), yc, true);
-                });
-        } else {
-            for row in y.chunks_exact_mut(n.max(1)) {
-                row.copy_from_slice(&bias[..row.len()]);
-            }
-        }
+        // Blocks of y index their rows of x (which is empty when k = 0: y is then the bias).
+        y.par_chunks_mut(LINEAR_ROWS * n.max(1))
+            .enumerate()
+            .for_each(|(i, yc)| {
+                let m = yc.len() / n;
+                for row in yc.chunks_exact_mut(n) {
+                    row.copy_from_slice(bias);
+                }
+                let xc = &x[i * LINEAR_ROWS * k..][..m * k];
+                // Wᵀ's (i, o) is w[o·k + i].
+                gemm(m, n, k, (xc, k, 1), (w, 1, k), yc, true);
+            });
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 }
@@ -665,7 +662,7 @@ mod tests {
 
     /// Without gradients, a linear layer takes the bias-first GEMM; it must agree with candle's
     /// matmul plus bias (and with a tracked input, which keeps the generic path), for row counts
-    /// below, at and past a block, and without a bias.
+    /// below, at and past a block, without a bias, and with inputs of width 0 (y = the bias).
     #[test]
     fn untracked_linear_matches_matmul_plus_bias() {
         for (rows, k, n, with_bias) in [
@@ -673,6 +670,7 @@ mod tests {
             (LINEAR_ROWS, 8, 5, true),
             (2 * LINEAR_ROWS + 7, 33, 17, true),
             (300, 192, 576, false),
+            (5, 0, 3, true),
         ] {
             let x = randn(1, &[rows, k]);
             let w = randn(2, &[n, k]);
