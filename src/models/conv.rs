@@ -25,7 +25,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::im2col;
+use super::{direct, im2col};
 
 /// Images per partial weight gradient. Fixed (not derived from the thread count) so the
 /// summation order, hence the rounding, is the same on every run.
@@ -375,6 +375,19 @@ impl CustomOp2 for Conv2dOp {
         let (ho, wo) = g.out_hw();
         let plane = g.plane_out();
         let mut y = vec![0f32; n_img * c_out * plane];
+        if g.same_size() && direct::applies(g.c_in, c_out, g.k, g.w) {
+            let s = direct::Shape3 {
+                c_in: g.c_in,
+                c_out,
+                h: g.h,
+                w: g.w,
+            };
+            let wt = direct::pack_weight(w, g.c_in, c_out);
+            y.par_chunks_mut(c_out * plane)
+                .zip(x.par_chunks(g.image_len()))
+                .for_each_init(Vec::new, |xp, (yi, xi)| direct::conv(s, xi, &wt, xp, yi));
+            return Ok((CpuStorage::F32(y), Shape::from((n_img, c_out, ho, wo))));
+        }
         if g.same_size() {
             y.par_chunks_mut(c_out * plane)
                 .zip(x.par_chunks(g.image_len()))
@@ -448,6 +461,23 @@ impl CustomOp2 for InputGradOp {
         let plane = g.plane_out();
         let rows = g.rows();
         let mut gx = vec![0f32; n_img * g.image_len()];
+        if g.same_size() && direct::applies(c_out, g.c_in, g.k, g.w) {
+            let (_, flipped) = g.transposed(w, c_out);
+            let s = direct::Shape3 {
+                c_in: c_out,
+                c_out: g.c_in,
+                h: g.h,
+                w: g.w,
+            };
+            let wt = direct::pack_weight(&flipped, c_out, g.c_in);
+            gx.par_chunks_mut(g.image_len())
+                .zip(gy.par_chunks(c_out * plane))
+                .for_each_init(Vec::new, |xp, (gxi, gyi)| {
+                    direct::conv(s, gyi, &wt, xp, gxi)
+                });
+            let shape = Shape::from((n_img, g.c_in, g.h, g.w));
+            return Ok((CpuStorage::F32(gx), shape));
+        }
         if g.same_size() {
             let (t, flipped) = g.transposed(w, c_out);
             gx.par_chunks_mut(g.image_len())
@@ -512,6 +542,20 @@ impl CustomOp2 for WeightGradOp {
                 // (rows) then runs along the GEMM kernel's wide register dimension; with the
                 // few output channels there (8–64), the kernel idled most of its lanes.
                 let mut gw_t = vec![0f32; rows * c_out];
+                if g.same_size() && direct::applies(g.c_in, c_out, g.k, g.w) {
+                    let s = direct::Shape3 {
+                        c_in: g.c_in,
+                        c_out,
+                        h: g.h,
+                        w: g.w,
+                    };
+                    let (mut xp, mut lanes) = (Vec::new(), vec![0f32; direct::lanes_len(s)]);
+                    for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
+                        direct::weight_grad(s, xi, gyi, &mut xp, &mut lanes);
+                    }
+                    direct::finish_weight_grad(&lanes, &mut gw_t);
+                    return gw_t;
+                }
                 if g.same_size() {
                     let mut col = Vec::new();
                     for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
@@ -595,6 +639,12 @@ pub(super) mod tests {
             (17, 5, 6, 6, 7, 3, 1, 1),
             (12, 32, 16, 16, 32, 3, 1, 1),
             (12, 16, 32, 32, 32, 3, 1, 2),
+            // Direct 3×3 kernels (`direct.rs`): all three passes, the forward only, the input
+            // gradient only.
+            (4, 8, 32, 32, 8, 3, 1, 1),
+            (3, 3, 6, 32, 8, 3, 1, 1),
+            (2, 8, 4, 16, 3, 3, 1, 1),
+            (2, 4, 5, 48, 8, 3, 1, 1),
             // Same-size convolutions: 5×5, 1×1, planes of one row or column, a kernel wider
             // than the plane.
             (2, 3, 9, 11, 4, 5, 2, 1),

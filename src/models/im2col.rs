@@ -71,8 +71,9 @@ pub(crate) fn shifted_rows(
 /// `dst` has g·h·w values, every one written. One pass per source row instead of an f32 im2col
 /// row written, read back and rounded: for the emulated bf16 path, ResNet-20's bf16 forward on
 /// the Intel Xeon of README's Performance section went from 1,181–1,263 to 1,462–1,559
-/// images/s (`CAF_KERNELS=portable`, alternated); the AVX-512 BF16 kernel runs as fast either
-/// way. (AMX convolutions need no im2col: `amx::conv`.)
+/// images/s (`CAF_KERNELS=portable`, alternated; this copy then ran its AVX-512 build at every
+/// level, and now keeps to the plain build under `portable` like every other kernel); the
+/// AVX-512 BF16 kernel runs as fast either way. (AMX convolutions need no im2col: `amx::conv`.)
 pub(crate) fn same_pair_row(
     x: &[f32],
     (c_in, k): (usize, usize),
@@ -82,7 +83,9 @@ pub(crate) fn same_pair_row(
     dst: &mut [u32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if super::gemm::kernel_level() != super::gemm::KernelLevel::Portable
+        && std::arch::is_x86_feature_detected!("avx512f")
+    {
         // SAFETY: the CPU has AVX-512 F.
         return unsafe { same_pair_row_avx512(x, (c_in, k), g, (h, w), p, dst) };
     }

@@ -26,6 +26,7 @@ pub mod caf;
 mod channel;
 pub mod conv;
 mod convbn;
+mod direct;
 pub mod dncnn;
 pub mod formula;
 mod gelu;

@@ -66,6 +66,9 @@ fn main() {
         ("stage 2 (32 ch, 16×16), band of 14 rows", 32, 288, 224),
         ("stage 3 (64 ch, 8×8), whole image", 64, 576, 64),
         ("stage 3, eight images side by side", 64, 576, 512),
+        // The default CAF adapter (ResNet-18 at 1/8 width): 8 channels at 32×32.
+        ("adapter stage 1 (8 ch, 32×32), band of 14 rows", 8, 72, 448),
+        ("adapter stage 1, whole image", 8, 72, 1024),
     ];
     println!("GFLOP/s, one thread; forward y = W·col (and its transpose), weight gradient gwᵀ = col·gyᵀ (and gw = gy·colᵀ)");
     for (name, co, rows, nb) in shapes {

@@ -1,0 +1,580 @@
+//! Direct 3×3 convolutions (stride 1, padding 1) for the training path's wide, thin layers.
+//!
+//! Why: a training convolution of few channels on a large plane (an adapter's 8 channels at
+//! 32×32, ResNet-20's first stage) does little arithmetic per value it moves, and the im2col
+//! route writes nine shifted copies of its input before each GEMM (forward, input gradient and
+//! weight gradient alike). Here each image's input is copied once into a zero-bordered plane per
+//! channel, and the products are summed straight from it: output channels in blocks of eight,
+//! each block's accumulators over one output row held in registers while the input channels and
+//! the nine taps stream past. The input gradient of such a layer is the same convolution of the
+//! output gradient with the kernel flipped and the channels swapped (`conv::Geom::transposed`),
+//! so two kernels cover the three passes.
+//!
+//! One body per kernel, compiled for AVX-512 (with FMA), AVX2 (with FMA) and plain code, picked
+//! at run time; `CAF_KERNELS=portable` keeps the plain build, which rounds each product before
+//! adding it. The builds differ in rounding only, and each is tested against the f64 sums.
+
+#[cfg(target_arch = "x86_64")]
+use super::gemm::{kernel_level, KernelLevel};
+
+/// Lanes of one vector of output pixels (an AVX-512 register; two AVX2 ones).
+const L: usize = 16;
+/// Output channels per block: the accumulators of one row of a block fit the registers.
+const CO: usize = 8;
+
+/// Whether the direct kernels take a same-size convolution (stride 1, padding k/2) of kernel
+/// `k` from `c_in` to `c_out` channels on planes w wide: a 3×3 kernel, output channels in whole
+/// blocks and rows in whole vectors.
+pub(crate) fn applies(c_in: usize, c_out: usize, k: usize, w: usize) -> bool {
+    k == 3 && c_in > 0 && c_out > 0 && c_out.is_multiple_of(CO) && w > 0 && w.is_multiple_of(L)
+}
+
+/// The weight [c_out, c_in, 3, 3] laid out as the convolution kernel reads it: blocks of
+/// [`CO`] output channels, each [c_in][tap][CO], so every index inside a block's input channel
+/// is a constant.
+pub(crate) fn pack_weight(w: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for o in 0..c_out {
+        let (b, oi) = (o / CO, o % CO);
+        for c in 0..c_in {
+            for tap in 0..9 {
+                t[((b * c_in + c) * 9 + tap) * CO + oi] = w[(o * c_in + c) * 9 + tap];
+            }
+        }
+    }
+    t
+}
+
+/// Writes x [c][h][w] into `xp` (resized) as [c][h + 2][w + 2] with a zero border.
+fn pad(x: &[f32], c_in: usize, (h, w): (usize, usize), xp: &mut Vec<f32>) {
+    let (hp, wp) = (h + 2, w + 2);
+    xp.clear();
+    xp.resize(c_in * hp * wp, 0.0);
+    for (plane, src) in xp.chunks_exact_mut(hp * wp).zip(x.chunks_exact(h * w)) {
+        for (row, s) in plane[wp..].chunks_exact_mut(wp).zip(src.chunks_exact(w)) {
+            row[1..=w].copy_from_slice(s);
+        }
+    }
+}
+
+/// Which build of the kernels runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    Portable,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512,
+}
+
+/// The widest build this CPU runs, capped by `CAF_KERNELS`.
+fn level() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    if kernel_level() != KernelLevel::Portable && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Level::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Level::Avx2;
+        }
+    }
+    Level::Portable
+}
+
+/// Sixteen f32 lanes: one AVX-512 register, two AVX2 ones, or a plain array. The kernels are
+/// written once over this (the compiler did not vectorise plain loops over accumulator arrays
+/// the right way round: it gathered across output channels).
+trait V16: Copy {
+    fn zero() -> Self;
+    fn splat(v: f32) -> Self;
+    /// Sixteen values from `s[..16]`.
+    fn load(s: &[f32]) -> Self;
+    /// Sixteen values from `p`.
+    ///
+    /// # Safety
+    /// `p..p + 16` must be readable.
+    unsafe fn load_ptr(p: *const f32) -> Self;
+    fn store(self, d: &mut [f32]);
+    /// self + a·b.
+    fn madd(self, a: Self, b: Self) -> Self;
+    fn add(self, o: Self) -> Self;
+}
+
+/// The plain build: each product rounded before it is added.
+#[derive(Clone, Copy)]
+struct Plain([f32; L]);
+
+impl V16 for Plain {
+    #[inline(always)]
+    fn zero() -> Self {
+        Plain([0.0; L])
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        Plain([v; L])
+    }
+    #[inline(always)]
+    fn load(s: &[f32]) -> Self {
+        let mut v = [0.0; L];
+        v.copy_from_slice(&s[..L]);
+        Plain(v)
+    }
+    #[inline(always)]
+    unsafe fn load_ptr(p: *const f32) -> Self {
+        // SAFETY: the caller's.
+        Plain(unsafe { std::ptr::read_unaligned(p.cast::<[f32; L]>()) })
+    }
+    #[inline(always)]
+    fn store(self, d: &mut [f32]) {
+        d[..L].copy_from_slice(&self.0)
+    }
+    #[inline(always)]
+    fn madd(self, a: Self, b: Self) -> Self {
+        let mut r = self.0;
+        for ((r, a), b) in r.iter_mut().zip(a.0).zip(b.0) {
+            *r += a * b;
+        }
+        Plain(r)
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        let mut r = self.0;
+        for (r, o) in r.iter_mut().zip(o.0) {
+            *r += o;
+        }
+        Plain(r)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{L, V16};
+    use std::arch::x86_64::*;
+
+    /// One AVX-512 register. Only built into functions compiled with AVX-512 F and FMA.
+    #[derive(Clone, Copy)]
+    pub(super) struct Z(__m512);
+
+    impl V16 for Z {
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY (every method): only called from code compiled for AVX-512 F, which runs
+            // only on CPUs that have it; loads and stores check their slice's length first.
+            Z(unsafe { _mm512_setzero_ps() })
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            Z(unsafe { _mm512_set1_ps(v) })
+        }
+        #[inline(always)]
+        fn load(s: &[f32]) -> Self {
+            let s = &s[..L];
+            Z(unsafe { _mm512_loadu_ps(s.as_ptr()) })
+        }
+        #[inline(always)]
+        unsafe fn load_ptr(p: *const f32) -> Self {
+            Z(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline(always)]
+        fn store(self, d: &mut [f32]) {
+            let d = &mut d[..L];
+            unsafe { _mm512_storeu_ps(d.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn madd(self, a: Self, b: Self) -> Self {
+            Z(unsafe { _mm512_fmadd_ps(a.0, b.0, self.0) })
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            Z(unsafe { _mm512_add_ps(self.0, o.0) })
+        }
+    }
+
+    /// Two AVX2 registers. Only built into functions compiled with AVX2 and FMA.
+    #[derive(Clone, Copy)]
+    pub(super) struct Y(__m256, __m256);
+
+    impl V16 for Y {
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY (every method): as for `Z`, with AVX2 and FMA.
+            unsafe { Y(_mm256_setzero_ps(), _mm256_setzero_ps()) }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            unsafe { Y(_mm256_set1_ps(v), _mm256_set1_ps(v)) }
+        }
+        #[inline(always)]
+        fn load(s: &[f32]) -> Self {
+            let s = &s[..L];
+            unsafe {
+                Y(
+                    _mm256_loadu_ps(s.as_ptr()),
+                    _mm256_loadu_ps(s[8..].as_ptr()),
+                )
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_ptr(p: *const f32) -> Self {
+            unsafe { Y(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
+        }
+        #[inline(always)]
+        fn store(self, d: &mut [f32]) {
+            let d = &mut d[..L];
+            unsafe {
+                _mm256_storeu_ps(d.as_mut_ptr(), self.0);
+                _mm256_storeu_ps(d[8..].as_mut_ptr(), self.1);
+            }
+        }
+        #[inline(always)]
+        fn madd(self, a: Self, b: Self) -> Self {
+            unsafe {
+                Y(
+                    _mm256_fmadd_ps(a.0, b.0, self.0),
+                    _mm256_fmadd_ps(a.1, b.1, self.1),
+                )
+            }
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            unsafe { Y(_mm256_add_ps(self.0, o.0), _mm256_add_ps(self.1, o.1)) }
+        }
+    }
+}
+
+/// The shape of one image's convolution.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shape3 {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+/// y [c_out][h][w] = conv(x [c_in][h][w], the packed weight) for one image; `xp` is scratch.
+/// The caller has checked [`applies`].
+pub(crate) fn conv(s: Shape3, x: &[f32], wt: &[f32], xp: &mut Vec<f32>, y: &mut [f32]) {
+    pad(x, s.c_in, (s.h, s.w), xp);
+    conv_padded(level(), s, xp, wt, y)
+}
+
+/// Adds one image's weight gradient (x [c_in][h][w], gy [c_out][h][w]) to `lanes`, the
+/// gradient [c_in][tap][c_out] kept as sixteen partial sums per weight ([`lanes_len`] values);
+/// [`finish_weight_grad`] sums them. Summing lanes once per batch instead of once per image
+/// keeps horizontal additions out of the loop (on a 16×16 plane they cost more than the
+/// products). `xp` is scratch. The caller has checked [`applies`].
+pub(crate) fn weight_grad(s: Shape3, x: &[f32], gy: &[f32], xp: &mut Vec<f32>, lanes: &mut [f32]) {
+    pad(x, s.c_in, (s.h, s.w), xp);
+    weight_grad_padded(level(), s, xp, gy, lanes)
+}
+
+/// The length of [`weight_grad`]'s partial sums.
+pub(crate) fn lanes_len(s: Shape3) -> usize {
+    s.c_in * 9 * s.c_out * L
+}
+
+/// gwᵀ [c_in][tap][c_out] += the sum of each weight's sixteen partial sums, in a fixed order.
+pub(crate) fn finish_weight_grad(lanes: &[f32], gw_t: &mut [f32]) {
+    for (g, v) in gw_t.iter_mut().zip(lanes.chunks_exact(L)) {
+        let mut h = [0f32; L];
+        h.copy_from_slice(v);
+        let mut n = L;
+        while n > 1 {
+            n /= 2;
+            for i in 0..n {
+                h[i] += h[i + n];
+            }
+        }
+        *g += h[0];
+    }
+}
+
+/// Defines `$name(level, shape, a, b, out)` running `$body::<V>` in `level`'s build.
+macro_rules! builds {
+    ($name:ident, $body:ident) => {
+        fn $name(level: Level, s: Shape3, a: &[f32], b: &[f32], out: &mut [f32]) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,fma")]
+                unsafe fn avx512(s: Shape3, a: &[f32], b: &[f32], out: &mut [f32]) {
+                    $body::<x86::Z>(s, a, b, out)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2(s: Shape3, a: &[f32], b: &[f32], out: &mut [f32]) {
+                    $body::<x86::Y>(s, a, b, out)
+                }
+                match level {
+                    // SAFETY: the caller's level is one the CPU has.
+                    Level::Avx512 => return unsafe { avx512(s, a, b, out) },
+                    // SAFETY: as above.
+                    Level::Avx2 => return unsafe { avx2(s, a, b, out) },
+                    Level::Portable => {}
+                }
+            }
+            $body::<Plain>(s, a, b, out)
+        }
+    };
+}
+
+builds!(conv_padded, conv_body);
+builds!(weight_grad_padded, weight_grad_body);
+
+#[inline(always)]
+fn conv_body<V: V16>(s: Shape3, xp: &[f32], wt: &[f32], y: &mut [f32]) {
+    assert!(
+        s.c_out.is_multiple_of(CO) && s.w.is_multiple_of(L),
+        "direct convolution shape"
+    );
+    // Each row in segments of two vectors (sixteen accumulators of a block), then one.
+    let pairs = s.w / (2 * L);
+    for x0 in (0..pairs).map(|i| 2 * L * i) {
+        conv_segment::<V, 2>(s, xp, wt, x0, y)
+    }
+    if !s.w.is_multiple_of(2 * L) {
+        conv_segment::<V, 1>(s, xp, wt, 2 * L * pairs, y)
+    }
+}
+
+/// [`conv_body`] for the `NC` vectors of every output row from column x0.
+#[inline(always)]
+fn conv_segment<V: V16, const NC: usize>(
+    s: Shape3,
+    xp: &[f32],
+    wt: &[f32],
+    x0: usize,
+    y: &mut [f32],
+) {
+    let Shape3 { c_in, c_out, h, w } = s;
+    let (wp, plane_p) = (w + 2, (h + 2) * (w + 2));
+    let xp = &xp[..c_in * plane_p];
+    let wt = &wt[..c_in * 9 * c_out];
+    for (b, o0) in (0..c_out).step_by(CO).enumerate() {
+        let block = &wt[b * c_in * 9 * CO..][..c_in * 9 * CO];
+        for oy in 0..h {
+            let mut acc = [[V::zero(); NC]; CO];
+            for (plane, taps) in xp.chunks_exact(plane_p).zip(block.chunks_exact(9 * CO)) {
+                for ky in 0..3 {
+                    let row = &plane[(oy + ky) * wp + x0..][..NC * L + 2];
+                    for kx in 0..3 {
+                        let wv = &taps[(ky * 3 + kx) * CO..][..CO];
+                        let v: [V; NC] = std::array::from_fn(|n| V::load(&row[n * L + kx..]));
+                        for (acc, &wo) in acc.iter_mut().zip(wv) {
+                            let wo = V::splat(wo);
+                            for (a, &v) in acc.iter_mut().zip(&v) {
+                                *a = a.madd(wo, v);
+                            }
+                        }
+                    }
+                }
+            }
+            for (o, acc) in acc.iter().enumerate() {
+                let out = &mut y[((o0 + o) * h + oy) * w + x0..][..NC * L];
+                for (dst, a) in out.chunks_exact_mut(L).zip(acc) {
+                    a.store(dst);
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn weight_grad_body<V: V16>(s: Shape3, xp: &[f32], gy: &[f32], lanes: &mut [f32]) {
+    let Shape3 { c_in, c_out, h, w } = s;
+    let (wp, plane_p, plane) = (w + 2, (h + 2) * (w + 2), h * w);
+    let xp = &xp[..c_in * plane_p];
+    let gy = &gy[..c_out * plane];
+    let lanes = &mut lanes[..c_in * 9 * c_out * L];
+    assert!(
+        c_out % CO == 0 && w % L == 0,
+        "direct weight gradient shape"
+    );
+    for c in 0..c_in {
+        let xplane = &xp[c * plane_p..][..plane_p];
+        for o0 in (0..c_out).step_by(CO) {
+            for ky in 0..3 {
+                let mut acc = [[V::zero(); 3]; CO];
+                for oy in 0..h {
+                    let row = &xplane[(oy + ky) * wp..][..w + 2];
+                    let g_rows: [&[f32]; CO] =
+                        std::array::from_fn(|o| &gy[(o0 + o) * plane + oy * w..][..w]);
+                    for x0 in (0..w).step_by(L) {
+                        // SAFETY: x0 + L ≤ w (w is a multiple of L, asserted above), so
+                        // x0 + kx + L ≤ w + 2 = row.len() for kx ≤ 2, and x0 + L ≤ w, the
+                        // length of every g row.
+                        let xs: [V; 3] = std::array::from_fn(|kx| unsafe {
+                            V::load_ptr(row.as_ptr().add(x0 + kx))
+                        });
+                        for (acc, g_row) in acc.iter_mut().zip(&g_rows) {
+                            // SAFETY: as above.
+                            let g = unsafe { V::load_ptr(g_row.as_ptr().add(x0)) };
+                            for (a, &xv) in acc.iter_mut().zip(&xs) {
+                                *a = a.madd(g, xv);
+                            }
+                        }
+                    }
+                }
+                for (o, acc) in acc.iter().enumerate() {
+                    for (kx, a) in acc.iter().enumerate() {
+                        let at = ((c * 9 + ky * 3 + kx) * c_out + o0 + o) * L;
+                        let dst = &mut lanes[at..][..L];
+                        V::load(dst).add(*a).store(dst);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The f64 convolution (pad 1) of one image.
+    fn conv_f64(s: Shape3, x: &[f32], w: &[f32]) -> Vec<f64> {
+        let Shape3 {
+            c_in,
+            c_out,
+            h,
+            w: wd,
+        } = s;
+        let mut y = vec![0f64; c_out * h * wd];
+        for o in 0..c_out {
+            for oy in 0..h {
+                for ox in 0..wd {
+                    let mut acc = 0f64;
+                    for c in 0..c_in {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (iy, ix) = (oy + ky, ox + kx);
+                                if iy < 1 || ix < 1 || iy > h || ix > wd {
+                                    continue;
+                                }
+                                acc += f64::from(w[((o * c_in + c) * 3 + ky) * 3 + kx])
+                                    * f64::from(x[(c * h + iy - 1) * wd + ix - 1]);
+                            }
+                        }
+                    }
+                    y[(o * h + oy) * wd + ox] = acc;
+                }
+            }
+        }
+        y
+    }
+
+    fn levels() -> Vec<Level> {
+        let mut v = vec![Level::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                v.push(Level::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Level::Avx512);
+            }
+        }
+        v
+    }
+
+    /// (c_in, c_out, h, w): rows of one vector, two, and five.
+    const SHAPES: [(usize, usize, usize, usize); 6] = [
+        (3, 8, 5, 32),
+        (8, 8, 32, 32),
+        (16, 16, 16, 16),
+        (5, 24, 3, 16),
+        (1, 8, 1, 32),
+        (2, 16, 4, 80),
+    ];
+
+    #[test]
+    fn which_layers_apply() {
+        assert!(applies(8, 8, 3, 32) && applies(16, 32, 3, 16) && applies(3, 8, 3, 32));
+        assert!(!applies(8, 8, 5, 32), "only 3×3 kernels");
+        assert!(!applies(8, 12, 3, 32), "output channels in blocks of 8");
+        assert!(!applies(8, 8, 3, 8) && !applies(8, 8, 3, 24) && applies(8, 8, 3, 224));
+        assert!(!applies(0, 8, 3, 16) && !applies(8, 0, 3, 16));
+    }
+
+    #[test]
+    fn every_build_matches_the_f64_convolution() {
+        for (c_in, c_out, h, w) in SHAPES {
+            let s = Shape3 { c_in, c_out, h, w };
+            assert!(applies(c_in, c_out, 3, w));
+            let x = seeded(c_in * h * w, 1);
+            let wt = seeded(c_out * c_in * 9, 2);
+            let want = conv_f64(s, &x, &wt);
+            let packed = pack_weight(&wt, c_in, c_out);
+            for level in levels() {
+                let mut xp = Vec::new();
+                pad(&x, c_in, (h, w), &mut xp);
+                let mut y = vec![f32::NAN; c_out * h * w];
+                conv_padded(level, s, &xp, &packed, &mut y);
+                let tol = 1e-6 * (c_in * 9) as f64;
+                for (i, (&g, &e)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(g) - e).abs() <= tol,
+                        "{level:?} {s:?} at {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_build_matches_the_f64_weight_gradient() {
+        for (c_in, c_out, h, w) in SHAPES {
+            let s = Shape3 { c_in, c_out, h, w };
+            let x = seeded(c_in * h * w, 3);
+            let gy = seeded(c_out * h * w, 4);
+            // ∂/∂w[o][c][ky][kx] of Σ gy·conv(x, w): the convolution with a one-hot weight.
+            let mut want = vec![0f64; c_in * 9 * c_out];
+            for o in 0..c_out {
+                for c in 0..c_in {
+                    for tap in 0..9 {
+                        let (ky, kx) = (tap / 3, tap % 3);
+                        let mut acc = 0f64;
+                        for oy in 0..h {
+                            for ox in 0..w {
+                                let (iy, ix) = (oy + ky, ox + kx);
+                                if iy < 1 || ix < 1 || iy > h || ix > w {
+                                    continue;
+                                }
+                                acc += f64::from(gy[(o * h + oy) * w + ox])
+                                    * f64::from(x[(c * h + iy - 1) * w + ix - 1]);
+                            }
+                        }
+                        want[(c * 9 + tap) * c_out + o] = acc;
+                    }
+                }
+            }
+            for level in levels() {
+                let mut xp = Vec::new();
+                pad(&x, c_in, (h, w), &mut xp);
+                // Twice into the partial sums, then onto what is there.
+                let mut lanes = vec![0f32; lanes_len(s)];
+                weight_grad_padded(level, s, &xp, &gy, &mut lanes);
+                weight_grad_padded(level, s, &xp, &gy, &mut lanes);
+                let mut gw_t = vec![1f32; want.len()];
+                finish_weight_grad(&lanes, &mut gw_t);
+                let tol = 1e-6 * (h * w) as f64;
+                for (i, (&g, &e)) in gw_t.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(g) - 1.0 - 2.0 * e).abs() <= tol,
+                        "{level:?} {s:?} at {i}: {g} vs 1 + 2·{e}"
+                    );
+                }
+            }
+        }
+    }
+}
