@@ -86,6 +86,19 @@ impl FoldedConv {
                 return;
             }
         }
+        if self.stride == 1
+            && self.weight.is_f32()
+            && super::direct::applies(self.c_in, self.c_out, self.k, w)
+        {
+            let s = super::direct::Shape3 {
+                c_in: self.c_in,
+                c_out: self.c_out,
+                h,
+                w,
+            };
+            let taps = self.weight.direct_taps(self.c_in);
+            return super::direct::accumulate_group(s, x, g, taps, out);
+        }
         if self.stride == 1 && self.k % 2 == 1 {
             if self.weight.is_f32() {
                 return self.accumulate_blocked(x, g, (h, w), out, BLOCK_VALUES);

@@ -45,12 +45,15 @@ pub(crate) fn pack_weight(w: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
     t
 }
 
-/// Writes x [c][h][w] into `xp` (resized) as [c][h + 2][w + 2] with a zero border.
-fn pad(x: &[f32], c_in: usize, (h, w): (usize, usize), xp: &mut Vec<f32>) {
+/// Writes one image into `xp` (resized) as [c][h + 2][w + 2] with a zero border; its channel
+/// c's plane is `x[c·chan_stride..][..h·w]` (`chan_stride` = h·w for one image [c][h][w], and
+/// g·h·w for an image of a group stored [c][g][h][w], `x` starting at that image).
+fn pad(x: &[f32], c_in: usize, (h, w): (usize, usize), chan_stride: usize, xp: &mut Vec<f32>) {
     let (hp, wp) = (h + 2, w + 2);
     xp.clear();
     xp.resize(c_in * hp * wp, 0.0);
-    for (plane, src) in xp.chunks_exact_mut(hp * wp).zip(x.chunks_exact(h * w)) {
+    for (c, plane) in xp.chunks_exact_mut(hp * wp).enumerate() {
+        let src = &x[c * chan_stride..][..h * w];
         for (row, s) in plane[wp..].chunks_exact_mut(wp).zip(src.chunks_exact(w)) {
             row[1..=w].copy_from_slice(s);
         }
@@ -254,8 +257,37 @@ pub(crate) struct Shape3 {
 /// y [c_out][h][w] = conv(x [c_in][h][w], the packed weight) for one image; `xp` is scratch.
 /// The caller has checked [`applies`].
 pub(crate) fn conv(s: Shape3, x: &[f32], wt: &[f32], xp: &mut Vec<f32>, y: &mut [f32]) {
-    pad(x, s.c_in, (s.h, s.w), xp);
-    conv_padded(level(), s, xp, wt, y)
+    let plane = s.h * s.w;
+    pad(x, s.c_in, (s.h, s.w), plane, xp);
+    let dst = Dst {
+        chan_stride: plane,
+        accumulate: false,
+    };
+    conv_padded(level(), s, xp, wt, y, dst)
+}
+
+/// out [c_out][g][h][w] += conv(x [c_in][g][h][w], the packed weight) for each of a group of
+/// g images stored channel-major (the fused eval path's layout). The caller has checked
+/// [`applies`].
+pub(crate) fn accumulate_group(s: Shape3, x: &[f32], g: usize, wt: &[f32], out: &mut [f32]) {
+    let plane = s.h * s.w;
+    let (level, mut xp) = (level(), Vec::new());
+    let dst = Dst {
+        chan_stride: g * plane,
+        accumulate: true,
+    };
+    for gi in 0..g {
+        pad(&x[gi * plane..], s.c_in, (s.h, s.w), g * plane, &mut xp);
+        conv_padded(level, s, &xp, wt, &mut out[gi * plane..], dst);
+    }
+}
+
+/// Where the convolution kernel puts output channel o's plane: at `o·chan_stride` of its
+/// output slice, stored or added.
+#[derive(Clone, Copy, Debug)]
+struct Dst {
+    chan_stride: usize,
+    accumulate: bool,
 }
 
 /// Adds one image's weight gradient (x [c_in][h][w], gy [c_out][h][w]) to `lanes`, the
@@ -264,8 +296,8 @@ pub(crate) fn conv(s: Shape3, x: &[f32], wt: &[f32], xp: &mut Vec<f32>, y: &mut 
 /// keeps horizontal additions out of the loop (on a 16×16 plane they cost more than the
 /// products). `xp` is scratch. The caller has checked [`applies`].
 pub(crate) fn weight_grad(s: Shape3, x: &[f32], gy: &[f32], xp: &mut Vec<f32>, lanes: &mut [f32]) {
-    pad(x, s.c_in, (s.h, s.w), xp);
-    weight_grad_padded(level(), s, xp, gy, lanes)
+    pad(x, s.c_in, (s.h, s.w), s.h * s.w, xp);
+    weight_grad_padded(level(), s, xp, gy, lanes, ())
 }
 
 /// The length of [`weight_grad`]'s partial sums.
@@ -289,38 +321,38 @@ pub(crate) fn finish_weight_grad(lanes: &[f32], gw_t: &mut [f32]) {
     }
 }
 
-/// Defines `$name(level, shape, a, b, out)` running `$body::<V>` in `level`'s build.
+/// Defines `$name(level, shape, a, b, out, extra)` running `$body::<V>` in `level`'s build.
 macro_rules! builds {
-    ($name:ident, $body:ident) => {
-        fn $name(level: Level, s: Shape3, a: &[f32], b: &[f32], out: &mut [f32]) {
+    ($name:ident, $body:ident, $extra:ty) => {
+        fn $name(level: Level, s: Shape3, a: &[f32], b: &[f32], out: &mut [f32], e: $extra) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,fma")]
-                unsafe fn avx512(s: Shape3, a: &[f32], b: &[f32], out: &mut [f32]) {
-                    $body::<x86::Z>(s, a, b, out)
+                unsafe fn avx512(s: Shape3, a: &[f32], b: &[f32], out: &mut [f32], e: $extra) {
+                    $body::<x86::Z>(s, a, b, out, e)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2(s: Shape3, a: &[f32], b: &[f32], out: &mut [f32]) {
-                    $body::<x86::Y>(s, a, b, out)
+                unsafe fn avx2(s: Shape3, a: &[f32], b: &[f32], out: &mut [f32], e: $extra) {
+                    $body::<x86::Y>(s, a, b, out, e)
                 }
                 match level {
                     // SAFETY: the caller's level is one the CPU has.
-                    Level::Avx512 => return unsafe { avx512(s, a, b, out) },
+                    Level::Avx512 => return unsafe { avx512(s, a, b, out, e) },
                     // SAFETY: as above.
-                    Level::Avx2 => return unsafe { avx2(s, a, b, out) },
+                    Level::Avx2 => return unsafe { avx2(s, a, b, out, e) },
                     Level::Portable => {}
                 }
             }
-            $body::<Plain>(s, a, b, out)
+            $body::<Plain>(s, a, b, out, e)
         }
     };
 }
 
-builds!(conv_padded, conv_body);
-builds!(weight_grad_padded, weight_grad_body);
+builds!(conv_padded, conv_body, Dst);
+builds!(weight_grad_padded, weight_grad_body, ());
 
 #[inline(always)]
-fn conv_body<V: V16>(s: Shape3, xp: &[f32], wt: &[f32], y: &mut [f32]) {
+fn conv_body<V: V16>(s: Shape3, xp: &[f32], wt: &[f32], y: &mut [f32], d: Dst) {
     assert!(
         s.c_out.is_multiple_of(CO) && s.w.is_multiple_of(L),
         "direct convolution shape"
@@ -328,10 +360,10 @@ fn conv_body<V: V16>(s: Shape3, xp: &[f32], wt: &[f32], y: &mut [f32]) {
     // Each row in segments of two vectors (sixteen accumulators of a block), then one.
     let pairs = s.w / (2 * L);
     for x0 in (0..pairs).map(|i| 2 * L * i) {
-        conv_segment::<V, 2>(s, xp, wt, x0, y)
+        conv_segment::<V, 2>(s, xp, wt, x0, y, d)
     }
     if !s.w.is_multiple_of(2 * L) {
-        conv_segment::<V, 1>(s, xp, wt, 2 * L * pairs, y)
+        conv_segment::<V, 1>(s, xp, wt, 2 * L * pairs, y, d)
     }
 }
 
@@ -343,6 +375,7 @@ fn conv_segment<V: V16, const NC: usize>(
     wt: &[f32],
     x0: usize,
     y: &mut [f32],
+    d: Dst,
 ) {
     let Shape3 { c_in, c_out, h, w } = s;
     let (wp, plane_p) = (w + 2, (h + 2) * (w + 2));
@@ -368,9 +401,13 @@ fn conv_segment<V: V16, const NC: usize>(
                 }
             }
             for (o, acc) in acc.iter().enumerate() {
-                let out = &mut y[((o0 + o) * h + oy) * w + x0..][..NC * L];
-                for (dst, a) in out.chunks_exact_mut(L).zip(acc) {
-                    a.store(dst);
+                let out = &mut y[(o0 + o) * d.chan_stride + oy * w + x0..][..NC * L];
+                for (dst, &a) in out.chunks_exact_mut(L).zip(acc) {
+                    if d.accumulate {
+                        V::load(dst).add(a).store(dst)
+                    } else {
+                        a.store(dst)
+                    }
                 }
             }
         }
@@ -378,7 +415,7 @@ fn conv_segment<V: V16, const NC: usize>(
 }
 
 #[inline(always)]
-fn weight_grad_body<V: V16>(s: Shape3, xp: &[f32], gy: &[f32], lanes: &mut [f32]) {
+fn weight_grad_body<V: V16>(s: Shape3, xp: &[f32], gy: &[f32], lanes: &mut [f32], _: ()) {
     let Shape3 { c_in, c_out, h, w } = s;
     let (wp, plane_p, plane) = (w + 2, (h + 2) * (w + 2), h * w);
     let xp = &xp[..c_in * plane_p];
@@ -517,14 +554,47 @@ mod tests {
             let packed = pack_weight(&wt, c_in, c_out);
             for level in levels() {
                 let mut xp = Vec::new();
-                pad(&x, c_in, (h, w), &mut xp);
+                pad(&x, c_in, (h, w), h * w, &mut xp);
                 let mut y = vec![f32::NAN; c_out * h * w];
-                conv_padded(level, s, &xp, &packed, &mut y);
+                let dst = Dst {
+                    chan_stride: h * w,
+                    accumulate: false,
+                };
+                conv_padded(level, s, &xp, &packed, &mut y, dst);
                 let tol = 1e-6 * (c_in * 9) as f64;
                 for (i, (&g, &e)) in y.iter().zip(&want).enumerate() {
                     assert!(
                         (f64::from(g) - e).abs() <= tol,
                         "{level:?} {s:?} at {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_stored_channel_major_accumulates_each_image() {
+        let (c_in, c_out, h, w, g) = (3, 16, 4, 48, 3);
+        let s = Shape3 { c_in, c_out, h, w };
+        let plane = h * w;
+        let x = seeded(c_in * g * plane, 5);
+        let wt = seeded(c_out * c_in * 9, 6);
+        let before = seeded(c_out * g * plane, 7);
+        let mut out = before.clone();
+        accumulate_group(s, &x, g, &pack_weight(&wt, c_in, c_out), &mut out);
+        for gi in 0..g {
+            // Image gi alone, [c][h][w].
+            let xi: Vec<f32> = (0..c_in)
+                .flat_map(|c| x[(c * g + gi) * plane..][..plane].to_vec())
+                .collect();
+            let want = conv_f64(s, &xi, &wt);
+            for o in 0..c_out {
+                for p in 0..plane {
+                    let at = (o * g + gi) * plane + p;
+                    let e = f64::from(before[at]) + want[o * plane + p];
+                    assert!(
+                        (f64::from(out[at]) - e).abs() <= 1e-5,
+                        "image {gi}, {o}, {p}"
                     );
                 }
             }
@@ -560,11 +630,11 @@ mod tests {
             }
             for level in levels() {
                 let mut xp = Vec::new();
-                pad(&x, c_in, (h, w), &mut xp);
+                pad(&x, c_in, (h, w), h * w, &mut xp);
                 // Twice into the partial sums, then onto what is there.
                 let mut lanes = vec![0f32; lanes_len(s)];
-                weight_grad_padded(level, s, &xp, &gy, &mut lanes);
-                weight_grad_padded(level, s, &xp, &gy, &mut lanes);
+                weight_grad_padded(level, s, &xp, &gy, &mut lanes, ());
+                weight_grad_padded(level, s, &xp, &gy, &mut lanes, ());
                 let mut gw_t = vec![1f32; want.len()];
                 finish_weight_grad(&lanes, &mut gw_t);
                 let tol = 1e-6 * (h * w) as f64;

@@ -173,6 +173,9 @@ pub(crate) struct GemmWeight {
     /// bf16 only, built on first use: the weights as a same-size convolution's AMX taps
     /// (`amx::conv_taps`).
     taps: std::sync::OnceLock<Vec<u32>>,
+    /// f32 only, built on first use: the weights as the direct 3×3 kernels read them
+    /// (`direct::pack_weight`).
+    direct: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl GemmWeight {
@@ -185,6 +188,7 @@ impl GemmWeight {
                 values,
                 pairs: None,
                 taps: std::sync::OnceLock::new(),
+                direct: std::sync::OnceLock::new(),
             },
             Precision::Bf16 => {
                 let (k2, k2p) = (k.div_ceil(2), pair_stride(k));
@@ -202,6 +206,7 @@ impl GemmWeight {
                     values: values.into_iter().map(round_bf16).collect(),
                     pairs: Some(pairs),
                     taps: std::sync::OnceLock::new(),
+                    direct: std::sync::OnceLock::new(),
                 }
             }
         }
@@ -269,6 +274,13 @@ impl GemmWeight {
         debug_assert_eq!(c_in * k * k, self.k);
         self.taps
             .get_or_init(|| amx::conv_taps(&self.values, self.m, c_in, k))
+    }
+
+    /// This f32 weight, [c_out, c_in·9], as the direct 3×3 kernels read it (built once).
+    pub(crate) fn direct_taps(&self, c_in: usize) -> &[f32] {
+        debug_assert!(self.is_f32() && c_in * 9 == self.k);
+        self.direct
+            .get_or_init(|| super::direct::pack_weight(&self.values, c_in, self.m))
     }
 
     /// `c[m×n] += self · B` where `row(r, dst)` writes row r (of k) of B into `dst` (n values;
