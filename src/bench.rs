@@ -369,18 +369,24 @@ fn cpu_flags() -> Vec<String> {
 }
 
 /// The kernels' instruction sets: the f32 GEMM's from the CPU's `flags` (the `gemm` crate picks
-/// AVX-512 or AVX2+FMA at run time) and caf's bf16 GEMM `bf16` (AMX, AVX-512 BF16 or emulated
-/// through the f32 one), naming `level` when `CAF_KERNELS` caps it.
+/// AVX-512 or AVX2+FMA at run time), caf's direct 3×3 convolutions' (the same choice, capped by
+/// `CAF_KERNELS`) and caf's bf16 GEMM `bf16` (AMX, AVX-512 BF16 or emulated through the f32
+/// one), naming `level` when `CAF_KERNELS` caps it.
 fn cpu_kernels(flags: &[String], bf16: Bf16Kernel, level: KernelLevel) -> String {
     let has = |f: &str| flags.iter().any(|x| x == f);
-    let f32_gemm = if has("avx512f") {
-        "f32 GEMM AVX-512"
+    let isa = if has("avx512f") && has("fma") {
+        "AVX-512"
     } else if has("avx2") && has("fma") {
-        "f32 GEMM AVX2+FMA"
+        "AVX2+FMA"
     } else {
-        "f32 GEMM scalar/SSE"
+        "scalar/SSE"
     };
-    let mut s = format!("{f32_gemm}, bf16 GEMM {bf16}");
+    let direct = if level == KernelLevel::Portable {
+        "scalar/SSE"
+    } else {
+        isa
+    };
+    let mut s = format!("f32 GEMM {isa}, direct 3×3 conv {direct}, bf16 GEMM {bf16}");
     match level {
         KernelLevel::Native => {}
         KernelLevel::Avx512 => s.push_str(" (CAF_KERNELS=avx512)"),
@@ -408,33 +414,35 @@ mod machine_tests {
         let avx512 = flags("sse2 avx2 fma avx512f avx512_bf16");
         assert_eq!(
             cpu_kernels(&avx512, Avx512Bf16, Native),
-            "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16"
+            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AVX-512 BF16"
         );
         assert_eq!(
             cpu_kernels(&avx512, Emulated, Portable),
-            "f32 GEMM AVX-512, bf16 GEMM emulated in f32 (CAF_KERNELS=portable)"
+            "f32 GEMM AVX-512, direct 3×3 conv scalar/SSE, bf16 GEMM emulated in f32 \
+             (CAF_KERNELS=portable)"
         );
         assert_eq!(
             cpu_kernels(&flags("sse2 avx2 fma"), Emulated, Native),
-            "f32 GEMM AVX2+FMA, bf16 GEMM emulated in f32"
+            "f32 GEMM AVX2+FMA, direct 3×3 conv AVX2+FMA, bf16 GEMM emulated in f32"
         );
         let amx = flags("avx2 fma avx512f avx512_bf16 amx_tile amx_bf16");
         assert_eq!(
             cpu_kernels(&amx, Amx, Native),
-            "f32 GEMM AVX-512, bf16 GEMM AMX-BF16"
+            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AMX-BF16"
         );
         assert_eq!(
             cpu_kernels(&amx, Avx512Bf16, Avx512),
-            "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16 (CAF_KERNELS=avx512)"
+            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AVX-512 BF16 \
+             (CAF_KERNELS=avx512)"
         );
         assert_eq!(
             cpu_kernels(&amx, Avx512Bf16, Native),
-            "f32 GEMM AVX-512, bf16 GEMM AVX-512 BF16; AMX-BF16 present, but the OS refused \
-             the tile state"
+            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AVX-512 BF16; AMX-BF16 present, \
+             but the OS refused the tile state"
         );
         assert_eq!(
             cpu_kernels(&[], Emulated, Native),
-            "f32 GEMM scalar/SSE, bf16 GEMM emulated in f32"
+            "f32 GEMM scalar/SSE, direct 3×3 conv scalar/SSE, bf16 GEMM emulated in f32"
         );
         // This machine's line names its CPU and some GEMM.
         let here = MachineInfo::of(&Device::Cpu).to_string();
