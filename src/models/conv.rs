@@ -96,6 +96,18 @@ impl Geom {
         self.stride == 1 && self.k % 2 == 1 && self.pad == self.k / 2
     }
 
+    /// This convolution's shape for the direct 3×3 kernels, if they take it (`direct::applies`).
+    fn direct(&self, c_out: usize) -> Option<direct::Shape3> {
+        (self.same_size() && direct::applies(self.c_in, c_out, self.k, self.w)).then_some(
+            direct::Shape3 {
+                c_in: self.c_in,
+                c_out,
+                h: self.h,
+                w: self.w,
+            },
+        )
+    }
+
     /// Calls `f(first value of the band in the plane, band values, im2col band)` for the bands
     /// of output rows of one image x[c_in × h × w] of a same-size convolution, each band of the
     /// operand built just before `f`'s GEMM reads it, so it is still in L2; `col` is scratch.
@@ -375,13 +387,7 @@ impl CustomOp2 for Conv2dOp {
         let (ho, wo) = g.out_hw();
         let plane = g.plane_out();
         let mut y = vec![0f32; n_img * c_out * plane];
-        if g.same_size() && direct::applies(g.c_in, c_out, g.k, g.w) {
-            let s = direct::Shape3 {
-                c_in: g.c_in,
-                c_out,
-                h: g.h,
-                w: g.w,
-            };
+        if let Some(s) = g.direct(c_out) {
             let wt = direct::pack_weight(w, g.c_in, c_out);
             y.par_chunks_mut(c_out * plane)
                 .zip(x.par_chunks(g.image_len()))
@@ -461,25 +467,18 @@ impl CustomOp2 for InputGradOp {
         let plane = g.plane_out();
         let rows = g.rows();
         let mut gx = vec![0f32; n_img * g.image_len()];
-        if g.same_size() && direct::applies(c_out, g.c_in, g.k, g.w) {
-            let (_, flipped) = g.transposed(w, c_out);
-            let s = direct::Shape3 {
-                c_in: c_out,
-                c_out: g.c_in,
-                h: g.h,
-                w: g.w,
-            };
-            let wt = direct::pack_weight(&flipped, c_out, g.c_in);
-            gx.par_chunks_mut(g.image_len())
-                .zip(gy.par_chunks(c_out * plane))
-                .for_each_init(Vec::new, |xp, (gxi, gyi)| {
-                    direct::conv(s, gyi, &wt, xp, gxi)
-                });
-            let shape = Shape::from((n_img, g.c_in, g.h, g.w));
-            return Ok((CpuStorage::F32(gx), shape));
-        }
         if g.same_size() {
             let (t, flipped) = g.transposed(w, c_out);
+            if let Some(s) = t.direct(g.c_in) {
+                let wt = direct::pack_weight(&flipped, c_out, g.c_in);
+                gx.par_chunks_mut(g.image_len())
+                    .zip(gy.par_chunks(c_out * plane))
+                    .for_each_init(Vec::new, |xp, (gxi, gyi)| {
+                        direct::conv(s, gyi, &wt, xp, gxi)
+                    });
+                let shape = Shape::from((n_img, g.c_in, g.h, g.w));
+                return Ok((CpuStorage::F32(gx), shape));
+            }
             gx.par_chunks_mut(g.image_len())
                 .zip(gy.par_chunks(c_out * plane))
                 .for_each_init(Vec::new, |col, (gxi, gyi)| {
@@ -542,13 +541,7 @@ impl CustomOp2 for WeightGradOp {
                 // (rows) then runs along the GEMM kernel's wide register dimension; with the
                 // few output channels there (8–64), the kernel idled most of its lanes.
                 let mut gw_t = vec![0f32; rows * c_out];
-                if g.same_size() && direct::applies(g.c_in, c_out, g.k, g.w) {
-                    let s = direct::Shape3 {
-                        c_in: g.c_in,
-                        c_out,
-                        h: g.h,
-                        w: g.w,
-                    };
+                if let Some(s) = g.direct(c_out) {
                     let (mut xp, mut lanes) = (Vec::new(), vec![0f32; direct::lanes_len(s)]);
                     for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
                         direct::weight_grad(s, xi, gyi, &mut xp, &mut lanes);

@@ -1,4 +1,5 @@
-//! Direct 3×3 convolutions (stride 1, padding 1) for the training path's wide, thin layers.
+//! Direct 3×3 convolutions (stride 1, padding 1) for wide, thin layers, in training and in the
+//! fused f32 eval path.
 //!
 //! Why: a training convolution of few channels on a large plane (an adapter's 8 channels at
 //! 32×32, ResNet-20's first stage) does little arithmetic per value it moves, and the im2col
@@ -8,14 +9,14 @@
 //! each block's accumulators over one output row held in registers while the input channels and
 //! the nine taps stream past. The input gradient of such a layer is the same convolution of the
 //! output gradient with the kernel flipped and the channels swapped (`conv::Geom::transposed`),
-//! so two kernels cover the three passes.
+//! so two kernels cover the three passes; the eval path (`convbn::FoldedConv`) runs the first on
+//! a group of images stored channel-major, adding onto the bias or the shortcut.
 //!
 //! One body per kernel, compiled for AVX-512 (with FMA), AVX2 (with FMA) and plain code, picked
 //! at run time; `CAF_KERNELS=portable` keeps the plain build, which rounds each product before
 //! adding it. The builds differ in rounding only, and each is tested against the f64 sums.
 
-#[cfg(target_arch = "x86_64")]
-use super::gemm::{kernel_level, KernelLevel};
+use super::gemm::{simd_level as level, SimdLevel as Level};
 
 /// Lanes of one vector of output pixels (an AVX-512 register; two AVX2 ones).
 const L: usize = 16;
@@ -58,30 +59,6 @@ fn pad(x: &[f32], c_in: usize, (h, w): (usize, usize), chan_stride: usize, xp: &
             row[1..=w].copy_from_slice(s);
         }
     }
-}
-
-/// Which build of the kernels runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Level {
-    Portable,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx2,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx512,
-}
-
-/// The widest build this CPU runs, capped by `CAF_KERNELS`.
-fn level() -> Level {
-    #[cfg(target_arch = "x86_64")]
-    if kernel_level() != KernelLevel::Portable && std::arch::is_x86_feature_detected!("fma") {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Level::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Level::Avx2;
-        }
-    }
-    Level::Portable
 }
 
 /// Sixteen f32 lanes: one AVX-512 register, two AVX2 ones, or a plain array. The kernels are
@@ -510,20 +487,6 @@ mod tests {
         y
     }
 
-    fn levels() -> Vec<Level> {
-        let mut v = vec![Level::Portable];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("fma") {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                v.push(Level::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                v.push(Level::Avx512);
-            }
-        }
-        v
-    }
-
     /// (c_in, c_out, h, w): rows of one vector, two, and five.
     const SHAPES: [(usize, usize, usize, usize); 6] = [
         (3, 8, 5, 32),
@@ -552,7 +515,7 @@ mod tests {
             let wt = seeded(c_out * c_in * 9, 2);
             let want = conv_f64(s, &x, &wt);
             let packed = pack_weight(&wt, c_in, c_out);
-            for level in levels() {
+            for level in crate::models::gemm::simd_levels_here() {
                 let mut xp = Vec::new();
                 pad(&x, c_in, (h, w), h * w, &mut xp);
                 let mut y = vec![f32::NAN; c_out * h * w];
@@ -628,7 +591,7 @@ mod tests {
                     }
                 }
             }
-            for level in levels() {
+            for level in crate::models::gemm::simd_levels_here() {
                 let mut xp = Vec::new();
                 pad(&x, c_in, (h, w), h * w, &mut xp);
                 // Twice into the partial sums, then onto what is there.

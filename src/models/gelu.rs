@@ -14,8 +14,7 @@
 //! Other devices and dtypes fall back to candle's own `gelu_erf`.
 
 use super::conv::f32_slice;
-#[cfg(target_arch = "x86_64")]
-use super::gemm::{kernel_level, KernelLevel};
+use super::gemm::{simd_level as level, SimdLevel as Level};
 use super::pointwise;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -127,30 +126,6 @@ macro_rules! vectorised {
             body(x, g, y)
         }
     };
-}
-
-/// Which build of the element-wise bodies runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Level {
-    Portable,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx2,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx512,
-}
-
-/// The widest build this CPU runs, capped by `CAF_KERNELS`.
-fn level() -> Level {
-    #[cfg(target_arch = "x86_64")]
-    if kernel_level() != KernelLevel::Portable {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Level::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Level::Avx2;
-        }
-    }
-    Level::Portable
 }
 
 vectorised!(gelu_values, |x: f32, _g: f32| gelu_value(x));
@@ -273,16 +248,7 @@ mod tests {
     /// that leave every kind of vector remainder.
     #[test]
     fn every_build_gives_the_same_bits() {
-        let mut levels = vec![Level::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                levels.push(Level::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                levels.push(Level::Avx512);
-            }
-        }
+        let levels = crate::models::gemm::simd_levels_here();
         for n in [1, 7, 15, 16, 17, 33, 1000] {
             let x = grid(-7.0, 7.0, n);
             let g = grid(-2.0, 3.0, n);
