@@ -96,16 +96,12 @@ impl Geom {
         self.stride == 1 && self.k % 2 == 1 && self.pad == self.k / 2
     }
 
-    /// This convolution's shape for the direct 3×3 kernels, if they take it (`direct::applies`).
+    /// This convolution's shape for the direct 3×3 kernels, if they take it.
     fn direct(&self, c_out: usize) -> Option<direct::Shape3> {
-        (self.same_size() && direct::applies(self.c_in, c_out, self.k, self.w)).then_some(
-            direct::Shape3 {
-                c_in: self.c_in,
-                c_out,
-                h: self.h,
-                w: self.w,
-            },
-        )
+        let hw = (self.h, self.w);
+        self.same_size()
+            .then(|| direct::shape(self.c_in, c_out, self.k, hw))
+            .flatten()
     }
 
     /// Calls `f(first value of the band in the plane, band values, im2col band)` for the bands

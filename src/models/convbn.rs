@@ -86,16 +86,10 @@ impl FoldedConv {
                 return;
             }
         }
-        if self.stride == 1
-            && self.weight.is_f32()
-            && super::direct::applies(self.c_in, self.c_out, self.k, w)
-        {
-            let s = super::direct::Shape3 {
-                c_in: self.c_in,
-                c_out: self.c_out,
-                h,
-                w,
-            };
+        let direct = (self.stride == 1 && self.weight.is_f32())
+            .then(|| super::direct::shape(self.c_in, self.c_out, self.k, (h, w)))
+            .flatten();
+        if let Some(s) = direct {
             let taps = self.weight.direct_taps(self.c_in);
             return super::direct::accumulate_group(s, x, g, taps, out);
         }

@@ -26,8 +26,14 @@ const CO: usize = 8;
 /// Whether the direct kernels take a same-size convolution (stride 1, padding k/2) of kernel
 /// `k` from `c_in` to `c_out` channels on planes w wide: a 3×3 kernel, output channels in whole
 /// blocks and rows in whole vectors.
-pub(crate) fn applies(c_in: usize, c_out: usize, k: usize, w: usize) -> bool {
+fn applies(c_in: usize, c_out: usize, k: usize, w: usize) -> bool {
     k == 3 && c_in > 0 && c_out > 0 && c_out.is_multiple_of(CO) && w > 0 && w.is_multiple_of(L)
+}
+
+/// The shape the kernels take for a same-size convolution (stride 1, padding k/2) on h×w
+/// planes, if [`applies`]; the one check every caller makes.
+pub(crate) fn shape(c_in: usize, c_out: usize, k: usize, (h, w): (usize, usize)) -> Option<Shape3> {
+    applies(c_in, c_out, k, w).then_some(Shape3 { c_in, c_out, h, w })
 }
 
 /// The weight [c_out, c_in, 3, 3] laid out as the convolution kernel reads it: blocks of
@@ -232,7 +238,7 @@ pub(crate) struct Shape3 {
 }
 
 /// y [c_out][h][w] = conv(x [c_in][h][w], the packed weight) for one image; `xp` is scratch.
-/// The caller has checked [`applies`].
+/// The caller has its shape from [`shape`].
 pub(crate) fn conv(s: Shape3, x: &[f32], wt: &[f32], xp: &mut Vec<f32>, y: &mut [f32]) {
     let plane = s.h * s.w;
     pad(x, s.c_in, (s.h, s.w), plane, xp);
@@ -245,7 +251,7 @@ pub(crate) fn conv(s: Shape3, x: &[f32], wt: &[f32], xp: &mut Vec<f32>, y: &mut 
 
 /// out [c_out][g][h][w] += conv(x [c_in][g][h][w], the packed weight) for each of a group of
 /// g images stored channel-major (the fused eval path's layout). The caller has checked
-/// [`applies`].
+/// [`shape`].
 pub(crate) fn accumulate_group(s: Shape3, x: &[f32], g: usize, wt: &[f32], out: &mut [f32]) {
     let plane = s.h * s.w;
     let (level, mut xp) = (level(), Vec::new());
@@ -271,7 +277,7 @@ struct Dst {
 /// gradient [c_in][tap][c_out] kept as sixteen partial sums per weight ([`lanes_len`] values);
 /// [`finish_weight_grad`] sums them. Summing lanes once per batch instead of once per image
 /// keeps horizontal additions out of the loop (on a 16×16 plane they cost more than the
-/// products). `xp` is scratch. The caller has checked [`applies`].
+/// products). `xp` is scratch. The caller has its shape from [`shape`].
 pub(crate) fn weight_grad(s: Shape3, x: &[f32], gy: &[f32], xp: &mut Vec<f32>, lanes: &mut [f32]) {
     pad(x, s.c_in, (s.h, s.w), s.h * s.w, xp);
     weight_grad_padded(level(), s, xp, gy, lanes, ())
