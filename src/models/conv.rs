@@ -539,9 +539,7 @@ impl CustomOp2 for WeightGradOp {
                 let mut gw_t = vec![0f32; rows * c_out];
                 if let Some(s) = g.direct(c_out) {
                     let (mut xp, mut lanes) = (Vec::new(), vec![0f32; direct::lanes_len(s)]);
-                    for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
-                        direct::weight_grad(s, xi, gyi, &mut xp, &mut lanes);
-                    }
+                    direct::weight_grad(s, xc, gyc, &mut xp, &mut lanes);
                     direct::finish_weight_grad(&lanes, &mut gw_t);
                     return gw_t;
                 }
