@@ -21,6 +21,10 @@ pub(super) struct HuffTable {
     /// Added to a code of each length to index `values`.
     valoffset: [i32; 17],
     values: [u8; 256],
+    /// For AC tables: `value << 16 | run << 8 | bits` when a code and the value bits after it
+    /// both fit in the next `LOOKAHEAD` bits, so a whole coefficient takes one lookup; 0
+    /// otherwise (EOB, ZRL and longer codes go the ordinary way).
+    ac_fast: Vec<i32>,
     /// Whether every symbol is a valid DC category (at most 15): libjpeg rejects a table used
     /// for DC that is not.
     pub dc_ok: bool,
@@ -58,13 +62,36 @@ impl HuffTable {
             code <<= 1;
         }
         maxcode[17] = i32::MAX;
+        let mut ac_fast = vec![0i32; 1 << LOOKAHEAD];
+        for (look, fast) in ac_fast.iter_mut().enumerate() {
+            let entry = lookup[look];
+            let (len, rs) = (u32::from(entry >> 8), entry & 0xFF);
+            let (run, size) = (i32::from(rs >> 4), u32::from(rs & 15));
+            if entry == 0 || size == 0 || len + size > LOOKAHEAD {
+                continue;
+            }
+            let bits = (look as u32 >> (LOOKAHEAD - len - size)) & ((1 << size) - 1);
+            let value = extend(bits as i32, size);
+            *fast = value << 16 | run << 8 | (len + size) as i32;
+        }
         Ok(HuffTable {
             lookup,
             maxcode,
             valoffset,
             values,
+            ac_fast,
             dc_ok: symbols.iter().all(|&s| s <= 15),
         })
+    }
+}
+
+/// The signed value that `s` magnitude bits `v` stand for (JPEG's EXTEND).
+#[inline]
+fn extend(v: i32, s: u32) -> i32 {
+    if v < 1 << (s - 1) {
+        v - (1 << s) + 1
+    } else {
+        v
     }
 }
 
@@ -94,6 +121,24 @@ impl<'a> BitReader<'a> {
     }
 
     fn refill(&mut self) {
+        // Fast path: eight bytes at once when none of them is 0xFF (no stuffing, no marker).
+        if !self.stopped {
+            if let Some(chunk) = self.data.get(self.pos..self.pos + 8) {
+                let word = u64::from_be_bytes(chunk.try_into().unwrap_or([0xFF; 8]));
+                let inverted = !word;
+                let has_ff = inverted.wrapping_sub(0x0101_0101_0101_0101)
+                    & !inverted
+                    & 0x8080_8080_8080_8080;
+                if has_ff == 0 {
+                    let n = (64 - self.bits) / 8;
+                    let taken = word & (!0u64 << (64 - 8 * n));
+                    self.buf |= taken >> self.bits;
+                    self.bits += 8 * n;
+                    self.pos += n as usize;
+                    return;
+                }
+            }
+        }
         while self.bits <= 56 {
             let byte = if self.stopped {
                 None
@@ -181,12 +226,7 @@ impl<'a> BitReader<'a> {
         if s == 0 {
             return 0;
         }
-        let v = self.bits(s) as i32;
-        if v < 1 << (s - 1) {
-            v - (1 << s) + 1
-        } else {
-            v
-        }
+        extend(self.bits(s) as i32, s)
     }
 
     #[inline]
@@ -258,6 +298,15 @@ pub(super) fn decode_block(
     let mut any_ac = false;
     let mut k = 1;
     while k < 64 {
+        let fast = ac.ac_fast[(r.peek(16) >> (16 - LOOKAHEAD)) as usize];
+        if fast != 0 {
+            r.consume((fast & 0xFF) as u32);
+            k += ((fast >> 8) & 0xFF) as usize;
+            block[NATURAL_ORDER[k]] = (fast >> 16) as i16;
+            any_ac = true;
+            k += 1;
+            continue;
+        }
         let rs = r.decode(ac);
         let (run, s) = (usize::from(rs >> 4), u32::from(rs & 15));
         if s != 0 {

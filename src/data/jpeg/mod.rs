@@ -320,6 +320,12 @@ impl Decoder<'_> {
             return Err(JpegError::Corrupt("no scan".into()));
         }
         let (width, height) = (img.frame.width, img.frame.height);
+        for c in &mut img.comps {
+            if !img.frame.progressive && !c.scanned {
+                // No scan covered it: mid-grey, as the all-zero blocks libjpeg keeps decode.
+                c.plane.fill(128);
+            }
+        }
         if img.frame.progressive {
             for c in &mut img.comps {
                 let stride = c.pbw * 8;
@@ -339,24 +345,19 @@ impl Decoder<'_> {
                 c.coefs = Vec::new();
             }
         }
-        let mut planes = Vec::with_capacity(img.comps.len());
-        for c in &img.comps {
+        let channels = img.comps.len();
+        let n = width * height;
+        let mut pixels = alloc::<u8>(channels * n)?;
+        for (c, out) in img.comps.iter().zip(pixels.chunks_exact_mut(n)) {
             let p = upsample::Plane {
                 data: &c.plane,
                 stride: c.pbw * 8,
                 width: c.dw,
                 height: c.dh,
             };
-            planes.push(upsample::upsample(
-                &p,
-                img.max_h / c.h,
-                img.max_v / c.v,
-                width,
-                height,
-            )?);
+            upsample::upsample(&p, img.max_h / c.h, img.max_v / c.v, width, out);
         }
-        let channels = planes.len();
-        if let [y, cb, cr] = &mut planes[..] {
+        if channels == 3 {
             let ids = [img.comps[0].id, img.comps[1].id, img.comps[2].id];
             // libjpeg's colour-space guess (jdapimin.c `default_decompress_parms`).
             let ycc = if self.jfif {
@@ -367,15 +368,10 @@ impl Decoder<'_> {
                 ids != [b'R', b'G', b'B']
             };
             if ycc {
+                let (y, rest) = pixels.split_at_mut(n);
+                let (cb, cr) = rest.split_at_mut(n);
                 color::ycc_to_rgb(y, cb, cr);
             }
-        }
-        let mut pixels = alloc::<u8>(0)?;
-        pixels
-            .try_reserve_exact(channels * width * height)
-            .map_err(|_| JpegError::OutOfMemory(channels * width * height))?;
-        for p in &planes {
-            pixels.extend_from_slice(p);
         }
         Ok(Decoded {
             width,
@@ -453,10 +449,7 @@ impl Image {
             let (plane, coefs) = if frame.progressive {
                 (Vec::new(), alloc(pbw * pbh * 64)?)
             } else {
-                // A component no scan covers comes out mid-grey, as all-zero blocks would.
-                let mut plane = alloc(pbw * pbh * 64)?;
-                plane.fill(128);
-                (plane, Vec::new())
+                (alloc(pbw * pbh * 64)?, Vec::new())
             };
             comps.push(Component {
                 id: c.id,

@@ -6,8 +6,6 @@
 //! Above the first row and below the last real row of a component, libjpeg's context rows
 //! repeat that edge row; horizontally the fancy filters special-case the two end columns.
 
-use super::JpegError;
-
 /// A decoded component: `width` × `height` real samples inside rows `stride` apart (the rest
 /// is MCU padding, which libjpeg never lets reach the output).
 pub(super) struct Plane<'a> {
@@ -37,17 +35,10 @@ impl Plane<'_> {
     }
 }
 
-/// Upsamples `p` by the integral factors (`hx`, `vx`) to `width` × `height`.
-pub(super) fn upsample(
-    p: &Plane,
-    hx: usize,
-    vx: usize,
-    width: usize,
-    height: usize,
-) -> Result<Vec<u8>, JpegError> {
-    let mut out = super::alloc(width * height)?;
-    if p.width == 0 || p.height == 0 {
-        return Ok(out);
+/// Upsamples `p` by the integral factors (`hx`, `vx`) into `out`, rows of `width`.
+pub(super) fn upsample(p: &Plane, hx: usize, vx: usize, width: usize, out: &mut [u8]) {
+    if p.width == 0 || p.height == 0 || width == 0 {
+        return;
     }
     let rows = out.chunks_exact_mut(width);
     match (hx, vx) {
@@ -94,7 +85,6 @@ pub(super) fn upsample(
             }
         }
     }
-    Ok(out)
 }
 
 /// Each input sample becomes two: 3/4 of itself plus 1/4 of the neighbour on that side, with
@@ -141,13 +131,19 @@ mod tests {
             width: 3,
             height: 3,
         };
-        let out = upsample(&p, 2, 1, 6, 3).expect("h2v1");
+        let up = |hx, vx, w: usize, h: usize, p: &Plane| {
+            let mut out = vec![0u8; w * h];
+            upsample(p, hx, vx, w, &mut out);
+            out
+        };
+        let out = up(2, 1, 6, 3, &p);
         assert_eq!(&out[..6], &[10, 13, 17, 23, 27, 30]);
-        let out = upsample(&p, 1, 2, 3, 6).expect("h1v2");
+        let out = up(1, 2, 3, 6, &p);
         // Row 0 blends row 0 with itself; row 1 is 3/4 row 0 + 1/4 row 1, bias 2.
         assert_eq!(&out[..6], &[10, 20, 30, 18, 28, 38]);
-        let out = upsample(&p, 2, 2, 5, 5).expect("h2v2");
-        assert_eq!(out.len(), 25);
+        let out = up(2, 2, 5, 5, &p);
+        // Top row: column sums 4 · row 0 (the row above repeats it), then +8/+7 over 16.
+        assert_eq!(&out[..3], &[10, 12, 18]);
         let flat = [7u8; 9];
         let p = Plane {
             data: &flat,
@@ -156,7 +152,7 @@ mod tests {
             height: 3,
         };
         for (hx, vx) in [(2, 1), (1, 2), (2, 2), (3, 1), (4, 4)] {
-            let out = upsample(&p, hx, vx, 3 * hx - 1, 3 * vx - 1).expect("up");
+            let out = up(hx, vx, 3 * hx - 1, 3 * vx - 1, &p);
             assert!(out.iter().all(|&v| v == 7), "{hx}×{vx}");
         }
     }
