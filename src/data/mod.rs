@@ -6,6 +6,7 @@
 pub mod augment;
 mod cifar10;
 pub mod imagefolder;
+pub mod jpeg;
 pub mod resize;
 
 use std::path::{Path, PathBuf};
