@@ -319,7 +319,7 @@ impl CustomOp3 for BnBackward {
             })
             .unzip();
         let m = (n * hw) as f32;
-        let mut out = vec![0f32; n * c * hw + 2 * c];
+        let mut out = super::pointwise::unfilled(n * c * hw + 2 * c);
         let (dx, tail) = out.split_at_mut(n * c * hw);
         dx.par_chunks_mut(hw).enumerate().for_each(|(i, dxo)| {
             let ch = i % c;

@@ -25,6 +25,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::pointwise::unfilled;
 use super::{direct, im2col};
 
 /// Images per partial weight gradient. Fixed (not derived from the thread count) so the
@@ -382,7 +383,8 @@ impl CustomOp2 for Conv2dOp {
         let c_out = l2.dims()[0];
         let (ho, wo) = g.out_hw();
         let plane = g.plane_out();
-        let mut y = vec![0f32; n_img * c_out * plane];
+        // Every branch writes each output value (no accumulation).
+        let mut y = unfilled(n_img * c_out * plane);
         if let Some(s) = g.direct(c_out) {
             let wt = direct::pack_weight(w, g.c_in, c_out);
             y.par_chunks_mut(c_out * plane)
@@ -462,8 +464,9 @@ impl CustomOp2 for InputGradOp {
         let c_out = l2.dims()[0];
         let plane = g.plane_out();
         let rows = g.rows();
-        let mut gx = vec![0f32; n_img * g.image_len()];
         if g.same_size() {
+            // Written value by value (the strided case below adds into it).
+            let mut gx = unfilled(n_img * g.image_len());
             let (t, flipped) = g.transposed(w, c_out);
             if let Some(s) = t.direct(g.c_in) {
                 let wt = direct::pack_weight(&flipped, c_out, g.c_in);
@@ -483,6 +486,7 @@ impl CustomOp2 for InputGradOp {
             let shape = Shape::from((n_img, g.c_in, g.h, g.w));
             return Ok((CpuStorage::F32(gx), shape));
         }
+        let mut gx = vec![0f32; n_img * g.image_len()];
         gx.par_chunks_mut(g.image_len())
             .zip(gy.par_chunks(c_out * plane))
             .for_each_init(
