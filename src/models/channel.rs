@@ -128,7 +128,7 @@ impl CustomOp3 for ShiftReluGradOp {
                 l1.dims()
             );
         }
-        let mut gx = vec![0f32; g.len()];
+        let mut gx = super::pointwise::unfilled(g.len());
         gx.par_chunks_mut(plane.max(1))
             .zip(g.par_chunks(plane.max(1)).zip(x.par_chunks(plane.max(1))))
             .enumerate()

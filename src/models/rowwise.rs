@@ -163,7 +163,7 @@ impl CustomOp3 for ScaleShiftOp {
         let gamma = f32_slice(s2, l2, "scale")?;
         let beta = f32_slice(s3, l3, "shift")?;
         let d = gamma.len().max(1);
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::pointwise::unfilled(x.len());
         y.par_chunks_mut(ROWS_PER_PART * d)
             .zip(x.par_chunks(ROWS_PER_PART * d))
             .for_each(|(yc, xc)| {

@@ -208,7 +208,7 @@ impl CustomOp3 for UntrackedLinear {
         let bias = f32_slice(s3, l3, "linear bias")?;
         let (rows, k) = l1.shape().dims2()?;
         let n = l2.dims()[0];
-        let mut y = vec![0f32; rows * n];
+        let mut y = super::pointwise::unfilled(rows * n);
         // Blocks of y index their rows of x (which is empty when k = 0: y is then the bias).
         y.par_chunks_mut(LINEAR_ROWS * n.max(1))
             .enumerate()
