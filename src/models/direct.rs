@@ -56,18 +56,24 @@ pub(crate) fn pack_weight(w: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
 /// c's plane is `x[c·chan_stride..][..h·w]` (`chan_stride` = h·w for one image [c][h][w], and
 /// g·h·w for an image of a group stored [c][g][h][w], `x` starting at that image).
 fn pad(x: &[f32], c_in: usize, (h, w): (usize, usize), chan_stride: usize, xp: &mut Vec<f32>) {
-    xp.clear();
+    // Every value is written below, so a buffer of the right length is not zeroed first.
     xp.resize(c_in * (h + 2) * (w + 2), 0.0);
     pad_into(x, c_in, (h, w), chan_stride, xp)
 }
 
-/// [`pad`] into `xp`, zeros already (the border is not written).
+/// [`pad`] into `xp`, border included.
 fn pad_into(x: &[f32], c_in: usize, (h, w): (usize, usize), chan_stride: usize, xp: &mut [f32]) {
     let (hp, wp) = (h + 2, w + 2);
     for (c, plane) in xp.chunks_exact_mut(hp * wp).take(c_in).enumerate() {
         let src = &x[c * chan_stride..][..h * w];
-        for (row, s) in plane[wp..].chunks_exact_mut(wp).zip(src.chunks_exact(w)) {
+        let (top, rest) = plane.split_at_mut(wp);
+        let (body, bottom) = rest.split_at_mut(h * wp);
+        top.fill(0.0);
+        bottom.fill(0.0);
+        for (row, s) in body.chunks_exact_mut(wp).zip(src.chunks_exact(w)) {
+            row[0] = 0.0;
             row[1..=w].copy_from_slice(s);
+            row[w + 1] = 0.0;
         }
     }
 }
@@ -289,7 +295,6 @@ struct Dst {
 pub(crate) fn weight_grad(s: Shape3, x: &[f32], gy: &[f32], xp: &mut Vec<f32>, lanes: &mut [f32]) {
     let (image, padded) = (s.c_in * s.h * s.w, s.c_in * (s.h + 2) * (s.w + 2));
     let n = x.len() / image;
-    xp.clear();
     xp.resize(n * padded, 0.0);
     for (xi, dst) in x.chunks_exact(image).zip(xp.chunks_exact_mut(padded)) {
         pad_into(xi, s.c_in, (s.h, s.w), s.h * s.w, dst);
@@ -542,7 +547,8 @@ mod tests {
             let want = conv_f64(s, &x, &wt);
             let packed = pack_weight(&wt, c_in, c_out);
             for level in crate::models::gemm::simd_levels_here() {
-                let mut xp = Vec::new();
+                // A scratch buffer left dirty by an earlier use: the border must still be zero.
+                let mut xp = vec![f32::NAN; c_in * (h + 2) * (w + 2)];
                 pad(&x, c_in, (h, w), h * w, &mut xp);
                 let mut y = vec![f32::NAN; c_out * h * w];
                 let dst = Dst {
