@@ -44,6 +44,7 @@ mod resnet;
 pub mod resnet50;
 mod resnet_eval;
 mod rowwise;
+mod shortcut;
 pub mod trainable;
 pub mod vit;
 mod weights;

@@ -89,29 +89,6 @@ fn conv_bn(
     ConvBn::new(conv.weight().clone(), stride, vb.pp(bn))
 }
 
-/// `x[:, :, ::2, ::2]` followed by zero-padding `pad` channels on each side.
-fn shortcut_a(x: &Tensor, pad: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    // Pad odd sizes by one so the pairs line up; the padding is never selected.
-    let x = if h % 2 == 1 {
-        x.pad_with_zeros(2, 0, 1)?
-    } else {
-        x.clone()
-    };
-    let x = if w % 2 == 1 {
-        x.pad_with_zeros(3, 0, 1)?
-    } else {
-        x
-    };
-    let (h2, w2) = (h.div_ceil(2), w.div_ceil(2));
-    let sub = x
-        .reshape((b, c, h2, 2, w2, 2))?
-        .narrow(3, 0, 1)?
-        .narrow(5, 0, 1)?
-        .reshape((b, c, h2, w2))?;
-    sub.pad_with_zeros(1, pad, pad)
-}
-
 #[derive(Clone, Debug)]
 pub struct BasicBlock {
     a: ConvBn,
@@ -134,7 +111,7 @@ impl ModuleT for BasicBlock {
         let out = self.a.forward_relu_t(x, train)?;
         let out = self.b.forward_t(&out, train)?;
         let short = match self.shortcut_pad {
-            Some(pad) => shortcut_a(x, pad)?,
+            Some(pad) => super::shortcut::option_a(x, pad)?,
             None => x.clone(),
         };
         add_relu(&out, &short)
