@@ -4,9 +4,10 @@
 //! Preprocessing (`Resize(resize)`, `CenterCrop(image_size)`, `ToTensor()` on a PIL image):
 //! decode to 8-bit RGB (PNG with the `png` crate, expanded to 8 bits per channel, palette and
 //! grey expanded to RGB, alpha dropped as Pillow's `convert("RGB")` drops it; JPEG with caf's
-//! own decoder, bit-identical to Pillow's ([`super::jpeg`])), resize the shorter side to `resize` with Pillow's antialiased bilinear filter
-//! ([`super::resize`]), centre-crop `image_size` × `image_size`, keep the bytes (the model sees
-//! byte / 255). A `resize` equal to the shorter side is no resize at all.
+//! own decoder, bit-identical to Pillow's ([`super::jpeg`])), resize the shorter side to
+//! `resize` with Pillow's antialiased bilinear filter ([`super::resize`]), centre-crop
+//! `image_size` × `image_size`, keep the bytes (the model sees byte / 255). A `resize` equal to
+//! the shorter side is no resize at all.
 //!
 //! Decoding runs on worker threads ahead of the consumer ([`Prefetch`]): a bounded number of
 //! decoded batches wait, in order, so memory stays flat whatever the folder's size.

@@ -120,11 +120,7 @@ impl FoldedResNet {
                         .chunks_exact(h * w)
                         .zip(dst_all.chunks_exact_mut(out_plane))
                     {
-                        for oy in 0..ho {
-                            for ox in 0..wo {
-                                dst[oy * wo + ox] = src[(2 * oy) * w + 2 * ox];
-                            }
-                        }
+                        super::shortcut::subsample_plane(src, (h, w), dst);
                     }
                 }
             }

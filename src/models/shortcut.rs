@@ -48,29 +48,14 @@ fn with_candle_ops(x: &Tensor, pad: usize) -> Result<Tensor> {
     sub.pad_with_zeros(1, pad, pad)
 }
 
-/// The input's dims and the output's channels and plane.
-struct Dims {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    co: usize,
-    h2: usize,
-    w2: usize,
-}
-
-fn dims(l: &Layout, pad: usize) -> Result<Dims> {
-    match *l.dims() {
-        [n, c, h, w] => Ok(Dims {
-            n,
-            c,
-            h,
-            w,
-            co: c + 2 * pad,
-            h2: h.div_ceil(2),
-            w2: w.div_ceil(2),
-        }),
-        ref d => candle_core::bail!("option-A shortcut: expected an NCHW tensor, got {d:?}"),
+/// One plane's `[::2, ::2]`: `dst` (⌈h/2⌉ × ⌈w/2⌉) from `src` (h × w). Also the fused eval
+/// path's shortcut (`resnet_eval`).
+pub(crate) fn subsample_plane(src: &[f32], (h, w): (usize, usize), dst: &mut [f32]) {
+    let w2 = w.div_ceil(2);
+    for (row, s) in dst.chunks_exact_mut(w2).zip(src[..h * w].chunks(2 * w)) {
+        for (v, &x) in row.iter_mut().zip(s[..w].iter().step_by(2)) {
+            *v = x;
+        }
     }
 }
 
@@ -85,39 +70,24 @@ impl CustomOp1 for OptionA {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "shortcut input")?;
-        let Dims {
-            n,
-            c,
-            h,
-            w,
-            co,
-            h2,
-            w2,
-        } = dims(l, self.pad)?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (co, h2, w2) = (c + 2 * self.pad, h.div_ceil(2), w.div_ceil(2));
         if x.is_empty() {
             // No input channels (or no images): only the zero padding, if anything.
             let y = vec![0f32; n * co * h2 * w2];
             return Ok((CpuStorage::F32(y), Shape::from((n, co, h2, w2))));
         }
         let mut y = unfilled(n * co * h2 * w2);
-        {
-            y.par_chunks_mut(co * h2 * w2)
-                .zip(x.par_chunks(c * h * w))
-                .for_each(|(yi, xi)| {
-                    for (oc, plane) in yi.chunks_exact_mut(h2 * w2).enumerate() {
-                        let Some(ic) = oc.checked_sub(self.pad).filter(|&ic| ic < c) else {
-                            plane.fill(0.0);
-                            continue;
-                        };
-                        let src = &xi[ic * h * w..][..h * w];
-                        for (row, s) in plane.chunks_exact_mut(w2).zip(src.chunks(2 * w)) {
-                            for (v, &x) in row.iter_mut().zip(s[..w].iter().step_by(2)) {
-                                *v = x;
-                            }
-                        }
+        y.par_chunks_mut(co * h2 * w2)
+            .zip(x.par_chunks(c * h * w))
+            .for_each(|(yi, xi)| {
+                for (oc, plane) in yi.chunks_exact_mut(h2 * w2).enumerate() {
+                    match oc.checked_sub(self.pad).filter(|&ic| ic < c) {
+                        Some(ic) => subsample_plane(&xi[ic * h * w..], (h, w), plane),
+                        None => plane.fill(0.0),
                     }
-                });
-        }
+                }
+            });
         Ok((CpuStorage::F32(y), Shape::from((n, co, h2, w2))))
     }
 
