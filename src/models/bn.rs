@@ -56,7 +56,7 @@ fn train(bn: &BatchNorm, x: &Tensor, relu: bool) -> Result<Tensor> {
         );
     }
     let x = x.contiguous()?;
-    let (mean, var) = {
+    let stats = {
         let (storage, layout) = x.storage_and_layout();
         let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
             candle_core::bail!("batch norm: expected f32 CPU storage");
@@ -64,40 +64,147 @@ fn train(bn: &BatchNorm, x: &Tensor, relu: bool) -> Result<Tensor> {
         let Some((a, b)) = layout.contiguous_offsets() else {
             candle_core::bail!("batch norm: expected a contiguous input");
         };
-        stats(&data[a..b], n, c, h * w)
+        BatchStats::of(&data[a..b], n, c, h * w, bn.eps())
     };
-    // Running statistics, exactly as candle_nn updates them.
-    let mom = bn.momentum();
-    let unbias = m as f64 / (m as f64 - 1.0);
-    let rm = Var::from_tensor(bn.running_mean())?;
-    let rv = Var::from_tensor(bn.running_var())?;
-    let old_m: Vec<f32> = rm.as_tensor().to_vec1()?;
-    let old_v: Vec<f32> = rv.as_tensor().to_vec1()?;
-    let new_m: Vec<f32> = old_m
-        .iter()
-        .zip(&mean)
-        .map(|(&r, &b)| (f64::from(r) * (1.0 - mom) + b * mom) as f32)
-        .collect();
-    let new_v: Vec<f32> = old_v
-        .iter()
-        .zip(&var)
-        .map(|(&r, &b)| (f64::from(r) * (1.0 - mom) + b * mom * unbias) as f32)
-        .collect();
-    rm.set(&Tensor::from_vec(new_m, c, x.device())?)?;
-    rv.set(&Tensor::from_vec(new_v, c, x.device())?)?;
-    let eps = bn.eps();
+    stats.update_running(bn)?;
     let op = BnTrain {
-        mean: mean.iter().map(|&v| v as f32).collect(),
-        invstd: var
-            .iter()
-            .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
-            .collect(),
+        stats,
         n,
         c,
         hw: h * w,
         relu,
     };
     x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
+}
+
+/// A batch's per-channel statistics as train-mode BatchNorm normalises with them.
+pub(crate) struct BatchStats {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    /// The biased variance in f64 and the values per channel, for the running statistics.
+    var: Vec<f64>,
+    mean_f64: Vec<f64>,
+    m: usize,
+}
+
+impl BatchStats {
+    /// The statistics of an NCHW buffer of `n` images of `c` planes of `hw` values.
+    pub(crate) fn of(x: &[f32], n: usize, c: usize, hw: usize, eps: f64) -> Self {
+        let (mean_f64, var) = stats(x, n, c, hw);
+        BatchStats {
+            mean: mean_f64.iter().map(|&v| v as f32).collect(),
+            invstd: var
+                .iter()
+                .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
+                .collect(),
+            var,
+            mean_f64,
+            m: n * hw,
+        }
+    }
+
+    /// Moves `bn`'s running statistics towards these, exactly as candle_nn does.
+    pub(crate) fn update_running(&self, bn: &BatchNorm) -> Result<()> {
+        let mom = bn.momentum();
+        let m = self.m as f64;
+        let unbias = m / (m - 1.0);
+        let rm = Var::from_tensor(bn.running_mean())?;
+        let rv = Var::from_tensor(bn.running_var())?;
+        let old_m: Vec<f32> = rm.as_tensor().to_vec1()?;
+        let old_v: Vec<f32> = rv.as_tensor().to_vec1()?;
+        let new_m: Vec<f32> = old_m
+            .iter()
+            .zip(&self.mean_f64)
+            .map(|(&r, &b)| (f64::from(r) * (1.0 - mom) + b * mom) as f32)
+            .collect();
+        let new_v: Vec<f32> = old_v
+            .iter()
+            .zip(&self.var)
+            .map(|(&r, &b)| (f64::from(r) * (1.0 - mom) + b * mom * unbias) as f32)
+            .collect();
+        let (c, dev) = (new_m.len(), bn.running_mean().device());
+        rm.set(&Tensor::from_vec(new_m, c, dev)?)?;
+        rv.set(&Tensor::from_vec(new_v, c, dev)?)
+    }
+
+    /// The per-channel affine map y = x·a + b the forward pass applies (f32, as it computes
+    /// it, so a backward's ReLU mask sees the forward's exact pre-activations).
+    pub(crate) fn affine(&self, gamma: &[f32], beta: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        (0..self.mean.len())
+            .map(|ch| {
+                let a = self.invstd[ch] * gamma[ch];
+                (a, beta[ch] - self.mean[ch] * a)
+            })
+            .unzip()
+    }
+
+    /// The backward pass of y = BN(x) (then ReLU where `relu` holds the forward's affine map):
+    /// writes ∂L/∂x into `dx` and returns (∂L/∂γ, ∂L/∂β), from x, γ and ∂L/∂y.
+    pub(crate) fn backward(
+        &self,
+        (x, gamma, dy): (&[f32], &[f32], &[f32]),
+        (n, hw): (usize, usize),
+        relu: Option<&(Vec<f32>, Vec<f32>)>,
+        dx: &mut [f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let c = self.mean.len();
+        // The BatchNorm output's gradient as a function of (dy, x) for channel `ch`: dy itself,
+        // or with a fused ReLU dy where the pre-activation is ≥ 0 and 0 elsewhere (NaN
+        // included), as the ReLU's own backward does.
+        let output_grad = |ch: usize| {
+            let (relu, a, b) = match relu {
+                Some((a, b)) => (true, a[ch], b[ch]),
+                None => (false, 1.0, 0.0),
+            };
+            move |g: f32, v: f32| {
+                if !relu || v * a + b >= 0.0 {
+                    g
+                } else {
+                    0.0
+                }
+            }
+        };
+        // Σ dy and Σ dy·x̂ per channel, in a fixed order.
+        let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                let out_grad = output_grad(ch);
+                let (mut sb, mut sg) = ([0f64; LANES], [0f64; LANES]);
+                for img in 0..n {
+                    let off = (img * c + ch) * hw;
+                    lane_sums(
+                        &dy[off..off + hw],
+                        &x[off..off + hw],
+                        |g, v| {
+                            let g = out_grad(g, v);
+                            (f64::from(g), f64::from(g) * f64::from((v - mu) * is))
+                        },
+                        (&mut sb, &mut sg),
+                    );
+                }
+                (lanes_total(sb), lanes_total(sg))
+            })
+            .unzip();
+        let m = (n * hw) as f32;
+        dx.par_chunks_mut(hw).enumerate().for_each(|(i, dxo)| {
+            let ch = i % c;
+            let off = i * hw;
+            let (mu, is) = (self.mean[ch], self.invstd[ch]);
+            let k = gamma[ch] * is / m;
+            let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
+            let out_grad = output_grad(ch);
+            for ((o, &g), &v) in dxo
+                .iter_mut()
+                .zip(&dy[off..off + hw])
+                .zip(&x[off..off + hw])
+            {
+                *o = k * (m * out_grad(g, v) - db - (v - mu) * is * dg);
+            }
+        });
+        let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+        (f(dgamma), f(dbeta))
+    }
 }
 
 /// Per-channel mean and biased variance of an NCHW buffer, in f64.
@@ -170,25 +277,11 @@ fn lanes_total(mut v: [f64; LANES]) -> f64 {
 /// y = (x − μ)·invstd·γ + β with the batch statistics fixed in the op; then max(y, 0) if
 /// `relu`.
 struct BnTrain {
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
+    stats: BatchStats,
     n: usize,
     c: usize,
     hw: usize,
     relu: bool,
-}
-
-impl BnTrain {
-    /// The per-channel affine map y = x·a + b the forward pass applies (f32, as it computes it,
-    /// so the backward's ReLU mask sees the forward's exact pre-activations).
-    fn affine(&self, gamma: &[f32], beta: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        (0..self.c)
-            .map(|ch| {
-                let a = self.invstd[ch] * gamma[ch];
-                (a, beta[ch] - self.mean[ch] * a)
-            })
-            .unzip()
-    }
 }
 
 impl CustomOp3 for BnTrain {
@@ -208,7 +301,7 @@ impl CustomOp3 for BnTrain {
         let x = f32_slice(s1, l1, "batch norm input")?;
         let gamma = f32_slice(s2, l2, "batch norm γ")?;
         let beta = f32_slice(s3, l3, "batch norm β")?;
-        let (a, b) = self.affine(gamma, beta);
+        let (a, b) = self.stats.affine(gamma, beta);
         let y = super::pointwise::channel_affine(x, self.hw, &a, &b, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -223,22 +316,11 @@ impl CustomOp3 for BnTrain {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let relu = if self.relu {
-            Some(self.affine(&gamma.to_vec1()?, &beta.to_vec1()?))
+            Some(self.stats.affine(&gamma.to_vec1()?, &beta.to_vec1()?))
         } else {
             None
         };
-        let grads = x.apply_op3_no_bwd(
-            gamma,
-            &dy,
-            &BnBackward {
-                mean: self.mean.clone(),
-                invstd: self.invstd.clone(),
-                n: self.n,
-                c: self.c,
-                hw: self.hw,
-                relu,
-            },
-        )?;
+        let grads = x.apply_op3_no_bwd(gamma, &dy, &BnBackward { stats: self, relu })?;
         let len = self.n * self.c * self.hw;
         let dx = grads.narrow(0, 0, len)?.reshape(x.shape())?;
         let dgamma = grads.narrow(0, len, self.c)?;
@@ -248,37 +330,14 @@ impl CustomOp3 for BnTrain {
 }
 
 /// (x, γ, dy) → [dx (flattened) | dγ | dβ] in one buffer (a custom op has one output).
-struct BnBackward {
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
-    n: usize,
-    c: usize,
-    hw: usize,
+struct BnBackward<'a> {
+    stats: &'a BnTrain,
     /// For a BatchNorm fused with a ReLU, the forward's per-channel affine map (a, b): dy is
     /// the ReLU's output gradient, let through where x·a + b ≥ 0.
     relu: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-impl BnBackward {
-    /// The BatchNorm output's gradient as a function of (dy, x) for channel `ch`: dy itself, or
-    /// with a fused ReLU dy where the pre-activation is ≥ 0 and 0 elsewhere (NaN included), as
-    /// the ReLU's own backward does.
-    fn output_grad(&self, ch: usize) -> impl Fn(f32, f32) -> f32 {
-        let (relu, a, b) = match &self.relu {
-            Some((a, b)) => (true, a[ch], b[ch]),
-            None => (false, 1.0, 0.0),
-        };
-        move |g, v| {
-            if !relu || v * a + b >= 0.0 {
-                g
-            } else {
-                0.0
-            }
-        }
-    }
-}
-
-impl CustomOp3 for BnBackward {
+impl CustomOp3 for BnBackward<'_> {
     fn name(&self) -> &'static str {
         "caf-batch-norm-train-backward"
     }
@@ -295,51 +354,15 @@ impl CustomOp3 for BnBackward {
         let x = f32_slice(s1, l1, "batch norm input")?;
         let gamma = f32_slice(s2, l2, "batch norm γ")?;
         let dy = f32_slice(s3, l3, "batch norm output gradient")?;
-        let (n, c, hw) = (self.n, self.c, self.hw);
-        // Σ dy and Σ dy·x̂ per channel, in a fixed order.
-        let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                let out_grad = self.output_grad(ch);
-                let (mut sb, mut sg) = ([0f64; LANES], [0f64; LANES]);
-                for img in 0..n {
-                    let off = (img * c + ch) * hw;
-                    lane_sums(
-                        &dy[off..off + hw],
-                        &x[off..off + hw],
-                        |g, v| {
-                            let g = out_grad(g, v);
-                            (f64::from(g), f64::from(g) * f64::from((v - mu) * is))
-                        },
-                        (&mut sb, &mut sg),
-                    );
-                }
-                (lanes_total(sb), lanes_total(sg))
-            })
-            .unzip();
-        let m = (n * hw) as f32;
+        let BnTrain { n, c, hw, .. } = *self.stats;
         let mut out = super::pointwise::unfilled(n * c * hw + 2 * c);
         let (dx, tail) = out.split_at_mut(n * c * hw);
-        dx.par_chunks_mut(hw).enumerate().for_each(|(i, dxo)| {
-            let ch = i % c;
-            let off = i * hw;
-            let (mu, is) = (self.mean[ch], self.invstd[ch]);
-            let k = gamma[ch] * is / m;
-            let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
-            let out_grad = self.output_grad(ch);
-            for ((o, &g), &v) in dxo
-                .iter_mut()
-                .zip(&dy[off..off + hw])
-                .zip(&x[off..off + hw])
-            {
-                *o = k * (m * out_grad(g, v) - db - (v - mu) * is * dg);
-            }
-        });
-        for ch in 0..c {
-            tail[ch] = dgamma[ch] as f32;
-            tail[c + ch] = dbeta[ch] as f32;
-        }
+        let (dgamma, dbeta) =
+            self.stats
+                .stats
+                .backward((x, gamma, dy), (n, hw), self.relu.as_ref(), dx);
+        tail[..c].copy_from_slice(&dgamma);
+        tail[c..].copy_from_slice(&dbeta);
         Ok((CpuStorage::F32(out), Shape::from(n * c * hw + 2 * c)))
     }
 }

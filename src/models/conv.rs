@@ -77,7 +77,7 @@ fn conv2d_blocked(
 
 /// The shape of one convolution, enough to map between an image and its im2col matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geom {
+pub(crate) struct Geom {
     c_in: usize,
     h: usize,
     w: usize,
@@ -89,6 +89,24 @@ struct Geom {
 }
 
 impl Geom {
+    /// A k×k convolution of c_in × h × w images with padding k/2 (the ResNets' layers).
+    pub(crate) fn same_padding(
+        c_in: usize,
+        (h, w): (usize, usize),
+        k: usize,
+        stride: usize,
+    ) -> Self {
+        Geom {
+            c_in,
+            h,
+            w,
+            k,
+            pad: k / 2,
+            stride,
+            block_values: im2col::BLOCK_VALUES,
+        }
+    }
+
     /// Stride 1, odd k, padding k/2: the output plane is the input's, each im2col row a shifted
     /// copy of an input plane, and the input gradient the same convolution with the kernel
     /// flipped, channels swapped (every layer of the CIFAR ResNets but the two downsampling
@@ -178,7 +196,16 @@ impl Geom {
         )
     }
 
-    fn out_hw(&self) -> (usize, usize) {
+    pub(crate) fn c_in(&self) -> usize {
+        self.c_in
+    }
+
+    /// The input plane's size.
+    pub(crate) fn hw(&self) -> (usize, usize) {
+        (self.h, self.w)
+    }
+
+    pub(crate) fn out_hw(&self) -> (usize, usize) {
         (
             (self.h + 2 * self.pad - self.k) / self.stride + 1,
             (self.w + 2 * self.pad - self.k) / self.stride + 1,
@@ -359,6 +386,147 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     }
 }
 
+/// y = conv(x, w) for `n_img` images, contiguous NCHW slices; the body of the autograd op,
+/// shared with the fused residual block (`models::block`).
+pub(crate) fn forward(g: Geom, x: &[f32], w: &[f32], n_img: usize, c_out: usize) -> Vec<f32> {
+    let plane = g.plane_out();
+    // Every branch writes each output value (no accumulation).
+    let mut y = unfilled(n_img * c_out * plane);
+    if let Some(s) = g.direct(c_out) {
+        let wt = direct::pack_weight(w, g.c_in, c_out);
+        y.par_chunks_mut(c_out * plane)
+            .zip(x.par_chunks(g.image_len()))
+            .for_each_init(Vec::new, |xp, (yi, xi)| direct::conv(s, xi, &wt, xp, yi));
+        return y;
+    }
+    if g.same_size() {
+        y.par_chunks_mut(c_out * plane)
+            .zip(x.par_chunks(g.image_len()))
+            .for_each_init(Vec::new, |col, (yi, xi)| g.same_conv(xi, w, c_out, col, yi));
+        return y;
+    }
+    y.par_chunks_mut(c_out * plane)
+        .zip(x.par_chunks(g.image_len()))
+        .for_each_init(
+            || vec![0f32; g.rows() * plane],
+            |col, (yi, xi)| {
+                g.im2col(xi, col);
+                gemm(
+                    c_out,
+                    plane,
+                    g.rows(),
+                    (w, g.rows(), 1),
+                    (col, plane, 1),
+                    yi,
+                    false,
+                );
+            },
+        );
+    y
+}
+
+/// ∂L/∂x [n_img, c_in, h, w] from ∂L/∂y and w: per image, colᵍ = wᵀ·gy then col2im, or for a
+/// same-size convolution the convolution of gy with the flipped kernel.
+pub(crate) fn input_grad(g: Geom, gy: &[f32], w: &[f32], n_img: usize, c_out: usize) -> Vec<f32> {
+    let plane = g.plane_out();
+    let rows = g.rows();
+    if g.same_size() {
+        // Written value by value (the strided case below adds into it).
+        let mut gx = unfilled(n_img * g.image_len());
+        let (t, flipped) = g.transposed(w, c_out);
+        if let Some(s) = t.direct(g.c_in) {
+            let wt = direct::pack_weight(&flipped, c_out, g.c_in);
+            gx.par_chunks_mut(g.image_len())
+                .zip(gy.par_chunks(c_out * plane))
+                .for_each_init(Vec::new, |xp, (gxi, gyi)| {
+                    direct::conv(s, gyi, &wt, xp, gxi)
+                });
+            return gx;
+        }
+        gx.par_chunks_mut(g.image_len())
+            .zip(gy.par_chunks(c_out * plane))
+            .for_each_init(Vec::new, |col, (gxi, gyi)| {
+                t.same_conv(gyi, &flipped, g.c_in, col, gxi)
+            });
+        return gx;
+    }
+    let mut gx = vec![0f32; n_img * g.image_len()];
+    gx.par_chunks_mut(g.image_len())
+        .zip(gy.par_chunks(c_out * plane))
+        .for_each_init(
+            || vec![0f32; rows * plane],
+            |col, (gxi, gyi)| {
+                // wᵀ is [rows × c_out]: element (r, o) at w[o·rows + r].
+                gemm(
+                    rows,
+                    plane,
+                    c_out,
+                    (w, 1, rows),
+                    (gyi, plane, 1),
+                    col,
+                    false,
+                );
+                g.col2im(col, gxi);
+            },
+        );
+    gx
+}
+
+/// ∂L/∂w [c_out, c_in, k, k] from x and ∂L/∂y: Σ over images of gy·colᵀ, summed in fixed
+/// chunks of [`WGRAD_CHUNK`] images.
+pub(crate) fn weight_grad(g: Geom, x: &[f32], gy: &[f32], c_out: usize) -> Vec<f32> {
+    let plane = g.plane_out();
+    let rows = g.rows();
+    let img = g.image_len();
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(img * WGRAD_CHUNK)
+        .zip(gy.par_chunks(c_out * plane * WGRAD_CHUNK))
+        .map(|(xc, gyc)| {
+            // Accumulated transposed, gwᵀ = col·gyᵀ ([rows × c_out]): the long side
+            // (rows) then runs along the GEMM kernel's wide register dimension; with the
+            // few output channels there (8–64), the kernel idled most of its lanes.
+            let mut gw_t = vec![0f32; rows * c_out];
+            if let Some(s) = g.direct(c_out) {
+                let (mut xp, mut lanes) = (Vec::new(), vec![0f32; direct::lanes_len(s)]);
+                direct::weight_grad(s, xc, gyc, &mut xp, &mut lanes);
+                direct::finish_weight_grad(&lanes, &mut gw_t);
+                return gw_t;
+            }
+            if g.same_size() {
+                let mut col = Vec::new();
+                for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
+                    g.same_weight_grad(xi, gyi, c_out, &mut col, &mut gw_t);
+                }
+                return gw_t;
+            }
+            let mut col = vec![0f32; rows * plane];
+            for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
+                g.im2col(xi, &mut col);
+                // gyᵀ is [plane × c_out]: element (p, o) at gy[o·plane + p].
+                gemm(
+                    rows,
+                    c_out,
+                    plane,
+                    (&col, plane, 1),
+                    (gyi, 1, plane),
+                    &mut gw_t,
+                    true,
+                );
+            }
+            gw_t
+        })
+        .collect();
+    let mut gw = vec![0f32; c_out * rows];
+    for part in &partials {
+        for (r, row) in part.chunks_exact(c_out).enumerate() {
+            for (o, v) in row.iter().enumerate() {
+                gw[o * rows + r] += v;
+            }
+        }
+    }
+    gw
+}
+
 /// y = conv(x, w).
 struct Conv2dOp {
     geom: Geom,
@@ -376,45 +544,11 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geom;
         let x = f32_slice(s1, l1, "conv2d input")?;
         let w = f32_slice(s2, l2, "conv2d weight")?;
-        let n_img = l1.dims()[0];
-        let c_out = l2.dims()[0];
-        let (ho, wo) = g.out_hw();
-        let plane = g.plane_out();
-        // Every branch writes each output value (no accumulation).
-        let mut y = unfilled(n_img * c_out * plane);
-        if let Some(s) = g.direct(c_out) {
-            let wt = direct::pack_weight(w, g.c_in, c_out);
-            y.par_chunks_mut(c_out * plane)
-                .zip(x.par_chunks(g.image_len()))
-                .for_each_init(Vec::new, |xp, (yi, xi)| direct::conv(s, xi, &wt, xp, yi));
-            return Ok((CpuStorage::F32(y), Shape::from((n_img, c_out, ho, wo))));
-        }
-        if g.same_size() {
-            y.par_chunks_mut(c_out * plane)
-                .zip(x.par_chunks(g.image_len()))
-                .for_each_init(Vec::new, |col, (yi, xi)| g.same_conv(xi, w, c_out, col, yi));
-            return Ok((CpuStorage::F32(y), Shape::from((n_img, c_out, ho, wo))));
-        }
-        y.par_chunks_mut(c_out * plane)
-            .zip(x.par_chunks(g.image_len()))
-            .for_each_init(
-                || vec![0f32; g.rows() * plane],
-                |col, (yi, xi)| {
-                    g.im2col(xi, col);
-                    gemm(
-                        c_out,
-                        plane,
-                        g.rows(),
-                        (w, g.rows(), 1),
-                        (col, plane, 1),
-                        yi,
-                        false,
-                    );
-                },
-            );
+        let (n_img, c_out) = (l1.dims()[0], l2.dims()[0]);
+        let (ho, wo) = self.geom.out_hw();
+        let y = forward(self.geom, x, w, n_img, c_out);
         Ok((CpuStorage::F32(y), Shape::from((n_img, c_out, ho, wo))))
     }
 
@@ -460,51 +594,8 @@ impl CustomOp2 for InputGradOp {
         let g = self.geom;
         let gy = f32_slice(s1, l1, "conv2d output gradient")?;
         let w = f32_slice(s2, l2, "conv2d weight")?;
-        let n_img = l1.dims()[0];
-        let c_out = l2.dims()[0];
-        let plane = g.plane_out();
-        let rows = g.rows();
-        if g.same_size() {
-            // Written value by value (the strided case below adds into it).
-            let mut gx = unfilled(n_img * g.image_len());
-            let (t, flipped) = g.transposed(w, c_out);
-            if let Some(s) = t.direct(g.c_in) {
-                let wt = direct::pack_weight(&flipped, c_out, g.c_in);
-                gx.par_chunks_mut(g.image_len())
-                    .zip(gy.par_chunks(c_out * plane))
-                    .for_each_init(Vec::new, |xp, (gxi, gyi)| {
-                        direct::conv(s, gyi, &wt, xp, gxi)
-                    });
-                let shape = Shape::from((n_img, g.c_in, g.h, g.w));
-                return Ok((CpuStorage::F32(gx), shape));
-            }
-            gx.par_chunks_mut(g.image_len())
-                .zip(gy.par_chunks(c_out * plane))
-                .for_each_init(Vec::new, |col, (gxi, gyi)| {
-                    t.same_conv(gyi, &flipped, g.c_in, col, gxi)
-                });
-            let shape = Shape::from((n_img, g.c_in, g.h, g.w));
-            return Ok((CpuStorage::F32(gx), shape));
-        }
-        let mut gx = vec![0f32; n_img * g.image_len()];
-        gx.par_chunks_mut(g.image_len())
-            .zip(gy.par_chunks(c_out * plane))
-            .for_each_init(
-                || vec![0f32; rows * plane],
-                |col, (gxi, gyi)| {
-                    // wᵀ is [rows × c_out]: element (r, o) at w[o·rows + r].
-                    gemm(
-                        rows,
-                        plane,
-                        c_out,
-                        (w, 1, rows),
-                        (gyi, plane, 1),
-                        col,
-                        false,
-                    );
-                    g.col2im(col, gxi);
-                },
-            );
+        let (n_img, c_out) = (l1.dims()[0], l2.dims()[0]);
+        let gx = input_grad(g, gy, w, n_img, c_out);
         Ok((CpuStorage::F32(gx), Shape::from((n_img, g.c_in, g.h, g.w))))
     }
 }
@@ -526,59 +617,10 @@ impl CustomOp2 for WeightGradOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geom;
         let x = f32_slice(s1, l1, "conv2d input")?;
         let gy = f32_slice(s2, l2, "conv2d output gradient")?;
-        let c_out = l2.dims()[1];
-        let plane = g.plane_out();
-        let rows = g.rows();
-        let img = g.image_len();
-        let partials: Vec<Vec<f32>> = x
-            .par_chunks(img * WGRAD_CHUNK)
-            .zip(gy.par_chunks(c_out * plane * WGRAD_CHUNK))
-            .map(|(xc, gyc)| {
-                // Accumulated transposed, gwᵀ = col·gyᵀ ([rows × c_out]): the long side
-                // (rows) then runs along the GEMM kernel's wide register dimension; with the
-                // few output channels there (8–64), the kernel idled most of its lanes.
-                let mut gw_t = vec![0f32; rows * c_out];
-                if let Some(s) = g.direct(c_out) {
-                    let (mut xp, mut lanes) = (Vec::new(), vec![0f32; direct::lanes_len(s)]);
-                    direct::weight_grad(s, xc, gyc, &mut xp, &mut lanes);
-                    direct::finish_weight_grad(&lanes, &mut gw_t);
-                    return gw_t;
-                }
-                if g.same_size() {
-                    let mut col = Vec::new();
-                    for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
-                        g.same_weight_grad(xi, gyi, c_out, &mut col, &mut gw_t);
-                    }
-                    return gw_t;
-                }
-                let mut col = vec![0f32; rows * plane];
-                for (xi, gyi) in xc.chunks(img).zip(gyc.chunks(c_out * plane)) {
-                    g.im2col(xi, &mut col);
-                    // gyᵀ is [plane × c_out]: element (p, o) at gy[o·plane + p].
-                    gemm(
-                        rows,
-                        c_out,
-                        plane,
-                        (&col, plane, 1),
-                        (gyi, 1, plane),
-                        &mut gw_t,
-                        true,
-                    );
-                }
-                gw_t
-            })
-            .collect();
-        let mut gw = vec![0f32; c_out * rows];
-        for part in &partials {
-            for (r, row) in part.chunks_exact(c_out).enumerate() {
-                for (o, v) in row.iter().enumerate() {
-                    gw[o * rows + r] += v;
-                }
-            }
-        }
+        let (g, c_out) = (self.geom, l2.dims()[1]);
+        let gw = weight_grad(g, x, gy, c_out);
         Ok((CpuStorage::F32(gw), Shape::from((c_out, g.c_in, g.k, g.k))))
     }
 }

@@ -299,6 +299,15 @@ impl ConvBn {
         })
     }
 
+    /// The layer as the fused train-mode residual block ([`super::block`]) reads it.
+    pub(crate) fn block_layer(&self) -> super::block::Layer<'_> {
+        super::block::Layer {
+            weight: &self.weight,
+            bn: &self.bn,
+            stride: self.stride,
+        }
+    }
+
     fn affine(&self) -> Result<(&Tensor, &Tensor)> {
         match self.bn.weight_and_bias() {
             Some(gb) => Ok(gb),

@@ -21,6 +21,7 @@
 pub mod adapter;
 mod amx;
 pub mod backbone;
+mod block;
 pub mod bn;
 pub mod caf;
 mod channel;

@@ -91,10 +91,10 @@ fn conv_bn(
 
 #[derive(Clone, Debug)]
 pub struct BasicBlock {
-    a: ConvBn,
-    b: ConvBn,
+    pub(crate) a: ConvBn,
+    pub(crate) b: ConvBn,
     /// Channels to zero-pad on each side where the shortcut changes shape (option A).
-    shortcut_pad: Option<usize>,
+    pub(crate) shortcut_pad: Option<usize>,
 }
 
 impl BasicBlock {
@@ -106,8 +106,9 @@ impl BasicBlock {
     }
 }
 
-impl ModuleT for BasicBlock {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl BasicBlock {
+    /// The block as a chain of separate ops (convolution, BatchNorm, shortcut, add + ReLU).
+    pub(crate) fn forward_ops(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let out = self.a.forward_relu_t(x, train)?;
         let out = self.b.forward_t(&out, train)?;
         let short = match self.shortcut_pad {
@@ -115,6 +116,20 @@ impl ModuleT for BasicBlock {
             None => x.clone(),
         };
         add_relu(&out, &short)
+    }
+}
+
+impl ModuleT for BasicBlock {
+    /// In train mode on the CPU the block is one op (see [`super::block`]), the same values
+    /// and gradients as [`forward_ops`](Self::forward_ops) without five of its six graph nodes.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            let layers = (self.a.block_layer(), self.b.block_layer());
+            if let Some(y) = super::block::forward_train(x, layers, self.shortcut_pad)? {
+                return Ok(y);
+            }
+        }
+        self.forward_ops(x, train)
     }
 }
 

@@ -1,0 +1,501 @@
+//! A CIFAR ResNet basic block in train mode, relu(BN₂(conv₂(relu(BN₁(conv₁ x)))) + shortcut(x)),
+//! as one autograd op over (x, its six parameters as one flat tensor).
+//!
+//! Why: chained as separate ops, a block is six nodes of candle's graph holding activations
+//! (conv₁ out, BN₁+ReLU out, conv₂ out, BN₂ out, the shortcut, the block output), and candle's
+//! backward gives each such node a gradient accumulator: a zeroed tensor of its size plus an
+//! add per incoming gradient, run on the calling thread alone. In a ResNet-20 `rs` step that
+//! serial work was about a tenth of the CPU time and kept one of two cores idle while it ran.
+//! As one op, the block's only node is its output; its backward runs the same kernels as the
+//! separate ops (`conv`, `bn`, the option-A shortcut's subsampling) in the same order, so values,
+//! running statistics and gradients equal the chained ops' bit for bit.
+//!
+//! The activations the backward needs (conv₁ out, BN₁+ReLU out, conv₂ out) are kept in the op
+//! itself, which candle's graph holds exactly as long as it held those tensors.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_nn::BatchNorm;
+use rayon::prelude::*;
+
+use super::bn::BatchStats;
+use super::conv::{self, f32_slice, Geom};
+use super::pointwise::{channel_affine, unfilled};
+use super::shortcut::subsample_plane;
+
+/// One convolution + BatchNorm of a block, as the fused op reads it.
+pub(crate) struct Layer<'a> {
+    /// [c_out, c_in, 3, 3]
+    pub weight: &'a Tensor,
+    pub bn: &'a BatchNorm,
+    pub stride: usize,
+}
+
+/// The block on `x` ([n, c_in, h, w], f32 on the CPU, affine BatchNorms, 3×3 kernels), updating
+/// both BatchNorms' running statistics; `None` when the block does not fit the fused op (the
+/// caller then chains the separate ops).
+pub(crate) fn forward_train(
+    x: &Tensor,
+    (a, b): (Layer, Layer),
+    shortcut_pad: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let (Some((g1, be1)), Some((g2, be2))) = (a.bn.weight_and_bias(), b.bn.weight_and_bias())
+    else {
+        return Ok(None);
+    };
+    let f32s = [x, a.weight, b.weight, g1, be1, g2, be2]
+        .iter()
+        .all(|t| t.dtype() == DType::F32);
+    if !super::path::fused(x.device()) || !f32s || x.rank() != 4 || b.stride != 1 {
+        return Ok(None);
+    }
+    let (n, c_in, h, w) = x.dims4()?;
+    let (planes, wc_in, k1, k1b) = a.weight.dims4()?;
+    let (planes2, wc_in2, k2, k2b) = b.weight.dims4()?;
+    let square3 = [k1, k1b, k2, k2b].iter().all(|&k| k == 3);
+    let g1_geom = Geom::same_padding(c_in, (h, w), 3, a.stride.max(1));
+    let (h1, w1) = g1_geom.out_hw();
+    let short_ok = match shortcut_pad {
+        None => c_in == planes && a.stride == 1,
+        Some(pad) => {
+            a.stride == 2 && c_in + 2 * pad == planes && (h1, w1) == (h.div_ceil(2), w.div_ceil(2))
+        }
+    };
+    if !square3 || wc_in != c_in || planes2 != planes || wc_in2 != planes || !short_ok {
+        return Ok(None);
+    }
+    if n * h1 * w1 < 2 || a.stride == 0 {
+        candle_core::bail!("batch norm: input {:?} has one value per channel", x.dims());
+    }
+    let params = Tensor::cat(
+        &[
+            a.weight.flatten_all()?,
+            g1.clone(),
+            be1.clone(),
+            b.weight.flatten_all()?,
+            g2.clone(),
+            be2.clone(),
+        ],
+        0,
+    )?;
+    let saved = Arc::new(Mutex::new(None));
+    let op = BlockTrain {
+        n,
+        planes,
+        conv1: g1_geom,
+        conv2: Geom::same_padding(planes, (h1, w1), 3, 1),
+        shortcut_pad,
+        eps: (a.bn.eps(), b.bn.eps()),
+        saved: saved.clone(),
+    };
+    let y = x.contiguous()?.apply_op2(&params, op)?;
+    let saved = saved.lock().map_err(|_| poisoned())?;
+    let saved = saved.as_ref().ok_or_else(poisoned)?;
+    saved.bn1.update_running(a.bn)?;
+    saved.bn2.update_running(b.bn)?;
+    Ok(Some(y))
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("fused residual block: its forward state is missing".into())
+}
+
+struct BlockTrain {
+    n: usize,
+    planes: usize,
+    conv1: Geom,
+    conv2: Geom,
+    shortcut_pad: Option<usize>,
+    eps: (f64, f64),
+    /// Shared with the caller, which reads the batch statistics for the running ones.
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+/// What the backward pass reads of the forward's.
+struct Saved {
+    y1: Vec<f32>,
+    a1: Vec<f32>,
+    y2: Vec<f32>,
+    bn1: BatchStats,
+    bn2: BatchStats,
+    /// BN₁'s forward affine map, for its fused ReLU's mask.
+    affine1: (Vec<f32>, Vec<f32>),
+    affine2: (Vec<f32>, Vec<f32>),
+}
+
+/// The six parameters' places in the flat tensor.
+struct Params<'a> {
+    w1: &'a [f32],
+    gamma1: &'a [f32],
+    beta1: &'a [f32],
+    w2: &'a [f32],
+    gamma2: &'a [f32],
+    beta2: &'a [f32],
+}
+
+impl BlockTrain {
+    fn params<'a>(&self, p: &'a [f32]) -> Result<Params<'a>> {
+        let (c, c_in) = (self.planes, self.conv1.c_in());
+        let (l1, l2) = (c * c_in * 9, c * c * 9);
+        if p.len() != l1 + l2 + 4 * c {
+            candle_core::bail!(
+                "fused residual block: {} parameters, expected {}",
+                p.len(),
+                l1 + l2 + 4 * c
+            );
+        }
+        let (w1, rest) = p.split_at(l1);
+        let (gamma1, rest) = rest.split_at(c);
+        let (beta1, rest) = rest.split_at(c);
+        let (w2, rest) = rest.split_at(l2);
+        let (gamma2, beta2) = rest.split_at(c);
+        Ok(Params {
+            w1,
+            gamma1,
+            beta1,
+            w2,
+            gamma2,
+            beta2,
+        })
+    }
+
+    fn plane(&self) -> usize {
+        let (h, w) = self.conv2.hw();
+        h * w
+    }
+
+    /// The shortcut's value for output channel `oc` of image `img`, written into `dst` (one
+    /// output plane), or `false` where it is a zero channel of option A's padding.
+    fn shortcut_plane(&self, x: &[f32], img: usize, oc: usize, dst: &mut [f32]) -> bool {
+        let (c_in, (h, w)) = (self.conv1.c_in(), self.conv1.hw());
+        match self.shortcut_pad {
+            None => {
+                dst.copy_from_slice(&x[(img * c_in + oc) * h * w..][..h * w]);
+                true
+            }
+            Some(pad) => match oc.checked_sub(pad).filter(|&ic| ic < c_in) {
+                Some(ic) => {
+                    subsample_plane(&x[(img * c_in + ic) * h * w..], (h, w), dst);
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// s = BN₂(y₂) + shortcut(x) for one output plane (the block's pre-activation), as the
+    /// chained ops compute it: the BatchNorm's affine value, then the sum.
+    fn pre_activation(
+        &self,
+        x: &[f32],
+        y2: &[f32],
+        (a, b): (&[f32], &[f32]),
+        i: usize,
+        s: &mut [f32],
+    ) {
+        let (img, oc) = (i / self.planes, i % self.planes);
+        let plane = self.plane();
+        let has = self.shortcut_plane(x, img, oc, s);
+        let (a, b) = (a[oc], b[oc]);
+        let y = &y2[i * plane..][..plane];
+        if has {
+            for (s, &v) in s.iter_mut().zip(y) {
+                *s += v * a + b;
+            }
+        } else {
+            for (s, &v) in s.iter_mut().zip(y) {
+                *s = v * a + b + 0.0;
+            }
+        }
+    }
+}
+
+impl CustomOp2 for BlockTrain {
+    fn name(&self) -> &'static str {
+        "caf-resnet-block-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "residual block input")?;
+        let p = self.params(f32_slice(s2, l2, "residual block parameters")?)?;
+        let (n, c, plane) = (self.n, self.planes, self.plane());
+        let y1 = conv::forward(self.conv1, x, p.w1, n, c);
+        let bn1 = BatchStats::of(&y1, n, c, plane, self.eps.0);
+        let affine1 = bn1.affine(p.gamma1, p.beta1);
+        let a1 = channel_affine(&y1, plane, &affine1.0, &affine1.1, true);
+        let y2 = conv::forward(self.conv2, &a1, p.w2, n, c);
+        let bn2 = BatchStats::of(&y2, n, c, plane, self.eps.1);
+        let affine2 = bn2.affine(p.gamma2, p.beta2);
+        let mut out = unfilled(n * c * plane);
+        out.par_chunks_mut(plane).enumerate().for_each(|(i, o)| {
+            self.pre_activation(x, &y2, (&affine2.0, &affine2.1), i, o);
+            for v in o.iter_mut() {
+                *v = v.max(0.0);
+            }
+        });
+        let saved = Saved {
+            y1,
+            a1,
+            y2,
+            bn1,
+            bn2,
+            affine1,
+            affine2,
+        };
+        *self.saved.lock().map_err(|_| poisoned())? = Some(saved);
+        let (h, w) = self.conv2.hw();
+        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let saved = self.saved.lock().map_err(|_| poisoned())?;
+        let s = saved.as_ref().ok_or_else(poisoned)?;
+        let grad_out = grad_out.contiguous()?;
+        let (x_track, p_track) = (x.track_op(), p.track_op());
+        let (xg, xl) = x.storage_and_layout();
+        let (pg, pl) = p.storage_and_layout();
+        let (gg, gl) = grad_out.storage_and_layout();
+        let xs = cpu_f32(&xg, xl, "residual block input")?;
+        let ps = self.params(cpu_f32(&pg, pl, "residual block parameters")?)?;
+        let g = cpu_f32(&gg, gl, "residual block output gradient")?;
+        let (dx, dp) = self.backward(s, xs, ps, g, (x_track, p_track))?;
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+            .transpose()?;
+        let dp = dp
+            .map(|v| Tensor::from_vec(v, p.shape(), p.device()))
+            .transpose()?;
+        Ok((dx, dp))
+    }
+}
+
+type Grads = (Option<Vec<f32>>, Option<Vec<f32>>);
+
+impl BlockTrain {
+    fn backward(
+        &self,
+        s: &Saved,
+        x: &[f32],
+        p: Params,
+        grad_out: &[f32],
+        (x_track, p_track): (bool, bool),
+    ) -> Result<Grads> {
+        let (n, c, plane) = (self.n, self.planes, self.plane());
+        if grad_out.len() != n * c * plane {
+            candle_core::bail!(
+                "fused residual block: output gradient of {} values",
+                grad_out.len()
+            );
+        }
+        // The output ReLU lets the gradient through where the pre-activation is ≥ 0; it is
+        // also the shortcut's gradient and BN₂'s output gradient.
+        let mut d = unfilled(n * c * plane);
+        d.par_chunks_mut(plane).enumerate().for_each(|(i, di)| {
+            self.pre_activation(x, &s.y2, (&s.affine2.0, &s.affine2.1), i, di);
+            for (v, &g) in di.iter_mut().zip(&grad_out[i * plane..][..plane]) {
+                *v = if *v >= 0.0 { g } else { 0.0 };
+            }
+        });
+        let mut dy2 = unfilled(n * c * plane);
+        let (dgamma2, dbeta2) = s
+            .bn2
+            .backward((&s.y2, p.gamma2, &d), (n, plane), None, &mut dy2);
+        let da1 = conv::input_grad(self.conv2, &dy2, p.w2, n, c);
+        let dw2 = p_track.then(|| conv::weight_grad(self.conv2, &s.a1, &dy2, c));
+        drop(dy2);
+        let mut dy1 = unfilled(n * c * plane);
+        let relu1 = Some(&s.affine1);
+        let (dgamma1, dbeta1) =
+            s.bn1
+                .backward((&s.y1, p.gamma1, &da1), (n, plane), relu1, &mut dy1);
+        drop(da1);
+        let dw1 = p_track.then(|| conv::weight_grad(self.conv1, x, &dy1, c));
+        let dx = x_track.then(|| {
+            let mut dx = conv::input_grad(self.conv1, &dy1, p.w1, n, c);
+            self.add_shortcut_grad(&d, &mut dx);
+            dx
+        });
+        let dp = dw1
+            .zip(dw2)
+            .map(|(dw1, dw2)| [dw1, dgamma1, dbeta1, dw2, dgamma2, dbeta2].concat());
+        Ok((dx, dp))
+    }
+
+    /// dx += the shortcut's gradient: d itself (identity), or d's unpadded channels in the even
+    /// positions they were sampled from (option A).
+    fn add_shortcut_grad(&self, d: &[f32], dx: &mut [f32]) {
+        let (c_in, (h, w)) = (self.conv1.c_in(), self.conv1.hw());
+        let (c, plane) = (self.planes, self.plane());
+        let Some(pad) = self.shortcut_pad else {
+            dx.par_iter_mut().zip(d).for_each(|(v, &g)| *v += g);
+            return;
+        };
+        let w2 = w.div_ceil(2);
+        dx.par_chunks_mut(h * w).enumerate().for_each(|(i, dxp)| {
+            let (img, ic) = (i / c_in, i % c_in);
+            let src = &d[(img * c + ic + pad) * plane..][..plane];
+            for (row, s) in dxp.chunks_exact_mut(2 * w).zip(src.chunks_exact(w2)) {
+                for (v, &g) in row[..w].iter_mut().step_by(2).zip(s) {
+                    *v += g;
+                }
+            }
+            if h % 2 == 1 {
+                let row = &mut dxp[(h - 1) * w..];
+                for (v, &g) in row.iter_mut().step_by(2).zip(&src[(h / 2) * w2..]) {
+                    *v += g;
+                }
+            }
+        });
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor's storage.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Storage::Cpu(s) = storage else {
+        candle_core::bail!("{what} must be on the CPU");
+    };
+    f32_slice(s, layout, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, ModuleT, Var};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::super::conv::tests::randn;
+    use super::super::BasicBlock;
+    use super::*;
+
+    /// (output, running statistics, ∂L/∂x if x is tracked, every parameter's gradient) of one
+    /// train-mode forward and backward, fused or chained.
+    type Run = (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>, Vec<Vec<f32>>);
+
+    fn run(
+        (c_in, planes, stride): (usize, usize, usize),
+        (n, h, w): (usize, usize, usize),
+        (track_x, track_params): (bool, bool),
+        fused: bool,
+    ) -> Run {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let block = BasicBlock::new(c_in, planes, stride, vb).expect("block");
+        // Non-trivial values for every parameter and running statistic, the same in both runs.
+        let mut names: Vec<String> = varmap
+            .data()
+            .lock()
+            .expect("vars")
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        for (i, name) in names.iter().enumerate() {
+            let vars = varmap.data().lock().expect("vars");
+            let var = &vars[name];
+            let v = randn(100 + i as u64, var.dims());
+            let v = if name.ends_with("running_var") {
+                (v.abs().and_then(|t| t + 0.5)).expect("var")
+            } else {
+                v
+            };
+            var.set(&v).expect("set");
+        }
+        let x0 = (randn(7, &[n, c_in, h, w]) * 2.0).expect("x");
+        let xv = Var::from_tensor(&x0).expect("x var");
+        let x = if track_x { xv.as_tensor().clone() } else { x0 };
+        let block = if track_params { block } else { frozen(&block) };
+        let y = if fused {
+            let layers = (block.a.block_layer(), block.b.block_layer());
+            let y = forward_train(&x, layers, block.shortcut_pad).expect("fused");
+            y.expect("the block fits the fused op")
+        } else {
+            block.forward_ops(&x, true).expect("chained")
+        };
+        let r = randn(9, y.dims());
+        let grads = (&y * &r)
+            .and_then(|t| t.sum_all())
+            .and_then(|l| l.backward())
+            .expect("backward");
+        let v = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("values")
+        };
+        let vars = varmap.data().lock().expect("vars");
+        let running = names
+            .iter()
+            .filter(|n| n.contains("running"))
+            .map(|n| v(vars[n].as_tensor()))
+            .collect();
+        let params = names
+            .iter()
+            .filter(|n| !n.contains("running"))
+            .filter_map(|n| grads.get(vars[n].as_tensor()).map(v))
+            .collect();
+        let dx = track_x.then(|| v(grads.get(xv.as_tensor()).expect("dx")));
+        (v(&y), running, dx, params)
+    }
+
+    fn frozen(block: &BasicBlock) -> BasicBlock {
+        let mut b = block.clone();
+        b.a = b.a.detached().expect("detach");
+        b.b = b.b.detached().expect("detach");
+        b
+    }
+
+    /// The fused block equals the chained ops bit for bit: output, both BatchNorms' running
+    /// statistics, the input's and all six parameters' gradients; identity and option-A
+    /// shortcuts, even and odd planes, a plane the direct 3×3 kernels take, and frozen operands.
+    #[test]
+    fn the_fused_block_equals_the_chained_ops_exactly() {
+        let cases = [
+            ((4, 4, 1), (3, 6, 5), (true, true)),
+            ((4, 8, 2), (3, 8, 8), (true, true)),
+            ((4, 8, 2), (2, 7, 9), (true, true)),
+            ((16, 16, 1), (2, 16, 16), (true, true)),
+            ((8, 16, 2), (2, 16, 16), (false, true)),
+            ((4, 8, 2), (3, 8, 8), (true, false)),
+        ];
+        for (shape, size, track) in cases {
+            let fused = run(shape, size, track, true);
+            let chained = run(shape, size, track, false);
+            assert_eq!(fused.0, chained.0, "output {shape:?} {size:?}");
+            assert_eq!(fused.1, chained.1, "running statistics {shape:?} {size:?}");
+            assert_eq!(fused.2, chained.2, "dx {shape:?} {size:?} {track:?}");
+            assert_eq!(fused.3, chained.3, "parameter gradients {shape:?} {size:?}");
+            assert_eq!(fused.3.len(), if track.1 { 6 } else { 0 });
+            assert!(fused.0.iter().all(|v| v.is_finite()));
+        }
+    }
+
+    #[test]
+    fn blocks_the_op_does_not_take_fall_back() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let block = BasicBlock::new(4, 4, 1, vb).expect("block");
+        let layers = || (block.a.block_layer(), block.b.block_layer());
+        let x = randn(1, &[2, 4, 5, 5]);
+        assert!(forward_train(&x, layers(), None).expect("fits").is_some());
+        let bf16 = x.to_dtype(DType::BF16).expect("bf16");
+        assert!(forward_train(&bf16, layers(), None)
+            .expect("bf16")
+            .is_none());
+        let other_channels = randn(1, &[2, 3, 5, 5]);
+        let y = forward_train(&other_channels, layers(), None).expect("checked");
+        assert!(y.is_none());
+        // And the module still runs it, through the chained ops' own errors.
+        assert!(block.forward_t(&other_channels, true).is_err());
+    }
+}
