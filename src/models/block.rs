@@ -1,5 +1,7 @@
-//! A CIFAR ResNet basic block in train mode, relu(BN₂(conv₂(relu(BN₁(conv₁ x)))) + shortcut(x)),
-//! as one autograd op over (x, its six parameters as one flat tensor).
+//! A CIFAR ResNet basic block, relu(BN₂(conv₂(relu(BN₁(conv₁ x)))) + shortcut(x)), as one
+//! autograd op over (x, its parameters as one flat tensor): in train mode (batch statistics)
+//! and in eval mode (BatchNorm folded into the convolutions, as when a denoiser or an attack
+//! takes gradients through a frozen classifier).
 //!
 //! Why: chained as separate ops, a block is six nodes of candle's graph holding activations
 //! (conv₁ out, BN₁+ReLU out, conv₂ out, BN₂ out, the shortcut, the block output), and candle's
@@ -7,107 +9,119 @@
 //! add per incoming gradient, run on the calling thread alone. In a ResNet-20 `rs` step that
 //! serial work was about a tenth of the CPU time and kept one of two cores idle while it ran.
 //! As one op, the block's only node is its output; its backward runs the same kernels as the
-//! separate ops (`conv`, `bn`, the option-A shortcut's subsampling) in the same order, so values,
-//! running statistics and gradients equal the chained ops' bit for bit.
+//! separate ops (`conv`, `bn`, `channel`, the option-A shortcut's subsampling) in the same
+//! order, so values, running statistics and gradients equal the chained ops' bit for bit.
 //!
 //! The activations the backward needs (conv₁ out, BN₁+ReLU out, conv₂ out) are kept in the op
 //! itself, which candle's graph holds exactly as long as it held those tensors.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
-use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::bn::BatchStats;
+use super::channel::channel_sums;
 use super::conv::{self, f32_slice, Geom};
+use super::convbn::ConvBn;
 use super::pointwise::{channel_affine, unfilled};
 use super::shortcut::subsample_plane;
 
-/// One convolution + BatchNorm of a block, as the fused op reads it.
-pub(crate) struct Layer<'a> {
-    /// [c_out, c_in, 3, 3]
-    pub weight: &'a Tensor,
-    pub bn: &'a BatchNorm,
-    pub stride: usize,
-}
-
-/// The block on `x` ([n, c_in, h, w], f32 on the CPU, affine BatchNorms, 3×3 kernels), updating
-/// both BatchNorms' running statistics; `None` when the block does not fit the fused op (the
-/// caller then chains the separate ops).
-pub(crate) fn forward_train(
+/// The block on `x` ([n, c_in, h, w], f32 on the CPU, affine BatchNorms, 3×3 kernels); in train
+/// mode it updates both BatchNorms' running statistics. `None` when the block does not fit the
+/// fused op (the caller then chains the separate ops).
+pub(crate) fn forward(
     x: &Tensor,
-    (a, b): (Layer, Layer),
+    (a, b): (&ConvBn, &ConvBn),
     shortcut_pad: Option<usize>,
+    train: bool,
 ) -> Result<Option<Tensor>> {
-    let (Some((g1, be1)), Some((g2, be2))) = (a.bn.weight_and_bias(), b.bn.weight_and_bias())
+    let ((wa, bn_a, stride), (wb, bn_b, stride_b)) = (a.parts(), b.parts());
+    let (Some((g1, be1)), Some((g2, be2))) = (bn_a.weight_and_bias(), bn_b.weight_and_bias())
     else {
         return Ok(None);
     };
-    let f32s = [x, a.weight, b.weight, g1, be1, g2, be2]
+    let f32s = [x, wa, wb, g1, be1, g2, be2]
         .iter()
         .all(|t| t.dtype() == DType::F32);
-    if !super::path::fused(x.device()) || !f32s || x.rank() != 4 || b.stride != 1 {
+    if !super::path::fused(x.device()) || !f32s || x.rank() != 4 || stride_b != 1 {
         return Ok(None);
     }
     let (n, c_in, h, w) = x.dims4()?;
-    let (planes, wc_in, k1, k1b) = a.weight.dims4()?;
-    let (planes2, wc_in2, k2, k2b) = b.weight.dims4()?;
+    let (planes, wc_in, k1, k1b) = wa.dims4()?;
+    let (planes2, wc_in2, k2, k2b) = wb.dims4()?;
     let square3 = [k1, k1b, k2, k2b].iter().all(|&k| k == 3);
-    let g1_geom = Geom::same_padding(c_in, (h, w), 3, a.stride.max(1));
-    let (h1, w1) = g1_geom.out_hw();
+    let conv1 = Geom::same_padding(c_in, (h, w), 3, stride.max(1));
+    let (h1, w1) = conv1.out_hw();
     let short_ok = match shortcut_pad {
-        None => c_in == planes && a.stride == 1,
+        None => c_in == planes && stride == 1,
         Some(pad) => {
-            a.stride == 2 && c_in + 2 * pad == planes && (h1, w1) == (h.div_ceil(2), w.div_ceil(2))
+            stride == 2 && c_in + 2 * pad == planes && (h1, w1) == (h.div_ceil(2), w.div_ceil(2))
         }
     };
     if !square3 || wc_in != c_in || planes2 != planes || wc_in2 != planes || !short_ok {
         return Ok(None);
     }
-    if n * h1 * w1 < 2 || a.stride == 0 {
+    if train && n * h1 * w1 < 2 {
         candle_core::bail!("batch norm: input {:?} has one value per channel", x.dims());
     }
-    let params = Tensor::cat(
-        &[
-            a.weight.flatten_all()?,
-            g1.clone(),
-            be1.clone(),
-            b.weight.flatten_all()?,
-            g2.clone(),
-            be2.clone(),
-        ],
-        0,
-    )?;
+    let (params, norm) = if train {
+        let flat = [wa.flatten_all()?, g1.clone(), be1.clone()];
+        let flat_b = [wb.flatten_all()?, g2.clone(), be2.clone()];
+        let params = Tensor::cat(&[flat, flat_b].concat(), 0)?;
+        (params, Norm::Batch(bn_a.eps(), bn_b.eps()))
+    } else {
+        let ((fa, sa), (fb, sb)) = (a.folded()?, b.folded()?);
+        let params = Tensor::cat(&[fa.flatten_all()?, sa, fb.flatten_all()?, sb], 0)?;
+        (params, Norm::Folded)
+    };
     let saved = Arc::new(Mutex::new(None));
-    let op = BlockTrain {
+    let op = BlockOp {
         n,
         planes,
-        conv1: g1_geom,
+        conv1,
         conv2: Geom::same_padding(planes, (h1, w1), 3, 1),
         shortcut_pad,
-        eps: (a.bn.eps(), b.bn.eps()),
+        norm,
+        keep: x.track_op() || params.track_op(),
         saved: saved.clone(),
     };
     let y = x.contiguous()?.apply_op2(&params, op)?;
-    let saved = saved.lock().map_err(|_| poisoned())?;
-    let saved = saved.as_ref().ok_or_else(poisoned)?;
-    saved.bn1.update_running(a.bn)?;
-    saved.bn2.update_running(b.bn)?;
+    if train {
+        let saved = saved.lock().map_err(|_| missing())?;
+        let bn = &saved.as_ref().ok_or_else(missing)?.bn;
+        if let [Some(s1), Some(s2)] = bn {
+            s1.update_running(bn_a)?;
+            s2.update_running(bn_b)?;
+        }
+    }
     Ok(Some(y))
 }
 
-fn poisoned() -> candle_core::Error {
+fn missing() -> candle_core::Error {
     candle_core::Error::Msg("fused residual block: its forward state is missing".into())
 }
 
-struct BlockTrain {
+/// How the block's BatchNorms normalise.
+#[derive(Clone, Copy)]
+enum Norm {
+    /// With the batch's statistics (train mode), each with its ε; parameters
+    /// [w₁, γ₁, β₁, w₂, γ₂, β₂].
+    Batch(f64, f64),
+    /// Folded into the convolutions (eval mode); parameters [w₁·s₁, shift₁, w₂·s₂, shift₂].
+    Folded,
+}
+
+struct BlockOp {
     n: usize,
     planes: usize,
     conv1: Geom,
     conv2: Geom,
     shortcut_pad: Option<usize>,
-    eps: (f64, f64),
+    norm: Norm,
+    /// Whether a backward pass can follow (else nothing is kept).
+    keep: bool,
     /// Shared with the caller, which reads the batch statistics for the running ones.
     saved: Arc<Mutex<Option<Saved>>>,
 }
@@ -117,52 +131,101 @@ struct Saved {
     y1: Vec<f32>,
     a1: Vec<f32>,
     y2: Vec<f32>,
-    bn1: BatchStats,
-    bn2: BatchStats,
-    /// BN₁'s forward affine map, for its fused ReLU's mask.
-    affine1: (Vec<f32>, Vec<f32>),
-    affine2: (Vec<f32>, Vec<f32>),
+    /// Each BatchNorm's batch statistics (train mode).
+    bn: [Option<BatchStats>; 2],
+    /// Each BatchNorm's per-channel affine map y = x·a + b as the forward applied it.
+    affine: [(Vec<f32>, Vec<f32>); 2],
 }
 
-/// The six parameters' places in the flat tensor.
+/// The parameters' places in the flat tensor: each convolution's weight and its BatchNorm's
+/// [γ | β] (train mode) or [shift] (eval mode).
 struct Params<'a> {
-    w1: &'a [f32],
-    gamma1: &'a [f32],
-    beta1: &'a [f32],
-    w2: &'a [f32],
-    gamma2: &'a [f32],
-    beta2: &'a [f32],
+    w: [&'a [f32]; 2],
+    norm: [&'a [f32]; 2],
 }
 
-impl BlockTrain {
+impl BlockOp {
     fn params<'a>(&self, p: &'a [f32]) -> Result<Params<'a>> {
         let (c, c_in) = (self.planes, self.conv1.c_in());
         let (l1, l2) = (c * c_in * 9, c * c * 9);
-        if p.len() != l1 + l2 + 4 * c {
+        let ln = match self.norm {
+            Norm::Batch(..) => 2 * c,
+            Norm::Folded => c,
+        };
+        if p.len() != l1 + l2 + 2 * ln {
+            let expected = l1 + l2 + 2 * ln;
             candle_core::bail!(
-                "fused residual block: {} parameters, expected {}",
-                p.len(),
-                l1 + l2 + 4 * c
+                "fused residual block: {} parameters, expected {expected}",
+                p.len()
             );
         }
         let (w1, rest) = p.split_at(l1);
-        let (gamma1, rest) = rest.split_at(c);
-        let (beta1, rest) = rest.split_at(c);
-        let (w2, rest) = rest.split_at(l2);
-        let (gamma2, beta2) = rest.split_at(c);
+        let (n1, rest) = rest.split_at(ln);
+        let (w2, n2) = rest.split_at(l2);
         Ok(Params {
-            w1,
-            gamma1,
-            beta1,
-            w2,
-            gamma2,
-            beta2,
+            w: [w1, w2],
+            norm: [n1, n2],
         })
     }
 
     fn plane(&self) -> usize {
         let (h, w) = self.conv2.hw();
         h * w
+    }
+
+    /// BatchNorm `i` of y: its batch statistics (train mode) and the affine map it applies.
+    fn normalize(
+        &self,
+        i: usize,
+        y: &[f32],
+        norm: &[f32],
+    ) -> (Option<BatchStats>, (Vec<f32>, Vec<f32>)) {
+        let c = self.planes;
+        match self.norm {
+            Norm::Batch(e1, e2) => {
+                let eps = if i == 0 { e1 } else { e2 };
+                let stats = BatchStats::of(y, self.n, c, self.plane(), eps);
+                let affine = stats.affine(&norm[..c], &norm[c..]);
+                (Some(stats), affine)
+            }
+            // The eval-mode shift as `channel::shift` applies it: x·1 + b, which is x + b.
+            Norm::Folded => (None, (vec![1.0; c], norm.to_vec())),
+        }
+    }
+
+    /// BatchNorm `i`'s backward from its output gradient `dy` (with its ReLU's mask when
+    /// `relu`): its input gradient, in `dy`'s place, and its parameters' gradients.
+    fn normalize_backward<'d>(
+        &self,
+        (i, s): (usize, &Saved),
+        (y, norm): (&[f32], &[f32]),
+        dy: Cow<'d, [f32]>,
+        relu: bool,
+    ) -> (Cow<'d, [f32]>, Vec<f32>) {
+        let (n, c, plane) = (self.n, self.planes, self.plane());
+        let affine = &s.affine[i];
+        match &s.bn[i] {
+            Some(stats) => {
+                let mut dx = unfilled(dy.len());
+                let relu = relu.then_some(affine);
+                let (dg, db) = stats.backward((y, &norm[..c], &dy), (n, plane), relu, &mut dx);
+                (Cow::Owned(dx), [dg, db].concat())
+            }
+            None => {
+                let mut dy = dy;
+                if relu {
+                    let dy = dy.to_mut();
+                    dy.par_chunks_mut(plane).enumerate().for_each(|(k, d)| {
+                        let b = affine.1[k % c];
+                        for (g, &v) in d.iter_mut().zip(&y[k * plane..][..plane]) {
+                            *g = if v + b >= 0.0 { *g } else { 0.0 };
+                        }
+                    });
+                }
+                let dshift = channel_sums(&dy, (n, c, plane));
+                (dy, dshift)
+            }
+        }
     }
 
     /// The shortcut's value for output channel `oc` of image `img`, written into `dst` (one
@@ -184,13 +247,13 @@ impl BlockTrain {
         }
     }
 
-    /// s = BN₂(y₂) + shortcut(x) for one output plane (the block's pre-activation), as the
+    /// s = BN₂(y₂) + shortcut(x) for output plane `i` (the block's pre-activation), as the
     /// chained ops compute it: the BatchNorm's affine value, then the sum.
     fn pre_activation(
         &self,
         x: &[f32],
         y2: &[f32],
-        (a, b): (&[f32], &[f32]),
+        (a, b): &(Vec<f32>, Vec<f32>),
         i: usize,
         s: &mut [f32],
     ) {
@@ -211,9 +274,9 @@ impl BlockTrain {
     }
 }
 
-impl CustomOp2 for BlockTrain {
+impl CustomOp2 for BlockOp {
     fn name(&self) -> &'static str {
-        "caf-resnet-block-train"
+        "caf-resnet-block"
     }
 
     fn cpu_fwd(
@@ -226,30 +289,26 @@ impl CustomOp2 for BlockTrain {
         let x = f32_slice(s1, l1, "residual block input")?;
         let p = self.params(f32_slice(s2, l2, "residual block parameters")?)?;
         let (n, c, plane) = (self.n, self.planes, self.plane());
-        let y1 = conv::forward(self.conv1, x, p.w1, n, c);
-        let bn1 = BatchStats::of(&y1, n, c, plane, self.eps.0);
-        let affine1 = bn1.affine(p.gamma1, p.beta1);
+        let y1 = conv::forward(self.conv1, x, p.w[0], n, c);
+        let (bn1, affine1) = self.normalize(0, &y1, p.norm[0]);
         let a1 = channel_affine(&y1, plane, &affine1.0, &affine1.1, true);
-        let y2 = conv::forward(self.conv2, &a1, p.w2, n, c);
-        let bn2 = BatchStats::of(&y2, n, c, plane, self.eps.1);
-        let affine2 = bn2.affine(p.gamma2, p.beta2);
+        let y2 = conv::forward(self.conv2, &a1, p.w[1], n, c);
+        let (bn2, affine2) = self.normalize(1, &y2, p.norm[1]);
         let mut out = unfilled(n * c * plane);
         out.par_chunks_mut(plane).enumerate().for_each(|(i, o)| {
-            self.pre_activation(x, &y2, (&affine2.0, &affine2.1), i, o);
+            self.pre_activation(x, &y2, &affine2, i, o);
             for v in o.iter_mut() {
                 *v = v.max(0.0);
             }
         });
         let saved = Saved {
-            y1,
-            a1,
-            y2,
-            bn1,
-            bn2,
-            affine1,
-            affine2,
+            y1: if self.keep { y1 } else { Vec::new() },
+            a1: if self.keep { a1 } else { Vec::new() },
+            y2: if self.keep { y2 } else { Vec::new() },
+            bn: [bn1, bn2],
+            affine: [affine1, affine2],
         };
-        *self.saved.lock().map_err(|_| poisoned())? = Some(saved);
+        *self.saved.lock().map_err(|_| missing())? = Some(saved);
         let (h, w) = self.conv2.hw();
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }
@@ -261,8 +320,8 @@ impl CustomOp2 for BlockTrain {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let saved = self.saved.lock().map_err(|_| poisoned())?;
-        let s = saved.as_ref().ok_or_else(poisoned)?;
+        let saved = self.saved.lock().map_err(|_| missing())?;
+        let s = saved.as_ref().ok_or_else(missing)?;
         let grad_out = grad_out.contiguous()?;
         let (x_track, p_track) = (x.track_op(), p.track_op());
         let (xg, xl) = x.storage_and_layout();
@@ -284,7 +343,7 @@ impl CustomOp2 for BlockTrain {
 
 type Grads = (Option<Vec<f32>>, Option<Vec<f32>>);
 
-impl BlockTrain {
+impl BlockOp {
     fn backward(
         &self,
         s: &Saved,
@@ -294,7 +353,7 @@ impl BlockTrain {
         (x_track, p_track): (bool, bool),
     ) -> Result<Grads> {
         let (n, c, plane) = (self.n, self.planes, self.plane());
-        if grad_out.len() != n * c * plane {
+        if grad_out.len() != n * c * plane || s.y2.len() != n * c * plane {
             candle_core::bail!(
                 "fused residual block: output gradient of {} values",
                 grad_out.len()
@@ -304,36 +363,29 @@ impl BlockTrain {
         // also the shortcut's gradient and BN₂'s output gradient.
         let mut d = unfilled(n * c * plane);
         d.par_chunks_mut(plane).enumerate().for_each(|(i, di)| {
-            self.pre_activation(x, &s.y2, (&s.affine2.0, &s.affine2.1), i, di);
+            self.pre_activation(x, &s.y2, &s.affine[1], i, di);
             for (v, &g) in di.iter_mut().zip(&grad_out[i * plane..][..plane]) {
                 *v = if *v >= 0.0 { g } else { 0.0 };
             }
         });
-        let mut dy2 = unfilled(n * c * plane);
-        let (dgamma2, dbeta2) = s
-            .bn2
-            .backward((&s.y2, p.gamma2, &d), (n, plane), None, &mut dy2);
-        let da1 = conv::input_grad(self.conv2, &dy2, p.w2, n, c);
+        let (dy2, dnorm2) =
+            self.normalize_backward((1, s), (&s.y2, p.norm[1]), Cow::Borrowed(&d), false);
+        let da1 = conv::input_grad(self.conv2, &dy2, p.w[1], n, c);
         let dw2 = p_track.then(|| conv::weight_grad(self.conv2, &s.a1, &dy2, c));
         drop(dy2);
-        let mut dy1 = unfilled(n * c * plane);
-        let relu1 = Some(&s.affine1);
-        let (dgamma1, dbeta1) =
-            s.bn1
-                .backward((&s.y1, p.gamma1, &da1), (n, plane), relu1, &mut dy1);
-        drop(da1);
+        let (dy1, dnorm1) =
+            self.normalize_backward((0, s), (&s.y1, p.norm[0]), Cow::Owned(da1), true);
         let dw1 = p_track.then(|| conv::weight_grad(self.conv1, x, &dy1, c));
         let dx = x_track.then(|| {
-            let mut dx = conv::input_grad(self.conv1, &dy1, p.w1, n, c);
+            let mut dx = conv::input_grad(self.conv1, &dy1, p.w[0], n, c);
             self.add_shortcut_grad(&d, &mut dx);
             dx
         });
         let dp = dw1
             .zip(dw2)
-            .map(|(dw1, dw2)| [dw1, dgamma1, dbeta1, dw2, dgamma2, dbeta2].concat());
+            .map(|(dw1, dw2)| [dw1, dnorm1, dw2, dnorm2].concat());
         Ok((dx, dp))
     }
-
     /// dx += the shortcut's gradient: d itself (identity), or d's unpadded channels in the even
     /// positions they were sampled from (option A).
     fn add_shortcut_grad(&self, d: &[f32], dx: &mut [f32]) {
@@ -387,7 +439,7 @@ mod tests {
         (c_in, planes, stride): (usize, usize, usize),
         (n, h, w): (usize, usize, usize),
         (track_x, track_params): (bool, bool),
-        fused: bool,
+        (train, fused): (bool, bool),
     ) -> Run {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -417,11 +469,11 @@ mod tests {
         let x = if track_x { xv.as_tensor().clone() } else { x0 };
         let block = if track_params { block } else { frozen(&block) };
         let y = if fused {
-            let layers = (block.a.block_layer(), block.b.block_layer());
-            let y = forward_train(&x, layers, block.shortcut_pad).expect("fused");
+            let layers = (&block.a, &block.b);
+            let y = forward(&x, layers, block.shortcut_pad, train).expect("fused");
             y.expect("the block fits the fused op")
         } else {
-            block.forward_ops(&x, true).expect("chained")
+            block.forward_ops(&x, train).expect("chained")
         };
         let r = randn(9, y.dims());
         let grads = (&y * &r)
@@ -455,9 +507,10 @@ mod tests {
         b
     }
 
-    /// The fused block equals the chained ops bit for bit: output, both BatchNorms' running
-    /// statistics, the input's and all six parameters' gradients; identity and option-A
-    /// shortcuts, even and odd planes, a plane the direct 3×3 kernels take, and frozen operands.
+    /// The fused block equals the chained ops bit for bit, in train and in eval mode: output,
+    /// both BatchNorms' running statistics, the input's and all six parameters' gradients
+    /// (through the folded weights in eval mode); identity and option-A shortcuts, even and odd
+    /// planes, a plane the direct 3×3 kernels take, and frozen operands.
     #[test]
     fn the_fused_block_equals_the_chained_ops_exactly() {
         let cases = [
@@ -468,13 +521,15 @@ mod tests {
             ((8, 16, 2), (2, 16, 16), (false, true)),
             ((4, 8, 2), (3, 8, 8), (true, false)),
         ];
-        for (shape, size, track) in cases {
-            let fused = run(shape, size, track, true);
-            let chained = run(shape, size, track, false);
-            assert_eq!(fused.0, chained.0, "output {shape:?} {size:?}");
-            assert_eq!(fused.1, chained.1, "running statistics {shape:?} {size:?}");
-            assert_eq!(fused.2, chained.2, "dx {shape:?} {size:?} {track:?}");
-            assert_eq!(fused.3, chained.3, "parameter gradients {shape:?} {size:?}");
+        for ((shape, size, track), train) in cases.into_iter().flat_map(|c| [(c, true), (c, false)])
+        {
+            let fused = run(shape, size, track, (train, true));
+            let chained = run(shape, size, track, (train, false));
+            let case = format!("{shape:?} {size:?} {track:?} train {train}");
+            assert_eq!(fused.0, chained.0, "output {case}");
+            assert_eq!(fused.1, chained.1, "running statistics {case}");
+            assert_eq!(fused.2, chained.2, "dx {case}");
+            assert_eq!(fused.3, chained.3, "parameter gradients {case}");
             assert_eq!(fused.3.len(), if track.1 { 6 } else { 0 });
             assert!(fused.0.iter().all(|v| v.is_finite()));
         }
@@ -485,15 +540,15 @@ mod tests {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let block = BasicBlock::new(4, 4, 1, vb).expect("block");
-        let layers = || (block.a.block_layer(), block.b.block_layer());
+        let layers = (&block.a, &block.b);
         let x = randn(1, &[2, 4, 5, 5]);
-        assert!(forward_train(&x, layers(), None).expect("fits").is_some());
+        for train in [true, false] {
+            assert!(forward(&x, layers, None, train).expect("fits").is_some());
+        }
         let bf16 = x.to_dtype(DType::BF16).expect("bf16");
-        assert!(forward_train(&bf16, layers(), None)
-            .expect("bf16")
-            .is_none());
+        assert!(forward(&bf16, layers, None, false).expect("bf16").is_none());
         let other_channels = randn(1, &[2, 3, 5, 5]);
-        let y = forward_train(&other_channels, layers(), None).expect("checked");
+        let y = forward(&other_channels, layers, None, true).expect("checked");
         assert!(y.is_none());
         // And the module still runs it, through the chained ops' own errors.
         assert!(block.forward_t(&other_channels, true).is_err());

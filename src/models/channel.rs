@@ -153,20 +153,26 @@ impl candle_core::CustomOp1 for ChannelSumOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = f32_slice(s, l, "channel shift gradient")?;
         let (n, c, plane) = nc_plane(l)?;
-        let sums: Vec<f32> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let mut acc = 0f64;
-                for img in 0..n {
-                    for &v in &g[(img * c + ch) * plane..][..plane] {
-                        acc += f64::from(v);
-                    }
-                }
-                acc as f32
-            })
-            .collect();
+        let sums = channel_sums(g, (n, c, plane));
         Ok((CpuStorage::F32(sums), Shape::from(c)))
     }
+}
+
+/// Σ over images and pixels of each channel of an NCHW buffer, in f64 and a fixed order (the
+/// shift's gradient).
+pub(crate) fn channel_sums(g: &[f32], (n, c, plane): (usize, usize, usize)) -> Vec<f32> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut acc = 0f64;
+            for img in 0..n {
+                for &v in &g[(img * c + ch) * plane..][..plane] {
+                    acc += f64::from(v);
+                }
+            }
+            acc as f32
+        })
+        .collect()
 }
 
 #[cfg(test)]

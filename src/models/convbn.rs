@@ -268,7 +268,7 @@ impl ConvBn {
     /// s = γ/√(σ²+ε), saving three passes over the activations. It is recomputed on each call
     /// (a few thousand weights), so it always reflects the current parameters, and gradients
     /// still reach γ, β and w through it.
-    fn folded(&self) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn folded(&self) -> Result<(Tensor, Tensor)> {
         let (gamma, beta) = self.affine()?;
         let mean = self.bn.running_mean().detach();
         let var = self.bn.running_var().detach();
@@ -299,13 +299,10 @@ impl ConvBn {
         })
     }
 
-    /// The layer as the fused train-mode residual block ([`super::block`]) reads it.
-    pub(crate) fn block_layer(&self) -> super::block::Layer<'_> {
-        super::block::Layer {
-            weight: &self.weight,
-            bn: &self.bn,
-            stride: self.stride,
-        }
+    /// The weight, BatchNorm and stride, as the fused residual block ([`super::block`]) reads
+    /// them.
+    pub(crate) fn parts(&self) -> (&Tensor, &BatchNorm, usize) {
+        (&self.weight, &self.bn, self.stride)
     }
 
     fn affine(&self) -> Result<(&Tensor, &Tensor)> {

@@ -187,22 +187,24 @@ impl ModuleT for DnCnn {
         let mut h = x.clone();
         for (i, l) in self.layers.iter().enumerate() {
             h = conv2d(&h, &l.weight, 1, 1)?;
-            if let Some(b) = &l.bias {
-                h = h.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
-            }
-            h = match (&l.bn, train, i != last) {
-                (Some(bn), true, true) => super::bn::forward_train_relu(bn, &h)?,
-                (Some(bn), true, false) => super::bn::forward_train(bn, &h)?,
-                (Some(bn), false, with_relu) => {
+            let relu_after = i != last;
+            h = match (&l.bias, &l.bn, train) {
+                // The first and last layers: bias (then ReLU in the first) as one op (see
+                // `channel::shift`), whose backward sums the bias gradient per channel in
+                // parallel, where candle's broadcast add summed it on the calling thread.
+                (Some(b), _, _) => super::channel::shift(&h, b, relu_after)?,
+                (None, Some(bn), true) if relu_after => super::bn::forward_train_relu(bn, &h)?,
+                (None, Some(bn), true) => super::bn::forward_train(bn, &h)?,
+                (None, Some(bn), false) => {
                     let h = bn.forward_t(&h, false)?;
-                    if with_relu {
+                    if relu_after {
                         relu(&h)?
                     } else {
                         h
                     }
                 }
-                (None, _, true) => relu(&h)?,
-                (None, _, false) => h,
+                (None, None, _) if relu_after => relu(&h)?,
+                (None, None, _) => h,
             };
         }
         x - h

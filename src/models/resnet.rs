@@ -120,14 +120,12 @@ impl BasicBlock {
 }
 
 impl ModuleT for BasicBlock {
-    /// In train mode on the CPU the block is one op (see [`super::block`]), the same values
-    /// and gradients as [`forward_ops`](Self::forward_ops) without five of its six graph nodes.
+    /// On the CPU the block is one op (see [`super::block`]), the same values and gradients as
+    /// [`forward_ops`](Self::forward_ops) without five of its six graph nodes.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            let layers = (self.a.block_layer(), self.b.block_layer());
-            if let Some(y) = super::block::forward_train(x, layers, self.shortcut_pad)? {
-                return Ok(y);
-            }
+        let layers = (&self.a, &self.b);
+        if let Some(y) = super::block::forward(x, layers, self.shortcut_pad, train)? {
+            return Ok(y);
         }
         self.forward_ops(x, train)
     }
