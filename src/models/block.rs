@@ -26,7 +26,6 @@ use super::channel::channel_sums;
 use super::conv::{self, f32_slice, Geom};
 use super::convbn::ConvBn;
 use super::pointwise::{channel_affine, unfilled};
-use super::shortcut::subsample_plane;
 
 /// The block on `x` ([n, c_in, h, w], f32 on the CPU, affine BatchNorms, 3×3 kernels); in train
 /// mode it updates both BatchNorms' running statistics. `None` when the block does not fit the
@@ -228,48 +227,48 @@ impl BlockOp {
         }
     }
 
-    /// The shortcut's value for output channel `oc` of image `img`, written into `dst` (one
-    /// output plane), or `false` where it is a zero channel of option A's padding.
-    fn shortcut_plane(&self, x: &[f32], img: usize, oc: usize, dst: &mut [f32]) -> bool {
+    /// `f(k, s_k)` for every value k of output plane `i` (image, channel) with its
+    /// pre-activation s = BN₂(y₂) + shortcut(x), as the chained ops compute it: the BatchNorm's
+    /// affine value v·a + b, then the sum with the shortcut (with 0 in option A's padding
+    /// channels). The shortcut is read in place, not copied.
+    #[inline(always)]
+    fn pre_activation(
+        &self,
+        (x, y2): (&[f32], &[f32]),
+        (a, b): &(Vec<f32>, Vec<f32>),
+        i: usize,
+        mut f: impl FnMut(usize, f32),
+    ) {
+        let (img, oc) = (i / self.planes, i % self.planes);
         let (c_in, (h, w)) = (self.conv1.c_in(), self.conv1.hw());
+        let plane = self.plane();
+        let (a, b) = (a[oc], b[oc]);
+        let y = &y2[i * plane..][..plane];
+        let bn = |v: f32| v * a + b;
         match self.shortcut_pad {
             None => {
-                dst.copy_from_slice(&x[(img * c_in + oc) * h * w..][..h * w]);
-                true
+                let xs = &x[(img * c_in + oc) * h * w..][..plane];
+                for (k, (&xv, &v)) in xs.iter().zip(y).enumerate() {
+                    f(k, xv + bn(v));
+                }
             }
             Some(pad) => match oc.checked_sub(pad).filter(|&ic| ic < c_in) {
                 Some(ic) => {
-                    subsample_plane(&x[(img * c_in + ic) * h * w..], (h, w), dst);
-                    true
+                    // x[:, :, ::2, ::2] (see `shortcut::subsample_plane`).
+                    let xp = &x[(img * c_in + ic) * h * w..][..h * w];
+                    let w2 = w.div_ceil(2);
+                    for (r, (xrow, yrow)) in xp.chunks(2 * w).zip(y.chunks_exact(w2)).enumerate() {
+                        for (j, (&xv, &v)) in xrow[..w].iter().step_by(2).zip(yrow).enumerate() {
+                            f(r * w2 + j, xv + bn(v));
+                        }
+                    }
                 }
-                None => false,
+                None => {
+                    for (k, &v) in y.iter().enumerate() {
+                        f(k, bn(v) + 0.0);
+                    }
+                }
             },
-        }
-    }
-
-    /// s = BN₂(y₂) + shortcut(x) for output plane `i` (the block's pre-activation), as the
-    /// chained ops compute it: the BatchNorm's affine value, then the sum.
-    fn pre_activation(
-        &self,
-        x: &[f32],
-        y2: &[f32],
-        (a, b): &(Vec<f32>, Vec<f32>),
-        i: usize,
-        s: &mut [f32],
-    ) {
-        let (img, oc) = (i / self.planes, i % self.planes);
-        let plane = self.plane();
-        let has = self.shortcut_plane(x, img, oc, s);
-        let (a, b) = (a[oc], b[oc]);
-        let y = &y2[i * plane..][..plane];
-        if has {
-            for (s, &v) in s.iter_mut().zip(y) {
-                *s += v * a + b;
-            }
-        } else {
-            for (s, &v) in s.iter_mut().zip(y) {
-                *s = v * a + b + 0.0;
-            }
         }
     }
 }
@@ -296,10 +295,7 @@ impl CustomOp2 for BlockOp {
         let (bn2, affine2) = self.normalize(1, &y2, p.norm[1]);
         let mut out = unfilled(n * c * plane);
         out.par_chunks_mut(plane).enumerate().for_each(|(i, o)| {
-            self.pre_activation(x, &y2, &affine2, i, o);
-            for v in o.iter_mut() {
-                *v = v.max(0.0);
-            }
+            self.pre_activation((x, &y2), &affine2, i, |k, s| o[k] = s.max(0.0));
         });
         let saved = Saved {
             y1: if self.keep { y1 } else { Vec::new() },
@@ -363,10 +359,9 @@ impl BlockOp {
         // also the shortcut's gradient and BN₂'s output gradient.
         let mut d = unfilled(n * c * plane);
         d.par_chunks_mut(plane).enumerate().for_each(|(i, di)| {
-            self.pre_activation(x, &s.y2, &s.affine[1], i, di);
-            for (v, &g) in di.iter_mut().zip(&grad_out[i * plane..][..plane]) {
-                *v = if *v >= 0.0 { g } else { 0.0 };
-            }
+            let g = &grad_out[i * plane..][..plane];
+            let mask = |k: usize, s: f32| di[k] = if s >= 0.0 { g[k] } else { 0.0 };
+            self.pre_activation((x, &s.y2), &s.affine[1], i, mask);
         });
         let (dy2, dnorm2) =
             self.normalize_backward((1, s), (&s.y2, p.norm[1]), Cow::Borrowed(&d), false);
