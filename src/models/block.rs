@@ -69,7 +69,7 @@ pub(crate) fn forward(
         let flat = [wa.flatten_all()?, g1.clone(), be1.clone()];
         let flat_b = [wb.flatten_all()?, g2.clone(), be2.clone()];
         let params = Tensor::cat(&[flat, flat_b].concat(), 0)?;
-        (params, Norm::Batch(bn_a.eps(), bn_b.eps()))
+        (params, Norm::Batch([bn_a.eps(), bn_b.eps()]))
     } else {
         let ((fa, sa), (fb, sb)) = (a.folded()?, b.folded()?);
         let params = Tensor::cat(&[fa.flatten_all()?, sa, fb.flatten_all()?, sb], 0)?;
@@ -107,7 +107,7 @@ fn missing() -> candle_core::Error {
 enum Norm {
     /// With the batch's statistics (train mode), each with its ε; parameters
     /// [w₁, γ₁, β₁, w₂, γ₂, β₂].
-    Batch(f64, f64),
+    Batch([f64; 2]),
     /// Folded into the convolutions (eval mode); parameters [w₁·s₁, shift₁, w₂·s₂, shift₂].
     Folded,
 }
@@ -181,9 +181,8 @@ impl BlockOp {
     ) -> (Option<BatchStats>, (Vec<f32>, Vec<f32>)) {
         let c = self.planes;
         match self.norm {
-            Norm::Batch(e1, e2) => {
-                let eps = if i == 0 { e1 } else { e2 };
-                let stats = BatchStats::of(y, self.n, c, self.plane(), eps);
+            Norm::Batch(eps) => {
+                let stats = BatchStats::of(y, self.n, c, self.plane(), eps[i]);
                 let affine = stats.affine(&norm[..c], &norm[c..]);
                 (Some(stats), affine)
             }
@@ -349,7 +348,11 @@ impl BlockOp {
         (x_track, p_track): (bool, bool),
     ) -> Result<Grads> {
         let (n, c, plane) = (self.n, self.planes, self.plane());
-        if grad_out.len() != n * c * plane || s.y2.len() != n * c * plane {
+        if s.y2.len() != n * c * plane {
+            // The forward kept nothing: nothing was tracked when it ran.
+            return Err(missing());
+        }
+        if grad_out.len() != n * c * plane {
             candle_core::bail!(
                 "fused residual block: output gradient of {} values",
                 grad_out.len()
@@ -381,6 +384,7 @@ impl BlockOp {
             .map(|(dw1, dw2)| [dw1, dnorm1, dw2, dnorm2].concat());
         Ok((dx, dp))
     }
+
     /// dx += the shortcut's gradient: d itself (identity), or d's unpadded channels in the even
     /// positions they were sampled from (option A).
     fn add_shortcut_grad(&self, d: &[f32], dx: &mut [f32]) {
@@ -394,14 +398,9 @@ impl BlockOp {
         dx.par_chunks_mut(h * w).enumerate().for_each(|(i, dxp)| {
             let (img, ic) = (i / c_in, i % c_in);
             let src = &d[(img * c + ic + pad) * plane..][..plane];
-            for (row, s) in dxp.chunks_exact_mut(2 * w).zip(src.chunks_exact(w2)) {
-                for (v, &g) in row[..w].iter_mut().step_by(2).zip(s) {
-                    *v += g;
-                }
-            }
-            if h % 2 == 1 {
-                let row = &mut dxp[(h - 1) * w..];
-                for (v, &g) in row.iter_mut().step_by(2).zip(&src[(h / 2) * w2..]) {
+            // Even rows and columns; an odd height's last chunk is its last row alone.
+            for (rows, s) in dxp.chunks_mut(2 * w).zip(src.chunks_exact(w2)) {
+                for (v, &g) in rows[..w].iter_mut().step_by(2).zip(s) {
                     *v += g;
                 }
             }
@@ -427,7 +426,7 @@ mod tests {
     use super::*;
 
     /// (output, running statistics, ∂L/∂x if x is tracked, every parameter's gradient) of one
-    /// train-mode forward and backward, fused or chained.
+    /// forward and backward in train or eval mode, fused or chained.
     type Run = (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>, Vec<Vec<f32>>);
 
     fn run(

@@ -320,7 +320,7 @@ impl CustomOp3 for BnTrain {
         } else {
             None
         };
-        let grads = x.apply_op3_no_bwd(gamma, &dy, &BnBackward { stats: self, relu })?;
+        let grads = x.apply_op3_no_bwd(gamma, &dy, &BnBackward { op: self, relu })?;
         let len = self.n * self.c * self.hw;
         let dx = grads.narrow(0, 0, len)?.reshape(x.shape())?;
         let dgamma = grads.narrow(0, len, self.c)?;
@@ -331,7 +331,8 @@ impl CustomOp3 for BnTrain {
 
 /// (x, γ, dy) → [dx (flattened) | dγ | dβ] in one buffer (a custom op has one output).
 struct BnBackward<'a> {
-    stats: &'a BnTrain,
+    /// The forward op, with the batch statistics and the shape.
+    op: &'a BnTrain,
     /// For a BatchNorm fused with a ReLU, the forward's per-channel affine map (a, b): dy is
     /// the ReLU's output gradient, let through where x·a + b ≥ 0.
     relu: Option<(Vec<f32>, Vec<f32>)>,
@@ -354,11 +355,11 @@ impl CustomOp3 for BnBackward<'_> {
         let x = f32_slice(s1, l1, "batch norm input")?;
         let gamma = f32_slice(s2, l2, "batch norm γ")?;
         let dy = f32_slice(s3, l3, "batch norm output gradient")?;
-        let BnTrain { n, c, hw, .. } = *self.stats;
+        let BnTrain { n, c, hw, .. } = *self.op;
         let mut out = super::pointwise::unfilled(n * c * hw + 2 * c);
         let (dx, tail) = out.split_at_mut(n * c * hw);
         let (dgamma, dbeta) =
-            self.stats
+            self.op
                 .stats
                 .backward((x, gamma, dy), (n, hw), self.relu.as_ref(), dx);
         tail[..c].copy_from_slice(&dgamma);

@@ -104,9 +104,7 @@ impl BasicBlock {
         let shortcut_pad = (stride != 1 || in_planes != planes).then_some(planes / 4);
         Ok(Self { a, b, shortcut_pad })
     }
-}
 
-impl BasicBlock {
     /// The block as a chain of separate ops (convolution, BatchNorm, shortcut, add + ReLU).
     pub(crate) fn forward_ops(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let out = self.a.forward_relu_t(x, train)?;
