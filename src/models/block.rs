@@ -25,7 +25,8 @@ use super::bn::BatchStats;
 use super::channel::channel_sums;
 use super::conv::{self, f32_slice, Geom};
 use super::convbn::ConvBn;
-use super::pointwise::{channel_affine, unfilled};
+use super::pointwise::{channel_affine, unfilled, CHUNK};
+use super::simd;
 
 /// The block on `x` ([n, c_in, h, w], f32 on the CPU, affine BatchNorms, 3×3 kernels); in train
 /// mode it updates both BatchNorms' running statistics. `None` when the block does not fit the
@@ -226,29 +227,30 @@ impl BlockOp {
         }
     }
 
-    /// `f(k, s_k)` for every value k of output plane `i` (image, channel) with its
-    /// pre-activation s = BN₂(y₂) + shortcut(x), as the chained ops compute it: the BatchNorm's
-    /// affine value v·a + b, then the sum with the shortcut (with 0 in option A's padding
-    /// channels). The shortcut is read in place, not copied.
+    /// Writes into `s` (one plane) output plane `i`'s (image, channel) pre-activation
+    /// BN₂(y₂) + shortcut(x), as the chained ops compute it: the BatchNorm's affine value v·a + b,
+    /// then the sum with the shortcut (with 0 in option A's padding channels). The shortcut is
+    /// read in place, not copied. A loop over whole slices, so it vectorises (see `simd`).
     #[inline(always)]
     fn pre_activation(
         &self,
         (x, y2): (&[f32], &[f32]),
         (a, b): &(Vec<f32>, Vec<f32>),
         i: usize,
-        mut f: impl FnMut(usize, f32),
+        s: &mut [f32],
     ) {
         let (img, oc) = (i / self.planes, i % self.planes);
         let (c_in, (h, w)) = (self.conv1.c_in(), self.conv1.hw());
         let plane = self.plane();
         let (a, b) = (a[oc], b[oc]);
         let y = &y2[i * plane..][..plane];
+        let s = &mut s[..plane];
         let bn = |v: f32| v * a + b;
         match self.shortcut_pad {
             None => {
                 let xs = &x[(img * c_in + oc) * h * w..][..plane];
-                for (k, (&xv, &v)) in xs.iter().zip(y).enumerate() {
-                    f(k, xv + bn(v));
+                for ((o, &xv), &v) in s.iter_mut().zip(xs).zip(y) {
+                    *o = xv + bn(v);
                 }
             }
             Some(pad) => match oc.checked_sub(pad).filter(|&ic| ic < c_in) {
@@ -256,15 +258,17 @@ impl BlockOp {
                     // x[:, :, ::2, ::2] (see `shortcut::subsample_plane`).
                     let xp = &x[(img * c_in + ic) * h * w..][..h * w];
                     let w2 = w.div_ceil(2);
-                    for (r, (xrow, yrow)) in xp.chunks(2 * w).zip(y.chunks_exact(w2)).enumerate() {
-                        for (j, (&xv, &v)) in xrow[..w].iter().step_by(2).zip(yrow).enumerate() {
-                            f(r * w2 + j, xv + bn(v));
+                    let rows = s.chunks_exact_mut(w2).zip(y.chunks_exact(w2));
+                    for (xrow, (orow, yrow)) in xp.chunks(2 * w).zip(rows) {
+                        let xs = xrow[..w].iter().step_by(2);
+                        for ((o, &xv), &v) in orow.iter_mut().zip(xs).zip(yrow) {
+                            *o = xv + bn(v);
                         }
                     }
                 }
                 None => {
-                    for (k, &v) in y.iter().enumerate() {
-                        f(k, bn(v) + 0.0);
+                    for (o, &v) in s.iter_mut().zip(y) {
+                        *o = bn(v) + 0.0;
                     }
                 }
             },
@@ -294,7 +298,15 @@ impl CustomOp2 for BlockOp {
         let (bn2, affine2) = self.normalize(1, &y2, p.norm[1]);
         let mut out = unfilled(n * c * plane);
         out.par_chunks_mut(plane).enumerate().for_each(|(i, o)| {
-            self.pre_activation((x, &y2), &affine2, i, |k, s| o[k] = s.max(0.0));
+            simd::widest(
+                #[inline(always)]
+                || {
+                    self.pre_activation((x, &y2), &affine2, i, o);
+                    for v in o.iter_mut() {
+                        *v = v.max(0.0);
+                    }
+                },
+            )
         });
         let saved = Saved {
             y1: if self.keep { y1 } else { Vec::new() },
@@ -362,9 +374,15 @@ impl BlockOp {
         // also the shortcut's gradient and BN₂'s output gradient.
         let mut d = unfilled(n * c * plane);
         d.par_chunks_mut(plane).enumerate().for_each(|(i, di)| {
-            let g = &grad_out[i * plane..][..plane];
-            let mask = |k: usize, s: f32| di[k] = if s >= 0.0 { g[k] } else { 0.0 };
-            self.pre_activation((x, &s.y2), &s.affine[1], i, mask);
+            simd::widest(
+                #[inline(always)]
+                || {
+                    self.pre_activation((x, &s.y2), &s.affine[1], i, di);
+                    for (d, &g) in di.iter_mut().zip(&grad_out[i * plane..][..plane]) {
+                        *d = if *d >= 0.0 { g } else { 0.0 };
+                    }
+                },
+            )
         });
         let (dy2, dnorm2) =
             self.normalize_backward((1, s), (&s.y2, p.norm[1]), Cow::Borrowed(&d), false);
@@ -391,7 +409,14 @@ impl BlockOp {
         let (c_in, (h, w)) = (self.conv1.c_in(), self.conv1.hw());
         let (c, plane) = (self.planes, self.plane());
         let Some(pad) = self.shortcut_pad else {
-            dx.par_iter_mut().zip(d).for_each(|(v, &g)| *v += g);
+            dx.par_chunks_mut(CHUNK)
+                .zip(d.par_chunks(CHUNK))
+                .for_each(|(dx, d)| {
+                    simd::widest(
+                        #[inline(always)]
+                        || dx.iter_mut().zip(d).for_each(|(v, &g)| *v += g),
+                    )
+                });
             return;
         };
         let w2 = w.div_ceil(2);

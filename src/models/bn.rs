@@ -15,6 +15,7 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::conv::f32_slice;
+use super::simd;
 
 /// `bn.forward_t(x, true)` with the fused kernels on the CPU (f32, affine BatchNorm); candle_nn's
 /// own implementation elsewhere.
@@ -170,19 +171,27 @@ impl BatchStats {
             .map(|ch| {
                 let (mu, is) = (self.mean[ch], self.invstd[ch]);
                 let out_grad = output_grad(ch);
-                let (mut sb, mut sg) = ([0f64; LANES], [0f64; LANES]);
-                for img in 0..n {
-                    let off = (img * c + ch) * hw;
-                    lane_sums(
-                        &dy[off..off + hw],
-                        &x[off..off + hw],
-                        |g, v| {
-                            let g = out_grad(g, v);
-                            (f64::from(g), f64::from(g) * f64::from((v - mu) * is))
-                        },
-                        (&mut sb, &mut sg),
-                    );
-                }
+                // The partial sums are the closure's own: captured by reference they stayed in
+                // memory, and the loop was not vectorised.
+                let (sb, sg) = simd::widest(
+                    #[inline(always)]
+                    || {
+                        let (mut sb, mut sg) = ([0f64; LANES], [0f64; LANES]);
+                        for img in 0..n {
+                            let off = (img * c + ch) * hw;
+                            lane_sums(
+                                &dy[off..off + hw],
+                                &x[off..off + hw],
+                                |g, v| {
+                                    let g = out_grad(g, v);
+                                    (f64::from(g), f64::from(g) * f64::from((v - mu) * is))
+                                },
+                                (&mut sb, &mut sg),
+                            );
+                        }
+                        (sb, sg)
+                    },
+                );
                 (lanes_total(sb), lanes_total(sg))
             })
             .unzip();
@@ -194,13 +203,18 @@ impl BatchStats {
             let k = gamma[ch] * is / m;
             let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
             let out_grad = output_grad(ch);
-            for ((o, &g), &v) in dxo
-                .iter_mut()
-                .zip(&dy[off..off + hw])
-                .zip(&x[off..off + hw])
-            {
-                *o = k * (m * out_grad(g, v) - db - (v - mu) * is * dg);
-            }
+            simd::widest(
+                #[inline(always)]
+                || {
+                    for ((o, &g), &v) in dxo
+                        .iter_mut()
+                        .zip(&dy[off..off + hw])
+                        .zip(&x[off..off + hw])
+                    {
+                        *o = k * (m * out_grad(g, v) - db - (v - mu) * is * dg);
+                    }
+                },
+            )
         });
         let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
         (f(dgamma), f(dbeta))
@@ -213,19 +227,25 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (mut s, mut s2) = ([0f64; LANES], [0f64; LANES]);
-            for img in 0..n {
-                let plane = &x[(img * c + ch) * hw..][..hw];
-                lane_sums(
-                    plane,
-                    plane,
-                    |v, _| {
-                        let v = f64::from(v);
-                        (v, v * v)
-                    },
-                    (&mut s, &mut s2),
-                );
-            }
+            let (s, s2) = simd::widest(
+                #[inline(always)]
+                || {
+                    let (mut s, mut s2) = ([0f64; LANES], [0f64; LANES]);
+                    for img in 0..n {
+                        let plane = &x[(img * c + ch) * hw..][..hw];
+                        lane_sums(
+                            plane,
+                            plane,
+                            |v, _| {
+                                let v = f64::from(v);
+                                (v, v * v)
+                            },
+                            (&mut s, &mut s2),
+                        );
+                    }
+                    (s, s2)
+                },
+            );
             let mean = lanes_total(s) / m;
             (mean, (lanes_total(s2) / m - mean * mean).max(0.0))
         })
@@ -248,13 +268,16 @@ fn lane_sums(
 ) {
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
+    // Summed in locals, so the sums stay in registers whatever `s` and `t` point to.
+    let (mut sl, mut tl) = (*s, *t);
     for (ca, cb) in ca.zip(cb) {
-        for (((s, t), &a), &b) in s.iter_mut().zip(t.iter_mut()).zip(ca).zip(cb) {
+        for (((s, t), &a), &b) in sl.iter_mut().zip(tl.iter_mut()).zip(ca).zip(cb) {
             let (x, y) = f(a, b);
             *s += x;
             *t += y;
         }
     }
+    (*s, *t) = (sl, tl);
     for (((s, t), &a), &b) in s.iter_mut().zip(t.iter_mut()).zip(ra).zip(rb) {
         let (x, y) = f(a, b);
         *s += x;

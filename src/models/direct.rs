@@ -16,7 +16,7 @@
 //! at run time; `CAF_KERNELS=portable` keeps the plain build, which rounds each product before
 //! adding it. The builds differ in rounding only, and each is tested against the f64 sums.
 
-use super::gemm::{simd_level as level, SimdLevel as Level};
+use super::simd::{simd_level as level, SimdLevel as Level};
 
 /// Lanes of one vector of output pixels (an AVX-512 register; two AVX2 ones).
 const L: usize = 16;
@@ -546,7 +546,7 @@ mod tests {
             let wt = seeded(c_out * c_in * 9, 2);
             let want = conv_f64(s, &x, &wt);
             let packed = pack_weight(&wt, c_in, c_out);
-            for level in crate::models::gemm::simd_levels_here() {
+            for level in crate::models::simd::simd_levels_here() {
                 // A scratch buffer left dirty by an earlier use: the border must still be zero.
                 let mut xp = vec![f32::NAN; c_in * (h + 2) * (w + 2)];
                 pad(&x, c_in, (h, w), h * w, &mut xp);
@@ -623,7 +623,7 @@ mod tests {
                     }
                 }
             }
-            for level in crate::models::gemm::simd_levels_here() {
+            for level in crate::models::simd::simd_levels_here() {
                 let mut xp = Vec::new();
                 pad(&x, c_in, (h, w), h * w, &mut xp);
                 // Two images (the same one twice) into the partial sums, then one more, then

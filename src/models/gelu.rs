@@ -14,8 +14,8 @@
 //! Other devices and dtypes fall back to candle's own `gelu_erf`.
 
 use super::conv::f32_slice;
-use super::gemm::{simd_level as level, SimdLevel as Level};
 use super::pointwise;
+use super::simd::{simd_level as level, SimdLevel as Level};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// 1/√(2π).
@@ -248,7 +248,7 @@ mod tests {
     /// that leave every kind of vector remainder.
     #[test]
     fn every_build_gives_the_same_bits() {
-        let levels = crate::models::gemm::simd_levels_here();
+        let levels = crate::models::simd::simd_levels_here();
         for n in [1, 7, 15, 16, 17, 33, 1000] {
             let x = grid(-7.0, 7.0, n);
             let g = grid(-2.0, 3.0, n);

@@ -62,49 +62,6 @@ pub fn kernel_level() -> KernelLevel {
     *LEVEL.get_or_init(|| kernel_level_from_env().unwrap_or(KernelLevel::Portable))
 }
 
-/// Which build of caf's own vectorised kernels (the exact GELU, the direct 3×3 convolutions)
-/// runs: each has one body compiled for AVX-512 F and for AVX2 (both with FMA available) and a
-/// plain one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum SimdLevel {
-    Portable,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx2,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx512,
-}
-
-/// The widest [`SimdLevel`] this CPU runs, capped by [`KERNELS_ENV`] (`portable`: the plain
-/// builds).
-pub(crate) fn simd_level() -> SimdLevel {
-    #[cfg(target_arch = "x86_64")]
-    if kernel_level() != KernelLevel::Portable && std::arch::is_x86_feature_detected!("fma") {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return SimdLevel::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return SimdLevel::Avx2;
-        }
-    }
-    SimdLevel::Portable
-}
-
-/// Every [`SimdLevel`] this CPU runs, whatever [`KERNELS_ENV`] says (tests compare the builds).
-#[cfg(test)]
-pub(crate) fn simd_levels_here() -> Vec<SimdLevel> {
-    let mut v = vec![SimdLevel::Portable];
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            v.push(SimdLevel::Avx2);
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            v.push(SimdLevel::Avx512);
-        }
-    }
-    v
-}
-
 /// Whether this CPU has the AVX-512 bf16 kernel's instructions (AVX-512 F and BF16).
 pub fn cpu_has_bf16_kernel() -> bool {
     #[cfg(target_arch = "x86_64")]

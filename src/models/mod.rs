@@ -46,6 +46,7 @@ pub mod resnet50;
 mod resnet_eval;
 mod rowwise;
 mod shortcut;
+mod simd;
 pub mod trainable;
 pub mod vit;
 mod weights;

@@ -4,8 +4,10 @@
 
 use rayon::prelude::*;
 
+use super::simd;
+
 /// Elements per rayon task: large enough that scheduling costs nothing next to the pass.
-const CHUNK: usize = 1 << 15;
+pub(crate) const CHUNK: usize = 1 << 15;
 
 /// A buffer of `n` values for a pass that writes every one of them before anything reads them.
 ///
@@ -35,9 +37,14 @@ pub(crate) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = f(x);
-            }
+            simd::widest(
+                #[inline(always)]
+                || {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = f(x);
+                    }
+                },
+            )
         });
     y
 }
@@ -45,9 +52,14 @@ pub(crate) fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 /// f(a, b) for every pair of elements; a and b must have the same length.
 pub(crate) fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     map2_chunks(a, b, |a, b, y| {
-        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-            *y = f(a, b);
-        }
+        simd::widest(
+            #[inline(always)]
+            || {
+                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                    *y = f(a, b);
+                }
+            },
+        )
     })
 }
 
@@ -81,9 +93,14 @@ pub(crate) fn map3(
                 .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))),
         )
         .for_each(|(y, (a, (b, c)))| {
-            for (((y, &a), &b), &c) in y.iter_mut().zip(a).zip(b).zip(c) {
-                *y = f(a, b, c);
-            }
+            simd::widest(
+                #[inline(always)]
+                || {
+                    for (((y, &a), &b), &c) in y.iter_mut().zip(a).zip(b).zip(c) {
+                        *y = f(a, b, c);
+                    }
+                },
+            )
         });
     y
 }
@@ -106,15 +123,20 @@ pub(crate) fn channel_affine(
         .enumerate()
         .for_each(|(i, (yo, xi))| {
             let (a, b) = (a[i % c], b[i % c]);
-            if relu {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = (v * a + b).max(0.0);
-                }
-            } else {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = v * a + b;
-                }
-            }
+            simd::widest(
+                #[inline(always)]
+                || {
+                    if relu {
+                        for (o, &v) in yo.iter_mut().zip(xi) {
+                            *o = (v * a + b).max(0.0);
+                        }
+                    } else {
+                        for (o, &v) in yo.iter_mut().zip(xi) {
+                            *o = v * a + b;
+                        }
+                    }
+                },
+            )
         });
     y
 }
