@@ -19,6 +19,7 @@ use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::bn::BatchStats;
@@ -33,70 +34,122 @@ use super::simd;
 /// fused op (the caller then chains the separate ops).
 pub(crate) fn forward(
     x: &Tensor,
-    (a, b): (&ConvBn, &ConvBn),
+    layers: (&ConvBn, &ConvBn),
     shortcut_pad: Option<usize>,
     train: bool,
 ) -> Result<Option<Tensor>> {
-    let ((wa, bn_a, stride), (wb, bn_b, stride_b)) = (a.parts(), b.parts());
-    let (Some((g1, be1)), Some((g2, be2))) = (bn_a.weight_and_bias(), bn_b.weight_and_bias())
-    else {
-        return Ok(None);
-    };
-    let f32s = [x, wa, wb, g1, be1, g2, be2]
-        .iter()
-        .all(|t| t.dtype() == DType::F32);
-    if !super::path::fused(x.device()) || !f32s || x.rank() != 4 || stride_b != 1 {
+    if !takes(x) {
         return Ok(None);
     }
-    let (n, c_in, h, w) = x.dims4()?;
-    let (planes, wc_in, k1, k1b) = wa.dims4()?;
-    let (planes2, wc_in2, k2, k2b) = wb.dims4()?;
-    let square3 = [k1, k1b, k2, k2b].iter().all(|&k| k == 3);
-    let conv1 = Geom::same_padding(c_in, (h, w), 3, stride.max(1));
-    let (h1, w1) = conv1.out_hw();
-    let short_ok = match shortcut_pad {
-        None => c_in == planes && stride == 1,
-        Some(pad) => {
-            stride == 2 && c_in + 2 * pad == planes && (h1, w1) == (h.div_ceil(2), w.div_ceil(2))
-        }
-    };
-    if !square3 || wc_in != c_in || planes2 != planes || wc_in2 != planes || !short_ok {
+    let Some(mut block) = Prepared::new(x.dims4()?, layers, shortcut_pad, train)? else {
         return Ok(None);
-    }
-    if train && n * h1 * w1 < 2 {
-        candle_core::bail!("batch norm: input {:?} has one value per channel", x.dims());
-    }
-    let (params, norm) = if train {
-        let flat = [wa.flatten_all()?, g1.clone(), be1.clone()];
-        let flat_b = [wb.flatten_all()?, g2.clone(), be2.clone()];
-        let params = Tensor::cat(&[flat, flat_b].concat(), 0)?;
-        (params, Norm::Batch([bn_a.eps(), bn_b.eps()]))
-    } else {
-        let ((fa, sa), (fb, sb)) = (a.folded()?, b.folded()?);
-        let params = Tensor::cat(&[fa.flatten_all()?, sa, fb.flatten_all()?, sb], 0)?;
-        (params, Norm::Folded)
     };
-    let saved = Arc::new(Mutex::new(None));
-    let op = BlockOp {
-        n,
-        planes,
-        conv1,
-        conv2: Geom::same_padding(planes, (h1, w1), 3, 1),
-        shortcut_pad,
-        norm,
-        keep: x.track_op() || params.track_op(),
-        saved: saved.clone(),
-    };
-    let y = x.contiguous()?.apply_op2(&params, op)?;
+    block.op.keep = x.track_op() || block.params.track_op();
+    let saved = block.op.saved.clone();
+    let y = x.contiguous()?.apply_op2(&block.params, block.op)?;
     if train {
-        let saved = saved.lock().map_err(|_| missing())?;
-        let bn = &saved.as_ref().ok_or_else(missing)?.bn;
-        if let [Some(s1), Some(s2)] = bn {
-            s1.update_running(bn_a)?;
-            s2.update_running(bn_b)?;
-        }
+        update_running(&saved, block.norms)?;
     }
     Ok(Some(y))
+}
+
+/// Whether the fused ops take an input like `x` (f32, [n, c, h, w], on the fused CPU path).
+pub(super) fn takes(x: &Tensor) -> bool {
+    super::path::fused(x.device()) && x.dtype() == DType::F32 && x.rank() == 4
+}
+
+/// A block ready for the fused op, on an input of known dimensions.
+pub(super) struct Prepared<'a> {
+    pub(super) op: BlockOp,
+    /// The block's parameters as one flat tensor, in the op's order.
+    pub(super) params: Tensor,
+    /// The BatchNorms whose running statistics a train-mode forward updates.
+    pub(super) norms: (&'a BatchNorm, &'a BatchNorm),
+}
+
+impl<'a> Prepared<'a> {
+    /// The op for the block on an input [n, c_in, h, w], with `keep` unset; `None` when the
+    /// block does not fit it.
+    pub(super) fn new(
+        (n, c_in, h, w): (usize, usize, usize, usize),
+        (a, b): (&'a ConvBn, &'a ConvBn),
+        shortcut_pad: Option<usize>,
+        train: bool,
+    ) -> Result<Option<Self>> {
+        let ((wa, bn_a, stride), (wb, bn_b, stride_b)) = (a.parts(), b.parts());
+        let (Some((g1, be1)), Some((g2, be2))) = (bn_a.weight_and_bias(), bn_b.weight_and_bias())
+        else {
+            return Ok(None);
+        };
+        let f32s = [wa, wb, g1, be1, g2, be2]
+            .iter()
+            .all(|t| t.dtype() == DType::F32);
+        if !f32s || stride_b != 1 {
+            return Ok(None);
+        }
+        let (planes, wc_in, k1, k1b) = wa.dims4()?;
+        let (planes2, wc_in2, k2, k2b) = wb.dims4()?;
+        let square3 = [k1, k1b, k2, k2b].iter().all(|&k| k == 3);
+        let conv1 = Geom::same_padding(c_in, (h, w), 3, stride.max(1));
+        let (h1, w1) = conv1.out_hw();
+        let short_ok = match shortcut_pad {
+            None => c_in == planes && stride == 1,
+            Some(pad) => {
+                stride == 2
+                    && c_in + 2 * pad == planes
+                    && (h1, w1) == (h.div_ceil(2), w.div_ceil(2))
+            }
+        };
+        if !square3 || wc_in != c_in || planes2 != planes || wc_in2 != planes || !short_ok {
+            return Ok(None);
+        }
+        if train && n * h1 * w1 < 2 {
+            candle_core::bail!(
+                "batch norm: input {:?} has one value per channel",
+                [n, c_in, h, w]
+            );
+        }
+        let (params, norm) = if train {
+            let flat = [wa.flatten_all()?, g1.clone(), be1.clone()];
+            let flat_b = [wb.flatten_all()?, g2.clone(), be2.clone()];
+            let params = Tensor::cat(&[flat, flat_b].concat(), 0)?;
+            (params, Norm::Batch([bn_a.eps(), bn_b.eps()]))
+        } else {
+            let ((fa, sa), (fb, sb)) = (a.folded()?, b.folded()?);
+            let params = Tensor::cat(&[fa.flatten_all()?, sa, fb.flatten_all()?, sb], 0)?;
+            (params, Norm::Folded)
+        };
+        let op = BlockOp {
+            n,
+            planes,
+            conv1,
+            conv2: Geom::same_padding(planes, (h1, w1), 3, 1),
+            shortcut_pad,
+            norm,
+            keep: false,
+            saved: Arc::new(Mutex::new(None)),
+        };
+        Ok(Some(Self {
+            op,
+            params,
+            norms: (bn_a, bn_b),
+        }))
+    }
+}
+
+/// Moves both BatchNorms' running statistics towards the batch statistics a train-mode forward
+/// kept in `saved`.
+pub(super) fn update_running(
+    saved: &Mutex<Option<Saved>>,
+    (bn_a, bn_b): (&BatchNorm, &BatchNorm),
+) -> Result<()> {
+    let saved = saved.lock().map_err(|_| missing())?;
+    let bn = &saved.as_ref().ok_or_else(missing)?.bn;
+    if let [Some(s1), Some(s2)] = bn {
+        s1.update_running(bn_a)?;
+        s2.update_running(bn_b)?;
+    }
+    Ok(())
 }
 
 fn missing() -> candle_core::Error {
@@ -113,7 +166,7 @@ enum Norm {
     Folded,
 }
 
-struct BlockOp {
+pub(super) struct BlockOp {
     n: usize,
     planes: usize,
     conv1: Geom,
@@ -121,13 +174,13 @@ struct BlockOp {
     shortcut_pad: Option<usize>,
     norm: Norm,
     /// Whether a backward pass can follow (else nothing is kept).
-    keep: bool,
+    pub(super) keep: bool,
     /// Shared with the caller, which reads the batch statistics for the running ones.
-    saved: Arc<Mutex<Option<Saved>>>,
+    pub(super) saved: Arc<Mutex<Option<Saved>>>,
 }
 
 /// What the backward pass reads of the forward's.
-struct Saved {
+pub(super) struct Saved {
     y1: Vec<f32>,
     a1: Vec<f32>,
     y2: Vec<f32>,
@@ -289,7 +342,42 @@ impl CustomOp2 for BlockOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "residual block input")?;
-        let p = self.params(f32_slice(s2, l2, "residual block parameters")?)?;
+        let out = self.run(x, f32_slice(s2, l2, "residual block parameters")?)?;
+        Ok((CpuStorage::F32(out), self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_out = grad_out.contiguous()?;
+        let (x_track, p_track) = (x.track_op(), p.track_op());
+        let (xg, xl) = x.storage_and_layout();
+        let (pg, pl) = p.storage_and_layout();
+        let (gg, gl) = grad_out.storage_and_layout();
+        let xs = cpu_f32(&xg, xl, "residual block input")?;
+        let ps = cpu_f32(&pg, pl, "residual block parameters")?;
+        let g = cpu_f32(&gg, gl, "residual block output gradient")?;
+        let (dx, dp) = self.backward_kept(xs, ps, g, (x_track, p_track))?;
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+            .transpose()?;
+        let dp = dp
+            .map(|v| Tensor::from_vec(v, p.shape(), p.device()))
+            .transpose()?;
+        Ok((dx, dp))
+    }
+}
+
+pub(super) type Grads = (Option<Vec<f32>>, Option<Vec<f32>>);
+
+impl BlockOp {
+    /// The block's output on `x` with flat parameters `p`, keeping what the backward reads.
+    pub(super) fn run(&self, x: &[f32], p: &[f32]) -> Result<Vec<f32>> {
+        let p = self.params(p)?;
         let (n, c, plane) = (self.n, self.planes, self.plane());
         let y1 = conv::forward(self.conv1, x, p.w[0], n, c);
         let (bn1, affine1) = self.normalize(0, &y1, p.norm[0]);
@@ -316,41 +404,29 @@ impl CustomOp2 for BlockOp {
             affine: [affine1, affine2],
         };
         *self.saved.lock().map_err(|_| missing())? = Some(saved);
-        let (h, w) = self.conv2.hw();
-        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
+        Ok(out)
     }
 
-    fn bwd(
+    /// The output's dimensions [n, planes, h', w'].
+    pub(super) fn out_shape(&self) -> Shape {
+        let (h, w) = self.conv2.hw();
+        Shape::from((self.n, self.planes, h, w))
+    }
+
+    /// The gradients of the input (if `x_track`) and of the flat parameters (if `p_track`)
+    /// from the output's, with what [`run`](Self::run) kept.
+    pub(super) fn backward_kept(
         &self,
-        x: &Tensor,
-        p: &Tensor,
-        _out: &Tensor,
-        grad_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        x: &[f32],
+        p: &[f32],
+        grad_out: &[f32],
+        tracks: (bool, bool),
+    ) -> Result<Grads> {
         let saved = self.saved.lock().map_err(|_| missing())?;
         let s = saved.as_ref().ok_or_else(missing)?;
-        let grad_out = grad_out.contiguous()?;
-        let (x_track, p_track) = (x.track_op(), p.track_op());
-        let (xg, xl) = x.storage_and_layout();
-        let (pg, pl) = p.storage_and_layout();
-        let (gg, gl) = grad_out.storage_and_layout();
-        let xs = cpu_f32(&xg, xl, "residual block input")?;
-        let ps = self.params(cpu_f32(&pg, pl, "residual block parameters")?)?;
-        let g = cpu_f32(&gg, gl, "residual block output gradient")?;
-        let (dx, dp) = self.backward(s, xs, ps, g, (x_track, p_track))?;
-        let dx = dx
-            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
-            .transpose()?;
-        let dp = dp
-            .map(|v| Tensor::from_vec(v, p.shape(), p.device()))
-            .transpose()?;
-        Ok((dx, dp))
+        self.backward(s, x, self.params(p)?, grad_out, tracks)
     }
-}
 
-type Grads = (Option<Vec<f32>>, Option<Vec<f32>>);
-
-impl BlockOp {
     fn backward(
         &self,
         s: &Saved,
@@ -434,7 +510,7 @@ impl BlockOp {
 }
 
 /// The f32 values of a contiguous CPU tensor's storage.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(super) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let Storage::Cpu(s) = storage else {
         candle_core::bail!("{what} must be on the CPU");
     };

@@ -48,6 +48,7 @@ mod rowwise;
 mod shortcut;
 mod simd;
 pub mod trainable;
+mod trunk;
 pub mod vit;
 mod weights;
 

@@ -307,11 +307,32 @@ impl CifarResNet {
     /// reference the fused path is tested against.
     pub(crate) fn features_candle(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         check_input(x)?;
-        let mut h = self.stem.forward_relu_t(&self.norm.forward(x)?, train)?;
+        let h = self.stem.forward_relu_t(&self.norm.forward(x)?, train)?;
+        self.trunk(&h, train)?.flatten_from(2)?.mean(2)
+    }
+
+    /// The residual blocks on the stem's output: on the CPU one op (see [`super::trunk`]), else
+    /// block by block.
+    pub(crate) fn trunk(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(y) = super::trunk::forward(h, &self.blocks, train)? {
+            return Ok(y);
+        }
+        self.blocks_one_by_one(h, train)
+    }
+
+    /// The residual blocks, in order.
+    #[cfg(test)]
+    pub(crate) fn blocks(&self) -> &[BasicBlock] {
+        &self.blocks
+    }
+
+    /// The residual blocks as separate ops (each one op on the CPU, see [`super::block`]).
+    pub(crate) fn blocks_one_by_one(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = h.clone();
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
-        h.flatten_from(2)?.mean(2)
+        Ok(h)
     }
 
     /// φ(x) in eval mode.
