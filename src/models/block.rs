@@ -22,10 +22,12 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, 
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
-use super::bn::BatchStats;
+use super::bn::{BatchStats, PlaneSums};
 use super::channel::channel_sums;
 use super::conv::{self, f32_slice, Geom};
 use super::convbn::ConvBn;
+use super::direct;
+use super::lanes::LANES;
 use super::pointwise::{channel_affine, unfilled, CHUNK};
 use super::simd;
 
@@ -119,11 +121,13 @@ impl<'a> Prepared<'a> {
             let params = Tensor::cat(&[fa.flatten_all()?, sa, fb.flatten_all()?, sb], 0)?;
             (params, Norm::Folded)
         };
+        let conv2 = Geom::same_padding(planes, (h1, w1), 3, 1);
         let op = BlockOp {
             n,
             planes,
             conv1,
-            conv2: Geom::same_padding(planes, (h1, w1), 3, 1),
+            conv2,
+            a1_padded: conv2.takes_padded(planes),
             shortcut_pad,
             norm,
             keep: false,
@@ -152,6 +156,10 @@ pub(super) fn update_running(
     Ok(())
 }
 
+fn unpadded() -> candle_core::Error {
+    candle_core::Error::Msg("fused residual block: conv₂ does not take padded input".into())
+}
+
 fn missing() -> candle_core::Error {
     candle_core::Error::Msg("fused residual block: its forward state is missing".into())
 }
@@ -171,6 +179,9 @@ pub(super) struct BlockOp {
     planes: usize,
     conv1: Geom,
     conv2: Geom,
+    /// Whether BN₁+ReLU writes its output in the direct kernels' zero-bordered layout, which
+    /// conv₂'s forward and weight gradient then read without padding a copy each.
+    a1_padded: bool,
     shortcut_pad: Option<usize>,
     norm: Norm,
     /// Whether a backward pass can follow (else nothing is kept).
@@ -253,6 +264,7 @@ impl BlockOp {
         (y, norm): (&[f32], &[f32]),
         dy: Cow<'d, [f32]>,
         relu: bool,
+        sums: Option<&[PlaneSums]>,
     ) -> (Cow<'d, [f32]>, Vec<f32>) {
         let (n, c, plane) = (self.n, self.planes, self.plane());
         let affine = &s.affine[i];
@@ -260,7 +272,11 @@ impl BlockOp {
             Some(stats) => {
                 let mut dx = unfilled(dy.len());
                 let relu = relu.then_some(affine);
-                let (dg, db) = stats.backward((y, &norm[..c], &dy), (n, plane), relu, &mut dx);
+                let args = ((y, &norm[..c], &*dy), (n, plane), relu);
+                let (dg, db) = match sums {
+                    Some(sums) => stats.backward_from_sums(sums, args.0, args.1, args.2, &mut dx),
+                    None => stats.backward(args.0, args.1, args.2, &mut dx),
+                };
                 (Cow::Owned(dx), [dg, db].concat())
             }
             None => {
@@ -269,15 +285,52 @@ impl BlockOp {
                     let dy = dy.to_mut();
                     dy.par_chunks_mut(plane).enumerate().for_each(|(k, d)| {
                         let b = affine.1[k % c];
-                        for (g, &v) in d.iter_mut().zip(&y[k * plane..][..plane]) {
-                            *g = if v + b >= 0.0 { *g } else { 0.0 };
-                        }
+                        let y = &y[k * plane..][..plane];
+                        simd::widest(
+                            #[inline(always)]
+                            || {
+                                for (g, &v) in d.iter_mut().zip(y) {
+                                    *g = if v + b >= 0.0 { *g } else { 0.0 };
+                                }
+                            },
+                        )
                     });
                 }
                 let dshift = channel_sums(&dy, (n, c, plane));
                 (dy, dshift)
             }
         }
+    }
+
+    /// relu(y₁·a + b) per channel, as `channel_affine` computes it, written inside a zero
+    /// border: each plane [h + 2][w + 2] as the direct kernels read their input.
+    fn affine_relu_padded(&self, y1: &[f32], (a, b): &(Vec<f32>, Vec<f32>)) -> Vec<f32> {
+        let (c, (h, w)) = (self.planes, self.conv2.hw());
+        let (plane, wp) = (h * w, w + 2);
+        let mut out = unfilled(self.n * direct::padded_len(c, (h, w)));
+        out.par_chunks_mut((h + 2) * wp)
+            .zip(y1.par_chunks(plane.max(1)))
+            .enumerate()
+            .for_each(|(i, (o, y))| {
+                let (a, b) = (a[i % c], b[i % c]);
+                simd::widest(
+                    #[inline(always)]
+                    || {
+                        let (top, rest) = o.split_at_mut(wp);
+                        let (body, bottom) = rest.split_at_mut(h * wp);
+                        top.fill(0.0);
+                        bottom.fill(0.0);
+                        for (row, yr) in body.chunks_exact_mut(wp).zip(y.chunks_exact(w)) {
+                            row[0] = 0.0;
+                            row[w + 1] = 0.0;
+                            for (o, &v) in row[1..=w].iter_mut().zip(yr) {
+                                *o = (v * a + b).max(0.0);
+                            }
+                        }
+                    },
+                )
+            });
+        out
     }
 
     /// Writes into `s` (one plane) output plane `i`'s (image, channel) pre-activation
@@ -381,8 +434,16 @@ impl BlockOp {
         let (n, c, plane) = (self.n, self.planes, self.plane());
         let y1 = conv::forward(self.conv1, x, p.w[0], n, c);
         let (bn1, affine1) = self.normalize(0, &y1, p.norm[0]);
-        let a1 = channel_affine(&y1, plane, &affine1.0, &affine1.1, true);
-        let y2 = conv::forward(self.conv2, &a1, p.w[1], n, c);
+        let y2;
+        let a1 = if self.a1_padded {
+            let a1 = self.affine_relu_padded(&y1, &affine1);
+            y2 = conv::forward_padded(self.conv2, &a1, p.w[1], n, c).ok_or_else(unpadded)?;
+            a1
+        } else {
+            let a1 = channel_affine(&y1, plane, &affine1.0, &affine1.1, true);
+            y2 = conv::forward(self.conv2, &a1, p.w[1], n, c);
+            a1
+        };
         let (bn2, affine2) = self.normalize(1, &y2, p.norm[1]);
         let mut out = unfilled(n * c * plane);
         out.par_chunks_mut(plane).enumerate().for_each(|(i, o)| {
@@ -448,25 +509,43 @@ impl BlockOp {
         }
         // The output ReLU lets the gradient through where the pre-activation is ≥ 0; it is
         // also the shortcut's gradient and BN₂'s output gradient.
+        // In train mode BN₂'s gradient sums are added up in the same pass, while each plane of d
+        // is in L1, instead of reading d and y₂ again.
         let mut d = unfilled(n * c * plane);
-        d.par_chunks_mut(plane).enumerate().for_each(|(i, di)| {
-            simd::widest(
-                #[inline(always)]
-                || {
-                    self.pre_activation((x, &s.y2), &s.affine[1], i, di);
-                    for (d, &g) in di.iter_mut().zip(&grad_out[i * plane..][..plane]) {
-                        *d = if *d >= 0.0 { g } else { 0.0 };
-                    }
-                },
-            )
-        });
+        let sums: Vec<PlaneSums> = d
+            .par_chunks_mut(plane)
+            .enumerate()
+            .map(|(i, di)| {
+                simd::widest(
+                    #[inline(always)]
+                    || {
+                        self.pre_activation((x, &s.y2), &s.affine[1], i, di);
+                        for (d, &g) in di.iter_mut().zip(&grad_out[i * plane..][..plane]) {
+                            *d = if *d >= 0.0 { g } else { 0.0 };
+                        }
+                        let y2 = &s.y2[i * plane..][..plane];
+                        match &s.bn[1] {
+                            Some(stats) => stats.plane_grad_sums(i % c, (di, y2), None),
+                            None => [[0.0; LANES]; 2],
+                        }
+                    },
+                )
+            })
+            .collect();
+        let sums = s.bn[1].is_some().then_some(&sums[..]);
         let (dy2, dnorm2) =
-            self.normalize_backward((1, s), (&s.y2, p.norm[1]), Cow::Borrowed(&d), false);
+            self.normalize_backward((1, s), (&s.y2, p.norm[1]), Cow::Borrowed(&d), false, sums);
         let da1 = conv::input_grad(self.conv2, &dy2, p.w[1], n, c);
-        let dw2 = p_track.then(|| conv::weight_grad(self.conv2, &s.a1, &dy2, c));
+        let dw2 = match (p_track, self.a1_padded) {
+            (false, _) => None,
+            (true, false) => Some(conv::weight_grad(self.conv2, &s.a1, &dy2, c)),
+            (true, true) => {
+                Some(conv::weight_grad_padded(self.conv2, &s.a1, &dy2, c).ok_or_else(unpadded)?)
+            }
+        };
         drop(dy2);
         let (dy1, dnorm1) =
-            self.normalize_backward((0, s), (&s.y1, p.norm[0]), Cow::Owned(da1), true);
+            self.normalize_backward((0, s), (&s.y1, p.norm[0]), Cow::Owned(da1), true, None);
         let dw1 = p_track.then(|| conv::weight_grad(self.conv1, x, &dy1, c));
         let dx = x_track.then(|| {
             let mut dx = conv::input_grad(self.conv1, &dy1, p.w[0], n, c);

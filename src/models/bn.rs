@@ -15,6 +15,7 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::conv::f32_slice;
+use super::lanes::{lane_sums, lanes_total, LANES};
 use super::simd;
 
 /// `bn.forward_t(x, true)` with the fused kernels on the CPU (f32, affine BatchNorm); candle_nn's
@@ -149,75 +150,117 @@ impl BatchStats {
         dx: &mut [f32],
     ) -> (Vec<f32>, Vec<f32>) {
         let c = self.mean.len();
-        // The BatchNorm output's gradient as a function of (dy, x) for channel `ch`: dy itself,
-        // or with a fused ReLU dy where the pre-activation is ≥ 0 and 0 elsewhere (NaN
-        // included), as the ReLU's own backward does.
-        let output_grad = |ch: usize| {
-            let (relu, a, b) = match relu {
-                Some((a, b)) => (true, a[ch], b[ch]),
-                None => (false, 1.0, 0.0),
-            };
-            move |g: f32, v: f32| {
-                if !relu || v * a + b >= 0.0 {
-                    g
-                } else {
-                    0.0
-                }
-            }
-        };
-        // Σ dy and Σ dy·x̂ per channel, in a fixed order.
-        let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                let out_grad = output_grad(ch);
-                // The partial sums are the closure's own: captured by reference they stayed in
-                // memory, and the loop was not vectorised.
-                let (sb, sg) = simd::widest(
+        let planes: Vec<PlaneSums> = dy
+            .par_chunks(hw.max(1))
+            .zip(x.par_chunks(hw.max(1)))
+            .enumerate()
+            .map(|(i, (dy, x))| {
+                let relu = relu.map(|(a, b)| (a[i % c], b[i % c]));
+                simd::widest(
                     #[inline(always)]
-                    || {
-                        let (mut sb, mut sg) = ([0f64; LANES], [0f64; LANES]);
-                        for img in 0..n {
-                            let off = (img * c + ch) * hw;
-                            lane_sums(
-                                &dy[off..off + hw],
-                                &x[off..off + hw],
-                                |g, v| {
-                                    let g = out_grad(g, v);
-                                    (f64::from(g), f64::from(g) * f64::from((v - mu) * is))
-                                },
-                                (&mut sb, &mut sg),
-                            );
-                        }
-                        (sb, sg)
-                    },
-                );
+                    || self.plane_grad_sums(i % c, (dy, x), relu),
+                )
+            })
+            .collect();
+        self.backward_from_sums(&planes, (x, gamma, dy), (n, hw), relu, dx)
+    }
+
+    /// One plane's share (channel `ch` of one image) of Σ dy and Σ dy·x̂, as partial sums in
+    /// [`LANES`] lanes; with `relu` = (a, b), dy is first let through where x·a + b ≥ 0 only.
+    /// Exposed so a caller producing dy can add it up in the same pass (the residual block).
+    #[inline(always)]
+    pub(crate) fn plane_grad_sums(
+        &self,
+        ch: usize,
+        (dy, x): (&[f32], &[f32]),
+        relu: Option<(f32, f32)>,
+    ) -> PlaneSums {
+        let (mu, is) = (self.mean[ch], self.invstd[ch]);
+        let out_grad = output_grad(relu);
+        // The partial sums are locals here: captured by reference from a caller's frame they
+        // stayed in memory, and the loop was not vectorised.
+        let (mut sb, mut sg) = ([0f64; LANES], [0f64; LANES]);
+        lane_sums(
+            dy,
+            x,
+            |g, v| {
+                let g = out_grad(g, v);
+                (f64::from(g), f64::from(g) * f64::from((v - mu) * is))
+            },
+            (&mut sb, &mut sg),
+        );
+        [sb, sg]
+    }
+
+    /// [`backward`](Self::backward) from every plane's [`plane_grad_sums`](Self::plane_grad_sums)
+    /// (NCHW order), which are added per channel image by image, a fixed order.
+    pub(crate) fn backward_from_sums(
+        &self,
+        planes: &[PlaneSums],
+        (x, gamma, dy): (&[f32], &[f32], &[f32]),
+        (n, hw): (usize, usize),
+        relu: Option<&(Vec<f32>, Vec<f32>)>,
+        dx: &mut [f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let c = self.mean.len();
+        let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)
+            .map(|ch| {
+                let (mut sb, mut sg) = ([0f64; LANES], [0f64; LANES]);
+                for [pb, pg] in planes.iter().skip(ch).step_by(c.max(1)) {
+                    for j in 0..LANES {
+                        sb[j] += pb[j];
+                        sg[j] += pg[j];
+                    }
+                }
                 (lanes_total(sb), lanes_total(sg))
             })
             .unzip();
         let m = (n * hw) as f32;
-        dx.par_chunks_mut(hw).enumerate().for_each(|(i, dxo)| {
-            let ch = i % c;
-            let off = i * hw;
-            let (mu, is) = (self.mean[ch], self.invstd[ch]);
-            let k = gamma[ch] * is / m;
-            let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
-            let out_grad = output_grad(ch);
-            simd::widest(
-                #[inline(always)]
-                || {
-                    for ((o, &g), &v) in dxo
-                        .iter_mut()
-                        .zip(&dy[off..off + hw])
-                        .zip(&x[off..off + hw])
-                    {
-                        *o = k * (m * out_grad(g, v) - db - (v - mu) * is * dg);
-                    }
-                },
-            )
-        });
+        dx.par_chunks_mut(hw.max(1))
+            .enumerate()
+            .for_each(|(i, dxo)| {
+                let ch = i % c;
+                let off = i * hw;
+                let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                let k = gamma[ch] * is / m;
+                let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
+                let out_grad = output_grad(relu.map(|(a, b)| (a[ch], b[ch])));
+                simd::widest(
+                    #[inline(always)]
+                    || {
+                        for ((o, &g), &v) in dxo
+                            .iter_mut()
+                            .zip(&dy[off..off + hw])
+                            .zip(&x[off..off + hw])
+                        {
+                            *o = k * (m * out_grad(g, v) - db - (v - mu) * is * dg);
+                        }
+                    },
+                )
+            });
         let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
         (f(dgamma), f(dbeta))
+    }
+}
+
+/// One plane's partial sums of Σ dy and Σ dy·x̂ (see [`BatchStats::plane_grad_sums`]).
+pub(crate) type PlaneSums = [[f64; LANES]; 2];
+
+/// The BatchNorm output's gradient as a function of (dy, x) for one channel: dy itself, or with
+/// a fused ReLU of affine map (a, b), dy where the pre-activation x·a + b is ≥ 0 and 0 elsewhere
+/// (NaN included), as the ReLU's own backward does.
+#[inline(always)]
+fn output_grad(relu: Option<(f32, f32)>) -> impl Fn(f32, f32) -> f32 {
+    let (relu, a, b) = match relu {
+        Some((a, b)) => (true, a, b),
+        None => (false, 1.0, 0.0),
+    };
+    move |g: f32, v: f32| {
+        if !relu || v * a + b >= 0.0 {
+            g
+        } else {
+            0.0
+        }
     }
 }
 
@@ -250,51 +293,6 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
             (mean, (lanes_total(s2) / m - mean * mean).max(0.0))
         })
         .unzip()
-}
-
-/// Interleaved f64 partial sums per channel. Why: one running sum per channel made every value
-/// wait for the previous addition (4 cycles), and the BatchNorm sums took about a tenth of a
-/// ResNet-20 training step; eight independent sums run at the adder's throughput instead. The
-/// order is fixed, so the result is the same on every run and thread count.
-const LANES: usize = 8;
-
-/// (s, t)[j] += f(a[i], b[i]) for the positions i ≡ j (mod [`LANES`]).
-#[inline(always)]
-fn lane_sums(
-    a: &[f32],
-    b: &[f32],
-    f: impl Fn(f32, f32) -> (f64, f64),
-    (s, t): (&mut [f64; LANES], &mut [f64; LANES]),
-) {
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    // Summed in locals, so the sums stay in registers whatever `s` and `t` point to.
-    let (mut sl, mut tl) = (*s, *t);
-    for (ca, cb) in ca.zip(cb) {
-        for (((s, t), &a), &b) in sl.iter_mut().zip(tl.iter_mut()).zip(ca).zip(cb) {
-            let (x, y) = f(a, b);
-            *s += x;
-            *t += y;
-        }
-    }
-    (*s, *t) = (sl, tl);
-    for (((s, t), &a), &b) in s.iter_mut().zip(t.iter_mut()).zip(ra).zip(rb) {
-        let (x, y) = f(a, b);
-        *s += x;
-        *t += y;
-    }
-}
-
-/// The partial sums' total, added pairwise.
-fn lanes_total(mut v: [f64; LANES]) -> f64 {
-    let mut n = LANES;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            v[i] += v[i + n];
-        }
-    }
-    v[0]
 }
 
 /// y = (x − μ)·invstd·γ + β with the batch statistics fixed in the op; then max(y, 0) if

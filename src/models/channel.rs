@@ -18,6 +18,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::conv::f32_slice;
+use super::lanes::{lane_sums, lanes_total, LANES};
+use super::simd;
 
 /// `x + shift` (shift broadcast over the channels of an NCHW x), then ReLU if `relu`.
 pub fn shift(x: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
@@ -159,18 +161,31 @@ impl candle_core::CustomOp1 for ChannelSumOp {
 }
 
 /// Σ over images and pixels of each channel of an NCHW buffer, in f64 and a fixed order (the
-/// shift's gradient).
+/// shift's gradient): each plane in [`LANES`] partial sums, in parallel and in the CPU's widest
+/// vectors, then the planes of a channel image by image.
 pub(crate) fn channel_sums(g: &[f32], (n, c, plane): (usize, usize, usize)) -> Vec<f32> {
+    let planes: Vec<[f64; LANES]> = g[..n * c * plane]
+        .par_chunks(plane.max(1))
+        .map(|p| {
+            simd::widest(
+                #[inline(always)]
+                || {
+                    let (mut s, mut unused) = ([0f64; LANES], [0f64; LANES]);
+                    lane_sums(p, p, |v, _| (f64::from(v), 0.0), (&mut s, &mut unused));
+                    s
+                },
+            )
+        })
+        .collect();
     (0..c)
-        .into_par_iter()
         .map(|ch| {
-            let mut acc = 0f64;
-            for img in 0..n {
-                for &v in &g[(img * c + ch) * plane..][..plane] {
-                    acc += f64::from(v);
+            let mut s = [0f64; LANES];
+            for p in planes.iter().skip(ch).step_by(c.max(1)) {
+                for (s, v) in s.iter_mut().zip(p) {
+                    *s += v;
                 }
             }
-            acc as f32
+            lanes_total(s) as f32
         })
         .collect()
 }

@@ -115,6 +115,12 @@ impl Geom {
         self.stride == 1 && self.k % 2 == 1 && self.pad == self.k / 2
     }
 
+    /// Whether the direct 3×3 kernels take this convolution to `c_out` channels, so its input
+    /// may be given padded ([`forward_padded`], [`weight_grad_padded`]).
+    pub(crate) fn takes_padded(&self, c_out: usize) -> bool {
+        self.direct(c_out).is_some()
+    }
+
     /// This convolution's shape for the direct 3×3 kernels, if they take it.
     fn direct(&self, c_out: usize) -> Option<direct::Shape3> {
         let hw = (self.h, self.w);
@@ -516,8 +522,13 @@ pub(crate) fn weight_grad(g: Geom, x: &[f32], gy: &[f32], c_out: usize) -> Vec<f
             gw_t
         })
         .collect();
+    sum_partials(&partials, c_out, rows)
+}
+
+/// ∂L/∂w [c_out, c_in, k, k] as the sum, in order, of each chunk's transposed partial gwᵀ.
+fn sum_partials(partials: &[Vec<f32>], c_out: usize, rows: usize) -> Vec<f32> {
     let mut gw = vec![0f32; c_out * rows];
-    for part in &partials {
+    for part in partials {
         for (r, row) in part.chunks_exact(c_out).enumerate() {
             for (o, v) in row.iter().enumerate() {
                 gw[o * rows + r] += v;
@@ -525,6 +536,51 @@ pub(crate) fn weight_grad(g: Geom, x: &[f32], gy: &[f32], c_out: usize) -> Vec<f
         }
     }
     gw
+}
+
+/// [`forward`] on input given already padded for the direct kernels (each image
+/// [`direct::padded_len`] values), when they take the convolution (else `None`): the same
+/// values, without padding a copy of each image first.
+pub(crate) fn forward_padded(
+    g: Geom,
+    xp: &[f32],
+    w: &[f32],
+    n_img: usize,
+    c_out: usize,
+) -> Option<Vec<f32>> {
+    let s = g.direct(c_out)?;
+    let (plane, image) = (g.plane_out(), direct::padded_len(g.c_in, (g.h, g.w)));
+    let wt = direct::pack_weight(w, g.c_in, c_out);
+    let mut y = unfilled(n_img * c_out * plane);
+    y.par_chunks_mut(c_out * plane)
+        .zip(xp.par_chunks(image))
+        .for_each(|(yi, xi)| direct::conv_prepadded(s, xi, &wt, yi));
+    Some(y)
+}
+
+/// [`weight_grad`] from input given already padded, as [`forward_padded`]: the same chunks in
+/// the same order, so the same bits.
+pub(crate) fn weight_grad_padded(
+    g: Geom,
+    xp: &[f32],
+    gy: &[f32],
+    c_out: usize,
+) -> Option<Vec<f32>> {
+    let s = g.direct(c_out)?;
+    let (plane, rows) = (g.plane_out(), g.rows());
+    let image = direct::padded_len(g.c_in, (g.h, g.w));
+    let partials: Vec<Vec<f32>> = xp
+        .par_chunks(image * WGRAD_CHUNK)
+        .zip(gy.par_chunks(c_out * plane * WGRAD_CHUNK))
+        .map(|(xc, gyc)| {
+            let mut gw_t = vec![0f32; rows * c_out];
+            let mut lanes = vec![0f32; direct::lanes_len(s)];
+            direct::weight_grad_prepadded(s, xc, gyc, &mut lanes);
+            direct::finish_weight_grad(&lanes, &mut gw_t);
+            gw_t
+        })
+        .collect();
+    Some(sum_partials(&partials, c_out, rows))
 }
 
 /// y = conv(x, w).

@@ -276,6 +276,27 @@ pub(crate) fn accumulate_group(s: Shape3, x: &[f32], g: usize, wt: &[f32], out: 
     }
 }
 
+/// The values of one image of c channels padded as the kernels read it: [c][h + 2][w + 2],
+/// the input's planes inside a zero border.
+pub(crate) fn padded_len(c: usize, (h, w): (usize, usize)) -> usize {
+    c * (h + 2) * (w + 2)
+}
+
+/// [`conv`] of an image given already padded ([`padded_len`] values).
+pub(crate) fn conv_prepadded(s: Shape3, xp: &[f32], wt: &[f32], y: &mut [f32]) {
+    let dst = Dst {
+        chan_stride: s.h * s.w,
+        accumulate: false,
+    };
+    conv_padded(level(), s, xp, wt, y, dst)
+}
+
+/// [`weight_grad`] of images given already padded ([`padded_len`] values each).
+pub(crate) fn weight_grad_prepadded(s: Shape3, xp: &[f32], gy: &[f32], lanes: &mut [f32]) {
+    let n = xp.len() / padded_len(s.c_in, (s.h, s.w));
+    weight_grad_padded(level(), s, xp, gy, lanes, n)
+}
+
 /// Where the convolution kernel puts output channel o's plane: at `o·chan_stride` of its
 /// output slice, stored or added.
 #[derive(Clone, Copy, Debug)]

@@ -34,6 +34,7 @@ mod gelu;
 pub mod gemm;
 mod im2col;
 pub mod init;
+mod lanes;
 mod linear;
 pub mod onnx;
 pub mod path;
