@@ -193,6 +193,7 @@ pub(super) struct BlockOp {
 /// What the backward pass reads of the forward's.
 pub(super) struct Saved {
     y1: Vec<f32>,
+    /// BN₁+ReLU's output, in the direct kernels' padded layout when `BlockOp::a1_padded`.
     a1: Vec<f32>,
     y2: Vec<f32>,
     /// Each BatchNorm's batch statistics (train mode).
@@ -272,10 +273,10 @@ impl BlockOp {
             Some(stats) => {
                 let mut dx = unfilled(dy.len());
                 let relu = relu.then_some(affine);
-                let args = ((y, &norm[..c], &*dy), (n, plane), relu);
+                let io = (y, &norm[..c], &*dy);
                 let (dg, db) = match sums {
-                    Some(sums) => stats.backward_from_sums(sums, args.0, args.1, args.2, &mut dx),
-                    None => stats.backward(args.0, args.1, args.2, &mut dx),
+                    Some(sums) => stats.backward_from_sums(sums, io, (n, plane), relu, &mut dx),
+                    None => stats.backward(io, (n, plane), relu, &mut dx),
                 };
                 (Cow::Owned(dx), [dg, db].concat())
             }
@@ -434,15 +435,14 @@ impl BlockOp {
         let (n, c, plane) = (self.n, self.planes, self.plane());
         let y1 = conv::forward(self.conv1, x, p.w[0], n, c);
         let (bn1, affine1) = self.normalize(0, &y1, p.norm[0]);
-        let y2;
-        let a1 = if self.a1_padded {
+        let (a1, y2) = if self.a1_padded {
             let a1 = self.affine_relu_padded(&y1, &affine1);
-            y2 = conv::forward_padded(self.conv2, &a1, p.w[1], n, c).ok_or_else(unpadded)?;
-            a1
+            let y2 = conv::forward_padded(self.conv2, &a1, p.w[1], n, c).ok_or_else(unpadded)?;
+            (a1, y2)
         } else {
             let a1 = channel_affine(&y1, plane, &affine1.0, &affine1.1, true);
-            y2 = conv::forward(self.conv2, &a1, p.w[1], n, c);
-            a1
+            let y2 = conv::forward(self.conv2, &a1, p.w[1], n, c);
+            (a1, y2)
         };
         let (bn2, affine2) = self.normalize(1, &y2, p.norm[1]);
         let mut out = unfilled(n * c * plane);
@@ -508,9 +508,9 @@ impl BlockOp {
             );
         }
         // The output ReLU lets the gradient through where the pre-activation is ≥ 0; it is
-        // also the shortcut's gradient and BN₂'s output gradient.
-        // In train mode BN₂'s gradient sums are added up in the same pass, while each plane of d
-        // is in L1, instead of reading d and y₂ again.
+        // also the shortcut's gradient and BN₂'s output gradient. In train mode BN₂'s gradient
+        // sums are added up in the same pass, while each plane of d is in L1, instead of
+        // reading d and y₂ again.
         let mut d = unfilled(n * c * plane);
         let sums: Vec<PlaneSums> = d
             .par_chunks_mut(plane)
