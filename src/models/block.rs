@@ -407,22 +407,9 @@ impl CustomOp2 for BlockOp {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_out = grad_out.contiguous()?;
-        let (x_track, p_track) = (x.track_op(), p.track_op());
-        let (xg, xl) = x.storage_and_layout();
-        let (pg, pl) = p.storage_and_layout();
-        let (gg, gl) = grad_out.storage_and_layout();
-        let xs = cpu_f32(&xg, xl, "residual block input")?;
-        let ps = cpu_f32(&pg, pl, "residual block parameters")?;
-        let g = cpu_f32(&gg, gl, "residual block output gradient")?;
-        let (dx, dp) = self.backward_kept(xs, ps, g, (x_track, p_track))?;
-        let dx = dx
-            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
-            .transpose()?;
-        let dp = dp
-            .map(|v| Tensor::from_vec(v, p.shape(), p.device()))
-            .transpose()?;
-        Ok((dx, dp))
+        cpu_backward((x, p, grad_out), "residual block", |(xs, ps, g), tracks| {
+            self.backward_kept(xs, ps, g, tracks)
+        })
     }
 }
 
@@ -588,8 +575,33 @@ impl BlockOp {
     }
 }
 
+/// The backward of an op over (x, flat parameters) on the CPU: `f` gets their f32 values and
+/// the output gradient's, and whether x and the parameters are tracked, and returns their
+/// gradients, which come back as tensors of their shapes. `what` names the op in errors.
+pub(super) fn cpu_backward(
+    (x, p, grad_out): (&Tensor, &Tensor, &Tensor),
+    what: &str,
+    f: impl FnOnce((&[f32], &[f32], &[f32]), (bool, bool)) -> Result<Grads>,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad_out = grad_out.contiguous()?;
+    let (xg, xl) = x.storage_and_layout();
+    let (pg, pl) = p.storage_and_layout();
+    let (gg, gl) = grad_out.storage_and_layout();
+    let xs = cpu_f32(&xg, xl, &format!("{what} input"))?;
+    let ps = cpu_f32(&pg, pl, &format!("{what} parameters"))?;
+    let g = cpu_f32(&gg, gl, &format!("{what} output gradient"))?;
+    let (dx, dp) = f((xs, ps, g), (x.track_op(), p.track_op()))?;
+    let dx = dx
+        .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+        .transpose()?;
+    let dp = dp
+        .map(|v| Tensor::from_vec(v, p.shape(), p.device()))
+        .transpose()?;
+    Ok((dx, dp))
+}
+
 /// The f32 values of a contiguous CPU tensor's storage.
-pub(super) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let Storage::Cpu(s) = storage else {
         candle_core::bail!("{what} must be on the CPU");
     };
@@ -597,7 +609,7 @@ pub(super) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::{Device, ModuleT, Var};
     use candle_nn::{VarBuilder, VarMap};
 
@@ -605,32 +617,19 @@ mod tests {
     use super::super::BasicBlock;
     use super::*;
 
-    /// (output, running statistics, ∂L/∂x if x is tracked, every parameter's gradient) of one
-    /// forward and backward in train or eval mode, fused or chained.
-    type Run = (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>, Vec<Vec<f32>>);
+    /// (output, running statistics, ∂L/∂x if x is tracked, the parameters' gradients) of one
+    /// forward and backward.
+    pub(in crate::models) type Run = (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>, Vec<Vec<f32>>);
 
-    fn run(
-        (c_in, planes, stride): (usize, usize, usize),
-        (n, h, w): (usize, usize, usize),
-        (track_x, track_params): (bool, bool),
-        (train, fused): (bool, bool),
-    ) -> Run {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let block = BasicBlock::new(c_in, planes, stride, vb).expect("block");
-        // Non-trivial values for every parameter and running statistic, the same in both runs.
-        let mut names: Vec<String> = varmap
-            .data()
-            .lock()
-            .expect("vars")
-            .keys()
-            .cloned()
-            .collect();
+    /// Gives every variable of `varmap` a non-trivial value from `seed` on (running variances
+    /// positive), the same on every call; returns their names, sorted.
+    pub(in crate::models) fn randomize(varmap: &VarMap, seed: u64) -> Vec<String> {
+        let vars = varmap.data().lock().expect("vars");
+        let mut names: Vec<String> = vars.keys().cloned().collect();
         names.sort();
         for (i, name) in names.iter().enumerate() {
-            let vars = varmap.data().lock().expect("vars");
             let var = &vars[name];
-            let v = randn(100 + i as u64, var.dims());
+            let v = randn(seed + i as u64, var.dims());
             let v = if name.ends_with("running_var") {
                 (v.abs().and_then(|t| t + 0.5)).expect("var")
             } else {
@@ -638,19 +637,20 @@ mod tests {
             };
             var.set(&v).expect("set");
         }
-        let x0 = (randn(7, &[n, c_in, h, w]) * 2.0).expect("x");
-        let xv = Var::from_tensor(&x0).expect("x var");
-        let x = if track_x { xv.as_tensor().clone() } else { x0 };
-        let block = if track_params { block } else { frozen(&block) };
-        let y = if fused {
-            let layers = (&block.a, &block.b);
-            let y = forward(&x, layers, block.shortcut_pad, train).expect("fused");
-            y.expect("the block fits the fused op")
-        } else {
-            block.forward_ops(&x, train).expect("chained")
-        };
-        let r = randn(9, y.dims());
-        let grads = (&y * &r)
+        names
+    }
+
+    /// The [`Run`] of output `y` after the backward of L = Σ y·r (r random from `seed`): the
+    /// running statistics of `names`, x's gradient if `x` is given, and the gradients of the
+    /// names `param` picks that have one.
+    pub(in crate::models) fn outcome(
+        (y, seed): (&Tensor, u64),
+        (varmap, names): (&VarMap, &[String]),
+        x: Option<&Var>,
+        param: impl Fn(&str) -> bool,
+    ) -> Run {
+        let r = randn(seed, y.dims());
+        let grads = (y * &r)
             .and_then(|t| t.sum_all())
             .and_then(|l| l.backward())
             .expect("backward");
@@ -667,11 +667,37 @@ mod tests {
             .collect();
         let params = names
             .iter()
-            .filter(|n| !n.contains("running"))
+            .filter(|n| !n.contains("running") && param(n))
             .filter_map(|n| grads.get(vars[n].as_tensor()).map(v))
             .collect();
-        let dx = track_x.then(|| v(grads.get(xv.as_tensor()).expect("dx")));
-        (v(&y), running, dx, params)
+        let dx = x.map(|x| v(grads.get(x.as_tensor()).expect("dx")));
+        (v(y), running, dx, params)
+    }
+
+    /// One forward and backward of a block in train or eval mode, fused or chained.
+    fn run(
+        (c_in, planes, stride): (usize, usize, usize),
+        (n, h, w): (usize, usize, usize),
+        (track_x, track_params): (bool, bool),
+        (train, fused): (bool, bool),
+    ) -> Run {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let block = BasicBlock::new(c_in, planes, stride, vb).expect("block");
+        // The same values in both runs.
+        let names = randomize(&varmap, 100);
+        let x0 = (randn(7, &[n, c_in, h, w]) * 2.0).expect("x");
+        let xv = Var::from_tensor(&x0).expect("x var");
+        let x = if track_x { xv.as_tensor().clone() } else { x0 };
+        let block = if track_params { block } else { frozen(&block) };
+        let y = if fused {
+            let layers = (&block.a, &block.b);
+            let y = forward(&x, layers, block.shortcut_pad, train).expect("fused");
+            y.expect("the block fits the fused op")
+        } else {
+            block.forward_ops(&x, train).expect("chained")
+        };
+        outcome((&y, 9), (&varmap, &names), track_x.then_some(&xv), |_| true)
     }
 
     fn frozen(block: &BasicBlock) -> BasicBlock {

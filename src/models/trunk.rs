@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::block::{self, BlockOp, Prepared};
+use super::block::{self, cpu_backward, BlockOp, Grads, Prepared};
 use super::conv::f32_slice;
 use super::resnet::BasicBlock;
 
@@ -115,14 +115,22 @@ impl CustomOp2 for TrunkOp {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_out = grad_out.contiguous()?;
-        let (x_track, p_track) = (x.track_op(), p.track_op());
-        let (xg, xl) = x.storage_and_layout();
-        let (pg, pl) = p.storage_and_layout();
-        let (gg, gl) = grad_out.storage_and_layout();
-        let xs = block::cpu_f32(&xg, xl, "ResNet trunk input")?;
-        let ps = block::cpu_f32(&pg, pl, "ResNet trunk parameters")?;
-        let mut g = block::cpu_f32(&gg, gl, "ResNet trunk output gradient")?.to_vec();
+        cpu_backward((x, p, grad_out), "ResNet trunk", |(xs, ps, g), tracks| {
+            self.backward(xs, ps, g, tracks)
+        })
+    }
+}
+
+impl TrunkOp {
+    /// The blocks' backward passes from the last to the first, each block's input gradient the
+    /// output gradient of the one before it.
+    fn backward(
+        &self,
+        xs: &[f32],
+        ps: &[f32],
+        grad_out: &[f32],
+        (x_track, p_track): (bool, bool),
+    ) -> Result<Grads> {
         let inputs = self.inputs.lock().map_err(|_| poisoned())?;
         if inputs.len() + 1 != self.blocks.len() {
             candle_core::bail!("fused ResNet trunk: the forward kept no block inputs");
@@ -132,6 +140,7 @@ impl CustomOp2 for TrunkOp {
         } else {
             Vec::new()
         };
+        let mut g = grad_out.to_vec();
         let mut dx = None;
         for (i, (b, r)) in self.blocks.iter().zip(&self.ranges).enumerate().rev() {
             let input = match i {
@@ -149,13 +158,7 @@ impl CustomOp2 for TrunkOp {
                 (_, None) => candle_core::bail!("fused ResNet trunk: a block kept no gradient"),
             }
         }
-        let dx = dx
-            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
-            .transpose()?;
-        let dp = p_track
-            .then(|| Tensor::from_vec(dp, p.shape(), p.device()))
-            .transpose()?;
-        Ok((dx, dp))
+        Ok((dx, p_track.then_some(dp)))
     }
 }
 
@@ -164,14 +167,14 @@ mod tests {
     use candle_core::{DType, Device, Var};
     use candle_nn::{VarBuilder, VarMap};
 
+    use super::super::block::tests::{outcome, randomize, Run};
     use super::super::conv::tests::randn;
     use super::super::{CifarResNet, Normalize};
 
-    /// (trunk output, running statistics, ∂L/∂h if h is tracked, every parameter's gradient).
-    type Run = (Vec<f32>, Vec<Vec<f32>>, Option<Vec<f32>>, Vec<Vec<f32>>);
-
     /// One forward and backward of a depth-`depth` CIFAR ResNet's blocks on a random stem
-    /// output of `size`, as one op or block by block, from the same parameter values.
+    /// output of `size`, as one op or block by block, from the same parameter values: the
+    /// trunk's output, every running statistic, ∂L/∂h if h is tracked, the blocks' parameters'
+    /// gradients.
     fn run(
         depth: usize,
         size: (usize, usize, usize),
@@ -181,24 +184,7 @@ mod tests {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let net = CifarResNet::new(depth, 10, Normalize::IDENTITY, vb).expect("network");
-        let mut names: Vec<String> = varmap
-            .data()
-            .lock()
-            .expect("vars")
-            .keys()
-            .cloned()
-            .collect();
-        names.sort();
-        for (i, name) in names.iter().enumerate() {
-            let vars = varmap.data().lock().expect("vars");
-            let v = randn(200 + i as u64, vars[name].dims());
-            let v = if name.ends_with("running_var") {
-                v.abs().and_then(|t| t + 0.5).expect("var")
-            } else {
-                v
-            };
-            vars[name].set(&v).expect("set");
-        }
+        let names = randomize(&varmap, 200);
         let (n, h, w) = size;
         let h0 = (randn(11, &[n, 16, h, w]) * 2.0).expect("h");
         let hv = Var::from_tensor(&h0).expect("h var");
@@ -210,29 +196,8 @@ mod tests {
         } else {
             net.blocks_one_by_one(&x, train).expect("blocks")
         };
-        let r = randn(13, y.dims());
-        let grads = (&y * &r)
-            .and_then(|t| t.sum_all())
-            .and_then(|l| l.backward())
-            .expect("backward");
-        let v = |t: &candle_core::Tensor| {
-            t.flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("values")
-        };
-        let vars = varmap.data().lock().expect("vars");
-        let running = names
-            .iter()
-            .filter(|n| n.contains("running"))
-            .map(|n| v(vars[n].as_tensor()))
-            .collect();
-        let params = names
-            .iter()
-            .filter(|n| n.starts_with("layer") && !n.contains("running"))
-            .filter_map(|n| grads.get(vars[n].as_tensor()).map(v))
-            .collect();
-        let dh = track_h.then(|| v(grads.get(hv.as_tensor()).expect("dh")));
-        (v(&y), running, dh, params)
+        let blocks = |n: &str| n.starts_with("layer");
+        outcome((&y, 13), (&varmap, &names), track_h.then_some(&hv), blocks)
     }
 
     /// The trunk as one op equals the blocks one by one bit for bit: output, every running
