@@ -317,17 +317,11 @@ impl BlockOp {
                 simd::widest(
                     #[inline(always)]
                     || {
-                        let (top, rest) = o.split_at_mut(wp);
-                        let (body, bottom) = rest.split_at_mut(h * wp);
-                        top.fill(0.0);
-                        bottom.fill(0.0);
-                        for (row, yr) in body.chunks_exact_mut(wp).zip(y.chunks_exact(w)) {
-                            row[0] = 0.0;
-                            row[w + 1] = 0.0;
-                            for (o, &v) in row[1..=w].iter_mut().zip(yr) {
+                        direct::pad_plane(o, (h, w), |row, r| {
+                            for (o, &v) in row.iter_mut().zip(&y[r * w..][..w]) {
                                 *o = (v * a + b).max(0.0);
                             }
-                        }
+                        })
                     },
                 )
             });

@@ -15,7 +15,7 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::conv::f32_slice;
-use super::lanes::{lane_sums, lanes_total, LANES};
+use super::lanes::{channel_totals, lane_sums, lanes_total, LANES};
 use super::simd;
 
 /// `bn.forward_t(x, true)` with the fused kernels on the CPU (f32, affine BatchNorm); candle_nn's
@@ -203,17 +203,9 @@ impl BatchStats {
         dx: &mut [f32],
     ) -> (Vec<f32>, Vec<f32>) {
         let c = self.mean.len();
-        let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)
-            .map(|ch| {
-                let (mut sb, mut sg) = ([0f64; LANES], [0f64; LANES]);
-                for [pb, pg] in planes.iter().skip(ch).step_by(c.max(1)) {
-                    for j in 0..LANES {
-                        sb[j] += pb[j];
-                        sg[j] += pg[j];
-                    }
-                }
-                (lanes_total(sb), lanes_total(sg))
-            })
+        let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = channel_totals(planes, c)
+            .into_iter()
+            .map(|[b, g]| (b, g))
             .unzip();
         let m = (n * hw) as f32;
         dx.par_chunks_mut(hw.max(1))

@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::conv::f32_slice;
-use super::lanes::{lane_sums, lanes_total, LANES};
+use super::lanes::{channel_totals, lane_sums, LANES};
 use super::simd;
 
 /// `x + shift` (shift broadcast over the channels of an NCHW x), then ReLU if `relu`.
@@ -164,7 +164,7 @@ impl candle_core::CustomOp1 for ChannelSumOp {
 /// shift's gradient): each plane in [`LANES`] partial sums, in parallel and in the CPU's widest
 /// vectors, then the planes of a channel image by image.
 pub(crate) fn channel_sums(g: &[f32], (n, c, plane): (usize, usize, usize)) -> Vec<f32> {
-    let planes: Vec<[f64; LANES]> = g[..n * c * plane]
+    let planes: Vec<[[f64; LANES]; 1]> = g[..n * c * plane]
         .par_chunks(plane.max(1))
         .map(|p| {
             simd::widest(
@@ -172,21 +172,14 @@ pub(crate) fn channel_sums(g: &[f32], (n, c, plane): (usize, usize, usize)) -> V
                 || {
                     let (mut s, mut unused) = ([0f64; LANES], [0f64; LANES]);
                     lane_sums(p, p, |v, _| (f64::from(v), 0.0), (&mut s, &mut unused));
-                    s
+                    [s]
                 },
             )
         })
         .collect();
-    (0..c)
-        .map(|ch| {
-            let mut s = [0f64; LANES];
-            for p in planes.iter().skip(ch).step_by(c.max(1)) {
-                for (s, v) in s.iter_mut().zip(p) {
-                    *s += v;
-                }
-            }
-            lanes_total(s) as f32
-        })
+    channel_totals(&planes, c)
+        .into_iter()
+        .map(|[s]| s as f32)
         .collect()
 }
 

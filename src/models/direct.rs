@@ -63,18 +63,36 @@ fn pad(x: &[f32], c_in: usize, (h, w): (usize, usize), chan_stride: usize, xp: &
 
 /// [`pad`] into `xp`, border included.
 fn pad_into(x: &[f32], c_in: usize, (h, w): (usize, usize), chan_stride: usize, xp: &mut [f32]) {
-    let (hp, wp) = (h + 2, w + 2);
-    for (c, plane) in xp.chunks_exact_mut(hp * wp).take(c_in).enumerate() {
+    for (c, plane) in xp
+        .chunks_exact_mut((h + 2) * (w + 2))
+        .take(c_in)
+        .enumerate()
+    {
         let src = &x[c * chan_stride..][..h * w];
-        let (top, rest) = plane.split_at_mut(wp);
-        let (body, bottom) = rest.split_at_mut(h * wp);
-        top.fill(0.0);
-        bottom.fill(0.0);
-        for (row, s) in body.chunks_exact_mut(wp).zip(src.chunks_exact(w)) {
-            row[0] = 0.0;
-            row[1..=w].copy_from_slice(s);
-            row[w + 1] = 0.0;
-        }
+        pad_plane(plane, (h, w), |row, r| {
+            row.copy_from_slice(&src[r * w..][..w])
+        });
+    }
+}
+
+/// Writes one plane [h + 2][w + 2] as the kernels read it: a zero border, and inside it row r
+/// of the h×w plane as `fill(row, r)` writes it (a copy, or a producer writing its output
+/// straight into this layout).
+#[inline(always)]
+pub(crate) fn pad_plane(
+    plane: &mut [f32],
+    (h, w): (usize, usize),
+    mut fill: impl FnMut(&mut [f32], usize),
+) {
+    let wp = w + 2;
+    let (top, rest) = plane[..(h + 2) * wp].split_at_mut(wp);
+    let (body, bottom) = rest.split_at_mut(h * wp);
+    top.fill(0.0);
+    bottom.fill(0.0);
+    for (r, row) in body.chunks_exact_mut(wp).enumerate() {
+        row[0] = 0.0;
+        fill(&mut row[1..=w], r);
+        row[w + 1] = 0.0;
     }
 }
 

@@ -45,3 +45,25 @@ pub(crate) fn lanes_total(mut v: [f64; LANES]) -> f64 {
     }
     v[0]
 }
+
+/// Per channel, `K` sums from every plane's partial sums (NCHW order: plane i is of channel
+/// i mod c), added lane by lane image by image and then totalled: the same order whatever the
+/// thread count that produced the planes.
+pub(crate) fn channel_totals<const K: usize>(
+    planes: &[[[f64; LANES]; K]],
+    c: usize,
+) -> Vec<[f64; K]> {
+    (0..c)
+        .map(|ch| {
+            let mut s = [[0f64; LANES]; K];
+            for p in planes.iter().skip(ch).step_by(c.max(1)) {
+                for (s, p) in s.iter_mut().zip(p) {
+                    for (s, v) in s.iter_mut().zip(p) {
+                        *s += v;
+                    }
+                }
+            }
+            s.map(lanes_total)
+        })
+        .collect()
+}

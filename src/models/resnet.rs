@@ -313,7 +313,7 @@ impl CifarResNet {
 
     /// The residual blocks on the stem's output: on the CPU one op (see [`super::trunk`]), else
     /// block by block.
-    pub(crate) fn trunk(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+    fn trunk(&self, h: &Tensor, train: bool) -> Result<Tensor> {
         if let Some(y) = super::trunk::forward(h, &self.blocks, train)? {
             return Ok(y);
         }

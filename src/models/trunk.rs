@@ -50,7 +50,6 @@ pub(crate) fn forward(x: &Tensor, blocks: &[BasicBlock], train: bool) -> Result<
     let op = TrunkOp {
         blocks: ops,
         ranges,
-        keep,
         inputs: Mutex::new(Vec::new()),
     };
     let y = x.contiguous()?.apply_op2(&params, op)?;
@@ -66,8 +65,6 @@ struct TrunkOp {
     blocks: Vec<BlockOp>,
     /// Each block's parameters' place in the flat tensor.
     ranges: Vec<std::ops::Range<usize>>,
-    /// Whether a backward pass can follow (else no block input is kept).
-    keep: bool,
     /// The inputs of blocks 1.. (the outputs of the blocks before them), for the backward.
     inputs: Mutex<Vec<Vec<f32>>>,
 }
@@ -95,8 +92,9 @@ impl CustomOp2 for TrunkOp {
         for (b, r) in self.blocks.iter().zip(&self.ranges) {
             let input = h.as_deref().unwrap_or(x);
             let out = b.run(input, &p[r.clone()])?;
+            // Block b's input is kept when b keeps its state for a backward pass.
             if let Some(prev) = h.replace(out) {
-                if self.keep {
+                if b.keep {
                     kept.push(prev);
                 }
             }
