@@ -32,6 +32,12 @@ def device_of(args, ap):
         ap.error(f"--device: {e}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: this PyTorch sees no GPU")
+    if dev.type == "cuda":
+        # At its best: cuDNN picks the fastest algorithm per shape (the warm-up pays for it),
+        # and f32 matmuls/convolutions stay f32 (no TF32), as caf's f32 does.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     return dev
 
 

@@ -12,8 +12,7 @@ fn gpu() -> Device {
 }
 
 fn resnet20_on(dev: &Device) -> CifarResNet {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/pretrained/akamaster/resnet20-12fca82f.th");
+    let path = shared_data("pretrained/akamaster/resnet20-12fca82f.th");
     load_cifar_resnet(20, &path, Normalize::IMAGENET, dev).expect("ResNet-20")
 }
 

@@ -2,8 +2,6 @@
 //! CUDA) against the fused CPU kernels, both on the CPU: inference, a training step and a short
 //! certification. [`with_generic_path`] turns the fused kernels off on the test's thread.
 
-use std::path::PathBuf;
-
 use candle_core::{Device, ModuleT, Tensor, Var};
 use candle_nn::VarMap;
 
@@ -14,7 +12,7 @@ use crate::certify::{Settings, Smooth};
 use crate::data::{load_cifar10, ImageSet, Split};
 
 pub(super) fn exact100() -> ImageSet {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cifar10-exact100");
+    let dir = shared_data("cifar10-exact100");
     load_cifar10(&dir, Split::Test).expect("exact100")
 }
 
@@ -101,8 +99,7 @@ pub(super) fn train_step_on(dev: &Device, generic: bool) -> (f32, Vec<Tensor>, V
     let run = || {
         let varmap = VarMap::new();
         let dev = dev.clone();
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data/pretrained/akamaster/resnet20.safetensors");
+        let path = shared_data("pretrained/akamaster/resnet20.safetensors");
         let init = load_state_dict(&path, &dev).expect("pretrained");
         let (model, vars) =
             build_trainable_resnet(20, 10, Normalize::IMAGENET, &varmap, &dev, Some(&init))

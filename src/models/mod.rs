@@ -537,11 +537,23 @@ mod tests;
 #[cfg(test)]
 mod backbone_tests;
 
+/// `rel` under the shared data: `../shared/data` beside the checkout the tests were built in, or
+/// `CAF_TEST_SHARED_DATA` where set, so a test binary built on one machine finds the data on
+/// another (scripts/gpu-check.sh --prebuilt runs the CUDA tests so).
+#[cfg(test)]
+pub(crate) fn shared_data(rel: &str) -> std::path::PathBuf {
+    match std::env::var_os("CAF_TEST_SHARED_DATA") {
+        Some(root) => std::path::PathBuf::from(root).join(rel),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data")
+            .join(rel),
+    }
+}
+
 /// The pretrained akamaster ResNet-20 from `../shared/data`, detached (tests of frozen use).
 #[cfg(test)]
 pub(crate) fn test_resnet20() -> CifarResNet {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/pretrained/akamaster/resnet20-12fca82f.th");
+    let path = shared_data("pretrained/akamaster/resnet20-12fca82f.th");
     let norm = Normalize {
         mean: [0.485, 0.456, 0.406],
         std: [0.229, 0.224, 0.225],

@@ -60,7 +60,14 @@ impl DeviceSpec {
     pub fn open(self) -> Result<candle_core::Device, candle_core::Error> {
         match self {
             DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
-            DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n),
+            // The driver's own error (no GPU, no driver, a build without CUDA) says what failed
+            // but not on which device or what to check.
+            DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "cannot open cuda:{n}: {e} (is the GPU visible to this process: \
+                     nvidia-smi, CUDA_VISIBLE_DEVICES? was caf built with `--features cuda`?)"
+                ))
+            }),
         }
     }
 }

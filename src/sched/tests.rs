@@ -432,6 +432,19 @@ fn device_specs_parse() {
     assert!("cuda:x".parse::<DeviceSpec>().is_err());
 }
 
+/// Without the `cuda` feature (so on every CI machine), asking for a GPU names the device and
+/// what to check instead of candle's bare error.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn opening_a_gpu_in_a_cpu_build_says_which_and_why() {
+    let err = DeviceSpec::Cuda(1)
+        .open()
+        .expect_err("no CUDA in this build")
+        .to_string();
+    assert!(err.starts_with("cannot open cuda:1: "), "{err}");
+    assert!(err.contains("`--features cuda`"), "{err}");
+}
+
 #[test]
 fn device_lists_parse_and_cuda_visible_devices_is_read_as_the_driver_reads_it() {
     let parse = |s: &str| {
