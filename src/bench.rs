@@ -82,6 +82,31 @@ pub fn bench_forward_shaped(
     measure(step, batch, seconds)
 }
 
+/// Drawing the certification noise on the host, as [`crate::certify::Smooth`] does before every
+/// forward pass: `batch` noisy copies of one `input`-sized image per call, from the seeded ChaCha
+/// stream, which is drawn on the calling thread.
+pub fn bench_noise(input: Chw, batch: usize, seconds: f64) -> candle_core::Result<BenchReport> {
+    if batch == 0 || !(seconds.is_finite() && seconds > 0.0) {
+        candle_core::bail!("bench batch and seconds must be positive");
+    }
+    let image = vec![0.5f32; input.len()];
+    let key = crate::certify::NoiseKey {
+        seed: 0,
+        sigma: 0.25,
+        idx: 0,
+    };
+    let mut stream = crate::certify::NoiseStream::new(key, crate::certify::Phase::Estimation);
+    let mut buf = Vec::new();
+    measure(
+        || {
+            stream.fill_noisy(&image, batch, &mut buf);
+            Ok(())
+        },
+        batch,
+        seconds,
+    )
+}
+
 /// Warm-up of `seconds / 10`, then [`WINDOWS`] windows of `seconds / WINDOWS`, each at least one
 /// call of `step` (which processes `batch` images); the median window is the figure.
 fn measure(
@@ -341,6 +366,19 @@ impl MachineInfo {
                     crate::models::gemm::kernel_level(),
                 ),
             },
+            // A figure names the GPU model as a CPU one names the CPU's.
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                let stream = d.cuda_stream();
+                let ctx = stream.context();
+                let name = ctx
+                    .name()
+                    .unwrap_or_else(|e| format!("(name unknown: {e})"));
+                Self {
+                    device: format!("cuda:{} {name}", ctx.ordinal()),
+                    kernels: "candle's CUDA kernels and cuBLAS".into(),
+                }
+            }
             other => Self {
                 device: format!("{other:?}"),
                 kernels: "candle's CUDA kernels and cuBLAS".into(),

@@ -33,6 +33,8 @@ pub enum CertifyError {
     BatchMismatch { got: usize, want: usize },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error("the thread drawing the noise stopped before the last batch")]
+    NoiseThread,
 }
 
 /// n0, n, α and the batch size of one certification.
@@ -140,6 +142,16 @@ impl ClassifierSet for One<'_> {
     }
 }
 
+/// Noise pipelining by default on every device but the CPU; `CAF_NOISE_PIPELINE=0` or `1` sets
+/// it for every device (to measure what it gains).
+fn pipeline_default(device: &Device) -> bool {
+    match std::env::var("CAF_NOISE_PIPELINE").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => !device.is_cpu(),
+    }
+}
+
 /// (C, H, W) of a CIFAR image, the default input of [`Smooth`].
 const CIFAR_INPUT: (usize, usize, usize) = (3, 32, 32);
 
@@ -150,6 +162,11 @@ pub struct Smooth<'m> {
     device: Device,
     /// (C, H, W) of the images certified; CIFAR's unless [`Smooth::with_input`] says otherwise.
     input: (usize, usize, usize),
+    /// Whether fixed-n sampling draws the next batch's noise on a second thread while the device
+    /// classifies the current one: on a GPU, where the host's noise (one core draws about 60,000
+    /// noisy CIFAR images a second, `caf bench noise`) would otherwise wait for the device and
+    /// the device for it. Not on the CPU, whose cores are all classifying already.
+    pipeline: bool,
 }
 
 impl<'m> Smooth<'m> {
@@ -157,6 +174,7 @@ impl<'m> Smooth<'m> {
         Self {
             set: Box::new(One(model)),
             sigma,
+            pipeline: pipeline_default(&device),
             device,
             input: CIFAR_INPUT,
         }
@@ -186,9 +204,17 @@ impl<'m> Smooth<'m> {
         Self {
             set: Box::new(Borrowed(set)),
             sigma,
+            pipeline: pipeline_default(&device),
             device,
             input: CIFAR_INPUT,
         }
+    }
+
+    /// Draws noise on a second thread during the device's work (or not), whatever the device:
+    /// the certificates are the same either way.
+    pub fn with_pipeline(mut self, pipeline: bool) -> Self {
+        self.pipeline = pipeline;
+        self
     }
 
     /// Certifies images of (C, H, W) = `input` (the data set's shape) instead of 3 × 32 × 32.
@@ -369,7 +395,6 @@ impl<'m> Smooth<'m> {
         Ok(Prediction { predict, n_a, n_b })
     }
 
-    /// Class counts of every member over `num` noisy copies of `image`.
     /// The next `k` noisy copies of `image` from `stream`, as a batch on the device.
     fn noisy_batch(
         &self,
@@ -383,6 +408,7 @@ impl<'m> Smooth<'m> {
         Ok(Tensor::from_slice(buf, (k, c, h, w), &self.device)?)
     }
 
+    /// Class counts of every member over `num` noisy copies of `image`.
     fn sample_counts(
         &self,
         image: &[f32],
@@ -393,11 +419,9 @@ impl<'m> Smooth<'m> {
     ) -> Result<Vec<Vec<u64>>, CertifyError> {
         let mut counts = vec![vec![0u64; self.set.num_classes()]; self.set.members()];
         let mut stream = NoiseStream::new(key, phase);
-        let mut buf = Vec::new();
-        let mut remaining = num;
-        while remaining > 0 {
-            let this = remaining.min(batch as u64) as usize;
-            let x = self.noisy_batch(&mut stream, image, this, &mut buf)?;
+        let (c, h, w) = self.input;
+        let mut count = |buf: &[f32], this: usize| -> Result<(), CertifyError> {
+            let x = Tensor::from_slice(buf, (this, c, h, w), &self.device)?;
             let logits = self.set.logits_all(&x)?;
             if logits.len() != counts.len() {
                 return Err(CertifyError::BatchMismatch {
@@ -412,10 +436,47 @@ impl<'m> Smooth<'m> {
                     }
                 }
             }
-            remaining -= this as u64;
+            Ok(())
+        };
+        if !self.pipeline {
+            let mut buf = Vec::new();
+            for this in batches(num, batch) {
+                stream.fill_noisy(image, this, &mut buf);
+                count(&buf, this)?;
+            }
+            return Ok(counts);
         }
+        // The next batch's noise is drawn on a second thread while the device classifies this
+        // one: the same stream in the same order, so the same draws.
+        std::thread::scope(|scope| {
+            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<f32>>(1);
+            let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<f32>>();
+            scope.spawn(move || {
+                for this in batches(num, batch) {
+                    let mut buf = empty_rx.try_recv().unwrap_or_default();
+                    stream.fill_noisy(image, this, &mut buf);
+                    // The receiver is gone only when the classifying side failed and returned.
+                    if full_tx.send(buf).is_err() {
+                        return;
+                    }
+                }
+            });
+            for this in batches(num, batch) {
+                let buf = full_rx.recv().map_err(|_| CertifyError::NoiseThread)?;
+                count(&buf, this)?;
+                // Two buffers circulate; a send fails only once the drawing side has finished.
+                let _ = empty_tx.send(buf);
+            }
+            Ok::<_, CertifyError>(())
+        })?;
         Ok(counts)
     }
+}
+
+/// The batch sizes that split `num` draws into batches of `batch`, the last one shorter.
+fn batches(num: u64, batch: usize) -> impl Iterator<Item = usize> {
+    let batch = batch.max(1) as u64;
+    (0..num.div_ceil(batch)).map(move |i| (num - i * batch).min(batch) as usize)
 }
 
 /// The certificate implied by an estimation count: a pure function, so anyone can recompute a

@@ -216,6 +216,83 @@ fn results_do_not_depend_on_the_batch_size() {
     assert_eq!(a, b);
 }
 
+/// Noise drawn on a second thread while the model classifies (a GPU's default) gives exactly the
+/// counts of drawing it in line, whatever the batch split, for CERTIFY and PREDICT.
+#[test]
+fn noise_drawn_ahead_on_a_second_thread_gives_the_same_certificates() {
+    let (model, x) = model_with_margin(0.05);
+    let key = NoiseKey {
+        seed: 3,
+        sigma: 0.5,
+        idx: 5,
+    };
+    let inline = Smooth::new(&model, 0.5, Device::Cpu).with_pipeline(false);
+    let ahead = Smooth::new(&model, 0.5, Device::Cpu).with_pipeline(true);
+    for batch in [2_000, 7 * 37, 5_000, 1] {
+        let s = Settings {
+            n0: 50,
+            n: 2_000,
+            alpha: 0.01,
+            batch,
+        };
+        let want = inline.certify(&x, key, &s).unwrap();
+        assert_eq!(want, ahead.certify(&x, key, &s).unwrap(), "batch {batch}");
+        assert!(
+            want.n_a > 0 && want.n_a < 2_000,
+            "a margin that splits the draws"
+        );
+        assert_eq!(
+            inline.predict(&x, key, 500, 0.01, batch).unwrap(),
+            ahead.predict(&x, key, 500, 0.01, batch).unwrap()
+        );
+    }
+}
+
+/// A model that fails on its third batch.
+struct FailsOnThirdBatch {
+    inner: TwoClassLinear,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Classifier for FailsOnThirdBatch {
+    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+            candle_core::bail!("out of memory (planted)");
+        }
+        self.inner.logits(x)
+    }
+    fn num_classes(&self) -> usize {
+        2
+    }
+}
+
+/// The device's error comes back, and the noise thread, blocked on a batch nobody will take,
+/// stops instead of hanging the certification.
+#[test]
+fn a_model_error_stops_the_noise_thread_and_is_returned() {
+    let (inner, x) = model_with_margin(0.05);
+    let model = FailsOnThirdBatch {
+        inner,
+        calls: Default::default(),
+    };
+    let key = NoiseKey {
+        seed: 3,
+        sigma: 0.5,
+        idx: 5,
+    };
+    let s = Settings {
+        n0: 10,
+        n: 10_000,
+        alpha: 0.01,
+        batch: 100,
+    };
+    let err = Smooth::new(&model, 0.5, Device::Cpu)
+        .with_pipeline(true)
+        .certify(&x, key, &s)
+        .expect_err("the third batch fails");
+    assert!(err.to_string().contains("out of memory (planted)"), "{err}");
+}
+
 #[test]
 fn certificate_from_counts_recomputes_cohen_radius() {
     // 990 of 1000 at α = 0.001, σ = 0.5: 0.5 · Φ⁻¹(0.976036187155311) = 0.98900479107...

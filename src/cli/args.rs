@@ -462,6 +462,24 @@ pub enum BenchWhat {
     /// Decoding + preprocessing throughput of an image folder (ImageFolder layout), through the
     /// parallel prefetch the jobs use.
     Load(BenchLoadArgs),
+    /// Drawing certification noise on the host (the seeded ChaCha stream every device's
+    /// certificates use, one thread per stream): the rate a GPU's certification of one image
+    /// cannot exceed.
+    Noise(BenchNoiseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchNoiseArgs {
+    /// Noisy copies per call (certify's `--batch`).
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Side of the square RGB image (32: CIFAR-10; 224: ImageNet).
+    #[arg(long, default_value_t = 32)]
+    pub image_size: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -10,8 +10,8 @@ use caf::models::{self, Arch};
 use caf::store::DbLocation;
 
 use super::args::{
-    BenchArgs, BenchCertifyArgs, BenchForwardArgs, BenchLoadArgs, BenchMethod, BenchQueueArgs,
-    BenchTrainArgs, BenchWhat, CertifyModeArg, DatasetArg, ModelArgs, SplitArg,
+    BenchArgs, BenchCertifyArgs, BenchForwardArgs, BenchLoadArgs, BenchMethod, BenchNoiseArgs,
+    BenchQueueArgs, BenchTrainArgs, BenchWhat, CertifyModeArg, DatasetArg, ModelArgs, SplitArg,
 };
 use super::db::{open_store_with, shown};
 use super::exit::usage;
@@ -23,6 +23,7 @@ pub fn bench(a: BenchArgs) -> Result<i32> {
         BenchWhat::TrainStep(t) => bench_train_step(t),
         BenchWhat::Certify(c) => bench_certify(c),
         BenchWhat::Load(l) => bench_load(l),
+        BenchWhat::Noise(n) => bench_noise(n),
         // Async: `main` runs it on the runtime (`bench_queue`).
         BenchWhat::Queue(q) => bail!(usage(format!(
             "bench queue --db {} must run on the async runtime",
@@ -277,6 +278,38 @@ fn peak_share(
         peak
     );
     Ok(share)
+}
+
+fn bench_noise(n: BenchNoiseArgs) -> Result<i32> {
+    if n.batch == 0 || n.image_size == 0 || !n.seconds.is_finite() || n.seconds <= 0.0 {
+        bail!(usage(
+            "--batch, --image-size and --seconds must be positive"
+        ));
+    }
+    let input = caf::data::augment::Chw {
+        c: 3,
+        h: n.image_size,
+        w: n.image_size,
+    };
+    let r = caf::bench::bench_noise(input, n.batch, n.seconds)?;
+    outln!(
+        "images/s: {:.1} ({}x{} RGB, batch {}, one thread: the stream is sequential)",
+        r.images_per_sec_median,
+        n.image_size,
+        n.image_size,
+        n.batch
+    );
+    let machine = caf::bench::MachineInfo::of(&candle_core::Device::Cpu);
+    outln!("machine: {}", machine.device);
+    if n.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "throughput": r, "machine": machine.device
+            }))?
+        );
+    }
+    Ok(0)
 }
 
 fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
