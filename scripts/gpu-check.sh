@@ -163,6 +163,23 @@ gpu)
     ;;
 esac
 
+# How busy the GPU was during a step (nvidia-smi dmon's SM utilisation, one sample a second):
+# low figures mean the host (noise, launches, copies) kept it waiting.
+dmon_pid=""
+gpu_busy_start() { # name
+    command -v nvidia-smi >/dev/null 2>&1 || return 0
+    nvidia-smi dmon -s u -o T >"$out/dmon-$1.txt" 2>/dev/null &
+    dmon_pid=$!
+}
+gpu_busy_stop() { # name; sets busy, e.g. "SM busy 87 % (41 one-second samples)"
+    busy=""
+    [ -n "$dmon_pid" ] || return 0
+    kill "$dmon_pid" 2>/dev/null || true
+    wait "$dmon_pid" 2>/dev/null || true
+    dmon_pid=""
+    busy=$(awk '!/^#/ && NF >= 3 {s += $3; n++} END {if (n) printf "SM busy %.0f %% (%d one-second samples)", s / n, n}' "$out/dmon-$1.txt")
+}
+
 certify() { # device, out file, env prefix...
     local device=$1 file=$2
     shift 2
@@ -171,11 +188,14 @@ certify() { # device, out file, env prefix...
         2>"$file.log"
 }
 t=$(date +%s)
+[ "$mode" = gpu ] && gpu_busy_start certify
 if certify "$other_device" "$out/other.tsv" "${other_env[@]}"; then
     secs=$(($(date +%s) - t))
-    note "certify $images images at n = $n on the $other_name: $secs s ($(python3 -c "print(round($images * ($n + 100) / max($secs, 1)))") noisy images/s end to end)"
+    gpu_busy_stop certify
+    note "certify $images images at n = $n on the $other_name: $secs s ($(python3 -c "print(round($images * ($n + 100) / max($secs, 1)))") noisy images/s end to end) $busy"
 else
-    note "certify on the $other_name FAILED: $(tail -n 3 "$out/other.tsv.log")"
+    gpu_busy_stop certify
+    note "certify on the $other_name FAILED: $(head -n 2 "$out/other.tsv.log")"
 fi
 if [ "$cpu_reference" = none ]; then
     compare="not compared here (--no-compare)"
@@ -195,10 +215,13 @@ if [ "$mode" = gpu ]; then
     # What drawing the next batch's noise during the GPU's work gains (the default on a GPU):
     # the first 20 images again with the noise drawn in line; the same certificates.
     t=$(date +%s)
+    gpu_busy_start inline
     if CAF_GPU_CHECK_IMAGES=20 certify cuda:0 "$out/inline.tsv" env CAF_NOISE_PIPELINE=0; then
         secs=$(($(date +%s) - t))
-        note "certify 20 images with the noise drawn in line (CAF_NOISE_PIPELINE=0): $secs s ($(python3 -c "print(round(20 * ($n + 100) / max($secs, 1)))") noisy images/s); same certificates as pipelined: $(head -n 21 "$out/other.tsv" | python3 scripts/compare-certificates.py /dev/stdin "$out/inline.tsv" | head -n1)"
+        gpu_busy_stop inline
+        note "certify 20 images with the noise drawn in line (CAF_NOISE_PIPELINE=0): $secs s ($(python3 -c "print(round(20 * ($n + 100) / max($secs, 1)))") noisy images/s, $busy); same certificates as pipelined: $(head -n 21 "$out/other.tsv" | python3 scripts/compare-certificates.py /dev/stdin "$out/inline.tsv" | head -n1)"
     fi
+    gpu_busy_stop inline
 
     # The whole pipeline on a GPU slot: a study recorded in SQLite, its jobs run by the scheduler
     # on cuda:0 (the DEVICE column says where each ran).

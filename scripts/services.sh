@@ -302,12 +302,13 @@ slurm_env() {
 stop_pid() {
     local f=$1 i
     pid_alive "$f" || return 0
-    $SUDO kill "$(cat "$f")" 2>/dev/null || true
+    # A daemon removes its pid file as it exits, possibly between these lines.
+    $SUDO kill "$(cat "$f" 2>/dev/null)" 2>/dev/null || true
     for i in $(seq 100); do
         pid_alive "$f" || return 0
         sleep 0.1
     done
-    $SUDO kill -9 "$(cat "$f")" 2>/dev/null || true
+    $SUDO kill -9 "$(cat "$f" 2>/dev/null)" 2>/dev/null || true
 }
 
 slurm_stop() {
