@@ -183,19 +183,22 @@ gpu_busy_stop() { # name; sets busy, e.g. "SM busy 87 % (41 one-second samples)"
     busy=$(awk '!/^#/ && NF >= 3 {s += $3; n++} END {if (n) printf "SM busy %.0f %% (%d one-second samples)", s / n, n}' "$out/dmon-$1.txt")
 }
 
-certify() { # device, out file, env prefix...
-    local device=$1 file=$2
-    shift 2
+# Noisy images a second when `images` images took `secs` seconds (n + n0 draws each).
+rate() { python3 -c "print(round($1 * ($n + 100) / max($2, 1)))"; }
+
+certify() { # device, images, out file, env prefix...
+    local device=$1 count=$2 file=$3
+    shift 3
     timeout "$step_timeout" "$@" "$bin" certify --arch resnet20 --weights "$weights" --data-root "$data" --sigma 0.25 \
-        --n "$n" --n0 100 --batch 1000 --max "${CAF_GPU_CHECK_IMAGES:-$images}" --seed 0 --device "$device" --out "$file" \
+        --n "$n" --n0 100 --batch 1000 --max "$count" --seed 0 --device "$device" --out "$file" \
         2>"$file.log"
 }
 t=$(date +%s)
 [ "$mode" = gpu ] && gpu_busy_start certify
-if certify "$other_device" "$out/other.tsv" "${other_env[@]}"; then
+if certify "$other_device" "$images" "$out/other.tsv" "${other_env[@]}"; then
     secs=$(($(date +%s) - t))
     gpu_busy_stop certify
-    note "certify $images images at n = $n on the $other_name: $secs s ($(python3 -c "print(round($images * ($n + 100) / max($secs, 1)))") noisy images/s end to end) $busy"
+    note "certify $images images at n = $n on the $other_name: $secs s ($(rate "$images" "$secs") noisy images/s end to end) $busy"
 else
     gpu_busy_stop certify
     note "certify on the $other_name FAILED: $(head -n 2 "$out/other.tsv.log")"
@@ -207,7 +210,7 @@ elif [ -n "$cpu_reference" ]; then
     note "CPU certificates from $cpu_reference"
 else
     t=$(date +%s)
-    certify cpu "$out/cpu.tsv" env
+    certify cpu "$images" "$out/cpu.tsv" env
     note "certify $images images at n = $n on the CPU's fused path: $(($(date +%s) - t)) s"
 fi
 [ "$cpu_reference" = none ] ||
@@ -219,10 +222,10 @@ if [ "$mode" = gpu ]; then
     # the first 20 images again with the noise drawn in line; the same certificates.
     t=$(date +%s)
     gpu_busy_start inline
-    if CAF_GPU_CHECK_IMAGES=20 certify cuda:0 "$out/inline.tsv" env CAF_NOISE_PIPELINE=0; then
+    if certify cuda:0 20 "$out/inline.tsv" env CAF_NOISE_PIPELINE=0; then
         secs=$(($(date +%s) - t))
         gpu_busy_stop inline
-        note "certify 20 images with the noise drawn in line (CAF_NOISE_PIPELINE=0): $secs s ($(python3 -c "print(round(20 * ($n + 100) / max($secs, 1)))") noisy images/s, $busy); same certificates as pipelined: $(head -n 21 "$out/other.tsv" | python3 scripts/compare-certificates.py /dev/stdin "$out/inline.tsv" | head -n1)"
+        note "certify 20 images with the noise drawn in line (CAF_NOISE_PIPELINE=0): $secs s ($(rate 20 "$secs") noisy images/s, $busy); same certificates as pipelined: $(head -n 21 "$out/other.tsv" | python3 scripts/compare-certificates.py /dev/stdin "$out/inline.tsv" | head -n1)"
     fi
     gpu_busy_stop inline
 

@@ -404,6 +404,11 @@ impl<'m> Smooth<'m> {
         buf: &mut Vec<f32>,
     ) -> Result<Tensor, CertifyError> {
         stream.fill_noisy(image, k, buf);
+        self.batch_tensor(buf, k)
+    }
+
+    /// `k` noisy copies drawn into `buf`, as a batch on the device.
+    fn batch_tensor(&self, buf: &[f32], k: usize) -> Result<Tensor, CertifyError> {
         let (c, h, w) = self.input;
         Ok(Tensor::from_slice(buf, (k, c, h, w), &self.device)?)
     }
@@ -419,10 +424,8 @@ impl<'m> Smooth<'m> {
     ) -> Result<Vec<Vec<u64>>, CertifyError> {
         let mut counts = vec![vec![0u64; self.set.num_classes()]; self.set.members()];
         let mut stream = NoiseStream::new(key, phase);
-        let (c, h, w) = self.input;
-        let mut count = |buf: &[f32], this: usize| -> Result<(), CertifyError> {
-            let x = Tensor::from_slice(buf, (this, c, h, w), &self.device)?;
-            let logits = self.set.logits_all(&x)?;
+        let mut count = |x: &Tensor, this: usize| -> Result<(), CertifyError> {
+            let logits = self.set.logits_all(x)?;
             if logits.len() != counts.len() {
                 return Err(CertifyError::BatchMismatch {
                     got: logits.len(),
@@ -441,8 +444,7 @@ impl<'m> Smooth<'m> {
         if !self.pipeline {
             let mut buf = Vec::new();
             for this in batches(num, batch) {
-                stream.fill_noisy(image, this, &mut buf);
-                count(&buf, this)?;
+                count(&self.noisy_batch(&mut stream, image, this, &mut buf)?, this)?;
             }
             return Ok(counts);
         }
@@ -463,7 +465,7 @@ impl<'m> Smooth<'m> {
             });
             for this in batches(num, batch) {
                 let buf = full_rx.recv().map_err(|_| CertifyError::NoiseThread)?;
-                count(&buf, this)?;
+                count(&self.batch_tensor(&buf, this)?, this)?;
                 // Two buffers circulate; a send fails only once the drawing side has finished.
                 let _ = empty_tx.send(buf);
             }
