@@ -730,6 +730,9 @@ impl Adapter {
     /// Runs the fused CPU inference path in `precision` from now on.
     pub fn set_precision(&mut self, precision: Precision) {
         self.precision = precision;
+        if let Some(vit) = &mut self.vit {
+            vit.set_precision(precision);
+        }
     }
 
     /// Width d of a(x).

@@ -155,7 +155,10 @@ impl Classifier for Backbone {
                 m.set_precision(precision);
                 Ok(())
             }
-            Backbone::Vit(m) => m.set_precision(precision),
+            Backbone::Vit(m) => {
+                m.set_precision(precision);
+                Ok(())
+            }
             Backbone::ResNet50(m) => m.set_precision(precision),
             Backbone::Onnx(m) => m.set_precision(precision),
         }

@@ -123,18 +123,18 @@ pub fn bf16_kernel_available() -> bool {
 }
 
 /// The kernel the bf16 GEMMs run now: [`bf16_kernel`], under a test's cap.
-fn kernel_in_use() -> Bf16Kernel {
+pub(super) fn kernel_in_use() -> Bf16Kernel {
     bf16_kernel().min(forced_kernel())
 }
 
 /// Pairs per row of the bf16 weights, and pair rows of each panel of the packed right operand:
 /// k/2 rounded up to a whole AMX tile.
-fn pair_stride(k: usize) -> usize {
+pub(super) fn pair_stride(k: usize) -> usize {
     amx::padded(k.div_ceil(2), amx::TILE_PAIRS)
 }
 
 /// f32 → bf16 bits, rounding to nearest even (NaN stays a quiet NaN).
-#[inline]
+#[inline(always)]
 pub(crate) fn bf16_bits(x: f32) -> u32 {
     let b = x.to_bits();
     let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
@@ -488,7 +488,7 @@ pub(crate) fn pair_bits(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
 /// Copies pair row `p` (n interleaved values) into the AVX-512 kernel's panels: panels of up to
 /// [`PANEL`] columns (the last one padded with zeros to a multiple of 16), each `k2` pair rows,
 /// pair-major.
-fn place_pair_row(k2: usize, p: usize, row: &[u32], packed: &mut [u32]) {
+pub(super) fn place_pair_row(k2: usize, p: usize, row: &[u32], packed: &mut [u32]) {
     let n = row.len();
     let mut offset = 0;
     for j0 in (0..n).step_by(PANEL) {
@@ -501,6 +501,24 @@ fn place_pair_row(k2: usize, p: usize, row: &[u32], packed: &mut [u32]) {
 
 /// Columns per panel of the packed right operand (four AVX-512 vectors).
 const PANEL: usize = 64;
+
+/// `c[m×n] += A · B` by the AVX-512 BF16 kernel: A as m rows of `lda` slots (the first k2 of
+/// them bf16 pairs), B as [`place_pair_row`] lays it out with `lda` pair rows per panel.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BF16; `pairs.len() ≥ m·lda`, `packed` must hold the packing
+/// of a k×n matrix with k.div_ceil(2) = k2 ≤ lda, and `c.len() ≥ m·n`.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn gemm_bf16_avx512(
+    m: usize,
+    n: usize,
+    lda: (usize, usize),
+    pairs: &[u32],
+    packed: &[u32],
+    c: &mut [f32],
+) {
+    kernel::gemm_bf16(m, n, lda, pairs, packed, c)
+}
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {

@@ -21,6 +21,7 @@
 pub mod adapter;
 mod amx;
 pub mod backbone;
+mod bf16_linear;
 mod block;
 pub mod bn;
 pub mod caf;
@@ -125,16 +126,14 @@ pub trait Classifier: Send + Sync {
         None
     }
 
-    /// Runs [`logits`](Classifier::logits) in `precision` from now on. Only models with a
-    /// fused CPU inference path (CIFAR ResNets, CAF models) have a bf16 mode; the others accept
-    /// f32 only.
+    /// Runs [`logits`](Classifier::logits) in `precision` from now on. Only CIFAR ResNets, ViTs
+    /// and CAF models on them have a bf16 mode; the others accept f32 only.
     fn set_precision(&mut self, precision: Precision) -> Result<(), ModelError> {
         match precision {
             Precision::F32 => Ok(()),
             other => Err(ModelError::Invalid {
                 context: format!("precision {other}"),
-                message: "only CIFAR ResNets and CAF models (the fused CPU path) run in bf16"
-                    .to_string(),
+                message: "only CIFAR ResNets, ViTs and CAF models on them run in bf16".to_string(),
             }),
         }
     }

@@ -17,11 +17,20 @@
 //! Every op is candle's (device-generic); the CPU-heavy ones are already fused kernels in candle
 //! (LayerNorm, softmax over the last dimension, erf GELU, GEMM). Linear layers run as one 2-D
 //! matmul over batch × tokens, and attention as two batched matmuls over batch × heads.
+//!
+//! `precision: bf16` runs the encoder's linear layers (patch embedding, qkv, projection, MLP)
+//! with both operands rounded to bf16 and f32 sums ([`Bf16Linear`]: AMX tiles where the CPU has
+//! them); attention products, softmax, LayerNorm, GELU, residual adds and the head stay f32. A
+//! certificate in bf16 is one of that rounded classifier.
+
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::bf16_linear::Bf16Linear;
 use super::conv::{f32_slice, gemm};
+use super::precision::Precision;
 use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder};
 
 use super::resnet::{check_input, InputNorm};
@@ -126,8 +135,58 @@ pub(crate) fn encoder_cost(
     (params, 2 * macs)
 }
 
+/// A linear layer of a ViT, with its weight packed for bf16 when the model runs in bf16.
+#[derive(Clone, Debug)]
+pub(crate) struct Dense {
+    linear: Linear,
+    /// `Some` in bf16: the packing, made on the first bf16 pass from the weights then (a model
+    /// is put in bf16 to be evaluated, not trained; [`Dense::set_precision`] packs anew).
+    bf16: Option<Arc<OnceLock<Bf16Linear>>>,
+}
+
+impl From<Linear> for Dense {
+    fn from(linear: Linear) -> Self {
+        Self { linear, bf16: None }
+    }
+}
+
+impl Dense {
+    pub(crate) fn weight(&self) -> &Tensor {
+        self.linear.weight()
+    }
+
+    fn tracks_grad(&self) -> bool {
+        self.linear.weight().track_op() || self.linear.bias().is_some_and(Tensor::track_op)
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            linear: detach_linear(&self.linear),
+            bf16: self.bf16.clone(),
+        }
+    }
+
+    fn set_precision(&mut self, precision: Precision) {
+        self.bf16 = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(Arc::new(OnceLock::new())),
+        };
+    }
+
+    /// The bf16 packing of the weight (made on first use).
+    fn packed<'a>(&self, cell: &'a OnceLock<Bf16Linear>) -> Result<&'a Bf16Linear> {
+        if let Some(p) = cell.get() {
+            return Ok(p);
+        }
+        let w = self.linear.weight();
+        let (n, k) = w.dims2()?;
+        let values = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(cell.get_or_init(|| Bf16Linear::new(&values, n, k)))
+    }
+}
+
 /// y = x·Wᵀ + b over the last dimension, as one 2-D matmul whatever the leading dimensions.
-pub(crate) fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn linear_nd(l: &Dense, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (last, lead) = match dims.split_last() {
         Some((last, lead)) => (*last, lead),
@@ -135,11 +194,23 @@ pub(crate) fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
     };
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, last))?;
-    let y = match linear_untracked(l, &x2)? {
+    let packed = match &l.bf16 {
+        Some(cell) if super::path::fused(x.device()) => Some(l.packed(cell)?),
+        _ => None,
+    };
+    let y = match linear_untracked(&l.linear, packed, &x2)? {
         Some(y) => y,
         None => {
-            let y = x2.matmul(&l.weight().t()?)?;
-            match l.bias() {
+            let generic_bf16 = l.bf16.is_some() && !x2.track_op() && !l.tracks_grad();
+            let y = if generic_bf16 {
+                // The generic path's bf16 (e.g. on CUDA): candle's bf16 matmul.
+                x2.to_dtype(DType::BF16)?
+                    .matmul(&l.weight().to_dtype(DType::BF16)?.t()?)?
+                    .to_dtype(DType::F32)?
+            } else {
+                x2.matmul(&l.weight().t()?)?
+            };
+            match l.linear.bias() {
                 Some(b) => super::rowwise::add_bias(&y, b)?,
                 None => y,
             }
@@ -154,10 +225,11 @@ pub(crate) fn linear_nd(l: &Linear, x: &Tensor) -> Result<Tensor> {
 const LINEAR_ROWS: usize = 1024;
 
 /// x·Wᵀ + b for a 2-D x when nothing needs a gradient (a frozen backbone under certification)
-/// on the fused CPU path, f32: each block of rows starts as the bias and the GEMM adds into it,
-/// where candle's matmul zeroes its output and a bias pass follows (together 15 % of a CIFAR
-/// ViT's forward pass). `None` when the generic path must run.
-fn linear_untracked(l: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
+/// on the fused CPU path, in f32 or (`bf16`: W packed) bf16: each block of rows starts as the
+/// bias and the GEMM adds into it, where candle's matmul zeroes its output and a bias pass
+/// follows (together 15 % of a CIFAR ViT's forward pass). `None` when the generic path must
+/// run.
+fn linear_untracked(l: &Linear, bf16: Option<&Bf16Linear>, x: &Tensor) -> Result<Option<Tensor>> {
     let w = l.weight();
     let tracked = x.track_op() || w.track_op() || l.bias().is_some_and(Tensor::track_op);
     let f32s = x.dtype() == DType::F32
@@ -172,7 +244,8 @@ fn linear_untracked(l: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
         Some(b) => b.clone(),
         None => Tensor::zeros(n, DType::F32, x.device())?,
     };
-    if wk != k || b.dims() != [n] {
+    let packed_ok = bf16.is_none_or(|p| (p.out_dim(), p.in_dim()) == (n, k));
+    if wk != k || b.dims() != [n] || !packed_ok {
         candle_core::bail!(
             "linear layer: input {:?}, weight {:?}, bias {:?}",
             x.dims(),
@@ -180,16 +253,20 @@ fn linear_untracked(l: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
             b.dims()
         );
     }
-    let y =
-        x.contiguous()?
-            .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &UntrackedLinear)?;
+    let op = UntrackedLinear { bf16 };
+    let y = x
+        .contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)?;
     Ok(Some(y))
 }
 
-/// (x [rows, k], W [n, k], b [n]) ↦ x·Wᵀ + b, without autograd.
-struct UntrackedLinear;
+/// (x [rows, k], W [n, k], b [n]) ↦ x·Wᵀ + b, without autograd; in bf16 with W's packing when
+/// there is one.
+struct UntrackedLinear<'a> {
+    bf16: Option<&'a Bf16Linear>,
+}
 
-impl CustomOp3 for UntrackedLinear {
+impl CustomOp3 for UntrackedLinear<'_> {
     fn name(&self) -> &'static str {
         "caf-linear"
     }
@@ -218,8 +295,11 @@ impl CustomOp3 for UntrackedLinear {
                     row.copy_from_slice(bias);
                 }
                 let xc = &x[i * LINEAR_ROWS * k..][..m * k];
-                // Wᵀ's (i, o) is w[o·k + i].
-                gemm(m, n, k, (xc, k, 1), (w, 1, k), yc, true);
+                match self.bf16 {
+                    Some(packed) => packed.accumulate(m, xc, yc),
+                    // Wᵀ's (i, o) is w[o·k + i].
+                    None => gemm(m, n, k, (xc, k, 1), (w, 1, k), yc, true),
+                }
             });
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
@@ -300,11 +380,11 @@ fn softmax_fwd(x: &Tensor, grad: bool) -> Result<Tensor> {
 #[derive(Clone, Debug)]
 pub(crate) struct Block {
     norm1: LayerNorm,
-    qkv: Linear,
-    proj: Linear,
+    qkv: Dense,
+    proj: Dense,
     norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     heads: usize,
 }
 
@@ -319,11 +399,11 @@ impl Block {
         let hidden = dim * mlp_ratio;
         Ok(Self {
             norm1: layer_norm(dim, vb.pp("norm1"))?,
-            qkv: linear(dim, 3 * dim, vb.pp("attn").pp("qkv"), init)?,
-            proj: linear(dim, dim, vb.pp("attn").pp("proj"), init)?,
+            qkv: linear(dim, 3 * dim, vb.pp("attn").pp("qkv"), init)?.into(),
+            proj: linear(dim, dim, vb.pp("attn").pp("proj"), init)?.into(),
             norm2: layer_norm(dim, vb.pp("norm2"))?,
-            fc1: linear(dim, hidden, vb.pp("mlp").pp("fc1"), init)?,
-            fc2: linear(hidden, dim, vb.pp("mlp").pp("fc2"), init)?,
+            fc1: linear(dim, hidden, vb.pp("mlp").pp("fc1"), init)?.into(),
+            fc2: linear(hidden, dim, vb.pp("mlp").pp("fc2"), init)?.into(),
             heads,
         })
     }
@@ -361,11 +441,11 @@ impl Block {
     pub(crate) fn detached(&self) -> Self {
         Self {
             norm1: detach_norm(&self.norm1),
-            qkv: detach_linear(&self.qkv),
-            proj: detach_linear(&self.proj),
+            qkv: self.qkv.detached(),
+            proj: self.proj.detached(),
             norm2: detach_norm(&self.norm2),
-            fc1: detach_linear(&self.fc1),
-            fc2: detach_linear(&self.fc2),
+            fc1: self.fc1.detached(),
+            fc2: self.fc2.detached(),
             heads: self.heads,
         }
     }
@@ -377,13 +457,19 @@ impl Block {
             || self.norm1.weight().track_op()
             || self.norm2.weight().track_op()
     }
+
+    fn set_precision(&mut self, precision: Precision) {
+        for l in [&mut self.qkv, &mut self.proj, &mut self.fc1, &mut self.fc2] {
+            l.set_precision(precision);
+        }
+    }
 }
 
 /// Patch embedding: a `patch`×`patch` convolution at stride `patch` as one matmul.
 #[derive(Clone, Debug)]
 pub(crate) struct PatchEmbed {
     /// [D, 3·P·P] (the convolution's weight, flattened in its (c, ky, kx) order).
-    proj: Linear,
+    proj: Dense,
     patch: usize,
 }
 
@@ -398,7 +484,7 @@ impl PatchEmbed {
         let w = vb.get_with_hints((dim, 3, patch, patch), "weight", init)?;
         let b = vb.get_with_hints(dim, "bias", init)?;
         Ok(Self {
-            proj: Linear::new(w.reshape((dim, 3 * patch * patch))?, Some(b)),
+            proj: Linear::new(w.reshape((dim, 3 * patch * patch))?, Some(b)).into(),
             patch,
         })
     }
@@ -421,7 +507,7 @@ impl PatchEmbed {
 
     fn detached(&self) -> Self {
         Self {
-            proj: detach_linear(&self.proj),
+            proj: self.proj.detached(),
             patch: self.patch,
         }
     }
@@ -514,9 +600,15 @@ impl VisionTransformer {
                 "this ViT takes {s}×{s} images (its position embedding), got {h}×{w}"
             );
         }
+        let grad = x.track_op() || self.tracks_grad();
+        let cfg = self.cfg;
+        let per_image =
+            image_activation_bytes(cfg.patches() + 1, cfg.dim * cfg.mlp_ratio, cfg.heads);
+        if let Some(images) = chunk_images(x, grad, per_image) {
+            return in_chunks(x, images, |x| self.features(x));
+        }
         let tokens = self.patch_embed.forward(&self.norm_in.forward(x)?)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.cfg.dim))?;
-        let grad = x.track_op() || self.tracks_grad();
         let mut t = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
             t = block.forward(&t, grad)?;
@@ -537,6 +629,22 @@ impl VisionTransformer {
             || self.patch_embed.proj.weight().track_op()
             || self.blocks.iter().any(Block::tracks_grad)
             || self.head.weight().track_op()
+    }
+
+    /// Runs the encoder's linear layers in `precision` from now on (module docs).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.patch_embed.proj.set_precision(precision);
+        for block in &mut self.blocks {
+            block.set_precision(precision);
+        }
+    }
+
+    /// The arithmetic of the encoder's linear layers.
+    pub fn precision(&self) -> Precision {
+        match self.patch_embed.proj.bf16 {
+            Some(_) => Precision::Bf16,
+            None => Precision::F32,
+        }
     }
 
     /// A copy with every parameter detached from autograd (sharing storage).
@@ -569,6 +677,49 @@ impl Classifier for VisionTransformer {
     fn num_classes(&self) -> usize {
         self.num_classes
     }
+    fn set_precision(
+        &mut self,
+        precision: Precision,
+    ) -> std::result::Result<(), super::ModelError> {
+        VisionTransformer::set_precision(self, precision);
+        Ok(())
+    }
+}
+
+/// The largest activation a ViT forward pass holds, per image, in bytes: its MLP's hidden
+/// tokens or its attention matrices, whichever is larger (f32).
+fn image_activation_bytes(tokens: usize, hidden: usize, heads: usize) -> usize {
+    4 * (tokens * hidden).max(heads * tokens * tokens)
+}
+
+/// A ViT backbone's CPU forward pass without gradients runs its batch in chunks whose largest activation is
+/// at most this many bytes. One pass over a whole certification batch (a CIFAR ViT's MLP is
+/// 80 MB at 400 images) allocates every activation afresh from the kernel, which maps and
+/// zeroes its pages (17 % of the pass in `perf`), and streams it through memory; chunks stay
+/// under glibc's mmap threshold, so the allocator reuses their memory. Measured on the AMX Xeon
+/// (`caf bench forward --arch vit_cifar_tiny_patch4_32 --batch 400`): 239–255 images/s in one
+/// pass, 320–383 in chunks of 96 images (19 MB), 276–319 in chunks of 48.
+const CHUNK_BYTES: usize = 20 << 20;
+
+/// Images per chunk for a forward pass over `x` ([B, …]) whose largest activation takes
+/// `per_image` bytes an image; `None` when the pass runs whole (autograd needs the graph, a
+/// GPU wants large batches, or the batch is already small enough).
+fn chunk_images(x: &Tensor, grad: bool, per_image: usize) -> Option<usize> {
+    let b = x.dims().first().copied().unwrap_or(0);
+    let images = (CHUNK_BYTES / per_image.max(1)).max(1);
+    (!grad && super::path::fused(x.device()) && b > images).then_some(images)
+}
+
+/// `f` over chunks of `images` images of `x`, its outputs concatenated along the batch. Every
+/// op of a ViT works on one image at a time or on one token row at a time, so the chunks give
+/// the same values as one pass, bit for bit (tested).
+fn in_chunks(x: &Tensor, images: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let parts = (0..b)
+        .step_by(images)
+        .map(|i| f(&x.narrow(0, i, images.min(b - i))?))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
 }
 
 /// MAE's fixed 2-D sine-cosine position embedding [1, gh·gw, dim] (dim a multiple of 4): half
@@ -629,6 +780,9 @@ impl VitEncoder {
 
     /// Mean of the normalised tokens [B, dim] of already-normalised images [B, 3, H, W].
     pub(crate) fn pooled(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        // Not chunked (unlike the backbone): the adapter's pooled features are not bitwise
+        // the same over a chunk and over the whole batch (2e-7 apart in the test below), and
+        // results stored before must be reproduced exactly.
         let (_, _, h, w) = x.dims4()?;
         let pos = sincos_2d(h / self.patch, w / self.patch, self.dim, x.device())?;
         let mut t = self.patch_embed.forward(x)?.broadcast_add(&pos)?;
@@ -653,12 +807,93 @@ impl VitEncoder {
             patch: self.patch,
         }
     }
+
+    /// Runs the encoder's linear layers in `precision` from now on.
+    pub(crate) fn set_precision(&mut self, precision: Precision) {
+        self.patch_embed.proj.set_precision(precision);
+        for block in &mut self.blocks {
+            block.set_precision(precision);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::models::conv::tests::{max_abs_diff, randn};
+    use crate::models::{formula, record_tensors, Normalize};
+
+    /// A small ViT with formula weights, run over 7 images in one pass and in chunks of 3
+    /// (3 + 3 + 1): the same features, bit for bit.
+    #[test]
+    fn a_vit_forward_in_chunks_equals_one_pass() {
+        let cfg = VitConfig {
+            img_size: 16,
+            patch: 4,
+            dim: 24,
+            depth: 2,
+            heads: 3,
+            mlp_ratio: 4,
+        };
+        let dev = candle_core::Device::Cpu;
+        let build = |vb| VisionTransformer::new(cfg, 10, Normalize::HALF, vb);
+        let named = record_tensors(|vb| build(vb).map(|_| ())).expect("names");
+        let vit = build(formula::var_builder(&named, &dev).expect("weights")).expect("vit");
+        let x = formula::images(16, 7, &dev).expect("images");
+        let whole = vit.features(&x).expect("one pass");
+        let chunked = in_chunks(&x, 3, |x| vit.features(x)).expect("chunks");
+        assert_eq!(chunked.dims(), [7, 24]);
+        assert_eq!(max_abs_diff(&whole, &chunked), 0.0);
+
+        // A batch larger than a chunk is chunked; a small one, or one under autograd, is not.
+        assert_eq!(chunk_images(&x, false, CHUNK_BYTES / 3), Some(3));
+        assert_eq!(chunk_images(&x, true, CHUNK_BYTES / 3), None);
+        assert_eq!(chunk_images(&x, false, CHUNK_BYTES / 7), None);
+    }
+
+    /// In bf16 the encoder's linear layers round both operands (the kernel this process uses:
+    /// `.ci/run` runs the tests again under CAF_KERNELS=avx512 and portable): the logits move
+    /// from f32's by about bf16's rounding (a near-tie may flip), f32 comes back exactly, a
+    /// detached copy keeps the precision, and the generic path (CUDA's) runs its bf16 too.
+    #[test]
+    fn a_vit_in_bf16_rounds_its_linear_layers() {
+        let cfg = VitConfig {
+            img_size: 16,
+            patch: 4,
+            dim: 32,
+            depth: 2,
+            heads: 2,
+            mlp_ratio: 4,
+        };
+        let dev = candle_core::Device::Cpu;
+        let build = |vb| VisionTransformer::new(cfg, 10, Normalize::HALF, vb);
+        let named = record_tensors(|vb| build(vb).map(|_| ())).expect("names");
+        let mut vit = build(formula::var_builder(&named, &dev).expect("weights")).expect("vit");
+        let x = formula::images(16, 5, &dev).expect("images");
+        let f32_logits = vit.logits(&x).expect("f32");
+        let scale = f32_logits.abs().expect("abs").max_all().expect("max");
+        let scale: f32 = scale.to_scalar().expect("scalar");
+        Classifier::set_precision(&mut vit, Precision::Bf16).expect("bf16");
+        assert_eq!(vit.precision(), Precision::Bf16);
+        let bf16 = vit.logits(&x).expect("bf16");
+        let d = max_abs_diff(&bf16, &f32_logits);
+        assert!(
+            d > 0.0 && d < 0.05 * scale,
+            "bf16 vs f32: {d} (logits up to {scale})"
+        );
+        assert_eq!(
+            max_abs_diff(&vit.detached().logits(&x).expect("detached"), &bf16),
+            0.0
+        );
+        let generic = super::super::path::with_generic_path(|| vit.logits(&x)).expect("generic");
+        let d = max_abs_diff(&generic, &f32_logits);
+        assert!(d > 0.0 && d < 0.05 * scale, "generic bf16 vs f32: {d}");
+        Classifier::set_precision(&mut vit, Precision::F32).expect("f32");
+        assert_eq!(
+            max_abs_diff(&vit.logits(&x).expect("f32 again"), &f32_logits),
+            0.0
+        );
+    }
 
     /// Without gradients, a linear layer takes the bias-first GEMM; it must agree with candle's
     /// matmul plus bias (and with a tracked input, which keeps the generic path), for row counts
@@ -676,7 +911,7 @@ mod tests {
             let w = randn(2, &[n, k]);
             let b = with_bias.then(|| randn(3, &[n]));
             let l = Linear::new(w.clone(), b.clone());
-            let fast = linear_untracked(&l, &x)
+            let fast = linear_untracked(&l, None, &x)
                 .expect("linear")
                 .expect("the untracked path runs");
             let mut want = x.matmul(&w.t().expect("t")).expect("matmul");
@@ -686,10 +921,14 @@ mod tests {
             assert_eq!(fast.dims(), [rows, n]);
             assert!(max_abs_diff(&fast, &want) < 1e-4, "{rows}×{k}·{k}×{n}");
             let tracked = candle_core::Var::from_tensor(&x).expect("var");
-            assert!(linear_untracked(&l, tracked.as_tensor())
+            assert!(linear_untracked(&l, None, tracked.as_tensor())
                 .expect("linear")
                 .is_none());
-            let nd = linear_nd(&l, &x.reshape((1, rows, k)).expect("3-D")).expect("nd");
+            let nd = linear_nd(
+                &Dense::from(l.clone()),
+                &x.reshape((1, rows, k)).expect("3-D"),
+            )
+            .expect("nd");
             assert_eq!(nd.dims(), [1, rows, n]);
             let nd = nd.reshape((rows, n)).expect("2-D");
             assert_eq!(max_abs_diff(&nd, &fast), 0.0);
