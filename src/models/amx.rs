@@ -311,7 +311,7 @@ fn pack_planes_body(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst:
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use kernel::gemm;
+pub(crate) use kernel::{gemm, gemm_panels, PANEL_COLS};
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
@@ -390,9 +390,58 @@ mod kernel {
         (b, ldb): (&[u32], usize),
         c: &mut [f32],
     ) {
+        let np = padded(n, TILE_COLS);
+        assert!(ldb >= np && b.len() >= k2p * ldb);
+        gemm_with(m, n, k2p, a, |j0| (b.as_ptr().add(j0), ldb), c)
+    }
+
+    /// Columns of a panel of [`gemm_panels`]'s right operand (two tiles).
+    pub(crate) const PANEL_COLS: usize = 2 * TILE_COLS;
+
+    /// [`gemm`] with B in panels of [`PANEL_COLS`] columns: panel q holds B's columns
+    /// [32q, 32q + 32) as `k2p` rows of 32 interleaved pairs (zero past n), one panel after the
+    /// other. A tile of B is then 16 rows 128 bytes apart; read from a row-major B thousands of
+    /// columns wide, every row of a tile is on another page.
+    ///
+    /// # Safety
+    /// As [`gemm`], with `b.len() ≥ k2p·padded(n, 32)`.
+    pub(crate) unsafe fn gemm_panels(
+        m: usize,
+        n: usize,
+        k2p: usize,
+        a: &[u32],
+        b: &[u32],
+        c: &mut [f32],
+    ) {
+        assert!(b.len() >= k2p * padded(n, PANEL_COLS));
+        gemm_with(
+            m,
+            n,
+            k2p,
+            a,
+            |j0| {
+                (
+                    b.as_ptr().add(j0 / PANEL_COLS * k2p * PANEL_COLS),
+                    PANEL_COLS,
+                )
+            },
+            c,
+        )
+    }
+
+    /// The tile loop of [`gemm`] and [`gemm_panels`]: `b_at(j0)` is the start and row stride
+    /// of B's columns from j0 on (j0 a multiple of 32; the next 16 columns start 16 values on).
+    unsafe fn gemm_with(
+        m: usize,
+        n: usize,
+        k2p: usize,
+        a: &[u32],
+        b_at: impl Fn(usize) -> (*const u32, usize),
+        c: &mut [f32],
+    ) {
         let (mp, np) = (padded(m, TILE_ROWS), padded(n, TILE_COLS));
-        assert!(k2p.is_multiple_of(TILE_PAIRS) && ldb >= np);
-        assert!(a.len() >= mp * k2p && b.len() >= k2p * ldb && c.len() >= m * n);
+        assert!(k2p.is_multiple_of(TILE_PAIRS));
+        assert!(a.len() >= mp * k2p && c.len() >= m * n);
         let mut scratch = [[0f32; TILE_ROWS * TILE_COLS]; 4];
         asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
         for j0 in (0..np).step_by(2 * TILE_COLS) {
@@ -430,13 +479,14 @@ mod kernel {
                         }
                     };
                 }
+                let (b_j0, ldb) = b_at(j0);
                 let steps = (0..k2p).step_by(TILE_PAIRS).map(|p| (p, p * ldb));
                 block(
                     (mt, nt),
                     &tiles,
                     true,
                     (a.as_ptr().add(i0 * k2p), k2p),
-                    (b.as_ptr().add(j0), ldb),
+                    (b_j0, ldb),
                     steps,
                 );
                 for (idx, (tile, buf)) in tiles.iter().zip(scratch.iter()).enumerate() {

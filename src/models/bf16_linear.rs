@@ -21,9 +21,9 @@ use super::gemm::{self, bf16_bits, gemm_accumulate, round_bf16, Bf16Kernel};
 pub(crate) struct Bf16Linear {
     n: usize,
     k: usize,
-    /// The AMX layout, from which the others are derived: `pair_stride(k)` pair rows of
-    /// `padded(n, 16)` columns, (p, o) = bf16(W[o][2p]) | bf16(W[o][2p + 1]) << 16, zero past
-    /// k and past n.
+    /// The AMX layout, from which the others are derived: (p, o) = bf16(W[o][2p]) |
+    /// bf16(W[o][2p + 1]) << 16 for `pair_stride(k)` pair rows, in panels of 32 columns
+    /// (`amx::gemm_panels`), zero past k and past n.
     pairs: Vec<u32>,
     /// The AVX-512 BF16 kernel's panels of the same pair rows.
     panels: OnceLock<Vec<u32>>,
@@ -42,13 +42,13 @@ impl Bf16Linear {
     /// Packs `w` ([n×k], row-major: a linear layer's weight).
     pub(crate) fn new(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "linear weight size");
-        let (k2, k2p, ldb) = (k.div_ceil(2), gemm::pair_stride(k), Self::ldb(n));
-        let mut pairs = vec![0u32; k2p * ldb];
+        let (k2, k2p) = (k.div_ceil(2), gemm::pair_stride(k));
+        let mut pairs = vec![0u32; k2p * amx::padded(n, amx::PANEL_COLS)];
         for (o, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
             for p in 0..k2 {
                 let lo = bf16_bits(row[2 * p]);
                 let hi = row.get(2 * p + 1).map_or(0, |&v| bf16_bits(v));
-                pairs[p * ldb + o] = lo | (hi << 16);
+                pairs[Self::at(k2p, p, o)] = lo | (hi << 16);
             }
         }
         Self {
@@ -70,8 +70,10 @@ impl Bf16Linear {
         self.k
     }
 
-    fn ldb(n: usize) -> usize {
-        amx::padded(n, amx::TILE_COLS)
+    /// Where pair (p, o) is in `pairs`.
+    fn at(k2p: usize, p: usize, o: usize) -> usize {
+        let panel = amx::PANEL_COLS;
+        o / panel * k2p * panel + p * panel + o % panel
     }
 
     /// `y[m×n] += x[m×k] · Wᵀ` with the bf16 kernel this process uses.
@@ -97,10 +99,19 @@ impl Bf16Linear {
                 // A tile reads 16 rows: the rows past m must be zero (0 × NaN is not).
                 let rows = amx::padded(m, amx::TILE_ROWS);
                 left_pairs(m, k, k2p, x, left, rows);
-                // SAFETY: AMX is available (asserted above); `left` is padded(m, 16) rows of
-                // k2p pairs (a multiple of 16), `pairs` k2p rows of ldb ≥ padded(n, 16), y is
-                // m rows of n.
-                unsafe { amx::gemm(m, n, k2p, left, (&self.pairs, Self::ldb(n)), y) }
+                // The tile loop sweeps all of its rows of x once per 32 columns of W: blocks
+                // of rows small enough to stay in L2 (see `AMX_LEFT_BYTES`).
+                let block = amx_rows(k2p);
+                for i in (0..m).step_by(block) {
+                    let r = block.min(m - i);
+                    // SAFETY: AMX is available (asserted above); `left` from row i on is
+                    // padded(r, 16) rows of k2p pairs (a multiple of 16: i is a multiple of 32),
+                    // `pairs` k2p pair rows in panels of 32 columns covering n, y from row i on
+                    // r rows of n.
+                    unsafe {
+                        amx::gemm_panels(r, n, k2p, &left[i * k2p..], &self.pairs, &mut y[i * n..])
+                    }
+                }
             }),
             #[cfg(target_arch = "x86_64")]
             Bf16Kernel::Avx512Bf16 => LEFT.with_borrow_mut(|left| {
@@ -121,22 +132,26 @@ impl Bf16Linear {
     }
 
     fn build_panels(&self, k2: usize, k2p: usize) -> Vec<u32> {
-        let (n, ldb) = (self.n, Self::ldb(self.n));
+        let n = self.n;
         let mut panels = vec![0u32; k2p * n.div_ceil(16) * 16];
+        let mut row = vec![0u32; n];
         for p in 0..k2 {
-            gemm::place_pair_row(k2p, p, &self.pairs[p * ldb..][..n], &mut panels);
+            for (o, v) in row.iter_mut().enumerate() {
+                *v = self.pairs[Self::at(k2p, p, o)];
+            }
+            gemm::place_pair_row(k2p, p, &row, &mut panels);
         }
         panels
     }
 
     fn build_rounded(&self) -> Vec<f32> {
-        let (n, k, ldb) = (self.n, self.k, Self::ldb(self.n));
+        let (n, k, k2p) = (self.n, self.k, gemm::pair_stride(self.k));
         let mut rounded = vec![0f32; k * n];
         for (r, row) in rounded.chunks_exact_mut(n).enumerate() {
             let (p, shift) = (r / 2, if r % 2 == 0 { 16 } else { 0 });
             for (o, v) in row.iter_mut().enumerate() {
                 // The low half of a pair is the even row; shifting it up makes it an f32.
-                let bits = self.pairs[p * ldb + o];
+                let bits = self.pairs[Self::at(k2p, p, o)];
                 *v = f32::from_bits(if shift == 16 {
                     bits << 16
                 } else {
@@ -146,6 +161,17 @@ impl Bf16Linear {
         }
         rounded
     }
+}
+
+/// Bytes of x's bf16 rows one AMX GEMM call multiplies: the tile loop reads them once per 32
+/// output columns, so they must stay in L2 (2 MiB a core on Sapphire Rapids) next to W's
+/// columns. With all 1,024 rows of a linear layer's task a ViT-B/16 MLP's left operand is 1.5 MB
+/// and streamed from memory 96 times.
+const AMX_LEFT_BYTES: usize = 256 << 10;
+
+/// Rows of x per AMX GEMM call for k2p pairs a row: a multiple of 32 (the tile loop's rows).
+fn amx_rows(k2p: usize) -> usize {
+    (AMX_LEFT_BYTES / (4 * k2p.max(1)) / 32).max(1) * 32
 }
 
 /// x's first m rows (k values each) as `rows` rows of k2p bf16 pairs: zero past k, and whole
