@@ -823,23 +823,28 @@ mod tests {
     use crate::models::conv::tests::{max_abs_diff, randn};
     use crate::models::{formula, record_tensors, Normalize};
 
+    /// A 16 × 16 ViT of width `dim` (2 blocks, patches of 4) with formula weights, 10 classes.
+    fn small_vit(dim: usize, heads: usize) -> VisionTransformer {
+        let cfg = VitConfig {
+            img_size: 16,
+            patch: 4,
+            dim,
+            depth: 2,
+            heads,
+            mlp_ratio: 4,
+        };
+        let build = |vb| VisionTransformer::new(cfg, 10, Normalize::HALF, vb);
+        let named = record_tensors(|vb| build(vb).map(|_| ())).expect("names");
+        let vb = formula::var_builder(&named, &candle_core::Device::Cpu).expect("weights");
+        build(vb).expect("vit")
+    }
+
     /// A small ViT with formula weights, run over 7 images in one pass and in chunks of 3
     /// (3 + 3 + 1): the same features, bit for bit.
     #[test]
     fn a_vit_forward_in_chunks_equals_one_pass() {
-        let cfg = VitConfig {
-            img_size: 16,
-            patch: 4,
-            dim: 24,
-            depth: 2,
-            heads: 3,
-            mlp_ratio: 4,
-        };
-        let dev = candle_core::Device::Cpu;
-        let build = |vb| VisionTransformer::new(cfg, 10, Normalize::HALF, vb);
-        let named = record_tensors(|vb| build(vb).map(|_| ())).expect("names");
-        let vit = build(formula::var_builder(&named, &dev).expect("weights")).expect("vit");
-        let x = formula::images(16, 7, &dev).expect("images");
+        let vit = small_vit(24, 3);
+        let x = formula::images(16, 7, &candle_core::Device::Cpu).expect("images");
         let whole = vit.features(&x).expect("one pass");
         let chunked = in_chunks(&x, 3, |x| vit.features(x)).expect("chunks");
         assert_eq!(chunked.dims(), [7, 24]);
@@ -857,19 +862,8 @@ mod tests {
     /// detached copy keeps the precision, and the generic path (CUDA's) runs its bf16 too.
     #[test]
     fn a_vit_in_bf16_rounds_its_linear_layers() {
-        let cfg = VitConfig {
-            img_size: 16,
-            patch: 4,
-            dim: 32,
-            depth: 2,
-            heads: 2,
-            mlp_ratio: 4,
-        };
-        let dev = candle_core::Device::Cpu;
-        let build = |vb| VisionTransformer::new(cfg, 10, Normalize::HALF, vb);
-        let named = record_tensors(|vb| build(vb).map(|_| ())).expect("names");
-        let mut vit = build(formula::var_builder(&named, &dev).expect("weights")).expect("vit");
-        let x = formula::images(16, 5, &dev).expect("images");
+        let mut vit = small_vit(32, 2);
+        let x = formula::images(16, 5, &candle_core::Device::Cpu).expect("images");
         let f32_logits = vit.logits(&x).expect("f32");
         let scale = f32_logits.abs().expect("abs").max_all().expect("max");
         let scale: f32 = scale.to_scalar().expect("scalar");
