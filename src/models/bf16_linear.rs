@@ -148,11 +148,10 @@ impl Bf16Linear {
         let (n, k, k2p) = (self.n, self.k, gemm::pair_stride(self.k));
         let mut rounded = vec![0f32; k * n];
         for (r, row) in rounded.chunks_exact_mut(n).enumerate() {
-            let (p, shift) = (r / 2, if r % 2 == 0 { 16 } else { 0 });
             for (o, v) in row.iter_mut().enumerate() {
                 // The low half of a pair is the even row; shifting it up makes it an f32.
-                let bits = self.pairs[Self::at(k2p, p, o)];
-                *v = f32::from_bits(if shift == 16 {
+                let bits = self.pairs[Self::at(k2p, r / 2, o)];
+                *v = f32::from_bits(if r % 2 == 0 {
                     bits << 16
                 } else {
                     bits & 0xFFFF_0000
@@ -211,28 +210,15 @@ fn left_pairs(m: usize, k: usize, k2p: usize, x: &[f32], left: &mut Vec<u32>, ro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{RngExt, SeedableRng};
-
-    fn random(len: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
+    use crate::models::gemm::tests::{kernels_here, random};
 
     /// Each kernel this CPU has against the f64 sum of the rounded operands, for shapes whose
-    /// m, n and k are not multiples of the tiles (odd k, k = 1, n past a panel), and a ViT's.
+    /// m, n and k are not multiples of the tiles (odd k, k = 1, n past a panel), a ViT's, and
+    /// more rows than one AMX call takes (700 > `amx_rows` = 672 at k = 192).
     #[test]
     fn bf16_linear_is_the_product_of_the_rounded_operands() {
-        let best = gemm::best_bf16_kernel(gemm::KernelLevel::Native);
-        let kernels: Vec<_> = [
-            Bf16Kernel::Emulated,
-            Bf16Kernel::Avx512Bf16,
-            Bf16Kernel::Amx,
-        ]
-        .into_iter()
-        .filter(|k| *k <= best)
-        .collect();
-        eprintln!("bf16 kernels on this CPU: {kernels:?}");
-        for &kernel in &kernels {
+        assert_eq!(amx_rows(gemm::pair_stride(192)), 672);
+        for kernel in kernels_here() {
             for &(m, n, k) in &[
                 (1, 1, 1),
                 (7, 17, 9),
@@ -240,6 +226,7 @@ mod tests {
                 (65, 576, 192),
                 (20, 3, 48),
                 (40, 200, 31),
+                (700, 40, 192),
             ] {
                 let x = random(m * k, 1);
                 let w = random(n * k, 2);

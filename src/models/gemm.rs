@@ -621,11 +621,11 @@ mod kernel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use rand::{RngExt, SeedableRng};
 
-    fn random(len: usize, seed: u64) -> Vec<f32> {
+    pub(in crate::models) fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
@@ -664,7 +664,7 @@ mod tests {
     }
 
     /// Every bf16 kernel this CPU has (the test names them, so a run shows what it covered).
-    fn kernels_here() -> Vec<Bf16Kernel> {
+    pub(in crate::models) fn kernels_here() -> Vec<Bf16Kernel> {
         let best = best_bf16_kernel(KernelLevel::Native);
         let all = [
             Bf16Kernel::Emulated,

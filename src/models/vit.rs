@@ -465,6 +465,14 @@ impl Block {
     }
 }
 
+/// Puts the linear layers of a ViT encoder (a backbone's or an adapter's) in `precision`.
+fn set_encoder_precision(patch_embed: &mut PatchEmbed, blocks: &mut [Block], precision: Precision) {
+    patch_embed.proj.set_precision(precision);
+    for block in blocks {
+        block.set_precision(precision);
+    }
+}
+
 /// Patch embedding: a `patch`×`patch` convolution at stride `patch` as one matmul.
 #[derive(Clone, Debug)]
 pub(crate) struct PatchEmbed {
@@ -633,10 +641,7 @@ impl VisionTransformer {
 
     /// Runs the encoder's linear layers in `precision` from now on (module docs).
     pub fn set_precision(&mut self, precision: Precision) {
-        self.patch_embed.proj.set_precision(precision);
-        for block in &mut self.blocks {
-            block.set_precision(precision);
-        }
+        set_encoder_precision(&mut self.patch_embed, &mut self.blocks, precision)
     }
 
     /// The arithmetic of the encoder's linear layers.
@@ -692,11 +697,11 @@ fn image_activation_bytes(tokens: usize, hidden: usize, heads: usize) -> usize {
     4 * (tokens * hidden).max(heads * tokens * tokens)
 }
 
-/// A ViT backbone's CPU forward pass without gradients runs its batch in chunks whose largest activation is
-/// at most this many bytes. One pass over a whole certification batch (a CIFAR ViT's MLP is
-/// 80 MB at 400 images) allocates every activation afresh from the kernel, which maps and
-/// zeroes its pages (17 % of the pass in `perf`), and streams it through memory; chunks stay
-/// under glibc's mmap threshold, so the allocator reuses their memory. Measured on the AMX Xeon
+/// A ViT backbone's CPU forward pass without gradients runs its batch in chunks whose largest
+/// activation is at most this many bytes. One pass over a whole certification batch (a CIFAR
+/// ViT's MLP is 80 MB at 400 images) allocates every activation afresh from the kernel, which
+/// maps and zeroes its pages (17 % of the pass in `perf`), and streams it through memory;
+/// chunks stay under glibc's mmap threshold, so the allocator reuses their memory. Measured on the AMX Xeon
 /// (`caf bench forward --arch vit_cifar_tiny_patch4_32 --batch 400`): 239–255 images/s in one
 /// pass, 320–383 in chunks of 96 images (19 MB), 276–319 in chunks of 48.
 const CHUNK_BYTES: usize = 20 << 20;
@@ -780,8 +785,8 @@ impl VitEncoder {
 
     /// Mean of the normalised tokens [B, dim] of already-normalised images [B, 3, H, W].
     pub(crate) fn pooled(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
-        // Not chunked (unlike the backbone): the adapter's pooled features are not bitwise
-        // the same over a chunk and over the whole batch (2e-7 apart in the test below), and
+        // Not chunked (unlike the backbone): the adapter's pooled features were not bitwise the
+        // same over a chunk and over the whole batch (2e-7 apart on a small encoder), and
         // results stored before must be reproduced exactly.
         let (_, _, h, w) = x.dims4()?;
         let pos = sincos_2d(h / self.patch, w / self.patch, self.dim, x.device())?;
@@ -810,10 +815,7 @@ impl VitEncoder {
 
     /// Runs the encoder's linear layers in `precision` from now on.
     pub(crate) fn set_precision(&mut self, precision: Precision) {
-        self.patch_embed.proj.set_precision(precision);
-        for block in &mut self.blocks {
-            block.set_precision(precision);
-        }
+        set_encoder_precision(&mut self.patch_embed, &mut self.blocks, precision)
     }
 }
 
