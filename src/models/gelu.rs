@@ -53,7 +53,7 @@ fn erf(z: f32) -> f32 {
 /// |r| ≤ ln 2 / 2, e^r by its degree-7 Taylor polynomial (relative error under 1e-8), 2^n
 /// written into the exponent bits.
 #[inline(always)]
-fn exp_nonpositive(y: f32) -> f32 {
+pub(crate) fn exp_nonpositive(y: f32) -> f32 {
     // Adding 1.5·2²³ rounds to an integer (to nearest, ties to even) in plain arithmetic.
     const ROUND: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_145_75;

@@ -20,6 +20,7 @@
 
 pub mod adapter;
 mod amx;
+mod attention;
 pub mod backbone;
 mod bf16_linear;
 mod block;

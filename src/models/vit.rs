@@ -19,9 +19,10 @@
 //! matmul over batch × tokens, and attention as two batched matmuls over batch × heads.
 //!
 //! `precision: bf16` runs the encoder's linear layers (patch embedding, qkv, projection, MLP)
-//! with both operands rounded to bf16 and f32 sums ([`Bf16Linear`]: AMX tiles where the CPU has
-//! them); attention products, softmax, LayerNorm, GELU, residual adds and the head stay f32. A
-//! certificate in bf16 is one of that rounded classifier.
+//! and attention's two products (q·kᵀ, softmax·v) with both operands rounded to bf16 and f32
+//! sums ([`Bf16Linear`]: AMX tiles where the CPU has them; on the CPU attention is one fused
+//! pass per image, [`super::attention`]); softmax, LayerNorm, GELU, residual adds and the head
+//! stay f32. A certificate in bf16 is one of that rounded classifier.
 
 use std::sync::{Arc, OnceLock};
 
@@ -221,8 +222,22 @@ pub(crate) fn linear_nd(l: &Dense, x: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
-/// Rows of x per GEMM of [`linear_untracked`] (a rayon task each).
+/// At most this many rows of x per GEMM of [`linear_untracked`] (a rayon task each).
 const LINEAR_ROWS: usize = 1024;
+
+/// Rows of x per task of [`linear_untracked`]: `rows` split evenly into a multiple of the thread
+/// count of tasks of at most [`LINEAR_ROWS`] rows, rounded up to the AMX kernel's blocks of 32
+/// rows. Why: blocks of [`LINEAR_ROWS`] left a ViT-B/16 chunk of 8 images (1,576 rows) as 1,024
+/// and 552 rows on two threads, one idle a third of the time. A row's sums do not depend on
+/// the split (every kernel sums each output in an order fixed by k alone), so results keep
+/// their bits.
+fn linear_task_rows(rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let tasks = rows.div_ceil(LINEAR_ROWS).div_ceil(threads).max(1) * threads;
+    rows.div_ceil(tasks)
+        .next_multiple_of(32)
+        .clamp(32, LINEAR_ROWS)
+}
 
 /// x·Wᵀ + b for a 2-D x when nothing needs a gradient (a frozen backbone under certification)
 /// on the fused CPU path, in f32 or (`bf16`: W packed) bf16: each block of rows starts as the
@@ -286,15 +301,16 @@ impl CustomOp3 for UntrackedLinear<'_> {
         let (rows, k) = l1.shape().dims2()?;
         let n = l2.dims()[0];
         let mut y = super::pointwise::unfilled(rows * n);
+        let task = linear_task_rows(rows);
         // Blocks of y index their rows of x (which is empty when k = 0: y is then the bias).
-        y.par_chunks_mut(LINEAR_ROWS * n.max(1))
+        y.par_chunks_mut(task * n.max(1))
             .enumerate()
             .for_each(|(i, yc)| {
                 let m = yc.len() / n;
                 for row in yc.chunks_exact_mut(n) {
                     row.copy_from_slice(bias);
                 }
-                let xc = &x[i * LINEAR_ROWS * k..][..m * k];
+                let xc = &x[i * task * k..][..m * k];
                 match self.bf16 {
                     Some(packed) => packed.accumulate(m, xc, yc),
                     // Wᵀ's (i, o) is w[o·k + i].
@@ -376,6 +392,16 @@ fn softmax_fwd(x: &Tensor, grad: bool) -> Result<Tensor> {
     }
 }
 
+/// a·b, in bf16 (on the generic path, e.g. CUDA: candle's bf16 matmul) when `bf16`.
+fn product(a: &Tensor, b: &Tensor, bf16: bool) -> Result<Tensor> {
+    if !bf16 {
+        return a.matmul(b);
+    }
+    a.to_dtype(DType::BF16)?
+        .matmul(&b.to_dtype(DType::BF16)?)?
+        .to_dtype(DType::F32)
+}
+
 /// One pre-norm transformer block (timm's `Block`).
 #[derive(Clone, Debug)]
 pub(crate) struct Block {
@@ -411,8 +437,14 @@ impl Block {
     fn attention(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
+        let bf16 = !grad && self.qkv.bf16.is_some();
+        let qkv = linear_nd(&self.qkv, x)?;
+        if bf16 && super::attention::fused_bf16(&qkv) {
+            let out = super::attention::attention_bf16(&qkv, self.heads)?;
+            return linear_nd(&self.proj, &out);
+        }
         // [B, N, 3, H, hd] → [3, B·H, N, hd]: q, k, v as contiguous batches of matrices.
-        let qkv = linear_nd(&self.qkv, x)?
+        let qkv = qkv
             .reshape((b, n, 3, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?
@@ -420,10 +452,9 @@ impl Block {
         let q = (qkv.get(0)? * (1.0 / (hd as f64).sqrt()))?;
         let k = qkv.get(1)?;
         let v = qkv.get(2)?;
-        let attn = q.matmul(&k.t()?)?;
+        let attn = product(&q, &k.t()?, bf16)?;
         let attn = softmax_fwd(&attn, grad)?;
-        let out = attn
-            .matmul(&v)?
+        let out = product(&attn, &v, bf16)?
             .reshape((b, self.heads, n, hd))?
             .transpose(1, 2)?
             .contiguous()?
@@ -889,6 +920,41 @@ mod tests {
             max_abs_diff(&vit.logits(&x).expect("f32 again"), &f32_logits),
             0.0
         );
+    }
+
+    /// The rows of an untracked linear layer's output do not depend on how the rows are split
+    /// into tasks (`linear_task_rows`), in f32 and in bf16: each half of x alone gives the same
+    /// bits as its rows of the whole.
+    #[test]
+    fn untracked_linear_rows_do_not_depend_on_the_split() {
+        for rows in [1, 31, 33, 1000, 1576, 6825, 100_000] {
+            let task = linear_task_rows(rows);
+            assert!(
+                task.is_multiple_of(32) && (32..=LINEAR_ROWS).contains(&task),
+                "{rows}: {task}"
+            );
+            let tasks = rows.div_ceil(task);
+            assert!(tasks >= rows.div_ceil(LINEAR_ROWS), "{rows}: {tasks} tasks");
+        }
+        let (rows, k, n) = (1576, 192, 100);
+        let x = randn(1, &[rows, k]);
+        let w = randn(2, &[n, k]);
+        let l = Linear::new(w.clone(), Some(randn(3, &[n])));
+        let values = w.flatten_all().and_then(|w| w.to_vec1::<f32>()).expect("w");
+        let packed = Bf16Linear::new(&values, n, k);
+        for bf16 in [None, Some(&packed)] {
+            let whole = linear_untracked(&l, bf16, &x)
+                .expect("linear")
+                .expect("untracked");
+            for (start, len) in [(0, 97), (97, rows - 97)] {
+                let part = x.narrow(0, start, len).expect("narrow");
+                let part = linear_untracked(&l, bf16, &part)
+                    .expect("part")
+                    .expect("untracked");
+                let want = whole.narrow(0, start, len).expect("narrow");
+                assert_eq!(max_abs_diff(&part, &want), 0.0, "bf16 {}", bf16.is_some());
+            }
+        }
     }
 
     /// Without gradients, a linear layer takes the bias-first GEMM; it must agree with candle's
