@@ -53,7 +53,8 @@ impl CustomOp1 for AttentionBf16 {
                 self.heads
             );
         }
-        let mut out = vec![0f32; b * n * d];
+        // Every value is written: each head fills its columns of every row.
+        let mut out = super::pointwise::unfilled(b * n * d);
         if n > 0 && d > 0 {
             out.par_chunks_mut(n * d)
                 .zip(x.par_chunks(n * d3))
@@ -72,8 +73,8 @@ struct Scratch {
     q: Vec<f32>,
     /// k [N, hd].
     k: Vec<f32>,
-    /// vᵀ [hd, N].
-    vt: Vec<f32>,
+    /// v [N, hd].
+    v: Vec<f32>,
     /// Scores, then probabilities [N, N].
     p: Vec<f32>,
     /// P·v [N, hd].
@@ -87,14 +88,11 @@ fn image(x: &[f32], n: usize, d: usize, heads: usize, s: &mut Scratch, out: &mut
     for h in 0..heads {
         s.q.clear();
         s.k.clear();
-        s.vt.clear();
-        s.vt.resize(hd * n, 0.0);
-        for (i, row) in x.chunks_exact(3 * d).enumerate() {
+        s.v.clear();
+        for row in x.chunks_exact(3 * d) {
             s.q.extend(row[h * hd..][..hd].iter().map(|&v| v * scale));
             s.k.extend_from_slice(&row[d + h * hd..][..hd]);
-            for (c, &v) in row[2 * d + h * hd..][..hd].iter().enumerate() {
-                s.vt[c * n + i] = v;
-            }
+            s.v.extend_from_slice(&row[2 * d + h * hd..][..hd]);
         }
         // The key matrix is the right operand of q·kᵀ: a "weight" of N outputs over hd inputs.
         s.p.clear();
@@ -112,7 +110,7 @@ fn image(x: &[f32], n: usize, d: usize, heads: usize, s: &mut Scratch, out: &mut
         );
         s.o.clear();
         s.o.resize(n * hd, 0.0);
-        Bf16Linear::new(&s.vt, hd, n).accumulate(n, &s.p, &mut s.o);
+        Bf16Linear::from_right(&s.v, n, hd).accumulate(n, &s.p, &mut s.o);
         for (dst, src) in out.chunks_exact_mut(d).zip(s.o.chunks_exact(hd)) {
             dst[h * hd..][..hd].copy_from_slice(src);
         }

@@ -39,18 +39,56 @@ thread_local! {
 }
 
 impl Bf16Linear {
-    /// Packs `w` ([n×k], row-major: a linear layer's weight).
+    /// Packs `w` ([n×k], row-major: a linear layer's weight): the right operand is Wᵀ.
     pub(crate) fn new(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "linear weight size");
         let (k2, k2p) = (k.div_ceil(2), gemm::pair_stride(k));
         let mut pairs = vec![0u32; k2p * amx::padded(n, amx::PANEL_COLS)];
+        // Row o of W is column o of the right operand: its pairs, converted as a row, go down
+        // column o of its panel.
+        let mut row_pairs = vec![0u32; k2];
         for (o, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
-            for p in 0..k2 {
-                let lo = bf16_bits(row[2 * p]);
-                let hi = row.get(2 * p + 1).map_or(0, |&v| bf16_bits(v));
-                pairs[Self::at(k2p, p, o)] = lo | (hi << 16);
+            row_pairs.fill(0);
+            to_pairs(row, &mut row_pairs);
+            let column = &mut pairs[Self::at(k2p, 0, o)..];
+            for (p, &v) in row_pairs.iter().enumerate() {
+                column[p * amx::PANEL_COLS] = v;
             }
         }
+        Self::from_pairs(n, k, pairs)
+    }
+
+    /// Packs `b` ([k×n], row-major: the right operand itself, e.g. attention's values).
+    pub(crate) fn from_right(b: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "right operand size");
+        let (k2, k2p) = (k.div_ceil(2), gemm::pair_stride(k));
+        let panel = amx::PANEL_COLS;
+        let mut pairs = vec![0u32; k2p * amx::padded(n, panel)];
+        let zeros = vec![0f32; n];
+        let mut row = vec![0u32; n];
+        for p in 0..k2 {
+            let lo = &b[2 * p * n..][..n];
+            let hi = if 2 * p + 1 < k {
+                &b[(2 * p + 1) * n..][..n]
+            } else {
+                &zeros[..]
+            };
+            super::simd::widest(
+                #[inline(always)]
+                || {
+                    for ((d, &l), &h) in row.iter_mut().zip(lo).zip(hi) {
+                        *d = bf16_bits(l) | (bf16_bits(h) << 16);
+                    }
+                },
+            );
+            for (q, cols) in row.chunks(panel).enumerate() {
+                pairs[Self::at(k2p, p, q * panel)..][..cols.len()].copy_from_slice(cols);
+            }
+        }
+        Self::from_pairs(n, k, pairs)
+    }
+
+    fn from_pairs(n: usize, k: usize, pairs: Vec<u32>) -> Self {
         Self {
             n,
             k,
@@ -185,25 +223,31 @@ fn left_pairs(m: usize, k: usize, k2p: usize, x: &[f32], left: &mut Vec<u32>, ro
     left.resize(rows * k2p, 0);
     let rows_of_x = x.chunks_exact(k.max(1)).take(m);
     for (row, dst) in rows_of_x.zip(left.chunks_exact_mut(k2p)) {
-        #[cfg(target_endian = "little")]
-        {
-            // SAFETY: a u32 slice is also 2·len valid, aligned u16s in the same memory.
-            let halves = unsafe {
-                std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u16>(), 2 * dst.len())
-            };
-            super::simd::widest(
-                #[inline(always)]
-                || {
-                    for (d, &v) in halves.iter_mut().zip(row) {
-                        *d = bf16_bits(v) as u16;
-                    }
-                },
-            )
-        }
-        #[cfg(not(target_endian = "little"))]
-        for (r, &v) in row.iter().enumerate() {
-            dst[r / 2] |= bf16_bits(v) << (16 * (r % 2));
-        }
+        to_pairs(row, dst);
+    }
+}
+
+/// `dst[p] = bf16(row[2p]) | bf16(row[2p + 1]) << 16`, in the widest vectors; `dst` holds at
+/// least ⌈len/2⌉ pairs, and for an odd length its last pair's high half must already be zero.
+fn to_pairs(row: &[f32], dst: &mut [u32]) {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: a u32 slice is also 2·len valid, aligned u16s in the same memory.
+        let halves = unsafe {
+            std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u16>(), 2 * dst.len())
+        };
+        super::simd::widest(
+            #[inline(always)]
+            || {
+                for (d, &v) in halves.iter_mut().zip(row) {
+                    *d = bf16_bits(v) as u16;
+                }
+            },
+        )
+    }
+    #[cfg(not(target_endian = "little"))]
+    for (r, &v) in row.iter().enumerate() {
+        dst[r / 2] |= bf16_bits(v) << (16 * (r % 2));
     }
 }
 
@@ -212,7 +256,8 @@ mod tests {
     use super::*;
     use crate::models::gemm::tests::{kernels_here, random};
 
-    /// Each kernel this CPU has against the f64 sum of the rounded operands, for shapes whose
+    /// Each kernel this CPU has against the f64 sum of the rounded operands (and the packing from
+    /// the right operand equal to the packing from the weight), for shapes whose
     /// m, n and k are not multiples of the tiles (odd k, k = 1, n past a panel), a ViT's, and
     /// more rows than one AMX call takes (700 > `amx_rows` = 672 at k = 192).
     #[test]
@@ -233,6 +278,9 @@ mod tests {
                 let y0 = random(m * n, 3);
                 let lin = Bf16Linear::new(&w, n, k);
                 assert_eq!((lin.out_dim(), lin.in_dim()), (n, k));
+                // The same packing from the right operand Wᵀ [k×n] as it is.
+                let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+                assert_eq!(Bf16Linear::from_right(&wt, k, n).pairs, lin.pairs);
                 let mut y = y0.clone();
                 // Past the end of y: the kernel must leave it alone.
                 y.extend([7.0; 40]);
