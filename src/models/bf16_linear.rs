@@ -75,11 +75,7 @@ impl Bf16Linear {
             };
             super::simd::widest(
                 #[inline(always)]
-                || {
-                    for ((d, &l), &h) in row.iter_mut().zip(lo).zip(hi) {
-                        *d = bf16_bits(l) | (bf16_bits(h) << 16);
-                    }
-                },
+                || gemm::pair_bits(lo, hi, &mut row),
             );
             for (q, cols) in row.chunks(panel).enumerate() {
                 pairs[Self::at(k2p, p, q * panel)..][..cols.len()].copy_from_slice(cols);

@@ -478,7 +478,10 @@ thread_local! {
     static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `dst[j] = bf16(lo[j]) | bf16(hi[j]) << 16`: two rows of B rounded and interleaved.
+/// `dst[j] = bf16(lo[j]) | bf16(hi[j]) << 16`: two rows of B rounded and interleaved. Always
+/// inlined, so a caller compiled for wider vectors (`simd::widest`, an AVX-512 body) runs it in
+/// them.
+#[inline(always)]
 pub(crate) fn pair_bits(lo: &[f32], hi: &[f32], dst: &mut [u32]) {
     for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
         *d = bf16_bits(l) | (bf16_bits(h) << 16);
