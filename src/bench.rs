@@ -10,6 +10,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::data::Chw;
 use crate::models::gemm::{Bf16Kernel, KernelLevel};
+use crate::models::int8::Int8Kernel;
 use crate::models::Classifier;
 
 /// Number of timed windows; the report's figure is their median.
@@ -362,7 +363,10 @@ impl MachineInfo {
                 device: crate::sched::cpu_model(),
                 kernels: cpu_kernels(
                     &cpu_flags(),
-                    crate::models::gemm::bf16_kernel(),
+                    (
+                        crate::models::gemm::bf16_kernel(),
+                        crate::models::int8::int8_kernel(),
+                    ),
                     crate::models::gemm::kernel_level(),
                 ),
             },
@@ -408,9 +412,14 @@ fn cpu_flags() -> Vec<String> {
 
 /// The kernels' instruction sets: the f32 GEMM's from the CPU's `flags` (the `gemm` crate picks
 /// AVX-512 or AVX2+FMA at run time), caf's direct 3×3 convolutions' (the same choice, capped by
-/// `CAF_KERNELS`) and caf's bf16 GEMM `bf16` (AMX, AVX-512 BF16 or emulated through the f32
-/// one), naming `level` when `CAF_KERNELS` caps it.
-fn cpu_kernels(flags: &[String], bf16: Bf16Kernel, level: KernelLevel) -> String {
+/// `CAF_KERNELS`), caf's bf16 GEMM `bf16` (AMX, AVX-512 BF16 or emulated through the f32
+/// one) and its int8 GEMM `int8` (AMX, AVX-512 VNNI or emulated), naming `level` when
+/// `CAF_KERNELS` caps it.
+fn cpu_kernels(
+    flags: &[String],
+    (bf16, int8): (Bf16Kernel, Int8Kernel),
+    level: KernelLevel,
+) -> String {
     let has = |f: &str| flags.iter().any(|x| x == f);
     let isa = if has("avx512f") && has("fma") {
         "AVX-512"
@@ -424,7 +433,8 @@ fn cpu_kernels(flags: &[String], bf16: Bf16Kernel, level: KernelLevel) -> String
     } else {
         isa
     };
-    let mut s = format!("f32 GEMM {isa}, direct 3×3 conv {direct}, bf16 GEMM {bf16}");
+    let mut s =
+        format!("f32 GEMM {isa}, direct 3×3 conv {direct}, bf16 GEMM {bf16}, int8 GEMM {int8}");
     match level {
         KernelLevel::Native => {}
         KernelLevel::Avx512 => s.push_str(" (CAF_KERNELS=avx512)"),
@@ -442,6 +452,7 @@ mod machine_tests {
     use super::*;
     use crate::models::gemm::Bf16Kernel::{Amx, Avx512Bf16, Emulated};
     use crate::models::gemm::KernelLevel::{Avx512, Native, Portable};
+    use crate::models::int8::Int8Kernel;
 
     fn flags(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
@@ -451,36 +462,43 @@ mod machine_tests {
     fn kernels_follow_the_cpus_flags() {
         let avx512 = flags("sse2 avx2 fma avx512f avx512_bf16");
         assert_eq!(
-            cpu_kernels(&avx512, Avx512Bf16, Native),
-            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AVX-512 BF16"
+            cpu_kernels(&avx512, (Avx512Bf16, Int8Kernel::Avx512Vnni), Native),
+            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AVX-512 BF16, int8 GEMM \
+             AVX-512 VNNI"
         );
         assert_eq!(
-            cpu_kernels(&avx512, Emulated, Portable),
-            "f32 GEMM AVX-512, direct 3×3 conv scalar/SSE, bf16 GEMM emulated in f32 \
-             (CAF_KERNELS=portable)"
+            cpu_kernels(&avx512, (Emulated, Int8Kernel::Emulated), Portable),
+            "f32 GEMM AVX-512, direct 3×3 conv scalar/SSE, bf16 GEMM emulated in f32, int8 GEMM \
+             emulated in f32 (CAF_KERNELS=portable)"
         );
         assert_eq!(
-            cpu_kernels(&flags("sse2 avx2 fma"), Emulated, Native),
-            "f32 GEMM AVX2+FMA, direct 3×3 conv AVX2+FMA, bf16 GEMM emulated in f32"
+            cpu_kernels(
+                &flags("sse2 avx2 fma"),
+                (Emulated, Int8Kernel::Emulated),
+                Native
+            ),
+            "f32 GEMM AVX2+FMA, direct 3×3 conv AVX2+FMA, bf16 GEMM emulated in f32, int8 GEMM \
+             emulated in f32"
         );
         let amx = flags("avx2 fma avx512f avx512_bf16 amx_tile amx_bf16");
         assert_eq!(
-            cpu_kernels(&amx, Amx, Native),
-            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AMX-BF16"
+            cpu_kernels(&amx, (Amx, Int8Kernel::Amx), Native),
+            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AMX-BF16, int8 GEMM AMX-INT8"
         );
         assert_eq!(
-            cpu_kernels(&amx, Avx512Bf16, Avx512),
-            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AVX-512 BF16 \
-             (CAF_KERNELS=avx512)"
+            cpu_kernels(&amx, (Avx512Bf16, Int8Kernel::Avx512Vnni), Avx512),
+            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AVX-512 BF16, int8 GEMM \
+             AVX-512 VNNI (CAF_KERNELS=avx512)"
         );
         assert_eq!(
-            cpu_kernels(&amx, Avx512Bf16, Native),
-            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AVX-512 BF16; AMX-BF16 present, \
-             but the OS refused the tile state"
+            cpu_kernels(&amx, (Avx512Bf16, Int8Kernel::Avx512Vnni), Native),
+            "f32 GEMM AVX-512, direct 3×3 conv AVX-512, bf16 GEMM AVX-512 BF16, int8 GEMM \
+             AVX-512 VNNI; AMX-BF16 present, but the OS refused the tile state"
         );
         assert_eq!(
-            cpu_kernels(&[], Emulated, Native),
-            "f32 GEMM scalar/SSE, direct 3×3 conv scalar/SSE, bf16 GEMM emulated in f32"
+            cpu_kernels(&[], (Emulated, Int8Kernel::Emulated), Native),
+            "f32 GEMM scalar/SSE, direct 3×3 conv scalar/SSE, bf16 GEMM emulated in f32, int8 GEMM \
+             emulated in f32"
         );
         // This machine's line names its CPU and some GEMM.
         let here = MachineInfo::of(&Device::Cpu).to_string();

@@ -538,8 +538,8 @@ pub struct BenchCertifyArgs {
     pub data_root: PathBuf,
     #[arg(long, default_value_t = 0.25)]
     pub sigma: f64,
-    /// Arithmetic of the fused CPU path (see `caf bench forward --precision`); a bf16 certificate
-    /// is one of the bf16 classifier.
+    /// Arithmetic of the fused CPU path (see `caf bench forward --precision`); a bf16 or int8
+    /// certificate is one of that classifier.
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: caf::models::Precision,
     /// Test images 0, skip, 2·skip, … (`--images` of them).
@@ -622,8 +622,8 @@ pub struct BenchForwardArgs {
     pub seconds: f64,
     #[arg(long, default_value_t = 0.25)]
     pub sigma: f32,
-    /// Arithmetic of the fused CPU path: f32, or bf16 (on AMX tiles or AVX-512 BF16 where the
-    /// CPU has them).
+    /// Arithmetic of the fused CPU path: f32, bf16 (on AMX tiles or AVX-512 BF16 where the
+    /// CPU has them), or int8 (CIFAR ResNets; AMX-INT8 or AVX-512 VNNI).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: caf::models::Precision,
     #[arg(long)]

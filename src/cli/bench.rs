@@ -353,6 +353,13 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
     if f.precision == models::Precision::Bf16 && !models::gemm::bf16_kernel_available() {
         eprintln!("note: this CPU has no AMX or AVX-512 BF16; bf16 runs the emulated (f32) GEMM");
     }
+    if f.precision == models::Precision::Int8
+        && models::int8::int8_kernel() == models::int8::Int8Kernel::Emulated
+    {
+        eprintln!(
+            "note: this CPU has no AMX-INT8 or AVX-512 VNNI; int8 runs the emulated (f32) GEMM"
+        );
+    }
     let size = arch.input_size().or(model.input_size()).unwrap_or(32);
     let report = caf::bench::bench_forward_shaped(
         model.as_ref(),

@@ -35,6 +35,11 @@ pub fn name_of(cell: &Cell, ctx: &PlanContext<'_>) -> Result<String, SpecError> 
     named(cell, ctx).map(|(name, _)| name)
 }
 
+/// The architecture of the cell's backbone.
+pub fn arch_of(cell: &Cell, ctx: &PlanContext<'_>) -> Result<crate::arch::Arch, SpecError> {
+    named(cell, ctx).map(|(_, b)| b.arch)
+}
+
 /// The job that trains the cell's backbone, if the study trains it. The planner adds it to
 /// every cell that names such a backbone (planning it twice gives the same job, kept once).
 pub fn training_of_cell(cell: &Cell, ctx: &mut PlanContext<'_>) -> Result<Option<Job>, SpecError> {

@@ -14,6 +14,7 @@ use super::results::Results;
 use super::slice::{certify_slice, Counted, Procedure, SliceEnd, SliceProgress, SliceRun};
 use super::source::ModelSource;
 use crate::certify::{BetaPrior, SequentialSettings, Settings, Smooth};
+use crate::models::int8::Int8Kernel;
 use crate::models::{Classifier, Precision};
 use crate::plan::{Job, JobBuilder, PlanContext, ProgressUnit};
 use crate::sched::{JobContext, JobError, JobOutput};
@@ -145,12 +146,26 @@ pub const CERTIFY_KEYS: &[&str] = &[
     "certify.stop_if_wrong",
 ];
 
-/// The cell's `precision` (f32 unless the spec says bf16).
+/// The cell's `precision` (f32 unless the spec says bf16 or int8). int8 is defined for the
+/// CIFAR ResNets' convolutions only, so another backbone with it is an error here, at plan time.
 pub fn cell_precision(cell: &Cell, ctx: &PlanContext<'_>) -> Result<Precision, SpecError> {
-    match common::string(cell, ctx, "precision")? {
-        None => Ok(Precision::F32),
-        Some((v, p)) => v.parse().map_err(|e: String| ctx.error_at(p.span, e)),
+    let Some((v, p)) = common::string(cell, ctx, "precision")? else {
+        return Ok(Precision::F32);
+    };
+    let precision: Precision = v.parse().map_err(|e: String| ctx.error_at(p.span, e))?;
+    if precision == Precision::Int8 && cell.params.contains_key("backbone") {
+        let arch = super::backbone::arch_of(cell, ctx)?;
+        if !matches!(arch, crate::arch::Arch::CifarResNet { .. }) {
+            return Err(ctx.error_at(
+                p.span,
+                format!(
+                    "precision int8 runs on CIFAR ResNet backbones only, not on {arch}; use f32 \
+                     or bf16"
+                ),
+            ));
+        }
     }
+    Ok(precision)
 }
 
 /// The certification settings of a cell: the spec's `certify` block, overridden per cell.
@@ -369,8 +384,8 @@ pub fn job(params: CertifyParams, label: String) -> Job {
     .counted_in(unit)
 }
 
-/// Puts `model` in `precision`: the fused CPU path's bf16 GEMM on the CPU, candle's bf16
-/// tensors on the generic path (CUDA).
+/// Puts `model` in `precision`: the fused CPU path's bf16 or int8 GEMM on the CPU, candle's bf16
+/// tensors on the generic path (CUDA; int8 is an error there).
 pub fn set_precision(
     model: &mut dyn Classifier,
     precision: Precision,
@@ -380,8 +395,23 @@ pub fn set_precision(
         return Ok(());
     }
     model.set_precision(precision).map_err(JobError::fatal)?;
-    if crate::models::path::fused(device) && !crate::models::gemm::bf16_kernel_available() {
-        tracing::warn!("this CPU has no AMX or AVX-512 BF16: bf16 runs the emulated (f32) GEMM");
+    let fused = crate::models::path::fused(device);
+    match precision {
+        Precision::Int8 if !fused => {
+            return Err(JobError::fatal(
+                "precision int8 runs on the fused CPU path only: run the job with `--device cpu` \
+                 (and without CAF_GENERIC_PATH), or use f32 or bf16",
+            ))
+        }
+        Precision::Int8 if crate::models::int8::int8_kernel() == Int8Kernel::Emulated => {
+            tracing::warn!(
+                "this CPU has no AMX-INT8 or AVX-512 VNNI: int8 runs the emulated (f32) GEMM"
+            )
+        }
+        Precision::Bf16 if fused && !crate::models::gemm::bf16_kernel_available() => {
+            tracing::warn!("this CPU has no AMX or AVX-512 BF16: bf16 runs the emulated (f32) GEMM")
+        }
+        _ => {}
     }
     Ok(())
 }

@@ -727,12 +727,15 @@ impl Adapter {
         self.normalize
     }
 
-    /// Runs the fused CPU inference path in `precision` from now on.
-    pub fn set_precision(&mut self, precision: Precision) {
-        self.precision = precision;
+    /// Runs the fused CPU inference path in `precision` from now on (a ViT adapter: f32 or
+    /// bf16).
+    pub fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
         if let Some(vit) = &mut self.vit {
+            super::vit::check_precision(precision, "a ViT adapter")?;
             vit.set_precision(precision);
         }
+        self.precision = precision;
+        Ok(())
     }
 
     /// Width d of a(x).
@@ -786,6 +789,7 @@ impl Adapter {
         if super::path::fused(x.device()) && !x.track_op() {
             return Ok(self.forward_fast(x)?.detach());
         }
+        super::resnet::check_generic_precision(self.precision)?;
         let bf16 = !x.track_op() && self.precision == Precision::Bf16;
         Ok(self.forward_candle_in(x, false, bf16)?.detach())
     }
@@ -839,6 +843,9 @@ impl ModuleT for Adapter {
         let no_grad = !train && !x.track_op() && !self.tracks_grad();
         if self.vit.is_none() && no_grad && super::path::fused(x.device()) {
             return self.forward_fast(x);
+        }
+        if no_grad {
+            super::resnet::check_generic_precision(self.precision)?;
         }
         self.forward_candle_in(x, train, no_grad && self.precision == Precision::Bf16)
     }

@@ -11,12 +11,15 @@
 //! [`gemm`] multiplies operands padded so that every tile is full (A to a multiple of 16 rows
 //! and of 16 pairs, B to a multiple of 16 pair rows and 16 columns); C blocks that reach past
 //! the matrix go through a scratch block, so nothing outside C is read or written. [`conv`]
-//! runs a convolution without an im2col (see [`PlaneLayout`]).
+//! runs a convolution without an im2col (see [`PlaneLayout`]), [`conv_i8`] the same in int8
+//! (`tdpbsud`, for `super::int8`).
 //!
 //! Linux gives a process the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 //! XFEATURE_XTILEDATA)`); [`available`] asks once and says no when the kernel refuses, so the
 //! caller falls back to the AVX-512 BF16 kernel. The tile instructions are written in inline
 //! assembly: Rust's AMX intrinsics are not stable.
+
+use super::planes::{group_tiles, pack_planes, PlaneLayout};
 
 /// Rows of a tile (of A and C).
 pub(crate) const TILE_ROWS: usize = 16;
@@ -31,8 +34,20 @@ pub(crate) fn available() -> bool {
     *AVAILABLE.get_or_init(|| cpu_has_amx_bf16() && request_tile_state())
 }
 
+/// Whether this CPU has AMX-INT8 and the OS lets this process use the tiles (asked once).
+pub(crate) fn int8_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| cpu_amx_bits(1 << 25) && request_tile_state())
+}
+
 /// CPUID leaf 7: AMX-BF16 (EDX bit 22) and AMX-TILE (EDX bit 24).
 fn cpu_has_amx_bf16() -> bool {
+    cpu_amx_bits(1 << 22)
+}
+
+/// Whether CPUID leaf 7's EDX has AMX-TILE (bit 24) and every bit of `unit` (AMX-BF16 is bit
+/// 22, AMX-INT8 bit 25).
+fn cpu_amx_bits(unit: u32) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{__cpuid, __cpuid_count};
@@ -44,10 +59,11 @@ fn cpu_has_amx_bf16() -> bool {
             }
             __cpuid_count(7, 0).edx
         };
-        edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+        edx & unit == unit && edx & (1 << 24) != 0
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = unit;
         false
     }
 }
@@ -81,83 +97,6 @@ pub(crate) fn padded(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
-/// How a k×k convolution's input (padding k/2, stride s) is laid out for [`conv`] ("pair
-/// planes"). The zero-padded image is split into s² phase planes (phase (a, b) holds padded rows
-/// s·i + a and columns s·j + b; one phase at stride 1), each `wpp` columns wide; per image and
-/// phase, `pairs` planes (input channels 2q and 2q + 1 as interleaved bf16 pairs; c_in/2 rounded
-/// up, zeros past the channels) `stride` values apart. Outputs are computed at every position of
-/// rows `wpp` wide (`tiles` tiles of 16; the columns past the output width are discarded), so
-/// the input of output position o under tap (ky, kx) is in phase (ky mod s, kx mod s) at
-/// o + ⌊ky/s⌋·wpp + ⌊kx/s⌋: a tile of B is 16 pair planes at one offset, read in place, without
-/// an im2col.
-#[derive(Clone, Copy, Debug)]
-struct PlaneLayout {
-    h: usize,
-    w: usize,
-    k: usize,
-    s: usize,
-    /// Output size.
-    ho: usize,
-    wo: usize,
-    /// Columns of a phase plane.
-    wpp: usize,
-    /// Pair planes per image and phase, a multiple of `step`.
-    pairs: usize,
-    /// Pairs per tile multiply (see [`pair_tiles`]).
-    step: usize,
-    stride: usize,
-    tiles: usize,
-}
-
-/// Pairs per tile multiply and pair planes for `c_in` input channels: whole tiles of 16 pairs,
-/// or one narrower tile when there are fewer (a 16-channel layer's 8 pairs would otherwise
-/// multiply as many zeros as values).
-fn pair_tiles(c_in: usize) -> (usize, usize) {
-    let q = c_in.div_ceil(2);
-    let step = q.min(TILE_PAIRS);
-    (step, padded(q, step))
-}
-
-impl PlaneLayout {
-    fn new(c_in: usize, (h, w): (usize, usize), k: usize, s: usize) -> Self {
-        let pad = k / 2;
-        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
-        let (ho, wo) = ((hp - k) / s + 1, (wp - k) / s + 1);
-        let (hpp, wpp) = (hp.div_ceil(s), wp.div_ceil(s));
-        let tiles = (ho * wpp).div_ceil(TILE_COLS);
-        // The last tile's last output reads ⌊(k − 1)/s⌋·(wpp + 1) past its own position; the
-        // plane must also hold the phase's hpp·wpp values.
-        let reach = tiles * TILE_COLS + ((k - 1) / s) * (wpp + 1);
-        let stride = padded(reach.max(hpp * wpp), TILE_COLS);
-        let (step, pairs) = pair_tiles(c_in);
-        Self {
-            h,
-            w,
-            k,
-            s,
-            ho,
-            wo,
-            wpp,
-            pairs,
-            step,
-            stride,
-            tiles,
-        }
-    }
-
-    /// Output values per channel and image, padded rows included.
-    fn out_values(&self) -> usize {
-        self.tiles * TILE_COLS
-    }
-
-    /// Tap t = (ky, kx): its phase plane's offset among an image's planes and its shift.
-    fn tap(&self, t: usize) -> usize {
-        let (ky, kx, s) = (t / self.k, t % self.k, self.s);
-        let phase = (ky % s) * s + kx % s;
-        phase * self.pairs * self.stride + (ky / s) * self.wpp + kx / s
-    }
-}
-
 /// A convolution's weights for [`conv`]: per kernel tap t = (ky, kx), an A
 /// operand of `c_out` rounded up to 16 rows and [`pair_tiles`]'s pairs, row o pair q
 /// holding bf16(w[o][2q][ky][kx]) | bf16(w[o][2q + 1][ky][kx]) << 16 (zero past the
@@ -165,7 +104,7 @@ impl PlaneLayout {
 pub(crate) fn conv_taps(values: &[f32], c_out: usize, c_in: usize, k: usize) -> Vec<u32> {
     use super::gemm::bf16_bits;
     let (kk, mp) = (k * k, padded(c_out, TILE_ROWS));
-    let qp = pair_tiles(c_in).1;
+    let qp = group_tiles(c_in, 2).1;
     let mut out = vec![0u32; kk * mp * qp];
     for t in 0..kk {
         for o in 0..c_out {
@@ -202,10 +141,10 @@ pub(crate) fn conv(
     x: &[f32],
     out: &mut [f32],
 ) -> bool {
-    let layout = PlaneLayout::new(c_in, (h, w), k, s);
+    let layout = PlaneLayout::new(c_in, 2, (h, w), k, s);
     let mp = padded(c_out, TILE_ROWS);
     let (ho, wo) = (layout.ho, layout.wo);
-    assert!(s >= 1 && taps.len() == k * k * mp * layout.pairs);
+    assert!(s >= 1 && taps.len() == k * k * mp * layout.groups);
     assert!(x.len() >= c_in * g * h * w && out.len() >= c_out * g * ho * wo);
     if !available() {
         return false;
@@ -235,79 +174,59 @@ pub(crate) fn conv(
     true
 }
 
-/// Writes `x` ([c_in, g, h, w] f32) as `layout`'s pair planes into `dst` (resized; zero borders,
-/// zero planes past the channels).
-fn pack_planes(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst: &mut Vec<u32>) {
-    let PlaneLayout {
-        s, pairs, stride, ..
-    } = *layout;
-    dst.clear();
-    dst.resize(g * s * s * pairs * stride, 0);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F.
-        return unsafe { pack_planes_avx512(x, c_in, g, layout, dst) };
-    }
-    pack_planes_body(x, c_in, g, layout, dst)
-}
-
-/// [`pack_planes`]'s conversion compiled for AVX-512 (every CPU with AMX has it).
-///
-/// # Safety
-/// The CPU must have AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_planes_avx512(
-    x: &[f32],
-    c_in: usize,
-    g: usize,
-    layout: &PlaneLayout,
-    dst: &mut [u32],
-) {
-    pack_planes_body(x, c_in, g, layout, dst)
-}
-
-#[inline(always)]
-fn pack_planes_body(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst: &mut [u32]) {
-    use super::gemm::pair_bits;
-    let PlaneLayout {
-        h,
-        w,
-        k,
-        s,
-        wpp,
-        pairs,
-        stride,
-        ..
-    } = *layout;
-    let (hw, pad) = (h * w, k / 2);
-    let zeros = vec![0f32; w];
-    let mut row = vec![0u32; w];
-    for gi in 0..g {
-        for q in 0..c_in.div_ceil(2) {
-            let lo = &x[(2 * q * g + gi) * hw..][..hw];
-            let hi = (2 * q + 1 < c_in).then(|| &x[((2 * q + 1) * g + gi) * hw..][..hw]);
-            for y in 0..h {
-                let hi_row = hi.map_or(&zeros[..], |hi| &hi[y * w..][..w]);
-                // Padded row y + pad is row ⌊(y + pad)/s⌋ of phase row (y + pad) mod s.
-                let (a, i) = ((y + pad) % s, (y + pad) / s);
-                let plane = |b: usize| ((gi * s * s + a * s + b) * pairs + q) * stride + i * wpp;
-                if s == 1 {
-                    pair_bits(&lo[y * w..][..w], hi_row, &mut dst[plane(0) + pad..][..w]);
-                    continue;
-                }
-                pair_bits(&lo[y * w..][..w], hi_row, &mut row);
-                // Padded column x + pad goes to phase column (x + pad) mod s, position ⌊·/s⌋.
-                for b in 0..s {
-                    let first = (s + b - pad % s) % s;
-                    let out = &mut dst[plane(b) + (first + pad) / s..];
-                    for (d, &v) in out.iter_mut().zip(row.iter().skip(first).step_by(s)) {
-                        *d = v;
+/// A convolution's int8 weights for [`conv_i8`] and the VNNI convolution: per kernel tap
+/// t = (ky, kx), `c_out` rounded up to 16 rows of [`group_tiles`]`(c_in, 4)` groups, row o group
+/// q holding the signed bytes of w_q[o][4q + l][ky][kx] in byte l (zero past the channels).
+/// `q` is [c_out, c_in·k·k] in PyTorch's (c, ky, kx) order.
+pub(crate) fn conv_taps_i8(q: &[i8], c_out: usize, c_in: usize, k: usize) -> Vec<u32> {
+    let (kk, mp) = (k * k, padded(c_out, TILE_ROWS));
+    let qp = group_tiles(c_in, 4).1;
+    let mut out = vec![0u32; kk * mp * qp];
+    for t in 0..kk {
+        for o in 0..c_out {
+            let row = &q[o * c_in * kk..][..c_in * kk];
+            let dst = &mut out[(t * mp + o) * qp..][..qp];
+            for (g, d) in dst.iter_mut().enumerate().take(c_in.div_ceil(4)) {
+                let byte = |l: usize| {
+                    let c = 4 * g + l;
+                    if c < c_in {
+                        u32::from(row[c * kk + t] as u8) << (8 * l)
+                    } else {
+                        0
                     }
-                }
+                };
+                *d = byte(0) | byte(1) | byte(2) | byte(3);
             }
         }
     }
+    out
+}
+
+/// `tmp` ([mp rows, g images × `layout.out_values()`], every value written) = the i32 sums
+/// Σ_taps Σ_groups A_tap · B_tap of a convolution on AMX-INT8 tiles: `taps` as
+/// [`conv_taps_i8`] writes them, `planes` as `planes::pack_planes_i8` writes them (unsigned
+/// bytes). Returns false, computing nothing, when AMX-INT8 is not available.
+pub(crate) fn conv_i8(
+    taps: &[u32],
+    mp: usize,
+    g: usize,
+    layout: &PlaneLayout,
+    planes: &[u32],
+    tmp: &mut [i32],
+) -> bool {
+    let kk = layout.k * layout.k;
+    assert!(taps.len() >= kk * mp * layout.groups && mp.is_multiple_of(TILE_ROWS));
+    assert!(planes.len() >= g * layout.s * layout.s * layout.groups * layout.stride);
+    assert!(tmp.len() >= mp * g * layout.out_values());
+    if !int8_available() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AMX-INT8 is available; the operands have the sizes asserted above.
+    unsafe {
+        kernel::conv::<i32>(mp, g, layout, taps, planes, tmp)
+    };
+    true
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -366,8 +285,29 @@ mod kernel {
         };
     }
 
+    macro_rules! tile_dot_i8 {
+        ($c:literal, $a:literal, $b:literal) => {
+            asm!(
+                concat!("tdpbsud tmm", $c, ", tmm", $a, ", tmm", $b),
+                options(nostack, nomem, preserves_flags)
+            )
+        };
+    }
+
+    /// What a C tile sums: f32 (`tdpbf16ps` of bf16 pairs) or i32 (`tdpbsud` of signed by
+    /// unsigned bytes).
+    pub(crate) trait TileSum: Copy {
+        const INT8: bool;
+    }
+    impl TileSum for f32 {
+        const INT8: bool = false;
+    }
+    impl TileSum for i32 {
+        const INT8: bool = true;
+    }
+
     /// Where a C tile lives during a block: in C itself, or in a scratch block when the tile
-    /// reaches past C's rows or columns.
+    /// reaches past C's rows or columns (a C tile's 16 × 16 sums, f32 or i32; see [`TileSum`]).
     struct CTile {
         ptr: *mut f32,
         stride: usize,
@@ -481,7 +421,7 @@ mod kernel {
                 }
                 let (b_j0, ldb) = b_at(j0);
                 let steps = (0..k2p).step_by(TILE_PAIRS).map(|p| (p, p * ldb));
-                block(
+                block::<f32>(
                     (mt, nt),
                     &tiles,
                     true,
@@ -503,22 +443,24 @@ mod kernel {
         asm!("tilerelease", options(nostack, nomem, preserves_flags));
     }
 
-    /// The tile loop of [`conv`](super::conv): `tmp` ([mp rows, g images × tiles · 16
-    /// padded-row outputs]) = Σ over taps and pair tiles of A_tap · B_tap.
+    /// The tile loop of [`conv`](super::conv) and [`conv_i8`](super::conv_i8): `tmp` ([mp rows,
+    /// g images × tiles · 16 padded-row outputs]) = Σ over taps and group tiles of A_tap · B_tap,
+    /// in f32 from bf16 pairs (`T` = f32) or in i32 from signed × unsigned bytes (`T` = i32).
     ///
     /// # Safety
-    /// [`available`](super::available) must have returned true; `taps` holds k·k taps of `mp`
-    /// rows of `layout.pairs` pairs, `planes` g·s²·pairs planes of `layout.stride` values and
-    /// `tmp` mp·g·tiles·16 values.
-    pub(super) unsafe fn conv(
+    /// [`available`](super::available) (bf16) or [`int8_available`](super::int8_available)
+    /// (int8) must have returned true; `taps` holds k·k taps of `mp` rows of `layout.groups`
+    /// groups, `planes` g·s²·groups planes of `layout.stride` values and `tmp` mp·g·tiles·16
+    /// values.
+    pub(super) unsafe fn conv<T: TileSum>(
         mp: usize,
         g: usize,
         layout: &super::PlaneLayout,
         taps: &[u32],
         planes: &[u32],
-        tmp: &mut [f32],
+        tmp: &mut [T],
     ) {
-        let (k, qp, stride, step) = (layout.k, layout.pairs, layout.stride, layout.step);
+        let (k, qp, stride, step) = (layout.k, layout.groups, layout.stride, layout.step);
         let image = layout.s * layout.s * qp * stride;
         let plane_out = layout.out_values();
         let ld = g * plane_out;
@@ -557,12 +499,12 @@ mod kernel {
                             0
                         };
                         CTile {
-                            ptr: tmp.as_mut_ptr().add(at),
+                            ptr: tmp.as_mut_ptr().add(at).cast(),
                             stride: ld * 4,
                             partial: None,
                         }
                     });
-                    block(
+                    block::<T>(
                         (mt, nt),
                         &tiles,
                         false,
@@ -587,7 +529,7 @@ mod kernel {
     /// strides; every step's tiles lie inside A and B.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block(
+    unsafe fn block<T: TileSum>(
         (mt, nt): (usize, usize),
         tiles: &[CTile; 4],
         load_c: bool,
@@ -621,16 +563,32 @@ mod kernel {
         for (da, db) in steps {
             tile_load!("4", a.add(da), a_bytes);
             tile_load!("6", b.add(db), b_bytes);
-            tile_dot!("0", "4", "6");
+            if T::INT8 {
+                tile_dot_i8!("0", "4", "6");
+            } else {
+                tile_dot!("0", "4", "6");
+            }
             if nt == 2 {
                 tile_load!("7", b1.add(db), b_bytes);
-                tile_dot!("1", "4", "7");
+                if T::INT8 {
+                    tile_dot_i8!("1", "4", "7");
+                } else {
+                    tile_dot!("1", "4", "7");
+                }
             }
             if mt == 2 {
                 tile_load!("5", a1.add(da), a_bytes);
-                tile_dot!("2", "5", "6");
+                if T::INT8 {
+                    tile_dot_i8!("2", "5", "6");
+                } else {
+                    tile_dot!("2", "5", "6");
+                }
                 if nt == 2 {
-                    tile_dot!("3", "5", "7");
+                    if T::INT8 {
+                        tile_dot_i8!("3", "5", "7");
+                    } else {
+                        tile_dot!("3", "5", "7");
+                    }
                 }
             }
         }

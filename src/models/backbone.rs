@@ -155,10 +155,7 @@ impl Classifier for Backbone {
                 m.set_precision(precision);
                 Ok(())
             }
-            Backbone::Vit(m) => {
-                m.set_precision(precision);
-                Ok(())
-            }
+            Backbone::Vit(m) => m.set_precision(precision),
             Backbone::ResNet50(m) => m.set_precision(precision),
             Backbone::Onnx(m) => m.set_precision(precision),
         }

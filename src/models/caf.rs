@@ -217,8 +217,7 @@ impl Classifier for CafModel {
 
     fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
         Classifier::set_precision(&mut self.backbone, precision)?;
-        self.adapter.set_precision(precision);
-        Ok(())
+        self.adapter.set_precision(precision)
     }
 }
 
@@ -425,7 +424,7 @@ impl FusedCaf {
     pub fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
         Classifier::set_precision(&mut self.backbone, precision)?;
         for (adapter, _) in &mut self.members {
-            adapter.set_precision(precision);
+            adapter.set_precision(precision)?;
         }
         Ok(())
     }

@@ -72,6 +72,9 @@ impl FoldedConv {
     /// `out += conv(x)` for a group of `g` images stored channel-major: `x` is [c_in, g, h, w],
     /// `out` is [c_out, g, ho, wo], so one GEMM covers the whole group.
     pub(crate) fn accumulate(&self, x: &[f32], g: usize, (h, w): (usize, usize), out: &mut [f32]) {
+        if let Some(q) = self.weight.int8() {
+            return q.conv(x, (self.c_in, self.k, self.stride), g, (h, w), out);
+        }
         let (ho, wo) = self.out_size((h, w));
         let n = g * ho * wo;
         if self.k == 1 && self.stride == 1 {

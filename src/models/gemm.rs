@@ -9,6 +9,7 @@
 //! network; the store and the report say which one ran.
 
 use super::amx;
+use super::int8::Int8Weight;
 use super::precision::Precision;
 
 /// Environment variable that caps caf's own instruction-set-specific CPU kernels, for the whole
@@ -176,6 +177,8 @@ pub(crate) struct GemmWeight {
     /// f32 only, built on first use: the weights as the direct 3×3 kernels read them
     /// (`direct::pack_weight`).
     direct: std::sync::OnceLock<Vec<f32>>,
+    /// int8 only: the weights quantised per row (the convolution runs `super::int8`).
+    int8: Option<Box<Int8Weight>>,
 }
 
 impl GemmWeight {
@@ -185,6 +188,16 @@ impl GemmWeight {
             Precision::F32 => Self {
                 m,
                 k,
+                values,
+                pairs: None,
+                taps: std::sync::OnceLock::new(),
+                direct: std::sync::OnceLock::new(),
+                int8: None,
+            },
+            Precision::Int8 => Self {
+                m,
+                k,
+                int8: Some(Box::new(Int8Weight::new(&values, m, k))),
                 values,
                 pairs: None,
                 taps: std::sync::OnceLock::new(),
@@ -207,6 +220,7 @@ impl GemmWeight {
                     pairs: Some(pairs),
                     taps: std::sync::OnceLock::new(),
                     direct: std::sync::OnceLock::new(),
+                    int8: None,
                 }
             }
         }
@@ -214,6 +228,10 @@ impl GemmWeight {
 
     /// `c[m×n] += self · b[k×n]` in this weight's precision.
     pub(crate) fn accumulate(&self, n: usize, b: &[f32], c: &mut [f32]) {
+        debug_assert!(
+            self.int8.is_none(),
+            "int8 weights run int8::Int8Weight::conv"
+        );
         let k = self.k;
         if self.pairs.is_none() {
             return gemm_accumulate(self.m, n, k, &self.values, b, c);
@@ -259,9 +277,14 @@ impl GemmWeight {
         });
     }
 
-    /// Whether this weight runs in f32 (not bf16).
+    /// Whether this weight runs in f32 (not bf16 or int8).
     pub(crate) fn is_f32(&self) -> bool {
-        self.pairs.is_none()
+        self.pairs.is_none() && self.int8.is_none()
+    }
+
+    /// The quantised weight, when this weight runs in int8.
+    pub(crate) fn int8(&self) -> Option<&Int8Weight> {
+        self.int8.as_deref()
     }
 
     /// Whether this weight's GEMMs run on AMX tiles now (bf16, and AMX in use).
@@ -776,11 +799,13 @@ pub(super) mod tests {
     fn precision_parses_and_prints() {
         assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
         assert_eq!("f32".parse::<Precision>(), Ok(Precision::F32));
+        assert_eq!("int8".parse::<Precision>(), Ok(Precision::Int8));
         assert!("fp16"
             .parse::<Precision>()
             .unwrap_err()
-            .contains("f32 or bf16"));
+            .contains("f32, bf16 or int8"));
         assert_eq!(Precision::Bf16.to_string(), "bf16");
+        assert_eq!(Precision::Int8.to_string(), "int8");
         assert_eq!(
             serde_json::to_string(&Precision::Bf16).ok().as_deref(),
             Some("\"bf16\"")

@@ -36,11 +36,13 @@ mod gelu;
 pub mod gemm;
 mod im2col;
 pub mod init;
+pub mod int8;
 mod lanes;
 mod linear;
 pub mod onnx;
 pub mod path;
 mod pickle;
+mod planes;
 mod pointwise;
 mod precision;
 pub mod relu;
@@ -128,13 +130,16 @@ pub trait Classifier: Send + Sync {
     }
 
     /// Runs [`logits`](Classifier::logits) in `precision` from now on. Only CIFAR ResNets, ViTs
-    /// and CAF models on them have a bf16 mode; the others accept f32 only.
+    /// and CAF models on them have a bf16 mode, and only CIFAR ResNets and convolutional
+    /// adapters an int8 mode; the others accept f32 only.
     fn set_precision(&mut self, precision: Precision) -> Result<(), ModelError> {
         match precision {
             Precision::F32 => Ok(()),
             other => Err(ModelError::Invalid {
                 context: format!("precision {other}"),
-                message: "only CIFAR ResNets, ViTs and CAF models on them run in bf16".to_string(),
+                message: "only CIFAR ResNets (bf16, int8), ViTs (bf16) and CAF models on them \
+                          run in another precision than f32"
+                    .to_string(),
             }),
         }
     }

@@ -10,6 +10,9 @@ pub enum Precision {
     #[default]
     F32,
     Bf16,
+    /// 8-bit weights and activations with exact integer sums (CIFAR ResNets and their
+    /// convolutional adapters on the CPU; see `int8.rs`).
+    Int8,
 }
 
 impl Precision {
@@ -21,6 +24,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
         }
     }
 }
@@ -37,7 +41,10 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
-            other => Err(format!("expected precision f32 or bf16, found `{other}`")),
+            "int8" => Ok(Precision::Int8),
+            other => Err(format!(
+                "expected precision f32, bf16 or int8, found `{other}`"
+            )),
         }
     }
 }

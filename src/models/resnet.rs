@@ -208,6 +208,9 @@ impl CifarResNet {
         if no_grad && super::path::fused(x.device()) {
             return self.features_fast(x);
         }
+        if no_grad {
+            check_generic_precision(self.precision)?;
+        }
         if no_grad && self.precision == Precision::Bf16 {
             return self.features_candle_bf16(x);
         }
@@ -364,4 +367,17 @@ impl Classifier for CifarResNet {
         CifarResNet::set_precision(self, precision);
         Ok(())
     }
+}
+
+/// Whether eval mode can run `precision` on candle's generic ops (another device than the CPU,
+/// or `CAF_GENERIC_PATH`): int8 exists on the fused CPU path only, and silently running f32
+/// instead would certify another classifier than the job names.
+pub(crate) fn check_generic_precision(precision: Precision) -> Result<()> {
+    if precision == Precision::Int8 {
+        candle_core::bail!(
+            "precision int8 runs on the fused CPU path only (not on a GPU, nor under \
+             CAF_GENERIC_PATH); use f32 or bf16 there"
+        )
+    }
+    Ok(())
 }

@@ -814,3 +814,55 @@ fn bf16_path_runs_the_rounded_network() {
     let d = max_abs_diff(&model.features(&x).expect("f32"), &reference);
     assert!(d < 1e-4);
 }
+
+#[test]
+fn int8_path_runs_the_quantised_network_with_the_same_bits_on_every_kernel() {
+    use super::gemm::KernelLevel;
+    use super::int8::{best_int8_kernel, cap_kernel, Int8Kernel};
+    let dev = Device::Cpu;
+    let model = super::test_resnet20();
+    let data = exact100();
+    let idx: Vec<usize> = (0..100).collect();
+    let x = data.batch_tensor(&idx, &dev).expect("batch");
+    let full = model.logits(&x).expect("f32");
+    let mut int8 = model.clone();
+    int8.set_precision(Precision::Int8);
+    let quantised = int8.logits(&x).expect("int8");
+    let d = max_abs_diff(&full, &quantised);
+    let scale = flat(&full).iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        d > 0.0,
+        "int8 logits are bitwise the f32 ones: the flag did nothing"
+    );
+    assert!(d / scale < 0.1, "int8 logits differ by {d} (scale {scale})");
+    let argmax =
+        |t: &Tensor| -> Vec<u32> { t.argmax(1).and_then(|a| a.to_vec1()).expect("argmax") };
+    let agree = argmax(&full)
+        .iter()
+        .zip(argmax(&quantised))
+        .filter(|(a, b)| **a == *b)
+        .count();
+    assert!(
+        agree >= 95,
+        "int8 and f32 agree on only {agree}/100 predictions"
+    );
+    // The sums are exact integers, so every kernel gives the same logits, bit for bit.
+    let best = best_int8_kernel(KernelLevel::Native);
+    for kernel in [Int8Kernel::Emulated, Int8Kernel::Avx512Vnni] {
+        if kernel >= best {
+            continue;
+        }
+        cap_kernel(Some(kernel));
+        let other = int8.logits(&x);
+        cap_kernel(None);
+        let other = flat(&other.expect("capped kernel"));
+        let same = other
+            .iter()
+            .zip(flat(&quantised))
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{kernel} int8 logits differ from {best}'s");
+    }
+    // int8 exists on the fused CPU path only: the generic path says so rather than run f32.
+    let err = super::path::with_generic_path(|| int8.logits(&x)).expect_err("generic int8");
+    assert!(err.to_string().contains("int8"), "{err}");
+}

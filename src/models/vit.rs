@@ -35,7 +35,7 @@ use super::precision::Precision;
 use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder};
 
 use super::resnet::{check_input, InputNorm};
-use super::{Classifier, Normalize, VitName};
+use super::{Classifier, ModelError, Normalize, VitName};
 
 /// timm's LayerNorm epsilon for ViTs.
 const LN_EPS: f64 = 1e-6;
@@ -168,10 +168,8 @@ impl Dense {
     }
 
     fn set_precision(&mut self, precision: Precision) {
-        self.bf16 = match precision {
-            Precision::F32 => None,
-            Precision::Bf16 => Some(Arc::new(OnceLock::new())),
-        };
+        // int8 never gets here: `check_precision` refuses it first.
+        self.bf16 = (precision == Precision::Bf16).then(|| Arc::new(OnceLock::new()));
     }
 
     /// The bf16 packing of the weight (made on first use).
@@ -496,6 +494,23 @@ impl Block {
     }
 }
 
+/// Whether a ViT (`what`: a backbone or an adapter) can run in `precision`: f32 and bf16.
+pub(crate) fn check_precision(
+    precision: Precision,
+    what: &str,
+) -> std::result::Result<(), ModelError> {
+    if precision == Precision::Int8 {
+        return Err(ModelError::Invalid {
+            context: "precision int8".to_string(),
+            message: format!(
+                "{what} runs in f32 or bf16; int8 is for CIFAR ResNets and convolutional \
+                 adapters on them"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Puts the linear layers of a ViT encoder (a backbone's or an adapter's) in `precision`.
 fn set_encoder_precision(patch_embed: &mut PatchEmbed, blocks: &mut [Block], precision: Precision) {
     patch_embed.proj.set_precision(precision);
@@ -670,9 +685,12 @@ impl VisionTransformer {
             || self.head.weight().track_op()
     }
 
-    /// Runs the encoder's linear layers in `precision` from now on (module docs).
-    pub fn set_precision(&mut self, precision: Precision) {
-        set_encoder_precision(&mut self.patch_embed, &mut self.blocks, precision)
+    /// Runs the encoder's linear layers in `precision` from now on (module docs); int8 is an
+    /// error (it is defined for convolutions only).
+    pub fn set_precision(&mut self, precision: Precision) -> std::result::Result<(), ModelError> {
+        check_precision(precision, "a ViT")?;
+        set_encoder_precision(&mut self.patch_embed, &mut self.blocks, precision);
+        Ok(())
     }
 
     /// The arithmetic of the encoder's linear layers.
@@ -717,8 +735,7 @@ impl Classifier for VisionTransformer {
         &mut self,
         precision: Precision,
     ) -> std::result::Result<(), super::ModelError> {
-        VisionTransformer::set_precision(self, precision);
-        Ok(())
+        VisionTransformer::set_precision(self, precision)
     }
 }
 

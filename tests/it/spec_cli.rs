@@ -246,12 +246,22 @@ fn precision_is_a_per_job_flag() {
     let md = std::fs::read_to_string(dir.join("r/report.md")).unwrap();
     assert!(md.contains("ran the classifier in bf16"), "{md}");
 
+    // int8: its own jobs, recorded and named the same way.
+    dir.write("q.yaml", &with("int8"));
+    let q = certify_job("q.yaml");
+    assert_eq!(q["params"]["precision"], "int8");
+    assert!(q["id"] != f["id"] && q["id"] != b["id"]);
+    ok(&dir.run(&["run", "q.yaml", "-q", "--db", "q.db"]));
+    ok(&dir.run(&["report", "--db", "q.db", "--out", "rq"]));
+    let md = std::fs::read_to_string(dir.join("rq/report.md")).unwrap();
+    assert!(md.contains("ran the classifier in int8"), "{md}");
+
     dir.write("bad.yaml", &with("fp16"));
     let out = dir.run(&["plan", "bad.yaml"]);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(
-        err.contains("bad.yaml:23:16") && err.contains("expected precision f32 or bf16"),
+        err.contains("bad.yaml:23:16") && err.contains("expected precision f32, bf16 or int8"),
         "{err}"
     );
 

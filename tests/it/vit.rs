@@ -346,3 +346,23 @@ fn bench_train_step_runs_on_a_cifar_vit() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("CIFAR ResNet or a ViT"));
 }
+
+/// int8 is defined for the CIFAR ResNets' convolutions: a ViT cell asking for it is a located
+/// plan error, before anything runs.
+#[test]
+fn int8_on_a_vit_is_a_plan_error() {
+    let dir = Dir::new();
+    let weights = vit_weights(&dir);
+    let spec = vit_spec(
+        &weights,
+        "  params: {backbone: vit, method: smooth, sigma: 0.25, precision: int8}\n",
+    );
+    dir.write("q.yaml", &spec);
+    let out = dir.run(&["plan", "q.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("q.yaml:13:") && err.contains("int8 runs on CIFAR ResNet backbones only"),
+        "{err}"
+    );
+}

@@ -26,12 +26,15 @@ pub(crate) fn reproducibility_section(study: &StudyData, opts: &Options) -> Sect
             best_columns: Vec::new(),
         },
     ));
-    let bf16: Vec<String> = study
-        .cert
-        .iter()
-        .filter(|c| c.precision != "f32")
-        .map(|c| c.job.to_string())
-        .collect();
+    let jobs_in = |precision: &str| -> Vec<String> {
+        study
+            .cert
+            .iter()
+            .filter(|c| c.precision == precision)
+            .map(|c| c.job.to_string())
+            .collect()
+    };
+    let bf16 = jobs_in("bf16");
     if !bf16.is_empty() {
         sec.notes.push(format!(
             "{} certification job(s) ran the classifier in bf16 ({}): weights and activations \
@@ -40,6 +43,18 @@ pub(crate) fn reproducibility_section(study: &StudyData, opts: &Options) -> Sect
              not certificates of the f32 network.",
             bf16.len(),
             bf16.join(", ")
+        ));
+    }
+    let int8 = jobs_in("int8");
+    if !int8.is_empty() {
+        sec.notes.push(format!(
+            "{} certification job(s) ran the classifier in int8 ({}): every convolution's \
+             weights quantised per output channel and its input per image (symmetric, 127 \
+             steps each side, the image's own largest value), exact integer sums, f32 scaling, \
+             bias, ReLU and pooling. Their certificates are exact for that int8 classifier, \
+             which is the one that was evaluated; they are not certificates of the f32 network.",
+            int8.len(),
+            int8.join(", ")
         ));
     }
     let rows = study

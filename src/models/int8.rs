@@ -1,0 +1,761 @@
+//! `precision: int8`: the fused convolutions with 8-bit weights and activations, sums exact in
+//! 32-bit integers.
+//!
+//! The classifier an int8 certificate is exact for: each convolution (BatchNorm folded) keeps
+//! its bias, shortcut, ReLU and pooling in f32, and computes its product from
+//! - its weight quantised per output channel c: `w_q = round(w · 127 / m_c)`, `m_c = max |w[c]|`;
+//! - its input quantised per image: `x_q = round(x · 127 / m_x)` clamped to ±127, `m_x` the
+//!   largest |value| of that image's input to this layer (zero padding stays 0);
+//!
+//! as `y[c, j] += (Σ_t w_q[c, t] · x_q[t, j]) · (m_c / 127 · m_x / 127)` (rounding to nearest
+//! even; the products of the scales in f32, in this order). The scales are the image's own, so
+//! the classifier is a fixed function of one input, as randomized smoothing needs (a scale over
+//! a batch would make an image's class depend on its batch-mates), and needs no calibration
+//! set. A k-tap sum is at most k · 127 · 127 in magnitude, exact in i32 for any convolution
+//! here, so every kernel ([`Int8Kernel`]) gives the same integers, and every kernel the same
+//! output bits: the quantisation and the scaling are one shared code path.
+//!
+//! AMX and AVX-512 VNNI read the input in place from `planes`' group planes (no im2col): four
+//! channels' bytes per u32, offset to unsigned `x_q + 128` (`tdpbsud` and `vpdpbusd` multiply
+//! signed by unsigned bytes), and `128 · Σ_t w_q[c, t]` subtracted from row c's sums. The
+//! emulated kernel multiplies the integers as f32 (exact, see [`EXACT_TAPS`]).
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use super::amx::{self, padded};
+use super::gemm::{kernel_level, KernelLevel};
+use super::planes::{pack_planes_i8, PlaneLayout};
+
+/// The largest quantised magnitude: symmetric, so −128 is never used.
+const QMAX: f32 = 127.0;
+
+/// The offset that turns a quantised input into the unsigned byte the kernels multiply.
+const OFFSET: i32 = 128;
+
+/// Rows the kernels compute at once (an AMX tile's; the VNNI kernel takes 4 of them at a time).
+const ROWS: usize = 16;
+
+/// Outputs per AMX tile column block and per AVX-512 vector.
+const COLS: usize = 16;
+
+/// Which kernel computes the int8 products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Int8Kernel {
+    /// The f32 GEMM over the integer-valued operands, in slices of K short enough that every
+    /// partial sum is an integer below 2²⁴, so exact (any CPU).
+    Emulated,
+    /// `vpdpbusd` (AVX-512 VNNI).
+    Avx512Vnni,
+    /// `tdpbsud` on AMX tiles.
+    Amx,
+}
+
+impl std::fmt::Display for Int8Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Emulated => "emulated in f32",
+            Self::Avx512Vnni => "AVX-512 VNNI",
+            Self::Amx => "AMX-INT8",
+        })
+    }
+}
+
+/// Whether this CPU has the AVX-512 VNNI kernel's instructions.
+fn cpu_has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The best int8 kernel this CPU has at `level` (`CAF_KERNELS`, see
+/// [`KERNELS_ENV`](super::gemm::KERNELS_ENV)).
+pub fn best_int8_kernel(level: KernelLevel) -> Int8Kernel {
+    if level >= KernelLevel::Native && amx::int8_available() {
+        Int8Kernel::Amx
+    } else if level >= KernelLevel::Avx512 && cpu_has_vnni() {
+        Int8Kernel::Avx512Vnni
+    } else {
+        Int8Kernel::Emulated
+    }
+}
+
+/// The int8 kernel this process uses: the best the CPU has, capped by `CAF_KERNELS`.
+pub fn int8_kernel() -> Int8Kernel {
+    best_int8_kernel(kernel_level())
+}
+
+/// The kernel the int8 products run now: [`int8_kernel`], under a test's cap.
+fn kernel_in_use() -> Int8Kernel {
+    #[cfg(test)]
+    {
+        use std::sync::atomic::Ordering;
+        let capped = match FORCE_KERNEL.load(Ordering::Relaxed) {
+            0 => Int8Kernel::Emulated,
+            1 => Int8Kernel::Avx512Vnni,
+            _ => Int8Kernel::Amx,
+        };
+        int8_kernel().min(capped)
+    }
+    #[cfg(not(test))]
+    {
+        int8_kernel()
+    }
+}
+
+/// Tests compare the kernels inside whole networks: the int8 products use at most the kernel
+/// whose discriminant this holds (`u8::MAX`: no cap). The kernels give the same bits, so a test
+/// running meanwhile under the cap computes the same results.
+#[cfg(test)]
+static FORCE_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Caps the int8 kernel of this test process at `cap` (`None` lifts the cap).
+#[cfg(test)]
+pub(crate) fn cap_kernel(cap: Option<Int8Kernel>) {
+    let v = cap.map_or(u8::MAX, |k| k as u8);
+    FORCE_KERNEL.store(v, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `v · inv` clamped to ±127 and rounded to the nearest integer, ties to even (a NaN gives
+/// −127). Adding and subtracting 1.5 · 2²³ rounds in f32's own rounding mode, so this
+/// vectorises on every CPU (`round_ties_even` is a libm call without SSE4.1).
+#[inline(always)]
+pub(crate) fn quantise(v: f32, inv: f32) -> i8 {
+    const ROUND: f32 = 12_582_912.0;
+    // Not `clamp`: it keeps a NaN, where max/min give −127 as the vector code's `vmaxps` does.
+    #[allow(clippy::manual_clamp)]
+    let c = (v * inv).max(-QMAX).min(QMAX);
+    ((c + ROUND) - ROUND) as i8
+}
+
+/// The scale of values whose largest magnitude is `max`: (multiplier into the quantised range,
+/// the step one quantised unit stands for). All zeros quantise to zeros with step 0.
+fn scales(max: f32) -> (f32, f32) {
+    if max > 0.0 && max.is_finite() {
+        (QMAX / max, max / QMAX)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// The largest |value| (NaNs ignored; 0 for none). A maximum is exact, so the AVX-512 path
+/// gives the same value as the scalar one.
+fn max_abs(values: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::simd_level() == super::simd::SimdLevel::Avx512 {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { max_abs_avx512(values) };
+    }
+    values.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// [`max_abs`] 16 lanes at a time (`vmaxps` returns its second operand, the running maximum,
+/// for a NaN, as `f32::max` does).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_abs_avx512(values: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut m = _mm512_setzero_ps();
+    let chunks = values.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(c.as_ptr())), m);
+    }
+    rest.iter()
+        .fold(_mm512_reduce_max_ps(m), |m, v| m.max(v.abs()))
+}
+
+/// A convolution's folded weight [m, k] quantised per row, as the kernels read it.
+#[derive(Clone, Debug)]
+pub(crate) struct Int8Weight {
+    m: usize,
+    k: usize,
+    /// [m, k] row-major, PyTorch's (c, ky, kx) order within a row.
+    q: Vec<i8>,
+    /// The step of each row.
+    step: Vec<f32>,
+    /// Σ_t q[c, t] per row: what the unsigned offset adds to row c's sums.
+    row_sum: Vec<i32>,
+    /// Built on first use: the weights as the plane kernels read them (`amx::conv_taps_i8`).
+    taps: OnceLock<Vec<u32>>,
+}
+
+impl Int8Weight {
+    pub(crate) fn new(values: &[f32], m: usize, k: usize) -> Self {
+        debug_assert_eq!(values.len(), m * k);
+        let mut q = vec![0i8; m * k];
+        let mut step = Vec::with_capacity(m);
+        let mut row_sum = Vec::with_capacity(m);
+        for (row, dst) in values.chunks_exact(k).zip(q.chunks_exact_mut(k)) {
+            let (inv, s) = scales(max_abs(row));
+            for (d, &v) in dst.iter_mut().zip(row) {
+                *d = quantise(v, inv);
+            }
+            step.push(s);
+            row_sum.push(dst.iter().map(|&v| i32::from(v)).sum());
+        }
+        Self {
+            m,
+            k,
+            q,
+            step,
+            row_sum,
+            taps: OnceLock::new(),
+        }
+    }
+
+    /// The quantised weight of row c, tap t (for tests and the reference).
+    #[cfg(test)]
+    fn at(&self, c: usize, t: usize) -> i8 {
+        self.q[c * self.k + t]
+    }
+
+    /// `out[c_out, g, ho, wo] += conv(x)` for `g` images stored channel-major (`x` is
+    /// [c_in, g, h, w]): a k×k convolution with padding k/2 at `stride` (module docs).
+    pub(crate) fn conv(
+        &self,
+        x: &[f32],
+        shape: (usize, usize, usize),
+        g: usize,
+        hw: (usize, usize),
+        out: &mut [f32],
+    ) {
+        self.conv_with(kernel_in_use(), x, shape, g, hw, out)
+    }
+
+    fn conv_with(
+        &self,
+        kernel: Int8Kernel,
+        x: &[f32],
+        (c_in, k, stride): (usize, usize, usize),
+        g: usize,
+        (h, w): (usize, usize),
+        out: &mut [f32],
+    ) {
+        assert_eq!(c_in * k * k, self.k, "int8 convolution shape");
+        assert!(
+            kernel <= best_int8_kernel(KernelLevel::Native),
+            "{kernel} kernel requested on a CPU without it"
+        );
+        let plane = h * w;
+        assert!(x.len() >= c_in * g * plane, "int8 convolution input");
+        let layout = PlaneLayout::new(c_in, 4, (h, w), k, stride);
+        let (ho, wo) = (layout.ho, layout.wo);
+        assert!(out.len() >= self.m * g * ho * wo, "int8 convolution output");
+        SCRATCH.with_borrow_mut(|s| {
+            // Each image's scale, from its own input to this layer.
+            s.inv.clear();
+            s.steps.clear();
+            for gi in 0..g {
+                let max = (0..c_in).fold(0f32, |m, c| {
+                    m.max(max_abs(&x[(c * g + gi) * plane..][..plane]))
+                });
+                let (inv, step) = scales(max);
+                s.inv.push(inv);
+                s.steps.push(step);
+            }
+            let mp = padded(self.m, ROWS);
+            let sums = match kernel {
+                Int8Kernel::Emulated => {
+                    let n = g * ho * wo;
+                    self.emulated(x, (c_in, k, stride), g, (h, w), &s.inv, &mut s.acc);
+                    Sums {
+                        ld: n,
+                        image: ho * wo,
+                        pitch: wo,
+                        offset: 0,
+                    }
+                }
+                _ => {
+                    let taps = self
+                        .taps
+                        .get_or_init(|| amx::conv_taps_i8(&self.q, self.m, c_in, k));
+                    pack_planes_i8(x, c_in, g, &layout, &s.inv, &mut s.planes);
+                    let ld = g * layout.out_values();
+                    s.acc.clear();
+                    s.acc.resize(mp * ld, 0);
+                    let done = match kernel {
+                        Int8Kernel::Amx => {
+                            amx::conv_i8(taps, mp, g, &layout, &s.planes, &mut s.acc)
+                        }
+                        _ => vnni::conv(taps, mp, g, &layout, &s.planes, &mut s.acc),
+                    };
+                    assert!(done, "{kernel} kernel unavailable");
+                    Sums {
+                        ld,
+                        image: layout.out_values(),
+                        pitch: layout.wpp,
+                        offset: OFFSET,
+                    }
+                }
+            };
+            self.dequantise(&s.acc, &sums, &s.steps, (ho, wo), out);
+        })
+    }
+
+    /// `out[c, gi, y, x] += (sum − offset · Σ_t w_q[c, t]) · step_c · step_gi` for the sums
+    /// laid out as `sums` says.
+    fn dequantise(
+        &self,
+        acc: &[i32],
+        sums: &Sums,
+        steps: &[f32],
+        (ho, wo): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let g = steps.len();
+        for (c, o) in out.chunks_exact_mut(g * ho * wo).take(self.m).enumerate() {
+            let offset = sums.offset * self.row_sum[c];
+            for (gi, (img, &sx)) in o.chunks_exact_mut(ho * wo).zip(steps).enumerate() {
+                let scale = self.step[c] * sx;
+                let src = &acc[c * sums.ld + gi * sums.image..];
+                // Element-wise, so the same bits in any vector width.
+                super::simd::widest(
+                    #[inline(always)]
+                    || {
+                        for (y, row) in img.chunks_exact_mut(wo).enumerate() {
+                            let src = &src[y * sums.pitch..][..wo];
+                            for x in 0..wo {
+                                row[x] += (src[x] - offset) as f32 * scale;
+                            }
+                        }
+                    },
+                );
+            }
+        }
+    }
+
+    /// The emulated kernel: `acc` ([m, n], n = g·ho·wo) = the exact signed sums, from an f32
+    /// im2col of the quantised input and the f32 GEMM in slices of [`EXACT_TAPS`] taps.
+    #[allow(clippy::too_many_arguments)]
+    fn emulated(
+        &self,
+        x: &[f32],
+        (c_in, k, stride): (usize, usize, usize),
+        g: usize,
+        (h, w): (usize, usize),
+        inv: &[f32],
+        acc: &mut Vec<i32>,
+    ) {
+        let (ho, wo) = (
+            super::convbn::conv_out(h, k, stride),
+            super::convbn::conv_out(w, k, stride),
+        );
+        let (m, kk, n, pad) = (self.m, self.k, g * ho * wo, k / 2);
+        let mut cols = vec![0f32; kk * n];
+        for c in 0..c_in {
+            for gi in 0..g {
+                let src = &x[(c * g + gi) * h * w..][..h * w];
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let t = (c * k + ky) * k + kx;
+                        let dst = &mut cols[t * n + gi * ho * wo..][..ho * wo];
+                        for oy in 0..ho {
+                            let Some(iy) = (oy * stride + ky).checked_sub(pad).filter(|&y| y < h)
+                            else {
+                                continue;
+                            };
+                            for ox in 0..wo {
+                                if let Some(ix) =
+                                    (ox * stride + kx).checked_sub(pad).filter(|&v| v < w)
+                                {
+                                    dst[oy * wo + ox] =
+                                        f32::from(quantise(src[iy * w + ix], inv[gi]));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let a: Vec<f32> = self.q.iter().map(|&v| f32::from(v)).collect();
+        let mut c = vec![0f32; m * n];
+        acc.clear();
+        acc.resize(m * n, 0);
+        for t0 in (0..kk).step_by(EXACT_TAPS) {
+            let taps = (kk - t0).min(EXACT_TAPS);
+            super::conv::gemm(
+                m,
+                n,
+                taps,
+                (&a[t0..], kk, 1),
+                (&cols[t0 * n..], n, 1),
+                &mut c,
+                false,
+            );
+            for (s, &v) in acc.iter_mut().zip(&c) {
+                *s += v as i32;
+            }
+        }
+    }
+}
+
+/// Where a kernel left its sums: row c, image gi, output row y at `c·ld + gi·image + y·pitch`,
+/// each `offset` times Σ_t w_q[c, t] too large.
+struct Sums {
+    ld: usize,
+    image: usize,
+    pitch: usize,
+    offset: i32,
+}
+
+/// Taps per f32 slice of the emulated kernel: every partial sum is an integer of magnitude at
+/// most 1024 · 127 · 127 < 2²⁴, so exact in f32 in any summation order.
+const EXACT_TAPS: usize = 1024;
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::super::planes::PlaneLayout;
+    use super::COLS;
+    use std::arch::x86_64::*;
+
+    /// Rows per micro-kernel call.
+    const MR: usize = 4;
+
+    /// `amx::conv_i8` with `vpdpbusd`: the same operands, the same sums. Returns false,
+    /// computing nothing, without AVX-512 VNNI.
+    pub(super) fn conv(
+        taps: &[u32],
+        mp: usize,
+        g: usize,
+        layout: &PlaneLayout,
+        planes: &[u32],
+        acc: &mut [i32],
+    ) -> bool {
+        let kk = layout.k * layout.k;
+        assert!(taps.len() >= kk * mp * layout.groups && mp.is_multiple_of(MR));
+        assert!(planes.len() >= g * layout.s * layout.s * layout.groups * layout.stride);
+        assert!(acc.len() >= mp * g * layout.out_values());
+        if !super::cpu_has_vnni() {
+            return false;
+        }
+        // SAFETY: the CPU has AVX-512 F and VNNI; the sizes are asserted above, and every
+        // tap's reads stay inside its plane (`PlaneLayout::new` sizes `stride` for that).
+        unsafe { conv_avx512(taps, mp, g, layout, planes, acc) };
+        true
+    }
+
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn conv_avx512(
+        taps: &[u32],
+        mp: usize,
+        g: usize,
+        layout: &PlaneLayout,
+        planes: &[u32],
+        acc: &mut [i32],
+    ) {
+        let image = layout.s * layout.s * layout.groups * layout.stride;
+        let plane_out = layout.out_values();
+        let ld = g * plane_out;
+        for gi in 0..g {
+            let b = planes.as_ptr().add(gi * image);
+            let mut o0 = 0;
+            while o0 < layout.tiles {
+                let v = (layout.tiles - o0).min(4);
+                for i0 in (0..mp).step_by(MR) {
+                    let c = acc.as_mut_ptr().add(i0 * ld + gi * plane_out + o0 * COLS);
+                    let at = (taps.as_ptr().add(i0 * layout.groups), mp);
+                    let b = b.add(o0 * COLS);
+                    match v {
+                        4 => tile::<4>(layout, at, b, c, ld),
+                        3 => tile::<3>(layout, at, b, c, ld),
+                        2 => tile::<2>(layout, at, b, c, ld),
+                        _ => tile::<1>(layout, at, b, c, ld),
+                    }
+                }
+                o0 += v;
+            }
+        }
+    }
+
+    /// Rows i0 … i0 + 3 × outputs o0 … o0 + 16·V − 1 of one image: `a` points at row i0 of tap
+    /// 0 (taps `mp` rows apart), `b` at output o0 of the image's planes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn tile<const V: usize>(
+        layout: &PlaneLayout,
+        (a, mp): (*const u32, usize),
+        b: *const u32,
+        c: *mut i32,
+        ldc: usize,
+    ) {
+        let (qp, stride) = (layout.groups, layout.stride);
+        let mut sums = [[_mm512_setzero_si512(); V]; MR];
+        for t in 0..layout.k * layout.k {
+            let (at, bt) = (a.add(t * mp * qp), b.add(layout.tap(t)));
+            for q in 0..qp {
+                let mut bv = [_mm512_setzero_si512(); V];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_si512(bt.add(q * stride + v * COLS) as *const _);
+                }
+                for (r, row) in sums.iter_mut().enumerate() {
+                    let w = _mm512_set1_epi32(*at.add(r * qp + q) as i32);
+                    for (s, &x) in row.iter_mut().zip(&bv) {
+                        *s = _mm512_dpbusd_epi32(*s, x, w);
+                    }
+                }
+            }
+        }
+        for (r, row) in sums.iter().enumerate() {
+            for (v, s) in row.iter().enumerate() {
+                _mm512_storeu_si512(c.add(r * ldc + v * COLS) as *mut _, *s);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod vnni {
+    use super::super::planes::PlaneLayout;
+
+    pub(super) fn conv(
+        _: &[u32],
+        _: usize,
+        _: usize,
+        _: &PlaneLayout,
+        _: &[u32],
+        _: &mut [i32],
+    ) -> bool {
+        false
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    inv: Vec<f32>,
+    steps: Vec<f32>,
+    planes: Vec<u32>,
+    acc: Vec<i32>,
+}
+
+thread_local! {
+    /// Per-thread operands, reused across layers (no allocation per layer once grown).
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values in [−r, r) from a seed (xorshift), some exact zeros.
+    fn values(seed: u64, len: usize, r: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                if i % 11 == 3 {
+                    0.0
+                } else {
+                    ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * r
+                }
+            })
+            .collect()
+    }
+
+    fn kernels() -> Vec<Int8Kernel> {
+        let best = best_int8_kernel(KernelLevel::Native);
+        [
+            Int8Kernel::Emulated,
+            Int8Kernel::Avx512Vnni,
+            Int8Kernel::Amx,
+        ]
+        .into_iter()
+        .filter(|&k| k <= best)
+        .collect()
+    }
+
+    /// The module's definition written out in f64 and i64, one output at a time: quantise the
+    /// image's input with its own scale, sum the integer products, scale, add to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        w: &Int8Weight,
+        x: &[f32],
+        (c_in, k, stride): (usize, usize, usize),
+        g: usize,
+        (h, wd): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let (ho, wo) = (
+            super::super::convbn::conv_out(h, k, stride),
+            super::super::convbn::conv_out(wd, k, stride),
+        );
+        let pad = k / 2;
+        let n = g * ho * wo;
+        for gi in 0..g {
+            let mut max = 0f32;
+            for c in 0..c_in {
+                for &v in &x[(c * g + gi) * h * wd..][..h * wd] {
+                    max = max.max(v.abs());
+                }
+            }
+            let (inv, sx) = scales(max);
+            for co in 0..w.m {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut sum = 0i64;
+                        for c in 0..c_in {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let (iy, ix) = (oy * stride + ky, ox * stride + kx);
+                                    if iy < pad || ix < pad || iy - pad >= h || ix - pad >= wd {
+                                        continue;
+                                    }
+                                    let v = x[(c * g + gi) * h * wd + (iy - pad) * wd + ix - pad];
+                                    let t = (c * k + ky) * k + kx;
+                                    sum += i64::from(w.at(co, t)) * i64::from(quantise(v, inv));
+                                }
+                            }
+                        }
+                        let j = gi * ho * wo + oy * wo + ox;
+                        out[co * n + j] += sum as f32 * (w.step[co] * sx);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every kernel this CPU has gives the reference's bits, for shapes that leave every kind
+    /// of partial block: fewer than 16 or 4 output channels, k past a 64-byte row, positions
+    /// not a multiple of 16, strides 1–3, 1×1 to 5×5, several images with different scales.
+    #[test]
+    fn every_kernel_is_the_exact_integer_convolution() {
+        let shapes = [
+            // (c_in, c_out, k, stride, g, h, w)
+            (3, 16, 3, 1, 1, 32, 32),
+            (16, 32, 3, 2, 2, 9, 7),
+            (5, 3, 5, 1, 3, 6, 5),
+            (64, 64, 3, 1, 1, 8, 8),
+            (7, 33, 1, 1, 2, 5, 3),
+            (4, 17, 3, 3, 1, 10, 11),
+            (1, 1, 1, 1, 1, 1, 1),
+        ];
+        for (i, &(c_in, c_out, k, stride, g, h, wd)) in shapes.iter().enumerate() {
+            let kk = c_in * k * k;
+            let w = Int8Weight::new(&values(i as u64, c_out * kk, 0.7), c_out, kk);
+            let mut x = values(100 + i as u64, c_in * g * h * wd, 3.0);
+            // A second image at another scale, so per-image steps differ.
+            if g > 1 {
+                for v in &mut x[..] {
+                    *v *= 0.25;
+                }
+                for c in 0..c_in {
+                    for v in &mut x[(c * g) * h * wd..][..h * wd] {
+                        *v *= 8.0;
+                    }
+                }
+            }
+            let (ho, wo) = (
+                super::super::convbn::conv_out(h, k, stride),
+                super::super::convbn::conv_out(wd, k, stride),
+            );
+            let start = values(200 + i as u64, c_out * g * ho * wo, 1.0);
+            let mut want = start.clone();
+            reference(&w, &x, (c_in, k, stride), g, (h, wd), &mut want);
+            for kernel in kernels() {
+                let mut got = start.clone();
+                w.conv_with(kernel, &x, (c_in, k, stride), g, (h, wd), &mut got);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{kernel} on shape {i} differs from the exact sum");
+            }
+        }
+    }
+
+    /// The quantised convolution is close to the f32 one: within a few steps of each operand
+    /// for values of one sign or both (what makes it a usable classifier), and not equal.
+    #[test]
+    fn int8_convolution_is_close_to_f32() {
+        let (c_in, c_out, k, h) = (16, 16, 3, 8);
+        let kk = c_in * k * k;
+        let weights = values(7, c_out * kk, 0.5);
+        let w = Int8Weight::new(&weights, c_out, kk);
+        let x: Vec<f32> = values(8, c_in * h * h, 1.0)
+            .iter()
+            .map(|v| v.abs())
+            .collect();
+        let mut got = vec![0f32; c_out * h * h];
+        w.conv(&x, (c_in, k, 1), 1, (h, h), &mut got);
+        let mut exact = vec![0f32; c_out * h * h];
+        let f32w = super::super::gemm::GemmWeight::new(
+            weights,
+            c_out,
+            kk,
+            super::super::precision::Precision::F32,
+        );
+        let conv = super::super::convbn::FoldedConv {
+            weight: f32w,
+            bias: vec![0.0; c_out],
+            c_in,
+            c_out,
+            k,
+            stride: 1,
+        };
+        conv.accumulate(&x, 1, (h, h), &mut exact);
+        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(&exact)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst > 0.0, "int8 should round");
+        assert!(worst < 0.02 * scale, "worst {worst} of {scale}");
+    }
+
+    /// The vector maximum is the scalar one, NaNs ignored.
+    #[test]
+    fn max_abs_ignores_nans_at_every_width() {
+        for len in [0, 1, 15, 16, 17, 40] {
+            let mut v = values(len as u64, len, 2.0);
+            if len > 3 {
+                v[3] = f32::NAN;
+                v[len - 1] = -5.0;
+            }
+            let want = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert_eq!(max_abs(&v), want, "{len}");
+        }
+    }
+
+    /// Zero and non-finite scales quantise to zero rather than to NaN.
+    #[test]
+    fn all_zero_inputs_have_a_zero_step() {
+        assert_eq!(scales(0.0), (0.0, 0.0));
+        assert_eq!(scales(f32::INFINITY), (0.0, 0.0));
+        assert_eq!(quantise(f32::NAN, 1.0), -127);
+        // Ties go to even, as round_ties_even does.
+        for (v, q) in [
+            (0.5, 0),
+            (1.5, 2),
+            (2.5, 2),
+            (-0.5, 0),
+            (-1.5, -2),
+            (126.5, 126),
+        ] {
+            assert_eq!(quantise(v, 1.0), q, "{v}");
+        }
+        for i in -2000..2000 {
+            let v = i as f32 * 0.0731;
+            assert_eq!(
+                f32::from(quantise(v, 1.0)),
+                v.round_ties_even().clamp(-127.0, 127.0)
+            );
+        }
+        assert_eq!(quantise(1e9, 1.0), 127);
+        assert_eq!(quantise(-1e9, 1.0), -127);
+        let w = Int8Weight::new(&[0.0; 9], 1, 9);
+        let mut out = vec![1.5f32; 4];
+        w.conv(&[0.0; 4], (1, 3, 1), 1, (2, 2), &mut out);
+        assert_eq!(out, [1.5; 4]);
+    }
+}
