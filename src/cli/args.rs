@@ -439,6 +439,9 @@ pub struct EvalArgs {
     pub max: Option<usize>,
     #[arg(long, default_value_t = 500)]
     pub batch: usize,
+    /// Arithmetic of the fused CPU path (see `caf bench forward --precision`).
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    pub precision: caf::models::Precision,
 }
 
 #[derive(Debug, Args)]

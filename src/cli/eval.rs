@@ -14,7 +14,10 @@ pub fn eval(a: EvalArgs) -> Result<i32> {
     if a.skip == 0 || a.batch == 0 {
         bail!(usage("--skip and --batch must be at least 1"));
     }
-    let (model, device) = load_classifier(&a.model)?;
+    let (mut model, device) = load_classifier(&a.model)?;
+    model
+        .set_precision(a.precision)
+        .map_err(|e| usage(e.to_string()))?;
     let split = match a.split {
         SplitArg::Train => Split::Train,
         SplitArg::Test => Split::Test,

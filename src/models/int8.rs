@@ -4,20 +4,23 @@
 //! The classifier an int8 certificate is exact for: each convolution (BatchNorm folded) keeps
 //! its bias, shortcut, ReLU and pooling in f32, and computes its product from
 //! - its weight quantised per output channel c: `w_q = round(w · 127 / m_c)`, `m_c = max |w[c]|`;
-//! - its input quantised per image: `x_q = round(x · 127 / m_x)` clamped to ±127, `m_x` the
-//!   largest |value| of that image's input to this layer (zero padding stays 0);
+//! - its input quantised per image, from the image's own input to this layer: when no value is
+//!   negative (a ReLU's output, every layer but a network's first), `x_q = round(x · 255 / m_x)`
+//!   in 0 … 255, `m_x` the largest value; otherwise `x_q = round(x · 127 / m_x)` clamped to ±127,
+//!   `m_x` the largest |value| (zero padding stays 0);
 //!
-//! as `y[c, j] += (Σ_t w_q[c, t] · x_q[t, j]) · (m_c / 127 · m_x / 127)` (rounding to nearest
-//! even; the products of the scales in f32, in this order). The scales are the image's own, so
+//! as `y[c, j] += (Σ_t w_q[c, t] · x_q[t, j]) · (m_c / 127 · m_x / L)`, L = 255 or 127
+//! (rounding to nearest even; the products of the scales in f32, in this order). The scales are the image's own, so
 //! the classifier is a fixed function of one input, as randomized smoothing needs (a scale over
 //! a batch would make an image's class depend on its batch-mates), and needs no calibration
-//! set. A k-tap sum is at most k · 127 · 127 in magnitude, exact in i32 for any convolution
+//! set. A k-tap sum is at most k · 255 · 127 in magnitude, exact in i32 for any convolution
 //! here, so every kernel ([`Int8Kernel`]) gives the same integers, and every kernel the same
 //! output bits: the quantisation and the scaling are one shared code path.
 //!
 //! AMX and AVX-512 VNNI read the input in place from `planes`' group planes (no im2col): four
-//! channels' bytes per u32, offset to unsigned `x_q + 128` (`tdpbsud` and `vpdpbusd` multiply
-//! signed by unsigned bytes), and `128 · Σ_t w_q[c, t]` subtracted from row c's sums. The
+//! channels' bytes per u32, unsigned (`tdpbsud` and `vpdpbusd` multiply signed by unsigned
+//! bytes): a signed input goes in as `x_q + 128`, and `128 · Σ_t w_q[c, t]` is subtracted from
+//! row c's sums. The
 //! emulated kernel multiplies the integers as f32 (exact, see [`EXACT_TAPS`]).
 
 use std::cell::RefCell;
@@ -122,56 +125,141 @@ pub(crate) fn cap_kernel(cap: Option<Int8Kernel>) {
     FORCE_KERNEL.store(v, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// `v · inv` clamped to ±127 and rounded to the nearest integer, ties to even (a NaN gives
-/// −127). Adding and subtracting 1.5 · 2²³ rounds in f32's own rounding mode, so this
-/// vectorises on every CPU (`round_ties_even` is a libm call without SSE4.1).
+/// `v · inv` clamped to [lo, hi] and rounded to the nearest integer, ties to even (a NaN gives
+/// `lo`). Adding and subtracting 1.5 · 2²³ rounds in f32's own rounding mode, so this
+/// vectorises on every CPU (`round_ties_even` is a libm call without SSE4.1), and gives what
+/// `vcvtps2dq` gives after the same clamp.
 #[inline(always)]
-pub(crate) fn quantise(v: f32, inv: f32) -> i8 {
+pub(crate) fn quantise_to(v: f32, inv: f32, (lo, hi): (f32, f32)) -> i32 {
     const ROUND: f32 = 12_582_912.0;
-    // Not `clamp`: it keeps a NaN, where max/min give −127 as the vector code's `vmaxps` does.
+    // Not `clamp`: it keeps a NaN, where max/min give `lo` as the vector code's `vmaxps` does.
     #[allow(clippy::manual_clamp)]
-    let c = (v * inv).max(-QMAX).min(QMAX);
-    ((c + ROUND) - ROUND) as i8
+    let c = (v * inv).max(lo).min(hi);
+    ((c + ROUND) - ROUND) as i32
 }
 
-/// The scale of values whose largest magnitude is `max`: (multiplier into the quantised range,
-/// the step one quantised unit stands for). All zeros quantise to zeros with step 0.
-fn scales(max: f32) -> (f32, f32) {
+/// A weight: `v · inv` to the nearest of −127 … 127.
+#[inline(always)]
+pub(crate) fn quantise(v: f32, inv: f32) -> i8 {
+    quantise_to(v, inv, (-QMAX, QMAX)) as i8
+}
+
+/// The scale of values whose largest magnitude is `max` in `levels` steps: (multiplier into the
+/// quantised range, the value one step stands for). All zeros quantise to zeros with step 0.
+fn scales(max: f32, levels: f32) -> (f32, f32) {
     if max > 0.0 && max.is_finite() {
-        (QMAX / max, max / QMAX)
+        (levels / max, max / levels)
     } else {
         (0.0, 0.0)
     }
 }
 
-/// The largest |value| (NaNs ignored; 0 for none). A maximum is exact, so the AVX-512 path
-/// gives the same value as the scalar one.
-fn max_abs(values: &[f32]) -> f32 {
+/// How one image's input to a layer is quantised, from the image's own values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct InputScale {
+    /// Multiplier into the quantised range.
+    pub inv: f32,
+    /// The value of one quantised step.
+    pub step: f32,
+    /// No value below zero (a ReLU's output): 0 … 255 steps of max/255, the kernels' unsigned
+    /// bytes as they are. Otherwise −127 … 127 steps of max|·|/127, offset by 128 for the
+    /// kernels.
+    pub unsigned: bool,
+}
+
+impl InputScale {
+    /// The scale of an image whose values are `planes`.
+    pub(crate) fn of<'a>(planes: impl Iterator<Item = &'a [f32]>) -> Self {
+        let (max, min) = planes.fold((0f32, 0f32), |(m, n), p| {
+            let (pm, pn) = range(p);
+            (m.max(pm), n.min(pn))
+        });
+        let unsigned = min >= 0.0;
+        let (inv, step) = scales(max, if unsigned { 255.0 } else { QMAX });
+        Self {
+            inv,
+            step,
+            unsigned,
+        }
+    }
+
+    /// The quantised range, [lo, hi].
+    #[inline(always)]
+    pub(crate) fn bounds(&self) -> (f32, f32) {
+        if self.unsigned {
+            (0.0, 255.0)
+        } else {
+            (-QMAX, QMAX)
+        }
+    }
+
+    /// The quantised value of `v`.
+    #[inline(always)]
+    pub(crate) fn level(&self, v: f32) -> i32 {
+        quantise_to(v, self.inv, self.bounds())
+    }
+
+    /// What the kernels' unsigned bytes add to a value: 128 for signed inputs, else 0.
+    #[inline(always)]
+    pub(crate) fn offset(&self) -> i32 {
+        if self.unsigned {
+            0
+        } else {
+            OFFSET
+        }
+    }
+
+    /// `v` as the kernels' unsigned byte: its level plus [`offset`](Self::offset).
+    #[inline(always)]
+    pub(crate) fn byte(&self, v: f32) -> u8 {
+        (self.level(v) + self.offset()) as u8
+    }
+}
+
+/// (largest |value|, smallest value, at most 0), NaNs ignored. Maxima and minima are exact, so
+/// the AVX-512 path gives the same values as the scalar one.
+fn range(values: &[f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::simd_level() == super::simd::SimdLevel::Avx512 {
         // SAFETY: the CPU has AVX-512 F.
-        return unsafe { max_abs_avx512(values) };
+        return unsafe { range_avx512(values) };
     }
-    values.iter().fold(0f32, |m, v| m.max(v.abs()))
+    range_scalar(values)
 }
 
-/// [`max_abs`] 16 lanes at a time (`vmaxps` returns its second operand, the running maximum,
-/// for a NaN, as `f32::max` does).
+fn range_scalar(values: &[f32]) -> (f32, f32) {
+    values
+        .iter()
+        .fold((0f32, 0f32), |(m, n), &v| (m.max(v.abs()), n.min(v)))
+}
+
+/// The largest |value| (NaNs ignored; 0 for none).
+fn max_abs(values: &[f32]) -> f32 {
+    range(values).0
+}
+
+/// [`range`] 16 lanes at a time (`vmaxps` and `vminps` return their second operand, the
+/// running value, for a NaN, as `f32::max` and `f32::min` do).
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn max_abs_avx512(values: &[f32]) -> f32 {
+unsafe fn range_avx512(values: &[f32]) -> (f32, f32) {
     use std::arch::x86_64::*;
-    let mut m = _mm512_setzero_ps();
+    let (mut m, mut n) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let chunks = values.chunks_exact(16);
     let rest = chunks.remainder();
     for c in chunks {
-        m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(c.as_ptr())), m);
+        let v = _mm512_loadu_ps(c.as_ptr());
+        m = _mm512_max_ps(_mm512_abs_ps(v), m);
+        n = _mm512_min_ps(v, n);
     }
-    rest.iter()
-        .fold(_mm512_reduce_max_ps(m), |m, v| m.max(v.abs()))
+    let (rm, rn) = range_scalar(rest);
+    (
+        _mm512_reduce_max_ps(m).max(rm),
+        _mm512_reduce_min_ps(n).min(rn),
+    )
 }
 
 /// A convolution's folded weight [m, k] quantised per row, as the kernels read it.
@@ -196,7 +284,7 @@ impl Int8Weight {
         let mut step = Vec::with_capacity(m);
         let mut row_sum = Vec::with_capacity(m);
         for (row, dst) in values.chunks_exact(k).zip(q.chunks_exact_mut(k)) {
-            let (inv, s) = scales(max_abs(row));
+            let (inv, s) = scales(max_abs(row), QMAX);
             for (d, &v) in dst.iter_mut().zip(row) {
                 *d = quantise(v, inv);
             }
@@ -253,33 +341,29 @@ impl Int8Weight {
         assert!(out.len() >= self.m * g * ho * wo, "int8 convolution output");
         SCRATCH.with_borrow_mut(|s| {
             // Each image's scale, from its own input to this layer.
-            s.inv.clear();
-            s.steps.clear();
-            for gi in 0..g {
-                let max = (0..c_in).fold(0f32, |m, c| {
-                    m.max(max_abs(&x[(c * g + gi) * plane..][..plane]))
-                });
-                let (inv, step) = scales(max);
-                s.inv.push(inv);
-                s.steps.push(step);
-            }
+            s.scales.clear();
+            s.scales.extend(
+                (0..g).map(|gi| {
+                    InputScale::of((0..c_in).map(|c| &x[(c * g + gi) * plane..][..plane]))
+                }),
+            );
             let mp = padded(self.m, ROWS);
             let sums = match kernel {
                 Int8Kernel::Emulated => {
                     let n = g * ho * wo;
-                    self.emulated(x, (c_in, k, stride), g, (h, w), &s.inv, &mut s.acc);
+                    self.emulated(x, (c_in, k, stride), g, (h, w), &s.scales, &mut s.acc);
                     Sums {
                         ld: n,
                         image: ho * wo,
                         pitch: wo,
-                        offset: 0,
+                        offset: false,
                     }
                 }
                 _ => {
                     let taps = self
                         .taps
                         .get_or_init(|| amx::conv_taps_i8(&self.q, self.m, c_in, k));
-                    pack_planes_i8(x, c_in, g, &layout, &s.inv, &mut s.planes);
+                    pack_planes_i8(x, c_in, g, &layout, &s.scales, &mut s.planes);
                     let ld = g * layout.out_values();
                     s.acc.clear();
                     s.acc.resize(mp * ld, 0);
@@ -294,29 +378,33 @@ impl Int8Weight {
                         ld,
                         image: layout.out_values(),
                         pitch: layout.wpp,
-                        offset: OFFSET,
+                        offset: true,
                     }
                 }
             };
-            self.dequantise(&s.acc, &sums, &s.steps, (ho, wo), out);
+            self.dequantise(&s.acc, &sums, &s.scales, (ho, wo), out);
         })
     }
 
-    /// `out[c, gi, y, x] += (sum − offset · Σ_t w_q[c, t]) · step_c · step_gi` for the sums
-    /// laid out as `sums` says.
+    /// `out[c, gi, y, x] += (sum − offset_gi · Σ_t w_q[c, t]) · step_c · step_gi` for the
+    /// sums laid out as `sums` says.
     fn dequantise(
         &self,
         acc: &[i32],
         sums: &Sums,
-        steps: &[f32],
+        scales: &[InputScale],
         (ho, wo): (usize, usize),
         out: &mut [f32],
     ) {
-        let g = steps.len();
+        let g = scales.len();
         for (c, o) in out.chunks_exact_mut(g * ho * wo).take(self.m).enumerate() {
-            let offset = sums.offset * self.row_sum[c];
-            for (gi, (img, &sx)) in o.chunks_exact_mut(ho * wo).zip(steps).enumerate() {
-                let scale = self.step[c] * sx;
+            for (gi, (img, sx)) in o.chunks_exact_mut(ho * wo).zip(scales).enumerate() {
+                let offset = if sums.offset {
+                    sx.offset() * self.row_sum[c]
+                } else {
+                    0
+                };
+                let scale = self.step[c] * sx.step;
                 let src = &acc[c * sums.ld + gi * sums.image..];
                 // Element-wise, so the same bits in any vector width.
                 super::simd::widest(
@@ -343,7 +431,7 @@ impl Int8Weight {
         (c_in, k, stride): (usize, usize, usize),
         g: usize,
         (h, w): (usize, usize),
-        inv: &[f32],
+        scales: &[InputScale],
         acc: &mut Vec<i32>,
     ) {
         let (ho, wo) = (
@@ -368,8 +456,7 @@ impl Int8Weight {
                                 if let Some(ix) =
                                     (ox * stride + kx).checked_sub(pad).filter(|&v| v < w)
                                 {
-                                    dst[oy * wo + ox] =
-                                        f32::from(quantise(src[iy * w + ix], inv[gi]));
+                                    dst[oy * wo + ox] = scales[gi].level(src[iy * w + ix]) as f32;
                                 }
                             }
                         }
@@ -399,18 +486,18 @@ impl Int8Weight {
     }
 }
 
-/// Where a kernel left its sums: row c, image gi, output row y at `c·ld + gi·image + y·pitch`,
-/// each `offset` times Σ_t w_q[c, t] too large.
+/// Where a kernel left its sums: row c, image gi, output row y at `c·ld + gi·image + y·pitch`;
+/// with `offset`, image gi's sums are its [`InputScale::offset`] times Σ_t w_q[c, t] too large.
 struct Sums {
     ld: usize,
     image: usize,
     pitch: usize,
-    offset: i32,
+    offset: bool,
 }
 
 /// Taps per f32 slice of the emulated kernel: every partial sum is an integer of magnitude at
-/// most 1024 · 127 · 127 < 2²⁴, so exact in f32 in any summation order.
-const EXACT_TAPS: usize = 1024;
+/// most 512 · 255 · 127 < 2²⁴, so exact in f32 in any summation order.
+const EXACT_TAPS: usize = 512;
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
@@ -531,8 +618,7 @@ mod vnni {
 
 #[derive(Default)]
 struct Scratch {
-    inv: Vec<f32>,
-    steps: Vec<f32>,
+    scales: Vec<InputScale>,
     planes: Vec<u32>,
     acc: Vec<i32>,
 }
@@ -593,13 +679,16 @@ mod tests {
         let pad = k / 2;
         let n = g * ho * wo;
         for gi in 0..g {
-            let mut max = 0f32;
-            for c in 0..c_in {
-                for &v in &x[(c * g + gi) * h * wd..][..h * wd] {
-                    max = max.max(v.abs());
-                }
-            }
-            let (inv, sx) = scales(max);
+            let sc = InputScale::of((0..c_in).map(|c| &x[(c * g + gi) * h * wd..][..h * wd]));
+            // The image's scale from the definition, value by value.
+            let plain = x
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| (i / (h * wd)) % g == gi)
+                .map(|(_, &v)| v);
+            let (max, neg) = plain.fold((0f32, false), |(m, n), v| (m.max(v.abs()), n || v < 0.0));
+            assert_eq!(sc.unsigned, !neg);
+            assert_eq!(sc.step, scales(max, if neg { QMAX } else { 255.0 }).1);
             for co in 0..w.m {
                 for oy in 0..ho {
                     for ox in 0..wo {
@@ -613,12 +702,12 @@ mod tests {
                                     }
                                     let v = x[(c * g + gi) * h * wd + (iy - pad) * wd + ix - pad];
                                     let t = (c * k + ky) * k + kx;
-                                    sum += i64::from(w.at(co, t)) * i64::from(quantise(v, inv));
+                                    sum += i64::from(w.at(co, t)) * i64::from(sc.level(v));
                                 }
                             }
                         }
                         let j = gi * ho * wo + oy * wo + ox;
-                        out[co * n + j] += sum as f32 * (w.step[co] * sx);
+                        out[co * n + j] += sum as f32 * (w.step[co] * sc.step);
                     }
                 }
             }
@@ -660,16 +749,32 @@ mod tests {
                 super::super::convbn::conv_out(wd, k, stride),
             );
             let start = values(200 + i as u64, c_out * g * ho * wo, 1.0);
-            let mut want = start.clone();
-            reference(&w, &x, (c_in, k, stride), g, (h, wd), &mut want);
-            for kernel in kernels() {
-                let mut got = start.clone();
-                w.conv_with(kernel, &x, (c_in, k, stride), g, (h, wd), &mut got);
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{kernel} on shape {i} differs from the exact sum");
+            // Signed inputs; non-negative ones (255 steps); and, with several images, image 0
+            // non-negative and the others signed.
+            let plane = h * wd;
+            let inputs = [
+                x.clone(),
+                x.iter().map(|v| v.abs()).collect(),
+                x.iter()
+                    .enumerate()
+                    .map(|(j, v)| if (j / plane) % g == 0 { v.abs() } else { *v })
+                    .collect::<Vec<f32>>(),
+            ];
+            for (kind, x) in inputs.iter().enumerate() {
+                let mut want = start.clone();
+                reference(&w, x, (c_in, k, stride), g, (h, wd), &mut want);
+                for kernel in kernels() {
+                    let mut got = start.clone();
+                    w.conv_with(kernel, x, (c_in, k, stride), g, (h, wd), &mut got);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{kernel} on shape {i}, input {kind} differs from the exact sum"
+                    );
+                }
             }
         }
     }
@@ -713,25 +818,27 @@ mod tests {
         assert!(worst < 0.02 * scale, "worst {worst} of {scale}");
     }
 
-    /// The vector maximum is the scalar one, NaNs ignored.
+    /// The vector range is the scalar one, NaNs ignored.
     #[test]
-    fn max_abs_ignores_nans_at_every_width() {
+    fn range_ignores_nans_at_every_width() {
         for len in [0, 1, 15, 16, 17, 40] {
             let mut v = values(len as u64, len, 2.0);
             if len > 3 {
                 v[3] = f32::NAN;
                 v[len - 1] = -5.0;
             }
-            let want = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert_eq!(max_abs(&v), want, "{len}");
+            let want = v
+                .iter()
+                .fold((0f32, 0f32), |(m, n), x| (m.max(x.abs()), n.min(*x)));
+            assert_eq!(range(&v), want, "{len}");
         }
     }
 
     /// Zero and non-finite scales quantise to zero rather than to NaN.
     #[test]
     fn all_zero_inputs_have_a_zero_step() {
-        assert_eq!(scales(0.0), (0.0, 0.0));
-        assert_eq!(scales(f32::INFINITY), (0.0, 0.0));
+        assert_eq!(scales(0.0, QMAX), (0.0, 0.0));
+        assert_eq!(scales(f32::INFINITY, 255.0), (0.0, 0.0));
         assert_eq!(quantise(f32::NAN, 1.0), -127);
         // Ties go to even, as round_ties_even does.
         for (v, q) in [

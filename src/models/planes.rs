@@ -1,8 +1,10 @@
 //! The "group planes" layout of a convolution's input that the tile and VNNI convolutions
 //! read in place (no im2col): [`PlaneLayout`], and the packing of f32 activations into it as
-//! bf16 pairs ([`pack_planes`], for `amx::conv`).
+//! bf16 pairs ([`pack_planes`], for `amx::conv`) and as int8 quads ([`pack_planes_i8`], for
+//! `int8`).
 
 use super::amx::{padded, TILE_COLS, TILE_PAIRS};
+use super::int8::InputScale;
 
 /// How a k×k convolution's input (padding k/2, stride s) is laid out for `amx::conv`,
 /// `amx::conv_i8` and the VNNI int8 convolution ("group planes"). The zero-padded image is split into s² phase planes (phase
@@ -170,29 +172,32 @@ fn pack_planes_body(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst:
 }
 
 /// Writes `x` ([c_in, g, h, w] f32) as `layout`'s int8 group planes into `dst` (resized): image
-/// gi's values quantised with `inv[gi]` ([`int8::quantise`](super::int8::quantise)), channels
-/// 4q … 4q + 3 in the bytes of one u32, each byte offset by 128 (the unsigned operand of
-/// `tdpbsud` and `vpdpbusd`); borders and channels past c_in hold 128, a quantised zero.
+/// gi's values as `scales[gi]`'s unsigned bytes ([`InputScale::byte`]), channels 4q … 4q + 3 in
+/// the bytes of one u32; borders hold the image's quantised zero, channels past c_in too.
 pub(crate) fn pack_planes_i8(
     x: &[f32],
     c_in: usize,
     g: usize,
     layout: &PlaneLayout,
-    inv: &[f32],
+    scales: &[InputScale],
     dst: &mut Vec<u32>,
 ) {
     let PlaneLayout {
         s, groups, stride, ..
     } = *layout;
-    assert!(inv.len() >= g);
+    assert!(scales.len() >= g);
+    let image = s * s * groups * stride;
     dst.clear();
-    dst.resize(g * s * s * groups * stride, 0x8080_8080);
+    dst.resize(g * image, 0);
+    for (d, sc) in dst.chunks_exact_mut(image).zip(scales) {
+        d.fill(sc.offset() as u32 * 0x0101_0101);
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512 F.
-        return unsafe { pack_planes_i8_avx512(x, c_in, g, layout, inv, dst) };
+        return unsafe { pack_planes_i8_avx512(x, c_in, g, layout, scales, dst) };
     }
-    pack_planes_i8_body(x, c_in, g, layout, inv, dst, quad_row)
+    pack_planes_i8_body(x, c_in, g, layout, scales, dst, quad_row)
 }
 
 /// [`pack_planes_i8`]'s quantisation compiled for AVX-512 (every CPU with AMX or AVX-512 VNNI
@@ -207,57 +212,61 @@ unsafe fn pack_planes_i8_avx512(
     c_in: usize,
     g: usize,
     layout: &PlaneLayout,
-    inv: &[f32],
+    scales: &[InputScale],
     dst: &mut [u32],
 ) {
-    pack_planes_i8_body(x, c_in, g, layout, inv, dst, |r, inv, row| {
+    pack_planes_i8_body(x, c_in, g, layout, scales, dst, |r, sc, row| {
         // SAFETY: this function runs only where the CPU has AVX-512 F.
-        unsafe { quad_row_avx512(r, inv, row) }
+        unsafe { quad_row_avx512(r, sc, row) }
     })
 }
 
-/// Channels `r[0..4]` of one image row quantised with `inv` into `row`, byte l of each u32 from
-/// `r[l]`, offset by 128: 16 values at a time, rounding as [`quantise`](super::int8::quantise)
-/// does (`vcvtps2dq` rounds to nearest even, like its addition of 1.5 · 2²³; `vmaxps` returns
-/// its second operand for a NaN, like `f32::max`).
+/// Channels `r[0..4]` of one image plane (or row) as `sc`'s bytes into `row`, byte l of each u32 from
+/// `r[l]`: 16 values at a time, rounding as [`InputScale::level`] does (`vcvtps2dq` rounds to
+/// nearest even, like its addition of 1.5 · 2²³; `vmaxps` returns its second operand for a NaN,
+/// like `f32::max`).
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn quad_row_avx512(r: [&[f32]; 4], inv: f32, row: &mut [u32]) {
+unsafe fn quad_row_avx512(r: [&[f32]; 4], sc: &InputScale, row: &mut [u32]) {
     use std::arch::x86_64::*;
     let w = row.len();
+    let (lo, hi) = sc.bounds();
     let (vinv, lo, hi) = (
-        _mm512_set1_ps(inv),
-        _mm512_set1_ps(-127.0),
-        _mm512_set1_ps(127.0),
+        _mm512_set1_ps(sc.inv),
+        _mm512_set1_ps(lo),
+        _mm512_set1_ps(hi),
     );
     let (mask, offset) = (
         _mm512_set1_epi32(0xFF),
-        _mm512_set1_epi32(0x8080_8080u32 as i32),
+        _mm512_set1_epi32((sc.offset() as u32 * 0x0101_0101) as i32),
     );
     let mut i = 0;
     while i + 16 <= w {
-        let mut v = offset;
+        let mut v = _mm512_setzero_si512();
         for (l, ch) in r.iter().enumerate() {
             let f = _mm512_mul_ps(_mm512_loadu_ps(ch.as_ptr().add(i)), vinv);
             let q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(f, lo), hi));
             let byte = _mm512_and_si512(q, mask);
-            v = _mm512_xor_si512(v, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * l as i32)));
+            v = _mm512_or_si512(v, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * l as i32)));
         }
-        _mm512_storeu_si512(row.as_mut_ptr().add(i) as *mut _, v);
+        // Adding 128 to each byte of a signed level is flipping its top bit.
+        _mm512_storeu_si512(
+            row.as_mut_ptr().add(i) as *mut _,
+            _mm512_xor_si512(v, offset),
+        );
         i += 16;
     }
-    quad_row(r.map(|c| &c[i..]), inv, &mut row[i..]);
+    quad_row(r.map(|c| &c[i..]), sc, &mut row[i..]);
 }
 
 /// [`quad_row_avx512`] one value at a time.
 #[inline(always)]
-fn quad_row(r: [&[f32]; 4], inv: f32, row: &mut [u32]) {
-    use super::int8::quantise;
+fn quad_row(r: [&[f32]; 4], sc: &InputScale, row: &mut [u32]) {
     for (i, d) in row.iter_mut().enumerate() {
-        let b = |v: f32| u32::from((quantise(v, inv) as u8) ^ 0x80);
+        let b = |v: f32| u32::from(sc.byte(v));
         *d = b(r[0][i]) | b(r[1][i]) << 8 | b(r[2][i]) << 16 | b(r[3][i]) << 24;
     }
 }
@@ -268,9 +277,9 @@ fn pack_planes_i8_body(
     c_in: usize,
     g: usize,
     layout: &PlaneLayout,
-    inv: &[f32],
+    scales: &[InputScale],
     dst: &mut [u32],
-    quad_row: impl Fn([&[f32]; 4], f32, &mut [u32]),
+    quad_row: impl Fn([&[f32]; 4], &InputScale, &mut [u32]),
 ) {
     let PlaneLayout {
         h,
@@ -285,8 +294,9 @@ fn pack_planes_i8_body(
     let (hw, pad) = (h * w, k / 2);
     // A missing channel reads zeros, which quantise to zero.
     let zeros = vec![0f32; hw];
-    let mut row = vec![0u32; w];
-    for (gi, &inv) in inv.iter().enumerate().take(g) {
+    // A whole plane at once: the deepest CIFAR stage's rows are 8 values, half a vector.
+    let mut quads = vec![0u32; hw];
+    for (gi, sc) in scales.iter().enumerate().take(g) {
         for q in 0..c_in.div_ceil(4) {
             let ch: [&[f32]; 4] = std::array::from_fn(|l| {
                 let c = 4 * q + l;
@@ -296,11 +306,15 @@ fn pack_planes_i8_body(
                     &zeros[..]
                 }
             });
-            for y in 0..h {
-                quad_row(ch.map(|c| &c[y * w..][..w]), inv, &mut row);
+            quad_row(ch, sc, &mut quads);
+            for (y, row) in quads.chunks_exact(w).enumerate() {
                 // Padded row y + pad is row ⌊(y + pad)/s⌋ of phase row (y + pad) mod s.
                 let (a, i) = ((y + pad) % s, (y + pad) / s);
                 let plane = |b: usize| ((gi * s * s + a * s + b) * groups + q) * stride + i * wpp;
+                if s == 1 {
+                    dst[plane(0) + pad..][..w].copy_from_slice(row);
+                    continue;
+                }
                 // Padded column x + pad goes to phase column (x + pad) mod s, position ⌊·/s⌋.
                 for b in 0..s {
                     let first = (s + b - pad % s) % s;
