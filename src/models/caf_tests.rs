@@ -272,7 +272,8 @@ fn fused_adapter_matches_candle_on_odd_sizes() {
 }
 
 #[test]
-fn bf16_reaches_backbone_and_adapter_and_stays_close() {
+fn bf16_and_int8_reach_backbone_and_adapter_and_stay_close() {
+    use crate::models::Precision;
     let (backbone, _bvm) = var_backbone(8);
     for arch in tiny_archs() {
         let vm = VarMap::new();
@@ -282,22 +283,24 @@ fn bf16_reaches_backbone_and_adapter_and_stays_close() {
         train_steps(&model, vars, 2);
         let x = images(7, 8);
         let full = model.logits(&x).expect("f32");
-        let mut half = model.detached().expect("detached");
-        Classifier::set_precision(&mut half, crate::models::Precision::Bf16).expect("bf16");
-        let rounded = half.logits(&x).expect("bf16");
-        let scale = flat(&full).iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        let d = max_abs_diff(&full, &rounded);
-        assert!(
-            d > 0.0 && d / scale < 0.1,
-            "{arch}: bf16 vs f32 differ by {d} (scale {scale})"
-        );
-        // Both parts run in bf16: the adapter's own output changes too.
-        let a_full = model.adapter().forward_no_grad(&x).expect("adapter f32");
-        let a_half = half.adapter().forward_no_grad(&x).expect("adapter bf16");
-        assert!(
-            max_abs_diff(&a_full, &a_half) > 0.0,
-            "{arch}: adapter stayed f32"
-        );
+        for precision in [Precision::Bf16, Precision::Int8] {
+            let mut half = model.detached().expect("detached");
+            Classifier::set_precision(&mut half, precision).expect("set precision");
+            let rounded = half.logits(&x).expect("reduced precision");
+            let scale = flat(&full).iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let d = max_abs_diff(&full, &rounded);
+            assert!(
+                d > 0.0 && d / scale < 0.1,
+                "{arch}: {precision} vs f32 differ by {d} (scale {scale})"
+            );
+            // Both parts change precision: the adapter's own output changes too.
+            let a_full = model.adapter().forward_no_grad(&x).expect("adapter f32");
+            let a_half = half.adapter().forward_no_grad(&x).expect("adapter");
+            assert!(
+                max_abs_diff(&a_full, &a_half) > 0.0,
+                "{arch}: adapter stayed f32 under {precision}"
+            );
+        }
     }
 }
 

@@ -82,6 +82,32 @@ impl PlaneLayout {
         self.tiles * TILE_COLS
     }
 
+    /// Where padded row y + pad of image gi, group q starts in phase column b's plane: padded
+    /// row y + pad is row ⌊(y + pad)/s⌋ of phase row (y + pad) mod s.
+    #[inline(always)]
+    fn row_at(&self, (gi, q, y): (usize, usize, usize), b: usize) -> usize {
+        let (s, pad) = (self.s, self.k / 2);
+        let (a, i) = ((y + pad) % s, (y + pad) / s);
+        ((gi * s * s + a * s + b) * self.groups + q) * self.stride + i * self.wpp
+    }
+
+    /// Writes input row y (w values) of image gi, group q into its phase planes: padded column
+    /// x + pad goes to phase column (x + pad) mod s, position ⌊(x + pad)/s⌋.
+    #[inline(always)]
+    fn place_row(&self, at: (usize, usize, usize), row: &[u32], dst: &mut [u32]) {
+        let (s, pad) = (self.s, self.k / 2);
+        if s == 1 {
+            return dst[self.row_at(at, 0) + pad..][..row.len()].copy_from_slice(row);
+        }
+        for b in 0..s {
+            let first = (s + b - pad % s) % s;
+            let out = &mut dst[self.row_at(at, b) + (first + pad) / s..];
+            for (d, &v) in out.iter_mut().zip(row.iter().skip(first).step_by(s)) {
+                *d = v;
+            }
+        }
+    }
+
     /// Tap t = (ky, kx): its phase plane's offset among an image's planes and its shift.
     pub(crate) fn tap(&self, t: usize) -> usize {
         let (ky, kx, s) = (t / self.k, t % self.k, self.s);
@@ -131,16 +157,7 @@ unsafe fn pack_planes_avx512(
 #[inline(always)]
 fn pack_planes_body(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst: &mut [u32]) {
     use super::gemm::pair_bits;
-    let PlaneLayout {
-        h,
-        w,
-        k,
-        s,
-        wpp,
-        groups,
-        stride,
-        ..
-    } = *layout;
+    let PlaneLayout { h, w, k, s, .. } = *layout;
     let (hw, pad) = (h * w, k / 2);
     let zeros = vec![0f32; w];
     let mut row = vec![0u32; w];
@@ -150,22 +167,14 @@ fn pack_planes_body(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst:
             let hi = (2 * q + 1 < c_in).then(|| &x[((2 * q + 1) * g + gi) * hw..][..hw]);
             for y in 0..h {
                 let hi_row = hi.map_or(&zeros[..], |hi| &hi[y * w..][..w]);
-                // Padded row y + pad is row ⌊(y + pad)/s⌋ of phase row (y + pad) mod s.
-                let (a, i) = ((y + pad) % s, (y + pad) / s);
-                let plane = |b: usize| ((gi * s * s + a * s + b) * groups + q) * stride + i * wpp;
                 if s == 1 {
-                    pair_bits(&lo[y * w..][..w], hi_row, &mut dst[plane(0) + pad..][..w]);
+                    // Straight into the plane, without the row copy.
+                    let at = layout.row_at((gi, q, y), 0) + pad;
+                    pair_bits(&lo[y * w..][..w], hi_row, &mut dst[at..][..w]);
                     continue;
                 }
                 pair_bits(&lo[y * w..][..w], hi_row, &mut row);
-                // Padded column x + pad goes to phase column (x + pad) mod s, position ⌊·/s⌋.
-                for b in 0..s {
-                    let first = (s + b - pad % s) % s;
-                    let out = &mut dst[plane(b) + (first + pad) / s..];
-                    for (d, &v) in out.iter_mut().zip(row.iter().skip(first).step_by(s)) {
-                        *d = v;
-                    }
-                }
+                layout.place_row((gi, q, y), &row, dst);
             }
         }
     }
@@ -281,17 +290,8 @@ fn pack_planes_i8_body(
     dst: &mut [u32],
     quad_row: impl Fn([&[f32]; 4], &InputScale, &mut [u32]),
 ) {
-    let PlaneLayout {
-        h,
-        w,
-        k,
-        s,
-        wpp,
-        groups,
-        stride,
-        ..
-    } = *layout;
-    let (hw, pad) = (h * w, k / 2);
+    let PlaneLayout { h, w, .. } = *layout;
+    let hw = h * w;
     // A missing channel reads zeros, which quantise to zero.
     let zeros = vec![0f32; hw];
     // A whole plane at once: the deepest CIFAR stage's rows are 8 values, half a vector.
@@ -308,21 +308,7 @@ fn pack_planes_i8_body(
             });
             quad_row(ch, sc, &mut quads);
             for (y, row) in quads.chunks_exact(w).enumerate() {
-                // Padded row y + pad is row ⌊(y + pad)/s⌋ of phase row (y + pad) mod s.
-                let (a, i) = ((y + pad) % s, (y + pad) / s);
-                let plane = |b: usize| ((gi * s * s + a * s + b) * groups + q) * stride + i * wpp;
-                if s == 1 {
-                    dst[plane(0) + pad..][..w].copy_from_slice(row);
-                    continue;
-                }
-                // Padded column x + pad goes to phase column (x + pad) mod s, position ⌊·/s⌋.
-                for b in 0..s {
-                    let first = (s + b - pad % s) % s;
-                    let out = &mut dst[plane(b) + (first + pad) / s..];
-                    for (d, &v) in out.iter_mut().zip(row.iter().skip(first).step_by(s)) {
-                        *d = v;
-                    }
-                }
+                layout.place_row((gi, q, y), row, dst);
             }
         }
     }
