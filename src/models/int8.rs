@@ -10,18 +10,18 @@
 //!   `m_x` the largest |value| (zero padding stays 0);
 //!
 //! as `y[c, j] += (Σ_t w_q[c, t] · x_q[t, j]) · (m_c / 127 · m_x / L)`, L = 255 or 127
-//! (rounding to nearest even; the products of the scales in f32, in this order). The scales are the image's own, so
-//! the classifier is a fixed function of one input, as randomized smoothing needs (a scale over
-//! a batch would make an image's class depend on its batch-mates), and needs no calibration
-//! set. A k-tap sum is at most k · 255 · 127 in magnitude, exact in i32 for any convolution
+//! (rounding to nearest even; the sum converted to f32, then multiplied by the product of the
+//! two steps). The scales are the image's own, so the classifier is a fixed function of one
+//! input, as randomized smoothing needs (a scale over a batch would make an image's class
+//! depend on its batch-mates), and needs no calibration set. A k-tap sum is at most k · 255 · 127 in magnitude, exact in i32 for any convolution
 //! here, so every kernel ([`Int8Kernel`]) gives the same integers, and every kernel the same
 //! output bits: the quantisation and the scaling are one shared code path.
 //!
 //! AMX and AVX-512 VNNI read the input in place from `planes`' group planes (no im2col): four
 //! channels' bytes per u32, unsigned (`tdpbsud` and `vpdpbusd` multiply signed by unsigned
 //! bytes): a signed input goes in as `x_q + 128`, and `128 · Σ_t w_q[c, t]` is subtracted from
-//! row c's sums. The
-//! emulated kernel multiplies the integers as f32 (exact, see [`EXACT_TAPS`]).
+//! row c's sums. The emulated kernel multiplies the integers as f32 (exact, see
+//! [`EXACT_TAPS`]).
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
