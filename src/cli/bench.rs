@@ -350,15 +350,8 @@ fn bench_forward(f: BenchForwardArgs) -> Result<i32> {
     model
         .set_precision(f.precision)
         .map_err(|e| usage(e.to_string()))?;
-    if f.precision == models::Precision::Bf16 && !models::gemm::bf16_kernel_available() {
-        eprintln!("note: this CPU has no AMX or AVX-512 BF16; bf16 runs the emulated (f32) GEMM");
-    }
-    if f.precision == models::Precision::Int8
-        && models::int8::int8_kernel() == models::int8::Int8Kernel::Emulated
-    {
-        eprintln!(
-            "note: this CPU has no AMX-INT8 or AVX-512 VNNI; int8 runs the emulated (f32) GEMM"
-        );
+    if let Some(note) = models::emulated_precision_note(f.precision) {
+        eprintln!("note: {note}");
     }
     let size = arch.input_size().or(model.input_size()).unwrap_or(32);
     let report = caf::bench::bench_forward_shaped(

@@ -14,7 +14,6 @@ use super::results::Results;
 use super::slice::{certify_slice, Counted, Procedure, SliceEnd, SliceProgress, SliceRun};
 use super::source::ModelSource;
 use crate::certify::{BetaPrior, SequentialSettings, Settings, Smooth};
-use crate::models::int8::Int8Kernel;
 use crate::models::{Classifier, Precision};
 use crate::plan::{Job, JobBuilder, PlanContext, ProgressUnit};
 use crate::sched::{JobContext, JobError, JobOutput};
@@ -396,22 +395,17 @@ pub fn set_precision(
     }
     model.set_precision(precision).map_err(JobError::fatal)?;
     let fused = crate::models::path::fused(device);
-    match precision {
-        Precision::Int8 if !fused => {
-            return Err(JobError::fatal(
-                "precision int8 runs on the fused CPU path only: run the job with `--device cpu` \
-                 (and without CAF_GENERIC_PATH), or use f32 or bf16",
-            ))
-        }
-        Precision::Int8 if crate::models::int8::int8_kernel() == Int8Kernel::Emulated => {
-            tracing::warn!(
-                "this CPU has no AMX-INT8 or AVX-512 VNNI: int8 runs the emulated (f32) GEMM"
-            )
-        }
-        Precision::Bf16 if fused && !crate::models::gemm::bf16_kernel_available() => {
-            tracing::warn!("this CPU has no AMX or AVX-512 BF16: bf16 runs the emulated (f32) GEMM")
-        }
-        _ => {}
+    if precision == Precision::Int8 && !fused {
+        return Err(JobError::fatal(
+            "precision int8 runs on the fused CPU path only: run the job with `--device cpu` \
+             (and without CAF_GENERIC_PATH), or use f32 or bf16",
+        ));
+    }
+    if let Some(note) = fused
+        .then(|| crate::models::emulated_precision_note(precision))
+        .flatten()
+    {
+        tracing::warn!("{note}");
     }
     Ok(())
 }

@@ -19,7 +19,7 @@
 //! caller falls back to the AVX-512 BF16 kernel. The tile instructions are written in inline
 //! assembly: Rust's AMX intrinsics are not stable.
 
-use super::planes::{group_tiles, pack_planes, PlaneLayout};
+use super::planes::{group_tiles, PlaneLayout};
 
 /// Rows of a tile (of A and C).
 pub(crate) const TILE_ROWS: usize = 16;
@@ -204,7 +204,7 @@ pub(crate) fn conv_taps_i8(q: &[i8], c_out: usize, c_in: usize, k: usize) -> Vec
 
 /// `tmp` ([mp rows, g images × `layout.out_values()`], every value written) = the i32 sums
 /// Σ_taps Σ_groups A_tap · B_tap of a convolution on AMX-INT8 tiles: `taps` as
-/// [`conv_taps_i8`] writes them, `planes` as `planes::pack_planes_i8` writes them (unsigned
+/// [`conv_taps_i8`] writes them, `planes` as `int8::pack_planes_i8` writes them (unsigned
 /// bytes). Returns false, computing nothing, when AMX-INT8 is not available.
 pub(crate) fn conv_i8(
     taps: &[u32],
@@ -214,19 +214,78 @@ pub(crate) fn conv_i8(
     planes: &[u32],
     tmp: &mut [i32],
 ) -> bool {
-    let kk = layout.k * layout.k;
-    assert!(taps.len() >= kk * mp * layout.groups && mp.is_multiple_of(TILE_ROWS));
-    assert!(planes.len() >= g * layout.s * layout.s * layout.groups * layout.stride);
-    assert!(tmp.len() >= mp * g * layout.out_values());
+    assert!(mp.is_multiple_of(TILE_ROWS));
     if !int8_available() {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AMX-INT8 is available; the operands have the sizes asserted above.
+    // SAFETY: AMX-INT8 is available; mp is whole tiles, and the tile loop checks the operands'
+    // sizes against the layout.
     unsafe {
         kernel::conv::<i32>(mp, g, layout, taps, planes, tmp)
     };
     true
+}
+
+/// Writes `x` ([c_in, g, h, w] f32) as `layout`'s pair planes into `dst` (resized; zero borders,
+/// zero planes past the channels).
+pub(crate) fn pack_planes(
+    x: &[f32],
+    c_in: usize,
+    g: usize,
+    layout: &PlaneLayout,
+    dst: &mut Vec<u32>,
+) {
+    dst.clear();
+    dst.resize(g * layout.image_values(), 0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { pack_planes_avx512(x, c_in, g, layout, dst) };
+    }
+    pack_planes_body(x, c_in, g, layout, dst)
+}
+
+/// [`pack_planes`]'s conversion compiled for AVX-512 (every CPU with AMX has it).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_planes_avx512(
+    x: &[f32],
+    c_in: usize,
+    g: usize,
+    layout: &PlaneLayout,
+    dst: &mut [u32],
+) {
+    pack_planes_body(x, c_in, g, layout, dst)
+}
+
+#[inline(always)]
+fn pack_planes_body(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst: &mut [u32]) {
+    use super::gemm::pair_bits;
+    let PlaneLayout { h, w, k, s, .. } = *layout;
+    let (hw, pad) = (h * w, k / 2);
+    let zeros = vec![0f32; w];
+    let mut row = vec![0u32; w];
+    for gi in 0..g {
+        for q in 0..c_in.div_ceil(2) {
+            let lo = &x[(2 * q * g + gi) * hw..][..hw];
+            let hi = (2 * q + 1 < c_in).then(|| &x[((2 * q + 1) * g + gi) * hw..][..hw]);
+            for y in 0..h {
+                let hi_row = hi.map_or(&zeros[..], |hi| &hi[y * w..][..w]);
+                if s == 1 {
+                    // Straight into the plane, without the row copy.
+                    let at = layout.row_at((gi, q, y), 0) + pad;
+                    pair_bits(&lo[y * w..][..w], hi_row, &mut dst[at..][..w]);
+                    continue;
+                }
+                pair_bits(&lo[y * w..][..w], hi_row, &mut row);
+                layout.place_row((gi, q, y), &row, dst);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -461,11 +520,10 @@ mod kernel {
         tmp: &mut [T],
     ) {
         let (k, qp, stride, step) = (layout.k, layout.groups, layout.stride, layout.step);
-        let image = layout.s * layout.s * qp * stride;
+        let image = layout.image_values();
         let plane_out = layout.out_values();
         let ld = g * plane_out;
-        assert!(taps.len() >= k * k * mp * qp && planes.len() >= g * image);
-        assert!(tmp.len() >= mp * ld);
+        layout.assert_operands((taps.len(), mp, g), planes.len(), tmp.len());
         let steps = move || {
             (0..k * k).flat_map(move |t| {
                 let shift = layout.tap(t);

@@ -13,8 +13,8 @@
 //! (rounding to nearest even; the sum converted to f32, then multiplied by the product of the
 //! two steps). The scales are the image's own, so the classifier is a fixed function of one
 //! input, as randomized smoothing needs (a scale over a batch would make an image's class
-//! depend on its batch-mates), and needs no calibration set. A k-tap sum is at most k · 255 · 127 in magnitude, exact in i32 for any convolution
-//! here, so every kernel ([`Int8Kernel`]) gives the same integers, and every kernel the same
+//! depend on its batch-mates), and needs no calibration set. A k-tap sum is at most
+//! k · 255 · 127 in magnitude, exact in i32 for any convolution here, so every kernel ([`Int8Kernel`]) gives the same integers, and every kernel the same
 //! output bits: the quantisation and the scaling are one shared code path.
 //!
 //! AMX and AVX-512 VNNI read the input in place from `planes`' group planes (no im2col): four
@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 
 use super::amx::{self, padded};
 use super::gemm::{kernel_level, KernelLevel};
-use super::planes::{pack_planes_i8, PlaneLayout};
+use super::planes::PlaneLayout;
 
 /// The largest quantised magnitude: symmetric, so −128 is never used.
 const QMAX: f32 = 127.0;
@@ -518,10 +518,8 @@ mod vnni {
         planes: &[u32],
         acc: &mut [i32],
     ) -> bool {
-        let kk = layout.k * layout.k;
-        assert!(taps.len() >= kk * mp * layout.groups && mp.is_multiple_of(MR));
-        assert!(planes.len() >= g * layout.s * layout.s * layout.groups * layout.stride);
-        assert!(acc.len() >= mp * g * layout.out_values());
+        assert!(mp.is_multiple_of(MR));
+        layout.assert_operands((taps.len(), mp, g), planes.len(), acc.len());
         if !super::cpu_has_vnni() {
             return false;
         }
@@ -540,7 +538,7 @@ mod vnni {
         planes: &[u32],
         acc: &mut [i32],
     ) {
-        let image = layout.s * layout.s * layout.groups * layout.stride;
+        let image = layout.image_values();
         let plane_out = layout.out_values();
         let ld = g * plane_out;
         for gi in 0..g {
@@ -613,6 +611,137 @@ mod vnni {
         _: &mut [i32],
     ) -> bool {
         false
+    }
+}
+
+/// Writes `x` ([c_in, g, h, w] f32) as `layout`'s int8 group planes into `dst` (resized): image
+/// gi's values as `scales[gi]`'s unsigned bytes ([`InputScale::byte`]), channels 4q … 4q + 3 in
+/// the bytes of one u32; borders hold the image's quantised zero, channels past c_in too.
+pub(crate) fn pack_planes_i8(
+    x: &[f32],
+    c_in: usize,
+    g: usize,
+    layout: &PlaneLayout,
+    scales: &[InputScale],
+    dst: &mut Vec<u32>,
+) {
+    assert!(scales.len() >= g);
+    let image = layout.image_values();
+    dst.clear();
+    dst.resize(g * image, 0);
+    for (d, sc) in dst.chunks_exact_mut(image).zip(scales) {
+        d.fill(sc.offset() as u32 * 0x0101_0101);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F.
+        return unsafe { pack_planes_i8_avx512(x, c_in, g, layout, scales, dst) };
+    }
+    pack_planes_i8_body(x, c_in, g, layout, scales, dst, quad_row)
+}
+
+/// [`pack_planes_i8`]'s quantisation compiled for AVX-512 (every CPU with AMX or AVX-512 VNNI
+/// has it).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_planes_i8_avx512(
+    x: &[f32],
+    c_in: usize,
+    g: usize,
+    layout: &PlaneLayout,
+    scales: &[InputScale],
+    dst: &mut [u32],
+) {
+    pack_planes_i8_body(x, c_in, g, layout, scales, dst, |r, sc, row| {
+        // SAFETY: this function runs only where the CPU has AVX-512 F.
+        unsafe { quad_row_avx512(r, sc, row) }
+    })
+}
+
+/// Channels `r[0..4]` of one image plane (or row) as `sc`'s bytes into `row`, byte l of each u32 from
+/// `r[l]`: 16 values at a time, rounding as [`InputScale::level`] does (`vcvtps2dq` rounds to
+/// nearest even, like its addition of 1.5 · 2²³; `vmaxps` returns its second operand for a NaN,
+/// like `f32::max`).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quad_row_avx512(r: [&[f32]; 4], sc: &InputScale, row: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let w = row.len();
+    let (lo, hi) = sc.bounds();
+    let (vinv, lo, hi) = (
+        _mm512_set1_ps(sc.inv),
+        _mm512_set1_ps(lo),
+        _mm512_set1_ps(hi),
+    );
+    let (mask, offset) = (
+        _mm512_set1_epi32(0xFF),
+        _mm512_set1_epi32((sc.offset() as u32 * 0x0101_0101) as i32),
+    );
+    let mut i = 0;
+    while i + 16 <= w {
+        let mut v = _mm512_setzero_si512();
+        for (l, ch) in r.iter().enumerate() {
+            let f = _mm512_mul_ps(_mm512_loadu_ps(ch.as_ptr().add(i)), vinv);
+            let q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(f, lo), hi));
+            let byte = _mm512_and_si512(q, mask);
+            v = _mm512_or_si512(v, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * l as i32)));
+        }
+        // Adding 128 to each byte of a signed level is flipping its top bit.
+        _mm512_storeu_si512(
+            row.as_mut_ptr().add(i) as *mut _,
+            _mm512_xor_si512(v, offset),
+        );
+        i += 16;
+    }
+    quad_row(r.map(|c| &c[i..]), sc, &mut row[i..]);
+}
+
+/// [`quad_row_avx512`] one value at a time.
+#[inline(always)]
+fn quad_row(r: [&[f32]; 4], sc: &InputScale, row: &mut [u32]) {
+    for (i, d) in row.iter_mut().enumerate() {
+        let b = |v: f32| u32::from(sc.byte(v));
+        *d = b(r[0][i]) | b(r[1][i]) << 8 | b(r[2][i]) << 16 | b(r[3][i]) << 24;
+    }
+}
+
+#[inline(always)]
+fn pack_planes_i8_body(
+    x: &[f32],
+    c_in: usize,
+    g: usize,
+    layout: &PlaneLayout,
+    scales: &[InputScale],
+    dst: &mut [u32],
+    quad_row: impl Fn([&[f32]; 4], &InputScale, &mut [u32]),
+) {
+    let PlaneLayout { h, w, .. } = *layout;
+    let hw = h * w;
+    // A missing channel reads zeros, which quantise to zero.
+    let zeros = vec![0f32; hw];
+    // A whole plane at once: the deepest CIFAR stage's rows are 8 values, half a vector.
+    let mut quads = vec![0u32; hw];
+    for (gi, sc) in scales.iter().enumerate().take(g) {
+        for q in 0..c_in.div_ceil(4) {
+            let ch: [&[f32]; 4] = std::array::from_fn(|l| {
+                let c = 4 * q + l;
+                if c < c_in {
+                    &x[(c * g + gi) * hw..][..hw]
+                } else {
+                    &zeros[..]
+                }
+            });
+            quad_row(ch, sc, &mut quads);
+            for (y, row) in quads.chunks_exact(w).enumerate() {
+                layout.place_row((gi, q, y), row, dst);
+            }
+        }
     }
 }
 

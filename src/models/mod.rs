@@ -145,6 +145,19 @@ pub trait Classifier: Send + Sync {
     }
 }
 
+/// A warning, when the fused CPU path would run `precision`'s products on its emulated (f32)
+/// GEMM: this CPU (or `CAF_KERNELS`) offers no kernel for it. `None` for f32, or when one runs.
+pub fn emulated_precision_note(precision: Precision) -> Option<&'static str> {
+    match precision {
+        Precision::F32 => None,
+        Precision::Bf16 => (!gemm::bf16_kernel_available())
+            .then_some("this CPU has no AMX or AVX-512 BF16: bf16 runs the emulated (f32) GEMM"),
+        Precision::Int8 => (int8::int8_kernel() == int8::Int8Kernel::Emulated).then_some(
+            "this CPU has no AMX-INT8 or AVX-512 VNNI: int8 runs the emulated (f32) GEMM",
+        ),
+    }
+}
+
 /// Builds `arch` and loads `weights` (safetensors, PyTorch zip, or legacy PyTorch pickle).
 ///
 /// The number of classes is read from the weights. Names must match the architecture exactly

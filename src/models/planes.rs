@@ -1,10 +1,8 @@
 //! The "group planes" layout of a convolution's input that the tile and VNNI convolutions
-//! read in place (no im2col): [`PlaneLayout`], and the packing of f32 activations into it as
-//! bf16 pairs ([`pack_planes`], for `amx::conv`) and as int8 quads ([`pack_planes_i8`], for
-//! `int8`).
+//! read in place (no im2col): [`PlaneLayout`]. The packings into it live with their users:
+//! bf16 pairs in `amx.rs`, int8 quads in `int8.rs`.
 
 use super::amx::{padded, TILE_COLS, TILE_PAIRS};
-use super::int8::InputScale;
 
 /// How a k×k convolution's input (padding k/2, stride s) is laid out for `amx::conv`,
 /// `amx::conv_i8` and the VNNI int8 convolution ("group planes"). The zero-padded image is split into s² phase planes (phase
@@ -78,6 +76,31 @@ impl PlaneLayout {
     }
 
     /// Output values per channel and image, padded rows included.
+    /// u32s of one image's planes (its s² phases × `groups` planes of `stride`).
+    pub(crate) fn image_values(&self) -> usize {
+        self.s * self.s * self.groups * self.stride
+    }
+
+    /// Checks a plane convolution's operand sizes against this layout: `taps` values of k·k taps
+    /// of `mp` rows of `groups` groups, `planes` of `g` images, `out` of mp rows of g images'
+    /// [`out_values`](Self::out_values).
+    pub(crate) fn assert_operands(
+        &self,
+        (taps, mp, g): (usize, usize, usize),
+        planes: usize,
+        out: usize,
+    ) {
+        assert!(
+            taps >= self.k * self.k * mp * self.groups,
+            "plane convolution weights"
+        );
+        assert!(planes >= g * self.image_values(), "plane convolution input");
+        assert!(
+            out >= mp * g * self.out_values(),
+            "plane convolution output"
+        );
+    }
+
     pub(crate) fn out_values(&self) -> usize {
         self.tiles * TILE_COLS
     }
@@ -85,7 +108,7 @@ impl PlaneLayout {
     /// Where padded row y + pad of image gi, group q starts in phase column b's plane: padded
     /// row y + pad is row ⌊(y + pad)/s⌋ of phase row (y + pad) mod s.
     #[inline(always)]
-    fn row_at(&self, (gi, q, y): (usize, usize, usize), b: usize) -> usize {
+    pub(crate) fn row_at(&self, (gi, q, y): (usize, usize, usize), b: usize) -> usize {
         let (s, pad) = (self.s, self.k / 2);
         let (a, i) = ((y + pad) % s, (y + pad) / s);
         ((gi * s * s + a * s + b) * self.groups + q) * self.stride + i * self.wpp
@@ -94,7 +117,7 @@ impl PlaneLayout {
     /// Writes input row y (w values) of image gi, group q into its phase planes: padded column
     /// x + pad goes to phase column (x + pad) mod s, position ⌊(x + pad)/s⌋.
     #[inline(always)]
-    fn place_row(&self, at: (usize, usize, usize), row: &[u32], dst: &mut [u32]) {
+    pub(crate) fn place_row(&self, at: (usize, usize, usize), row: &[u32], dst: &mut [u32]) {
         let (s, pad) = (self.s, self.k / 2);
         if s == 1 {
             return dst[self.row_at(at, 0) + pad..][..row.len()].copy_from_slice(row);
@@ -113,203 +136,5 @@ impl PlaneLayout {
         let (ky, kx, s) = (t / self.k, t % self.k, self.s);
         let phase = (ky % s) * s + kx % s;
         phase * self.groups * self.stride + (ky / s) * self.wpp + kx / s
-    }
-}
-
-/// Writes `x` ([c_in, g, h, w] f32) as `layout`'s pair planes into `dst` (resized; zero borders,
-/// zero planes past the channels).
-pub(crate) fn pack_planes(
-    x: &[f32],
-    c_in: usize,
-    g: usize,
-    layout: &PlaneLayout,
-    dst: &mut Vec<u32>,
-) {
-    let PlaneLayout {
-        s, groups, stride, ..
-    } = *layout;
-    dst.clear();
-    dst.resize(g * s * s * groups * stride, 0);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F.
-        return unsafe { pack_planes_avx512(x, c_in, g, layout, dst) };
-    }
-    pack_planes_body(x, c_in, g, layout, dst)
-}
-
-/// [`pack_planes`]'s conversion compiled for AVX-512 (every CPU with AMX has it).
-///
-/// # Safety
-/// The CPU must have AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_planes_avx512(
-    x: &[f32],
-    c_in: usize,
-    g: usize,
-    layout: &PlaneLayout,
-    dst: &mut [u32],
-) {
-    pack_planes_body(x, c_in, g, layout, dst)
-}
-
-#[inline(always)]
-fn pack_planes_body(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst: &mut [u32]) {
-    use super::gemm::pair_bits;
-    let PlaneLayout { h, w, k, s, .. } = *layout;
-    let (hw, pad) = (h * w, k / 2);
-    let zeros = vec![0f32; w];
-    let mut row = vec![0u32; w];
-    for gi in 0..g {
-        for q in 0..c_in.div_ceil(2) {
-            let lo = &x[(2 * q * g + gi) * hw..][..hw];
-            let hi = (2 * q + 1 < c_in).then(|| &x[((2 * q + 1) * g + gi) * hw..][..hw]);
-            for y in 0..h {
-                let hi_row = hi.map_or(&zeros[..], |hi| &hi[y * w..][..w]);
-                if s == 1 {
-                    // Straight into the plane, without the row copy.
-                    let at = layout.row_at((gi, q, y), 0) + pad;
-                    pair_bits(&lo[y * w..][..w], hi_row, &mut dst[at..][..w]);
-                    continue;
-                }
-                pair_bits(&lo[y * w..][..w], hi_row, &mut row);
-                layout.place_row((gi, q, y), &row, dst);
-            }
-        }
-    }
-}
-
-/// Writes `x` ([c_in, g, h, w] f32) as `layout`'s int8 group planes into `dst` (resized): image
-/// gi's values as `scales[gi]`'s unsigned bytes ([`InputScale::byte`]), channels 4q … 4q + 3 in
-/// the bytes of one u32; borders hold the image's quantised zero, channels past c_in too.
-pub(crate) fn pack_planes_i8(
-    x: &[f32],
-    c_in: usize,
-    g: usize,
-    layout: &PlaneLayout,
-    scales: &[InputScale],
-    dst: &mut Vec<u32>,
-) {
-    let PlaneLayout {
-        s, groups, stride, ..
-    } = *layout;
-    assert!(scales.len() >= g);
-    let image = s * s * groups * stride;
-    dst.clear();
-    dst.resize(g * image, 0);
-    for (d, sc) in dst.chunks_exact_mut(image).zip(scales) {
-        d.fill(sc.offset() as u32 * 0x0101_0101);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F.
-        return unsafe { pack_planes_i8_avx512(x, c_in, g, layout, scales, dst) };
-    }
-    pack_planes_i8_body(x, c_in, g, layout, scales, dst, quad_row)
-}
-
-/// [`pack_planes_i8`]'s quantisation compiled for AVX-512 (every CPU with AMX or AVX-512 VNNI
-/// has it).
-///
-/// # Safety
-/// The CPU must have AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_planes_i8_avx512(
-    x: &[f32],
-    c_in: usize,
-    g: usize,
-    layout: &PlaneLayout,
-    scales: &[InputScale],
-    dst: &mut [u32],
-) {
-    pack_planes_i8_body(x, c_in, g, layout, scales, dst, |r, sc, row| {
-        // SAFETY: this function runs only where the CPU has AVX-512 F.
-        unsafe { quad_row_avx512(r, sc, row) }
-    })
-}
-
-/// Channels `r[0..4]` of one image plane (or row) as `sc`'s bytes into `row`, byte l of each u32 from
-/// `r[l]`: 16 values at a time, rounding as [`InputScale::level`] does (`vcvtps2dq` rounds to
-/// nearest even, like its addition of 1.5 · 2²³; `vmaxps` returns its second operand for a NaN,
-/// like `f32::max`).
-///
-/// # Safety
-/// The CPU must have AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn quad_row_avx512(r: [&[f32]; 4], sc: &InputScale, row: &mut [u32]) {
-    use std::arch::x86_64::*;
-    let w = row.len();
-    let (lo, hi) = sc.bounds();
-    let (vinv, lo, hi) = (
-        _mm512_set1_ps(sc.inv),
-        _mm512_set1_ps(lo),
-        _mm512_set1_ps(hi),
-    );
-    let (mask, offset) = (
-        _mm512_set1_epi32(0xFF),
-        _mm512_set1_epi32((sc.offset() as u32 * 0x0101_0101) as i32),
-    );
-    let mut i = 0;
-    while i + 16 <= w {
-        let mut v = _mm512_setzero_si512();
-        for (l, ch) in r.iter().enumerate() {
-            let f = _mm512_mul_ps(_mm512_loadu_ps(ch.as_ptr().add(i)), vinv);
-            let q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(f, lo), hi));
-            let byte = _mm512_and_si512(q, mask);
-            v = _mm512_or_si512(v, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * l as i32)));
-        }
-        // Adding 128 to each byte of a signed level is flipping its top bit.
-        _mm512_storeu_si512(
-            row.as_mut_ptr().add(i) as *mut _,
-            _mm512_xor_si512(v, offset),
-        );
-        i += 16;
-    }
-    quad_row(r.map(|c| &c[i..]), sc, &mut row[i..]);
-}
-
-/// [`quad_row_avx512`] one value at a time.
-#[inline(always)]
-fn quad_row(r: [&[f32]; 4], sc: &InputScale, row: &mut [u32]) {
-    for (i, d) in row.iter_mut().enumerate() {
-        let b = |v: f32| u32::from(sc.byte(v));
-        *d = b(r[0][i]) | b(r[1][i]) << 8 | b(r[2][i]) << 16 | b(r[3][i]) << 24;
-    }
-}
-
-#[inline(always)]
-fn pack_planes_i8_body(
-    x: &[f32],
-    c_in: usize,
-    g: usize,
-    layout: &PlaneLayout,
-    scales: &[InputScale],
-    dst: &mut [u32],
-    quad_row: impl Fn([&[f32]; 4], &InputScale, &mut [u32]),
-) {
-    let PlaneLayout { h, w, .. } = *layout;
-    let hw = h * w;
-    // A missing channel reads zeros, which quantise to zero.
-    let zeros = vec![0f32; hw];
-    // A whole plane at once: the deepest CIFAR stage's rows are 8 values, half a vector.
-    let mut quads = vec![0u32; hw];
-    for (gi, sc) in scales.iter().enumerate().take(g) {
-        for q in 0..c_in.div_ceil(4) {
-            let ch: [&[f32]; 4] = std::array::from_fn(|l| {
-                let c = 4 * q + l;
-                if c < c_in {
-                    &x[(c * g + gi) * hw..][..hw]
-                } else {
-                    &zeros[..]
-                }
-            });
-            quad_row(ch, sc, &mut quads);
-            for (y, row) in quads.chunks_exact(w).enumerate() {
-                layout.place_row((gi, q, y), row, dst);
-            }
-        }
     }
 }
