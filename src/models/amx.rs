@@ -10,8 +10,9 @@
 //!
 //! [`gemm`] multiplies operands padded so that every tile is full (A to a multiple of 16 rows
 //! and of 16 pairs, B to a multiple of 16 pair rows and 16 columns); C blocks that reach past
-//! the matrix go through a scratch block, so nothing outside C is read or written. [`conv`]
-//! runs a convolution without an im2col (see [`PlaneLayout`]), [`conv_i8`] the same in int8
+//! the matrix go through a scratch block, so nothing outside C is read or written.
+//! [`conv_bf16`] runs a convolution's products without an im2col (see [`PlaneLayout`]; the
+//! convolution around it is `super::plane_conv::bf16`), [`conv_i8`] the same in int8
 //! (`tdpbsud`, for `super::int8`).
 //!
 //! Linux gives a process the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,
@@ -19,7 +20,7 @@
 //! caller falls back to the AVX-512 BF16 kernel. The tile instructions are written in inline
 //! assembly: Rust's AMX intrinsics are not stable.
 
-use super::planes::{group_tiles, PlaneLayout};
+use super::planes::PlaneLayout;
 
 /// Rows of a tile (of A and C).
 pub(crate) const TILE_ROWS: usize = 16;
@@ -97,115 +98,35 @@ pub(crate) fn padded(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
-/// A convolution's weights for [`conv`]: per kernel tap t = (ky, kx), an A
-/// operand of `c_out` rounded up to 16 rows and [`pair_tiles`]'s pairs, row o pair q
-/// holding bf16(w[o][2q][ky][kx]) | bf16(w[o][2q + 1][ky][kx]) << 16 (zero past the
-/// channels). `values` is [c_out, c_in·k·k] in PyTorch's (c, ky, kx) order.
-pub(crate) fn conv_taps(values: &[f32], c_out: usize, c_in: usize, k: usize) -> Vec<u32> {
-    use super::gemm::bf16_bits;
-    let (kk, mp) = (k * k, padded(c_out, TILE_ROWS));
-    let qp = group_tiles(c_in, 2).1;
-    let mut out = vec![0u32; kk * mp * qp];
-    for t in 0..kk {
-        for o in 0..c_out {
-            let row = &values[o * c_in * kk..][..c_in * kk];
-            let dst = &mut out[(t * mp + o) * qp..][..qp];
-            for (q, d) in dst.iter_mut().enumerate().take(c_in.div_ceil(2)) {
-                let lo = bf16_bits(row[2 * q * kk + t]);
-                let hi = if 2 * q + 1 < c_in {
-                    bf16_bits(row[(2 * q + 1) * kk + t])
-                } else {
-                    0
-                };
-                *d = lo | (hi << 16);
-            }
-        }
-    }
-    out
-}
-
-thread_local! {
-    /// The input as pair planes and the padded-row outputs, reused across calls.
-    static CONV_SCRATCH: std::cell::RefCell<(Vec<u32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// `out += conv(x)` for a k×k convolution (padding k/2, stride s) of `g` images on AMX tiles:
-/// `x` is [c_in, g, h, w] f32, rounded to bf16 here; `taps` as [`conv_taps`] writes them; `out`
-/// is [c_out, g, ho, wo]. Returns false, computing nothing, when AMX is not available.
-pub(crate) fn conv(
-    taps: &[u32],
-    (c_in, c_out, k, s): (usize, usize, usize, usize),
+/// `tmp` ([mp rows, g images × `layout.out_values()`], every value written) = the f32 sums
+/// Σ_taps Σ_groups A_tap · B_tap of a convolution on AMX-BF16 tiles: `taps` as
+/// `plane_conv::conv_taps` writes them, `planes` as `plane_conv::pack_planes` does (bf16
+/// pairs). Returns false, computing nothing, when AMX-BF16 is not available.
+pub(crate) fn conv_bf16(
+    mp: usize,
     g: usize,
-    (h, w): (usize, usize),
-    x: &[f32],
-    out: &mut [f32],
+    layout: &PlaneLayout,
+    taps: &[u32],
+    planes: &[u32],
+    tmp: &mut [f32],
 ) -> bool {
-    let layout = PlaneLayout::new(c_in, 2, (h, w), k, s);
-    let mp = padded(c_out, TILE_ROWS);
-    let (ho, wo) = (layout.ho, layout.wo);
-    assert!(s >= 1 && taps.len() == k * k * mp * layout.groups);
-    assert!(x.len() >= c_in * g * h * w && out.len() >= c_out * g * ho * wo);
+    assert!(mp.is_multiple_of(TILE_ROWS));
     if !available() {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
-    CONV_SCRATCH.with_borrow_mut(|(planes, tmp)| {
-        pack_planes(x, c_in, g, &layout, planes);
-        let ld = g * layout.out_values();
-        if tmp.len() < mp * ld {
-            tmp.resize(mp * ld, 0.0);
-        }
-        // SAFETY: AMX is available; `taps` has k·k taps of mp rows of `pairs` pairs (asserted),
-        // `planes` g·s²·pairs planes of `stride` values, `tmp` mp rows of g·tiles·16 values.
-        unsafe { kernel::conv(mp, g, &layout, taps, planes, &mut tmp[..mp * ld]) };
-        let (wpp, plane_out) = (layout.wpp, layout.out_values());
-        for (c, o) in out.chunks_exact_mut(g * ho * wo).take(c_out).enumerate() {
-            for (gi, img) in o.chunks_exact_mut(ho * wo).enumerate() {
-                let src = &tmp[c * ld + gi * plane_out..][..plane_out];
-                for (y, row) in img.chunks_exact_mut(wo).enumerate() {
-                    for (d, &v) in row.iter_mut().zip(&src[y * wpp..]) {
-                        *d += v;
-                    }
-                }
-            }
-        }
-    });
+    // SAFETY: AMX-BF16 is available; mp is whole tiles, and the tile loop checks the operands'
+    // sizes against the layout.
+    unsafe {
+        kernel::conv::<f32>(mp, g, layout, taps, planes, tmp)
+    };
     true
-}
-
-/// A convolution's int8 weights for [`conv_i8`] and the VNNI convolution: per kernel tap
-/// t = (ky, kx), `c_out` rounded up to 16 rows of [`group_tiles`]`(c_in, 4)` groups, row o group
-/// q holding the signed bytes of w_q[o][4q + l][ky][kx] in byte l (zero past the channels).
-/// `q` is [c_out, c_in·k·k] in PyTorch's (c, ky, kx) order.
-pub(crate) fn conv_taps_i8(q: &[i8], c_out: usize, c_in: usize, k: usize) -> Vec<u32> {
-    let (kk, mp) = (k * k, padded(c_out, TILE_ROWS));
-    let qp = group_tiles(c_in, 4).1;
-    let mut out = vec![0u32; kk * mp * qp];
-    for t in 0..kk {
-        for o in 0..c_out {
-            let row = &q[o * c_in * kk..][..c_in * kk];
-            let dst = &mut out[(t * mp + o) * qp..][..qp];
-            for (g, d) in dst.iter_mut().enumerate().take(c_in.div_ceil(4)) {
-                let byte = |l: usize| {
-                    let c = 4 * g + l;
-                    if c < c_in {
-                        u32::from(row[c * kk + t] as u8) << (8 * l)
-                    } else {
-                        0
-                    }
-                };
-                *d = byte(0) | byte(1) | byte(2) | byte(3);
-            }
-        }
-    }
-    out
 }
 
 /// `tmp` ([mp rows, g images × `layout.out_values()`], every value written) = the i32 sums
 /// Σ_taps Σ_groups A_tap · B_tap of a convolution on AMX-INT8 tiles: `taps` as
-/// [`conv_taps_i8`] writes them, `planes` as `int8::pack_planes_i8` writes them (unsigned
-/// bytes). Returns false, computing nothing, when AMX-INT8 is not available.
+/// `plane_conv::conv_taps_i8` writes them, `planes` as `int8::pack_planes_i8` writes them
+/// (unsigned bytes). Returns false, computing nothing, when AMX-INT8 is not available.
 pub(crate) fn conv_i8(
     taps: &[u32],
     mp: usize,
@@ -225,67 +146,6 @@ pub(crate) fn conv_i8(
         kernel::conv::<i32>(mp, g, layout, taps, planes, tmp)
     };
     true
-}
-
-/// Writes `x` ([c_in, g, h, w] f32) as `layout`'s pair planes into `dst` (resized; zero borders,
-/// zero planes past the channels).
-pub(crate) fn pack_planes(
-    x: &[f32],
-    c_in: usize,
-    g: usize,
-    layout: &PlaneLayout,
-    dst: &mut Vec<u32>,
-) {
-    dst.clear();
-    dst.resize(g * layout.image_values(), 0);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F.
-        return unsafe { pack_planes_avx512(x, c_in, g, layout, dst) };
-    }
-    pack_planes_body(x, c_in, g, layout, dst)
-}
-
-/// [`pack_planes`]'s conversion compiled for AVX-512 (every CPU with AMX has it).
-///
-/// # Safety
-/// The CPU must have AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_planes_avx512(
-    x: &[f32],
-    c_in: usize,
-    g: usize,
-    layout: &PlaneLayout,
-    dst: &mut [u32],
-) {
-    pack_planes_body(x, c_in, g, layout, dst)
-}
-
-#[inline(always)]
-fn pack_planes_body(x: &[f32], c_in: usize, g: usize, layout: &PlaneLayout, dst: &mut [u32]) {
-    use super::gemm::pair_bits;
-    let PlaneLayout { h, w, k, s, .. } = *layout;
-    let (hw, pad) = (h * w, k / 2);
-    let zeros = vec![0f32; w];
-    let mut row = vec![0u32; w];
-    for gi in 0..g {
-        for q in 0..c_in.div_ceil(2) {
-            let lo = &x[(2 * q * g + gi) * hw..][..hw];
-            let hi = (2 * q + 1 < c_in).then(|| &x[((2 * q + 1) * g + gi) * hw..][..hw]);
-            for y in 0..h {
-                let hi_row = hi.map_or(&zeros[..], |hi| &hi[y * w..][..w]);
-                if s == 1 {
-                    // Straight into the plane, without the row copy.
-                    let at = layout.row_at((gi, q, y), 0) + pad;
-                    pair_bits(&lo[y * w..][..w], hi_row, &mut dst[at..][..w]);
-                    continue;
-                }
-                pair_bits(&lo[y * w..][..w], hi_row, &mut row);
-                layout.place_row((gi, q, y), &row, dst);
-            }
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -502,7 +362,7 @@ mod kernel {
         asm!("tilerelease", options(nostack, nomem, preserves_flags));
     }
 
-    /// The tile loop of [`conv`](super::conv) and [`conv_i8`](super::conv_i8): `tmp` ([mp rows,
+    /// The tile loop of [`conv_bf16`](super::conv_bf16) and [`conv_i8`](super::conv_i8): `tmp` ([mp rows,
     /// g images × tiles · 16 padded-row outputs]) = Σ over taps and group tiles of A_tap · B_tap,
     /// in f32 from bf16 pairs (`T` = f32) or in i32 from signed × unsigned bytes (`T` = i32).
     ///
@@ -658,99 +518,6 @@ mod kernel {
             tile_store!("2", tiles[2].ptr, tiles[2].stride);
             if nt == 2 {
                 tile_store!("3", tiles[3].ptr, tiles[3].stride);
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::models::gemm::round_bf16;
-
-    /// The tile convolution against an f64 direct sum over the rounded operands, for shapes that
-    /// leave every kind of partial tile: odd channel counts, fewer than 16 output channels,
-    /// planes narrower than a tile, 5×5 and even kernels, strides 2 and 3 on even and odd
-    /// planes, several images. Runs only where AMX is.
-    #[test]
-    fn tile_convolution_is_the_direct_sum_of_the_rounded_operands() {
-        if !available() {
-            eprintln!("no AMX on this CPU: the tile convolution is not run");
-            return;
-        }
-        for &(c_in, c_out, k, s, g, h, w) in &[
-            (16, 16, 3, 1, 1, 32, 32),
-            (3, 16, 3, 1, 2, 8, 8),
-            (32, 48, 3, 1, 1, 8, 8),
-            (5, 7, 5, 1, 2, 3, 6),
-            (64, 64, 3, 1, 1, 8, 8),
-            (1, 1, 1, 1, 1, 1, 1),
-            (33, 20, 3, 1, 3, 2, 17),
-            (16, 32, 3, 2, 1, 32, 32),
-            (32, 64, 3, 2, 2, 16, 16),
-            (5, 9, 3, 2, 1, 7, 9),
-            (16, 32, 1, 2, 1, 8, 8),
-            (4, 6, 2, 2, 1, 6, 5),
-            (3, 5, 5, 3, 2, 11, 10),
-        ] {
-            let mut seed = 12345u64;
-            let mut next = move || {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            };
-            let p = k / 2;
-            let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
-            let weights: Vec<f32> = (0..c_out * c_in * k * k)
-                .map(|_| round_bf16(next()))
-                .collect();
-            let x: Vec<f32> = (0..c_in * g * h * w).map(|_| next()).collect();
-            let out0: Vec<f32> = (0..c_out * g * ho * wo).map(|_| next()).collect();
-            let taps = conv_taps(&weights, c_out, c_in, k);
-            let mut out = out0.clone();
-            out.extend([7.0; 9]);
-            assert!(conv(&taps, (c_in, c_out, k, s), g, (h, w), &x, &mut out));
-            assert_eq!(
-                out[c_out * g * ho * wo..],
-                [7.0; 9],
-                "wrote past the output"
-            );
-            for o in 0..c_out {
-                for gi in 0..g {
-                    for y in 0..ho {
-                        for xx in 0..wo {
-                            let at = ((o * g + gi) * ho + y) * wo + xx;
-                            let (mut sum, mut abs) = (out0[at] as f64, out0[at].abs() as f64);
-                            for c in 0..c_in {
-                                for ky in 0..k {
-                                    for kx in 0..k {
-                                        let (Some(iy), Some(ix)) = (
-                                            (y * s + ky).checked_sub(p),
-                                            (xx * s + kx).checked_sub(p),
-                                        ) else {
-                                            continue;
-                                        };
-                                        if iy >= h || ix >= w {
-                                            continue;
-                                        }
-                                        let v = round_bf16(x[((c * g + gi) * h + iy) * w + ix]);
-                                        let t = weights[((o * c_in + c) * k + ky) * k + kx] as f64
-                                            * v as f64;
-                                        sum += t;
-                                        abs += t.abs();
-                                    }
-                                }
-                            }
-                            let got = out[at] as f64;
-                            assert!(
-                                (got - sum).abs() <= 1e-6 * abs + 1e-7,
-                                "({c_in},{c_out},{k},{s},{g},{h},{w}) at ({o},{gi},{y},{xx}): \
-                                 {got} vs {sum}"
-                            );
-                        }
-                    }
-                }
             }
         }
     }

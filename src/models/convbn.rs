@@ -81,13 +81,11 @@ impl FoldedConv {
             // A 1×1 convolution at stride 1 reads the activations as they are.
             return self.weight.accumulate(n, x, out);
         }
-        if self.weight.on_amx() {
+        if let Some(kernel) = self.weight.plane_kernel() {
             // Every shape, without an im2col.
             let taps = self.weight.conv_taps(self.c_in, self.k);
             let shape = (self.c_in, self.c_out, self.k, self.stride);
-            if super::amx::conv(taps, shape, g, (h, w), x, out) {
-                return;
-            }
+            return super::plane_conv::bf16(kernel, taps, shape, g, (h, w), x, out);
         }
         let direct = (self.stride == 1 && self.weight.is_f32())
             .then(|| super::direct::shape(self.c_in, self.c_out, self.k, (h, w)))

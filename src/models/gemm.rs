@@ -171,8 +171,8 @@ pub(crate) struct GemmWeight {
     /// rows padded to a multiple of 16 and [`pair_stride`] pairs each (the
     /// AMX tiles' layout; the AVX-512 kernel reads the same rows and skips the padding).
     pairs: Option<Vec<u32>>,
-    /// bf16 only, built on first use: the weights as a same-size convolution's AMX taps
-    /// (`amx::conv_taps`).
+    /// bf16 only, built on first use: the weights as the plane convolutions' taps
+    /// (`plane_conv::conv_taps`).
     taps: std::sync::OnceLock<Vec<u32>>,
     /// f32 only, built on first use: the weights as the direct 3×3 kernels read them
     /// (`direct::pack_weight`).
@@ -287,16 +287,19 @@ impl GemmWeight {
         self.int8.as_deref()
     }
 
-    /// Whether this weight's GEMMs run on AMX tiles now (bf16, and AMX in use).
-    pub(crate) fn on_amx(&self) -> bool {
-        self.pairs.is_some() && kernel_in_use() == Bf16Kernel::Amx
+    /// The bf16 kernel that runs this weight's convolutions over group planes now
+    /// (`plane_conv::bf16`): AMX or AVX-512 BF16, when the weight is bf16 and the kernel in use
+    /// is one of them.
+    pub(crate) fn plane_kernel(&self) -> Option<Bf16Kernel> {
+        let kernel = kernel_in_use();
+        (self.pairs.is_some() && kernel != Bf16Kernel::Emulated).then_some(kernel)
     }
 
-    /// This weight, [c_out, c_in·k·k], as a same-size convolution's AMX taps (built once).
+    /// This weight, [c_out, c_in·k·k], as the plane convolutions' taps (built once).
     pub(crate) fn conv_taps(&self, c_in: usize, k: usize) -> &[u32] {
         debug_assert_eq!(c_in * k * k, self.k);
         self.taps
-            .get_or_init(|| amx::conv_taps(&self.values, self.m, c_in, k))
+            .get_or_init(|| super::plane_conv::conv_taps(&self.values, self.m, c_in, k))
     }
 
     /// This f32 weight, [c_out, c_in·9], as the direct 3×3 kernels read it (built once).

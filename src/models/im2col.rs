@@ -73,7 +73,8 @@ pub(crate) fn shifted_rows(
 /// the Intel Xeon of README's Performance section went from 1,181–1,263 to 1,462–1,559
 /// images/s (`CAF_KERNELS=portable`, alternated; this copy then ran its AVX-512 build at every
 /// level, and now keeps to the plain build under `portable` like every other kernel); the
-/// AVX-512 BF16 kernel runs as fast either way. (AMX convolutions need no im2col: `amx::conv`.)
+/// AVX-512 BF16 GEMM kernel ran as fast either way. (The AMX and AVX-512 BF16 kernels now take
+/// convolutions without an im2col: `plane_conv::bf16`.)
 pub(crate) fn same_pair_row(
     x: &[f32],
     (c_in, k): (usize, usize),

@@ -28,6 +28,7 @@ use std::sync::OnceLock;
 
 use super::amx::{self, padded};
 use super::gemm::{kernel_level, KernelLevel};
+use super::plane_conv::{self, cpu_has_vnni};
 use super::planes::PlaneLayout;
 
 /// The largest quantised magnitude: symmetric, so −128 is never used.
@@ -38,9 +39,6 @@ const OFFSET: i32 = 128;
 
 /// Rows the kernels compute at once (an AMX tile's; the VNNI kernel takes 4 of them at a time).
 const ROWS: usize = 16;
-
-/// Outputs per AMX tile column block and per AVX-512 vector.
-const COLS: usize = 16;
 
 /// Which kernel computes the int8 products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -61,19 +59,6 @@ impl std::fmt::Display for Int8Kernel {
             Self::Avx512Vnni => "AVX-512 VNNI",
             Self::Amx => "AMX-INT8",
         })
-    }
-}
-
-/// Whether this CPU has the AVX-512 VNNI kernel's instructions.
-fn cpu_has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 
@@ -273,7 +258,7 @@ pub(crate) struct Int8Weight {
     step: Vec<f32>,
     /// Σ_t q[c, t] per row: what the unsigned offset adds to row c's sums.
     row_sum: Vec<i32>,
-    /// Built on first use: the weights as the plane kernels read them (`amx::conv_taps_i8`).
+    /// Built on first use: the weights as the plane kernels read them (`plane_conv::conv_taps_i8`).
     taps: OnceLock<Vec<u32>>,
 }
 
@@ -362,7 +347,7 @@ impl Int8Weight {
                 _ => {
                     let taps = self
                         .taps
-                        .get_or_init(|| amx::conv_taps_i8(&self.q, self.m, c_in, k));
+                        .get_or_init(|| plane_conv::conv_taps_i8(&self.q, self.m, c_in, k));
                     pack_planes_i8(x, c_in, g, &layout, &s.scales, &mut s.planes);
                     let ld = g * layout.out_values();
                     s.acc.clear();
@@ -371,7 +356,7 @@ impl Int8Weight {
                         Int8Kernel::Amx => {
                             amx::conv_i8(taps, mp, g, &layout, &s.planes, &mut s.acc)
                         }
-                        _ => vnni::conv(taps, mp, g, &layout, &s.planes, &mut s.acc),
+                        _ => plane_conv::vnni_i8(taps, mp, g, &layout, &s.planes, &mut s.acc),
                     };
                     assert!(done, "{kernel} kernel unavailable");
                     Sums {
@@ -498,121 +483,6 @@ struct Sums {
 /// Taps per f32 slice of the emulated kernel: every partial sum is an integer of magnitude at
 /// most 512 · 255 · 127 < 2²⁴, so exact in f32 in any summation order.
 const EXACT_TAPS: usize = 512;
-
-#[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::super::planes::PlaneLayout;
-    use super::COLS;
-    use std::arch::x86_64::*;
-
-    /// Rows per micro-kernel call.
-    const MR: usize = 4;
-
-    /// `amx::conv_i8` with `vpdpbusd`: the same operands, the same sums. Returns false,
-    /// computing nothing, without AVX-512 VNNI.
-    pub(super) fn conv(
-        taps: &[u32],
-        mp: usize,
-        g: usize,
-        layout: &PlaneLayout,
-        planes: &[u32],
-        acc: &mut [i32],
-    ) -> bool {
-        assert!(mp.is_multiple_of(MR));
-        layout.assert_operands((taps.len(), mp, g), planes.len(), acc.len());
-        if !super::cpu_has_vnni() {
-            return false;
-        }
-        // SAFETY: the CPU has AVX-512 F and VNNI; the sizes are asserted above, and every
-        // tap's reads stay inside its plane (`PlaneLayout::new` sizes `stride` for that).
-        unsafe { conv_avx512(taps, mp, g, layout, planes, acc) };
-        true
-    }
-
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn conv_avx512(
-        taps: &[u32],
-        mp: usize,
-        g: usize,
-        layout: &PlaneLayout,
-        planes: &[u32],
-        acc: &mut [i32],
-    ) {
-        let image = layout.image_values();
-        let plane_out = layout.out_values();
-        let ld = g * plane_out;
-        for gi in 0..g {
-            let b = planes.as_ptr().add(gi * image);
-            let mut o0 = 0;
-            while o0 < layout.tiles {
-                let v = (layout.tiles - o0).min(4);
-                for i0 in (0..mp).step_by(MR) {
-                    let c = acc.as_mut_ptr().add(i0 * ld + gi * plane_out + o0 * COLS);
-                    let at = (taps.as_ptr().add(i0 * layout.groups), mp);
-                    let b = b.add(o0 * COLS);
-                    match v {
-                        4 => tile::<4>(layout, at, b, c, ld),
-                        3 => tile::<3>(layout, at, b, c, ld),
-                        2 => tile::<2>(layout, at, b, c, ld),
-                        _ => tile::<1>(layout, at, b, c, ld),
-                    }
-                }
-                o0 += v;
-            }
-        }
-    }
-
-    /// Rows i0 … i0 + 3 × outputs o0 … o0 + 16·V − 1 of one image: `a` points at row i0 of tap
-    /// 0 (taps `mp` rows apart), `b` at output o0 of the image's planes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn tile<const V: usize>(
-        layout: &PlaneLayout,
-        (a, mp): (*const u32, usize),
-        b: *const u32,
-        c: *mut i32,
-        ldc: usize,
-    ) {
-        let (qp, stride) = (layout.groups, layout.stride);
-        let mut sums = [[_mm512_setzero_si512(); V]; MR];
-        for t in 0..layout.k * layout.k {
-            let (at, bt) = (a.add(t * mp * qp), b.add(layout.tap(t)));
-            for q in 0..qp {
-                let mut bv = [_mm512_setzero_si512(); V];
-                for (v, x) in bv.iter_mut().enumerate() {
-                    *x = _mm512_loadu_si512(bt.add(q * stride + v * COLS) as *const _);
-                }
-                for (r, row) in sums.iter_mut().enumerate() {
-                    let w = _mm512_set1_epi32(*at.add(r * qp + q) as i32);
-                    for (s, &x) in row.iter_mut().zip(&bv) {
-                        *s = _mm512_dpbusd_epi32(*s, x, w);
-                    }
-                }
-            }
-        }
-        for (r, row) in sums.iter().enumerate() {
-            for (v, s) in row.iter().enumerate() {
-                _mm512_storeu_si512(c.add(r * ldc + v * COLS) as *mut _, *s);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod vnni {
-    use super::super::planes::PlaneLayout;
-
-    pub(super) fn conv(
-        _: &[u32],
-        _: usize,
-        _: usize,
-        _: &PlaneLayout,
-        _: &[u32],
-        _: &mut [i32],
-    ) -> bool {
-        false
-    }
-}
 
 /// Writes `x` ([c_in, g, h, w] f32) as `layout`'s int8 group planes into `dst` (resized): image
 /// gi's values as `scales[gi]`'s unsigned bytes ([`InputScale::byte`]), channels 4q … 4q + 3 in

@@ -42,6 +42,7 @@ mod linear;
 pub mod onnx;
 pub mod path;
 mod pickle;
+mod plane_conv;
 mod planes;
 mod pointwise;
 mod precision;

@@ -1,11 +1,11 @@
-//! The "group planes" layout of a convolution's input that the tile and VNNI convolutions
+//! The "group planes" layout of a convolution's input that the plane convolutions
 //! read in place (no im2col): [`PlaneLayout`]. The packings into it live with their users:
-//! bf16 pairs in `amx.rs`, int8 quads in `int8.rs`.
+//! bf16 pairs in `plane_conv.rs`, int8 quads in `int8.rs`.
 
 use super::amx::{padded, TILE_COLS, TILE_PAIRS};
 
-/// How a k×k convolution's input (padding k/2, stride s) is laid out for `amx::conv`,
-/// `amx::conv_i8` and the VNNI int8 convolution ("group planes"). The zero-padded image is split into s² phase planes (phase
+/// How a k×k convolution's input (padding k/2, stride s) is laid out for the plane
+/// convolutions (`plane_conv`: bf16 on AMX or AVX-512 BF16, int8 on AMX or VNNI; "group planes"). The zero-padded image is split into s² phase planes (phase
 /// (a, b) holds padded rows s·i + a and columns s·j + b; one phase at stride 1), each `wpp`
 /// columns wide; per image and phase, `groups` planes of u32s (a group of `lanes` input channels
 /// per u32: channels 2q and 2q + 1 as interleaved bf16 pairs, or channels 4q … 4q + 3 as int8
