@@ -42,16 +42,23 @@ def device_of(args, ap):
 
 
 def device_name(dev):
+    """The GPU's name, or the CPU's model and the vector instructions ATen's kernels picked
+    (`AVX512`, `AVX2`, ...; `ATEN_CPU_CAPABILITY` caps them, as `CAF_KERNELS` caps caf's)."""
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
+    model = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    model = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    try:
+        return f"{model}, ATen {torch.backends.cpu.get_cpu_capability()}"
+    except AttributeError:
+        return model
 
 
 def layouts(args):

@@ -428,16 +428,17 @@ fn cpu_kernels(
     } else {
         "scalar/SSE"
     };
-    let direct = if level == KernelLevel::Portable {
-        "scalar/SSE"
-    } else {
-        isa
+    let direct = match level {
+        KernelLevel::Portable => "scalar/SSE",
+        KernelLevel::Avx2 if isa == "AVX-512" => "AVX2+FMA",
+        _ => isa,
     };
     let mut s =
         format!("f32 GEMM {isa}, direct 3×3 conv {direct}, bf16 GEMM {bf16}, int8 GEMM {int8}");
     match level {
         KernelLevel::Native => {}
         KernelLevel::Avx512 => s.push_str(" (CAF_KERNELS=avx512)"),
+        KernelLevel::Avx2 => s.push_str(" (CAF_KERNELS=avx2)"),
         KernelLevel::Portable => s.push_str(" (CAF_KERNELS=portable)"),
     }
     if has("amx_bf16") && has("amx_tile") && bf16 != Bf16Kernel::Amx && level == KernelLevel::Native
@@ -451,7 +452,7 @@ fn cpu_kernels(
 mod machine_tests {
     use super::*;
     use crate::models::gemm::Bf16Kernel::{Amx, Avx512Bf16, Emulated};
-    use crate::models::gemm::KernelLevel::{Avx512, Native, Portable};
+    use crate::models::gemm::KernelLevel::{Avx2, Avx512, Native, Portable};
     use crate::models::int8::Int8Kernel;
 
     fn flags(s: &str) -> Vec<String> {
@@ -470,6 +471,12 @@ mod machine_tests {
             cpu_kernels(&avx512, (Emulated, Int8Kernel::Emulated), Portable),
             "f32 GEMM AVX-512, direct 3×3 conv scalar/SSE, bf16 GEMM emulated in f32, int8 GEMM \
              emulated in f32 (CAF_KERNELS=portable)"
+        );
+        // The f32 GEMM is the `gemm` crate's, which no level caps.
+        assert_eq!(
+            cpu_kernels(&avx512, (Emulated, Int8Kernel::Emulated), Avx2),
+            "f32 GEMM AVX-512, direct 3×3 conv AVX2+FMA, bf16 GEMM emulated in f32, int8 GEMM \
+             emulated in f32 (CAF_KERNELS=avx2)"
         );
         assert_eq!(
             cpu_kernels(

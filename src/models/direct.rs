@@ -14,7 +14,10 @@
 //!
 //! One body per kernel, compiled for AVX-512 (with FMA), AVX2 (with FMA) and plain code, picked
 //! at run time; `CAF_KERNELS=portable` keeps the plain build, which rounds each product before
-//! adding it. The builds differ in rounding only, and each is tested against the f64 sums.
+//! adding it. The builds differ in rounding only, and each is tested against the f64 sums. The
+//! AVX2 build takes a block's channels a few at a time (its sixteen registers hold half the
+//! lanes of AVX-512's thirty-two), which changes which products are computed together, not the
+//! order in which any one output sums them.
 
 use super::simd::{simd_level as level, SimdLevel as Level};
 
@@ -100,6 +103,11 @@ pub(crate) fn pad_plane(
 /// written once over this (the compiler did not vectorise plain loops over accumulator arrays
 /// the right way round: it gathered across output channels).
 trait V16: Copy {
+    /// Whether a block's accumulators overflow this build's registers: AVX2 has sixteen
+    /// registers of 8 lanes, so eight output channels × one 16-lane vector alone would fill
+    /// them (and the convolution's two vectors or the weight gradient's three would spill to
+    /// the stack on every product); its kernels take a block's channels a few at a time.
+    const FEW_REGISTERS: bool = false;
     fn zero() -> Self;
     fn splat(v: f32) -> Self;
     /// Sixteen values from `s[..16]`.
@@ -210,6 +218,7 @@ mod x86 {
     pub(super) struct Y(__m256, __m256);
 
     impl V16 for Y {
+        const FEW_REGISTERS: bool = true;
         #[inline(always)]
         fn zero() -> Self {
             // SAFETY (every method): as for `Z`, with AVX2 and FMA.
@@ -398,23 +407,33 @@ fn conv_body<V: V16>(s: Shape3, xp: &[f32], wt: &[f32], y: &mut [f32], d: Dst) {
         s.c_out.is_multiple_of(CO) && s.w.is_multiple_of(L),
         "direct convolution shape"
     );
+    if V::FEW_REGISTERS {
+        // Half a block's channels over one vector: 8 of the 16 AVX2 registers accumulate.
+        for x0 in (0..s.w).step_by(L) {
+            for c0 in (0..CO).step_by(CO / 2) {
+                conv_segment::<V, 1, { CO / 2 }>(s, xp, wt, (x0, c0), y, d)
+            }
+        }
+        return;
+    }
     // Each row in segments of two vectors (sixteen accumulators of a block), then one.
     let pairs = s.w / (2 * L);
     for x0 in (0..pairs).map(|i| 2 * L * i) {
-        conv_segment::<V, 2>(s, xp, wt, x0, y, d)
+        conv_segment::<V, 2, CO>(s, xp, wt, (x0, 0), y, d)
     }
     if !s.w.is_multiple_of(2 * L) {
-        conv_segment::<V, 1>(s, xp, wt, 2 * L * pairs, y, d)
+        conv_segment::<V, 1, CO>(s, xp, wt, (2 * L * pairs, 0), y, d)
     }
 }
 
-/// [`conv_body`] for the `NC` vectors of every output row from column x0.
+/// [`conv_body`] for the `NC` vectors of every output row from column x0, and the `CB` output
+/// channels of each block from its channel c0.
 #[inline(always)]
-fn conv_segment<V: V16, const NC: usize>(
+fn conv_segment<V: V16, const NC: usize, const CB: usize>(
     s: Shape3,
     xp: &[f32],
     wt: &[f32],
-    x0: usize,
+    (x0, c0): (usize, usize),
     y: &mut [f32],
     d: Dst,
 ) {
@@ -422,15 +441,15 @@ fn conv_segment<V: V16, const NC: usize>(
     let (wp, plane_p) = (w + 2, (h + 2) * (w + 2));
     let xp = &xp[..c_in * plane_p];
     let wt = &wt[..c_in * 9 * c_out];
-    for (b, o0) in (0..c_out).step_by(CO).enumerate() {
+    for (b, o0) in (0..c_out).step_by(CO).map(|o| o + c0).enumerate() {
         let block = &wt[b * c_in * 9 * CO..][..c_in * 9 * CO];
         for oy in 0..h {
-            let mut acc = [[V::zero(); NC]; CO];
+            let mut acc = [[V::zero(); NC]; CB];
             for (plane, taps) in xp.chunks_exact(plane_p).zip(block.chunks_exact(9 * CO)) {
                 for ky in 0..3 {
                     let row = &plane[(oy + ky) * wp + x0..][..NC * L + 2];
                     for kx in 0..3 {
-                        let wv = &taps[(ky * 3 + kx) * CO..][..CO];
+                        let wv = &taps[(ky * 3 + kx) * CO + c0..][..CB];
                         let v: [V; NC] = std::array::from_fn(|n| V::load(&row[n * L + kx..]));
                         for (acc, &wo) in acc.iter_mut().zip(wv) {
                             let wo = V::splat(wo);
@@ -458,6 +477,23 @@ fn conv_segment<V: V16, const NC: usize>(
 /// [`weight_grad`] for `n` images, each padded into `xp` one after the other.
 #[inline(always)]
 fn weight_grad_body<V: V16>(s: Shape3, xp: &[f32], gy: &[f32], lanes: &mut [f32], n: usize) {
+    if V::FEW_REGISTERS {
+        // A quarter of a block: 12 AVX2 registers accumulate.
+        weight_grad_channels::<V, { CO / 4 }>(s, xp, gy, lanes, n)
+    } else {
+        weight_grad_channels::<V, CO>(s, xp, gy, lanes, n)
+    }
+}
+
+/// [`weight_grad_body`] taking each block's output channels `CB` at a time.
+#[inline(always)]
+fn weight_grad_channels<V: V16, const CB: usize>(
+    s: Shape3,
+    xp: &[f32],
+    gy: &[f32],
+    lanes: &mut [f32],
+    n: usize,
+) {
     let Shape3 { c_in, c_out, h, w } = s;
     let (wp, plane_p, plane) = (w + 2, (h + 2) * (w + 2), h * w);
     let xp = &xp[..n * c_in * plane_p];
@@ -468,9 +504,9 @@ fn weight_grad_body<V: V16>(s: Shape3, xp: &[f32], gy: &[f32], lanes: &mut [f32]
         "direct weight gradient shape"
     );
     for c in 0..c_in {
-        for o0 in (0..c_out).step_by(CO) {
+        for o0 in (0..c_out).step_by(CB) {
             for ky in 0..3 {
-                let mut acc = [[V::zero(); 3]; CO];
+                let mut acc = [[V::zero(); 3]; CB];
                 let images = xp
                     .chunks_exact(c_in * plane_p)
                     .zip(gy.chunks_exact(c_out * plane));
@@ -478,7 +514,7 @@ fn weight_grad_body<V: V16>(s: Shape3, xp: &[f32], gy: &[f32], lanes: &mut [f32]
                     let xplane = &xi[c * plane_p..][..plane_p];
                     for oy in 0..h {
                         let row = &xplane[(oy + ky) * wp..][..w + 2];
-                        let g_rows: [&[f32]; CO] =
+                        let g_rows: [&[f32]; CB] =
                             std::array::from_fn(|o| &gyi[(o0 + o) * plane + oy * w..][..w]);
                         for x0 in (0..w).step_by(L) {
                             // SAFETY: x0 + L ≤ w (w is a multiple of L, asserted above), so

@@ -14,10 +14,11 @@ use super::precision::Precision;
 
 /// Environment variable that caps caf's own instruction-set-specific CPU kernels, for the whole
 /// process: `native` (the default) lets each kernel use what the CPU has; `avx512` keeps caf
-/// off AMX (the bf16 GEMM runs the AVX-512 BF16 kernel where the CPU has it); `portable` forces
-/// every fall-back (the bf16 GEMM's emulated path), so the fall-backs are tested on any CPU
-/// (`.ci/run` runs the library tests at each level). The f32 GEMM is the `gemm` crate's, which
-/// picks AVX-512, AVX2+FMA or scalar code itself.
+/// off AMX (the bf16 GEMM runs the AVX-512 BF16 kernel where the CPU has it); `avx2` keeps
+/// caf's own kernels to AVX2 + FMA, as on a server without AVX-512 (bf16 and int8 emulated);
+/// `portable` forces every fall-back (the bf16 GEMM's emulated path), so the fall-backs are
+/// tested on any CPU (`.ci/run` runs the library tests at each level). The f32 GEMM is the
+/// `gemm` crate's, which picks AVX-512, AVX2+FMA or scalar code itself at every level.
 pub const KERNELS_ENV: &str = "CAF_KERNELS";
 
 /// The kernel levels [`KERNELS_ENV`] accepts, from the most capable down.
@@ -25,6 +26,8 @@ pub const KERNELS_ENV: &str = "CAF_KERNELS";
 pub enum KernelLevel {
     /// Only the portable fall-backs.
     Portable,
+    /// Up to AVX2 with FMA: what a server without AVX-512 runs (no bf16 or int8 kernel).
+    Avx2,
     /// Up to AVX-512 (BF16): no AMX tiles.
     Avx512,
     /// Every kernel the CPU supports.
@@ -37,10 +40,11 @@ impl std::str::FromStr for KernelLevel {
         match s.trim() {
             "" | "native" => Ok(Self::Native),
             "avx512" => Ok(Self::Avx512),
+            "avx2" => Ok(Self::Avx2),
             "portable" => Ok(Self::Portable),
             other => Err(format!(
-                "{KERNELS_ENV}={other:?}: expected `native` (the default), `avx512` (no AMX) or \
-                 `portable`"
+                "{KERNELS_ENV}={other:?}: expected `native` (the default), `avx512` (no AMX), \
+                 `avx2` (no AVX-512) or `portable`"
             )),
         }
     }
@@ -776,9 +780,13 @@ pub(super) mod tests {
             Ok(KernelLevel::Portable)
         );
         assert_eq!("avx512".parse::<KernelLevel>(), Ok(KernelLevel::Avx512));
+        assert_eq!("avx2".parse::<KernelLevel>(), Ok(KernelLevel::Avx2));
         let e = "amx".parse::<KernelLevel>().unwrap_err();
         assert!(
-            e.contains("CAF_KERNELS=\"amx\"") && e.contains("portable") && e.contains("avx512"),
+            e.contains("CAF_KERNELS=\"amx\"")
+                && e.contains("portable")
+                && e.contains("avx512")
+                && e.contains("avx2"),
             "{e}"
         );
         // Forcing the fall-back never claims the kernel; the kernel needs the CPU's support.
@@ -791,6 +799,7 @@ pub(super) mod tests {
             best_bf16_kernel(KernelLevel::Portable),
             Bf16Kernel::Emulated
         );
+        assert_eq!(best_bf16_kernel(KernelLevel::Avx2), Bf16Kernel::Emulated);
         assert!(best_bf16_kernel(KernelLevel::Avx512) <= Bf16Kernel::Avx512Bf16);
         assert_eq!(
             best_bf16_kernel(KernelLevel::Native) == Bf16Kernel::Amx,

@@ -84,7 +84,7 @@ pub(crate) fn same_pair_row(
     dst: &mut [u32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::gemm::kernel_level() != super::gemm::KernelLevel::Portable
+    if super::gemm::kernel_level() >= super::gemm::KernelLevel::Avx512
         && std::arch::is_x86_feature_detected!("avx512f")
     {
         // SAFETY: the CPU has AVX-512 F.

@@ -28,12 +28,12 @@ pub(crate) enum SimdLevel {
     Avx512,
 }
 
-/// The widest [`SimdLevel`] this CPU runs, capped by [`super::gemm::KERNELS_ENV`] (`portable`: the plain
-/// builds).
+/// The widest [`SimdLevel`] this CPU runs, capped by [`super::gemm::KERNELS_ENV`] (`avx2`: at
+/// most the AVX2 builds; `portable`: the plain builds).
 pub(crate) fn simd_level() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
-    if kernel_level() != KernelLevel::Portable && std::arch::is_x86_feature_detected!("fma") {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+    if kernel_level() >= KernelLevel::Avx2 && std::arch::is_x86_feature_detected!("fma") {
+        if kernel_level() >= KernelLevel::Avx512 && std::arch::is_x86_feature_detected!("avx512f") {
             return SimdLevel::Avx512;
         }
         if std::arch::is_x86_feature_detected!("avx2") {

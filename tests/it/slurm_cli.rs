@@ -375,9 +375,10 @@ fn the_walltime_warning_hands_the_job_back_before_the_limit() {
         return;
     };
     let dir = Dir::new();
-    // One certification of 100 images, minutes long: Slurm checks time limits only every
-    // ~30 s, so the warning due 10 s in may come up to 40 s in.
-    dir.write("s.yaml", &resnet_spec("slurm-walltime", "0.5", 10, 400, 1));
+    // One certification of 100 images, minutes long even on a fast CPU (201,000 forward
+    // passes; with n = 400 a Zen 5 finished it before the warning): Slurm checks time limits
+    // only every ~30 s, so the warning due 10 s in may come up to 40 s in.
+    dir.write("s.yaml", &resnet_spec("slurm-walltime", "0.5", 10, 2000, 1));
     let submitted = caf(
         &dir,
         &conf,
