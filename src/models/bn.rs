@@ -217,9 +217,8 @@ impl BatchStats {
                 let k = gamma[ch] * is / m;
                 let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
                 let out_grad = output_grad(relu.map(|(a, b)| (a[ch], b[ch])));
-                // `move`: captured by reference, the scalars stayed in memory the stores to
-                // `dxo` might alias, and the AVX2 build of this loop was scalar (`perf`: 8 % of
-                // a `caf` training step under CAF_KERNELS=avx2).
+                // `move` (see `simd::widest`): by reference, this loop's AVX2 build was scalar,
+                // 8 % of a `caf` training step under CAF_KERNELS=avx2.
                 simd::widest(
                     #[inline(always)]
                     move || {

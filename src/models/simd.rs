@@ -62,7 +62,10 @@ pub(crate) fn simd_levels_here() -> Vec<SimdLevel> {
 /// `f()` compiled for the widest vectors this CPU has (see the module docs), or for the
 /// baseline under `CAF_KERNELS=portable`. `f` should be a loop over slices whose helpers are
 /// `#[inline(always)]`: it is inlined into a function built for the level, and what it calls
-/// out of line keeps the baseline build.
+/// out of line keeps the baseline build. Its scalars and accumulators should be its own (a
+/// `move` closure, or locals inside it): captured by reference they live in the caller's
+/// memory, which the loop's stores might alias, and LLVM may leave the loop scalar in one
+/// build and not another (BatchNorm's input gradient was scalar in the AVX2 build only).
 #[inline(always)]
 pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
     with(simd_level(), f)
